@@ -1,0 +1,1 @@
+//! snapblk daemon library (work in progress).

@@ -1,0 +1,1 @@
+//! The write-back folio cache (work in progress).
