@@ -1,1 +1,7 @@
-//! Shared helpers for snapblk integration tests.
+//! Shared helpers for snapblk integration, end-to-end and benchmark code.
+//!
+//! - [`client`]: a userspace vhost-user-blk client (the `blkio` crate), no guest needed.
+//! - [`guest`]: builds and boots a real QEMU (TCG) guest against a vhost-user socket.
+
+pub mod client;
+pub mod guest;

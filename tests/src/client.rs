@@ -1,0 +1,1 @@
+//! Userspace vhost-user-blk client (in progress).
