@@ -1,1 +1,19 @@
-//! snapblk daemon library (work in progress).
+//! snapblk: a vhost-user virtio-blk daemon.
+//!
+//! Module map (each module documents what it owns and its locking model):
+//! - [`cli`]: command-line subcommands and argument parsing.
+//! - [`disk`]: which [`blockdev::BlockDev`] stack is served ([`disk::open_disk`]) and the
+//!   write-cache switch hook ([`disk::WriteCacheControl`]).
+//! - [`virtio_blk`]: virtio-blk wire formats (request header, segments, config space, constants).
+//! - [`device`]: the device model shared by the queues of one connection (config, features, WCE).
+//! - [`request`]: request parsing/execution over guest memory and the per-queue processing pass.
+//! - [`vhu_blk`]: the vhost-user backend glue (one worker thread per queue).
+//! - [`serve`]: daemon lifecycle (socket, reconnects, SIGTERM/SIGINT, final flush).
+
+pub mod cli;
+pub mod device;
+pub mod disk;
+pub mod request;
+pub mod serve;
+pub mod vhu_blk;
+pub mod virtio_blk;

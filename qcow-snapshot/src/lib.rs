@@ -1,1 +1,29 @@
-//! qcow2 engine (work in progress).
+//! The qcow2 engine and copy-on-write overlays of snapblk.
+//!
+//! - [`format`]: on-disk structures, no I/O.
+//! - [`host`]: the tiny [`HostFile`] trait all image-file I/O goes through.
+//! - [`image`]: [`QcowImage`], the engine, a [`blockdev::BlockDev`].
+//! - [`create`]: new v3 images. [`refcount`]: refcount layout and dirty-bit repair.
+//! - [`api`]: path-level operations (open with backing chain, info, commit, export, checksum,
+//!   snapshot overlays).
+//!
+//! Locking model: see [`image`]; the other modules are lock-free.
+
+pub mod api;
+pub mod compress;
+pub mod create;
+pub mod error;
+pub mod check;
+pub mod format;
+pub mod host;
+pub mod image;
+pub mod refcount;
+
+pub use api::{
+    checksum, checksum_dev, commit, create_snapshot_overlay, export, info, open_image, open_qcow2, probe_format,
+    resolve_backing_path, Format, ImageInfo,
+};
+pub use create::{create, create_on, CreateOptions};
+pub use error::{CreateImageError, ImageOpError, OpenImageError};
+pub use host::{FileHost, HostFile, MemHost};
+pub use image::{BackingSpec, Extent, ImageHeader, Mapping, QcowImage};

@@ -4,4 +4,5 @@
 //! - [`guest`]: builds and boots a real QEMU (TCG) guest against a vhost-user socket.
 
 pub mod client;
+pub mod crashsim;
 pub mod guest;

@@ -1,0 +1,61 @@
+# snapblk — build, test and demo targets. Every target installs what it needs (scripts/install-deps.sh).
+SHELL := /bin/bash
+CARGO ?= cargo
+SNAPBLK := target/release/snapblk
+
+.PHONY: all build deps guest run run-overlay test test-quick lint fmt clippy bench soak fuzz installer-demo clean-build
+
+all: build
+
+deps:
+	bash scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release -p snapblk
+
+guest: deps
+	bash scripts/build-guest.sh
+
+# The main job: a QEMU guest against snapblk on a demo image, ending with a checksum comparison.
+run: deps
+	bash scripts/demo.sh
+
+# The same on a qcow2 overlay over a random raw base.
+run-overlay: deps
+	DEMO_OVERLAY=1 bash scripts/demo.sh
+
+# The whole default suite: unit, integration, qemu-img interop, crash/fault, and real-guest end-to-end tests.
+test: deps
+	$(CARGO) build --release -p snapblk
+	bash scripts/build-guest.sh
+	SNAPBLK_REQUIRE_GUEST=1 $(CARGO) test --release --workspace --no-fail-fast
+
+# Unit tests only (no guest, no qemu-img): fast inner loop.
+test-quick:
+	$(CARGO) test --workspace --lib
+
+lint: fmt clippy
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: deps
+	bash scripts/bench.sh
+
+# Longer model/soak runs than the default suite (not part of `make test`).
+soak: deps
+	$(CARGO) build --release -p snapblk
+	SNAPBLK_FSX_SECS=$${SNAPBLK_FSX_SECS:-300} SNAPBLK_CRASH_STATES=$${SNAPBLK_CRASH_STATES:-50000} \
+		$(CARGO) test --release --workspace -- --ignored --nocapture
+
+fuzz:
+	bash scripts/fuzz.sh
+
+installer-demo: deps
+	bash scripts/installer/run.sh
+
+clean-build:
+	rm -rf build

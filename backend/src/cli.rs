@@ -1,0 +1,214 @@
+//! Command-line interface: the `snapblk` subcommands and their arguments (clap derive).
+//!
+//! Only parsing and validation of individual values live here; `main.rs` dispatches each
+//! subcommand to its module (`serve` for [`ServeArgs`]). No state, no locks.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Largest `--num-queues`.
+pub const MAX_NUM_QUEUES: u16 = 16;
+/// Largest `--queue-size`.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Smallest `--queue-size` (a request needs at least header, data and status descriptors).
+pub const MIN_QUEUE_SIZE: u16 = 4;
+
+/// snapblk: a vhost-user virtio-blk daemon with copy-on-write snapshots and a write-back cache.
+#[derive(Debug, Parser)]
+#[command(name = "snapblk", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a disk image to a vhost-user-blk frontend (QEMU, libblkio) over a unix socket.
+    Serve(ServeArgs),
+}
+
+/// Write-cache mode announced to the guest at start (the guest may change it at run time through
+/// the `writeback` config field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheMode {
+    /// Completed writes become durable at the next FLUSH.
+    Writeback,
+    /// Every write is durable before it completes.
+    Writethrough,
+}
+
+/// Arguments of `snapblk serve`.
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    /// Disk image to serve.
+    #[arg(long, value_name = "FILE")]
+    pub image: PathBuf,
+    /// Path of the vhost-user unix socket to listen on (a stale socket there is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Refuse writes; the guest sees a read-only disk.
+    #[arg(long)]
+    pub readonly: bool,
+    /// Number of request queues, each served by its own thread.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_NUM_QUEUES)))]
+    pub num_queues: u16,
+    /// Maximum size of each virtqueue (power of two).
+    #[arg(long, default_value_t = 256, value_name = "N", value_parser = parse_queue_size)]
+    pub queue_size: u16,
+    /// Device serial returned by GET_ID (at most 20 bytes).
+    #[arg(long, value_name = "ID", value_parser = parse_serial)]
+    pub serial: Option<String>,
+    /// Logical block size in bytes (power of two, 512..=4096).
+    #[arg(long, default_value_t = 512, value_name = "N", value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+    /// Initial write-cache mode.
+    #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
+    pub cache: CacheMode,
+    /// Permissions of the socket file, in octal.
+    #[arg(long, default_value = "600", value_name = "OCTAL", value_parser = parse_socket_mode)]
+    pub socket_mode: u32,
+}
+
+impl ServeArgs {
+    /// Arguments with every option at its default, for tests and embedding.
+    pub fn with_defaults(image: PathBuf, socket: PathBuf) -> Self {
+        ServeArgs {
+            image,
+            socket,
+            readonly: false,
+            num_queues: 1,
+            queue_size: 256,
+            serial: None,
+            logical_block_size: 512,
+            cache: CacheMode::Writeback,
+            socket_mode: 0o600,
+        }
+    }
+}
+
+/// Parses `--queue-size`: a power of two in `MIN_QUEUE_SIZE..=MAX_QUEUE_SIZE`.
+pub fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if !n.is_power_of_two() || !(MIN_QUEUE_SIZE..=MAX_QUEUE_SIZE).contains(&n) {
+        return Err(format!(
+            "must be a power of two between {MIN_QUEUE_SIZE} and {MAX_QUEUE_SIZE}"
+        ));
+    }
+    Ok(n)
+}
+
+/// Parses `--logical-block-size`: a power of two in 512..=4096.
+pub fn parse_block_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if !n.is_power_of_two() || !(512..=4096).contains(&n) {
+        return Err("must be a power of two between 512 and 4096".to_string());
+    }
+    Ok(n)
+}
+
+/// Parses `--serial`: at most 20 bytes.
+pub fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > crate::virtio_blk::VIRTIO_BLK_ID_BYTES {
+        return Err(format!(
+            "at most {} bytes (got {})",
+            crate::virtio_blk::VIRTIO_BLK_ID_BYTES,
+            s.len()
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Parses `--socket-mode`: octal permission bits, at most 0777.
+pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    let mode = u32::from_str_radix(digits, 8).map_err(|e| format!("not an octal number: {e}"))?;
+    if mode > 0o777 {
+        return Err("only permission bits (at most 0777) are allowed".to_string());
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(cli: Cli) -> ServeArgs {
+        #[allow(unreachable_patterns)]
+        match cli.command {
+            Command::Serve(args) => args,
+            _ => panic!("not the serve subcommand"),
+        }
+    }
+
+    #[test]
+    fn serve_defaults_are_one_queue_256_entries_512_bytes_writeback_0600() {
+        let cli =
+            Cli::try_parse_from(["snapblk", "serve", "--image", "a.img", "--socket", "s"]).unwrap();
+        let args = serve_args(cli);
+        assert_eq!(args.num_queues, 1);
+        assert_eq!(args.queue_size, 256);
+        assert_eq!(args.logical_block_size, 512);
+        assert_eq!(args.cache, CacheMode::Writeback);
+        assert_eq!(args.socket_mode, 0o600);
+        assert!(!args.readonly);
+        assert!(args.serial.is_none());
+    }
+
+    #[test]
+    fn serve_rejects_out_of_range_values() {
+        let base = ["snapblk", "serve", "--image", "a", "--socket", "s"];
+        for extra in [
+            &["--num-queues", "0"][..],
+            &["--num-queues", "17"],
+            &["--queue-size", "100"],
+            &["--queue-size", "2048"],
+            &["--logical-block-size", "1000"],
+            &["--logical-block-size", "8192"],
+            &["--serial", "123456789012345678901"],
+            &["--socket-mode", "1777"],
+            &["--socket-mode", "9"],
+            &["--cache", "none"],
+        ] {
+            let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+            assert!(Cli::try_parse_from(&args).is_err(), "accepted {extra:?}");
+        }
+    }
+
+    #[test]
+    fn serve_accepts_all_flags() {
+        let cli = Cli::try_parse_from([
+            "snapblk",
+            "serve",
+            "--image",
+            "a",
+            "--socket",
+            "s",
+            "--readonly",
+            "--num-queues",
+            "4",
+            "--queue-size",
+            "1024",
+            "--serial",
+            "12345678901234567890",
+            "--logical-block-size",
+            "4096",
+            "--cache",
+            "writethrough",
+            "--socket-mode",
+            "660",
+        ])
+        .unwrap();
+        let args = serve_args(cli);
+        assert!(args.readonly);
+        assert_eq!(args.num_queues, 4);
+        assert_eq!(args.queue_size, 1024);
+        assert_eq!(args.serial.as_deref(), Some("12345678901234567890"));
+        assert_eq!(args.logical_block_size, 4096);
+        assert_eq!(args.cache, CacheMode::Writethrough);
+        assert_eq!(args.socket_mode, 0o660);
+    }
+}

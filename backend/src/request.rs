@@ -1,0 +1,681 @@
+//! Parsing and execution of virtio-blk requests over guest memory, and the per-queue processing
+//! pass (pop chains, execute, fill the used ring, decide whether to notify).
+//!
+//! A request is a descriptor chain: driver-readable bytes (16-byte header, then OUT data or
+//! discard/write-zeroes segments) followed by device-writable bytes (IN data or GET_ID answer, then
+//! the 1-byte status as the very last byte). Descriptor boundaries carry no meaning: the chain is
+//! treated as two byte streams, so any framing a driver chooses works.
+//!
+//! Every value read from the chain is untrusted: lengths and sectors use checked arithmetic, guest
+//! addresses go through `vm-memory` (which refuses anything outside guest RAM), and no allocation
+//! is sized by the guest beyond [`CHUNK_BYTES`]. Whatever is wrong with a request, its descriptor
+//! goes back to the used ring so the driver never hangs; a status byte is written whenever the
+//! chain has a place for one.
+//!
+//! Locking model: a [`RequestWorker`] belongs to exactly one queue thread (it holds that thread's
+//! reusable buffers); the [`BlkDevice`] it executes on is shared and lock-free.
+
+use blockdev::{check_range, BlockError};
+use log::{debug, error, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+
+use crate::device::BlkDevice;
+use crate::virtio_blk::*;
+
+/// Largest piece of a request moved through the bounce buffer at once. Larger IN/OUT requests are
+/// split into several `read_at`/`write_at` calls of this size.
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+/// Longest descriptor chain accepted (an indirect table may hold up to 65535 entries).
+pub const MAX_CHAIN_DESCRIPTORS: usize = 4096;
+
+/// Why a request failed. [`ExecuteRequestError::status`] gives the status byte for the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteRequestError {
+    /// The chain has more descriptors than we accept.
+    #[error("descriptor chain longer than {MAX_CHAIN_DESCRIPTORS} descriptors")]
+    ChainTooLong,
+    /// A driver-readable descriptor follows a device-writable one.
+    #[error("driver-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    /// Fewer than 16 driver-readable bytes.
+    #[error("request header needs 16 driver-readable bytes, chain has {0}")]
+    HeaderTooShort(u64),
+    /// A part of the chain has the wrong size for the request type.
+    #[error("request type {request_type}: {what} is {actual} bytes, expected {expected}")]
+    BadLength {
+        /// Request type.
+        request_type: u32,
+        /// Which part.
+        what: &'static str,
+        /// Bytes expected.
+        expected: &'static str,
+        /// Bytes found.
+        actual: u64,
+    },
+    /// Sector number times 512 overflows.
+    #[error("sector {0} is out of range")]
+    SectorOverflow(u64),
+    /// Offset or length not a multiple of the logical block size.
+    #[error("request at byte {offset} length {len} is not aligned to {align} bytes")]
+    Unaligned {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// Required alignment.
+        align: u64,
+    },
+    /// The request reaches past the end of the disk.
+    #[error("request at byte {offset} length {len} is past the end of the {size}-byte disk")]
+    OutOfRange {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// Disk size.
+        size: u64,
+    },
+    /// A guest address in the chain is not guest RAM.
+    #[error("guest memory access failed: {0}")]
+    GuestMemory(#[from] GuestMemoryError),
+    /// A write-type request to a read-only device.
+    #[error("write-type request to a read-only device")]
+    ReadOnly,
+    /// Too many discard/write-zeroes segments.
+    #[error("{count} segments, at most {max} allowed")]
+    TooManySegments {
+        /// Segments in the request.
+        count: u64,
+        /// Limit announced in the config space.
+        max: u32,
+    },
+    /// A discard/write-zeroes segment is larger than announced.
+    #[error("segment of {sectors} sectors exceeds the limit of {max}")]
+    SegmentTooLarge {
+        /// Segment length.
+        sectors: u32,
+        /// Limit announced in the config space.
+        max: u32,
+    },
+    /// Reserved or disallowed flags in a discard/write-zeroes segment.
+    #[error("segment flags {0:#x} not supported")]
+    UnsupportedFlags(u32),
+    /// A request type the device does not implement or did not negotiate.
+    #[error("request type {0} not supported")]
+    UnsupportedType(u32),
+    /// The disk failed.
+    #[error("disk {op} failed: {source}")]
+    Disk {
+        /// The operation.
+        op: &'static str,
+        /// The disk error.
+        source: BlockError,
+    },
+}
+
+impl ExecuteRequestError {
+    /// The virtio-blk status reported to the driver.
+    pub fn status(&self) -> u8 {
+        match self {
+            ExecuteRequestError::UnsupportedFlags(_) | ExecuteRequestError::UnsupportedType(_) => {
+                VIRTIO_BLK_S_UNSUPP
+            }
+            ExecuteRequestError::Disk {
+                source: BlockError::Unsupported(_),
+                ..
+            } => VIRTIO_BLK_S_UNSUPP,
+            _ => VIRTIO_BLK_S_IOERR,
+        }
+    }
+
+    fn disk(op: &'static str) -> impl FnOnce(BlockError) -> Self {
+        move |source| ExecuteRequestError::Disk { op, source }
+    }
+}
+
+/// Why a processing pass over a queue stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessQueueError {
+    /// The queue's rings could not be accessed.
+    #[error("virtqueue access failed: {0}")]
+    Queue(#[from] virtio_queue::Error),
+}
+
+/// One non-empty descriptor of a chain.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    addr: GuestAddress,
+    len: u32,
+}
+
+/// Shape of a collected chain: `segs[..readable]` are driver-readable, the rest device-writable.
+#[derive(Clone, Copy, Debug, Default)]
+struct ChainLayout {
+    readable: usize,
+    readable_len: u64,
+    writable_len: u64,
+}
+
+/// Per-queue-thread request executor holding reusable buffers, so the data path does not allocate
+/// once the buffers have grown to the working size.
+#[derive(Debug, Default)]
+pub struct RequestWorker {
+    segs: Vec<Segment>,
+    buf: Vec<u8>,
+    /// Bytes written to the device-writable part of the current chain, status excluded.
+    written: u64,
+}
+
+fn bounce(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    &mut buf[..n]
+}
+
+/// Copies `dst.len()` bytes from the concatenation of `segs`, starting `skip` bytes in.
+fn gather<M: GuestMemory>(
+    mem: &M,
+    segs: &[Segment],
+    mut skip: u64,
+    dst: &mut [u8],
+) -> Result<(), GuestMemoryError> {
+    let mut done = 0usize;
+    for seg in segs {
+        if done == dst.len() {
+            break;
+        }
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min((dst.len() - done) as u64) as usize;
+        let addr = seg
+            .addr
+            .checked_add(skip)
+            .ok_or(GuestMemoryError::InvalidGuestAddress(seg.addr))?;
+        mem.read_slice(&mut dst[done..done + n], addr)?;
+        done += n;
+        skip = 0;
+    }
+    if done != dst.len() {
+        return Err(GuestMemoryError::PartialBuffer {
+            expected: dst.len(),
+            completed: done,
+        });
+    }
+    Ok(())
+}
+
+/// Copies `src` into the concatenation of `segs`, starting `skip` bytes in.
+fn scatter<M: GuestMemory>(
+    mem: &M,
+    segs: &[Segment],
+    mut skip: u64,
+    src: &[u8],
+) -> Result<(), GuestMemoryError> {
+    let mut done = 0usize;
+    for seg in segs {
+        if done == src.len() {
+            break;
+        }
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min((src.len() - done) as u64) as usize;
+        let addr = seg
+            .addr
+            .checked_add(skip)
+            .ok_or(GuestMemoryError::InvalidGuestAddress(seg.addr))?;
+        mem.write_slice(&src[done..done + n], addr)?;
+        done += n;
+        skip = 0;
+    }
+    if done != src.len() {
+        return Err(GuestMemoryError::PartialBuffer {
+            expected: src.len(),
+            completed: done,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that every byte of `segs` is guest RAM.
+fn check_segments<M: GuestMemory>(mem: &M, segs: &[Segment]) -> Result<(), GuestMemoryError> {
+    for seg in segs {
+        if !mem.check_range(seg.addr, seg.len as usize, Permissions::Read) {
+            return Err(GuestMemoryError::InvalidGuestAddress(seg.addr));
+        }
+    }
+    Ok(())
+}
+
+fn expect_len(
+    request_type: u32,
+    what: &'static str,
+    actual: u64,
+    ok: bool,
+    expected: &'static str,
+) -> Result<(), ExecuteRequestError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ExecuteRequestError::BadLength {
+            request_type,
+            what,
+            expected,
+            actual,
+        })
+    }
+}
+
+impl RequestWorker {
+    /// A worker with empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Executes one request and writes its status. Returns the used length: the number of bytes
+    /// written into the device-writable part of the chain, status byte included.
+    pub fn process_chain<M, D>(
+        &mut self,
+        dev: &BlkDevice,
+        mem: &M,
+        chain: DescriptorChain<D>,
+    ) -> u32
+    where
+        M: GuestMemory,
+        D: std::ops::Deref<Target = M>,
+    {
+        self.written = 0;
+        let head = chain.head_index();
+        let (layout, last, chain_error) = self.collect(chain);
+
+        // The status byte is the last byte of the chain, which must be device-writable.
+        let status_addr = match last {
+            Some((seg, true)) => seg.addr.checked_add(u64::from(seg.len) - 1),
+            _ => None,
+        };
+        let Some(status_addr) = status_addr else {
+            match chain_error {
+                Some(e) => error!("request {head}: {e}; no status byte, dropping the request"),
+                None => error!("request {head}: no device-writable status byte, dropping it"),
+            }
+            return 0;
+        };
+
+        let result = match chain_error {
+            Some(e) => Err(e),
+            None => self.execute(dev, mem, &layout),
+        };
+        let status = match result {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(e) => {
+                match &e {
+                    ExecuteRequestError::UnsupportedType(_)
+                    | ExecuteRequestError::UnsupportedFlags(_) => debug!("request {head}: {e}"),
+                    ExecuteRequestError::SectorOverflow(_)
+                    | ExecuteRequestError::Unaligned { .. }
+                    | ExecuteRequestError::OutOfRange { .. }
+                    | ExecuteRequestError::ReadOnly
+                    | ExecuteRequestError::TooManySegments { .. }
+                    | ExecuteRequestError::SegmentTooLarge { .. } => warn!("request {head}: {e}"),
+                    _ => error!("request {head}: {e}"),
+                }
+                e.status()
+            }
+        };
+        let mut used = self.written;
+        match mem.write_slice(&[status], status_addr) {
+            Ok(()) => used += 1,
+            Err(e) => error!("request {head}: cannot write status byte: {e}"),
+        }
+        if self.buf.len() > CHUNK_BYTES {
+            self.buf.truncate(CHUNK_BYTES);
+            self.buf.shrink_to_fit();
+        }
+        u32::try_from(used).unwrap_or(u32::MAX)
+    }
+
+    /// Collects the non-empty descriptors of `chain` into `self.segs`. Returns the layout, the
+    /// last non-empty descriptor of the whole chain with its direction (where the status byte
+    /// goes), and what is wrong with the chain, if anything.
+    #[allow(clippy::type_complexity)]
+    fn collect<M, D>(
+        &mut self,
+        chain: DescriptorChain<D>,
+    ) -> (
+        ChainLayout,
+        Option<(Segment, bool)>,
+        Option<ExecuteRequestError>,
+    )
+    where
+        M: GuestMemory,
+        D: std::ops::Deref<Target = M>,
+    {
+        self.segs.clear();
+        let mut layout = ChainLayout::default();
+        let mut error = None;
+        let mut last = None;
+        // The iterator ends by itself after at most 65535 descriptors (virtio-queue's ttl).
+        for desc in chain {
+            if desc.len() == 0 {
+                continue;
+            }
+            let seg = Segment {
+                addr: desc.addr(),
+                len: desc.len(),
+            };
+            let writable = desc.is_write_only();
+            last = Some((seg, writable));
+            if error.is_some() {
+                continue;
+            }
+            if self.segs.len() >= MAX_CHAIN_DESCRIPTORS {
+                error = Some(ExecuteRequestError::ChainTooLong);
+                continue;
+            }
+            let len = u64::from(desc.len());
+            if writable {
+                layout.writable_len += len;
+            } else {
+                if layout.writable_len > 0 {
+                    error = Some(ExecuteRequestError::ReadableAfterWritable);
+                    continue;
+                }
+                layout.readable += 1;
+                layout.readable_len += len;
+            }
+            self.segs.push(seg);
+        }
+        (layout, last, error)
+    }
+
+    fn execute<M: GuestMemory>(
+        &mut self,
+        dev: &BlkDevice,
+        mem: &M,
+        layout: &ChainLayout,
+    ) -> Result<(), ExecuteRequestError> {
+        if layout.readable_len < RequestHeader::SIZE as u64 {
+            return Err(ExecuteRequestError::HeaderTooShort(layout.readable_len));
+        }
+        let readable = &self.segs[..layout.readable];
+        let mut hdr = [0u8; RequestHeader::SIZE];
+        gather(mem, readable, 0, &mut hdr)?;
+        let hdr = RequestHeader::from_bytes(&hdr);
+        // Driver-to-device payload after the header, device-to-driver payload before the status.
+        let data_in = layout.readable_len - RequestHeader::SIZE as u64;
+        let data_out = layout.writable_len.saturating_sub(1);
+        let t = hdr.request_type;
+
+        match t {
+            VIRTIO_BLK_T_IN => {
+                expect_len(t, "driver-readable data", data_in, data_in == 0, "0")?;
+                self.read(dev, mem, layout, hdr.sector, data_out)
+            }
+            VIRTIO_BLK_T_OUT => {
+                expect_len(t, "device-writable data", data_out, data_out == 0, "0")?;
+                self.write(dev, mem, layout, hdr.sector, data_in)
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                expect_len(t, "driver-readable data", data_in, data_in == 0, "0")?;
+                expect_len(t, "device-writable data", data_out, data_out == 0, "0")?;
+                dev.disk()
+                    .flush()
+                    .map_err(ExecuteRequestError::disk("flush"))
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                expect_len(t, "driver-readable data", data_in, data_in == 0, "0")?;
+                let n = data_out.min(VIRTIO_BLK_ID_BYTES as u64) as usize;
+                let serial = dev.config().serial;
+                scatter(mem, &self.segs[layout.readable..], 0, &serial[..n])?;
+                self.written = n as u64;
+                Ok(())
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                let (bit, discard) = if t == VIRTIO_BLK_T_DISCARD {
+                    (VIRTIO_BLK_F_DISCARD, true)
+                } else {
+                    (VIRTIO_BLK_F_WRITE_ZEROES, false)
+                };
+                if !dev.has_feature(bit) {
+                    return Err(ExecuteRequestError::UnsupportedType(t));
+                }
+                expect_len(t, "device-writable data", data_out, data_out == 0, "0")?;
+                self.discard_write_zeroes(dev, mem, layout, discard, data_in)
+            }
+            _ => Err(ExecuteRequestError::UnsupportedType(t)),
+        }
+    }
+
+    /// Byte offset of `sector` after checking alignment and range of `[offset, offset + len)`.
+    fn check_io(
+        dev: &BlkDevice,
+        sector: u64,
+        len: u64,
+        align: u64,
+    ) -> Result<u64, ExecuteRequestError> {
+        let offset = sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or(ExecuteRequestError::SectorOverflow(sector))?;
+        if offset % align != 0 || len % align != 0 {
+            return Err(ExecuteRequestError::Unaligned { offset, len, align });
+        }
+        let size = dev.config().size_bytes;
+        check_range(offset, len, size).map_err(|_| ExecuteRequestError::OutOfRange {
+            offset,
+            len,
+            size,
+        })?;
+        Ok(offset)
+    }
+
+    fn read<M: GuestMemory>(
+        &mut self,
+        dev: &BlkDevice,
+        mem: &M,
+        layout: &ChainLayout,
+        sector: u64,
+        len: u64,
+    ) -> Result<(), ExecuteRequestError> {
+        let offset = Self::check_io(dev, sector, len, u64::from(dev.config().logical_block_size))?;
+        let writable = &self.segs[layout.readable..];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK_BYTES as u64) as usize;
+            let buf = bounce(&mut self.buf, n);
+            dev.disk()
+                .read_at(buf, offset + done)
+                .map_err(ExecuteRequestError::disk("read"))?;
+            scatter(mem, writable, done, buf)?;
+            done += n as u64;
+            self.written = done;
+        }
+        Ok(())
+    }
+
+    fn write<M: GuestMemory>(
+        &mut self,
+        dev: &BlkDevice,
+        mem: &M,
+        layout: &ChainLayout,
+        sector: u64,
+        len: u64,
+    ) -> Result<(), ExecuteRequestError> {
+        if dev.config().read_only {
+            return Err(ExecuteRequestError::ReadOnly);
+        }
+        let offset = Self::check_io(dev, sector, len, u64::from(dev.config().logical_block_size))?;
+        let readable = &self.segs[..layout.readable];
+        if len > CHUNK_BYTES as u64 {
+            // Several write_at calls: make sure none of the data is unreadable before the first.
+            check_segments(mem, readable)?;
+        }
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK_BYTES as u64) as usize;
+            let buf = bounce(&mut self.buf, n);
+            gather(mem, readable, RequestHeader::SIZE as u64 + done, buf)?;
+            dev.disk()
+                .write_at(buf, offset + done)
+                .map_err(ExecuteRequestError::disk("write"))?;
+            done += n as u64;
+        }
+        if dev.flush_after_write() {
+            dev.disk()
+                .flush()
+                .map_err(ExecuteRequestError::disk("write-through flush"))?;
+        }
+        Ok(())
+    }
+
+    fn discard_write_zeroes<M: GuestMemory>(
+        &mut self,
+        dev: &BlkDevice,
+        mem: &M,
+        layout: &ChainLayout,
+        discard: bool,
+        data_len: u64,
+    ) -> Result<(), ExecuteRequestError> {
+        let cfg = dev.config();
+        let (max_seg, max_sectors) = if discard {
+            (cfg.max_discard_seg, cfg.max_discard_sectors)
+        } else {
+            (cfg.max_write_zeroes_seg, cfg.max_write_zeroes_sectors)
+        };
+        let seg_size = DiscardWriteZeroesSegment::SIZE as u64;
+        if data_len == 0 || data_len % seg_size != 0 {
+            return Err(ExecuteRequestError::BadLength {
+                request_type: if discard {
+                    VIRTIO_BLK_T_DISCARD
+                } else {
+                    VIRTIO_BLK_T_WRITE_ZEROES
+                },
+                what: "segment array",
+                expected: "a non-zero multiple of 16",
+                actual: data_len,
+            });
+        }
+        let count = data_len / seg_size;
+        if count > u64::from(max_seg) {
+            return Err(ExecuteRequestError::TooManySegments {
+                count,
+                max: max_seg,
+            });
+        }
+        if cfg.read_only {
+            return Err(ExecuteRequestError::ReadOnly);
+        }
+        let lbs = u64::from(cfg.logical_block_size);
+        let align = if discard {
+            lbs.max(u64::from(cfg.discard_sector_alignment) * SECTOR_SIZE)
+        } else {
+            lbs
+        };
+        // `count` is at most `max_seg` (a u32 from our own config), so this is bounded.
+        let raw = bounce(&mut self.buf, data_len as usize);
+        gather(
+            mem,
+            &self.segs[..layout.readable],
+            RequestHeader::SIZE as u64,
+            raw,
+        )?;
+
+        // Validate every segment before touching the disk.
+        for chunk in raw.chunks_exact(DiscardWriteZeroesSegment::SIZE) {
+            let mut b = [0u8; DiscardWriteZeroesSegment::SIZE];
+            b.copy_from_slice(chunk);
+            let seg = DiscardWriteZeroesSegment::from_bytes(&b);
+            let allowed = if discard {
+                0
+            } else {
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            };
+            if seg.flags & !allowed != 0 {
+                return Err(ExecuteRequestError::UnsupportedFlags(seg.flags));
+            }
+            if seg.num_sectors > max_sectors {
+                return Err(ExecuteRequestError::SegmentTooLarge {
+                    sectors: seg.num_sectors,
+                    max: max_sectors,
+                });
+            }
+            Self::check_io(
+                dev,
+                seg.sector,
+                u64::from(seg.num_sectors) * SECTOR_SIZE,
+                align,
+            )?;
+        }
+        for chunk in raw.chunks_exact(DiscardWriteZeroesSegment::SIZE) {
+            let mut b = [0u8; DiscardWriteZeroesSegment::SIZE];
+            b.copy_from_slice(chunk);
+            let seg = DiscardWriteZeroesSegment::from_bytes(&b);
+            let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
+            if len == 0 {
+                continue;
+            }
+            // Checked above.
+            let offset = seg.sector * SECTOR_SIZE;
+            if discard {
+                dev.disk()
+                    .discard(offset, len)
+                    .map_err(ExecuteRequestError::disk("discard"))?;
+            } else {
+                let unmap = seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                dev.disk()
+                    .write_zeroes(offset, len, unmap)
+                    .map_err(ExecuteRequestError::disk("write zeroes"))?;
+            }
+        }
+        if dev.flush_after_write() {
+            dev.disk()
+                .flush()
+                .map_err(ExecuteRequestError::disk("write-through flush"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One processing pass over `queue`: executes every available request, puts each on the used ring
+/// and returns whether the driver must be notified. With EVENT_IDX, notifications from the driver
+/// are suppressed during the pass and the queue is re-checked before returning, so no kick is lost.
+pub fn process_queue<M: GuestMemory>(
+    dev: &BlkDevice,
+    worker: &mut RequestWorker,
+    queue: &mut Queue,
+    mem: &M,
+) -> Result<bool, ProcessQueueError> {
+    let event_idx = queue.event_idx_enabled();
+    let mut completed = false;
+    loop {
+        if event_idx {
+            queue.disable_notification(mem)?;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let used_len = worker.process_chain(dev, mem, chain);
+            match queue.add_used(mem, head, used_len) {
+                Ok(()) => completed = true,
+                Err(e) => error!("cannot return descriptor {head} to the used ring: {e}"),
+            }
+        }
+        if !event_idx || !queue.enable_notification(mem)? {
+            break;
+        }
+    }
+    if !completed {
+        return Ok(false);
+    }
+    Ok(queue.needs_notification(mem)?)
+}
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

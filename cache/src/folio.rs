@@ -1,0 +1,114 @@
+//! The in-memory folio: one aligned chunk of the virtual disk plus its per-sector state.
+//!
+//! Locking model: all mutable state is in [`FolioState`] behind the folio's own mutex; the
+//! condition variable `cv` is signalled whenever `writeback` drops to false. The `referenced`
+//! bit is a lock-free hint for the eviction clock. Nobody holds a folio lock across lower-layer
+//! I/O; the `writeback` flag is what serializes writebacks of one folio.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use crate::bitmap::SectorBitmap;
+use crate::SECTOR_SIZE;
+
+/// Mutable state of a folio; protected by [`Folio::state`].
+#[derive(Debug)]
+pub(crate) struct FolioState {
+    /// The folio's bytes; only sectors marked in `uptodate` hold meaningful data.
+    pub(crate) data: Box<[u8]>,
+    /// Sectors whose bytes equal the newest content of the disk.
+    pub(crate) uptodate: SectorBitmap,
+    /// Sectors newer than the lower layer (always a subset of `uptodate`).
+    pub(crate) dirty: SectorBitmap,
+    /// A writeback of a snapshot of this folio is between snapshot and completion.
+    pub(crate) writeback: bool,
+    /// Counted in the dirty budget and listed in the dirty list (dirty bits or writeback).
+    pub(crate) accounted: bool,
+    /// Removed from the cache map; nobody may dirty or fill it any more.
+    pub(crate) evicted: bool,
+}
+
+/// One cached folio.
+#[derive(Debug)]
+pub(crate) struct Folio {
+    /// Folio number: the folio covers `index * folio_size ..` of the disk.
+    pub(crate) index: u64,
+    /// Byte offset of the folio on the disk.
+    pub(crate) start: u64,
+    /// Length in bytes (shorter than the folio size only for the disk's last folio).
+    pub(crate) len: usize,
+    pub(crate) state: Mutex<FolioState>,
+    pub(crate) cv: Condvar,
+    pub(crate) referenced: AtomicBool,
+}
+
+impl Folio {
+    /// A folio with nothing uptodate, using `data` (at least `len` bytes) as its buffer.
+    pub(crate) fn new(index: u64, start: u64, len: usize, mut data: Vec<u8>) -> Self {
+        data.resize(len, 0);
+        data.truncate(len);
+        let sectors = len.div_ceil(SECTOR_SIZE);
+        Folio {
+            index,
+            start,
+            len,
+            state: Mutex::new(FolioState {
+                data: data.into_boxed_slice(),
+                uptodate: SectorBitmap::new(sectors),
+                dirty: SectorBitmap::new(sectors),
+                writeback: false,
+                accounted: false,
+                evicted: false,
+            }),
+            cv: Condvar::new(),
+            referenced: AtomicBool::new(true),
+        }
+    }
+
+    /// Locks the state; a poisoned lock is taken over (state updates are never left half-done
+    /// across a panic point that matters for on-disk correctness).
+    pub(crate) fn lock(&self) -> MutexGuard<'_, FolioState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until no writeback of this folio is in flight.
+    pub(crate) fn wait_writeback<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, FolioState>,
+    ) -> MutexGuard<'a, FolioState> {
+        while st.writeback {
+            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        st
+    }
+
+    /// Marks the folio as recently used.
+    pub(crate) fn touch(&self) {
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Number of sectors.
+    pub(crate) fn sectors(&self) -> usize {
+        self.len.div_ceil(SECTOR_SIZE)
+    }
+
+    /// Byte range `[start, end)` of sector `s` inside the folio.
+    pub(crate) fn sector_bytes(&self, s: usize) -> (usize, usize) {
+        let a = s.saturating_mul(SECTOR_SIZE).min(self.len);
+        let b = a.saturating_add(SECTOR_SIZE).min(self.len);
+        (a, b)
+    }
+
+    /// The sectors touched by the folio-relative byte range `[a, b)`.
+    pub(crate) fn sector_span(&self, a: usize, b: usize) -> (usize, usize) {
+        (a / SECTOR_SIZE, b.div_ceil(SECTOR_SIZE))
+    }
+
+    /// Whether `[a, b)` covers sector `s` only partly.
+    pub(crate) fn partially_covers(&self, s: usize, a: usize, b: usize) -> bool {
+        let (sa, sb) = self.sector_bytes(s);
+        a > sa || b < sb
+    }
+}

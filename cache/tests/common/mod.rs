@@ -1,0 +1,169 @@
+//! Test doubles for the cache's integration tests: a lower layer that fails chosen requests and
+//! records the order of everything that reaches it.
+//!
+//! Locking model: the content is a `MemDisk` (its own lock); the fault lists and the event log
+//! each have a mutex taken only for the bookkeeping of one request.
+
+#![allow(dead_code)]
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use blockdev::{BlockDev, BlockError, MemDisk, Result};
+use cache::{CacheConfig, FolioCache};
+
+/// One request that reached the lower layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Write { offset: u64, data: Vec<u8> },
+    Flush,
+    Zap { offset: u64, len: u64 },
+}
+
+/// A `MemDisk` with injectable failures and an event log.
+#[derive(Debug)]
+pub struct FaultyDisk {
+    pub mem: MemDisk,
+    fail_reads: Mutex<Vec<(u64, u64)>>,
+    fail_writes: Mutex<Vec<(u64, u64)>>,
+    fail_flush: Mutex<bool>,
+    log: Mutex<Vec<Event>>,
+    pub flushes: AtomicU64,
+    pub reads: AtomicU64,
+}
+
+fn eio() -> BlockError {
+    BlockError::Io(io::Error::from_raw_os_error(libc_eio()))
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+fn overlaps(list: &[(u64, u64)], offset: u64, len: u64) -> bool {
+    list.iter().any(|&(a, b)| a < offset + len && offset < b)
+}
+
+impl FaultyDisk {
+    pub fn new(data: Vec<u8>) -> Arc<Self> {
+        Arc::new(FaultyDisk {
+            mem: MemDisk::from_vec(data),
+            fail_reads: Mutex::new(Vec::new()),
+            fail_writes: Mutex::new(Vec::new()),
+            fail_flush: Mutex::new(false),
+            log: Mutex::new(Vec::new()),
+            flushes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+        })
+    }
+
+    /// Reads overlapping `[offset, offset + len)` fail with EIO.
+    pub fn fail_reads(&self, offset: u64, len: u64) {
+        self.fail_reads.lock().unwrap().push((offset, offset + len));
+    }
+
+    /// Writes overlapping `[offset, offset + len)` fail with EIO (without writing anything).
+    pub fn fail_writes(&self, offset: u64, len: u64) {
+        self.fail_writes.lock().unwrap().push((offset, offset + len));
+    }
+
+    pub fn fail_flushes(&self, fail: bool) {
+        *self.fail_flush.lock().unwrap() = fail;
+    }
+
+    /// Removes every injected failure.
+    pub fn heal(&self) {
+        self.fail_reads.lock().unwrap().clear();
+        self.fail_writes.lock().unwrap().clear();
+        self.fail_flushes(false);
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn clear_events(&self) {
+        self.log.lock().unwrap().clear();
+    }
+
+    pub fn bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.mem.read_at(&mut b, offset).unwrap();
+        b
+    }
+}
+
+impl BlockDev for FaultyDisk {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        if overlaps(&self.fail_reads.lock().unwrap(), offset, buf.len() as u64) {
+            return Err(eio());
+        }
+        self.mem.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if overlaps(&self.fail_writes.lock().unwrap(), offset, buf.len() as u64) {
+            return Err(eio());
+        }
+        let mut log = self.log.lock().unwrap();
+        self.mem.write_at(buf, offset)?;
+        log.push(Event::Write { offset, data: buf.to_vec() });
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if *self.fail_flush.lock().unwrap() {
+            return Err(eio());
+        }
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.log.lock().unwrap().push(Event::Flush);
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        if overlaps(&self.fail_writes.lock().unwrap(), offset, len) {
+            return Err(eio());
+        }
+        let mut log = self.log.lock().unwrap();
+        self.mem.write_zeroes(offset, len, unmap)?;
+        log.push(Event::Zap { offset, len });
+        Ok(())
+    }
+}
+
+/// A deterministic pattern that differs per offset and per `seed`, never all zeros.
+pub fn pattern(seed: u8, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| (((offset + i) * 7 + u64::from(seed) * 31) % 251) as u8 + 1).collect()
+}
+
+/// A small cache without background writeback (deterministic tests).
+pub fn small_cfg(folio: u64, folios: u64, dirty_folios: u64) -> CacheConfig {
+    CacheConfig {
+        folio_size: folio,
+        cache_size: folio * folios,
+        dirty_limit: folio * dirty_folios,
+        writeback: true,
+        flusher_threads: 0,
+        ..CacheConfig::default()
+    }
+}
+
+pub fn cache_over(lower: &Arc<FaultyDisk>, cfg: CacheConfig) -> Arc<FolioCache> {
+    FolioCache::new(lower.clone() as Arc<dyn BlockDev>, cfg).unwrap()
+}
+
+pub fn read(dev: &dyn BlockDev, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    dev.read_at(&mut b, offset).unwrap();
+    b
+}

@@ -1,0 +1,90 @@
+//! The fsx model checker over the cache with a tiny cache (8 folios of 4 KiB) so eviction,
+//! throttling and writeback run constantly, over a `MemDisk` and over a `RawFile`.
+//! Duration: `SNAPBLK_FSX_SECS` (default 5 s per test); the `soak_*` variants run 120 s unless
+//! the variable says otherwise and are `#[ignore]`d (run them with `cargo test -p cache --release
+//! --test fsx -- --ignored`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockdev::{BlockDev, MemDisk, RawFile};
+use cache::fsx::{self, FsxConfig};
+use cache::{CacheConfig, FolioCache};
+
+fn tiny_cache() -> CacheConfig {
+    CacheConfig {
+        folio_size: 4096,
+        cache_size: 8 * 4096,
+        dirty_limit: 4 * 4096,
+        writeback: true,
+        flusher_threads: 1,
+        writeback_interval: Duration::from_millis(10),
+    }
+}
+
+fn fsx_over_memdisk(cfg: FsxConfig, cache: CacheConfig) {
+    let lower = Arc::new(MemDisk::new(4 << 20));
+    let open = || -> blockdev::Result<Arc<dyn BlockDev>> {
+        Ok(FolioCache::new(lower.clone(), cache.clone()).expect("cache config") as Arc<dyn BlockDev>)
+    };
+    let cold = || -> blockdev::Result<Arc<dyn BlockDev>> { Ok(lower.clone() as Arc<dyn BlockDev>) };
+    match fsx::run(&open, &cold, &cfg) {
+        Ok(report) => eprintln!("fsx over MemDisk: {report:?}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn fsx_over_rawfile(cfg: FsxConfig, cache: CacheConfig) {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    // Non-zero initial content, so zeroing bugs show.
+    let init: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8 + 1).collect();
+    std::fs::write(tmp.path(), &init).unwrap();
+    let path = tmp.path().to_path_buf();
+    let open = || -> blockdev::Result<Arc<dyn BlockDev>> {
+        let raw = Arc::new(RawFile::open(&path, false)?);
+        Ok(FolioCache::new(raw, cache.clone()).expect("cache config") as Arc<dyn BlockDev>)
+    };
+    let cold = || -> blockdev::Result<Arc<dyn BlockDev>> { Ok(Arc::new(RawFile::open(&path, true)?) as Arc<dyn BlockDev>) };
+    match fsx::run(&open, &cold, &cfg) {
+        Ok(report) => eprintln!("fsx over RawFile: {report:?}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn soak_cfg() -> FsxConfig {
+    let mut cfg = FsxConfig::from_env();
+    if std::env::var("SNAPBLK_FSX_SECS").is_err() {
+        cfg.duration = Duration::from_secs(120);
+    }
+    cfg.rounds = 6;
+    cfg
+}
+
+#[test]
+fn fsx_tiny_cache_over_memdisk_matches_shadow() {
+    fsx_over_memdisk(FsxConfig::from_env(), tiny_cache());
+}
+
+#[test]
+fn fsx_tiny_cache_over_rawfile_matches_shadow_after_cold_reopen() {
+    fsx_over_rawfile(FsxConfig { align: 512, ..FsxConfig::from_env() }, tiny_cache());
+}
+
+#[test]
+#[ignore = "soak: long-running, see the file header"]
+fn soak_fsx_tiny_cache_over_memdisk() {
+    fsx_over_memdisk(soak_cfg(), tiny_cache());
+}
+
+#[test]
+#[ignore = "soak: long-running, see the file header"]
+fn soak_fsx_tiny_cache_over_rawfile() {
+    fsx_over_rawfile(soak_cfg(), tiny_cache());
+}
+
+#[test]
+#[ignore = "soak: long-running, see the file header"]
+fn soak_fsx_default_folios_over_rawfile() {
+    let cache = CacheConfig { cache_size: 1 << 20, dirty_limit: 512 << 10, ..CacheConfig::default() };
+    fsx_over_rawfile(soak_cfg(), cache);
+}

@@ -1,0 +1,547 @@
+//! Deterministic tests of the cache's invariants, one or more per invariant, including the
+//! kernel write-path corruption classes from the seed reports (bcachefs lockless buffered
+//! writes, the 2015 short-copy zeroing, btrfs partial DIO holes, iomap stale mappings). Racy
+//! interleavings are forced with `CacheHooks` rather than left to timing.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blockdev::{BlockDev, BlockError, MemDisk};
+use cache::{CacheConfig, CacheHooks, FolioCache, HookPoint};
+use common::{cache_over, pattern, read, small_cfg, Event, FaultyDisk};
+
+const K4: u64 = 4096;
+
+/// Hooks that run a closure once, the first time `point` is reached for `folio`.
+struct OnceHook {
+    point: HookPoint,
+    folio: u64,
+    fired: AtomicBool,
+    action: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl OnceHook {
+    fn new(point: HookPoint, folio: u64) -> Arc<Self> {
+        Arc::new(OnceHook { point, folio, fired: AtomicBool::new(false), action: Mutex::new(None) })
+    }
+    fn arm(&self, f: impl FnOnce() + Send + 'static) {
+        *self.action.lock().unwrap() = Some(Box::new(f));
+    }
+    fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+impl CacheHooks for OnceHook {
+    fn at(&self, point: HookPoint, folio: u64) {
+        if point != self.point || folio != self.folio {
+            return;
+        }
+        let action = self.action.lock().unwrap().take();
+        if let Some(f) = action {
+            self.fired.store(true, Ordering::SeqCst);
+            f();
+        }
+    }
+}
+
+fn hooked_cache(lower: &Arc<FaultyDisk>, cfg: CacheConfig, hook: Arc<OnceHook>) -> Arc<FolioCache> {
+    FolioCache::with_hooks(lower.clone() as Arc<dyn BlockDev>, cfg, hook).unwrap()
+}
+
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+// ---- 1. read-your-writes ----
+
+#[test]
+fn read_returns_every_write_completed_before_it_from_any_thread() {
+    let lower = FaultyDisk::new(pattern(1, 0, 256 << 10));
+    let cfg = CacheConfig { flusher_threads: 1, writeback_interval: Duration::from_millis(20), ..small_cfg(K4, 6, 3) };
+    let cache = cache_over(&lower, cfg);
+    let (tx, rx) = mpsc::channel::<(u64, Vec<u8>)>();
+    let (ack_tx, ack_rx) = mpsc::channel::<()>();
+    let writer = {
+        let cache = cache.clone();
+        thread::spawn(move || {
+            for i in 0..400u64 {
+                // Unaligned, sometimes crossing folios, spread over 16x more than the cache.
+                let off = (i * 12_347) % ((256 << 10) - 9000);
+                let data = pattern((i % 200) as u8 + 2, off, 1 + (i as usize * 977) % 9000);
+                cache.write_at(&data, off).unwrap();
+                tx.send((off, data)).unwrap();
+                ack_rx.recv().unwrap();
+            }
+        })
+    };
+    for (off, data) in rx {
+        assert_eq!(read(&*cache, off, data.len()), data, "read at {off:#x} missed a completed write");
+        ack_tx.send(()).unwrap();
+    }
+    writer.join().unwrap();
+}
+
+// ---- 2. no lost writes (bcachefs) ----
+
+#[test]
+fn concurrent_writers_to_the_same_folios_lose_nothing_under_eviction_and_writeback() {
+    const THREADS: u64 = 4;
+    const SIZE: u64 = 64 << 10;
+    let lower = FaultyDisk::new(vec![0; SIZE as usize]);
+    let cfg = CacheConfig { flusher_threads: 1, writeback_interval: Duration::from_millis(5), ..small_cfg(K4, 4, 2) };
+    let cache = cache_over(&lower, cfg);
+    let barrier = Arc::new(Barrier::new(THREADS as usize));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let cache = cache.clone();
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                barrier.wait();
+                // Thread t owns every 512-byte sector s with s % THREADS == t, so all threads
+                // write into every folio at once; each pass rewrites its sectors, half of them
+                // in two unaligned pieces.
+                for pass in 0..40u8 {
+                    for k in 0..SIZE / 512 / THREADS {
+                        let s = k * THREADS + t;
+                        let off = s * 512;
+                        let data = pattern(pass.wrapping_mul(4) + t as u8, off, 512);
+                        if (k + u64::from(pass)) % 2 == 0 {
+                            cache.write_at(&data, off).unwrap();
+                        } else {
+                            cache.write_at(&data[..200], off).unwrap();
+                            cache.write_at(&data[200..], off + 200).unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    cache.flush().unwrap();
+    let mut expected = vec![0u8; SIZE as usize];
+    for s in 0..SIZE / 512 {
+        let t = s % THREADS;
+        let off = s * 512;
+        expected[off as usize..off as usize + 512].copy_from_slice(&pattern(39u8 * 4 + t as u8, off, 512));
+    }
+    assert_eq!(lower.bytes(0, SIZE as usize), expected, "the lower layer lost a completed write");
+    assert_eq!(read(&*cache, 0, SIZE as usize), expected);
+    let stats = cache.stats();
+    assert!(stats.evictions > 0 && stats.writebacks > 0, "test did not exercise eviction: {stats:?}");
+}
+
+#[test]
+fn dirty_folios_are_never_evicted_when_the_cache_is_full() {
+    let lower = FaultyDisk::new(vec![0; 40 * K4 as usize]);
+    let cache = cache_over(&lower, small_cfg(K4, 2, 1));
+    for i in 0..40u64 {
+        cache.write_at(&pattern(i as u8, i * K4, K4 as usize), i * K4).unwrap();
+        let s = cache.stats();
+        assert!(s.cached_folios <= 2 && s.dirty_folios <= 1, "memory bound exceeded: {s:?}");
+    }
+    for i in 0..40u64 {
+        assert_eq!(read(&*cache, i * K4, K4 as usize), pattern(i as u8, i * K4, K4 as usize));
+    }
+    cache.flush().unwrap();
+    for i in 0..40u64 {
+        assert_eq!(lower.bytes(i * K4, K4 as usize), pattern(i as u8, i * K4, K4 as usize));
+    }
+}
+
+#[test]
+fn eviction_only_drops_data_the_lower_layer_already_has() {
+    let lower = FaultyDisk::new(vec![0; 16 * K4 as usize]);
+    let hook = OnceHook::new(HookPoint::AfterEvict, 0);
+    let cache = hooked_cache(&lower, small_cfg(K4, 2, 2), hook.clone());
+    cache.write_at(&pattern(9, 100, 3000), 100).unwrap();
+    let (c, l) = (cache.clone(), lower.clone());
+    hook.arm(move || {
+        // Folio 0 was just evicted: the lower layer must already hold the write.
+        assert_eq!(l.bytes(100, 3000), pattern(9, 100, 3000));
+        assert_eq!(read(&*c, 100, 3000), pattern(9, 100, 3000));
+    });
+    // Fill the cache with other folios until folio 0 is evicted.
+    for i in 1..16u64 {
+        let _ = read(&*cache, i * K4, 512);
+        cache.write_at(&[1; 512], i * K4).unwrap();
+    }
+    assert!(hook.fired(), "folio 0 was never evicted");
+}
+
+// ---- 3. never zero what was there (2015 short copy, btrfs partial DIO) ----
+
+#[test]
+fn partial_write_into_uncached_folio_keeps_lower_bytes() {
+    let old = pattern(1, 0, 64 << 10);
+    let lower = FaultyDisk::new(old.clone());
+    let cache = cache_over(&lower, small_cfg(64 << 10, 4, 2));
+    cache.write_at(&[0xee; 100], 1000).unwrap();
+    cache.write_at(&[0xdd; 3], 70_000 - 65_536).unwrap();
+    cache.flush().unwrap();
+    let mut expected = old;
+    expected[1000..1100].fill(0xee);
+    expected[4464..4467].fill(0xdd);
+    assert_eq!(lower.bytes(0, 64 << 10), expected);
+    assert_eq!(read(&*cache, 0, 64 << 10), expected);
+}
+
+#[test]
+fn failed_fill_for_partial_write_changes_nothing_and_reports_the_error() {
+    let old = pattern(1, 0, 32 << 10);
+    let lower = FaultyDisk::new(old.clone());
+    let cache = cache_over(&lower, small_cfg(K4, 4, 2));
+    // The write's head sector is not cached and cannot be read: the write must fail as a whole
+    // instead of dirtying a half-known sector (which would write zeros or garbage around it).
+    lower.fail_reads(1024, 512);
+    let err = cache.write_at(&[0xee; 700], 1100).unwrap_err();
+    assert!(matches!(err, BlockError::Io(_)), "{err:?}");
+    // A read touching the bad sector reports the error and does not install anything.
+    assert!(cache.read_at(&mut [0u8; 4096], 0).is_err());
+    lower.heal();
+    assert_eq!(read(&*cache, 0, 32 << 10), old, "a failed request left zeros or garbage");
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(0, 32 << 10), old);
+}
+
+#[test]
+fn failed_fill_of_tail_sector_after_head_changed_nothing_in_that_folio() {
+    let old = pattern(3, 0, 16 << 10);
+    let lower = FaultyDisk::new(old.clone());
+    let cache = cache_over(&lower, small_cfg(K4, 4, 2));
+    lower.fail_reads(3584, 512);
+    // Write covering sector 0 partly (fillable) and sector 7 partly (unreadable).
+    assert!(cache.write_at(&[0xab; 3400], 300).is_err());
+    lower.heal();
+    assert_eq!(read(&*cache, 0, 16 << 10), old);
+}
+
+#[test]
+fn failed_writeback_keeps_data_dirty_and_flush_reports_it_until_a_retry_succeeds() {
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let cache = cache_over(&lower, small_cfg(K4, 8, 4));
+    let new = pattern(7, 8192, 3 * K4 as usize);
+    cache.write_at(&new, 8192).unwrap();
+    lower.fail_writes(8192 + 4096, 512);
+    assert!(cache.flush().is_err(), "flush reported success over unwritten data");
+    assert!(cache.flush().is_err(), "a second flush must retry and fail again");
+    assert_eq!(read(&*cache, 8192, new.len()), new, "failed writeback lost or zeroed data");
+    assert!(cache.stats().writeback_errors >= 2);
+    lower.heal();
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(8192, new.len()), new);
+    assert_eq!(cache.stats().dirty_folios, 0);
+}
+
+#[test]
+fn failed_write_through_write_reports_error_and_never_leaves_zeros() {
+    let old = pattern(2, 0, 32 << 10);
+    let lower = FaultyDisk::new(old.clone());
+    let cache = cache_over(&lower, small_cfg(K4, 8, 4));
+    cache.set_writeback(false).unwrap();
+    lower.fail_writes(4096, 4096);
+    let new = pattern(5, 2048, 6000);
+    assert!(cache.write_at(&new, 2048).is_err());
+    let got = read(&*cache, 0, 32 << 10);
+    for (i, (&g, &o)) in got.iter().zip(&old).enumerate() {
+        let in_write = (2048..8048).contains(&i);
+        assert!(g == o || (in_write && g == new[i - 2048]), "byte {i} is {g}, neither old nor new");
+    }
+    lower.heal();
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(0, 32 << 10), got, "lower and cache disagree after the retry");
+}
+
+// ---- 4. no stale mappings (iomap) ----
+
+#[test]
+fn fill_racing_write_zeroes_and_new_write_never_installs_stale_data() {
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let hook = OnceHook::new(HookPoint::AfterFillRead, 1);
+    let cache = hooked_cache(&lower, small_cfg(K4, 8, 4), hook.clone());
+    let c = cache.clone();
+    hook.arm(move || {
+        // The fill has read the old bytes of folio 1; now the mapping changes under it.
+        c.write_zeroes(K4, K4, false).unwrap();
+        c.write_at(&[0x77; 512], K4 + 1024).unwrap();
+    });
+    let _ = read(&*cache, K4, K4 as usize);
+    assert!(hook.fired());
+    let mut expected = vec![0u8; K4 as usize];
+    expected[1024..1536].fill(0x77);
+    assert_eq!(read(&*cache, K4, K4 as usize), expected, "a stale fill was installed over zeros");
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(K4, K4 as usize), expected);
+}
+
+#[test]
+fn fill_for_partial_write_racing_discard_never_resurrects_old_bytes() {
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let hook = OnceHook::new(HookPoint::AfterFillRead, 2);
+    let cache = hooked_cache(&lower, small_cfg(K4, 8, 4), hook.clone());
+    let c = cache.clone();
+    hook.arm(move || c.discard(2 * K4, K4).unwrap());
+    // Partial write into sector 0 of folio 2: its fill races the discard.
+    cache.write_at(&[0x55; 100], 2 * K4 + 10).unwrap();
+    assert!(hook.fired());
+    let mut expected = vec![0u8; K4 as usize];
+    expected[10..110].fill(0x55);
+    assert_eq!(read(&*cache, 2 * K4, K4 as usize), expected);
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(2 * K4, K4 as usize), expected);
+}
+
+#[test]
+fn writeback_racing_discard_never_writes_stale_data_over_zeros() {
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let hook = OnceHook::new(HookPoint::AfterWritebackSnapshot, 0);
+    let cache = hooked_cache(&lower, small_cfg(K4, 8, 4), hook.clone());
+    cache.write_at(&[0xaa; 4096], 0).unwrap();
+    let (c, zapper) = (cache.clone(), Arc::new(Mutex::new(None)));
+    let z = zapper.clone();
+    hook.arm(move || {
+        // The old data is snapshotted for writeback; a discard and a newer write arrive now.
+        let c2 = c.clone();
+        *z.lock().unwrap() = Some(thread::spawn(move || {
+            c2.discard(0, K4).unwrap();
+            c2.write_at(&[0xbb; 512], 512).unwrap();
+        }));
+        wait_until("the discard to register", || c.stats().active_zaps == 1);
+        // Give a broken implementation time to zero the lower layer before the stale write.
+        thread::sleep(Duration::from_millis(30));
+    });
+    cache.flush().unwrap();
+    zapper.lock().unwrap().take().unwrap().join().unwrap();
+    cache.flush().unwrap();
+    let mut expected = vec![0u8; K4 as usize];
+    expected[512..1024].fill(0xbb);
+    assert_eq!(read(&*cache, 0, K4 as usize), expected);
+    assert_eq!(lower.bytes(0, K4 as usize), expected, "stale writeback landed over the discard");
+}
+
+#[test]
+fn discard_drops_cached_dirty_data_and_partial_sectors_keep_neighbours() {
+    let old = pattern(1, 0, 64 << 10);
+    let lower = FaultyDisk::new(old.clone());
+    let cache = cache_over(&lower, small_cfg(K4, 8, 4));
+    cache.write_at(&pattern(4, 0, 20_000), 0).unwrap();
+    cache.discard(1000, 9000).unwrap();
+    cache.write_zeroes(15_000, 300, false).unwrap();
+    let mut expected = old.clone();
+    expected[..20_000].copy_from_slice(&pattern(4, 0, 20_000));
+    expected[1000..10_000].fill(0);
+    expected[15_000..15_300].fill(0);
+    assert_eq!(read(&*cache, 0, 64 << 10), expected);
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(0, 64 << 10), expected);
+    cache.drop_clean();
+    assert_eq!(read(&*cache, 0, 64 << 10), expected);
+}
+
+#[test]
+fn failed_discard_keeps_dirty_data_and_forgets_clean_copies() {
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let cache = cache_over(&lower, small_cfg(K4, 8, 4));
+    let _ = read(&*cache, 0, 8192);
+    cache.write_at(&[0x33; 512], 4096).unwrap();
+    lower.fail_writes(0, 8192);
+    assert!(cache.discard(0, 8192).is_err());
+    // The failed zap may have changed the lower layer anywhere in the range (here: nothing);
+    // the cache must read what is there now for clean bytes and keep the dirty ones.
+    let got = read(&*cache, 0, 8192);
+    assert_eq!(&got[..4096], &lower.bytes(0, 4096)[..]);
+    assert_eq!(&got[4096..4608], &[0x33; 512]);
+    lower.heal();
+    cache.flush().unwrap();
+    assert_eq!(&lower.bytes(4096, 512)[..], &[0x33; 512]);
+}
+
+// ---- 5. ordering and honest flush ----
+
+#[test]
+fn writes_to_the_same_byte_reach_the_lower_layer_in_completion_order() {
+    let lower = FaultyDisk::new(vec![0; 64 << 10]);
+    let hook = OnceHook::new(HookPoint::AfterWritebackSnapshot, 0);
+    let cache = hooked_cache(&lower, small_cfg(K4, 8, 4), hook.clone());
+    cache.write_at(&[1; 512], 0).unwrap();
+    let c = cache.clone();
+    // A newer write to the same bytes completes while the older one is being written back.
+    hook.arm(move || c.write_at(&[2; 512], 0).unwrap());
+    cache.flush().unwrap();
+    assert!(hook.fired());
+    // The newer write completed during that flush, so it is only guaranteed by the next one.
+    cache.flush().unwrap();
+    let writes: Vec<u8> = lower
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Write { offset: 0, data } => Some(data[0]),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writes, vec![1, 2], "lower saw the writes out of order");
+    assert_eq!(lower.bytes(0, 512), vec![2; 512]);
+}
+
+#[test]
+fn flush_returns_after_in_flight_writeback_and_lower_flush() {
+    let lower = FaultyDisk::new(vec![0; 64 << 10]);
+    let hook = OnceHook::new(HookPoint::AfterWritebackSnapshot, 3);
+    let cache = hooked_cache(&lower, small_cfg(K4, 8, 4), hook.clone());
+    for i in 0..6u64 {
+        cache.write_at(&pattern(i as u8, i * K4, K4 as usize), i * K4).unwrap();
+    }
+    let flushed = Arc::new(AtomicBool::new(false));
+    let (c, f, l) = (cache.clone(), flushed.clone(), lower.clone());
+    let flusher = Arc::new(Mutex::new(None));
+    let fl = flusher.clone();
+    hook.arm(move || {
+        // Folio 3 is mid-writeback on this thread; a flush from another thread must wait for it.
+        let (c2, f2) = (c.clone(), f.clone());
+        *fl.lock().unwrap() = Some(thread::spawn(move || {
+            c2.flush().unwrap();
+            f2.store(true, Ordering::SeqCst);
+        }));
+        thread::sleep(Duration::from_millis(50));
+        assert!(!f.load(Ordering::SeqCst), "flush returned while a writeback was in flight");
+        assert_eq!(l.flushes.load(Ordering::SeqCst), 0);
+    });
+    cache.flush().unwrap();
+    flusher.lock().unwrap().take().unwrap().join().unwrap();
+    assert!(flushed.load(Ordering::SeqCst));
+    // Every data write precedes the first lower flush.
+    let events = lower.events();
+    let first_flush = events.iter().position(|e| *e == Event::Flush).unwrap();
+    let writes_before = events[..first_flush].iter().filter(|e| matches!(e, Event::Write { .. })).count();
+    assert_eq!(writes_before, 6, "{events:?}");
+}
+
+#[test]
+fn failed_lower_flush_fails_every_later_flush() {
+    let lower = FaultyDisk::new(vec![0; 64 << 10]);
+    let cache = cache_over(&lower, small_cfg(K4, 8, 4));
+    cache.write_at(&[1; 4096], 0).unwrap();
+    lower.fail_flushes(true);
+    assert!(cache.flush().is_err());
+    lower.heal();
+    // The lower layer may have dropped the data the cache now thinks is clean.
+    assert!(cache.flush().is_err(), "flush reported success after a lost lower flush");
+}
+
+// ---- 6. write-through ----
+
+#[test]
+fn write_through_write_is_durable_before_it_completes() {
+    let lower = FaultyDisk::new(vec![0; 64 << 10]);
+    let cache = cache_over(&lower, small_cfg(K4, 4, 2));
+    cache.write_at(&[9; 4096], 0).unwrap();
+    assert_eq!(lower.bytes(0, 4096), vec![0; 4096]);
+    // Turning write-back off first flushes what is dirty.
+    cache.set_writeback(false).unwrap();
+    assert_eq!(lower.bytes(0, 4096), vec![9; 4096]);
+    assert!(lower.flushes.load(Ordering::SeqCst) >= 1);
+    for i in 0..20u64 {
+        let off = (i * 5000) % (60 << 10);
+        let data = pattern(i as u8, off, 3000);
+        lower.clear_events();
+        cache.write_at(&data, off).unwrap();
+        assert_eq!(lower.bytes(off, 3000), data, "write {i} not in the lower layer");
+        let events = lower.events();
+        assert_eq!(events.last(), Some(&Event::Flush), "write {i} not followed by a flush: {events:?}");
+        assert!(events.iter().any(|e| matches!(e, Event::Write { .. })));
+    }
+    lower.clear_events();
+    cache.write_zeroes(0, 8192, false).unwrap();
+    assert_eq!(lower.events().last(), Some(&Event::Flush));
+    cache.set_writeback(true).unwrap();
+    cache.write_at(&[3; 512], 0).unwrap();
+    assert_eq!(lower.bytes(0, 512), vec![0; 512], "write-back mode wrote through");
+}
+
+// ---- misc ----
+
+#[test]
+fn shutdown_and_drop_flush_dirty_data() {
+    let lower = FaultyDisk::new(vec![0; 64 << 10]);
+    let cfg = CacheConfig { flusher_threads: 2, ..small_cfg(K4, 8, 8) };
+    let cache = cache_over(&lower, cfg);
+    cache.write_at(&[4; 10_000], 5).unwrap();
+    drop(cache);
+    assert_eq!(lower.bytes(5, 10_000), vec![4; 10_000]);
+    assert_eq!(lower.events().last(), Some(&Event::Flush));
+}
+
+#[test]
+fn requests_past_the_end_or_to_read_only_lower_are_refused() {
+    let lower = FaultyDisk::new(vec![0; 10_000]);
+    let cache = cache_over(&lower, small_cfg(K4, 4, 2));
+    assert!(matches!(cache.read_at(&mut [0; 2], 9999), Err(BlockError::OutOfRange { .. })));
+    assert!(matches!(cache.write_at(&[0; 2], u64::MAX), Err(BlockError::OutOfRange { .. })));
+    assert!(matches!(cache.discard(u64::MAX - 1, 5), Err(BlockError::OutOfRange { .. })));
+    // The short last folio and the partial last sector work.
+    cache.write_at(&[8; 100], 9900).unwrap();
+    assert_eq!(read(&*cache, 9900, 100), vec![8; 100]);
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(9900, 100), vec![8; 100]);
+
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    tmp.as_file().set_len(8192).unwrap();
+    let ro = Arc::new(blockdev::RawFile::open(tmp.path(), true).unwrap());
+    let cache = FolioCache::new(ro, small_cfg(K4, 4, 2)).unwrap();
+    assert!(cache.is_read_only());
+    assert!(matches!(cache.write_at(&[1], 0), Err(BlockError::ReadOnly)));
+    assert!(matches!(cache.write_zeroes(0, 1, false), Err(BlockError::ReadOnly)));
+    assert_eq!(read(&*cache, 0, 8192), vec![0; 8192]);
+}
+
+#[test]
+fn hot_reads_are_served_from_the_cache() {
+    let lower = FaultyDisk::new(pattern(1, 0, 256 << 10));
+    let cache = cache_over(&lower, small_cfg(64 << 10, 8, 4));
+    let _ = read(&*cache, 0, 256 << 10);
+    let before = lower.reads.load(Ordering::Relaxed);
+    for i in 0..100u64 {
+        assert_eq!(read(&*cache, i * 1000, 4096), pattern(1, i * 1000, 4096));
+    }
+    assert_eq!(lower.reads.load(Ordering::Relaxed), before, "cached reads went to the lower layer");
+    // Whole-folio writes into uncached folios never read from below.
+    let lower = FaultyDisk::new(vec![0; 1 << 20]);
+    let cache = cache_over(&lower, small_cfg(64 << 10, 8, 4));
+    cache.write_at(&vec![5; 512 << 10], 0).unwrap();
+    assert_eq!(lower.reads.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn many_threads_with_fewer_folios_than_threads_make_progress() {
+    let lower = Arc::new(MemDisk::new(1 << 20));
+    let cfg = CacheConfig { flusher_threads: 1, ..small_cfg(K4, 2, 1) };
+    let cache = FolioCache::new(lower.clone(), cfg).unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..6u64)
+        .map(|t| {
+            let (cache, done) = (cache.clone(), done.clone());
+            thread::spawn(move || {
+                for i in 0..200u64 {
+                    let off = (((t * 131 + i * 17) % 40) * 6 + t) * K4 + 500;
+                    cache.write_at(&pattern(t as u8, off, 3000), off).unwrap();
+                    assert_eq!(read(&*cache, off, 3000), pattern(t as u8, off, 3000));
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 6);
+}

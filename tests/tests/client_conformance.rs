@@ -1,0 +1,314 @@
+//! The vhost-user-blk client ([`snapblk_tests::client`]) against real daemons, no guest needed.
+//!
+//! Every check runs against the reference peer, qemu-storage-daemon (`qsd_*` tests), which proves
+//! the client itself: payload slots, chunking, queue-depth submission and error mapping. The same
+//! checks then run against `target/release/snapblk serve` (`snapblk_*` tests), so a failure there
+//! that passes on qsd points at the daemon. A test whose daemon binary is missing prints why and
+//! returns (set `SNAPBLK_REQUIRE_DAEMONS=1` to make that a failure instead; `make test` builds
+//! snapblk first).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use snapblk_tests::client::{Client, ClientConfig, ClientError, Op, RequestStatus};
+
+const MIB: u64 = 1 << 20;
+/// How long a freshly spawned daemon may take to accept its first connection.
+const START_WAIT: Duration = Duration::from_secs(15);
+
+/// Which daemon serves the image.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Qsd,
+    Snapblk,
+}
+
+/// A daemon serving a fresh sparse raw image in a temporary directory; killed on drop.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    image: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn snapblk_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SNAPBLK_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/snapblk")
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+impl Daemon {
+    /// Starts `kind` on a zero-filled raw image of `size` bytes with `num_queues` queues, or
+    /// returns `None` (after saying why) if the daemon binary is not available.
+    fn start(kind: Kind, size: u64, num_queues: usize) -> Option<Daemon> {
+        let program = match kind {
+            Kind::Qsd => find_in_path("qemu-storage-daemon"),
+            Kind::Snapblk => Some(snapblk_bin()).filter(|p| p.is_file()),
+        };
+        let Some(program) = program else {
+            let msg = format!("{kind:?} binary not available; skipping");
+            if std::env::var_os("SNAPBLK_REQUIRE_DAEMONS").is_some() {
+                panic!("{msg}");
+            }
+            eprintln!("{msg}");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        let socket = dir.path().join("vhost.sock");
+        let log = dir.path().join("daemon.log");
+        File::create(&image).unwrap().set_len(size).unwrap();
+        let mut cmd = Command::new(program);
+        match kind {
+            Kind::Qsd => {
+                cmd.arg("--blockdev")
+                    .arg(format!(
+                        "driver=file,node-name=f,filename={},cache.direct=off",
+                        image.display()
+                    ))
+                    .arg("--export")
+                    .arg(format!(
+                        "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\
+                         writable=on,num-queues={num_queues}",
+                        socket.display()
+                    ));
+            }
+            Kind::Snapblk => {
+                cmd.arg("serve")
+                    .arg("--image")
+                    .arg(&image)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("--num-queues")
+                    .arg(num_queues.to_string())
+                    .arg("--cache")
+                    .arg("writeback");
+            }
+        }
+        let log_file = File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        Some(Daemon {
+            child,
+            socket,
+            image,
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// Connects, or panics with the daemon's log if it never accepts.
+    fn connect(&self, cfg: &ClientConfig) -> Client {
+        match Client::connect_retry(&self.socket, cfg, START_WAIT) {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "connecting to {}: {e}\n--- daemon log ---\n{}",
+                self.socket.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// Deterministic non-zero-heavy bytes (xorshift), so misplaced blocks are told apart.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn written_bytes_read_back_across_queues_and_chunks(kind: Kind) {
+    let Some(d) = Daemon::start(kind, 16 * MIB, 2) else {
+        return;
+    };
+    let mut cfg = ClientConfig::new(2);
+    // Small slots force the synchronous helpers to split into many chunks.
+    cfg.slot_size = 8192;
+    cfg.slots_per_queue = 4;
+    let c = d.connect(&cfg);
+    assert_eq!(c.capacity(), 16 * MIB);
+    assert_eq!(c.num_queues(), 2);
+
+    let data = pattern(100 * 1024 + 512, 7);
+    c.write(0, 3 * 4096, &data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    // Read through the other queue: both queues see one disk.
+    c.read(1, 3 * 4096, &mut back).unwrap();
+    assert!(back == data, "bytes read back differ from bytes written");
+    c.flush(0).unwrap();
+    drop(c);
+
+    // After the flush the image file holds the same bytes at the same place.
+    let file = std::fs::read(&d.image).unwrap();
+    assert!(
+        file.get(3 * 4096..3 * 4096 + data.len()) == Some(&data[..]),
+        "image file does not hold the flushed bytes"
+    );
+    assert!(file[..3 * 4096].iter().all(|&b| b == 0), "bytes before the write changed");
+}
+
+fn write_zeroes_leaves_zeroes_and_spares_neighbours(kind: Kind) {
+    let Some(d) = Daemon::start(kind, 8 * MIB, 1) else {
+        return;
+    };
+    let c = d.connect(&ClientConfig::new(1));
+    let data = pattern(MIB as usize, 3);
+    c.write(0, 0, &data).unwrap();
+    if c.info().max_write_zeroes_len == 0 {
+        eprintln!("{kind:?}: device offers no write-zeroes; checking only that it is refused");
+        let err = c.write_zeroes(0, 4096, 65536, false).unwrap_err();
+        assert!(matches!(
+            err,
+            ClientError::Request {
+                status: RequestStatus::Unsupported,
+                ..
+            }
+        ));
+        return;
+    }
+    c.write_zeroes(0, 4096, 65536, false).unwrap();
+    c.write_zeroes(0, 256 * 1024, 65536, true).unwrap();
+    let mut back = vec![0xffu8; MIB as usize];
+    c.read(0, 0, &mut back).unwrap();
+    let zero = |r: std::ops::Range<usize>| back[r].iter().all(|&b| b == 0);
+    assert!(back[..4096] == data[..4096], "bytes before the zeroed range changed");
+    assert!(zero(4096..4096 + 65536), "write-zeroes range is not zero");
+    assert!(
+        back[4096 + 65536..256 * 1024] == data[4096 + 65536..256 * 1024],
+        "bytes between the zeroed ranges changed"
+    );
+    assert!(zero(256 * 1024..320 * 1024), "write-zeroes (unmap) range is not zero");
+    assert!(back[320 * 1024..] == data[320 * 1024..], "bytes after the zeroed ranges changed");
+    if c.info().max_discard_len > 0 {
+        // Discard is only a hint: the device must accept it and leave neighbours alone.
+        let before = back.clone();
+        c.discard(0, 512 * 1024, 64 * 1024).unwrap();
+        c.read(0, 0, &mut back).unwrap();
+        assert!(back[..512 * 1024] == before[..512 * 1024], "discard touched bytes before it");
+        assert!(back[576 * 1024..] == before[576 * 1024..], "discard touched bytes after it");
+    }
+}
+
+fn out_of_range_request_fails_with_ioerr_not_hang(kind: Kind) {
+    let Some(d) = Daemon::start(kind, 4 * MIB, 1) else {
+        return;
+    };
+    let c = d.connect(&ClientConfig::new(1));
+    let mut buf = vec![0u8; 4096];
+    match c.read(0, 4 * MIB, &mut buf) {
+        Err(ClientError::Request { status, .. }) => assert_eq!(status, RequestStatus::IoErr),
+        other => panic!("expected a device error, got {other:?}"),
+    }
+    // Straddling the end is refused as a whole, too.
+    assert!(c.write(0, 4 * MIB - 512, &buf).is_err());
+    // The queue still works afterwards.
+    c.read(0, 0, &mut buf).unwrap();
+}
+
+fn async_submissions_complete_with_their_own_tags_and_data(kind: Kind) {
+    let Some(d) = Daemon::start(kind, 8 * MIB, 1) else {
+        return;
+    };
+    let mut cfg = ClientConfig::new(1);
+    cfg.slots_per_queue = 16;
+    cfg.slot_size = 4096;
+    let c = d.connect(&cfg);
+    let mut q = c.queue(0).unwrap();
+    for slot in 0..16usize {
+        q.slot_mut(slot).unwrap().fill(slot as u8 + 1);
+        let op = Op::Write {
+            slot,
+            offset: slot as u64 * 8192,
+            len: 4096,
+            fua: slot % 2 == 0,
+        };
+        q.submit(op, 1000 + slot as u64).unwrap();
+    }
+    // A busy slot is refused rather than handed out twice.
+    assert!(q.slot_mut(0).is_err());
+    let mut done = Vec::new();
+    while done.len() < 16 {
+        q.wait(1, &mut done).unwrap();
+    }
+    let mut tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, (1000..1016).collect::<Vec<_>>());
+    assert!(done.iter().all(|c| c.result.is_ok()));
+    assert_eq!(q.in_flight(), 0);
+
+    for slot in 0..16usize {
+        q.slot_mut(slot).unwrap().fill(0);
+        let op = Op::Read {
+            slot,
+            offset: (15 - slot) as u64 * 8192,
+            len: 4096,
+        };
+        q.submit(op, slot as u64).unwrap();
+    }
+    q.submit(Op::Flush, 99).unwrap();
+    let mut done = Vec::new();
+    while done.len() < 17 {
+        q.wait(1, &mut done).unwrap();
+    }
+    for slot in 0..16usize {
+        let expect = (15 - slot) as u8 + 1;
+        assert!(
+            q.slot(slot).unwrap().iter().all(|&b| b == expect),
+            "slot {slot} holds the wrong block"
+        );
+    }
+    // Waiting for more than is outstanding is an error, not a hang.
+    assert!(q.wait(1, &mut done).is_err());
+    // A synchronous call on the same queue still works after asynchronous traffic.
+    drop(q);
+    let mut buf = vec![0u8; 4096];
+    c.read(0, 8192, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 2));
+}
+
+macro_rules! both_daemons {
+    ($($check:ident),* $(,)?) => {
+        mod qsd {
+            $(#[test] fn $check() { super::$check(super::Kind::Qsd) })*
+        }
+        mod snapblk {
+            $(#[test] fn $check() { super::$check(super::Kind::Snapblk) })*
+        }
+    };
+}
+
+both_daemons!(
+    written_bytes_read_back_across_queues_and_chunks,
+    write_zeroes_leaves_zeroes_and_spares_neighbours,
+    out_of_range_request_fails_with_ioerr_not_hang,
+    async_submissions_complete_with_their_own_tags_and_data,
+);
