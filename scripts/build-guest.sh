@@ -30,7 +30,9 @@ MOD_PATHS=(virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev
     virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk)
 
 [[ -n "$KERNEL_VER" && -e "$KERNEL" ]] || die "no guest kernel (run scripts/install-deps.sh as root)"
-[[ -x "$BUSYBOX" ]] && "$BUSYBOX" --list >/dev/null 2>&1 || die "$BUSYBOX missing (busybox-static)"
+if ! [[ -x "$BUSYBOX" ]] || ! "$BUSYBOX" --list >/dev/null 2>&1; then
+    die "$BUSYBOX missing (busybox-static)"
+fi
 file_is_static() { ! ldd "$1" >/dev/null 2>&1; }
 file_is_static "$BUSYBOX" || die "$BUSYBOX is dynamically linked; need busybox-static"
 

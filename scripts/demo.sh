@@ -31,7 +31,10 @@ while (($#)); do
     esac
     shift
 done
-[[ "$SIZE_MIB" =~ ^[0-9]+$ ]] && ((SIZE_MIB >= 64)) || { echo "demo: --size must be >= 64 (MiB)" >&2; exit 2; }
+if ! [[ "$SIZE_MIB" =~ ^[0-9]+$ ]] || ((SIZE_MIB < 64)); then
+    echo "demo: --size must be >= 64 (MiB)" >&2
+    exit 2
+fi
 
 WORK="${DEMO_DIR:-$ROOT/build/demo}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -60,6 +63,7 @@ die() { printf 'demo: ERROR: %s\n' "$*" >&2; exit 1; }
 DAEMON_PID=""
 QEMU_PID=""
 FAILED=1
+# shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
     local rc=$?
     [[ -n "$QEMU_PID" ]] && kill -KILL "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
@@ -175,6 +179,7 @@ exit $fail
 EOF
 (cd "$WORK/extra" && echo test.sh | cpio -o -H newc --quiet -R 0:0) >"$WORK/test.cpio"
 cat "$GUEST_DIR/initramfs.cpio.gz" "$WORK/test.cpio" >"$WORK/initrd"
+# shellcheck disable=SC2054 # commas belong to QEMU option syntax
 QEMU_ARGS=(-machine q35 -accel tcg -smp 2 -m 512 -nodefaults -no-reboot -display none
     -monitor none -serial stdio
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem

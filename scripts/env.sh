@@ -39,7 +39,7 @@ if [[ -n "$QEMU_MODULE_DIR" ]]; then export QEMU_MODULE_DIR; else unset QEMU_MOD
 if [[ -z "${KERNEL_VER:-}" ]]; then
     KERNEL_VER=""
     # Newest first (version sort), keep the first one whose modules include virtio_blk.
-    for k in $(ls /boot/vmlinuz-* 2>/dev/null | sort -V -r); do
+    for k in $(find /boot -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | sort -V -r); do
         v="${k#/boot/vmlinuz-}"
         if compgen -G "/lib/modules/$v/kernel/drivers/block/virtio_blk.ko*" >/dev/null; then
             KERNEL_VER="$v"

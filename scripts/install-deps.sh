@@ -107,7 +107,7 @@ else
     # installed (it Breaks qemu-utils 10 via its version); take only the accel-tcg modules
     # from the exact same version (QEMU refuses modules from another build).
     common="$(download_deb "qemu-system-common=$ver")"
-    rm -rf "$QEMU_DIR/usr"
+    rm -rf "${QEMU_DIR:?}/usr"
     mkdir -p "$QEMU_DIR" "$tmp/common" "$MOD_DIR"
     dpkg-deb -x "$deb" "$QEMU_DIR"
     dpkg-deb -x "$common" "$tmp/common"

@@ -464,7 +464,7 @@ impl RequestWorker {
         let offset = sector
             .checked_mul(SECTOR_SIZE)
             .ok_or(ExecuteRequestError::SectorOverflow(sector))?;
-        if offset % align != 0 || len % align != 0 {
+        if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
             return Err(ExecuteRequestError::Unaligned { offset, len, align });
         }
         let size = dev.config().size_bytes;
@@ -550,7 +550,7 @@ impl RequestWorker {
             (cfg.max_write_zeroes_seg, cfg.max_write_zeroes_sectors)
         };
         let seg_size = DiscardWriteZeroesSegment::SIZE as u64;
-        if data_len == 0 || data_len % seg_size != 0 {
+        if data_len == 0 || !data_len.is_multiple_of(seg_size) {
             return Err(ExecuteRequestError::BadLength {
                 request_type: if discard {
                     VIRTIO_BLK_T_DISCARD

@@ -168,6 +168,7 @@ struct Counters {
     writebacks: AtomicU64,
     writeback_errors: AtomicU64,
     throttled: AtomicU64,
+    bypassed: AtomicU64,
 }
 
 /// A snapshot of the cache's counters.
@@ -187,6 +188,8 @@ pub struct CacheStats {
     pub writeback_errors: u64,
     /// Times a writer or filler had to wait for a free folio or for dirty budget.
     pub throttled: u64,
+    /// Large reads and writes that bypassed the cache.
+    pub bypassed: u64,
     /// Folios currently cached.
     pub cached_folios: usize,
     /// Folios currently dirty or under writeback.
@@ -205,6 +208,7 @@ struct Inner {
     folio_size: usize,
     max_folios: usize,
     max_dirty: usize,
+    bypass_threshold: u64,
     shards: Box<[Mutex<Shard>]>,
     nr_folios: AtomicUsize,
     evict_hand: AtomicUsize,
@@ -276,6 +280,7 @@ impl FolioCache {
             folio_size,
             max_folios,
             max_dirty,
+            bypass_threshold: cfg.bypass_threshold,
             shards: (0..nshards).map(|_| Mutex::new(Shard::default())).collect(),
             nr_folios: AtomicUsize::new(0),
             evict_hand: AtomicUsize::new(0),
@@ -373,6 +378,7 @@ impl FolioCache {
             writebacks: c.writebacks.load(Ordering::Relaxed),
             writeback_errors: c.writeback_errors.load(Ordering::Relaxed),
             throttled: c.throttled.load(Ordering::Relaxed),
+            bypassed: c.bypassed.load(Ordering::Relaxed),
             cached_folios: self.inner.nr_folios.load(Ordering::Relaxed),
             dirty_folios: self.inner.dirty_folios.load(Ordering::Relaxed),
             active_zaps: lock(&self.inner.zaps).active.len(),
@@ -639,6 +645,26 @@ impl Inner {
         }
     }
 
+    /// Registers `[start, end)` as changing under the cache: from now on fills of it are not
+    /// installed and writebacks overlapping it are deferred.
+    fn register_zap(&self, start: u64, end: u64) -> u64 {
+        let mut z = lock(&self.zaps);
+        z.seq += 1;
+        z.next_id += 1;
+        let id = z.next_id;
+        z.active.push(Zap { id, start, end });
+        id
+    }
+
+    fn unregister_zap(&self, id: u64) {
+        {
+            let mut z = lock(&self.zaps);
+            z.active.retain(|zap| zap.id != id);
+            z.seq += 1;
+        }
+        self.zap_cv.notify_all();
+    }
+
     fn zap(&self, offset: u64, len: u64, kind: ZapKind) -> Result<()> {
         if self.read_only {
             return Err(BlockError::ReadOnly);
@@ -648,21 +674,9 @@ impl Inner {
             return Ok(());
         }
         let end = offset + len;
-        let id = {
-            let mut z = lock(&self.zaps);
-            z.seq += 1;
-            z.next_id += 1;
-            let id = z.next_id;
-            z.active.push(Zap { id, start: offset, end });
-            id
-        };
+        let id = self.register_zap(offset, end);
         let result = self.zap_registered(offset, end, kind);
-        {
-            let mut z = lock(&self.zaps);
-            z.active.retain(|zap| zap.id != id);
-            z.seq += 1;
-        }
-        self.zap_cv.notify_all();
+        self.unregister_zap(id);
         result?;
         if !self.wce.load(Ordering::SeqCst) {
             self.lower_flush()?;
@@ -673,7 +687,7 @@ impl Inner {
     fn zap_registered(&self, offset: u64, end: u64, kind: ZapKind) -> Result<()> {
         // Writebacks that started before the zap was registered must land before it.
         for f in self.cached_in_range(offset, end) {
-            drop(f.lock());
+            drop(f.wait_writeback(f.lock()));
         }
         self.hook(HookPoint::BeforeLowerZap, offset >> self.folio_shift);
         let len = end - offset;
@@ -714,10 +728,40 @@ impl Inner {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
+        if self.bypass_threshold > 0 && buf.len() as u64 >= self.bypass_threshold {
+            return self.read_bypass(buf, offset);
+        }
         let mut done = 0;
         for (index, a, n) in self.segments(offset, buf.len()) {
             self.read_segment(index, a, &mut buf[done..done + n])?;
             done += n;
+        }
+        Ok(())
+    }
+
+    /// A large read: straight from the lower layer, then overlaid with the cache's uptodate
+    /// sectors. The cached folios are pinned *before* the lower read, so a write completed before
+    /// this read is either in a pinned folio or was written back before its folio left the map.
+    /// Nothing is installed (large reads are streaming reads).
+    fn read_bypass(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let pinned = self.cached_in_range(offset, end);
+        self.lower.read_at(buf, offset)?;
+        self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
+        for f in &pinned {
+            let st = f.lock();
+            let a = (offset.max(f.start) - f.start) as usize;
+            let b = (end.min(f.start + f.len as u64) - f.start) as usize;
+            let (sa, sb) = f.sector_span(a, b);
+            let mut s = sa;
+            while let Some(first) = st.uptodate.find(s, sb, true) {
+                let last = st.uptodate.find(first, sb, false).unwrap_or(sb);
+                let x = f.sector_bytes(first).0.max(a);
+                let y = f.sector_bytes(last - 1).1.min(b);
+                let dst = (f.start + x as u64 - offset) as usize;
+                buf[dst..dst + (y - x)].copy_from_slice(&st.data[x..y]);
+                s = last;
+            }
         }
         Ok(())
     }
@@ -791,6 +835,12 @@ impl Inner {
         let ba = f.sector_bytes(lo).0;
         let bb = f.sector_bytes(hi - 1).1;
         let token = self.fill_token(f.start + ba as u64, f.start + bb as u64);
+        if !token.clean {
+            // The range is being changed below: a fill now could not be installed; the caller
+            // retries once the zap is over.
+            self.wait_zaps_clear(f.start + ba as u64, f.start + bb as u64);
+            return Ok(());
+        }
         let mut scratch = take_buf(&FILL_BUF, bb - ba);
         let result = self.lower.read_at(&mut scratch[..bb - ba], f.start + ba as u64);
         if result.is_ok() {
@@ -813,10 +863,19 @@ impl Inner {
             return Err(BlockError::ReadOnly);
         }
         check_range(offset, buf.len() as u64, self.size)?;
-        let mut done = 0;
-        for (index, a, n) in self.segments(offset, buf.len()) {
-            self.write_segment(index, a, &buf[done..done + n])?;
-            done += n;
+        let end = offset + buf.len() as u64;
+        let fmask = self.folio_size as u64 - 1;
+        // The whole folios of a large write go straight down (see `write_bypass`); the partial
+        // folios at either end go through the cache.
+        let head_end = ((offset + fmask) & !fmask).min(end);
+        let mid_end = if end == self.size { end } else { end & !fmask };
+        if self.bypass_threshold > 0 && buf.len() as u64 >= self.bypass_threshold && mid_end > head_end {
+            let (h, m) = ((head_end - offset) as usize, (mid_end - offset) as usize);
+            self.write_cached(&buf[..h], offset)?;
+            self.write_bypass(&buf[h..m], head_end)?;
+            self.write_cached(&buf[m..], mid_end)?;
+        } else {
+            self.write_cached(buf, offset)?;
         }
         if !self.wce.load(Ordering::SeqCst) && !buf.is_empty() {
             let first = offset >> self.folio_shift;
@@ -829,6 +888,50 @@ impl Inner {
             self.lower_flush()?;
         }
         Ok(())
+    }
+
+    fn write_cached(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut done = 0;
+        for (index, a, n) in self.segments(offset, buf.len()) {
+            self.write_segment(index, a, &buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes whole folios `[offset, offset + buf.len())` straight to the lower layer. The range
+    /// is registered like a zap (fills of it are not installed, writebacks are deferred);
+    /// in-flight writebacks of its cached folios finish first, then those folios take the new
+    /// bytes as clean data, so no older snapshot can land after this write.
+    fn write_bypass(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let id = u64::MAX;
+        let pinned = self.cached_in_range(offset, end);
+        self.hook(HookPoint::BeforeLowerZap, offset >> self.folio_shift);
+        for f in &pinned {
+            let mut st = f.wait_writeback(f.lock());
+            let src = (f.start - offset) as usize;
+            st.data.copy_from_slice(&buf[src..src + f.len]);
+            st.uptodate.set(0, f.sectors());
+            st.dirty.clear(0, f.sectors());
+            self.maybe_clean(f, &mut st);
+        }
+        let result = self.lower.write_at(buf, offset);
+        if result.is_err() {
+            // The lower layer may hold anything in the range now: forget the clean copies.
+            for f in &pinned {
+                let mut st = f.lock();
+                for s in 0..f.sectors() {
+                    if !st.dirty.get(s) {
+                        st.uptodate.clear(s, s + 1);
+                    }
+                }
+            }
+        }
+        drop(pinned);
+        self.unregister_zap(id);
+        self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
+        result
     }
 
     fn write_segment(&self, index: u64, a: usize, data: &[u8]) -> Result<()> {
@@ -908,7 +1011,7 @@ impl Inner {
         drop(st);
 
         self.hook(HookPoint::AfterWritebackSnapshot, f.index);
-        let outcome = if false && self.zap_overlaps(f.start, f.start + f.len as u64) {
+        let outcome = if self.zap_overlaps(f.start, f.start + f.len as u64) {
             Ok(WbOutcome::Deferred)
         } else {
             runs.iter()

@@ -46,6 +46,10 @@ pub struct CacheConfig {
     pub flusher_threads: usize,
     /// Dirty data older than about this is written back even below the dirty limit.
     pub writeback_interval: Duration,
+    /// Reads and writes of at least this many bytes bypass the cache (streaming I/O): reads
+    /// come from the lower layer overlaid with cached data, the whole folios of writes go
+    /// straight down. 0 disables the bypass.
+    pub bypass_threshold: u64,
 }
 
 impl Default for CacheConfig {
@@ -57,6 +61,7 @@ impl Default for CacheConfig {
             writeback: true,
             flusher_threads: 1,
             writeback_interval: Duration::from_secs(1),
+            bypass_threshold: 256 << 10,
         }
     }
 }
@@ -151,7 +156,8 @@ pub enum HookPoint {
     AfterWritebackSnapshot,
     /// A clean folio has just been evicted.
     AfterEvict,
-    /// A discard/write-zeroes has been registered and is about to reach the lower layer.
+    /// A discard/write-zeroes or the bypass part of a large write has been registered and is
+    /// about to reach the lower layer.
     BeforeLowerZap,
     /// A flush wrote back everything and is about to call the lower layer's flush.
     BeforeLowerFlush,

@@ -11,7 +11,8 @@ use blockdev::{BlockDev, MemDisk, RawFile};
 use cache::fsx::{self, FsxConfig};
 use cache::{CacheConfig, FolioCache};
 
-fn tiny_cache() -> CacheConfig {
+/// 8 folios of 4 KiB; requests of `bypass` bytes or more bypass the cache (0: never).
+fn tiny_cache(bypass: u64) -> CacheConfig {
     CacheConfig {
         folio_size: 4096,
         cache_size: 8 * 4096,
@@ -19,6 +20,7 @@ fn tiny_cache() -> CacheConfig {
         writeback: true,
         flusher_threads: 1,
         writeback_interval: Duration::from_millis(10),
+        bypass_threshold: bypass,
     }
 }
 
@@ -61,25 +63,25 @@ fn soak_cfg() -> FsxConfig {
 }
 
 #[test]
-fn fsx_tiny_cache_over_memdisk_matches_shadow() {
-    fsx_over_memdisk(FsxConfig::from_env(), tiny_cache());
+fn fsx_tiny_cache_without_bypass_over_memdisk_matches_shadow() {
+    fsx_over_memdisk(FsxConfig::from_env(), tiny_cache(0));
 }
 
 #[test]
-fn fsx_tiny_cache_over_rawfile_matches_shadow_after_cold_reopen() {
-    fsx_over_rawfile(FsxConfig { align: 512, ..FsxConfig::from_env() }, tiny_cache());
+fn fsx_tiny_cache_with_bypass_over_rawfile_matches_shadow_after_cold_reopen() {
+    fsx_over_rawfile(FsxConfig { align: 512, ..FsxConfig::from_env() }, tiny_cache(64 << 10));
 }
 
 #[test]
 #[ignore = "soak: long-running, see the file header"]
 fn soak_fsx_tiny_cache_over_memdisk() {
-    fsx_over_memdisk(soak_cfg(), tiny_cache());
+    fsx_over_memdisk(soak_cfg(), tiny_cache(32 << 10));
 }
 
 #[test]
 #[ignore = "soak: long-running, see the file header"]
 fn soak_fsx_tiny_cache_over_rawfile() {
-    fsx_over_rawfile(soak_cfg(), tiny_cache());
+    fsx_over_rawfile(soak_cfg(), tiny_cache(0));
 }
 
 #[test]

@@ -53,10 +53,11 @@ fn hooked_cache(lower: &Arc<FaultyDisk>, cfg: CacheConfig, hook: Arc<OnceHook>) 
     FolioCache::with_hooks(lower.clone() as Arc<dyn BlockDev>, cfg, hook).unwrap()
 }
 
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
+/// Waits (at most a second) for `cond`; a broken implementation may never satisfy it, and the
+/// test's final checks then report what went wrong.
+fn wait_until(cond: impl Fn() -> bool) {
     let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+    while !cond() && start.elapsed() < Duration::from_secs(1) {
         thread::sleep(Duration::from_millis(1));
     }
 }
@@ -316,7 +317,7 @@ fn writeback_racing_discard_never_writes_stale_data_over_zeros() {
             c2.discard(0, K4).unwrap();
             c2.write_at(&[0xbb; 512], 512).unwrap();
         }));
-        wait_until("the discard to register", || c.stats().active_zaps == 1);
+        wait_until(|| c.stats().active_zaps == 1);
         // Give a broken implementation time to zero the lower layer before the stale write.
         thread::sleep(Duration::from_millis(30));
     });
@@ -508,7 +509,9 @@ fn requests_past_the_end_or_to_read_only_lower_are_refused() {
 fn hot_reads_are_served_from_the_cache() {
     let lower = FaultyDisk::new(pattern(1, 0, 256 << 10));
     let cache = cache_over(&lower, small_cfg(64 << 10, 8, 4));
-    let _ = read(&*cache, 0, 256 << 10);
+    for i in 0..4 {
+        let _ = read(&*cache, i * (64 << 10), 64 << 10);
+    }
     let before = lower.reads.load(Ordering::Relaxed);
     for i in 0..100u64 {
         assert_eq!(read(&*cache, i * 1000, 4096), pattern(1, i * 1000, 4096));
@@ -544,4 +547,130 @@ fn many_threads_with_fewer_folios_than_threads_make_progress() {
         h.join().unwrap();
     }
     assert_eq!(done.load(Ordering::SeqCst), 6);
+}
+
+// ---- large-request bypass ----
+
+fn bypass_cfg() -> CacheConfig {
+    CacheConfig { bypass_threshold: 4 * K4, ..small_cfg(K4, 8, 4) }
+}
+
+#[test]
+fn large_read_bypass_returns_dirty_cached_bytes() {
+    let old = pattern(1, 0, 64 << 10);
+    let lower = FaultyDisk::new(old.clone());
+    let cache = cache_over(&lower, bypass_cfg());
+    cache.write_at(&[0x11; 700], 5000).unwrap();
+    let mut expected = old;
+    expected[5000..5700].fill(0x11);
+    assert_eq!(read(&*cache, 0, 64 << 10), expected);
+    assert!(cache.stats().bypassed >= 1);
+}
+
+#[test]
+fn large_write_bypass_replaces_cached_and_dirty_copies() {
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let cache = cache_over(&lower, bypass_cfg());
+    let _ = read(&*cache, 2 * K4, 100);
+    cache.write_at(&[0x22; 512], 3 * K4).unwrap();
+    let new = pattern(9, 1000, 30_000);
+    cache.write_at(&new, 1000).unwrap();
+    assert_eq!(read(&*cache, 1000, 30_000), new);
+    assert_eq!(read(&*cache, 2 * K4, 100), new[2 * K4 as usize - 1000..][..100].to_vec());
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(1000, 30_000), new, "an older dirty copy was written over the bypass");
+}
+
+#[test]
+fn writeback_racing_large_write_bypass_never_lands_after_it() {
+    let lower = FaultyDisk::new(vec![0; 64 << 10]);
+    let hook = OnceHook::new(HookPoint::AfterWritebackSnapshot, 1);
+    let cache = hooked_cache(&lower, bypass_cfg(), hook.clone());
+    cache.write_at(&[0xaa; 4096], K4).unwrap();
+    let (c, writer) = (cache.clone(), Arc::new(Mutex::new(None)));
+    let w = writer.clone();
+    hook.arm(move || {
+        let c2 = c.clone();
+        *w.lock().unwrap() = Some(thread::spawn(move || c2.write_at(&[0xbb; 8 * 4096], 0).unwrap()));
+        wait_until(|| c.stats().active_zaps == 1);
+        thread::sleep(Duration::from_millis(30));
+    });
+    cache.flush().unwrap();
+    writer.lock().unwrap().take().unwrap().join().unwrap();
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(0, 8 * 4096), vec![0xbb; 8 * 4096], "stale writeback landed after the bypass write");
+    assert_eq!(read(&*cache, 0, 8 * 4096), vec![0xbb; 8 * 4096]);
+}
+
+#[test]
+fn fill_racing_large_write_bypass_never_installs_stale_data() {
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let hook = OnceHook::new(HookPoint::AfterFillRead, 2);
+    let cache = hooked_cache(&lower, bypass_cfg(), hook.clone());
+    let c = cache.clone();
+    hook.arm(move || c.write_at(&[0x44; 8 * 4096], 0).unwrap());
+    let _ = read(&*cache, 2 * K4, 512);
+    assert!(hook.fired());
+    assert_eq!(read(&*cache, 2 * K4, 4096), vec![0x44; 4096], "a stale fill was installed");
+}
+
+#[test]
+fn failed_large_write_bypass_reports_error_and_cache_agrees_with_lower() {
+    let old = pattern(1, 0, 64 << 10);
+    let lower = FaultyDisk::new(old.clone());
+    let cache = cache_over(&lower, bypass_cfg());
+    let _ = read(&*cache, 0, 3 * K4 as usize);
+    lower.fail_writes(0, 64 << 10);
+    assert!(cache.write_at(&[0x66; 8 * 4096], 0).is_err());
+    lower.heal();
+    assert_eq!(read(&*cache, 0, 64 << 10), lower.bytes(0, 64 << 10));
+    assert_eq!(read(&*cache, 0, 64 << 10), old);
+    for i in 0..4u64 {
+        assert_eq!(read(&*cache, i * K4, 4096), old[(i * K4) as usize..][..4096].to_vec());
+    }
+}
+
+/// Hooks for `fill_started_after_bypass_pinned_its_folios_is_not_installed`.
+#[derive(Default)]
+struct BypassVsFill {
+    reader: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    reader_in_fill: AtomicBool,
+    release_fill: AtomicBool,
+}
+
+impl CacheHooks for BypassVsFill {
+    fn at(&self, point: HookPoint, folio: u64) {
+        match point {
+            HookPoint::BeforeLowerZap => {
+                if let Some(spawn_reader) = self.reader.lock().unwrap().take() {
+                    spawn_reader();
+                    wait_until(|| self.reader_in_fill.load(Ordering::SeqCst));
+                }
+            }
+            HookPoint::AfterFillRead if folio == 2 && !self.reader_in_fill.load(Ordering::SeqCst) => {
+                self.reader_in_fill.store(true, Ordering::SeqCst);
+                wait_until(|| self.release_fill.load(Ordering::SeqCst));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn fill_started_after_bypass_pinned_its_folios_is_not_installed() {
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let hooks = Arc::new(BypassVsFill::default());
+    let cache = FolioCache::with_hooks(lower.clone() as Arc<dyn BlockDev>, bypass_cfg(), hooks.clone()).unwrap();
+    let reader = Arc::new(Mutex::new(None));
+    let (c, r) = (cache.clone(), reader.clone());
+    // The bypass write has pinned its (uncached) folios; now a reader creates folio 2 and reads
+    // the old bytes, and holds them while the bypass write reaches the lower layer.
+    *hooks.reader.lock().unwrap() = Some(Box::new(move || {
+        *r.lock().unwrap() = Some(thread::spawn(move || read(&*c, 2 * K4, 512)));
+    }));
+    cache.write_at(&[0x99; 8 * 4096], 0).unwrap();
+    hooks.release_fill.store(true, Ordering::SeqCst);
+    let _ = reader.lock().unwrap().take().unwrap().join().unwrap();
+    assert!(hooks.reader_in_fill.load(Ordering::SeqCst));
+    assert_eq!(read(&*cache, 2 * K4, 4096), vec![0x99; 4096], "a fill older than the bypass write was installed");
 }

@@ -61,7 +61,10 @@ impl FromStr for Format {
 }
 
 fn open_err(path: &Path) -> impl FnOnce(io::Error) -> OpenImageError + '_ {
-    move |source| OpenImageError::Io { path: path.to_path_buf(), source }
+    move |source| OpenImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Whether `file` starts with the qcow2 magic.
@@ -74,7 +77,11 @@ fn has_qcow2_magic(file: &File) -> io::Result<bool> {
 /// The format of the file at `path`: qcow2 if it has the qcow2 magic, raw otherwise.
 pub fn probe_format(path: &Path) -> Result<Format, OpenImageError> {
     let f = File::open(path).map_err(open_err(path))?;
-    Ok(if has_qcow2_magic(&f).map_err(open_err(path))? { Format::Qcow2 } else { Format::Raw })
+    Ok(if has_qcow2_magic(&f).map_err(open_err(path))? {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
 }
 
 /// Resolves a backing file name stored in `image` (relative to the image's directory).
@@ -91,7 +98,11 @@ pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
 
 /// Opens an image (raw or qcow2, probing only for the qcow2 magic when `format` is `None`)
 /// with its whole backing chain.
-pub fn open_image(path: &Path, format: Option<Format>, read_only: bool) -> Result<Arc<dyn BlockDev>, OpenImageError> {
+pub fn open_image(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+) -> Result<Arc<dyn BlockDev>, OpenImageError> {
     let mut seen = Vec::new();
     open_chain(path, format, read_only, 0, &mut seen)
 }
@@ -116,13 +127,19 @@ fn open_chain(
     match fmt {
         Format::Raw => {
             check_chain(path, depth, seen)?;
-            Ok(Arc::new(RawFile::open(path, read_only).map_err(open_err(path))?))
+            Ok(Arc::new(
+                RawFile::open(path, read_only).map_err(open_err(path))?,
+            ))
         }
         Format::Qcow2 => Ok(Arc::new(open_qcow2_in_chain(path, read_only, depth, seen)?)),
     }
 }
 
-fn check_chain(path: &Path, depth: usize, seen: &mut Vec<(u64, u64)>) -> Result<(), OpenImageError> {
+fn check_chain(
+    path: &Path,
+    depth: usize,
+    seen: &mut Vec<(u64, u64)>,
+) -> Result<(), OpenImageError> {
     if depth > MAX_CHAIN_DEPTH {
         return Err(OpenImageError::ChainTooDeep(MAX_CHAIN_DEPTH));
     }
@@ -216,7 +233,12 @@ impl fmt::Display for ImageInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "image: {}", self.path.display())?;
         writeln!(f, "file format: {}", self.format)?;
-        writeln!(f, "virtual size: {} ({} bytes)", human(self.virtual_size), self.virtual_size)?;
+        writeln!(
+            f,
+            "virtual size: {} ({} bytes)",
+            human(self.virtual_size),
+            self.virtual_size
+        )?;
         writeln!(f, "disk size: {}", human(self.disk_size))?;
         if let Some(cs) = self.cluster_size {
             writeln!(f, "cluster_size: {cs}")?;
@@ -229,7 +251,11 @@ impl fmt::Display for ImageInfo {
         }
         if self.format == Format::Qcow2 {
             writeln!(f, "Format specific information:")?;
-            let compat = if self.version == Some(2) { "0.10" } else { "1.1" };
+            let compat = if self.version == Some(2) {
+                "0.10"
+            } else {
+                "1.1"
+            };
             writeln!(f, "    compat: {compat}")?;
             if let Some(c) = self.compression_type {
                 writeln!(f, "    compression type: {c}")?;
@@ -300,10 +326,9 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     let file = blockdev::open_file(overlay, false).map_err(open_err(overlay))?;
     let host = FileHost::new(file);
     let ih = ImageHeader::read(&host).map_err(ImageOpError::Open)?;
-    let spec = ih
-        .backing
-        .clone()
-        .ok_or_else(|| ImageOpError::Invalid(format!("{} has no backing file", overlay.display())))?;
+    let spec = ih.backing.clone().ok_or_else(|| {
+        ImageOpError::Invalid(format!("{} has no backing file", overlay.display()))
+    })?;
     let bpath = resolve_backing_path(overlay, &spec.name);
     let bfmt = match &spec.format {
         Some(f) => f.parse::<Format>()?,
@@ -314,7 +339,10 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
         let f = blockdev::open_file(&bpath, false).map_err(open_err(&bpath))?;
         let len = blockdev::file_size(&f).map_err(open_err(&bpath))?;
         if len < size {
-            f.set_len(size).map_err(|source| ImageOpError::Io { path: bpath.clone(), source })?;
+            f.set_len(size).map_err(|source| ImageOpError::Io {
+                path: bpath.clone(),
+                source,
+            })?;
         }
     }
     let mut seen = Vec::new();
@@ -358,10 +386,17 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
 }
 
 /// Writes the guest-visible bytes of `image` to a new raw file, leaving zero ranges sparse.
-pub fn export(image: &Path, out_raw: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), ImageOpError> {
+pub fn export(
+    image: &Path,
+    out_raw: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageOpError> {
     let dev = open_image(image, None, true)?;
     let size = dev.size();
-    let out_err = |source| ImageOpError::Io { path: out_raw.to_path_buf(), source };
+    let out_err = |source| ImageOpError::Io {
+        path: out_raw.to_path_buf(),
+        source,
+    };
     let out = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -391,7 +426,10 @@ pub fn checksum(image: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Stri
 }
 
 /// SHA-256 (lower-case hex) of a block device's content.
-pub fn checksum_dev(dev: &dyn BlockDev, progress: &mut dyn FnMut(u64, u64)) -> Result<String, ImageOpError> {
+pub fn checksum_dev(
+    dev: &dyn BlockDev,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<String, ImageOpError> {
     let size = dev.size();
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK as usize];
@@ -408,8 +446,15 @@ pub fn checksum_dev(dev: &dyn BlockDev, progress: &mut dyn FnMut(u64, u64)) -> R
 
 /// Creates a fresh qcow2 overlay over `base` in `dir` (for `serve --snapshot`) and returns its
 /// path. The overlay names `base` by absolute path; the caller deletes it when done.
-pub fn create_snapshot_overlay(base: &Path, base_format: Format, dir: &Path) -> Result<PathBuf, ImageOpError> {
-    let abs = std::fs::canonicalize(base).map_err(|source| ImageOpError::Io { path: base.to_path_buf(), source })?;
+pub fn create_snapshot_overlay(
+    base: &Path,
+    base_format: Format,
+    dir: &Path,
+) -> Result<PathBuf, ImageOpError> {
+    let abs = std::fs::canonicalize(base).map_err(|source| ImageOpError::Io {
+        path: base.to_path_buf(),
+        source,
+    })?;
     let name = abs
         .to_str()
         .ok_or_else(|| ImageOpError::Invalid(format!("{} is not valid UTF-8", abs.display())))?
@@ -418,21 +463,34 @@ pub fn create_snapshot_overlay(base: &Path, base_format: Format, dir: &Path) -> 
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     for attempt in 0..100u32 {
-        let path = dir.join(format!("snapblk-snapshot-{}-{nanos:09}-{attempt}.qcow2", std::process::id()));
+        let path = dir.join(format!(
+            "snapblk-snapshot-{}-{nanos:09}-{attempt}.qcow2",
+            std::process::id()
+        ));
         // Reserve the name atomically so two daemons never share an overlay.
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(source) => return Err(ImageOpError::Io { path, source }),
         }
-        let opts = CreateOptions { backing: Some((name, base_format)), ..CreateOptions::default() };
+        let opts = CreateOptions {
+            backing: Some((name, base_format)),
+            ..CreateOptions::default()
+        };
         if let Err(e) = create(&path, &opts) {
             let _ = std::fs::remove_file(&path);
             return Err(e.into());
         }
         return Ok(path);
     }
-    Err(ImageOpError::Invalid(format!("cannot find a free overlay name in {}", dir.display())))
+    Err(ImageOpError::Invalid(format!(
+        "cannot find a free overlay name in {}",
+        dir.display()
+    )))
 }
 
 /// Reads the header of a qcow2 image file (no backing chain).

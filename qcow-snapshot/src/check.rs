@@ -45,8 +45,8 @@ use crate::format::{
     self, incompat, refcount_get, refcount_set, table_entry, DecodeError, Geometry, Header,
     HeaderExtension, COMPRESSED_SECTOR_SIZE, INCOMPATIBLE_FEATURES_OFFSET, L1E_OFFSET_MASK,
     L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, MAX_CLUSTER_BITS, MAX_L1_BYTES,
-    MAX_REFCOUNT_ORDER, MAX_REFCOUNT_TABLE_BYTES, MIN_CLUSTER_BITS, OFLAG_COMPRESSED,
-    OFLAG_COPIED, OFLAG_ZERO, REFCOUNT_TABLE_OFFSET_OFFSET, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
+    MAX_REFCOUNT_ORDER, MAX_REFCOUNT_TABLE_BYTES, MIN_CLUSTER_BITS, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO, REFCOUNT_TABLE_OFFSET_OFFSET, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
 };
 
 /// Largest image file, in clusters, the check accepts (the expected-refcount array holds 4
@@ -58,8 +58,12 @@ pub const MAX_SNAPSHOTS: u32 = 65536;
 const MAX_SNAPSHOT_EXTRA_DATA: u64 = 1024;
 /// Largest snapshot table, in bytes.
 const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
-/// Most L1 and L2 entries one check walks in total before giving up (time bound).
-const MAX_ENTRIES_WALKED: u64 = 1 << 32;
+/// L1 and L2 entries one check may walk in total, beyond what an honest image needs (every
+/// table in the file walked once per L1 table): a hostile image whose L1 entries all point at
+/// the same L2 table is refused after this much work instead of running for hours.
+const EXTRA_ENTRIES_WALKED: u64 = 1 << 24;
+/// Absolute cap on the L1 and L2 entries one check walks (about a minute of work).
+const MAX_ENTRIES_WALKED: u64 = 1 << 31;
 /// Messages kept in a report; further ones are only counted.
 pub const MAX_MESSAGES: usize = 10_000;
 /// Host offset bits of a bitmap table entry.
@@ -107,6 +111,10 @@ pub enum CheckError {
     /// The header or a header extension is invalid.
     #[error("invalid qcow2 header: {0}")]
     Header(#[from] DecodeError),
+    /// A structure the checker must read before it can start (snapshot table, bitmap
+    /// directory) is invalid.
+    #[error("invalid qcow2 image: {0}")]
+    Invalid(String),
     /// The image uses something this checker cannot verify.
     #[error("unsupported image: {0}")]
     Unsupported(String),
@@ -218,7 +226,9 @@ impl CheckReport {
                 c => vec![c],
             })
             .collect();
-        s.push_str(&format!("    \"filename\": \"{name}\",\n    \"format\": \"qcow2\"\n}}"));
+        s.push_str(&format!(
+            "    \"filename\": \"{name}\",\n    \"format\": \"qcow2\"\n}}"
+        ));
         s
     }
 }
@@ -288,7 +298,8 @@ impl fmt::Display for CheckReport {
 /// found inside a readable image is reported in the [`CheckReport`].
 pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport, CheckError> {
     let first = run(path, repair)?;
-    if repair.is_none() || !first.repaired() {
+    // Like qemu-img: a repair that stopped early is reported as is.
+    if repair.is_none() || first.failure.is_some() || !first.repaired() {
         return Ok(first);
     }
     // Like qemu-img: report the state of the repaired image, with the repair's counts.
@@ -337,7 +348,9 @@ impl Image {
         if off >= self.len {
             return Ok(());
         }
-        let avail = usize::try_from(self.len - off).unwrap_or(usize::MAX).min(buf.len());
+        let avail = usize::try_from(self.len - off)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
         self.file.read_exact_at(&mut buf[..avail], off)
     }
 
@@ -355,7 +368,7 @@ impl Image {
 }
 
 fn invalid(msg: impl Into<String>) -> CheckError {
-    CheckError::Header(DecodeError::Extension { kind: 0, reason: msg.into() })
+    CheckError::Invalid(msg.into())
 }
 
 /// Opens and validates the image like QEMU does when `qemu-img check` opens it: tables must
@@ -365,16 +378,25 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
         .read(true)
         .write(writable)
         .open(path)
-        .map_err(|source| CheckError::Open { path: path.display().to_string(), source })?;
+        .map_err(|source| CheckError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
     let len = file
         .metadata()
-        .map_err(|source| CheckError::Open { path: path.display().to_string(), source })?
+        .map_err(|source| CheckError::Open {
+            path: path.display().to_string(),
+            source,
+        })?
         .len();
     let probe = Image {
         file,
         len,
         header: Header::new_v3(0, 16, 4),
-        g: Geometry { cluster_bits: 16, refcount_order: 4 },
+        g: Geometry {
+            cluster_bits: 16,
+            refcount_order: 4,
+        },
         cs: 1 << 16,
         l1: Vec::new(),
         reftable: Vec::new(),
@@ -423,7 +445,9 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
         return Err(CheckError::Unsupported("external data file".into()));
     }
     if header.incompatible_features & incompat::EXTENDED_L2 != 0 {
-        return Err(CheckError::Unsupported("extended L2 entries (subclusters)".into()));
+        return Err(CheckError::Unsupported(
+            "extended L2 entries (subclusters)".into(),
+        ));
     }
     if header.crypt_method != 0 {
         return Err(DecodeError::Encrypted(header.crypt_method).into());
@@ -448,9 +472,15 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
         }
         .into());
     }
-    let needed = g.l1_entries_for(header.size).ok_or(DecodeError::Overflow("virtual size"))?;
+    let needed = g
+        .l1_entries_for(header.size)
+        .ok_or(DecodeError::Overflow("virtual size"))?;
     if u64::from(header.l1_size) < needed {
-        return Err(DecodeError::L1TooSmall { l1_size: header.l1_size.into(), needed }.into());
+        return Err(DecodeError::L1TooSmall {
+            l1_size: header.l1_size.into(),
+            needed,
+        }
+        .into());
     }
     validate_table_offset("L1 table", header.l1_table_offset, l1_bytes, &g)?;
     // Refcount table.
@@ -468,7 +498,10 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
     validate_table_offset("refcount table", header.refcount_table_offset, rt_bytes, &g)?;
     // Snapshot table location.
     if header.nb_snapshots > MAX_SNAPSHOTS {
-        return Err(invalid(format!("too many snapshots ({})", header.nb_snapshots)));
+        return Err(invalid(format!(
+            "too many snapshots ({})",
+            header.nb_snapshots
+        )));
     }
     validate_table_offset(
         "snapshot table",
@@ -478,7 +511,9 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
     )?;
     // Header extensions.
     let ext_start = usize::try_from(header.extensions_start()).unwrap_or(usize::MAX);
-    let ext_end = usize::try_from(header.extensions_end()).unwrap_or(0).min(head.len());
+    let ext_end = usize::try_from(header.extensions_end())
+        .unwrap_or(0)
+        .min(head.len());
     let exts = match head.get(ext_start..ext_end) {
         Some(area) => format::parse_extensions(area)?,
         None => Vec::new(),
@@ -488,8 +523,9 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
     img.g = g;
     img.cs = cs;
     if img.header.autoclear_features & format::autoclear::BITMAPS != 0 {
-        if let Some(HeaderExtension::Bitmaps(data)) =
-            exts.iter().find(|e| matches!(e, HeaderExtension::Bitmaps(_)))
+        if let Some(HeaderExtension::Bitmaps(data)) = exts
+            .iter()
+            .find(|e| matches!(e, HeaderExtension::Bitmaps(_)))
         {
             img.bitmaps = Some(load_bitmaps(&img, data)?);
         }
@@ -510,7 +546,10 @@ fn validate_table_offset(
     if bytes == 0 {
         return Ok(());
     }
-    if offset.checked_add(bytes).is_none_or(|end| end > i64::MAX as u64) {
+    if offset
+        .checked_add(bytes)
+        .is_none_or(|end| end > i64::MAX as u64)
+    {
         return Err(DecodeError::Overflow(what));
     }
     if !g.is_aligned(offset) {
@@ -520,11 +559,13 @@ fn validate_table_offset(
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4).map_or(0, |s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at + 2).map_or(0, |s| u16::from_be_bytes([s[0], s[1]]))
+    b.get(at..at + 2)
+        .map_or(0, |s| u16::from_be_bytes([s[0], s[1]]))
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -544,7 +585,9 @@ fn load_snapshots(img: &mut Image) -> Result<(), CheckError> {
         let name_len = u64::from(be16(&h, 14));
         let extra = u64::from(be32(&h, 36));
         if extra > MAX_SNAPSHOT_EXTRA_DATA {
-            return Err(invalid(format!("snapshot {i}: extra data too large ({extra} bytes)")));
+            return Err(invalid(format!(
+                "snapshot {i}: extra data too large ({extra} bytes)"
+            )));
         }
         let strings_at = off.saturating_add(SNAPSHOT_HEADER_LEN + extra);
         let mut strings = vec![0u8; (id_len + name_len) as usize];
@@ -555,7 +598,9 @@ fn load_snapshots(img: &mut Image) -> Result<(), CheckError> {
         if total > MAX_SNAPSHOT_TABLE_BYTES {
             return Err(invalid("snapshot table too large"));
         }
-        off = off.checked_add(entry).ok_or(DecodeError::Overflow("snapshot table"))?;
+        off = off
+            .checked_add(entry)
+            .ok_or(DecodeError::Overflow("snapshot table"))?;
         img.snapshots.push(Snapshot {
             l1_table_offset,
             l1_size,
@@ -589,7 +634,10 @@ fn load_bitmaps(img: &Image, ext: &[u8]) -> Result<(u64, u64, Vec<BitmapTable>),
         }
         let name_size = usize::from(be16(e, 14));
         let extra = be32(e, 16) as usize;
-        tables.push(BitmapTable { offset: be64(e, 0), entries: be32(e, 8) });
+        tables.push(BitmapTable {
+            offset: be64(e, 0),
+            entries: be32(e, 8),
+        });
         pos = pos
             .checked_add((24 + extra + name_size).next_multiple_of(8))
             .ok_or_else(|| invalid("bitmap directory overflow"))?;
@@ -652,7 +700,10 @@ struct Walk<'a> {
 
 impl Walk<'_> {
     fn get(&self, k: u64) -> u64 {
-        usize::try_from(k).ok().and_then(|k| self.expected.get(k)).map_or(0, |&v| u64::from(v))
+        usize::try_from(k)
+            .ok()
+            .and_then(|k| self.expected.get(k))
+            .map_or(0, |&v| u64::from(v))
     }
 
     /// QEMU's `qcow2_inc_refcounts_imrt`: counts one reference to every cluster of
@@ -685,6 +736,10 @@ impl Walk<'_> {
                     "ERROR: overflow cluster offset={:#x}",
                     k << self.img.g.cluster_bits
                 ));
+                self.log.push(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing"
+                        .to_string(),
+                );
                 continue;
             }
             self.expected[idx] = (cur + 1) as u32;
@@ -726,7 +781,9 @@ impl Walk<'_> {
             }
             if e & L1E_RESERVED_MASK != 0 {
                 self.res.corruptions += 1;
-                self.log.push(format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+                self.log.push(format!(
+                    "ERROR found L1 entry with reserved bits set: {e:x}"
+                ));
             }
             let l2 = e & L1E_OFFSET_MASK;
             self.inc(l2, self.img.cs, false)?;
@@ -758,7 +815,9 @@ impl Walk<'_> {
             let compressed = e & OFLAG_COMPRESSED != 0;
             if !compressed && e & L2E_STD_RESERVED_MASK != 0 {
                 self.res.corruptions += 1;
-                self.log.push(format!("ERROR found l2 entry with reserved bits set: {e:x}"));
+                self.log.push(format!(
+                    "ERROR found l2 entry with reserved bits set: {e:x}"
+                ));
             }
             if compressed {
                 if e & OFLAG_COPIED != 0 {
@@ -770,7 +829,8 @@ impl Walk<'_> {
                     e &= !OFLAG_COPIED;
                 }
                 let coffset = e & g.compressed_offset_mask();
-                let sectors = ((e >> g.compressed_sector_shift()) & g.compressed_sectors_mask()) + 1;
+                let sectors =
+                    ((e >> g.compressed_sector_shift()) & g.compressed_sectors_mask()) + 1;
                 let csize = sectors * COMPRESSED_SECTOR_SIZE - (coffset % COMPRESSED_SECTOR_SIZE);
                 self.inc(coffset, csize, false)?;
                 if active {
@@ -841,7 +901,9 @@ impl Walk<'_> {
             let offset = e & REFT_OFFSET_MASK;
             let cluster = offset >> bits;
             if e & REFT_RESERVED_MASK != 0 {
-                self.log.push(format!("ERROR refcount table entry {i} has reserved bits set"));
+                self.log.push(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
                 self.res.corruptions += 1;
                 *rebuild = true;
                 continue;
@@ -864,7 +926,9 @@ impl Walk<'_> {
                 if repair {
                     // Grow the file so the refcount block exists (reads as zeros), as QEMU
                     // does, but never past the check's own size bound.
-                    let new_len = offset.checked_add(cs).filter(|&l| l / cs <= MAX_CHECK_CLUSTERS);
+                    let new_len = offset
+                        .checked_add(cs)
+                        .filter(|&l| l / cs <= MAX_CHECK_CLUSTERS);
                     let grown = match new_len {
                         Some(l) => self.img.file.set_len(l).map(|()| l),
                         None => Err(io::Error::from_raw_os_error(libc::EINVAL)),
@@ -885,7 +949,8 @@ impl Walk<'_> {
                         }
                         Err(err) => {
                             *rebuild = true;
-                            self.log.push(format!("ERROR could not resize image: {err}"));
+                            self.log
+                                .push(format!("ERROR could not resize image: {err}"));
                         }
                     }
                 }
@@ -895,7 +960,8 @@ impl Walk<'_> {
                 self.inc(offset, cs, true)?;
                 let n = self.get(cluster);
                 if n != 1 {
-                    self.log.push(format!("ERROR refcount block {i} refcount={n}"));
+                    self.log
+                        .push(format!("ERROR refcount block {i} refcount={n}"));
                     self.res.corruptions += 1;
                     *rebuild = true;
                 }
@@ -943,7 +1009,12 @@ impl Walk<'_> {
     }
 
     /// QEMU's `qcow2_check_bitmaps_refcounts`.
-    fn bitmaps(&mut self, dir_off: u64, dir_size: u64, tables: &[BitmapTable]) -> Result<(), Abort> {
+    fn bitmaps(
+        &mut self,
+        dir_off: u64,
+        dir_size: u64,
+        tables: &[BitmapTable],
+    ) -> Result<(), Abort> {
         if tables.is_empty() {
             return Ok(());
         }
@@ -988,7 +1059,10 @@ impl StoredRefcounts<'_> {
         let g = self.img.g;
         let epb = g.refcount_block_entries();
         let idx = cluster / epb;
-        let Some(&e) = usize::try_from(idx).ok().and_then(|i| self.img.reftable.get(i)) else {
+        let Some(&e) = usize::try_from(idx)
+            .ok()
+            .and_then(|i| self.img.reftable.get(i))
+        else {
             return Ok(None);
         };
         let off = e & REFT_OFFSET_MASK;
@@ -1008,7 +1082,9 @@ impl StoredRefcounts<'_> {
             self.img.read_padded(off, &mut buf)?;
             self.block = Some((off, buf, false));
         }
-        self.block.as_mut().ok_or_else(|| io::Error::other("refcount block cache is empty"))
+        self.block
+            .as_mut()
+            .ok_or_else(|| io::Error::other("refcount block cache is empty"))
     }
 
     /// QEMU's `qcow2_get_refcount`.
@@ -1057,7 +1133,9 @@ fn compare(
     for (i, &want) in expected.iter().enumerate() {
         let i = i as u64;
         let Ok(have) = stored.get(i) else {
-            log.push(format!("Can't get refcount for cluster {i}: Input/output error"));
+            log.push(format!(
+                "Can't get refcount for cluster {i}: Input/output error"
+            ));
             res.check_errors += 1;
             continue;
         };
@@ -1096,7 +1174,9 @@ fn compare(
                     }
                     continue;
                 }
-                Err(e) => log.push(format!("ERROR could not update refcount of cluster {i}: {e}")),
+                Err(e) => log.push(format!(
+                    "ERROR could not update refcount of cluster {i}: {e}"
+                )),
             }
         }
         if have < want {
@@ -1116,12 +1196,17 @@ fn compare(
 /// pre-write overlap check for rewriting an L2 table).
 fn overlaps_metadata(img: &Image, off: u64, len: u64) -> bool {
     let h = &img.header;
-    let hit = |start: u64, size: u64| size > 0 && start < off.saturating_add(len) && off < start.saturating_add(size);
+    let hit = |start: u64, size: u64| {
+        size > 0 && start < off.saturating_add(len) && off < start.saturating_add(size)
+    };
     off < img.cs
         || hit(h.l1_table_offset, u64::from(h.l1_size) * 8)
         || hit(h.refcount_table_offset, img.reftable.len() as u64 * 8)
         || hit(h.snapshots_offset, img.snapshots_size)
-        || img.snapshots.iter().any(|s| hit(s.l1_table_offset, u64::from(s.l1_size) * 8))
+        || img
+            .snapshots
+            .iter()
+            .any(|s| hit(s.l1_table_offset, u64::from(s.l1_size) * 8))
         || img.reftable.iter().any(|&e| {
             let b = e & REFT_OFFSET_MASK;
             b != 0 && hit(b, img.cs)
@@ -1130,7 +1215,12 @@ fn overlaps_metadata(img: &Image, off: u64, len: u64) -> bool {
 
 /// QEMU's `check_oflag_copied`: the COPIED flag of every active L1 and L2 entry must say
 /// whether the stored refcount is exactly 1.
-fn oflag_copied(img: &Image, fix: Option<Repair>, res: &mut Counts, log: &mut Log) -> Result<(), Abort> {
+fn oflag_copied(
+    img: &Image,
+    fix: Option<Repair>,
+    res: &mut Counts,
+    log: &mut Log,
+) -> Result<(), Abort> {
     let repair = match fix {
         Some(Repair::All) => true,
         Some(Repair::Leaks) => res.check_errors == 0 && res.corruptions == 0 && res.leaks == 0,
@@ -1155,15 +1245,27 @@ fn oflag_copied(img: &Image, fix: Option<Repair>, res: &mut Counts, log: &mut Lo
                 if repair { "Repairing" } else { "ERROR" }
             ));
             if repair {
-                let new = if refcount == 1 { l1e | OFLAG_COPIED } else { l1e & !OFLAG_COPIED };
+                let new = if refcount == 1 {
+                    l1e | OFLAG_COPIED
+                } else {
+                    l1e & !OFLAG_COPIED
+                };
                 let at = img.header.l1_table_offset + i as u64 * 8;
-                if let Err(e) = img.file.write_all_at(&new.to_be_bytes(), at).and_then(|()| img.file.sync_data()) {
+                if let Err(e) = img
+                    .file
+                    .write_all_at(&new.to_be_bytes(), at)
+                    .and_then(|()| img.file.sync_data())
+                {
                     res.check_errors += 1;
                     return Err(Abort(e.to_string()));
                 }
                 res.corruptions -= 1;
                 res.corruptions_fixed += 1;
             }
+        }
+        if l2_offset >= img.len {
+            // Reads as zeros: no entries to look at.
+            continue;
         }
         img.read_padded(l2_offset, &mut table)?;
         let mut dirty = 0u64;
@@ -1183,7 +1285,11 @@ fn oflag_copied(img: &Image, fix: Option<Repair>, res: &mut Counts, log: &mut Lo
                     if repair { "Repairing" } else { "ERROR" }
                 ));
                 if repair {
-                    let new = if refcount == 1 { e | OFLAG_COPIED } else { e & !OFLAG_COPIED };
+                    let new = if refcount == 1 {
+                        e | OFLAG_COPIED
+                    } else {
+                        e & !OFLAG_COPIED
+                    };
                     format::set_table_entry(&mut table, j, new);
                     dirty += 1;
                 }
@@ -1225,7 +1331,10 @@ fn alloc_clusters(
     let mut run = 0u64;
     let mut k = *cursor;
     while run < n {
-        let busy = usize::try_from(k).ok().and_then(|i| used.get(i)).is_some_and(|&v| v > 0)
+        let busy = usize::try_from(k)
+            .ok()
+            .and_then(|i| used.get(i))
+            .is_some_and(|&v| v > 0)
             || avoid.contains(&k);
         if busy {
             run = 0;
@@ -1326,8 +1435,12 @@ fn rebuild_refcounts(img: &Image, expected: &[u32], old_structure: &[u64]) -> Re
     let (rt_first, rt_clusters) = reftable_at.ok_or_else(|| Abort("no refcount table".into()))?;
     // Write the refcount blocks, then the table, then sync; only then switch the header.
     let value = |k: u64| -> u64 {
-        let base = usize::try_from(k).ok().and_then(|i| expected.get(i)).map_or(0, |&v| u64::from(v));
-        base.saturating_sub(minus.get(&k).copied().unwrap_or(0)) + extra.get(&k).copied().unwrap_or(0)
+        let base = usize::try_from(k)
+            .ok()
+            .and_then(|i| expected.get(i))
+            .map_or(0, |&v| u64::from(v));
+        base.saturating_sub(minus.get(&k).copied().unwrap_or(0))
+            + extra.get(&k).copied().unwrap_or(0)
     };
     let mut buf = vec![0u8; cs as usize];
     for (idx, &off) in blocks.iter().enumerate() {
@@ -1353,7 +1466,8 @@ fn rebuild_refcounts(img: &Image, expected: &[u32], old_structure: &[u64]) -> Re
     let mut hdr = [0u8; 12];
     hdr[..8].copy_from_slice(&(rt_first * cs).to_be_bytes());
     hdr[8..].copy_from_slice(&(rt_clusters as u32).to_be_bytes());
-    img.file.write_all_at(&hdr, REFCOUNT_TABLE_OFFSET_OFFSET as u64)?;
+    img.file
+        .write_all_at(&hdr, REFCOUNT_TABLE_OFFSET_OFFSET as u64)?;
     img.file.sync_all()?;
     Ok(())
 }
@@ -1378,7 +1492,10 @@ fn calculate(img: &mut Image, fix: Option<Repair>, log: &mut Log) -> Result<Calc
         res: Counts::default(),
         log,
         refcount_structure: Vec::new(),
-        entries_left: MAX_ENTRIES_WALKED,
+        entries_left: (img.len / 8)
+            .saturating_mul(1 + u64::from(img.header.nb_snapshots))
+            .saturating_add(EXTRA_ENTRIES_WALKED)
+            .min(MAX_ENTRIES_WALKED),
     };
     let r = walk.calculate(fix, &mut rebuild, &mut file_len);
     let out = Calculated {
@@ -1438,7 +1555,8 @@ fn mark_clean(img: &Image) -> Result<(), CheckError> {
     }
     img.file.sync_all()?;
     let v = img.header.incompatible_features & !bits;
-    img.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64)?;
+    img.file
+        .write_all_at(&v.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64)?;
     img.file.sync_all()?;
     Ok(())
 }
@@ -1448,7 +1566,15 @@ type PassResult = Result<(Counts, Option<u64>), (Counts, Abort)>;
 fn pass(path: &Path, img: &mut Image, fix: Option<Repair>, log: &mut Log) -> PassResult {
     let mut calc = match calculate(img, fix, log) {
         Ok(c) => c,
-        Err(e) => return Err((Counts { check_errors: 1, ..Counts::default() }, e)),
+        Err(e) => {
+            return Err((
+                Counts {
+                    check_errors: 1,
+                    ..Counts::default()
+                },
+                e,
+            ))
+        }
     };
     let pre_compare = calc.res;
     let mut res = calc.res;
@@ -1483,7 +1609,14 @@ fn pass(path: &Path, img: &mut Image, fix: Option<Repair>, log: &mut Log) -> Pas
         after.corruptions_fixed += calc.res.corruptions_fixed;
         let mut fresh = Counts::default();
         let mut broken = false;
-        highest = match compare(img, &calc.expected, Some(Repair::Leaks), &mut fresh, log, &mut broken) {
+        highest = match compare(
+            img,
+            &calc.expected,
+            Some(Repair::Leaks),
+            &mut fresh,
+            log,
+            &mut broken,
+        ) {
             Ok(h) => h,
             Err(e) => return Err((after, e)),
         };
@@ -1520,4 +1653,146 @@ fn pass(path: &Path, img: &mut Image, fix: Option<Repair>, log: &mut Log) -> Pas
         return Err((res, e));
     }
     Ok((res, Some(highest)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u64 = 4096;
+
+    /// A hand-made v3 image (no engine involved): header, refcount table, one refcount block,
+    /// L1, one L2 table and two data clusters, all with refcount 1 and COPIED set.
+    fn handmade(dir: &Path) -> std::path::PathBuf {
+        let g = Geometry {
+            cluster_bits: 12,
+            refcount_order: 4,
+        };
+        let mut h = Header::new_v3(1 << 20, 12, 4);
+        h.refcount_table_offset = CS;
+        h.refcount_table_clusters = 1;
+        h.l1_table_offset = 3 * CS;
+        h.l1_size = g.l1_entries_for(h.size).expect("l1 size") as u32;
+        let mut img = vec![0u8; 7 * CS as usize];
+        let hb = h.serialize();
+        img[..hb.len()].copy_from_slice(&hb);
+        format::set_table_entry(&mut img[CS as usize..], 0, 2 * CS);
+        for c in 0..7 {
+            refcount_set(&mut img[2 * CS as usize..3 * CS as usize], 4, c, 1).expect("set");
+        }
+        format::set_table_entry(&mut img[3 * CS as usize..], 0, OFLAG_COPIED | (4 * CS));
+        format::set_table_entry(&mut img[4 * CS as usize..], 0, OFLAG_COPIED | (5 * CS));
+        format::set_table_entry(&mut img[4 * CS as usize..], 3, OFLAG_COPIED | (6 * CS));
+        let p = dir.join("hand.qcow2");
+        std::fs::write(&p, &img).expect("write image");
+        p
+    }
+
+    fn set_rc(p: &Path, cluster: u64, v: u64) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .expect("open");
+        let mut b = vec![0u8; CS as usize];
+        f.read_exact_at(&mut b, 2 * CS).expect("read");
+        refcount_set(&mut b, 4, cluster, v).expect("set");
+        f.write_all_at(&b, 2 * CS).expect("write");
+    }
+
+    #[test]
+    fn consistent_image_reports_no_errors_and_exit_code_zero() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = check(&handmade(d.path()), None).expect("check");
+        assert_eq!(
+            (r.corruptions, r.leaks, r.check_errors, r.exit_code()),
+            (0, 0, 0, 0),
+            "{r}"
+        );
+        assert_eq!(r.image_end_offset, 7 * CS);
+        assert_eq!(r.allocated_clusters, 2);
+        assert!(r
+            .to_string()
+            .starts_with("No errors were found on the image.\n"));
+    }
+
+    #[test]
+    fn refcount_above_references_is_a_leak_that_repair_leaks_lowers() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = handmade(d.path());
+        set_rc(&p, 6, 3);
+        let r = check(&p, None).expect("check");
+        assert_eq!((r.leaks, r.exit_code()), (1, 2), "{r}"); // + COPIED now wrong
+        assert!(r
+            .messages
+            .contains(&"Leaked cluster 6 refcount=3 reference=1".to_string()));
+        let fixed = check(&p, Some(Repair::Leaks)).expect("repair");
+        assert_eq!((fixed.leaks_fixed, fixed.exit_code()), (1, 0), "{fixed}");
+        assert!(fixed
+            .to_string()
+            .contains("    1 leaked clusters\n    0 corruptions\n"));
+        assert_eq!(check(&p, None).expect("check").exit_code(), 0);
+    }
+
+    #[test]
+    fn zero_refcount_of_used_cluster_is_rebuilt_without_overwriting_the_old_structure() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = handmade(d.path());
+        set_rc(&p, 5, 0);
+        let r = check(&p, None).expect("check");
+        assert_eq!(r.exit_code(), 2);
+        assert!(r
+            .messages
+            .contains(&"ERROR cluster 5 refcount=0 reference=1".to_string()));
+        // Leaks-only repair must refuse, like qemu-img.
+        let refused = check(&p, Some(Repair::Leaks)).expect("repair");
+        assert_eq!(refused.exit_code(), 1);
+        let before = std::fs::read(&p).expect("read");
+        let fixed = check(&p, Some(Repair::All)).expect("repair");
+        assert_eq!(fixed.exit_code(), 0, "{fixed}");
+        let after = std::fs::read(&p).expect("read");
+        // Old refcount table and block untouched; the header points to new ones elsewhere.
+        assert_eq!(
+            before[CS as usize..3 * CS as usize],
+            after[CS as usize..3 * CS as usize]
+        );
+        let h = Header::parse(&after).expect("header");
+        assert!(h.refcount_table_offset >= 7 * CS, "{h:?}");
+        assert_eq!(check(&p, None).expect("check").exit_code(), 0);
+    }
+
+    #[test]
+    fn wrong_copied_flag_is_a_corruption_fixed_by_repair_all() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = handmade(d.path());
+        let f = OpenOptions::new().write(true).open(&p).expect("open");
+        f.write_all_at(&(5 * CS).to_be_bytes(), 4 * CS)
+            .expect("write");
+        let r = check(&p, None).expect("check");
+        assert_eq!((r.corruptions, r.exit_code()), (1, 2));
+        assert_eq!(
+            r.messages,
+            vec![format!(
+                "ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount=1",
+                5 * CS
+            )]
+        );
+        let fixed = check(&p, Some(Repair::All)).expect("repair");
+        assert_eq!((fixed.corruptions_fixed, fixed.exit_code()), (1, 0));
+    }
+
+    #[test]
+    fn unopenable_images_are_errors_with_exit_code_one() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("junk");
+        std::fs::write(
+            &p,
+            b"not a qcow2 image at all, just some bytes that go on for a while..",
+        )
+        .expect("write");
+        let e = check(&p, None).expect_err("junk");
+        assert_eq!(e.exit_code(), 1);
+        let missing = check(&d.path().join("missing"), None).expect_err("missing");
+        assert!(matches!(missing, CheckError::Open { .. }));
+    }
 }

@@ -26,7 +26,11 @@ pub enum DecompressError {
 }
 
 /// Decompresses `input` into all of `out`.
-pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
+pub fn decompress(
+    kind: CompressionType,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecompressError> {
     match kind {
         CompressionType::Zlib => inflate_raw(input, out),
         CompressionType::Zstd => zstd_decode(input, out),
@@ -39,17 +43,28 @@ fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
     loop {
         let before_in = d.total_in();
         let before_out = d.total_out();
-        let in_pos = usize::try_from(before_in).unwrap_or(usize::MAX).min(input.len());
+        let in_pos = usize::try_from(before_in)
+            .unwrap_or(usize::MAX)
+            .min(input.len());
         let status = d
-            .decompress(&input[in_pos..], &mut out[got..], flate2::FlushDecompress::Finish)
+            .decompress(
+                &input[in_pos..],
+                &mut out[got..],
+                flate2::FlushDecompress::Finish,
+            )
             .map_err(|e| DecompressError::Deflate(e.to_string()))?;
-        got = usize::try_from(d.total_out()).unwrap_or(usize::MAX).min(out.len());
+        got = usize::try_from(d.total_out())
+            .unwrap_or(usize::MAX)
+            .min(out.len());
         if got == out.len() {
             return Ok(());
         }
         let progressed = d.total_in() != before_in || d.total_out() != before_out;
         if matches!(status, flate2::Status::StreamEnd) || !progressed {
-            return Err(DecompressError::Short { got, want: out.len() });
+            return Err(DecompressError::Short {
+                got,
+                want: out.len(),
+            });
         }
     }
 }
@@ -60,13 +75,18 @@ fn zstd_decode(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
     // A cluster may be stored as several concatenated frames.
     while got < out.len() {
         if src.is_empty() {
-            return Err(DecompressError::Short { got, want: out.len() });
+            return Err(DecompressError::Short {
+                got,
+                want: out.len(),
+            });
         }
         let mut dec = ruzstd::decoding::StreamingDecoder::new(&mut src)
             .map_err(|e| DecompressError::Zstd(e.to_string()))?;
         let frame_start = got;
         loop {
-            let n = dec.read(&mut out[got..]).map_err(|e| DecompressError::Zstd(e.to_string()))?;
+            let n = dec
+                .read(&mut out[got..])
+                .map_err(|e| DecompressError::Zstd(e.to_string()))?;
             if n == 0 {
                 break;
             }
@@ -76,7 +96,10 @@ fn zstd_decode(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
             }
         }
         if got == frame_start {
-            return Err(DecompressError::Short { got, want: out.len() });
+            return Err(DecompressError::Short {
+                got,
+                want: out.len(),
+            });
         }
     }
     Ok(())

@@ -8,9 +8,9 @@ use std::path::Path;
 
 use crate::error::CreateImageError;
 use crate::format::{
-    default_feature_names, serialize_extensions, Geometry, Header, HeaderExtension, DEFAULT_CLUSTER_BITS,
-    DEFAULT_REFCOUNT_ORDER, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER,
-    MIN_CLUSTER_BITS,
+    default_feature_names, serialize_extensions, Geometry, Header, HeaderExtension,
+    DEFAULT_CLUSTER_BITS, DEFAULT_REFCOUNT_ORDER, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS,
+    MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS,
 };
 use crate::host::{FileHost, HostFile};
 use crate::refcount::{build_layout, write_layout};
@@ -43,7 +43,10 @@ impl Default for CreateOptions {
 
 /// Creates a new image file at `path` (truncating any existing file).
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), CreateImageError> {
-    let io_err = |source| CreateImageError::Io { path: path.to_path_buf(), source };
+    let io_err = |source| CreateImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut opts = opts.clone();
     if opts.size == 0 {
         if let Some((name, fmt)) = &opts.backing {
@@ -69,17 +72,27 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), CreateImageError>
 
 /// Writes a new image onto an empty host file.
 pub fn create_on(host: &dyn HostFile, opts: &CreateOptions) -> Result<(), CreateImageError> {
-    let io_err = |source| CreateImageError::Io { path: Default::default(), source };
+    let io_err = |source| CreateImageError::Io {
+        path: Default::default(),
+        source,
+    };
     let cs = opts.cluster_size;
-    if !cs.is_power_of_two() || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cs.trailing_zeros()) {
+    if !cs.is_power_of_two()
+        || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cs.trailing_zeros())
+    {
         return Err(CreateImageError::ClusterSize(cs));
     }
     if opts.refcount_order > MAX_REFCOUNT_ORDER {
         return Err(CreateImageError::RefcountOrder(opts.refcount_order));
     }
-    let g = Geometry { cluster_bits: cs.trailing_zeros(), refcount_order: opts.refcount_order };
-    let l1_size = g.l1_entries_for(opts.size).ok_or(CreateImageError::Size(opts.size))?;
-    if l1_size * 8 > MAX_L1_BYTES || opts.size > i64::MAX as u64 {
+    let g = Geometry {
+        cluster_bits: cs.trailing_zeros(),
+        refcount_order: opts.refcount_order,
+    };
+    let l1_size = g
+        .l1_entries_for(opts.size)
+        .ok_or(CreateImageError::Size(opts.size))?;
+    if l1_size * 8 > MAX_L1_BYTES || opts.size > i64::MAX as u64 || !opts.size.is_multiple_of(512) {
         return Err(CreateImageError::Size(opts.size));
     }
     let mut h = Header::new_v3(opts.size, g.cluster_bits, opts.refcount_order);
@@ -92,7 +105,10 @@ pub fn create_on(host: &dyn HostFile, opts: &CreateOptions) -> Result<(), Create
     let mut name = None;
     if let Some((n, fmt)) = &opts.backing {
         if n.is_empty() || n.len() > MAX_BACKING_FILE_NAME as usize {
-            return Err(CreateImageError::BackingName(format!("length {} not in 1..=1023", n.len())));
+            return Err(CreateImageError::BackingName(format!(
+                "length {} not in 1..=1023",
+                n.len()
+            )));
         }
         exts.push(HeaderExtension::BackingFormat(fmt.to_string()));
         name = Some(n.as_bytes());
@@ -110,7 +126,9 @@ pub fn create_on(host: &dyn HostFile, opts: &CreateOptions) -> Result<(), Create
         serialize_extensions(&exts)
     };
     if hl + area.len() + name_len > cs as usize {
-        return Err(CreateImageError::BackingName("does not fit in the header cluster".into()));
+        return Err(CreateImageError::BackingName(
+            "does not fit in the header cluster".into(),
+        ));
     }
     if let Some(n) = name {
         h.backing_file_offset = (hl + area.len()) as u64;

@@ -61,8 +61,8 @@ pub enum CreateImageError {
     /// refcount_order above 6.
     #[error("invalid refcount order {0} (must be 0..=6)")]
     RefcountOrder(u32),
-    /// Virtual size too large for the format or the cluster size.
-    #[error("virtual size {0} is too large for this cluster size")]
+    /// Virtual size not a multiple of 512, or too large for the format or the cluster size.
+    #[error("invalid virtual size {0} (must be a multiple of 512 that the L1 table can map)")]
     Size(u64),
     /// The backing file name is too long or not valid UTF-8.
     #[error("invalid backing file name: {0}")]

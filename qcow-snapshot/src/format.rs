@@ -126,7 +126,11 @@ pub const OFLAG_ZERO: u64 = 1;
 pub enum DecodeError {
     /// The buffer is shorter than the structure.
     #[error("{what} is truncated: need {need} bytes, have {have}")]
-    Truncated { what: &'static str, need: usize, have: usize },
+    Truncated {
+        what: &'static str,
+        need: usize,
+        have: usize,
+    },
     /// Not a qcow2 image.
     #[error("not a qcow2 image (bad magic {0:#010x})")]
     BadMagic(u32),
@@ -147,13 +151,21 @@ pub enum DecodeError {
     Misaligned { what: &'static str, offset: u64 },
     /// A table lies (partly) outside the image file or over the header.
     #[error("{what} at {offset:#x} (+{len} bytes) lies outside the image file or over the header")]
-    OutOfFile { what: &'static str, offset: u64, len: u64 },
+    OutOfFile {
+        what: &'static str,
+        offset: u64,
+        len: u64,
+    },
     /// The L1 table cannot map the whole virtual disk.
     #[error("L1 table has {l1_size} entries, {needed} needed for the virtual size")]
     L1TooSmall { l1_size: u64, needed: u64 },
     /// A table larger than the implementation limit.
     #[error("{what} is too large ({bytes} bytes, limit {limit})")]
-    TooLarge { what: &'static str, bytes: u64, limit: u64 },
+    TooLarge {
+        what: &'static str,
+        bytes: u64,
+        limit: u64,
+    },
     /// Arithmetic on on-disk values overflowed.
     #[error("{0} overflows")]
     Overflow(&'static str),
@@ -383,11 +395,15 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             let hl = h.header_length as usize;
-            if hl < V3_MIN_HEADER_LEN as usize || hl % 8 != 0 {
+            if hl < V3_MIN_HEADER_LEN as usize || !hl.is_multiple_of(8) {
                 return Err(DecodeError::HeaderLength(h.header_length));
             }
             if buf.len() < hl {
-                return Err(DecodeError::Truncated { what: "v3 header", need: hl, have: buf.len() });
+                return Err(DecodeError::Truncated {
+                    what: "v3 header",
+                    need: hl,
+                    have: buf.len(),
+                });
             }
             if hl > COMPRESSION_TYPE_OFFSET {
                 h.compression_type = buf[COMPRESSION_TYPE_OFFSET];
@@ -436,7 +452,10 @@ impl Header {
 
     /// The cluster geometry (valid only after [`Header::validate`] succeeded).
     pub fn geometry(&self) -> Geometry {
-        Geometry { cluster_bits: self.cluster_bits, refcount_order: self.refcount_order }
+        Geometry {
+            cluster_bits: self.cluster_bits,
+            refcount_order: self.refcount_order,
+        }
     }
 
     /// The compression type, honouring the incompatible bit.
@@ -482,7 +501,7 @@ impl Header {
             }
             if u64::from(self.header_length) > cs
                 || self.header_length < V3_MIN_HEADER_LEN
-                || self.header_length % 8 != 0
+                || !self.header_length.is_multiple_of(8)
             {
                 return Err(DecodeError::HeaderLength(self.header_length));
             }
@@ -512,11 +531,20 @@ impl Header {
         // L1 table.
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(DecodeError::TooLarge { what: "L1 table", bytes: l1_bytes, limit: MAX_L1_BYTES });
+            return Err(DecodeError::TooLarge {
+                what: "L1 table",
+                bytes: l1_bytes,
+                limit: MAX_L1_BYTES,
+            });
         }
-        let needed = g.l1_entries_for(self.size).ok_or(DecodeError::Overflow("virtual size"))?;
+        let needed = g
+            .l1_entries_for(self.size)
+            .ok_or(DecodeError::Overflow("virtual size"))?;
         if u64::from(self.l1_size) < needed {
-            return Err(DecodeError::L1TooSmall { l1_size: u64::from(self.l1_size), needed });
+            return Err(DecodeError::L1TooSmall {
+                l1_size: u64::from(self.l1_size),
+                needed,
+            });
         }
         if self.l1_size > 0 {
             check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_len)?;
@@ -539,7 +567,13 @@ impl Header {
                 len: 0,
             });
         }
-        check_table("refcount table", self.refcount_table_offset, rt_bytes, cs, file_len)?;
+        check_table(
+            "refcount table",
+            self.refcount_table_offset,
+            rt_bytes,
+            cs,
+            file_len,
+        )?;
         if self.nb_snapshots > 0 {
             // Each entry is at least 40 bytes; only the start is checked here.
             let min = u64::from(self.nb_snapshots) * 40;
@@ -557,7 +591,7 @@ pub fn check_table(
     cluster_size: u64,
     file_len: u64,
 ) -> Result<(), DecodeError> {
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(DecodeError::Misaligned { what, offset });
     }
     let end = offset.checked_add(len).ok_or(DecodeError::Overflow(what))?;
@@ -703,7 +737,10 @@ impl CompressedDescriptor {
     pub fn decode(raw: u64, g: &Geometry) -> CompressedDescriptor {
         let host_offset = raw & g.compressed_offset_mask();
         let extra = (raw >> g.compressed_sector_shift()) & g.compressed_sectors_mask();
-        CompressedDescriptor { host_offset, sectors: extra + 1 }
+        CompressedDescriptor {
+            host_offset,
+            sectors: extra + 1,
+        }
     }
 
     /// Encodes a descriptor for `compressed_len` bytes at `host_offset`; `None` if it does not
@@ -722,7 +759,9 @@ impl CompressedDescriptor {
 
     /// The host clusters this compressed data touches (first, last), by cluster start offset.
     pub fn host_clusters(&self, g: &Geometry) -> (u64, u64) {
-        let last = self.host_offset.saturating_add(self.byte_len().saturating_sub(1));
+        let last = self
+            .host_offset
+            .saturating_add(self.byte_len().saturating_sub(1));
         (g.cluster_start(self.host_offset), g.cluster_start(last))
     }
 }
@@ -748,15 +787,23 @@ impl L2Entry {
         }
         let host = raw & L2E_OFFSET_MASK;
         if host != 0 && !g.is_aligned(host) {
-            return Err(DecodeError::Misaligned { what: "data cluster", offset: host });
+            return Err(DecodeError::Misaligned {
+                what: "data cluster",
+                offset: host,
+            });
         }
         if raw & OFLAG_ZERO != 0 {
-            return Ok(L2Entry::Zero { host: (host != 0).then_some(host) });
+            return Ok(L2Entry::Zero {
+                host: (host != 0).then_some(host),
+            });
         }
         if host == 0 {
             return Ok(L2Entry::Unallocated);
         }
-        Ok(L2Entry::Normal { host, copied: raw & OFLAG_COPIED != 0 })
+        Ok(L2Entry::Normal {
+            host,
+            copied: raw & OFLAG_COPIED != 0,
+        })
     }
 
     /// Encodes this entry.
@@ -768,12 +815,9 @@ impl L2Entry {
             L2Entry::Normal { host, copied } => {
                 (host & L2E_OFFSET_MASK) | if copied { OFLAG_COPIED } else { 0 }
             }
-            L2Entry::Compressed(d) => CompressedDescriptor::encode(
-                d.host_offset,
-                d.byte_len(),
-                g,
-            )
-            .unwrap_or(0),
+            L2Entry::Compressed(d) => {
+                CompressedDescriptor::encode(d.host_offset, d.byte_len(), g).unwrap_or(0)
+            }
         }
     }
 }
@@ -822,8 +866,17 @@ pub struct SetRefcountError {
 }
 
 /// Stores refcount entry `index` in a refcount block of width `1 << order` bits.
-pub fn refcount_set(block: &mut [u8], order: u32, index: u64, value: u64) -> Result<(), SetRefcountError> {
-    let err = SetRefcountError { value, index, order };
+pub fn refcount_set(
+    block: &mut [u8],
+    order: u32,
+    index: u64,
+    value: u64,
+) -> Result<(), SetRefcountError> {
+    let err = SetRefcountError {
+        value,
+        index,
+        order,
+    };
     if order > MAX_REFCOUNT_ORDER {
         return Err(err);
     }
@@ -864,7 +917,11 @@ pub const FEATURE_NAME_ENTRY_LEN: usize = 48;
 
 /// The feature name table QEMU writes into new images.
 pub fn default_feature_names() -> Vec<FeatureName> {
-    let f = |kind: u8, bit: u8, name: &str| FeatureName { kind, bit, name: name.to_string() };
+    let f = |kind: u8, bit: u8, name: &str| FeatureName {
+        kind,
+        bit,
+        name: name.to_string(),
+    };
     vec![
         f(0, 0, "dirty bit"),
         f(0, 1, "corrupt bit"),
@@ -909,7 +966,9 @@ impl HeaderExtension {
 
     fn data(&self) -> Vec<u8> {
         match self {
-            HeaderExtension::BackingFormat(s) | HeaderExtension::ExternalDataFile(s) => s.as_bytes().to_vec(),
+            HeaderExtension::BackingFormat(s) | HeaderExtension::ExternalDataFile(s) => {
+                s.as_bytes().to_vec()
+            }
             HeaderExtension::FeatureNames(v) => {
                 let mut out = Vec::with_capacity(v.len() * FEATURE_NAME_ENTRY_LEN);
                 for f in v {
@@ -929,8 +988,10 @@ impl HeaderExtension {
 }
 
 fn ext_string(kind: u32, data: &[u8]) -> Result<String, DecodeError> {
-    String::from_utf8(data.to_vec())
-        .map_err(|_| DecodeError::Extension { kind, reason: "string is not UTF-8".into() })
+    String::from_utf8(data.to_vec()).map_err(|_| DecodeError::Extension {
+        kind,
+        reason: "string is not UTF-8".into(),
+    })
 }
 
 /// Parses the header extension area `area` (the bytes from `header_length` to
@@ -940,7 +1001,10 @@ pub fn parse_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>, DecodeError
     let mut pos = 0usize;
     while pos < area.len() {
         if area.len() - pos < 8 {
-            return Err(DecodeError::Extension { kind: 0, reason: "truncated extension header".into() });
+            return Err(DecodeError::Extension {
+                kind: 0,
+                reason: "truncated extension header".into(),
+            });
         }
         let kind = be32(area, pos);
         let len = be32(area, pos + 4) as usize;
@@ -949,7 +1013,10 @@ pub fn parse_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>, DecodeError
             break;
         }
         if len > area.len() - pos {
-            return Err(DecodeError::Extension { kind, reason: format!("length {len} runs past the header area") });
+            return Err(DecodeError::Extension {
+                kind,
+                reason: format!("length {len} runs past the header area"),
+            });
         }
         let data = &area[pos..pos + len];
         let e = match kind {
@@ -970,10 +1037,16 @@ pub fn parse_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>, DecodeError
             ),
             ext::BITMAPS => HeaderExtension::Bitmaps(data.to_vec()),
             ext::FULL_DISK_ENCRYPTION => HeaderExtension::FullDiskEncryption(data.to_vec()),
-            _ => HeaderExtension::Unknown { kind, data: data.to_vec() },
+            _ => HeaderExtension::Unknown {
+                kind,
+                data: data.to_vec(),
+            },
         };
         if out.iter().any(|o: &HeaderExtension| o.kind() == kind) {
-            return Err(DecodeError::Extension { kind, reason: "appears twice".into() });
+            return Err(DecodeError::Extension {
+                kind,
+                reason: "appears twice".into(),
+            });
         }
         out.push(e);
         pos = pos.saturating_add(len.next_multiple_of(8));
@@ -1058,12 +1131,24 @@ mod tests {
         assert!(matches!(Header::parse(&bad), Err(DecodeError::BadMagic(_))));
         let mut bad = b.clone();
         bad[7] = 4;
-        assert!(matches!(Header::parse(&bad), Err(DecodeError::UnsupportedVersion(4))));
-        assert!(matches!(Header::parse(&b[..50]), Err(DecodeError::Truncated { .. })));
-        assert!(matches!(Header::parse(&b[..100]), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            Header::parse(&bad),
+            Err(DecodeError::UnsupportedVersion(4))
+        ));
+        assert!(matches!(
+            Header::parse(&b[..50]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        assert!(matches!(
+            Header::parse(&b[..100]),
+            Err(DecodeError::Truncated { .. })
+        ));
         let mut bad = b;
         put32(&mut bad, 100, 106);
-        assert!(matches!(Header::parse(&bad), Err(DecodeError::HeaderLength(106))));
+        assert!(matches!(
+            Header::parse(&bad),
+            Err(DecodeError::HeaderLength(106))
+        ));
     }
 
     #[test]
@@ -1075,31 +1160,55 @@ mod tests {
         h.cluster_bits = 8;
         assert!(matches!(h.validate(file), Err(DecodeError::ClusterBits(8))));
         h.cluster_bits = 22;
-        assert!(matches!(h.validate(file), Err(DecodeError::ClusterBits(22))));
+        assert!(matches!(
+            h.validate(file),
+            Err(DecodeError::ClusterBits(22))
+        ));
         let mut h = ok.clone();
         h.refcount_order = 7;
-        assert!(matches!(h.validate(file), Err(DecodeError::RefcountOrder(7))));
+        assert!(matches!(
+            h.validate(file),
+            Err(DecodeError::RefcountOrder(7))
+        ));
         let mut h = ok.clone();
         h.l1_table_offset += 512;
-        assert!(matches!(h.validate(file), Err(DecodeError::Misaligned { .. })));
+        assert!(matches!(
+            h.validate(file),
+            Err(DecodeError::Misaligned { .. })
+        ));
         let mut h = ok.clone();
         h.l1_table_offset = 0;
-        assert!(matches!(h.validate(file), Err(DecodeError::OutOfFile { .. })));
+        assert!(matches!(
+            h.validate(file),
+            Err(DecodeError::OutOfFile { .. })
+        ));
         let mut h = ok.clone();
-        h.l1_table_offset = u64::MAX & !0xffff;
-        assert!(matches!(h.validate(file), Err(DecodeError::Overflow(_)) | Err(DecodeError::OutOfFile { .. })));
+        h.l1_table_offset = !0xffff;
+        assert!(matches!(
+            h.validate(file),
+            Err(DecodeError::Overflow(_)) | Err(DecodeError::OutOfFile { .. })
+        ));
         let mut h = ok.clone();
         h.size = u64::MAX;
         assert!(h.validate(file).is_err());
         let mut h = ok.clone();
         h.size = 1 << 40;
-        assert!(matches!(h.validate(file), Err(DecodeError::L1TooSmall { .. })));
+        assert!(matches!(
+            h.validate(file),
+            Err(DecodeError::L1TooSmall { .. })
+        ));
         let mut h = ok.clone();
         h.l1_size = u32::MAX;
-        assert!(matches!(h.validate(file), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            h.validate(file),
+            Err(DecodeError::TooLarge { .. })
+        ));
         let mut h = ok.clone();
         h.refcount_table_clusters = u32::MAX;
-        assert!(matches!(h.validate(file), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            h.validate(file),
+            Err(DecodeError::TooLarge { .. })
+        ));
         let mut h = ok.clone();
         h.refcount_table_clusters = 0;
         assert!(h.validate(file).is_err());
@@ -1112,7 +1221,10 @@ mod tests {
         assert!(matches!(h.validate(file), Err(DecodeError::Encrypted(2))));
         let mut h = ok.clone();
         h.compression_type = 1;
-        assert!(matches!(h.validate(file), Err(DecodeError::CompressionType(1))));
+        assert!(matches!(
+            h.validate(file),
+            Err(DecodeError::CompressionType(1))
+        ));
         let mut h = ok;
         h.header_length = 1 << 17;
         assert!(h.validate(file).is_err());
@@ -1120,7 +1232,10 @@ mod tests {
 
     #[test]
     fn geometry_math_matches_spec_examples() {
-        let g = Geometry { cluster_bits: 16, refcount_order: 4 };
+        let g = Geometry {
+            cluster_bits: 16,
+            refcount_order: 4,
+        };
         assert_eq!(g.cluster_size(), 65536);
         assert_eq!(g.l2_entries(), 8192);
         assert_eq!(g.l2_coverage(), 512 << 20);
@@ -1134,17 +1249,30 @@ mod tests {
         assert_eq!(g.refcount_block_index((32769 << 16) + 5), 1);
         assert_eq!(g.align_up(1), Some(65536));
         assert_eq!(g.align_up(u64::MAX), None);
-        let small = Geometry { cluster_bits: 9, refcount_order: 6 };
+        let small = Geometry {
+            cluster_bits: 9,
+            refcount_order: 6,
+        };
         assert_eq!(small.l2_entries(), 64);
         assert_eq!(small.refcount_block_entries(), 64);
         assert_eq!(small.refcount_max(), u64::MAX);
-        assert_eq!(Geometry { cluster_bits: 9, refcount_order: 0 }.refcount_max(), 1);
+        assert_eq!(
+            Geometry {
+                cluster_bits: 9,
+                refcount_order: 0
+            }
+            .refcount_max(),
+            1
+        );
     }
 
     #[test]
     fn compressed_descriptor_split_depends_on_cluster_bits() {
         for bits in MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS {
-            let g = Geometry { cluster_bits: bits, refcount_order: 4 };
+            let g = Geometry {
+                cluster_bits: bits,
+                refcount_order: 4,
+            };
             let off = (5u64 << bits) + 1234;
             let len = (g.cluster_size() / 2).max(600);
             let raw = CompressedDescriptor::encode(off, len, &g).unwrap();
@@ -1156,34 +1284,63 @@ mod tests {
             assert_eq!(L2Entry::Compressed(d).encode(&g), raw);
         }
         // 64 KiB clusters: the offset field is 54 bits wide.
-        let g = Geometry { cluster_bits: 16, refcount_order: 4 };
+        let g = Geometry {
+            cluster_bits: 16,
+            refcount_order: 4,
+        };
         assert_eq!(g.compressed_sector_shift(), 54);
         let raw = OFLAG_COMPRESSED | (3u64 << 54) | 0x1_0200;
         let d = CompressedDescriptor::decode(raw, &g);
-        assert_eq!(d, CompressedDescriptor { host_offset: 0x1_0200, sectors: 4 });
+        assert_eq!(
+            d,
+            CompressedDescriptor {
+                host_offset: 0x1_0200,
+                sectors: 4
+            }
+        );
         assert_eq!(d.byte_len(), 2048);
         assert!(CompressedDescriptor::encode(1 << 60, 10, &g).is_none());
     }
 
     #[test]
     fn l2_entry_decodes_every_cluster_kind() {
-        let g = Geometry { cluster_bits: 16, refcount_order: 4 };
+        let g = Geometry {
+            cluster_bits: 16,
+            refcount_order: 4,
+        };
         assert_eq!(L2Entry::decode(0, &g).unwrap(), L2Entry::Unallocated);
-        assert_eq!(L2Entry::decode(1, &g).unwrap(), L2Entry::Zero { host: None });
+        assert_eq!(
+            L2Entry::decode(1, &g).unwrap(),
+            L2Entry::Zero { host: None }
+        );
         assert_eq!(
             L2Entry::decode(OFLAG_COPIED | 0x30000 | 1, &g).unwrap(),
-            L2Entry::Zero { host: Some(0x30000) }
+            L2Entry::Zero {
+                host: Some(0x30000)
+            }
         );
         assert_eq!(
             L2Entry::decode(OFLAG_COPIED | 0x30000, &g).unwrap(),
-            L2Entry::Normal { host: 0x30000, copied: true }
+            L2Entry::Normal {
+                host: 0x30000,
+                copied: true
+            }
         );
-        assert_eq!(L2Entry::decode(0x30000, &g).unwrap(), L2Entry::Normal { host: 0x30000, copied: false });
+        assert_eq!(
+            L2Entry::decode(0x30000, &g).unwrap(),
+            L2Entry::Normal {
+                host: 0x30000,
+                copied: false
+            }
+        );
         assert!(L2Entry::decode(0x30200, &g).is_err());
         for e in [
             L2Entry::Unallocated,
             L2Entry::Zero { host: None },
-            L2Entry::Normal { host: 0x50000, copied: true },
+            L2Entry::Normal {
+                host: 0x50000,
+                copied: true,
+            },
         ] {
             assert_eq!(L2Entry::decode(e.encode(&g), &g).unwrap(), e);
         }
@@ -1193,7 +1350,10 @@ mod tests {
     fn refcounts_of_every_order_round_trip_without_touching_neighbours() {
         for order in 0..=MAX_REFCOUNT_ORDER {
             let mut block = vec![0u8; 512];
-            let g = Geometry { cluster_bits: 9, refcount_order: order };
+            let g = Geometry {
+                cluster_bits: 9,
+                refcount_order: order,
+            };
             let n = g.refcount_block_entries();
             let max = g.refcount_max();
             for i in 0..n {
@@ -1202,7 +1362,11 @@ mod tests {
             }
             for i in 0..n {
                 let v = if i % 3 == 0 { max } else { (i * 7) & max };
-                assert_eq!(refcount_get(&block, order, i), Some(v), "order {order} index {i}");
+                assert_eq!(
+                    refcount_get(&block, order, i),
+                    Some(v),
+                    "order {order} index {i}"
+                );
             }
             assert_eq!(refcount_get(&block, order, n), None);
             assert!(refcount_set(&mut block, order, n, 1).is_err());
@@ -1227,7 +1391,10 @@ mod tests {
         let exts = vec![
             HeaderExtension::BackingFormat("raw".into()),
             HeaderExtension::FeatureNames(default_feature_names()),
-            HeaderExtension::Unknown { kind: 0x1234_5678, data: vec![1, 2, 3] },
+            HeaderExtension::Unknown {
+                kind: 0x1234_5678,
+                data: vec![1, 2, 3],
+            },
         ];
         let b = serialize_extensions(&exts);
         assert_eq!(b.len() % 8, 0);

@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::RwLock;
 
 /// Positional I/O on the file that holds a qcow2 image.
+#[allow(clippy::len_without_is_empty)]
 pub trait HostFile: Send + Sync {
     /// Fills `buf` from `offset`; bytes past the end of the file read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
@@ -78,7 +79,9 @@ const MEM_HOST_MAX: u64 = 4 << 30;
 impl MemHost {
     /// A file with `data` as its content.
     pub fn new(data: Vec<u8>) -> Self {
-        MemHost { data: RwLock::new(data) }
+        MemHost {
+            data: RwLock::new(data),
+        }
     }
 
     /// A copy of the content.
@@ -127,7 +130,10 @@ impl HostFile for MemHost {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let (_, end) = mem_range(len, 0)?;
-        self.data.write().unwrap_or_else(|e| e.into_inner()).resize(end, 0);
+        self.data
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(end, 0);
         Ok(())
     }
 }

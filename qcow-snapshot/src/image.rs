@@ -36,8 +36,8 @@ use blockdev::{check_range, BlockDev, BlockError, Result};
 use crate::compress::decompress;
 use crate::error::OpenImageError;
 use crate::format::{
-    self, incompat, l1_entry_offset, parse_extensions, reftable_entry_offset, refcount_get,
-    refcount_set, table_from_bytes, table_to_bytes, CompressedDescriptor, CompressionType,
+    self, incompat, l1_entry_offset, parse_extensions, refcount_get, refcount_set,
+    reftable_entry_offset, table_from_bytes, table_to_bytes, CompressedDescriptor, CompressionType,
     Geometry, Header, HeaderExtension, L2Entry, AUTOCLEAR_FEATURES_OFFSET,
     INCOMPATIBLE_FEATURES_OFFSET, MAX_REFCOUNT_TABLE_BYTES, OFLAG_COPIED,
     REFCOUNT_TABLE_OFFSET_OFFSET,
@@ -115,7 +115,11 @@ impl ImageHeader {
         header.validate(file_len)?;
         let start = header.extensions_start() as usize;
         let end = header.extensions_end() as usize;
-        let extensions = if start < end { parse_extensions(&cluster[start..end])? } else { Vec::new() };
+        let extensions = if start < end {
+            parse_extensions(&cluster[start..end])?
+        } else {
+            Vec::new()
+        };
         let backing = if header.backing_file_offset != 0 {
             let s = header.backing_file_offset as usize;
             let e = s + header.backing_file_size as usize;
@@ -129,16 +133,22 @@ impl ImageHeader {
         } else {
             None
         };
-        Ok(ImageHeader { header, extensions, backing, file_len })
+        Ok(ImageHeader {
+            header,
+            extensions,
+            backing,
+            file_len,
+        })
     }
 
     fn feature_name(&self, kind: u8, bit: u32) -> String {
         self.extensions
             .iter()
             .find_map(|x| match x {
-                HeaderExtension::FeatureNames(v) => {
-                    v.iter().find(|f| f.kind == kind && u32::from(f.bit) == bit).map(|f| f.name.clone())
-                }
+                HeaderExtension::FeatureNames(v) => v
+                    .iter()
+                    .find(|f| f.kind == kind && u32::from(f.bit) == bit)
+                    .map(|f| f.name.clone()),
                 _ => None,
             })
             .unwrap_or_else(|| format!("unknown feature bit {bit}"))
@@ -150,29 +160,52 @@ impl ImageHeader {
         let h = &self.header;
         let unknown = h.incompatible_features & !incompat::SUPPORTED;
         if unknown != 0 {
-            let names: Vec<String> =
-                (0..64).filter(|b| unknown & (1u64 << b) != 0).map(|b| self.feature_name(0, b)).collect();
-            return Err(OpenImageError::Unsupported(format!("incompatible features: {}", names.join(", "))));
+            let names: Vec<String> = (0..64)
+                .filter(|b| unknown & (1u64 << b) != 0)
+                .map(|b| self.feature_name(0, b))
+                .collect();
+            return Err(OpenImageError::Unsupported(format!(
+                "incompatible features: {}",
+                names.join(", ")
+            )));
         }
-        if self.extensions.iter().any(|x| matches!(x, HeaderExtension::ExternalDataFile(_))) {
+        if self
+            .extensions
+            .iter()
+            .any(|x| matches!(x, HeaderExtension::ExternalDataFile(_)))
+        {
             return Err(OpenImageError::Unsupported("external data file".into()));
         }
-        if self.extensions.iter().any(|x| matches!(x, HeaderExtension::FullDiskEncryption(_))) {
+        if self
+            .extensions
+            .iter()
+            .any(|x| matches!(x, HeaderExtension::FullDiskEncryption(_)))
+        {
             return Err(OpenImageError::Unsupported("encryption".into()));
         }
         if read_only {
             return Ok(());
         }
         if h.incompatible_features & incompat::CORRUPT != 0 {
-            return Err(OpenImageError::ReadOnlyOnly("the corrupt bit is set (run a check/repair)".into()));
+            return Err(OpenImageError::ReadOnlyOnly(
+                "the corrupt bit is set (run a check/repair)".into(),
+            ));
         }
         if h.nb_snapshots != 0 {
-            return Err(OpenImageError::ReadOnlyOnly(format!("image has {} internal snapshots", h.nb_snapshots)));
+            return Err(OpenImageError::ReadOnlyOnly(format!(
+                "image has {} internal snapshots",
+                h.nb_snapshots
+            )));
         }
-        if self.extensions.iter().any(|x| matches!(x, HeaderExtension::Bitmaps(_)))
+        if self
+            .extensions
+            .iter()
+            .any(|x| matches!(x, HeaderExtension::Bitmaps(_)))
             || h.autoclear_features & format::autoclear::BITMAPS != 0
         {
-            return Err(OpenImageError::ReadOnlyOnly("image has persistent bitmaps".into()));
+            return Err(OpenImageError::ReadOnlyOnly(
+                "image has persistent bitmaps".into(),
+            ));
         }
         Ok(())
     }
@@ -220,7 +253,10 @@ fn corrupt(msg: String) -> BlockError {
 }
 
 fn no_space(what: &str) -> BlockError {
-    BlockError::Io(io::Error::new(io::ErrorKind::StorageFull, format!("qcow2 limit reached: {what}")))
+    BlockError::Io(io::Error::new(
+        io::ErrorKind::StorageFull,
+        format!("qcow2 limit reached: {what}"),
+    ))
 }
 
 impl Meta {
@@ -243,7 +279,9 @@ impl Meta {
             || (l1_end > l1_start && overlaps(l1_start, l1_end))
             || overlaps(rt_start, rt_end)
         {
-            return Err(corrupt(format!("{what} offset {off:#x} is invalid (misaligned, past EOF or over metadata)")));
+            return Err(corrupt(format!(
+                "{what} offset {off:#x} is invalid (misaligned, past EOF or over metadata)"
+            )));
         }
         Ok(())
     }
@@ -252,17 +290,33 @@ impl Meta {
         if !self.l2.contains_key(&off) {
             self.check_host_cluster(off, "L2 table")?;
             if self.l2.len() >= self.l2_cap {
-                if let Some(victim) = self.l2.iter().filter(|(_, t)| !t.dirty).min_by_key(|(_, t)| t.used).map(|(k, _)| *k) {
+                if let Some(victim) = self
+                    .l2
+                    .iter()
+                    .filter(|(_, t)| !t.dirty)
+                    .min_by_key(|(_, t)| t.used)
+                    .map(|(k, _)| *k)
+                {
                     self.l2.remove(&victim);
                 }
             }
             let mut buf = vec![0u8; self.cs() as usize];
             io.read_at(&mut buf, off)?;
-            self.l2.insert(off, CachedL2 { entries: table_from_bytes(&buf), dirty: false, used: 0 });
+            self.l2.insert(
+                off,
+                CachedL2 {
+                    entries: table_from_bytes(&buf),
+                    dirty: false,
+                    used: 0,
+                },
+            );
         }
         self.tick += 1;
         let tick = self.tick;
-        let t = self.l2.get_mut(&off).ok_or_else(|| corrupt("L2 cache".into()))?;
+        let t = self
+            .l2
+            .get_mut(&off)
+            .ok_or_else(|| corrupt("L2 cache".into()))?;
         t.used = tick;
         Ok(t)
     }
@@ -271,26 +325,42 @@ impl Meta {
         if !self.blocks.contains_key(&off) {
             self.check_host_cluster(off, "refcount block")?;
             if self.blocks.len() >= self.block_cap {
-                if let Some(victim) =
-                    self.blocks.iter().filter(|(_, t)| !t.dirty).min_by_key(|(_, t)| t.used).map(|(k, _)| *k)
+                if let Some(victim) = self
+                    .blocks
+                    .iter()
+                    .filter(|(_, t)| !t.dirty)
+                    .min_by_key(|(_, t)| t.used)
+                    .map(|(k, _)| *k)
                 {
                     self.blocks.remove(&victim);
                 }
             }
             let mut buf = vec![0u8; self.cs() as usize];
             io.read_at(&mut buf, off)?;
-            self.blocks.insert(off, CachedBlock { data: buf, dirty: false, used: 0 });
+            self.blocks.insert(
+                off,
+                CachedBlock {
+                    data: buf,
+                    dirty: false,
+                    used: 0,
+                },
+            );
         }
         self.tick += 1;
         let tick = self.tick;
-        let b = self.blocks.get_mut(&off).ok_or_else(|| corrupt("refcount cache".into()))?;
+        let b = self
+            .blocks
+            .get_mut(&off)
+            .ok_or_else(|| corrupt("refcount cache".into()))?;
         b.used = tick;
         Ok(b)
     }
 
     fn refcount(&mut self, io: &dyn HostFile, host: u64) -> Result<u64> {
         let idx = self.geo.refcount_table_index(host) as usize;
-        let Some(&e) = self.reftable.get(idx) else { return Ok(0) };
+        let Some(&e) = self.reftable.get(idx) else {
+            return Ok(0);
+        };
         let bo = reftable_entry_offset(e);
         if bo == 0 {
             return Ok(0);
@@ -303,7 +373,9 @@ impl Meta {
 
     fn set_refcount(&mut self, io: &dyn HostFile, host: u64, value: u64, depth: u32) -> Result<()> {
         if depth > 8 {
-            return Err(corrupt("refcount block allocation does not converge".into()));
+            return Err(corrupt(
+                "refcount block allocation does not converge".into(),
+            ));
         }
         let idx = self.geo.refcount_table_index(host) as usize;
         if idx >= self.reftable.len() {
@@ -312,14 +384,27 @@ impl Meta {
             }
             self.grow_reftable(io, idx)?;
         }
-        let mut bo = self.reftable.get(idx).map_or(0, |&e| reftable_entry_offset(e));
+        let mut bo = self
+            .reftable
+            .get(idx)
+            .map_or(0, |&e| reftable_entry_offset(e));
         if bo == 0 {
             if value == 0 {
                 return Ok(());
             }
             bo = self.file_end;
-            self.file_end = bo.checked_add(self.cs()).filter(|&e| e <= MAX_HOST_OFFSET).ok_or_else(|| no_space("file size"))?;
-            self.blocks.insert(bo, CachedBlock { data: vec![0; self.cs() as usize], dirty: true, used: self.tick });
+            self.file_end = bo
+                .checked_add(self.cs())
+                .filter(|&e| e <= MAX_HOST_OFFSET)
+                .ok_or_else(|| no_space("file size"))?;
+            self.blocks.insert(
+                bo,
+                CachedBlock {
+                    data: vec![0; self.cs() as usize],
+                    dirty: true,
+                    used: self.tick,
+                },
+            );
             self.dirty += 1;
             self.reftable[idx] = bo;
             self.reftable_dirty.insert(idx);
@@ -328,7 +413,8 @@ impl Meta {
         let order = self.geo.refcount_order;
         let bi = self.geo.refcount_block_index(host) as u64;
         let b = self.block(io, bo)?;
-        refcount_set(&mut b.data, order, bi, value).map_err(|e| corrupt(format!("refcount overflow: {e}")))?;
+        refcount_set(&mut b.data, order, bi, value)
+            .map_err(|e| corrupt(format!("refcount overflow: {e}")))?;
         if !b.dirty {
             b.dirty = true;
             self.dirty += 1;
@@ -358,7 +444,11 @@ impl Meta {
                 let first = g.refcount_table_index(start);
                 let last = g.refcount_table_index(end - 1);
                 missing = (first..=last)
-                    .filter(|&i| self.reftable.get(i as usize).map_or(true, |&e| reftable_entry_offset(e) == 0))
+                    .filter(|&i| {
+                        self.reftable
+                            .get(i as usize)
+                            .is_none_or(|&e| reftable_entry_offset(e) == 0)
+                    })
                     .collect();
                 if missing.len() as u64 == nb || rounds > 8 {
                     break;
@@ -383,7 +473,14 @@ impl Meta {
         for (k, &i) in missing.iter().enumerate() {
             let off = start + (tclusters + k as u64) * cs;
             table[i as usize] = off;
-            self.blocks.insert(off, CachedBlock { data: vec![0; cs as usize], dirty: true, used: self.tick });
+            self.blocks.insert(
+                off,
+                CachedBlock {
+                    data: vec![0; cs as usize],
+                    dirty: true,
+                    used: self.tick,
+                },
+            );
             self.dirty += 1;
         }
         let old_off = self.header.refcount_table_offset;
@@ -449,7 +546,9 @@ impl Meta {
         for c in frees {
             let r = self.refcount(io, c)?;
             if r == 0 {
-                return Err(corrupt(format!("refcount of in-use cluster {c:#x} is already 0")));
+                return Err(corrupt(format!(
+                    "refcount of in-use cluster {c:#x} is already 0"
+                )));
             }
             self.set_refcount(io, c, r - 1, 0)?;
             if r == 1 && c < self.free_hint {
@@ -480,7 +579,10 @@ impl Meta {
         if !self.reftable_dirty.is_empty() {
             for &i in &self.reftable_dirty {
                 let e = self.reftable.get(i).copied().unwrap_or(0);
-                io.write_at(&e.to_be_bytes(), self.header.refcount_table_offset + i as u64 * 8)?;
+                io.write_at(
+                    &e.to_be_bytes(),
+                    self.header.refcount_table_offset + i as u64 * 8,
+                )?;
             }
             io.sync_data()?;
             self.reftable_dirty.clear();
@@ -529,15 +631,19 @@ impl Meta {
     /// The decoded, validated L2 entry of guest cluster `gc`.
     fn entry(&mut self, io: &dyn HostFile, gc: u64) -> Result<L2Entry> {
         let raw = self.raw_entry(io, gc)?;
-        let e = L2Entry::decode(raw, &self.geo).map_err(|e| corrupt(format!("guest cluster {gc}: {e}")))?;
+        let e = L2Entry::decode(raw, &self.geo)
+            .map_err(|e| corrupt(format!("guest cluster {gc}: {e}")))?;
         match e {
             L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host) } => {
                 self.check_host_cluster(host, "data cluster")?;
             }
-            L2Entry::Compressed(d) => {
-                if d.host_offset < self.cs() || d.host_offset >= self.file_end {
-                    return Err(corrupt(format!("compressed cluster at {:#x} is outside the file", d.host_offset)));
-                }
+            L2Entry::Compressed(d)
+                if d.host_offset < self.cs() || d.host_offset >= self.file_end =>
+            {
+                return Err(corrupt(format!(
+                    "compressed cluster at {:#x} is outside the file",
+                    d.host_offset
+                )));
             }
             _ => {}
         }
@@ -549,24 +655,39 @@ impl Meta {
         let l2e = self.geo.l2_entries();
         let l1i = (gc / l2e) as usize;
         let l2i = (gc % l2e) as usize;
-        let l1e = *self.l1.get(l1i).ok_or_else(|| corrupt(format!("guest cluster {gc} beyond the L1 table")))?;
+        let l1e = *self
+            .l1
+            .get(l1i)
+            .ok_or_else(|| corrupt(format!("guest cluster {gc} beyond the L1 table")))?;
         let mut off = l1_entry_offset(l1e);
         if off == 0 {
             off = self.alloc(io, 1)?;
             let entries = vec![0u64; l2e as usize];
-            self.l2.insert(off, CachedL2 { entries, dirty: true, used: self.tick });
+            self.l2.insert(
+                off,
+                CachedL2 {
+                    entries,
+                    dirty: true,
+                    used: self.tick,
+                },
+            );
             self.dirty += 1;
             self.l1[l1i] = off | OFLAG_COPIED;
             self.l1_dirty.insert(l1i);
         } else if l1e & OFLAG_COPIED == 0 {
             if self.refcount(io, off)? != 1 {
-                return Err(BlockError::Unsupported("writing to an L2 table shared with a snapshot"));
+                return Err(BlockError::Unsupported(
+                    "writing to an L2 table shared with a snapshot",
+                ));
             }
             self.l1[l1i] = off | OFLAG_COPIED;
             self.l1_dirty.insert(l1i);
         }
         let t = self.l2_table(io, off)?;
-        let slot = t.entries.get_mut(l2i).ok_or_else(|| corrupt("L2 index".into()))?;
+        let slot = t
+            .entries
+            .get_mut(l2i)
+            .ok_or_else(|| corrupt("L2 index".into()))?;
         *slot = raw;
         let newly_dirty = !t.dirty;
         t.dirty = true;
@@ -606,7 +727,7 @@ impl Meta {
         while pos < end {
             let gc = pos >> self.geo.cluster_bits;
             let l1i = (gc / self.geo.l2_entries()) as usize;
-            let (n, mapping) = if self.l1.get(l1i).map_or(true, |&e| l1_entry_offset(e) == 0) {
+            let (n, mapping) = if self.l1.get(l1i).is_none_or(|&e| l1_entry_offset(e) == 0) {
                 let run_end = ((l1i as u64 + 1) * cov).min(end);
                 (run_end - pos, Mapping::Unallocated)
             } else {
@@ -639,7 +760,11 @@ impl Meta {
                 _ => false,
             };
             if !merged {
-                out.push(Extent { offset: pos, len: n, mapping });
+                out.push(Extent {
+                    offset: pos,
+                    len: n,
+                    mapping,
+                });
             }
             pos += n;
         }
@@ -661,7 +786,14 @@ enum Step {
     /// Write in place at this host offset.
     Direct { host: u64, guest: u64, len: u64 },
     /// Allocate guest cluster `gc` at `target`, filling what the write does not cover.
-    Alloc { gc: u64, target: u64, fresh: bool, fill: Fill, guest: u64, len: u64 },
+    Alloc {
+        gc: u64,
+        target: u64,
+        fresh: bool,
+        fill: Fill,
+        guest: u64,
+        len: u64,
+    },
     /// Another request is allocating this cluster; retry after it finishes.
     Blocked { guest: u64, len: u64 },
 }
@@ -734,11 +866,16 @@ impl QcowImage {
                     io.write_at(&0u64.to_be_bytes(), AUTOCLEAR_FEATURES_OFFSET as u64)?;
                 }
                 header.incompatible_features |= incompat::DIRTY;
-                io.write_at(&header.incompatible_features.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64)?;
+                io.write_at(
+                    &header.incompatible_features.to_be_bytes(),
+                    INCOMPATIBLE_FEATURES_OFFSET as u64,
+                )?;
                 io.sync_data()?;
             }
         }
-        let file_end = geo.align_up(io.len()?).ok_or(format::DecodeError::Overflow("file size"))?;
+        let file_end = geo
+            .align_up(io.len()?)
+            .ok_or(format::DecodeError::Overflow("file size"))?;
         let l2_cap = ((32u64 << 20) / cs).clamp(16, 4096) as usize;
         let block_cap = ((8u64 << 20) / cs).clamp(8, 1024) as usize;
         let dirty_cap = ((16u64 << 20) / cs).clamp(8, 1024) as usize;
@@ -774,10 +911,21 @@ impl QcowImage {
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             gate: RwLock::new(()),
-            corrupt: AtomicBool::new(header.incompatible_features & incompat::CORRUPT != 0 && !read_only),
+            corrupt: AtomicBool::new(
+                header.incompatible_features & incompat::CORRUPT != 0 && !read_only,
+            ),
             closed: AtomicBool::new(false),
             zcache: Mutex::new(None),
         })
+    }
+
+    /// Overrides the metadata cache bounds: cached L2 tables, cached refcount blocks, and dirty
+    /// tables/blocks that force an internal flush (tests use tiny values to exercise eviction).
+    pub fn set_cache_limits(&self, l2_tables: usize, refcount_blocks: usize, dirty: usize) {
+        let mut m = self.lock();
+        m.l2_cap = l2_tables.max(1);
+        m.block_cap = refcount_blocks.max(1);
+        m.dirty_cap = dirty.max(1);
     }
 
     /// The cluster geometry.
@@ -844,7 +992,9 @@ impl QcowImage {
                     m.header.incompatible_features |= incompat::CORRUPT;
                     let v = m.header.incompatible_features;
                     drop(m);
-                    let _ = self.io.write_at(&v.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64);
+                    let _ = self
+                        .io
+                        .write_at(&v.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64);
                     let _ = self.io.sync_data();
                 }
             }
@@ -862,7 +1012,9 @@ impl QcowImage {
         let avail = bsize.saturating_sub(off).min(buf.len() as u64) as usize;
         if avail > 0 {
             b.read_at(&mut buf[..avail], off).map_err(|e| match e {
-                BlockError::Corrupt(m) => BlockError::Io(io::Error::other(format!("backing image corrupt: {m}"))),
+                BlockError::Corrupt(m) => {
+                    BlockError::Io(io::Error::other(format!("backing image corrupt: {m}")))
+                }
                 other => other,
             })?;
         }
@@ -944,27 +1096,58 @@ impl QcowImage {
                     } else {
                         let e = m.entry(&*self.io, gc)?;
                         let step = match e {
-                            L2Entry::Normal { host, copied: true } => Step::Direct { host: host + in_off, guest: pos, len: n },
-                            L2Entry::Zero { host: Some(h) } => {
-                                Step::Alloc { gc, target: h, fresh: false, fill: Fill::Zero, guest: pos, len: n }
-                            }
-                            L2Entry::Normal { host, copied: false } => {
-                                Step::Alloc { gc, target: 0, fresh: true, fill: Fill::Host(host), guest: pos, len: n }
-                            }
-                            L2Entry::Zero { host: None } => {
-                                Step::Alloc { gc, target: 0, fresh: true, fill: Fill::Zero, guest: pos, len: n }
-                            }
+                            L2Entry::Normal { host, copied: true } => Step::Direct {
+                                host: host + in_off,
+                                guest: pos,
+                                len: n,
+                            },
+                            L2Entry::Zero { host: Some(h) } => Step::Alloc {
+                                gc,
+                                target: h,
+                                fresh: false,
+                                fill: Fill::Zero,
+                                guest: pos,
+                                len: n,
+                            },
+                            L2Entry::Normal {
+                                host,
+                                copied: false,
+                            } => Step::Alloc {
+                                gc,
+                                target: 0,
+                                fresh: true,
+                                fill: Fill::Host(host),
+                                guest: pos,
+                                len: n,
+                            },
+                            L2Entry::Zero { host: None } => Step::Alloc {
+                                gc,
+                                target: 0,
+                                fresh: true,
+                                fill: Fill::Zero,
+                                guest: pos,
+                                len: n,
+                            },
                             L2Entry::Unallocated => Step::Alloc {
                                 gc,
                                 target: 0,
                                 fresh: true,
-                                fill: if self.backing.is_some() { Fill::Backing } else { Fill::Zero },
+                                fill: if self.backing.is_some() {
+                                    Fill::Backing
+                                } else {
+                                    Fill::Zero
+                                },
                                 guest: pos,
                                 len: n,
                             },
-                            L2Entry::Compressed(d) => {
-                                Step::Alloc { gc, target: 0, fresh: true, fill: Fill::Compressed(d), guest: pos, len: n }
-                            }
+                            L2Entry::Compressed(d) => Step::Alloc {
+                                gc,
+                                target: 0,
+                                fresh: true,
+                                fill: Fill::Compressed(d),
+                                guest: pos,
+                                len: n,
+                            },
                         };
                         if let Step::Alloc { fresh: f, .. } = step {
                             m.inflight.insert(gc);
@@ -980,7 +1163,12 @@ impl QcowImage {
                     let base = m.alloc(&*self.io, fresh)?;
                     let mut k = 0;
                     for s in steps.iter_mut() {
-                        if let Step::Alloc { target, fresh: true, .. } = s {
+                        if let Step::Alloc {
+                            target,
+                            fresh: true,
+                            ..
+                        } = s
+                        {
                             *target = base + k * cs;
                             k += 1;
                         }
@@ -1018,7 +1206,9 @@ impl QcowImage {
         let mut undo = Vec::new();
         for s in &steps {
             match *s {
-                Step::Alloc { gc, target, fresh, .. } => {
+                Step::Alloc {
+                    gc, target, fresh, ..
+                } => {
                     m.inflight.remove(&gc);
                     if publish.is_err() && fresh {
                         undo.push(target);
@@ -1050,7 +1240,12 @@ impl QcowImage {
                 Step::Direct { host, guest, len } => {
                     // Coalesce host- and guest-contiguous in-place writes.
                     let (mut tot, mut j) = (len, i + 1);
-                    while let Some(Step::Direct { host: h2, guest: g2, len: l2 }) = steps.get(j) {
+                    while let Some(Step::Direct {
+                        host: h2,
+                        guest: g2,
+                        len: l2,
+                    }) = steps.get(j)
+                    {
                         if *h2 != host + tot || *g2 != guest + tot {
                             break;
                         }
@@ -1060,10 +1255,23 @@ impl QcowImage {
                     self.io.write_at(slice(guest, tot), host)?;
                     i = j;
                 }
-                Step::Alloc { gc, target, fill, guest, len, .. } => {
+                Step::Alloc {
+                    gc,
+                    target,
+                    fill,
+                    guest,
+                    len,
+                    ..
+                } => {
                     if len == cs {
                         let (mut tot, mut j) = (len, i + 1);
-                        while let Some(Step::Alloc { target: t2, guest: g2, len: l2, .. }) = steps.get(j) {
+                        while let Some(Step::Alloc {
+                            target: t2,
+                            guest: g2,
+                            len: l2,
+                            ..
+                        }) = steps.get(j)
+                        {
                             if *l2 != cs || *t2 != target + tot || *g2 != guest + tot {
                                 break;
                             }
@@ -1088,7 +1296,12 @@ impl QcowImage {
     }
 
     /// Waits until no cluster of `[off, off+len)` has an allocation in flight.
-    fn wait_inflight<'a>(&'a self, mut m: MutexGuard<'a, Meta>, off: u64, len: u64) -> MutexGuard<'a, Meta> {
+    fn wait_inflight<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        off: u64,
+        len: u64,
+    ) -> MutexGuard<'a, Meta> {
         if len == 0 {
             return m;
         }
@@ -1146,7 +1359,7 @@ impl QcowImage {
             }
             // Skip an entire unmapped L2 range at once when it already reads as zeros.
             let l1i = (gc / self.geo.l2_entries()) as usize;
-            if self.backing.is_none() && m.l1.get(l1i).map_or(true, |&e| l1_entry_offset(e) == 0) {
+            if self.backing.is_none() && m.l1.get(l1i).is_none_or(|&e| l1_entry_offset(e) == 0) {
                 let next = ((l1i as u64 + 1) * self.geo.l2_coverage()).min(end);
                 // Only whole clusters are skipped; a trailing partial one is handled next round.
                 pos = next;
@@ -1158,7 +1371,9 @@ impl QcowImage {
                     L2Entry::Unallocated if self.backing.is_none() => None,
                     L2Entry::Zero { host: Some(_) } if !unmap => None,
                     L2Entry::Zero { host: None } => None,
-                    L2Entry::Normal { host, copied: true } if !unmap => Some(L2Entry::Zero { host: Some(host) }),
+                    L2Entry::Normal { host, copied: true } if !unmap => {
+                        Some(L2Entry::Zero { host: Some(host) })
+                    }
                     _ => Some(L2Entry::Zero { host: None }),
                 };
                 if let Some(new) = new {
@@ -1218,7 +1433,8 @@ impl QcowImage {
             let mut m = self.lock();
             m.header.incompatible_features &= !incompat::DIRTY;
             let v = m.header.incompatible_features;
-            self.io.write_at(&v.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64)?;
+            self.io
+                .write_at(&v.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64)?;
             self.io.sync_data()?;
         }
         Ok(())
@@ -1236,7 +1452,10 @@ impl QcowImage {
                 let base = l1i * self.geo.l2_coverage();
                 let span = self.geo.l2_coverage().min(self.size.saturating_sub(base));
                 let mut m = self.wait_inflight(self.lock(), base, span);
-                if m.l1.get(l1i as usize).map_or(true, |&e| l1_entry_offset(e) == 0) {
+                if m.l1
+                    .get(l1i as usize)
+                    .is_none_or(|&e| l1_entry_offset(e) == 0)
+                {
                     continue;
                 }
                 for k in 0..l2e {
@@ -1257,7 +1476,9 @@ impl QcowImage {
             Ok(())
         })();
         drop(_g);
-        let r = r.and_then(|()| self.flush_inner()).and_then(|()| self.flush_inner());
+        let r = r
+            .and_then(|()| self.flush_inner())
+            .and_then(|()| self.flush_inner());
         self.finish(r)
     }
 }
@@ -1292,7 +1513,7 @@ impl BlockDev for QcowImage {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only || self.closed.load(Ordering::Acquire) {
             return Ok(());
         }
         self.check_writable()?;

@@ -10,18 +10,18 @@
 //! Locking model: see [`image`]; the other modules are lock-free.
 
 pub mod api;
+pub mod check;
 pub mod compress;
 pub mod create;
 pub mod error;
-pub mod check;
 pub mod format;
 pub mod host;
 pub mod image;
 pub mod refcount;
 
 pub use api::{
-    checksum, checksum_dev, commit, create_snapshot_overlay, export, info, open_image, open_qcow2, probe_format,
-    resolve_backing_path, Format, ImageInfo,
+    checksum, checksum_dev, commit, create_snapshot_overlay, export, info, open_image, open_qcow2,
+    probe_format, resolve_backing_path, Format, ImageInfo,
 };
 pub use create::{create, create_on, CreateOptions};
 pub use error::{CreateImageError, ImageOpError, OpenImageError};

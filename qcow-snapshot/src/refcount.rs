@@ -49,7 +49,11 @@ pub struct RefcountLayout {
 
 /// Lays out a refcount structure at host cluster index `start` describing `counts` (one count
 /// per host cluster from 0) plus the structure's own clusters (count 1 each).
-pub fn build_layout(g: &Geometry, counts: &[u32], start: u64) -> Result<RefcountLayout, RebuildRefcountsError> {
+pub fn build_layout(
+    g: &Geometry,
+    counts: &[u32],
+    start: u64,
+) -> Result<RefcountLayout, RebuildRefcountsError> {
     let cs = g.cluster_size();
     let rbe = g.refcount_block_entries();
     let too_large = || RebuildRefcountsError::TooLarge("host offsets overflow".into());
@@ -68,7 +72,9 @@ pub fn build_layout(g: &Geometry, counts: &[u32], start: u64) -> Result<Refcount
     loop {
         iterations += 1;
         if iterations > 64 {
-            return Err(RebuildRefcountsError::TooLarge("layout does not converge".into()));
+            return Err(RebuildRefcountsError::TooLarge(
+                "layout does not converge".into(),
+            ));
         }
         let end = start
             .checked_add(table_clusters)
@@ -90,7 +96,9 @@ pub fn build_layout(g: &Geometry, counts: &[u32], start: u64) -> Result<Refcount
     }
     let table_bytes = table_clusters.checked_mul(cs).ok_or_else(too_large)?;
     if table_bytes > MAX_REFCOUNT_TABLE_BYTES {
-        return Err(RebuildRefcountsError::TooLarge(format!("refcount table of {table_bytes} bytes")));
+        return Err(RebuildRefcountsError::TooLarge(format!(
+            "refcount table of {table_bytes} bytes"
+        )));
     }
     let table_offset = start.checked_mul(cs).ok_or_else(too_large)?;
     let mut table = vec![0u64; (table_bytes / 8) as usize];
@@ -121,30 +129,49 @@ pub fn build_layout(g: &Geometry, counts: &[u32], start: u64) -> Result<Refcount
         }
         blocks.push((off, data));
     }
-    Ok(RefcountLayout { table_offset, table_clusters, table, blocks, end: end_cluster * cs })
+    Ok(RefcountLayout {
+        table_offset,
+        table_clusters,
+        table,
+        blocks,
+        end: end_cluster * cs,
+    })
 }
 
-fn bump(counts: &mut [u32], g: &Geometry, off: u64, what: &str) -> Result<(), RebuildRefcountsError> {
+fn bump(
+    counts: &mut [u32],
+    g: &Geometry,
+    off: u64,
+    what: &str,
+) -> Result<(), RebuildRefcountsError> {
     let i = usize::try_from(off >> g.cluster_bits).unwrap_or(usize::MAX);
     match counts.get_mut(i) {
         Some(c) => {
             *c = c.saturating_add(1);
             Ok(())
         }
-        None => Err(RebuildRefcountsError::Corrupt(format!("{what} at {off:#x} lies past the end of the file"))),
+        None => Err(RebuildRefcountsError::Corrupt(format!(
+            "{what} at {off:#x} lies past the end of the file"
+        ))),
     }
 }
 
 /// Counts the references of every host cluster reachable from the header and the active L1
 /// table (header cluster, L1 table, L2 tables, data and compressed clusters). Snapshots and
 /// bitmaps are not counted: images with them are never opened read-write.
-pub fn count_references(host: &dyn HostFile, h: &Header, l1: &[u64]) -> Result<Vec<u32>, RebuildRefcountsError> {
+pub fn count_references(
+    host: &dyn HostFile,
+    h: &Header,
+    l1: &[u64],
+) -> Result<Vec<u32>, RebuildRefcountsError> {
     let g = h.geometry();
     let cs = g.cluster_size();
     let file_len = host.len()?;
     let nclusters = g.clusters_for(file_len);
     if nclusters > MAX_REBUILD_CLUSTERS {
-        return Err(RebuildRefcountsError::TooLarge(format!("{nclusters} host clusters")));
+        return Err(RebuildRefcountsError::TooLarge(format!(
+            "{nclusters} host clusters"
+        )));
     }
     let mut counts = vec![0u32; nclusters.max(1) as usize];
     bump(&mut counts, &g, 0, "header")?;
@@ -161,7 +188,9 @@ pub fn count_references(host: &dyn HostFile, h: &Header, l1: &[u64]) -> Result<V
             continue;
         }
         if !g.is_aligned(l2) || l2 < cs || l2 >= file_len {
-            return Err(RebuildRefcountsError::Corrupt(format!("L2 table offset {l2:#x} invalid")));
+            return Err(RebuildRefcountsError::Corrupt(format!(
+                "L2 table offset {l2:#x} invalid"
+            )));
         }
         bump(&mut counts, &g, l2, "L2 table")?;
         host.read_at(&mut buf, l2)?;
@@ -170,7 +199,9 @@ pub fn count_references(host: &dyn HostFile, h: &Header, l1: &[u64]) -> Result<V
                 Ok(L2Entry::Unallocated) | Ok(L2Entry::Zero { host: None }) => {}
                 Ok(L2Entry::Normal { host: d, .. }) | Ok(L2Entry::Zero { host: Some(d) }) => {
                     if d < cs {
-                        return Err(RebuildRefcountsError::Corrupt(format!("data cluster at {d:#x}")));
+                        return Err(RebuildRefcountsError::Corrupt(format!(
+                            "data cluster at {d:#x}"
+                        )));
                     }
                     bump(&mut counts, &g, d, "data cluster")?;
                 }
@@ -196,7 +227,11 @@ pub fn compressed_span(d: &CompressedDescriptor, g: &Geometry) -> (u64, u64) {
 
 /// Rebuilds the refcount structure of an image from its L1/L2 tables and switches the header
 /// to it. Returns the new refcount table; `h` is updated.
-pub fn rebuild_refcounts(host: &dyn HostFile, h: &mut Header, l1: &[u64]) -> Result<Vec<u64>, RebuildRefcountsError> {
+pub fn rebuild_refcounts(
+    host: &dyn HostFile,
+    h: &mut Header,
+    l1: &[u64],
+) -> Result<Vec<u64>, RebuildRefcountsError> {
     let g = h.geometry();
     let counts = count_references(host, h, l1)?;
     let start = g.clusters_for(host.len()?).max(counts.len() as u64);
@@ -224,16 +259,28 @@ pub fn write_layout(host: &dyn HostFile, layout: &RefcountLayout) -> io::Result<
 }
 
 /// Reads refcount `host_off` through `table` (for tests and the check helper).
-pub fn read_refcount(host: &dyn HostFile, g: &Geometry, table: &[u64], host_off: u64) -> io::Result<u64> {
+pub fn read_refcount(
+    host: &dyn HostFile,
+    g: &Geometry,
+    table: &[u64],
+    host_off: u64,
+) -> io::Result<u64> {
     let idx = g.refcount_table_index(host_off) as usize;
-    let Some(&e) = table.get(idx) else { return Ok(0) };
+    let Some(&e) = table.get(idx) else {
+        return Ok(0);
+    };
     let bo = format::reftable_entry_offset(e);
     if bo == 0 {
         return Ok(0);
     }
     let mut b = vec![0u8; g.cluster_size() as usize];
     host.read_at(&mut b, bo)?;
-    Ok(format::refcount_get(&b, g.refcount_order, g.refcount_block_index(host_off) as u64).unwrap_or(0))
+    Ok(format::refcount_get(
+        &b,
+        g.refcount_order,
+        g.refcount_block_index(host_off) as u64,
+    )
+    .unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -244,7 +291,10 @@ mod tests {
     #[test]
     fn layout_counts_its_own_clusters_for_every_order() {
         for order in 0..=6 {
-            let g = Geometry { cluster_bits: 9, refcount_order: order };
+            let g = Geometry {
+                cluster_bits: 9,
+                refcount_order: order,
+            };
             let mut counts = vec![1u32; 300];
             counts[5] = 0;
             let l = build_layout(&g, &counts, 300).unwrap();
@@ -252,7 +302,11 @@ mod tests {
             write_layout(&host, &l).unwrap();
             for c in 0..l.end / 512 {
                 let want = if c == 5 { 0 } else { 1 };
-                assert_eq!(read_refcount(&host, &g, &l.table, c * 512).unwrap(), want, "order {order} cluster {c}");
+                assert_eq!(
+                    read_refcount(&host, &g, &l.table, c * 512).unwrap(),
+                    want,
+                    "order {order} cluster {c}"
+                );
             }
             assert_eq!(read_refcount(&host, &g, &l.table, l.end).unwrap(), 0);
         }
@@ -260,7 +314,13 @@ mod tests {
 
     #[test]
     fn layout_rejects_counts_wider_than_the_refcount_width() {
-        let g = Geometry { cluster_bits: 9, refcount_order: 0 };
-        assert!(matches!(build_layout(&g, &[1, 2], 2), Err(RebuildRefcountsError::TooLarge(_))));
+        let g = Geometry {
+            cluster_bits: 9,
+            refcount_order: 0,
+        };
+        assert!(matches!(
+            build_layout(&g, &[1, 2], 2),
+            Err(RebuildRefcountsError::TooLarge(_))
+        ));
     }
 }

@@ -16,8 +16,14 @@ use qcow_snapshot::check::{check, CheckReport, Repair};
 use qcow_snapshot::format::{self, Header, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
 
 fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success())
-        && Command::new("qemu-io").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Command::new("qemu-io")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("qemu-img/qemu-io not installed: skipping");
     }
@@ -29,7 +35,10 @@ fn s(p: &Path) -> &str {
 }
 
 fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"));
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
     assert!(
         out.status.success(),
         "{prog} {args:?} failed: {}\n{}",
@@ -93,7 +102,10 @@ fn qemu_check(p: &Path, repair: Option<&str>) -> Qemu {
         args.extend(["-r", r]);
     }
     args.push(s(p));
-    let out = Command::new("qemu-img").args(&args).output().expect("qemu-img");
+    let out = Command::new("qemu-img")
+        .args(&args)
+        .output()
+        .expect("qemu-img");
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     Qemu {
         exit: out.status.code().unwrap_or(-1),
@@ -148,7 +160,11 @@ fn assert_same(what: &str, q: &Qemu, r: &CheckReport) {
             x.leaks_fixed,
             x.image_end_offset,
             x.total_clusters,
-            (x.allocated_clusters, x.fragmented_clusters, x.compressed_clusters),
+            (
+                x.allocated_clusters,
+                x.fragmented_clusters,
+                x.compressed_clusters,
+            ),
         )
     };
     assert_eq!(key(q), key(&o), "counts differ: {}", detail());
@@ -159,6 +175,27 @@ fn agree(what: &str, p: &Path) -> CheckReport {
     let q = qemu_check(p, None);
     let r = check(p, None).unwrap_or_else(|e| panic!("{what}: check failed to start: {e}"));
     assert_same(what, &q, &r);
+    if q.json && r.messages_dropped == 0 {
+        // The findings are qemu-img's stderr lines, one for one.
+        let findings = |text: &str| {
+            let mut v: Vec<String> = text
+                .lines()
+                .filter(|l| {
+                    ["ERROR", "Leaked", "Repairing", "Can't get", "Use qemu-img"]
+                        .iter()
+                        .any(|p| l.starts_with(p))
+                })
+                .map(str::to_string)
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            findings(&q.stderr),
+            findings(&r.messages.join("\n")),
+            "{what}: messages differ"
+        );
+    }
     r
 }
 
@@ -173,7 +210,8 @@ fn repair_agrees(what: &str, p: &Path, mode: Repair) -> CheckReport {
     let theirs = p.with_extension(format!("qemu-{flag}"));
     fs::copy(p, &mine).expect("copy");
     fs::copy(p, &theirs).expect("copy");
-    let r = check(&mine, Some(mode)).unwrap_or_else(|e| panic!("{what}: repair failed to start: {e}"));
+    let r =
+        check(&mine, Some(mode)).unwrap_or_else(|e| panic!("{what}: repair failed to start: {e}"));
     let q = qemu_check(&theirs, Some(flag));
     assert_same(&format!("{what}: --repair {flag}"), &q, &r);
     // qemu-img's verdict on the file we repaired must be our post-repair verdict.
@@ -182,9 +220,16 @@ fn repair_agrees(what: &str, p: &Path, mode: Repair) -> CheckReport {
         let mut post = r.clone();
         post.corruptions_fixed = 0;
         post.leaks_fixed = 0;
-        assert_same(&format!("{what}: qemu-img check of our --repair {flag} result"), &after, &post);
+        assert_same(
+            &format!("{what}: qemu-img check of our --repair {flag} result"),
+            &after,
+            &post,
+        );
         // And our check of qemu's repaired file agrees with qemu.
-        agree(&format!("{what}: our check of qemu's --repair {flag} result"), &theirs);
+        agree(
+            &format!("{what}: our check of qemu's --repair {flag} result"),
+            &theirs,
+        );
     }
     r
 }
@@ -209,7 +254,11 @@ fn repair_where_qemu_gives_up(what: &str, p: &Path, qemu_says: &str) {
     let mut post = all.clone();
     post.corruptions_fixed = 0;
     post.leaks_fixed = 0;
-    assert_same(&format!("{what}: qemu-img check of our repair"), &qemu_check(&mine, None), &post);
+    assert_same(
+        &format!("{what}: qemu-img check of our repair"),
+        &qemu_check(&mine, None),
+        &post,
+    );
 }
 
 /// Runs the no-repair comparison and both repairs.
@@ -243,7 +292,14 @@ fn layout(p: &Path) -> Layout {
         .filter(|&d| d != 0)
         .take(8)
         .collect();
-    Layout { cs, order: h.refcount_order, refblock, l1: h.l1_table_offset, l2, data }
+    Layout {
+        cs,
+        order: h.refcount_order,
+        refblock,
+        l1: h.l1_table_offset,
+        l2,
+        data,
+    }
 }
 
 fn poke(p: &Path, off: u64, bytes: &[u8]) {
@@ -262,7 +318,8 @@ fn peek64(p: &Path, off: u64) -> u64 {
 fn set_refcount(p: &Path, l: &Layout, cluster: u64, value: u64) {
     let f = fs::File::open(p).expect("open");
     let mut block = vec![0u8; l.cs as usize];
-    f.read_exact_at(&mut block, l.refblock).expect("read refblock");
+    f.read_exact_at(&mut block, l.refblock)
+        .expect("read refblock");
     format::refcount_set(&mut block, l.order, cluster, value).expect("refcount fits");
     poke(p, l.refblock, &block);
 }
@@ -280,12 +337,24 @@ fn clean_images_of_every_cluster_size_pass_both_checkers() {
     }
     let d = tmp();
     for cs in [512u64, 4096, 65536, 2 << 20] {
-        let io = [format!("write -P 0x5a 0 {}", 3 * cs), format!("write -P 0x6b 5M {cs}")];
+        let io = [
+            format!("write -P 0x5a 0 {}", 3 * cs),
+            format!("write -P 0x6b 5M {cs}"),
+        ];
         let io: Vec<&str> = io.iter().map(String::as_str).collect();
-        let p = make(d.path(), &format!("clean-{cs}.qcow2"), &format!("cluster_size={cs}"), "16M", &io);
+        let p = make(
+            d.path(),
+            &format!("clean-{cs}.qcow2"),
+            &format!("cluster_size={cs}"),
+            "16M",
+            &io,
+        );
         let r = agree(&format!("clean image, cluster size {cs}"), &p);
         assert_eq!(r.exit_code(), 0, "{r}");
-        assert!(r.to_string().contains("No errors were found on the image."), "{r}");
+        assert!(
+            r.to_string().contains("No errors were found on the image."),
+            "{r}"
+        );
     }
 }
 
@@ -296,14 +365,38 @@ fn clean_images_with_compression_backing_snapshots_and_odd_refcount_widths_pass(
     }
     let d = tmp();
     // Compressed clusters (several share host clusters).
-    let p = make(d.path(), "compressed.qcow2", "", "8M", &["write -c -P 0x11 0 64k", "write -c -P 0x22 64k 64k", "write -c -P 0 128k 64k", "write -P 0x33 1M 64k"]);
+    let p = make(
+        d.path(),
+        "compressed.qcow2",
+        "",
+        "8M",
+        &[
+            "write -c -P 0x11 0 64k",
+            "write -c -P 0x22 64k 64k",
+            "write -c -P 0 128k 64k",
+            "write -P 0x33 1M 64k",
+        ],
+    );
     let r = agree("compressed clusters", &p);
     assert!(r.compressed_clusters >= 2, "{r:?}");
     assert_eq!(r.exit_code(), 0);
     // An overlay with a backing file.
     let base = make(d.path(), "base.qcow2", "", "8M", &["write -P 0x44 0 1M"]);
     let ov = d.path().join("overlay.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", s(&base), s(&ov)]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            s(&base),
+            s(&ov),
+        ],
+    );
     run("qemu-io", &["-c", "write -P 0x55 64k 4k", s(&ov)]);
     assert_eq!(agree("overlay with backing", &ov).exit_code(), 0);
     // Internal snapshots: shared clusters with refcount 2, COPIED cleared, snapshot L1s.
@@ -313,12 +406,29 @@ fn clean_images_with_compression_backing_snapshots_and_odd_refcount_widths_pass(
     run("qemu-img", &["snapshot", "-c", "two", s(&sn)]);
     assert_eq!(agree("internal snapshots", &sn).exit_code(), 0);
     // Refcount widths 1 and 64 bits, and a version 2 image.
-    for opts in ["refcount_bits=1", "refcount_bits=64", "compat=0.10", "refcount_bits=8,cluster_size=4096"] {
-        let p = make(d.path(), &format!("{opts}.qcow2"), opts, "8M", IO_TWO_CLUSTERS);
+    for opts in [
+        "refcount_bits=1",
+        "refcount_bits=64",
+        "compat=0.10",
+        "refcount_bits=8,cluster_size=4096",
+    ] {
+        let p = make(
+            d.path(),
+            &format!("{opts}.qcow2"),
+            opts,
+            "8M",
+            IO_TWO_CLUSTERS,
+        );
         assert_eq!(agree(opts, &p).exit_code(), 0, "{opts}");
     }
     // Preallocated metadata (allocated zero clusters everywhere).
-    let pre = make(d.path(), "prealloc.qcow2", "preallocation=metadata", "4M", &["write -z 0 64k"]);
+    let pre = make(
+        d.path(),
+        "prealloc.qcow2",
+        "preallocation=metadata",
+        "4M",
+        &["write -z 0 64k"],
+    );
     assert_eq!(agree("preallocation=metadata", &pre).exit_code(), 0);
 }
 
@@ -333,8 +443,18 @@ fn leaked_cluster_with_bumped_refcount_is_a_leak_and_both_repairs_fix_it() {
     set_refcount(&p, &l, l.data[0] / l.cs, 2);
     let (r, leaks, all) = full("refcount bumped to 2", &p);
     assert_eq!((r.leaks, r.corruptions, r.exit_code()), (1, 1, 2), "{r}");
-    assert!(r.messages.iter().any(|m| m.starts_with("Leaked cluster")), "{:?}", r.messages);
-    assert!(r.messages.iter().any(|m| m.contains("OFLAG_COPIED data cluster")), "{:?}", r.messages);
+    assert!(
+        r.messages.iter().any(|m| m.starts_with("Leaked cluster")),
+        "{:?}",
+        r.messages
+    );
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| m.contains("OFLAG_COPIED data cluster")),
+        "{:?}",
+        r.messages
+    );
     assert_eq!((leaks.leaks_fixed, leaks.exit_code()), (1, 0), "{leaks}");
     assert_eq!((all.leaks_fixed, all.exit_code()), (1, 0), "{all}");
 }
@@ -348,7 +468,13 @@ fn appended_cluster_with_refcount_one_and_no_reference_is_a_leak() {
     for cs in [4096u64, 65536] {
         let io = [format!("write -P 0x11 0 {}", 2 * cs)];
         let io: Vec<&str> = io.iter().map(String::as_str).collect();
-        let p = make(d.path(), &format!("append-{cs}.qcow2"), &format!("cluster_size={cs}"), "16M", &io);
+        let p = make(
+            d.path(),
+            &format!("append-{cs}.qcow2"),
+            &format!("cluster_size={cs}"),
+            "16M",
+            &io,
+        );
         let l = layout(&p);
         let len = fs::metadata(&p).expect("stat").len();
         let extra = len.div_ceil(cs);
@@ -371,18 +497,38 @@ fn zero_refcount_for_a_used_data_cluster_is_corruption_and_repair_all_rebuilds()
         return;
     }
     let d = tmp();
-    for opts in ["", "cluster_size=4096", "cluster_size=512,refcount_bits=64", "refcount_bits=1"] {
-        let p = make(d.path(), &format!("zero{opts}.qcow2"), opts, "64M", IO_TWO_CLUSTERS);
+    for opts in [
+        "",
+        "cluster_size=4096",
+        "cluster_size=512,refcount_bits=64",
+        "refcount_bits=1",
+    ] {
+        let p = make(
+            d.path(),
+            &format!("zero{opts}.qcow2"),
+            opts,
+            "64M",
+            IO_TWO_CLUSTERS,
+        );
         let l = layout(&p);
         set_refcount(&p, &l, l.data[0] / l.cs, 0);
         let (r, leaks, all) = full(&format!("refcount 0 for used cluster ({opts})"), &p);
         assert_eq!(r.exit_code(), 2, "{r}");
-        assert!(r.messages.iter().any(|m| m.contains("refcount=0 reference=1")), "{:?}", r.messages);
+        assert!(
+            r.messages
+                .iter()
+                .any(|m| m.contains("refcount=0 reference=1")),
+            "{:?}",
+            r.messages
+        );
         // Leaks-only repair refuses: the refcount structure must be rebuilt.
         assert_eq!(leaks.exit_code(), 1, "{leaks}");
         assert_eq!(all.exit_code(), 0, "{all}");
         assert!(all.corruptions_fixed >= 1, "{all:?}");
-        assert!(all.repair_messages.iter().any(|m| m == "Rebuilding refcount structure"));
+        assert!(all
+            .repair_messages
+            .iter()
+            .any(|m| m == "Rebuilding refcount structure"));
     }
 }
 
@@ -398,10 +544,24 @@ fn two_l2_entries_pointing_at_the_same_cluster_are_an_overlap() {
     poke(&p, l.l2 + 8, &(OFLAG_COPIED | l.data[0]).to_be_bytes());
     let (r, leaks, all) = full("two L2 entries share a cluster", &p);
     assert_eq!((r.corruptions, r.leaks, r.exit_code()), (1, 1, 2), "{r}");
-    assert!(r.messages.iter().any(|m| m.contains("refcount=1 reference=2")), "{:?}", r.messages);
-    assert_eq!((leaks.leaks_fixed, leaks.corruptions, leaks.exit_code()), (1, 1, 2), "{leaks}");
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| m.contains("refcount=1 reference=2")),
+        "{:?}",
+        r.messages
+    );
+    assert_eq!(
+        (leaks.leaks_fixed, leaks.corruptions, leaks.exit_code()),
+        (1, 1, 2),
+        "{leaks}"
+    );
     // All: refcount raised to 2 and both COPIED flags cleared.
-    assert_eq!((all.leaks_fixed, all.corruptions_fixed, all.exit_code()), (1, 3, 0), "{all}");
+    assert_eq!(
+        (all.leaks_fixed, all.corruptions_fixed, all.exit_code()),
+        (1, 3, 0),
+        "{all}"
+    );
     let copy = p.with_extension("ours-all");
     assert_eq!(peek64(&copy, l.l2) & OFLAG_COPIED, 0);
     assert_eq!(peek64(&copy, l.l2 + 8) & OFLAG_COPIED, 0);
@@ -418,7 +578,13 @@ fn l2_table_past_end_of_file_is_corruption_that_repair_cannot_remove() {
     poke(&p, l.l1, &(OFLAG_COPIED | (16 << 20)).to_be_bytes());
     let (r, _, all) = full("L1 entry points past EOF", &p);
     assert_eq!(r.exit_code(), 2);
-    assert!(r.messages.iter().any(|m| m.contains("exceeding the end of the file")), "{:?}", r.messages);
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| m.contains("exceeding the end of the file")),
+        "{:?}",
+        r.messages
+    );
     // The leaked old L2 table and its data clusters are freed; the bad reference stays.
     assert_eq!(all.exit_code(), 2, "{all}");
     assert!(all.leaks_fixed >= 3);
@@ -437,22 +603,40 @@ fn data_cluster_past_end_of_file_and_misaligned_entries_are_corruptions() {
 
     let p = make(d.path(), "misaligned.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
-    poke(&p, l.l2 + 8, &(OFLAG_COPIED | (l.data[1] + 0x200)).to_be_bytes());
+    poke(
+        &p,
+        l.l2 + 8,
+        &(OFLAG_COPIED | (l.data[1] + 0x200)).to_be_bytes(),
+    );
     let r = agree("misaligned data cluster", &p);
-    assert!(r.messages.iter().any(|m| m.contains("not properly aligned")), "{:?}", r.messages);
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| m.contains("not properly aligned")),
+        "{:?}",
+        r.messages
+    );
 
     // A preallocated zero cluster with a misaligned offset: repair all turns it into a plain
     // zero cluster.
     let p = make(d.path(), "prezero.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
-    poke(&p, l.l2 + 8, &(OFLAG_COPIED | 1 | (l.data[1] + 0x200)).to_be_bytes());
+    poke(
+        &p,
+        l.l2 + 8,
+        &(OFLAG_COPIED | 1 | (l.data[1] + 0x200)).to_be_bytes(),
+    );
     let (_, _, all) = full("misaligned preallocated zero cluster", &p);
     assert!(all.corruptions_fixed >= 1, "{all:?}");
 
     // Reserved bits in L1 and L2 entries.
     let p = make(d.path(), "reserved.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
-    poke(&p, l.l2, &(OFLAG_COPIED | l.data[0] | (1 << 58)).to_be_bytes());
+    poke(
+        &p,
+        l.l2,
+        &(OFLAG_COPIED | l.data[0] | (1 << 58)).to_be_bytes(),
+    );
     poke(&p, l.l1, &(OFLAG_COPIED | l.l2 | (1 << 60)).to_be_bytes());
     full("reserved bits in L1 and L2 entries", &p);
 }
@@ -469,7 +653,10 @@ fn wrong_copied_flags_are_corruptions_that_both_repairs_fix_when_safe() {
     poke(&p, l.l2, &l.data[0].to_be_bytes());
     let (r, leaks, all) = full("COPIED cleared on L2 entry", &p);
     assert_eq!((r.corruptions, r.exit_code()), (1, 2), "{r}");
-    assert!(r.messages.iter().any(|m| m.starts_with("ERROR OFLAG_COPIED data cluster")));
+    assert!(r
+        .messages
+        .iter()
+        .any(|m| m.starts_with("ERROR OFLAG_COPIED data cluster")));
     assert_eq!((leaks.corruptions_fixed, leaks.exit_code()), (1, 0));
     assert_eq!((all.corruptions_fixed, all.exit_code()), (1, 0));
 
@@ -478,7 +665,10 @@ fn wrong_copied_flags_are_corruptions_that_both_repairs_fix_when_safe() {
     let l = layout(&p);
     poke(&p, l.l1, &l.l2.to_be_bytes());
     let (r, _, all) = full("COPIED cleared on L1 entry", &p);
-    assert!(r.messages.iter().any(|m| m.starts_with("ERROR OFLAG_COPIED L2 cluster")));
+    assert!(r
+        .messages
+        .iter()
+        .any(|m| m.starts_with("ERROR OFLAG_COPIED L2 cluster")));
     assert_eq!(all.exit_code(), 0);
 
     // COPIED set on a cluster shared with a snapshot (refcount 2).
@@ -507,7 +697,11 @@ fn damaged_refcount_table_entries_need_a_rebuild() {
     // Known QEMU 10 bug: its rebuild allocates the new refcount block over the old one (the
     // flagged entry was skipped, so that cluster looks free), then its own overlap check
     // refuses the write and the repair fails. We keep the old structure intact and rebuild.
-    repair_where_qemu_gives_up("refcount table entry with reserved bits", &p, "overlaps with refcount block");
+    repair_where_qemu_gives_up(
+        "refcount table entry with reserved bits",
+        &p,
+        "overlaps with refcount block",
+    );
 
     // The refcount block points at the L2 table (refcount block refcount 2).
     let p = make(d.path(), "reft-overlap.qcow2", "", "64M", IO_TWO_CLUSTERS);
@@ -519,11 +713,21 @@ fn damaged_refcount_table_entries_need_a_rebuild() {
     // A second refcount table entry points past the end of the file.
     let p = make(d.path(), "reft-eof.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let h = Header::parse(&fs::read(&p).expect("read")).expect("header");
-    poke(&p, h.refcount_table_offset + 8, &(64u64 << 20).to_be_bytes());
+    poke(
+        &p,
+        h.refcount_table_offset + 8,
+        &(64u64 << 20).to_be_bytes(),
+    );
     full("refcount block outside the image", &p);
 
     // A misaligned refcount block: the refcounts it holds cannot be read (check errors).
-    let p = make(d.path(), "reft-misaligned.qcow2", "cluster_size=4096", "64M", IO_TWO_CLUSTERS);
+    let p = make(
+        d.path(),
+        "reft-misaligned.qcow2",
+        "cluster_size=4096",
+        "64M",
+        IO_TWO_CLUSTERS,
+    );
     let h = Header::parse(&fs::read(&p).expect("read")).expect("header");
     let e = peek64(&p, h.refcount_table_offset);
     poke(&p, h.refcount_table_offset, &(e + 0x200).to_be_bytes());
@@ -541,15 +745,28 @@ fn repair_clears_the_dirty_bit() {
         return;
     }
     let d = tmp();
-    let p = make(d.path(), "dirty.qcow2", "lazy_refcounts=on", "64M", IO_TWO_CLUSTERS);
+    let p = make(
+        d.path(),
+        "dirty.qcow2",
+        "lazy_refcounts=on",
+        "64M",
+        IO_TWO_CLUSTERS,
+    );
     let l = layout(&p);
     set_refcount(&p, &l, l.data[0] / l.cs, 3);
     let feats = peek64(&p, format::INCOMPATIBLE_FEATURES_OFFSET as u64);
-    poke(&p, format::INCOMPATIBLE_FEATURES_OFFSET as u64, &(feats | format::incompat::DIRTY).to_be_bytes());
+    poke(
+        &p,
+        format::INCOMPATIBLE_FEATURES_OFFSET as u64,
+        &(feats | format::incompat::DIRTY).to_be_bytes(),
+    );
     let (_, leaks, _) = full("dirty image with a leak", &p);
     assert_eq!(leaks.exit_code(), 0);
     let repaired = p.with_extension("ours-leaks");
-    assert_eq!(peek64(&repaired, format::INCOMPATIBLE_FEATURES_OFFSET as u64) & format::incompat::DIRTY, 0);
+    assert_eq!(
+        peek64(&repaired, format::INCOMPATIBLE_FEATURES_OFFSET as u64) & format::incompat::DIRTY,
+        0
+    );
     let info = run("qemu-img", &["info", s(&repaired)]);
     assert!(info.contains("corrupt: false"), "{info}");
 }
@@ -567,14 +784,29 @@ fn report_display_and_json_read_like_qemu_img() {
     let r = check(&p, None).expect("check");
     let text = r.to_string();
     assert!(text.contains("errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it."), "{text}");
-    assert!(text.contains("1 leaked clusters were found on the image."), "{text}");
-    assert!(text.contains(&format!("Image end offset: {}", r.image_end_offset)), "{text}");
-    let q = Command::new("qemu-img").args(["check", s(&p)]).output().expect("qemu-img");
+    assert!(
+        text.contains("1 leaked clusters were found on the image."),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("Image end offset: {}", r.image_end_offset)),
+        "{text}"
+    );
+    let q = Command::new("qemu-img")
+        .args(["check", s(&p)])
+        .output()
+        .expect("qemu-img");
     assert_eq!(String::from_utf8_lossy(&q.stdout), text);
-    let qj = Command::new("qemu-img").args(["check", "--output=json", s(&p)]).output().expect("qemu-img");
+    let qj = Command::new("qemu-img")
+        .args(["check", "--output=json", s(&p)])
+        .output()
+        .expect("qemu-img");
     // Same fields and values (qemu-img's key order comes from a hash table).
     let lines = |j: &str| {
-        let mut v: Vec<String> = j.lines().map(|l| l.trim().trim_end_matches(',').to_string()).collect();
+        let mut v: Vec<String> = j
+            .lines()
+            .map(|l| l.trim().trim_end_matches(',').to_string())
+            .collect();
         v.sort();
         v
     };
@@ -583,6 +815,101 @@ fn report_display_and_json_read_like_qemu_img() {
     // The messages are qemu-img's stderr lines.
     let qerr = String::from_utf8_lossy(&q.stderr);
     for m in &r.messages {
-        assert!(qerr.contains(m.as_str()), "{m:?} not in qemu-img stderr:\n{qerr}");
+        assert!(
+            qerr.contains(m.as_str()),
+            "{m:?} not in qemu-img stderr:\n{qerr}"
+        );
     }
+}
+
+#[test]
+fn persistent_bitmaps_are_counted_as_references() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let p = make(d.path(), "bitmap.qcow2", "", "64M", &[]);
+    run("qemu-img", &["bitmap", "--add", s(&p), "b0"]);
+    run(
+        "qemu-io",
+        &["-c", "write -P 1 0 1M", "-c", "write -P 2 10M 64k", s(&p)],
+    );
+    // Clean: the bitmap directory, table and data clusters are all accounted for.
+    assert_eq!(
+        agree("image with a persistent dirty bitmap", &p).exit_code(),
+        0
+    );
+    // Damage: drop the refcount of the last cluster in use (a bitmap cluster).
+    let l = layout(&p);
+    let end = check(&p, None).expect("check").image_end_offset;
+    set_refcount(&p, &l, end / l.cs - 1, 0);
+    let (r, _, all) = full("bitmap cluster with refcount 0", &p);
+    assert_eq!(r.exit_code(), 2);
+    assert_eq!(all.exit_code(), 0);
+}
+
+#[test]
+fn refcount_overflow_of_one_bit_refcounts_is_reported() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let p = make(
+        d.path(),
+        "overflow.qcow2",
+        "refcount_bits=1",
+        "64M",
+        IO_TWO_CLUSTERS,
+    );
+    let l = layout(&p);
+    poke(&p, l.l2 + 8, &(OFLAG_COPIED | l.data[0]).to_be_bytes());
+    let r = agree("two references with 1-bit refcounts", &p);
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| m.starts_with("ERROR: overflow cluster")),
+        "{:?}",
+        r.messages
+    );
+    repair_agrees("two references with 1-bit refcounts", &p, Repair::Leaks);
+    repair_agrees("two references with 1-bit refcounts", &p, Repair::All);
+}
+
+#[test]
+fn snapshot_structures_are_checked() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    // A leak and a too-low refcount on clusters shared with a snapshot.
+    let p = make(d.path(), "snap-rc.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    run("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
+    run("qemu-io", &["-c", "write -P 0x99 0 64k", s(&p)]);
+    let l = layout(&p);
+    let shared = l.data[1] / l.cs;
+    set_refcount(&p, &l, shared, 1);
+    let (r, _, all) = full("refcount 1 for a cluster shared with a snapshot", &p);
+    assert_eq!(r.exit_code(), 2);
+    assert_eq!(all.exit_code(), 0);
+
+    let p = make(d.path(), "snap-leak.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    run("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
+    let l = layout(&p);
+    set_refcount(&p, &l, l.data[0] / l.cs, 5);
+    full("refcount 5 for a cluster shared with a snapshot", &p);
+
+    // A misaligned snapshot L1 table offset.
+    let p = make(d.path(), "snap-l1.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    run("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
+    let h = Header::parse(&fs::read(&p).expect("read")).expect("header");
+    let sn_l1 = peek64(&p, h.snapshots_offset);
+    poke(&p, h.snapshots_offset, &(sn_l1 + 0x200).to_be_bytes());
+    let (r, _, _) = full("misaligned snapshot L1 table", &p);
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| m.contains("snapshot table entry corrupted")),
+        "{:?}",
+        r.messages
+    );
 }

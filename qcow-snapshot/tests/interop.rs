@@ -23,12 +23,12 @@ fn scatter_writes(dev: &dyn BlockDev, shadow: &mut [u8], cs: u64, seed: u64) {
     let size = shadow.len() as u64;
     let data = random_bytes(seed, (3 * cs).max(8192) as usize + 1000);
     let cases = [
-        (0u64, 512u64),              // partial first cluster
-        (cs + 100, 200),             // partial, unaligned, inside one cluster
-        (2 * cs - 300, 600),         // crosses a cluster boundary
-        (3 * cs, cs),                // exactly one cluster
-        (5 * cs + 7, 2 * cs + 13),   // several clusters, unaligned both ends
-        (size - 4096, 4096),         // end of disk
+        (0u64, 512u64),            // partial first cluster
+        (cs + 100, 200),           // partial, unaligned, inside one cluster
+        (2 * cs - 300, 600),       // crosses a cluster boundary
+        (3 * cs, cs),              // exactly one cluster
+        (5 * cs + 7, 2 * cs + 13), // several clusters, unaligned both ends
+        (size - 4096, 4096),       // end of disk
     ];
     for (i, &(off, len)) in cases.iter().enumerate() {
         if off >= size {
@@ -47,7 +47,15 @@ fn images_created_by_snapblk_pass_qemu_check_and_compare_for_every_cluster_size(
         let dir = tempfile::tempdir().unwrap();
         let img = p(dir.path(), "a.qcow2");
         let size = 10u64 << 20;
-        create(&img, &CreateOptions { size, cluster_size: cs, ..Default::default() }).unwrap();
+        create(
+            &img,
+            &CreateOptions {
+                size,
+                cluster_size: cs,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         qemu_check(&img);
         let mut shadow = vec![0u8; size as usize];
         {
@@ -73,7 +81,20 @@ fn overlay_created_by_qemu_over_raw_reads_backing_and_qemu_io_data() {
     let base_data = random_bytes(1, size as usize);
     std::fs::write(&base, &base_data).unwrap();
     let ov = p(dir.path(), "ov.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", s(&ov)]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "base.raw",
+            s(&ov),
+        ],
+    );
     qemu_io_write(&ov, "qcow2", 0xab, 65536 + 512, 4096);
     qemu_io_write(&ov, "qcow2", 0xcd, 3 << 20, 1 << 20);
     let mut want = base_data.clone();
@@ -81,12 +102,21 @@ fn overlay_created_by_qemu_over_raw_reads_backing_and_qemu_io_data() {
     want[3 << 20..4 << 20].fill(0xcd);
     let dev = open_image(&ov, None, true).unwrap();
     assert_same(&read_all(&*dev), &want, "qemu-written overlay");
-    assert_eq!(std::fs::read(&base).unwrap(), base_data, "backing untouched");
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        base_data,
+        "backing untouched"
+    );
 }
 
 #[test]
 fn partial_write_into_unallocated_cluster_keeps_backing_bytes() {
-    for (bfmt, cs) in [("raw", 65536u64), ("qcow2", 4096), ("raw", 512), ("qcow2", 2 << 20)] {
+    for (bfmt, cs) in [
+        ("raw", 65536u64),
+        ("qcow2", 4096),
+        ("raw", 512),
+        ("qcow2", 2 << 20),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let size = 6u64 << 20;
         let base_data = random_bytes(2, size as usize);
@@ -94,16 +124,31 @@ fn partial_write_into_unallocated_cluster_keeps_backing_bytes() {
         std::fs::write(&rawbase, &base_data).unwrap();
         let base = if bfmt == "qcow2" {
             let b = p(dir.path(), "base.qcow2");
-            run("qemu-img", &["convert", "-q", "-O", "qcow2", s(&rawbase), s(&b)]);
+            run(
+                "qemu-img",
+                &["convert", "-q", "-O", "qcow2", s(&rawbase), s(&b)],
+            );
             b
         } else {
             rawbase.clone()
         };
         let ov = p(dir.path(), "ov.qcow2");
         let bname = base.file_name().unwrap().to_str().unwrap().to_string();
-        let fmt = if bfmt == "qcow2" { Format::Qcow2 } else { Format::Raw };
-        create(&ov, &CreateOptions { size: 0, cluster_size: cs, backing: Some((bname, fmt)), ..Default::default() })
-            .unwrap();
+        let fmt = if bfmt == "qcow2" {
+            Format::Qcow2
+        } else {
+            Format::Raw
+        };
+        create(
+            &ov,
+            &CreateOptions {
+                size: 0,
+                cluster_size: cs,
+                backing: Some((bname, fmt)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut want = base_data.clone();
         {
             let dev = open_image(&ov, None, false).unwrap();
@@ -116,9 +161,16 @@ fn partial_write_into_unallocated_cluster_keeps_backing_bytes() {
         let refp = p(dir.path(), "want.raw");
         std::fs::write(&refp, &want).unwrap();
         qemu_compare(&ov, &refp);
-        assert_eq!(std::fs::read(&rawbase).unwrap(), base_data, "base untouched");
+        assert_eq!(
+            std::fs::read(&rawbase).unwrap(),
+            base_data,
+            "base untouched"
+        );
         let info = run("qemu-img", &["info", s(&ov)]);
-        assert!(info.contains(&format!("backing file format: {bfmt}")), "{info}");
+        assert!(
+            info.contains(&format!("backing file format: {bfmt}")),
+            "{info}"
+        );
     }
 }
 
@@ -128,7 +180,19 @@ fn qemu_created_images_of_every_cluster_size_are_read_and_written_correctly() {
         let dir = tempfile::tempdir().unwrap();
         let img = p(dir.path(), "q.qcow2");
         let size = 6u64 << 20;
-        run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cs}"), s(&img), "6M"]);
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("cluster_size={cs}"),
+                s(&img),
+                "6M",
+            ],
+        );
         qemu_io_write(&img, "qcow2", 0x11, 0, 3 * cs);
         qemu_io_write(&img, "qcow2", 0x22, 4 << 20, 8192);
         let mut want = vec![0u8; size as usize];
@@ -165,12 +229,23 @@ fn compressed_clusters_from_qemu_convert_read_back_for_zlib_and_zstd() {
         let img = p(dir.path(), "c.qcow2");
         run(
             "qemu-img",
-            &["convert", "-q", "-c", "-O", "qcow2", "-o", &format!("compression_type={ctype}"), s(&raw), s(&img)],
+            &[
+                "convert",
+                "-q",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ctype}"),
+                s(&raw),
+                s(&img),
+            ],
         );
         let q = open_qcow2(&img, true).unwrap();
         let ext = q.map(0, size).unwrap();
         assert!(
-            ext.iter().any(|e| matches!(e.mapping, qcow_snapshot::Mapping::Compressed(_))),
+            ext.iter()
+                .any(|e| matches!(e.mapping, qcow_snapshot::Mapping::Compressed(_))),
             "{ctype}: image has compressed clusters"
         );
         assert_same(&read_all(&q), &data, ctype);
@@ -201,13 +276,30 @@ fn backing_chain_of_three_levels_with_relative_names_reads_the_topmost_data() {
     let mut want = random_bytes(4, size as usize);
     std::fs::write(&base, &want).unwrap();
     let mid = sub.join("mid.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", s(&mid)]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "base.raw",
+            s(&mid),
+        ],
+    );
     qemu_io_write(&mid, "qcow2", 0x5a, 65536, 65536);
     want[65536..131072].fill(0x5a);
     let top = dir.path().join("top.qcow2");
     create(
         &top,
-        &CreateOptions { backing: Some(("sub/mid.qcow2".into(), Format::Qcow2)), cluster_size: 4096, ..Default::default() },
+        &CreateOptions {
+            backing: Some(("sub/mid.qcow2".into(), Format::Qcow2)),
+            cluster_size: 4096,
+            ..Default::default()
+        },
     )
     .unwrap();
     {
@@ -231,8 +323,15 @@ fn qemu_img_info_agrees_with_snapblk_created_header() {
     let base = p(dir.path(), "b.raw");
     std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
     let img = p(dir.path(), "o.qcow2");
-    create(&img, &CreateOptions { backing: Some(("b.raw".into(), Format::Raw)), refcount_order: 3, ..Default::default() })
-        .unwrap();
+    create(
+        &img,
+        &CreateOptions {
+            backing: Some(("b.raw".into(), Format::Raw)),
+            refcount_order: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let out = run("qemu-img", &["info", s(&img)]);
     assert!(out.contains("virtual size: 1 MiB (1048576 bytes)"), "{out}");
     assert!(out.contains("backing file: b.raw"), "{out}");
@@ -246,5 +345,8 @@ fn qemu_img_info_agrees_with_snapblk_created_header() {
     assert_eq!(ours.refcount_bits, Some(8));
     assert!(!ours.dirty);
     let text = ours.to_string();
-    assert!(text.contains("file format: qcow2") && text.contains("cluster_size: 65536"), "{text}");
+    assert!(
+        text.contains("file format: qcow2") && text.contains("cluster_size: 65536"),
+        "{text}"
+    );
 }

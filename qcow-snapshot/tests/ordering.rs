@@ -26,11 +26,22 @@ fn durable_refcount(img: &[u8], h: &Header, host_off: u64) -> u64 {
         return 0;
     }
     let end = (b + g.cluster_size() as usize).min(img.len());
-    format::refcount_get(&img[b..end], g.refcount_order, g.refcount_block_index(host_off) as u64).unwrap_or(0)
+    format::refcount_get(
+        &img[b..end],
+        g.refcount_order,
+        g.refcount_block_index(host_off) as u64,
+    )
+    .unwrap_or(0)
 }
 
 /// Applies random guest operations, tracking the expected content in `shadow`.
-fn random_ops(dev: &dyn BlockDev, shadow: &mut [u8], rng: &mut rand::rngs::StdRng, n: usize, cs: u64) {
+fn random_ops(
+    dev: &dyn BlockDev,
+    shadow: &mut [u8],
+    rng: &mut rand::rngs::StdRng,
+    n: usize,
+    cs: u64,
+) {
     for _ in 0..n {
         let kind = rng.random_range(0..10);
         let off = rng.random_range(0..SIZE);
@@ -79,7 +90,8 @@ fn no_metadata_is_written_before_the_cluster_it_points_to_is_durable_and_refcoun
         let mut shadow = base_data.clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(cs);
         {
-            let img = QcowImage::open_with(Box::new(host.clone()), false, Some(backing.clone())).unwrap();
+            let img =
+                QcowImage::open_with(Box::new(host.clone()), false, Some(backing.clone())).unwrap();
             for _ in 0..6 {
                 random_ops(&img, &mut shadow, &mut rng, 40, cs);
                 img.flush().unwrap();
@@ -91,7 +103,12 @@ fn no_metadata_is_written_before_the_cluster_it_points_to_is_durable_and_refcoun
         let hfin = Header::parse(&fin).unwrap();
         let g = hfin.geometry();
         let l2_tables: HashSet<u64> = (0..hfin.l1_size as usize)
-            .map(|i| format::l1_entry_offset(format::table_entry(&fin[hfin.l1_table_offset as usize..], i)))
+            .map(|i| {
+                format::l1_entry_offset(format::table_entry(
+                    &fin[hfin.l1_table_offset as usize..],
+                    i,
+                ))
+            })
             .filter(|&o| o != 0)
             .collect();
         assert!(!l2_tables.is_empty());
@@ -119,28 +136,43 @@ fn no_metadata_is_written_before_the_cluster_it_points_to_is_durable_and_refcoun
                         let l1s = h.l1_table_offset;
                         let l1e = l1s + u64::from(h.l1_size) * 8;
                         let check_target = |t: u64, what: &str, dirty: &HashSet<u64>| {
-                            assert!(!dirty.contains(&cluster_of(t)), "{what} {t:#x} referenced before it was synced");
-                            assert!(durable_refcount(&durable, &h, t) >= 1, "{what} {t:#x} referenced with refcount 0");
+                            assert!(
+                                !dirty.contains(&cluster_of(t)),
+                                "{what} {t:#x} referenced before it was synced"
+                            );
+                            assert!(
+                                durable_refcount(&durable, &h, t) >= 1,
+                                "{what} {t:#x} referenced with refcount 0"
+                            );
                         };
                         if off >= l1s && off < l1e {
                             for (k, chunk) in data.chunks_exact(8).enumerate() {
-                                let t = format::l1_entry_offset(u64::from_be_bytes(chunk.try_into().unwrap()));
+                                let t = format::l1_entry_offset(u64::from_be_bytes(
+                                    chunk.try_into().unwrap(),
+                                ));
                                 let at = off as usize + k * 8;
-                                let old = durable.get(at..at + 8).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()));
+                                let old = durable
+                                    .get(at..at + 8)
+                                    .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()));
                                 if t != 0 && t != format::l1_entry_offset(old) {
                                     check_target(t, "L2 table", &dirty_clusters);
                                     l1_checked += 1;
                                 }
                             }
-                        } else if l2_tables.contains(&off) && data.len() as u64 == g.cluster_size() {
+                        } else if l2_tables.contains(&off) && data.len() as u64 == g.cluster_size()
+                        {
                             for (k, chunk) in data.chunks_exact(8).enumerate() {
                                 let raw = u64::from_be_bytes(chunk.try_into().unwrap());
                                 let at = off as usize + k * 8;
-                                let old = durable.get(at..at + 8).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()));
+                                let old = durable
+                                    .get(at..at + 8)
+                                    .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()));
                                 if raw == old {
                                     continue;
                                 }
-                                if let Ok(L2Entry::Normal { host: x, .. }) = L2Entry::decode(raw, &g) {
+                                if let Ok(L2Entry::Normal { host: x, .. }) =
+                                    L2Entry::decode(raw, &g)
+                                {
                                     check_target(x, "data cluster", &dirty_clusters);
                                     l2_checked += 1;
                                 }
@@ -161,7 +193,10 @@ fn no_metadata_is_written_before_the_cluster_it_points_to_is_durable_and_refcoun
                 }
             }
         }
-        assert!(l2_checked > 10 && l1_checked > 0, "cs {cs}: the log exercised the checks ({l2_checked}, {l1_checked})");
+        assert!(
+            l2_checked > 10 && l1_checked > 0,
+            "cs {cs}: the log exercised the checks ({l2_checked}, {l1_checked})"
+        );
         // And the final image is what the guest wrote.
         let img = QcowImage::open_with(Box::new(MemHost::new(fin)), true, Some(backing)).unwrap();
         assert_same(&read_all(&img), &shadow, "final content");
@@ -192,18 +227,29 @@ fn crash_at_any_point_keeps_every_flushed_write_and_leaves_a_repairable_image() 
             let mut r2 = rand::rngs::StdRng::seed_from_u64(round * 10 + variant);
             let crashed = host.crash_image(&mut |_| r2.random_bool(0.5));
             // Read-only, unrepaired: every flushed byte is intact.
-            let ro = QcowImage::open_with(Box::new(MemHost::new(crashed.clone())), true, Some(backing.clone())).unwrap();
+            let ro = QcowImage::open_with(
+                Box::new(MemHost::new(crashed.clone())),
+                true,
+                Some(backing.clone()),
+            )
+            .unwrap();
             let got = read_all(&ro);
             for i in 0..SIZE as usize {
                 if !touched[i] {
-                    assert_eq!(got[i], flushed[i], "round {round}: flushed byte {i:#x} lost");
+                    assert_eq!(
+                        got[i], flushed[i],
+                        "round {round}: flushed byte {i:#x} lost"
+                    );
                 }
             }
             drop(ro);
             // qemu-img check of the unrepaired crash image: leaks allowed, errors not.
             let path = dir.path().join("crash.qcow2");
             std::fs::write(&path, &crashed).unwrap();
-            let st = std::process::Command::new("qemu-img").args(["check", path.to_str().unwrap()]).output().unwrap();
+            let st = std::process::Command::new("qemu-img")
+                .args(["check", path.to_str().unwrap()])
+                .output()
+                .unwrap();
             assert!(
                 matches!(st.status.code(), Some(0) | Some(3)),
                 "round {round}: crash image has errors:\n{}",

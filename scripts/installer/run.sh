@@ -27,8 +27,13 @@
 #   --queues Q     virtqueues per disk (2)
 #   --out-size SZ  output disk size (1G)
 #   --work DIR     keep all files there (default build/installer/run, wiped)
-#   --daemon D     snapblk | qsd | auto (auto: snapblk if its binary offers
-#                  `serve --snapshot`, else qemu-storage-daemon as stand-in)
+#   --daemon D     snapblk | qsd | snapblk-raw | auto
+#                  snapblk: snapblk serves both disks (needs `serve --snapshot`
+#                    and qcow2 images); qsd: qemu-storage-daemon stands in;
+#                  snapblk-raw: snapblk on raw files only (root = sparse copy
+#                    of the base, output = raw file), for a snapblk without
+#                    qcow2/snapshot support; no qcow2 checks then.
+#                  auto: snapblk if it offers `serve --snapshot`, else qsd.
 #   --timeout S    give up on the guest after S seconds (3600)
 set -euo pipefail
 
@@ -119,13 +124,18 @@ if [[ "$daemon" == auto ]]; then
 fi
 case "$daemon" in
 snapblk) snapblk_can serve --snapshot || fail "$SNAPBLK has no 'serve --snapshot' (cargo build --release -p snapblk)" ;;
+snapblk-raw) snapblk_can serve --image || fail "$SNAPBLK cannot serve (cargo build --release -p snapblk)" ;;
 qsd) command -v qemu-storage-daemon >/dev/null || fail "qemu-storage-daemon not found" ;;
-*) fail "--daemon must be snapblk, qsd or auto" ;;
+*) fail "--daemon must be snapblk, qsd, snapblk-raw or auto" ;;
 esac
+# Disk image format behind the daemon.
+if [[ "$daemon" == snapblk-raw ]]; then fmt=raw ext=img; else fmt=qcow2 ext=qcow2; fi
 
-# create_disk PATH SIZE: an empty qcow2.
+# create_disk PATH SIZE: an empty disk ($fmt).
 create_disk() {
-    if [[ "$daemon" == snapblk ]] && snapblk_can create --size; then
+    if [[ "$fmt" == raw ]]; then
+        truncate -s "$2" "$1"
+    elif [[ "$daemon" == snapblk ]] && snapblk_can create --size; then
         "$SNAPBLK" create --size "$2" "$1" >/dev/null
     else
         qemu-img create -q -f qcow2 "$1" "$2"
@@ -133,12 +143,16 @@ create_disk() {
 }
 # start_daemon NAME IMAGE SOCKET MODE [OVERLAY]: serve IMAGE on SOCKET in the
 # background. MODE=snapshot: IMAGE stays untouched, writes go to OVERLAY (a
-# qcow2 kept after exit for checking). MODE=rw: IMAGE itself takes the writes.
+# qcow2 kept after exit for checking; for snapblk-raw a sparse copy of IMAGE).
+# MODE=rw: IMAGE itself takes the writes.
 start_daemon() {
     local name="$1" img="$2" sock="$3" mode="$4" ovl="${5:-}"
     local -a cmd
     rm -f "$sock"
-    if [[ "$daemon" == snapblk ]]; then
+    if [[ "$daemon" == snapblk-raw ]]; then
+        [[ "$mode" == snapshot ]] && { cp --sparse=always "$img" "$ovl"; img="$ovl"; }
+        cmd=("$SNAPBLK" serve --image "$img" --socket "$sock" --num-queues "$queues" --cache writeback)
+    elif [[ "$daemon" == snapblk ]]; then
         cmd=("$SNAPBLK" serve --image "$img" --socket "$sock" --num-queues "$queues" --cache writeback)
         [[ "$mode" == snapshot ]] && cmd+=(--snapshot --keep-overlay "$ovl")
     else
@@ -157,9 +171,11 @@ start_daemon() {
     pids+=($!)
     last_pid=$!
 }
-# export_raw QCOW2 RAW: the guest-visible bytes of QCOW2 as a raw file.
+# export_raw DISK RAW: the guest-visible bytes of DISK as a raw file.
 export_raw() {
-    if [[ "$daemon" == snapblk ]] && snapblk_can export "Usage:"; then
+    if [[ "$fmt" == raw ]]; then
+        cp --sparse=always "$1" "$2"
+    elif [[ "$daemon" == snapblk ]] && snapblk_can export "Usage:"; then
         "$SNAPBLK" export "$1" "$2"
     else
         qemu-img convert -f qcow2 -O raw "$1" "$2"
@@ -177,12 +193,12 @@ base="$("$here/build-base.sh")"
 base_sha_before="$(cat "$base.sha256")"
 initrd="$("$here/build-initramfs.sh")"
 # For tests that re-check the result on their own.
-printf 'BASE=%s\nBASE_SHA256=%s\nDAEMON=%s\nFILES=%s\n' "$base" "$base_sha_before" "$daemon" "$files" >"$work/run.env"
+printf 'BASE=%s\nBASE_SHA256=%s\nDAEMON=%s\nFORMAT=%s\nFILES=%s\n' "$base" "$base_sha_before" "$daemon" "$fmt" "$files" >"$work/run.env"
 end base
 
 begin daemons
 root_sock="$work/root.sock" out_sock="$work/out.sock"
-root_ovl="$work/root-overlay.qcow2" out_img="$work/out.qcow2"
+root_ovl="$work/root-overlay.$ext" out_img="$work/out.$ext"
 create_disk "$out_img" "$out_size"
 start_daemon root "$base" "$root_sock" snapshot "$root_ovl"
 root_pid=$last_pid
@@ -281,9 +297,21 @@ log "base image sha256 before=$base_sha_before after=$base_sha_after"
 [[ "$base_sha_after" == "$base_sha_before" ]] || fail "base image changed"
 [[ -f "$root_ovl" ]] || fail "snapshot overlay $root_ovl was not kept"
 for q in "$out_img" "$root_ovl"; do
+    [[ "$fmt" == qcow2 ]] || { log "$(basename "$q") is raw: no qemu-img check"; continue; }
     qemu-img check -q "$q" >"$work/check.log" 2>&1 || { cat "$work/check.log"; fail "qemu-img check $q"; }
     log "qemu-img check $(basename "$q"): clean, $(du -k "$q" | cut -f1) KiB allocated"
 done
+# The root filesystem the guest left behind (unmounted cleanly: remount ro
+# before poweroff) must be consistent: fsck its guest-visible bytes.
+if [[ "$fmt" == raw ]]; then
+    rootfs_img="$root_ovl"
+else
+    rootfs_img="$work/root-view.raw"
+    qemu-img convert -f qcow2 -O raw "$root_ovl" "$rootfs_img"
+fi
+e2fsck -fn "$rootfs_img" >"$work/fsck.log" 2>&1 || { cat "$work/fsck.log"; fail "e2fsck of the guest's root filesystem"; }
+log "guest root filesystem: e2fsck -fn clean ($(tail -n1 "$work/fsck.log"))"
+[[ "$fmt" == raw ]] || rm -f "$rootfs_img"
 if command -v xorriso >/dev/null && command -v unsquashfs >/dev/null; then
     head -c "$g_len" "$work/out.raw" >"$work/out.iso"
     rm -f "$work/filesystem.squashfs" "$work/SHA256SUMS"

@@ -18,8 +18,8 @@
 //! and registered with the daemon through `Blkio::map_mem_region` (vhost-user `ADD_MEM_REG`, so the
 //! daemon must offer `CONFIGURE_MEM_SLOTS`). The region is cut into `slots_per_queue` slots of
 //! `slot_size` bytes per queue. A slot that belongs to a request still in flight is neither handed
-//! out nor reused; a request that timed out keeps its slot forever because the daemon may still
-//! write into it.
+//! out nor reused; a request that timed out keeps its slot until its completion does arrive,
+//! because the daemon may still write into it.
 //!
 //! Locking model: each virtqueue sits in its own `Mutex<Queue>`, and a request takes only that
 //! lock, so threads driving different queues never contend. The `Blkio` handle is only used while
@@ -203,7 +203,7 @@ impl ClientConfig {
         if self.slots_per_queue == 0 {
             return bad("slots_per_queue must be at least 1".into());
         }
-        if self.slot_size == 0 || self.slot_size % SLOT_ALIGN != 0 {
+        if self.slot_size == 0 || !self.slot_size.is_multiple_of(SLOT_ALIGN) {
             return bad(format!(
                 "slot_size {} is not a positive multiple of {SLOT_ALIGN}",
                 self.slot_size
@@ -249,7 +249,11 @@ pub struct DeviceInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// Read `len` bytes at `offset` into slot `slot`.
-    Read { slot: usize, offset: u64, len: usize },
+    Read {
+        slot: usize,
+        offset: u64,
+        len: usize,
+    },
     /// Write `len` bytes of slot `slot` at `offset`; `fua` adds a flush after it (blkio emulates
     /// FUA with a flush request if the device negotiated `VIRTIO_BLK_F_FLUSH`).
     Write {
@@ -388,6 +392,11 @@ impl Queue {
         self.index
     }
 
+    /// Changes how long a wait on this queue may take before [`ClientError::Timeout`].
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Number of payload slots.
     pub fn num_slots(&self) -> usize {
         self.slot_busy.len()
@@ -484,14 +493,7 @@ impl Queue {
             }
             (Op::Flush, _) => self.q.flush(id, ReqFlags::empty()),
             (Op::Discard { offset, len }, _) => self.q.discard(offset, len, id, ReqFlags::empty()),
-            (
-                Op::WriteZeroes {
-                    offset,
-                    len,
-                    unmap,
-                },
-                _,
-            ) => {
+            (Op::WriteZeroes { offset, len, unmap }, _) => {
                 let flags = if unmap {
                     ReqFlags::empty()
                 } else {
@@ -556,7 +558,10 @@ impl Queue {
                 timeout: self.timeout,
             });
         }
-        let n = match self.q.do_io(&mut self.cbuf, min, Some(&mut remaining), None) {
+        let n = match self
+            .q
+            .do_io(&mut self.cbuf, min, Some(&mut remaining), None)
+        {
             Ok(n) => n,
             Err(e) if e.errno() == Errno::TIME => {
                 return Err(ClientError::Timeout {
@@ -583,7 +588,10 @@ impl Queue {
 
     fn complete(&mut self, id: usize, ret: i32) {
         let Some(entry) = self.in_flight.get_mut(id).and_then(Option::take) else {
-            log::warn!("queue {}: completion for unknown request id {id}", self.index);
+            log::warn!(
+                "queue {}: completion for unknown request id {id}",
+                self.index
+            );
             return;
         };
         self.free_ids.push(id);
@@ -723,19 +731,15 @@ impl Queue {
     pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let chunk = self.write_zeroes_chunk;
         for_each_chunk(offset, len, chunk, |offset, len| {
-            self.run_sync(Op::WriteZeroes {
-                offset,
-                len,
-                unmap,
-            })
+            self.run_sync(Op::WriteZeroes { offset, len, unmap })
         })
     }
 }
 
 fn chunk_offset(offset: u64, done: usize) -> Result<u64> {
-    offset.checked_add(done as u64).ok_or_else(|| {
-        ClientError::InvalidArgument(format!("offset {offset} + {done} overflows"))
-    })
+    offset
+        .checked_add(done as u64)
+        .ok_or_else(|| ClientError::InvalidArgument(format!("offset {offset} + {done} overflows")))
 }
 
 /// Calls `f` for consecutive pieces of `[offset, offset + len)` no longer than `chunk`.
@@ -826,18 +830,17 @@ impl Client {
         let info = DeviceInfo {
             capacity: prop_u64(&blkio, "capacity")?,
             max_queues,
-            request_alignment: u32::try_from(prop_i32(&blkio, "request-alignment")?)
-                .unwrap_or(512),
+            request_alignment: u32::try_from(prop_i32(&blkio, "request-alignment")?).unwrap_or(512),
             max_transfer: to_u64(prop_i32(&blkio, "max-transfer")?),
             max_segment_len: to_u64(prop_i32(&blkio, "max-segment-len")?),
             max_discard_len: prop_u64(&blkio, "max-discard-len")?,
             max_write_zeroes_len: prop_u64(&blkio, "max-write-zeroes-len")?,
-            flush_needed: blkio
-                .get_bool("flush-needed")
-                .map_err(|source| ClientError::ReadProperty {
+            flush_needed: blkio.get_bool("flush-needed").map_err(|source| {
+                ClientError::ReadProperty {
                     name: "flush-needed",
                     source,
-                })?,
+                }
+            })?,
         };
 
         let start_err = |source| ClientError::Start {
@@ -1036,7 +1039,10 @@ mod tests {
         let mut c = ClientConfig::new(usize::MAX);
         c.slots_per_queue = 2;
         assert!(c.validate().is_err());
-        assert_eq!(ClientConfig::new(2).validate().ok(), Some(2 * 32 * (1 << 20)));
+        assert_eq!(
+            ClientConfig::new(2).validate().ok(),
+            Some(2 * 32 * (1 << 20))
+        );
     }
 
     #[test]

@@ -116,7 +116,9 @@ impl Recorder {
 
     /// A new handle on the file, for the engine.
     pub fn file(self: &Arc<Self>) -> RecordingFile {
-        RecordingFile { rec: Arc::clone(self) }
+        RecordingFile {
+            rec: Arc::clone(self),
+        }
     }
 
     /// Number of events logged so far (a position in the log).
@@ -144,15 +146,48 @@ impl Recorder {
     /// A copy of the log and its starting bytes.
     pub fn log(&self) -> CrashLog {
         let st = self.lock();
-        CrashLog { initial: Arc::clone(&st.initial), events: st.log.clone() }
+        CrashLog {
+            initial: Arc::clone(&st.initial),
+            events: st.log.clone(),
+        }
     }
 
     /// The bytes that survive a power loss now: the starting bytes plus every event up to and
     /// including the last sync.
     pub fn durable(&self) -> Vec<u8> {
         let log = self.log();
-        let upto = log.events.iter().rposition(|e| matches!(e, Event::Sync)).map_or(0, |i| i + 1);
+        let upto = log
+            .events
+            .iter()
+            .rposition(|e| matches!(e, Event::Sync))
+            .map_or(0, |i| i + 1);
         log.apply_prefix(upto)
+    }
+
+    /// Forgets every write since the last sync: the current bytes become the durable ones and
+    /// the log is cut after the last sync.
+    pub fn revert_unsynced(&self) {
+        let mut st = self.lock();
+        let upto = st
+            .log
+            .iter()
+            .rposition(|e| matches!(e, Event::Sync))
+            .map_or(0, |i| i + 1);
+        st.log.truncate(upto);
+        let mut b = (*st.initial).clone();
+        for e in &st.log {
+            apply_event(&mut b, e);
+        }
+        st.current = b;
+    }
+
+    /// Log position just after the last sync (0 if none): everything before it is durable.
+    pub fn durable_position(&self) -> usize {
+        let st = self.lock();
+        st.log
+            .iter()
+            .rposition(|e| matches!(e, Event::Sync))
+            .map_or(0, |i| i + 1)
     }
 
     /// Reads like `pread`; bytes past the end read as zeros (the engine asks for exact ranges).
@@ -178,7 +213,10 @@ impl Recorder {
         let mut st = self.lock();
         apply_write(&mut st.current, offset, data);
         if st.recording {
-            st.log.push(Event::Write { offset, data: Arc::from(data) });
+            st.log.push(Event::Write {
+                offset,
+                data: Arc::from(data),
+            });
         }
         Ok(())
     }
@@ -262,6 +300,23 @@ pub struct FaultPlan {
     pub mode: FaultMode,
     /// The errno returned (`libc::EIO`, `libc::ENOSPC`).
     pub errno: i32,
+    /// Linux page-cache semantics of a failed `fdatasync` ("fsyncgate"): the writes since the
+    /// last successful sync are dropped (the kernel marked the pages clean after the failed
+    /// writeback), so a later successful sync does not make them durable.
+    pub sync_error_loses_writes: bool,
+}
+
+impl FaultPlan {
+    /// A plan with the given parameters and `sync_error_loses_writes` off.
+    pub fn new(on: FaultOn, nth: u64, mode: FaultMode, errno: i32) -> FaultPlan {
+        FaultPlan {
+            on,
+            nth,
+            mode,
+            errno,
+            sync_error_loses_writes: false,
+        }
+    }
 }
 
 /// Counters and the plan shared between a [`FaultyFile`] and the test that drives it.
@@ -361,9 +416,21 @@ impl FaultyFile {
         self.rec.write_at(data, offset)
     }
 
-    /// Fails if the plan says so, otherwise syncs.
+    /// Fails if the plan says so (dropping unsynced writes if the plan models that), otherwise
+    /// syncs.
     pub fn sync_data(&self) -> io::Result<()> {
-        self.ctl.check(FaultOn::Sync)?;
+        if let Err(e) = self.ctl.check(FaultOn::Sync) {
+            let lose = self
+                .ctl
+                .plan
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|p| p.sync_error_loses_writes);
+            if lose {
+                self.rec.revert_unsynced();
+            }
+            return Err(e);
+        }
         self.rec.sync_data()
     }
 
@@ -480,12 +547,18 @@ impl CrashLog {
 
     /// Number of sync events.
     pub fn syncs(&self) -> usize {
-        self.events.iter().filter(|e| matches!(e, Event::Sync)).count()
+        self.events
+            .iter()
+            .filter(|e| matches!(e, Event::Sync))
+            .count()
     }
 
     /// Number of write events.
     pub fn writes(&self) -> usize {
-        self.events.iter().filter(|e| matches!(e, Event::Write { .. })).count()
+        self.events
+            .iter()
+            .filter(|e| matches!(e, Event::Write { .. }))
+            .count()
     }
 }
 
@@ -529,7 +602,11 @@ pub struct StateBudget {
 
 impl Default for StateBudget {
     fn default() -> Self {
-        StateBudget { prefixes: 6, subsets: 4, torn: 4 }
+        StateBudget {
+            prefixes: 6,
+            subsets: 4,
+            torn: 4,
+        }
     }
 }
 
@@ -616,7 +693,9 @@ pub fn crash_states(
                             Event::Write { offset, data } => {
                                 if rng.random_bool(0.7) {
                                     k += 1;
-                                    apply_torn(&mut b, *offset, data, &mut |_| rng.random_bool(0.5));
+                                    apply_torn(&mut b, *offset, data, &mut |_| {
+                                        rng.random_bool(0.5)
+                                    });
                                 }
                             }
                             other => {
@@ -718,8 +797,16 @@ pub fn random_workload(spec: &WorkloadSpec, rng: &mut StdRng) -> Vec<GuestOp> {
             }
         }
         ops.push(match kind {
-            0 => GuestOp::Write { offset, len, seed: rng.next_u64() },
-            1 => GuestOp::WriteZeroes { offset, len, unmap: rng.random_bool(0.5) },
+            0 => GuestOp::Write {
+                offset,
+                len,
+                seed: rng.next_u64(),
+            },
+            1 => GuestOp::WriteZeroes {
+                offset,
+                len,
+                unmap: rng.random_bool(0.5),
+            },
             2 => GuestOp::Discard { offset, len },
             _ => GuestOp::Flush,
         });
@@ -862,7 +949,11 @@ impl Driver {
                 r
             }
         };
-        self.ops.push(OpRecord { op: op.clone(), start_pos, ok: res.is_ok() });
+        self.ops.push(OpRecord {
+            op: op.clone(),
+            start_pos,
+            ok: res.is_ok(),
+        });
         res
     }
 
@@ -904,7 +995,10 @@ impl Driver {
         let mut got = vec![0u8; self.shadow.len()];
         read_all(dev, &mut got).map_err(|e| format!("reading the device back failed: {e}"))?;
         let ss = GUEST_SECTOR as usize;
-        let exp = Expectation { flushed: Arc::new(Vec::new()), later: self.failed.clone() };
+        let exp = Expectation {
+            flushed: Arc::new(Vec::new()),
+            later: self.failed.clone(),
+        };
         let mut nbad = 0;
         let mut first = Vec::new();
         for (i, (g, s)) in got.chunks(ss).zip(self.shadow.chunks(ss)).enumerate() {
@@ -919,7 +1013,10 @@ impl Driver {
         if nbad == 0 {
             Ok(())
         } else {
-            Err(format!("live image differs from the shadow in {nbad} sector(s): {}", first.join("; ")))
+            Err(format!(
+                "live image differs from the shadow in {nbad} sector(s): {}",
+                first.join("; ")
+            ))
         }
     }
 
@@ -939,7 +1036,10 @@ impl Driver {
                 .filter(|o| o.start_pos < window_end)
                 .map(|o| o.op.clone()),
         );
-        Expectation { flushed: Arc::clone(&f.shadow), later }
+        Expectation {
+            flushed: Arc::clone(&f.shadow),
+            later,
+        }
     }
 
     /// The expectation for the image as it is now on disk, with everything before `durable_pos`
@@ -981,7 +1081,11 @@ impl Expectation {
     /// Checks `got` (the whole recovered disk); the error names the first bad sectors.
     pub fn verify(&self, got: &[u8]) -> Result<(), String> {
         if got.len() != self.flushed.len() {
-            return Err(format!("disk size {} != expected {}", got.len(), self.flushed.len()));
+            return Err(format!(
+                "disk size {} != expected {}",
+                got.len(),
+                self.flushed.len()
+            ));
         }
         let ss = GUEST_SECTOR as usize;
         let mut bad = Vec::new();
@@ -1136,7 +1240,10 @@ impl Overlay {
                 let path = dir.join("base.raw");
                 std::fs::write(&path, &content)?;
                 let dev: Arc<dyn BlockDev> = Arc::new(blockdev::MemDisk::from_vec(content.clone()));
-                (Some(dev), Some((path.display().to_string(), qcow_snapshot::Format::Raw)))
+                (
+                    Some(dev),
+                    Some((path.display().to_string(), qcow_snapshot::Format::Raw)),
+                )
             }
             BaseKind::Qcow2 => {
                 let host = Arc::new(qcow_snapshot::MemHost::default());
@@ -1147,7 +1254,8 @@ impl Overlay {
                 };
                 qcow_snapshot::create_on(&*host, &opts)?;
                 {
-                    let img = QcowImage::open_with(Box::new(SharedMem(Arc::clone(&host))), false, None)?;
+                    let img =
+                        QcowImage::open_with(Box::new(SharedMem(Arc::clone(&host))), false, None)?;
                     let mut buf = vec![0u8; 4096];
                     for off in (0..disk_size).step_by(4096) {
                         match rng.random_range(0..10) {
@@ -1164,10 +1272,14 @@ impl Overlay {
                 let bytes = host.contents();
                 let path = dir.join("base.qcow2");
                 std::fs::write(&path, &bytes)?;
-                let img = QcowImage::open_with(Box::new(qcow_snapshot::MemHost::new(bytes)), true, None)?;
+                let img =
+                    QcowImage::open_with(Box::new(qcow_snapshot::MemHost::new(bytes)), true, None)?;
                 read_all(&img, &mut content)?;
                 let dev: Arc<dyn BlockDev> = Arc::new(img);
-                (Some(dev), Some((path.display().to_string(), qcow_snapshot::Format::Qcow2)))
+                (
+                    Some(dev),
+                    Some((path.display().to_string(), qcow_snapshot::Format::Qcow2)),
+                )
             }
         };
         let host = qcow_snapshot::MemHost::default();
@@ -1178,11 +1290,21 @@ impl Overlay {
             refcount_order,
         };
         qcow_snapshot::create_on(&host, &opts)?;
-        Ok(Overlay { kind, disk_size, cluster_size, backing, guest_initial: content, fresh: host.contents() })
+        Ok(Overlay {
+            kind,
+            disk_size,
+            cluster_size,
+            backing,
+            guest_initial: content,
+            fresh: host.contents(),
+        })
     }
 
     /// Opens the overlay stored in `host` read-write over this scenario's backing device.
-    pub fn open(&self, host: Box<dyn HostFile>) -> Result<QcowImage, qcow_snapshot::OpenImageError> {
+    pub fn open(
+        &self,
+        host: Box<dyn HostFile>,
+    ) -> Result<QcowImage, qcow_snapshot::OpenImageError> {
         QcowImage::open_with(host, false, self.backing.clone())
     }
 }
@@ -1244,21 +1366,31 @@ impl Referee {
         }
     }
 
-    fn checkers(&mut self, bytes: &[u8], allowed: &[i32], qemu: bool, stage: &str) -> Result<i32, String> {
+    fn checkers(
+        &mut self,
+        bytes: &[u8],
+        allowed: &[i32],
+        qemu: bool,
+        stage: &str,
+    ) -> Result<i32, String> {
         std::fs::write(&self.path, bytes).map_err(|e| format!("writing the state file: {e}"))?;
         let code = match snapblk_check(&self.path) {
-            Ok((code, text)) if allowed.contains(&code) => code,
+            Ok((code, _)) if allowed.contains(&code) => code,
             Ok((code, text)) => {
-                return Err(format!("{stage}: snapblk check exit {code} (allowed {allowed:?}):\n{text}"));
+                return Err(format!(
+                    "{stage}: snapblk check exit {code} (allowed {allowed:?}):\n{text}"
+                ));
             }
             Err(e) => return Err(format!("{stage}: snapblk check could not run: {e}")),
         };
         if qemu {
             self.qemu_runs += 1;
-            let (qcode, text) =
-                qemu_img_check(&self.path).map_err(|e| format!("{stage}: running qemu-img: {e}"))?;
+            let (qcode, text) = qemu_img_check(&self.path)
+                .map_err(|e| format!("{stage}: running qemu-img: {e}"))?;
             if !allowed.contains(&qcode) {
-                return Err(format!("{stage}: qemu-img check exit {qcode} (allowed {allowed:?}):\n{text}"));
+                return Err(format!(
+                    "{stage}: qemu-img check exit {qcode} (allowed {allowed:?}):\n{text}"
+                ));
             }
             if qcode != code {
                 return Err(format!(
@@ -1272,18 +1404,23 @@ impl Referee {
     /// Judges one recovered image file `bytes` of overlay `ov` against `exp`.
     pub fn judge(&mut self, ov: &Overlay, bytes: &[u8], exp: &Expectation) -> Result<(), String> {
         self.judged += 1;
-        let qemu = self.have_qemu && self.qemu_every > 0 && self.judged % self.qemu_every == 1 % self.qemu_every;
+        let qemu = self.have_qemu
+            && self.qemu_every > 0
+            && self.judged % self.qemu_every == 1 % self.qemu_every;
         let code = self.checkers(bytes, &[0, 3], qemu, "before recovery")?;
         if code == 3 {
             self.leaky += 1;
         }
         let rec = Recorder::new(bytes.to_vec());
         rec.set_recording(false);
-        let img = ov.open(Box::new(rec.file())).map_err(|e| format!("the engine cannot reopen the image: {e}"))?;
+        let img = ov
+            .open(Box::new(rec.file()))
+            .map_err(|e| format!("the engine cannot reopen the image: {e}"))?;
         let mut got = vec![0u8; ov.disk_size as usize];
         read_all(&img, &mut got).map_err(|e| format!("reading the recovered image failed: {e}"))?;
         exp.verify(&got)?;
-        img.close().map_err(|e| format!("closing the recovered image failed: {e}"))?;
+        img.close()
+            .map_err(|e| format!("closing the recovered image failed: {e}"))?;
         drop(img);
         self.checkers(&rec.current(), &[0], qemu, "after recovery and clean close")?;
         Ok(())
@@ -1311,7 +1448,10 @@ pub fn have_qemu_img() -> bool {
 
 /// Runs `qemu-img check -f qcow2 PATH`; returns its exit code and output.
 pub fn qemu_img_check(path: &Path) -> io::Result<(i32, String)> {
-    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(path).output()?;
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path)
+        .output()?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok((out.status.code().unwrap_or(-1), text))
@@ -1336,7 +1476,10 @@ pub fn seed_from_env(test: &str) -> u64 {
 pub fn state_dir() -> io::Result<tempfile::TempDir> {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new().prefix("snapblk-crash").tempdir_in(shm) {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("snapblk-crash")
+            .tempdir_in(shm)
+        {
             return Ok(d);
         }
     }
@@ -1348,14 +1491,22 @@ mod tests {
     use super::*;
 
     fn w(offset: u64, data: &[u8]) -> Event {
-        Event::Write { offset, data: Arc::from(data) }
+        Event::Write {
+            offset,
+            data: Arc::from(data),
+        }
     }
 
     #[test]
     fn crash_states_cover_boundaries_prefixes_and_never_apply_past_the_window() {
         let log = CrashLog {
             initial: Arc::new(vec![0u8; 8192]),
-            events: vec![w(0, &[1; 4096]), w(4096, &[2; 4096]), Event::Sync, w(0, &[3; 8192])],
+            events: vec![
+                w(0, &[1; 4096]),
+                w(4096, &[2; 4096]),
+                Event::Sync,
+                w(0, &[3; 8192]),
+            ],
         };
         let mut states = Vec::new();
         let n = crash_states(&log, StateBudget::default(), 1, &mut |s| {
@@ -1367,7 +1518,11 @@ mod tests {
         assert!(states[0].bytes.iter().all(|&b| b == 0));
         assert_eq!(states[0].kind, StateKind::SyncBoundary);
         for s in states.iter().filter(|s| s.durable_pos == 0) {
-            assert!(s.bytes.iter().all(|&b| b <= 2), "{:?} applied past the sync", s.kind);
+            assert!(
+                s.bytes.iter().all(|&b| b <= 2),
+                "{:?} applied past the sync",
+                s.kind
+            );
             assert_eq!(s.window_end, 2);
         }
         // Window 2 starts from the synced state.
@@ -1378,7 +1533,10 @@ mod tests {
         // Torn states of the 8 KiB write mix old and new 4 KiB sectors but never inside one.
         for s in &w2 {
             for sec in s.bytes.chunks(4096) {
-                assert!(sec.iter().all(|&b| b == sec[0]), "torn inside a 4 KiB sector");
+                assert!(
+                    sec.iter().all(|&b| b == sec[0]),
+                    "torn inside a 4 KiB sector"
+                );
             }
         }
         assert!(w2.iter().any(|s| s.bytes.iter().all(|&b| b == 3)));
@@ -1389,13 +1547,26 @@ mod tests {
         let rec = Recorder::new(vec![0; 16]);
         let ctl = FaultControl::new();
         let f = FaultyFile::new(Arc::clone(&rec), Arc::clone(&ctl));
-        ctl.arm(Some(FaultPlan { on: FaultOn::Write, nth: 1, mode: FaultMode::Once, errno: libc::EIO }));
+        ctl.arm(Some(FaultPlan::new(
+            FaultOn::Write,
+            1,
+            FaultMode::Once,
+            libc::EIO,
+        )));
         assert!(f.write_at(&[1], 0).is_ok());
-        assert_eq!(f.write_at(&[2], 1).unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(
+            f.write_at(&[2], 1).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
         assert!(f.write_at(&[3], 2).is_ok());
         assert!(f.sync_data().is_ok());
         assert_eq!(&rec.current()[..3], &[1, 0, 3]);
-        ctl.arm(Some(FaultPlan { on: FaultOn::Sync, nth: 0, mode: FaultMode::Always, errno: libc::ENOSPC }));
+        ctl.arm(Some(FaultPlan::new(
+            FaultOn::Sync,
+            0,
+            FaultMode::Always,
+            libc::ENOSPC,
+        )));
         assert!(f.sync_data().is_err());
         assert!(f.sync_data().is_err());
         assert!(f.write_at(&[4], 3).is_ok());
@@ -1410,9 +1581,25 @@ mod tests {
         let mut d = Driver::new(vec![7u8; 4096], Box::new(|| 0));
         let dev = blockdev::MemDisk::new(4096);
         dev.write_at(&[7u8; 4096], 0).unwrap();
-        d.run(&dev, &GuestOp::Write { offset: 0, len: 1024, seed: 5 }).unwrap();
+        d.run(
+            &dev,
+            &GuestOp::Write {
+                offset: 0,
+                len: 1024,
+                seed: 5,
+            },
+        )
+        .unwrap();
         d.run(&dev, &GuestOp::Flush).unwrap();
-        d.run(&dev, &GuestOp::Write { offset: 512, len: 512, seed: 6 }).unwrap();
+        d.run(
+            &dev,
+            &GuestOp::Write {
+                offset: 512,
+                len: 512,
+                seed: 6,
+            },
+        )
+        .unwrap();
         let exp = d.expectation_now(usize::MAX);
         let mut img = dev.snapshot();
         assert!(exp.verify(&img).is_ok());

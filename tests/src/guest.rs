@@ -518,7 +518,8 @@ impl Daemon {
             .map_err(io_err("create socket dir"))?;
         let socket = dir.path().join("vu.sock");
         let log_path = log_dir.join(format!("{name}.log"));
-        let log = File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
+        let log =
+            File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io_err("dup log fd"))?;
         let mut cmd = match cfg.kind {
             DaemonKind::Snapblk => {
@@ -591,7 +592,10 @@ impl Daemon {
                 if let Some(st) = child.try_wait().map_err(io_err("wait for daemon"))? {
                     self.child = None;
                     return Err(GuestError::StartDaemon {
-                        detail: format!("{:?} exited with {st} before creating its socket", self.kind),
+                        detail: format!(
+                            "{:?} exited with {st} before creating its socket",
+                            self.kind
+                        ),
                         log_tail: file_tail(&self.log_path),
                     });
                 }
@@ -606,6 +610,10 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id while it has not been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
     /// The vhost-user socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -755,13 +763,9 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) -
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
+    out.resize(out.len().next_multiple_of(4), 0);
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
+    out.resize(out.len().next_multiple_of(4), 0);
     Ok(())
 }
 
@@ -907,15 +911,17 @@ impl GuestEnv {
             .tempdir()
             .map_err(io_err("create guest temp dir"))?;
         // initrd = cached base archive + per-test archive holding /test.sh.
-        let mut files = vec![("test.sh".to_string(), cfg.script.clone().into_bytes(), 0o755)];
+        let mut files = vec![(
+            "test.sh".to_string(),
+            cfg.script.clone().into_bytes(),
+            0o755,
+        )];
         files.extend(cfg.files.iter().cloned());
         let extra = newc_archive(&files).map_err(io_err("build test cpio"))?;
         let initrd = dir.path().join("initrd");
         let mut base = fs::read(&self.initramfs)
             .map_err(io_err(format!("read {}", self.initramfs.display())))?;
-        while base.len() % 4 != 0 {
-            base.push(0);
-        }
+        base.resize(base.len().next_multiple_of(4), 0);
         base.extend_from_slice(&extra);
         fs::write(&initrd, &base).map_err(io_err("write initrd"))?;
 
@@ -927,15 +933,25 @@ impl GuestEnv {
         if let Some(m) = &self.module_dir {
             cmd.env("QEMU_MODULE_DIR", m);
         }
-        cmd.args(["-machine", "q35", "-accel", "tcg", "-nodefaults", "-no-reboot"])
-            .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-            .args(["-smp", &cfg.smp.to_string(), "-m", &mem.to_string()])
-            .arg("-object")
-            .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
-            .args(["-numa", "node,memdev=mem"]);
+        cmd.args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-no-reboot",
+        ])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .args(["-smp", &cfg.smp.to_string(), "-m", &mem.to_string()])
+        .arg("-object")
+        .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
+        .args(["-numa", "node,memdev=mem"]);
         for (i, d) in cfg.disks.iter().enumerate() {
             cmd.arg("-chardev")
-                .arg(format!("socket,id=vu{i},path={}", qemu_opt_escape(&d.socket)))
+                .arg(format!(
+                    "socket,id=vu{i},path={}",
+                    qemu_opt_escape(&d.socket)
+                ))
                 .arg("-device")
                 .arg(format!(
                     "vhost-user-blk-pci,chardev=vu{i},num-queues={},id=vblk{i}",
@@ -969,8 +985,14 @@ impl GuestEnv {
         let log = Arc::new(SerialLog::default());
         let mut readers = Vec::new();
         let streams: Vec<Box<dyn Read + Send>> = [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -1025,6 +1047,10 @@ impl Guest {
     /// The serial log so far.
     pub fn log(&self) -> String {
         self.log.snapshot()
+    }
+    /// QEMU's process id while it has not been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
     /// The serial log file.
     pub fn log_path(&self) -> &Path {
@@ -1295,6 +1321,9 @@ mod tests {
             md5_range(&img, 0, 3 << 20).expect("range"),
             md5_file(&img).expect("file")
         );
-        assert!(md5_range(&img, 3 << 20, 1).is_err(), "reading past EOF must fail");
+        assert!(
+            md5_range(&img, 3 << 20, 1).is_err(),
+            "reading past EOF must fail"
+        );
     }
 }

@@ -60,6 +60,11 @@ impl Daemon {
     /// Starts `kind` on a zero-filled raw image of `size` bytes with `num_queues` queues, or
     /// returns `None` (after saying why) if the daemon binary is not available.
     fn start(kind: Kind, size: u64, num_queues: usize) -> Option<Daemon> {
+        Self::start_with(kind, size, num_queues, false)
+    }
+
+    /// Like [`Daemon::start`], optionally exporting the disk read-only.
+    fn start_with(kind: Kind, size: u64, num_queues: usize, readonly: bool) -> Option<Daemon> {
         let program = match kind {
             Kind::Qsd => find_in_path("qemu-storage-daemon"),
             Kind::Snapblk => Some(snapblk_bin()).filter(|p| p.is_file()),
@@ -88,8 +93,9 @@ impl Daemon {
                     .arg("--export")
                     .arg(format!(
                         "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\
-                         writable=on,num-queues={num_queues}",
-                        socket.display()
+                         writable={},num-queues={num_queues}",
+                        socket.display(),
+                        if readonly { "off" } else { "on" }
                     ));
             }
             Kind::Snapblk => {
@@ -102,6 +108,9 @@ impl Daemon {
                     .arg(num_queues.to_string())
                     .arg("--cache")
                     .arg("writeback");
+                if readonly {
+                    cmd.arg("--readonly");
+                }
             }
         }
         let log_file = File::create(&log).unwrap();
@@ -173,7 +182,10 @@ fn written_bytes_read_back_across_queues_and_chunks(kind: Kind) {
         file.get(3 * 4096..3 * 4096 + data.len()) == Some(&data[..]),
         "image file does not hold the flushed bytes"
     );
-    assert!(file[..3 * 4096].iter().all(|&b| b == 0), "bytes before the write changed");
+    assert!(
+        file[..3 * 4096].iter().all(|&b| b == 0),
+        "bytes before the write changed"
+    );
 }
 
 fn write_zeroes_leaves_zeroes_and_spares_neighbours(kind: Kind) {
@@ -200,21 +212,36 @@ fn write_zeroes_leaves_zeroes_and_spares_neighbours(kind: Kind) {
     let mut back = vec![0xffu8; MIB as usize];
     c.read(0, 0, &mut back).unwrap();
     let zero = |r: std::ops::Range<usize>| back[r].iter().all(|&b| b == 0);
-    assert!(back[..4096] == data[..4096], "bytes before the zeroed range changed");
+    assert!(
+        back[..4096] == data[..4096],
+        "bytes before the zeroed range changed"
+    );
     assert!(zero(4096..4096 + 65536), "write-zeroes range is not zero");
     assert!(
         back[4096 + 65536..256 * 1024] == data[4096 + 65536..256 * 1024],
         "bytes between the zeroed ranges changed"
     );
-    assert!(zero(256 * 1024..320 * 1024), "write-zeroes (unmap) range is not zero");
-    assert!(back[320 * 1024..] == data[320 * 1024..], "bytes after the zeroed ranges changed");
+    assert!(
+        zero(256 * 1024..320 * 1024),
+        "write-zeroes (unmap) range is not zero"
+    );
+    assert!(
+        back[320 * 1024..] == data[320 * 1024..],
+        "bytes after the zeroed ranges changed"
+    );
     if c.info().max_discard_len > 0 {
         // Discard is only a hint: the device must accept it and leave neighbours alone.
         let before = back.clone();
         c.discard(0, 512 * 1024, 64 * 1024).unwrap();
         c.read(0, 0, &mut back).unwrap();
-        assert!(back[..512 * 1024] == before[..512 * 1024], "discard touched bytes before it");
-        assert!(back[576 * 1024..] == before[576 * 1024..], "discard touched bytes after it");
+        assert!(
+            back[..512 * 1024] == before[..512 * 1024],
+            "discard touched bytes before it"
+        );
+        assert!(
+            back[576 * 1024..] == before[576 * 1024..],
+            "discard touched bytes after it"
+        );
     }
 }
 
@@ -295,6 +322,129 @@ fn async_submissions_complete_with_their_own_tags_and_data(kind: Kind) {
     assert!(buf.iter().all(|&b| b == 2));
 }
 
+fn stalled_daemon_times_out_instead_of_hanging(kind: Kind) {
+    let Some(d) = Daemon::start(kind, 4 * MIB, 1) else {
+        return;
+    };
+    let c = d.connect(&ClientConfig::new(1));
+    let mut q = c.queue(0).unwrap();
+    let mut buf = vec![0u8; 4096];
+    q.read(0, &mut buf).unwrap();
+    let pid = d.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid} failed");
+    };
+    signal("-STOP");
+    q.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let err = q.read(4096, &mut buf).unwrap_err();
+    signal("-CONT");
+    assert!(matches!(err, ClientError::Timeout { .. }), "got {err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The timed-out request keeps its slot (the daemon may still fill it); others still work.
+    q.set_timeout(Duration::from_secs(30));
+    q.read(8192, &mut buf).unwrap();
+}
+
+fn queues_driven_from_two_threads_keep_their_own_data(kind: Kind) {
+    let Some(d) = Daemon::start(kind, 16 * MIB, 2) else {
+        return;
+    };
+    let mut cfg = ClientConfig::new(2);
+    cfg.slots_per_queue = 8;
+    cfg.slot_size = 4096;
+    let c = d.connect(&cfg);
+    std::thread::scope(|s| {
+        for qi in 0..2usize {
+            let c = &c;
+            s.spawn(move || {
+                let mut q = c.queue(qi).unwrap();
+                // Queue qi owns the 4 KiB blocks whose index is qi modulo 2, in the first 8 MiB.
+                let blocks: Vec<u64> = (0..1024u64).filter(|b| b % 2 == qi as u64).collect();
+                for chunk in blocks.chunks(8) {
+                    for (slot, &b) in chunk.iter().enumerate() {
+                        let bytes = pattern(4096, b + 1);
+                        q.slot_mut(slot).unwrap().copy_from_slice(&bytes);
+                        let op = Op::Write {
+                            slot,
+                            offset: b * 4096,
+                            len: 4096,
+                            fua: false,
+                        };
+                        q.submit(op, b).unwrap();
+                    }
+                    let mut done = Vec::new();
+                    while done.len() < chunk.len() {
+                        q.wait(1, &mut done).unwrap();
+                    }
+                    for c in done {
+                        c.into_result().unwrap();
+                    }
+                }
+                q.flush().unwrap();
+            });
+        }
+    });
+    let mut disk = vec![0u8; 4 * MIB as usize];
+    c.read(0, 0, &mut disk).unwrap();
+    for (b, block) in disk.chunks(4096).enumerate() {
+        assert!(
+            block == pattern(4096, b as u64 + 1),
+            "block {b} holds the wrong data"
+        );
+    }
+}
+
+fn read_only_export_refuses_writes_and_serves_reads(kind: Kind) {
+    let Some(d) = Daemon::start_with(kind, 4 * MIB, 1, true) else {
+        return;
+    };
+    // blkio refuses to start a read-only device unless asked for read-only access.
+    match Client::connect_retry(&d.socket, &ClientConfig::new(1), START_WAIT) {
+        Err(ClientError::Start { .. }) => {}
+        other => panic!("expected a start error on a read-only device, got {other:?}"),
+    }
+    drop(d);
+    let Some(d) = Daemon::start_with(kind, 4 * MIB, 1, true) else {
+        return;
+    };
+    let mut cfg = ClientConfig::new(1);
+    cfg.read_only = true;
+    let c = d.connect(&cfg);
+    let mut buf = vec![0xffu8; 4096];
+    c.read(0, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    match c.write(0, 0, &buf) {
+        Err(ClientError::Request { status, .. }) => {
+            assert_eq!(status, RequestStatus::Errno(libc::EBADF))
+        }
+        other => panic!("expected a refused write, got {other:?}"),
+    }
+}
+
+#[test]
+fn connecting_to_a_missing_socket_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Client::connect(dir.path().join("nobody.sock"), 1).unwrap_err();
+    assert!(matches!(err, ClientError::Connect { .. }), "got {err}");
+}
+
+#[test]
+fn asking_for_more_queues_than_offered_fails_to_start() {
+    let Some(d) = Daemon::start(Kind::Qsd, MIB, 1) else {
+        return;
+    };
+    match Client::connect_retry(&d.socket, &ClientConfig::new(4), START_WAIT) {
+        Err(ClientError::Start { max_queues, .. }) => assert_eq!(max_queues, 1),
+        other => panic!("expected a start error, got {other:?}"),
+    }
+}
+
 macro_rules! both_daemons {
     ($($check:ident),* $(,)?) => {
         mod qsd {
@@ -311,4 +461,7 @@ both_daemons!(
     write_zeroes_leaves_zeroes_and_spares_neighbours,
     out_of_range_request_fails_with_ioerr_not_hang,
     async_submissions_complete_with_their_own_tags_and_data,
+    stalled_daemon_times_out_instead_of_hanging,
+    queues_driven_from_two_threads_keep_their_own_data,
+    read_only_export_refuses_writes_and_serves_reads,
 );

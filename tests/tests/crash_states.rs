@@ -20,8 +20,8 @@ use blockdev::BlockDev;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use snapblk_tests::crashsim::{
-    crash_states, random_workload, seed_from_env, state_dir, BaseKind, Driver, Overlay, Recorder, Referee,
-    StateBudget, WorkloadSpec,
+    crash_states, random_workload, seed_from_env, state_dir, BaseKind, Driver, Overlay, Recorder,
+    Referee, StateBudget, WorkloadSpec,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -33,26 +33,81 @@ struct Round {
 }
 
 const ROUNDS: &[Round] = &[
-    Round { kind: BaseKind::Raw, cluster_size: 4096, cached: false, refcount_order: 4 },
-    Round { kind: BaseKind::Qcow2, cluster_size: 65536, cached: false, refcount_order: 4 },
-    Round { kind: BaseKind::None, cluster_size: 512, cached: false, refcount_order: 4 },
-    Round { kind: BaseKind::Raw, cluster_size: 65536, cached: true, refcount_order: 4 },
-    Round { kind: BaseKind::Raw, cluster_size: 512, cached: false, refcount_order: 6 },
-    Round { kind: BaseKind::Qcow2, cluster_size: 4096, cached: true, refcount_order: 4 },
-    Round { kind: BaseKind::Raw, cluster_size: 4096, cached: false, refcount_order: 1 },
+    Round {
+        kind: BaseKind::Raw,
+        cluster_size: 4096,
+        cached: false,
+        refcount_order: 4,
+    },
+    Round {
+        kind: BaseKind::Qcow2,
+        cluster_size: 65536,
+        cached: false,
+        refcount_order: 4,
+    },
+    Round {
+        kind: BaseKind::None,
+        cluster_size: 512,
+        cached: false,
+        refcount_order: 4,
+    },
+    Round {
+        kind: BaseKind::Raw,
+        cluster_size: 65536,
+        cached: true,
+        refcount_order: 4,
+    },
+    Round {
+        kind: BaseKind::Raw,
+        cluster_size: 512,
+        cached: false,
+        refcount_order: 6,
+    },
+    Round {
+        kind: BaseKind::Qcow2,
+        cluster_size: 4096,
+        cached: true,
+        refcount_order: 4,
+    },
+    Round {
+        kind: BaseKind::Raw,
+        cluster_size: 4096,
+        cached: false,
+        refcount_order: 1,
+    },
 ];
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Runs one round; returns the number of states explored.
-fn run_round(round: Round, seed: u64, max_states: usize, deadline: Instant, referee: &mut Referee) -> usize {
+fn run_round(
+    round: Round,
+    seed: u64,
+    max_states: usize,
+    deadline: Instant,
+    referee: &mut Referee,
+) -> usize {
     let dir = state_dir().expect("state dir");
     let mut rng = StdRng::seed_from_u64(seed);
-    let disk_size: u64 = if round.cluster_size >= 65536 { 2 << 20 } else { 1 << 20 };
-    let ov = Overlay::build(dir.path(), round.kind, disk_size, round.cluster_size, round.refcount_order, &mut rng)
-        .expect("build overlay");
+    let disk_size: u64 = if round.cluster_size >= 65536 {
+        2 << 20
+    } else {
+        1 << 20
+    };
+    let ov = Overlay::build(
+        dir.path(),
+        round.kind,
+        disk_size,
+        round.cluster_size,
+        round.refcount_order,
+        &mut rng,
+    )
+    .expect("build overlay");
     let rec = Recorder::new(ov.fresh.clone());
     let img = Arc::new(ov.open(Box::new(rec.file())).expect("open fresh overlay"));
     let dev: Arc<dyn BlockDev> = if round.cached {
@@ -63,6 +118,7 @@ fn run_round(round: Round, seed: u64, max_states: usize, deadline: Instant, refe
             writeback: true,
             flusher_threads: 1,
             writeback_interval: Duration::from_millis(2),
+            ..Default::default()
         };
         cache::FolioCache::new(img.clone() as Arc<dyn BlockDev>, cfg).expect("cache")
     } else {
@@ -79,14 +135,22 @@ fn run_round(round: Round, seed: u64, max_states: usize, deadline: Instant, refe
     };
     let ops = random_workload(&spec, &mut rng);
     for op in &ops {
-        driver.run(&*dev, op).unwrap_or_else(|e| panic!("{op:?} failed: {e}"));
+        driver
+            .run(&*dev, op)
+            .unwrap_or_else(|e| panic!("{op:?} failed: {e}"));
     }
-    driver.verify_live(&*dev).expect("live image matches the shadow");
+    driver
+        .verify_live(&*dev)
+        .expect("live image matches the shadow");
     drop(dev);
     // The engine closes cleanly when the last handle goes away (the cache flushed on drop).
     drop(img);
     let log = rec.log();
-    let budget = StateBudget { prefixes: 8, subsets: 5, torn: 5 };
+    let budget = StateBudget {
+        prefixes: 8,
+        subsets: 5,
+        torn: 5,
+    };
     let mut n = 0;
     let mut failure = None;
     crash_states(&log, budget, seed ^ 0x5eed, &mut |st| {
@@ -119,7 +183,13 @@ fn explore(max_states: usize, secs: u64, qemu_every: usize, test: &str) {
     let mut rounds = 0;
     while total < max_states && Instant::now() < deadline {
         let round = ROUNDS[rounds % ROUNDS.len()];
-        total += run_round(round, seed.wrapping_add(rounds as u64), max_states - total, deadline, &mut referee);
+        total += run_round(
+            round,
+            seed.wrapping_add(rounds as u64),
+            max_states - total,
+            deadline,
+            &mut referee,
+        );
         rounds += 1;
     }
     println!(
@@ -143,4 +213,170 @@ fn crash_state_soak() {
     let states = env_usize("SNAPBLK_CRASH_STATES", 100_000);
     let secs = env_usize("SNAPBLK_CRASH_SECS", 1200) as u64;
     explore(states, secs, 25, "crash_state_soak");
+}
+
+/// A layer that acknowledges FLUSH without forwarding it, and forwards each write only at the
+/// *next* flush: the contract violation a buggy write-back cache would commit.
+struct LyingFlush {
+    lower: Arc<dyn BlockDev>,
+    queued: std::sync::Mutex<Vec<(u64, Vec<u8>)>>,
+    held: std::sync::Mutex<Vec<(u64, Vec<u8>)>>,
+}
+
+impl BlockDev for LyingFlush {
+    fn size(&self) -> u64 {
+        self.lower.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> blockdev::Result<()> {
+        self.lower.read_at(buf, off)?;
+        for q in [&self.held, &self.queued] {
+            for (o, d) in q.lock().unwrap().iter() {
+                let (s, e) = (
+                    off.max(*o),
+                    (off + buf.len() as u64).min(o + d.len() as u64),
+                );
+                if s < e {
+                    buf[(s - off) as usize..(e - off) as usize]
+                        .copy_from_slice(&d[(s - o) as usize..(e - o) as usize]);
+                }
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> blockdev::Result<()> {
+        self.queued.lock().unwrap().push((off, buf.to_vec()));
+        Ok(())
+    }
+    fn flush(&self) -> blockdev::Result<()> {
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        for (o, d) in &held {
+            self.lower.write_at(d, *o)?;
+        }
+        self.lower.flush()?;
+        *self.held.lock().unwrap() = std::mem::take(&mut *self.queued.lock().unwrap());
+        Ok(())
+    }
+    fn discard(&self, _off: u64, _len: u64) -> blockdev::Result<()> {
+        Err(blockdev::BlockError::Unsupported("discard"))
+    }
+    fn write_zeroes(&self, _off: u64, _len: u64, _unmap: bool) -> blockdev::Result<()> {
+        Err(blockdev::BlockError::Unsupported("write_zeroes"))
+    }
+}
+
+/// A host file that forgets every other `sync_data` (the engine then writes metadata without the
+/// barrier that orders it after its data).
+struct ForgetfulSync {
+    inner: snapblk_tests::crashsim::RecordingFile,
+    n: std::sync::atomic::AtomicU64,
+}
+
+impl qcow_snapshot::HostFile for ForgetfulSync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 1 {
+            return Ok(());
+        }
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// Runs a write+flush workload through `wrap` and returns the first failure the exploration
+/// reports (None if every state passed).
+fn explore_broken(
+    wrap_dev: &dyn Fn(Arc<dyn BlockDev>) -> Arc<dyn BlockDev>,
+    forget_syncs: bool,
+    seed: u64,
+) -> Option<String> {
+    let dir = state_dir().expect("state dir");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ov = Overlay::build(dir.path(), BaseKind::Raw, 1 << 20, 4096, 4, &mut rng)
+        .expect("build overlay");
+    let rec = Recorder::new(ov.fresh.clone());
+    let host: Box<dyn qcow_snapshot::HostFile> = if forget_syncs {
+        Box::new(ForgetfulSync {
+            inner: rec.file(),
+            n: Default::default(),
+        })
+    } else {
+        Box::new(rec.file())
+    };
+    let img: Arc<dyn BlockDev> = Arc::new(ov.open(host).expect("open"));
+    let dev = wrap_dev(img);
+    let rec2 = Arc::clone(&rec);
+    let mut driver = Driver::new(ov.guest_initial.clone(), Box::new(move || rec2.position()));
+    let spec = WorkloadSpec {
+        disk_size: 1 << 20,
+        cluster_size: 4096,
+        ops: 40,
+        weights: [10, 0, 0, 3],
+        max_len: 12288,
+    };
+    for op in random_workload(&spec, &mut rng) {
+        driver.run(&*dev, &op).expect("op");
+    }
+    drop(dev);
+    let log = rec.log();
+    let mut referee = Referee::new(dir.path(), 0);
+    let mut failure = None;
+    crash_states(
+        &log,
+        StateBudget {
+            prefixes: 8,
+            subsets: 8,
+            torn: 8,
+        },
+        seed,
+        &mut |st| match referee.judge(
+            &ov,
+            &st.bytes,
+            &driver.expectation(st.durable_pos, st.window_end),
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        },
+    );
+    failure
+}
+
+/// The explorer must be able to fail: a layer whose FLUSH returns before the data is durable is
+/// caught as lost flushed data.
+#[test]
+fn exploration_detects_a_flush_acknowledged_before_its_data_is_durable() {
+    let wrap = |lower: Arc<dyn BlockDev>| -> Arc<dyn BlockDev> {
+        Arc::new(LyingFlush {
+            lower,
+            queued: Default::default(),
+            held: Default::default(),
+        })
+    };
+    let failure = explore_broken(&wrap, false, 7).expect("a lying flush must be detected");
+    assert!(
+        failure.contains("neither the flushed value"),
+        "unexpected failure: {failure}"
+    );
+}
+
+/// The explorer must be able to fail: with half of the engine's sync barriers gone, metadata can
+/// reach the disk before the data it points to, and some crash state shows it.
+#[test]
+fn exploration_detects_metadata_written_without_a_sync_barrier() {
+    let wrap = |d: Arc<dyn BlockDev>| d;
+    let found = (0..4).find_map(|seed| explore_broken(&wrap, true, seed));
+    assert!(found.is_some(), "removing sync barriers went unnoticed");
+    eprintln!("detected as expected: {}", found.unwrap_or_default());
 }

@@ -10,7 +10,10 @@ use rand::{Rng, SeedableRng};
 
 /// Runs `prog args`, panicking with its output if it fails; returns stdout.
 pub fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"));
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
     assert!(
         out.status.success(),
         "{prog} {args:?} failed ({}):\n{}\n{}",
@@ -28,7 +31,18 @@ pub fn qemu_check(img: &Path) {
 
 /// `qemu-img compare` of the image (any chain) with a raw reference must say identical.
 pub fn qemu_compare(img: &Path, raw: &Path) {
-    run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
 }
 
 /// qemu-io writes pattern bytes into an image.
@@ -59,7 +73,10 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
         return;
     }
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i:#x}: got {:#04x}, want {:#04x}", got[i], want[i]);
+        panic!(
+            "{what}: first difference at byte {i:#x}: got {:#04x}, want {:#04x}",
+            got[i], want[i]
+        );
     }
 }
 
@@ -147,7 +164,10 @@ impl qcow_snapshot::HostFile for CrashHost {
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         let mut s = self.state.lock().unwrap();
         apply(&mut s.current, offset, buf);
-        s.log.push(Op::Write { off: offset, data: buf.to_vec() });
+        s.log.push(Op::Write {
+            off: offset,
+            data: buf.to_vec(),
+        });
         Ok(())
     }
 
@@ -166,7 +186,10 @@ impl qcow_snapshot::HostFile for CrashHost {
         s.current.resize(len as usize, 0);
         if len > old {
             // Growth is recorded as a write of zeros so crash images keep the new length.
-            s.log.push(Op::Write { off: old, data: vec![0; (len - old) as usize] });
+            s.log.push(Op::Write {
+                off: old,
+                data: vec![0; (len - old) as usize],
+            });
         }
         Ok(())
     }

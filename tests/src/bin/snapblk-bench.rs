@@ -409,10 +409,11 @@ fn run_worker(
             if let Err(status) = c.result {
                 res.errors += 1;
                 if res.first_error.is_none() {
-                    res.first_error = Some(c.into_result().err().map_or_else(
-                        || status.to_string(),
-                        |e| e.to_string(),
-                    ));
+                    res.first_error = Some(
+                        c.into_result()
+                            .err()
+                            .map_or_else(|| status.to_string(), |e| e.to_string()),
+                    );
                 }
                 // A benchmark with failing I/O is meaningless: stop submitting.
                 exhausted = true;
@@ -553,7 +554,11 @@ fn io_region(args: &Args, capacity: u64) -> Result<(u64, u64), String> {
     if let Some(r) = &args.offset_range {
         let (s, e) = r.split_once(':').unwrap_or((r.as_str(), ""));
         start = if s.is_empty() { 0 } else { parse_size(s)? };
-        end = if e.is_empty() { capacity } else { parse_size(e)? };
+        end = if e.is_empty() {
+            capacity
+        } else {
+            parse_size(e)?
+        };
     }
     if let Some(size) = args.size {
         end = end.min(start.saturating_add(size));
@@ -563,7 +568,7 @@ fn io_region(args: &Args, capacity: u64) -> Result<(u64, u64), String> {
             "I/O region {start}..{end} is empty or outside the {capacity}-byte disk"
         ));
     }
-    if start % 512 != 0 {
+    if !start.is_multiple_of(512) {
         return Err(format!("region start {start} is not a multiple of 512"));
     }
     let len = end - start;
@@ -581,14 +586,16 @@ fn bench(args: &Args) -> Result<bool, String> {
     if !(1..=255).contains(&args.iodepth) {
         return Err("--iodepth must be in 1..=255".into());
     }
-    if args.bs == 0 || args.bs % 512 != 0 {
+    if args.bs == 0 || !args.bs.is_multiple_of(512) {
         return Err("--bs must be a positive multiple of 512".into());
     }
-    if !(args.runtime > 0.0 && args.runtime.is_finite()) || !(args.ramp >= 0.0) {
+    let runtime_ok = args.runtime > 0.0 && args.runtime.is_finite();
+    let ramp_ok = args.ramp >= 0.0 && args.ramp.is_finite();
+    if !runtime_ok || !ramp_ok {
         return Err("--runtime must be > 0 and --ramp >= 0".into());
     }
     let stride = args.stride.unwrap_or(args.bs);
-    if stride == 0 || stride % 512 != 0 {
+    if stride == 0 || !stride.is_multiple_of(512) {
         return Err("--stride must be a positive multiple of 512".into());
     }
     let slot_size = usize::try_from(args.bs.div_ceil(4096) * 4096).map_err(|e| e.to_string())?;
@@ -647,9 +654,12 @@ fn bench(args: &Args) -> Result<bool, String> {
                 let stop = &stop;
                 let tx = tx.clone();
                 s.spawn(move || {
-                    let r = client.queue(i).map_err(|e| e.to_string()).and_then(|mut q| {
-                        run_worker(&mut q, job, stop).map_err(|e| format!("queue {i}: {e}"))
-                    });
+                    let r = client
+                        .queue(i)
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut q| {
+                            run_worker(&mut q, job, stop).map_err(|e| format!("queue {i}: {e}"))
+                        });
                     if r.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -901,8 +911,8 @@ fn ceiling(args: &Args, dir: &Path) -> Result<bool, String> {
 fn verify(args: &Args, reference: &Path) -> Result<bool, String> {
     const BLOCK: u64 = 4096;
     let socket = args.socket.as_ref().ok_or("--verify-file needs --socket")?;
-    let file = File::open(reference)
-        .map_err(|e| format!("opening {}: {e}", reference.display()))?;
+    let file =
+        File::open(reference).map_err(|e| format!("opening {}: {e}", reference.display()))?;
     let ref_len = file.metadata().map_err(|e| e.to_string())?.len();
     let client = Client::connect_retry(
         socket,
@@ -996,7 +1006,18 @@ mod tests {
 
     #[test]
     fn histogram_bucket_midpoint_is_within_four_percent() {
-        for v in [0u64, 1, 63, 64, 65, 100, 1000, 4567, 1_000_000, 123_456_789_012] {
+        for v in [
+            0u64,
+            1,
+            63,
+            64,
+            65,
+            100,
+            1000,
+            4567,
+            1_000_000,
+            123_456_789_012,
+        ] {
             let mid = Hist::value(Hist::index(v));
             let err = (mid as f64 - v as f64).abs() / (v.max(1) as f64);
             assert!(err < 0.04, "value {v} -> bucket midpoint {mid}");

@@ -1,0 +1,525 @@
+//! Engine behaviour: randomized operations against a shadow model with cold reopens,
+//! concurrency on a shared cluster, zero/discard semantics, v2 images, the dirty bit, and the
+//! path-level operations (commit, export, checksum, snapshot overlays).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use blockdev::{BlockDev, BlockError};
+use common::*;
+use qcow_snapshot::{
+    checksum, commit, create, create_snapshot_overlay, export, open_image, open_qcow2,
+    CreateOptions, Format, Mapping,
+};
+use rand::{Rng, SeedableRng};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn random_writes_zeroes_and_discards_match_a_shadow_across_cold_reopens() {
+    for (cs, seed) in [(4096u64, 1u64), (65536, 2), (512, 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 3u64 << 20;
+        let base_data = random_bytes(seed + 100, size as usize);
+        std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
+        let img = dir.path().join("o.qcow2");
+        create(
+            &img,
+            &CreateOptions {
+                cluster_size: cs,
+                backing: Some(("base.raw".into(), Format::Raw)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut shadow = base_data.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for reopen in 0..4 {
+            let dev = open_image(&img, None, false).unwrap();
+            assert_same(
+                &read_all(&*dev),
+                &shadow,
+                &format!("cs {cs} after reopen {reopen}"),
+            );
+            for i in 0..60 {
+                let off = rng.random_range(0..size);
+                let len = rng.random_range(1..=(size - off).min(4 * cs + 1000));
+                match rng.random_range(0..10) {
+                    0..=5 => {
+                        let v = random_bytes(rng.random(), len as usize);
+                        dev.write_at(&v, off).unwrap();
+                        shadow[off as usize..(off + len) as usize].copy_from_slice(&v);
+                    }
+                    6 => {
+                        dev.discard(off, len).unwrap();
+                        shadow[off as usize..(off + len) as usize].fill(0);
+                    }
+                    7 | 8 => {
+                        dev.write_zeroes(off, len, rng.random()).unwrap();
+                        shadow[off as usize..(off + len) as usize].fill(0);
+                    }
+                    _ => dev.flush().unwrap(),
+                }
+                if i % 20 == 0 {
+                    let mut b = vec![0u8; len as usize];
+                    dev.read_at(&mut b, off).unwrap();
+                    assert_same(&b, &shadow[off as usize..(off + len) as usize], "spot read");
+                }
+            }
+        }
+        qemu_check(&img);
+        let refp = dir.path().join("want.raw");
+        std::fs::write(&refp, &shadow).unwrap();
+        qemu_compare(&img, &refp);
+        assert_eq!(
+            std::fs::read(dir.path().join("base.raw")).unwrap(),
+            base_data,
+            "base untouched"
+        );
+    }
+}
+
+#[test]
+fn concurrent_writes_into_one_unallocated_cluster_allocate_it_once_and_keep_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8u64 << 20;
+    let base_data = random_bytes(5, size as usize);
+    std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
+    let img = dir.path().join("o.qcow2");
+    create(
+        &img,
+        &CreateOptions {
+            backing: Some(("base.raw".into(), Format::Raw)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dev = open_image(&img, None, false).unwrap();
+    let cs = 65536u64;
+    // 8 threads, each writing its own 4 KiB slice of every one of 64 clusters.
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                for c in 0..64u64 {
+                    let off = c * cs + t * 8192 + 100;
+                    dev.write_at(&[t as u8 + 1; 4096], off).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut want = base_data.clone();
+    for t in 0..8u64 {
+        for c in 0..64u64 {
+            let off = (c * cs + t * 8192 + 100) as usize;
+            want[off..off + 4096].fill(t as u8 + 1);
+        }
+    }
+    assert_same(&read_all(&*dev), &want, "concurrent writes");
+    dev.flush().unwrap();
+    drop(dev);
+    qemu_check(&img);
+    // 64 data clusters + L2 + metadata: no cluster was allocated twice.
+    let out = run("qemu-img", &["check", s(&img)]);
+    assert!(out.contains("No errors"), "{out}");
+    let q = open_qcow2(&img, true).unwrap();
+    let mut hosts: Vec<u64> = q
+        .map(0, 64 * cs)
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e.mapping {
+            Mapping::Data(h) => Some((0..e.len / cs).map(move |k| h + k * cs)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(hosts.len(), 64);
+    hosts.sort_unstable();
+    hosts.dedup();
+    assert_eq!(
+        hosts.len(),
+        64,
+        "each guest cluster has its own host cluster"
+    );
+}
+
+#[test]
+fn concurrent_random_io_from_many_threads_keeps_metadata_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("o.qcow2");
+    let size = 16u64 << 20;
+    create(
+        &img,
+        &CreateOptions {
+            size,
+            cluster_size: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dev = open_image(&img, None, false).unwrap();
+    // Each thread owns a disjoint stripe of 1 MiB regions, so the final content is known.
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                let mut shadow = vec![0u8; size as usize];
+                for i in 0..300 {
+                    let region = rng.random_range(0..4u64) * 4 + t;
+                    let off = region * (1 << 20) + rng.random_range(0..(1u64 << 20) - 20000);
+                    let len = rng.random_range(1..20000u64);
+                    if i % 7 == 0 {
+                        dev.discard(off, len).unwrap();
+                        shadow[off as usize..(off + len) as usize].fill(0);
+                    } else {
+                        let v = rng.random::<u8>() | 1;
+                        dev.write_at(&vec![v; len as usize], off).unwrap();
+                        shadow[off as usize..(off + len) as usize].fill(v);
+                    }
+                    if i % 50 == 0 {
+                        dev.flush().unwrap();
+                    }
+                }
+                (t, shadow)
+            })
+        })
+        .collect();
+    let mut want = vec![0u8; size as usize];
+    for th in threads {
+        let (t, shadow) = th.join().unwrap();
+        for r in 0..4u64 {
+            let s0 = ((r * 4 + t) << 20) as usize;
+            want[s0..s0 + (1 << 20)].copy_from_slice(&shadow[s0..s0 + (1 << 20)]);
+        }
+    }
+    assert_same(&read_all(&*dev), &want, "threads");
+    drop(dev);
+    qemu_check(&img);
+    let refp = dir.path().join("want.raw");
+    std::fs::write(&refp, &want).unwrap();
+    qemu_compare(&img, &refp);
+}
+
+#[test]
+fn discard_over_backing_data_reads_zeros_and_never_shows_backing_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1u64 << 20;
+    let base_data = vec![0x77u8; size as usize];
+    std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
+    let img = dir.path().join("o.qcow2");
+    create(
+        &img,
+        &CreateOptions {
+            backing: Some(("base.raw".into(), Format::Raw)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    {
+        let dev = open_qcow2(&img, false).unwrap();
+        dev.write_at(&[1; 65536], 65536).unwrap();
+        dev.discard(0, 3 * 65536).unwrap();
+        dev.write_zeroes(5 * 65536 + 10, 100, false).unwrap();
+        let ext = dev.map(0, 3 * 65536).unwrap();
+        assert_eq!(ext.len(), 1);
+        assert_eq!(ext[0].mapping, Mapping::Zero);
+        dev.close().unwrap();
+    }
+    let dev = open_image(&img, None, true).unwrap();
+    let got = read_all(&*dev);
+    assert!(got[..3 * 65536].iter().all(|&b| b == 0));
+    assert!(got[3 * 65536..5 * 65536 + 10].iter().all(|&b| b == 0x77));
+    assert!(got[5 * 65536 + 10..5 * 65536 + 110].iter().all(|&b| b == 0));
+    assert!(got[5 * 65536 + 110..].iter().all(|&b| b == 0x77));
+    drop(dev);
+    qemu_check(&img);
+    // The discarded data cluster was freed: after close nothing leaks (qemu-img check above).
+    let info = run("qemu-img", &["map", "--output=json", s(&img)]);
+    assert!(info.contains("\"zero\": true"), "{info}");
+}
+
+#[test]
+fn v2_images_are_read_and_written_and_zeroes_over_backing_write_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2u64 << 20;
+    let base_data = vec![0x33u8; size as usize];
+    std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
+    let img = dir.path().join("v2.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "-F",
+            "raw",
+            "-b",
+            "base.raw",
+            s(&img),
+        ],
+    );
+    qemu_io_write(&img, "qcow2", 0x44, 0, 4096);
+    let mut want = base_data.clone();
+    want[..4096].fill(0x44);
+    {
+        let dev = open_image(&img, None, false).unwrap();
+        assert_same(&read_all(&*dev), &want, "v2 read");
+        dev.write_at(&[0x55; 1000], 70000).unwrap();
+        want[70000..71000].fill(0x55);
+        dev.discard(131072, 131072).unwrap();
+        want[131072..262144].fill(0);
+        dev.write_zeroes(0, 65536, true).unwrap();
+        want[..65536].fill(0);
+        assert_same(&read_all(&*dev), &want, "v2 after writes");
+    }
+    let out = run("qemu-img", &["info", s(&img)]);
+    assert!(out.contains("compat: 0.10"), "{out}");
+    qemu_check(&img);
+    let refp = dir.path().join("want.raw");
+    std::fs::write(&refp, &want).unwrap();
+    qemu_compare(&img, &refp);
+}
+
+#[test]
+fn image_left_dirty_by_a_crash_is_repaired_on_read_write_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    create(
+        &img,
+        &CreateOptions {
+            size: 4 << 20,
+            cluster_size: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dev = open_qcow2(&img, false).unwrap();
+    dev.write_at(&[9; 20000], 5000).unwrap();
+    dev.flush().unwrap();
+    dev.discard(0, 16384).unwrap(); // frees clusters, decrements pending
+    dev.write_at(&[8; 4096], 1 << 20).unwrap();
+    dev.flush().unwrap();
+    assert!(
+        qcow_snapshot::info(&img).unwrap().dirty,
+        "dirty bit set while open"
+    );
+    std::mem::forget(dev); // crash: no close
+    let mut want = vec![0u8; 4 << 20];
+    want[16384..25000].fill(9);
+    want[1 << 20..(1 << 20) + 4096].fill(8);
+    {
+        let dev = open_qcow2(&img, false).unwrap();
+        assert_same(&read_all(&dev), &want, "after repair");
+        dev.close().unwrap();
+    }
+    assert!(
+        !qcow_snapshot::info(&img).unwrap().dirty,
+        "dirty bit cleared by close"
+    );
+    qemu_check(&img);
+}
+
+#[test]
+fn commit_writes_overlay_into_backing_and_empties_the_overlay() {
+    for bfmt in [Format::Raw, Format::Qcow2] {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 2u64 << 20;
+        let base_data = random_bytes(11, size as usize);
+        let raw = dir.path().join("base.raw");
+        std::fs::write(&raw, &base_data).unwrap();
+        let base = if bfmt == Format::Qcow2 {
+            let b = dir.path().join("base.qcow2");
+            run(
+                "qemu-img",
+                &["convert", "-q", "-O", "qcow2", s(&raw), s(&b)],
+            );
+            b
+        } else {
+            raw.clone()
+        };
+        let ov = dir.path().join("o.qcow2");
+        let bname = base.file_name().unwrap().to_str().unwrap().to_string();
+        create(
+            &ov,
+            &CreateOptions {
+                backing: Some((bname, bfmt)),
+                cluster_size: 4096,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut want = base_data.clone();
+        {
+            let dev = open_image(&ov, None, false).unwrap();
+            dev.write_at(&[0xa1; 10000], 3000).unwrap();
+            dev.discard(65536, 8192).unwrap();
+            want[3000..13000].fill(0xa1);
+            want[65536..73728].fill(0);
+        }
+        let before = checksum(&ov, &mut |_, _| {}).unwrap();
+        let mut calls = 0;
+        commit(&ov, &mut |d, t| {
+            assert!(d <= t);
+            calls += 1;
+        })
+        .unwrap();
+        assert!(calls > 0);
+        let refp = dir.path().join("want.raw");
+        std::fs::write(&refp, &want).unwrap();
+        let base_sum = checksum(&base, &mut |_, _| {}).unwrap();
+        assert_eq!(
+            base_sum,
+            checksum(&refp, &mut |_, _| {}).unwrap(),
+            "backing holds the committed data"
+        );
+        assert_eq!(before, base_sum);
+        // The overlay is empty: everything unallocated, still reads the same through the chain.
+        let q = open_qcow2(&ov, true).unwrap();
+        assert!(q
+            .map(0, size)
+            .unwrap()
+            .iter()
+            .all(|e| e.mapping == Mapping::Unallocated));
+        drop(q);
+        assert_eq!(checksum(&ov, &mut |_, _| {}).unwrap(), base_sum);
+        qemu_check(&ov);
+        if bfmt == Format::Qcow2 {
+            qemu_check(&base);
+        }
+    }
+}
+
+#[test]
+fn export_and_checksum_agree_between_raw_and_overlay_chains() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3u64 << 20;
+    let mut data = random_bytes(12, size as usize);
+    data[1 << 20..2 << 20].fill(0);
+    let raw = dir.path().join("base.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let ov = create_snapshot_overlay(&raw, Format::Raw, dir.path()).unwrap();
+    assert!(ov.starts_with(dir.path()));
+    let raw_sum = checksum(&raw, &mut |_, _| {}).unwrap();
+    assert_eq!(raw_sum.len(), 64);
+    assert_eq!(checksum(&ov, &mut |_, _| {}).unwrap(), raw_sum);
+    {
+        let dev = open_image(&ov, None, false).unwrap();
+        dev.write_at(&[5; 777], 12345).unwrap();
+    }
+    data[12345..12345 + 777].fill(5);
+    assert_ne!(checksum(&ov, &mut |_, _| {}).unwrap(), raw_sum);
+    let out = dir.path().join("out.raw");
+    export(&ov, &out, &mut |_, _| {}).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    assert_eq!(
+        checksum(&out, &mut |_, _| {}).unwrap(),
+        checksum(&ov, &mut |_, _| {}).unwrap()
+    );
+    // Sparse where zero.
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&out).unwrap();
+    assert!(
+        md.blocks() * 512 < size,
+        "export is sparse ({} bytes allocated)",
+        md.blocks() * 512
+    );
+    // Two overlays never share a name.
+    let ov2 = create_snapshot_overlay(&raw, Format::Raw, dir.path()).unwrap();
+    assert_ne!(ov, ov2);
+}
+
+#[test]
+fn read_only_image_refuses_writes_and_backing_is_never_modified() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    create(
+        &img,
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let dev = open_image(&img, Some(Format::Qcow2), true).unwrap();
+    assert!(dev.is_read_only());
+    assert!(matches!(dev.write_at(&[1], 0), Err(BlockError::ReadOnly)));
+    assert!(matches!(dev.discard(0, 512), Err(BlockError::ReadOnly)));
+    dev.flush().unwrap();
+    drop(dev);
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    // A qcow2 file named as raw is served raw (never probed).
+    let dev = open_image(&img, Some(Format::Raw), true).unwrap();
+    let mut m = [0u8; 4];
+    dev.read_at(&mut m, 0).unwrap();
+    assert_eq!(&m, b"QFI\xfb");
+    let _ = Arc::clone(&dev);
+}
+
+#[test]
+fn refcount_table_growth_and_tiny_caches_keep_the_image_consistent() {
+    for (order, cs) in [(6u32, 512u64), (0, 512), (4, 4096)] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("g.qcow2");
+        let size = 6u64 << 20;
+        create(
+            &img,
+            &CreateOptions {
+                size,
+                cluster_size: cs,
+                refcount_order: order,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let before = qcow_snapshot::api::read_header(&img).unwrap().header;
+        let mut shadow = vec![0u8; size as usize];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(order));
+        {
+            let q = open_qcow2(&img, false).unwrap();
+            // Evict and flush internally all the time.
+            q.set_cache_limits(2, 2, 3);
+            for i in 0..400 {
+                let off = rng.random_range(0..size);
+                let len = rng.random_range(1..=(size - off).min(40_000));
+                if i % 9 == 0 {
+                    q.discard(off, len).unwrap();
+                    shadow[off as usize..(off + len) as usize].fill(0);
+                } else {
+                    let v = rng.random::<u8>() | 1;
+                    q.write_at(&vec![v; len as usize], off).unwrap();
+                    shadow[off as usize..(off + len) as usize].fill(v);
+                }
+            }
+            // Fill a large contiguous part so the host file outgrows the first refcount table.
+            q.write_at(&vec![0xc3; 4 << 20], 1 << 20).unwrap();
+            shadow[1 << 20..5 << 20].fill(0xc3);
+            assert_same(&read_all(&q), &shadow, "before close");
+            q.close().unwrap();
+        }
+        let after = qcow_snapshot::api::read_header(&img).unwrap().header;
+        if order == 6 {
+            assert_ne!(
+                after.refcount_table_offset, before.refcount_table_offset,
+                "refcount table was relocated"
+            );
+        }
+        qemu_check(&img);
+        let refp = dir.path().join("want.raw");
+        std::fs::write(&refp, &shadow).unwrap();
+        qemu_compare(&img, &refp);
+        let dev = open_image(&img, None, true).unwrap();
+        assert_same(&read_all(&*dev), &shadow, "after reopen");
+    }
+}
