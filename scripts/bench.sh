@@ -16,6 +16,7 @@
 #   BENCH_DIR=build/bench  images, sockets, logs, results.jsonl (keep it on a real disk, not tmpfs)
 #   BENCH_OUT=BENCHMARKS.md                              BENCH_FILTER=REGEX  only matching workloads
 #   BENCH_SIDES="qsd snapblk"                            BENCH_NO_BUILD=1  use existing binaries
+#   BENCH_REPEAT=1       runs per side and workload; the report shows the median-IOPS run
 #   SNAPBLK=path/to/snapblk  BENCH_CLIENT=path/to/snapblk-bench  SNAPBLK_EXTRA_ARGS="..."
 # The snapblk command line lives in one place: snapblk_cmd() below.
 set -euo pipefail
@@ -33,6 +34,7 @@ BENCH_DIR="${BENCH_DIR:-$ROOT/build/bench}"
 BENCH_OUT="${BENCH_OUT:-$ROOT/BENCHMARKS.md}"
 BENCH_FILTER="${BENCH_FILTER:-.}"
 BENCH_SIDES="${BENCH_SIDES:-qsd snapblk}"
+BENCH_REPEAT="${BENCH_REPEAT:-1}"
 SNAPBLK_EXTRA_ARGS="${SNAPBLK_EXTRA_ARGS:-}"
 QSD="${QSD:-qemu-storage-daemon}"
 CLUSTER=65536 # qcow2 cluster size of the overlays (qemu-img default)
@@ -173,7 +175,8 @@ record() {
 import json, sys
 side, kind, nq, name, args, out = sys.argv[1:]
 d = json.loads(out)
-d.update(side=side, kind=kind, queues_run=int(nq), workload=name, args=args)
+d.update(side=side, kind=kind, queues_run=int(nq), workload=name, args=args,
+         loadavg_1min=float(open("/proc/loadavg").read().split()[0]))
 print(json.dumps(d))
 PY
 }
@@ -271,9 +274,13 @@ for nq in $BENCH_QUEUES; do
                 mapfile -t order < <(printf '%s\n' "${SIDES[@]}" | tac)
             fi
             i=$((i + 1))
-            for side in "${order[@]}"; do
-                # shellcheck disable=SC2086 # workload arguments are split on purpose
-                run_one "$side" "$kind" "$nq" "$name" $wargs
+            for ((rep = 0; rep < BENCH_REPEAT; rep++)); do
+                for side in "${order[@]}"; do
+                    # shellcheck disable=SC2086 # workload arguments are split on purpose
+                    run_one "$side" "$kind" "$nq" "$name" $wargs
+                done
+                # Next repetition starts with the other side.
+                mapfile -t order < <(printf '%s\n' "${order[@]}" | tac)
             done
         done
     done
@@ -298,7 +305,7 @@ QSD_RAW_LINE="${CMD[*]}"
 qsd_cmd OVERLAY SOCK N qcow2
 QSD_QCOW_LINE="${CMD[*]}"
 
-export LOAD_BEFORE LOAD_AFTER BENCH_RUNTIME BENCH_RAMP BENCH_IMAGE_SIZE BENCH_DIR ELAPSED FS_TYPE FS_DEV QSD_VERSION \
+export BENCH_REPEAT LOAD_BEFORE LOAD_AFTER BENCH_RUNTIME BENCH_RAMP BENCH_IMAGE_SIZE BENCH_DIR ELAPSED FS_TYPE FS_DEV QSD_VERSION \
     GIT_REV GIT_DIRTY SNAPBLK_LINE QSD_RAW_LINE QSD_QCOW_LINE CLUSTER
 SIDES_LIST="${SIDES[*]}"
 CPU_MODEL="$(lscpu | sed -n 's/^Model name: *//p' | head -1)"
@@ -317,6 +324,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 ceil = json.load(open(sys.argv[2]))
 E = os.environ
 sides = E["SIDES_LIST"].split()
+repeat = int(E["BENCH_REPEAT"])
 both = "qsd" in sides and "snapblk" in sides
 
 def fmt(v, unit=""):
@@ -327,6 +335,17 @@ def fmt(v, unit=""):
     if v >= 10:
         return f"{v:.1f}{unit}"
     return f"{v:.2f}{unit}"
+
+def median_run(runs):
+    """The run with the median IOPS (failed runs only if nothing else is there)."""
+    good = sorted((r for r in runs if not r.get("failed")), key=lambda r: r["iops"])
+    if good:
+        return good[(len(good) - 1) // 2]
+    return runs[0] if runs else None
+
+def spread(runs):
+    v = [r["iops"] for r in runs if not r.get("failed")]
+    return f"{min(v):,.0f}-{max(v):,.0f}" if v else "n/a"
 
 def cell(a, b, key, scale=1.0):
     va = a.get(key) if a and not a.get("failed") else None
@@ -380,6 +399,16 @@ p("- Cache modes: **qemu-storage-daemon** runs its file node with `cache.direct=
   "through the host page cache, so it is a write-back cache (a guest flush becomes `fdatasync`). "
   "**snapblk** runs with `--cache writeback` (its own folio cache; flush writes back and syncs). "
   "Writeback vs writeback.")
+wce = {}
+for r in rows:
+    if not r.get("failed") and "device_writeback" in r:
+        wce.setdefault(r["side"], set()).add(r["device_writeback"])
+if wce:
+    seen = "; ".join(f"{sd}: " + "/".join("on" if v else "off" for v in sorted(vals))
+                     for sd, vals in sorted(wce.items()))
+    p(f"- Write-cache flag the client saw in the virtio-blk config (`writeback` field): {seen}. "
+      "The benchmark sends its flushes regardless of that flag (a Linux guest would send none to a "
+      "device that reports it off).")
 p("- CPU per I/O: the daemon's utime+stime (`/proc/PID/stat`, all threads) over the window divided by "
   "the I/Os completed in it; peak RSS: `VmHWM` of `/proc/PID/status` at the end of the run.")
 p("- Latency: submission to completion as seen by the client, including client-side overhead.")
@@ -405,6 +434,10 @@ p("")
 if both:
     p("Every cell: **qemu-storage-daemon / snapblk (ratio snapblk/qsd)**. Higher is better for IOPS and "
       "MB/s, lower for latency, CPU and memory.")
+if repeat > 1:
+    p("")
+    p(f"Each side ran every workload {repeat} times (alternating which side went first); the figures "
+      "are those of the run with the median IOPS.")
 else:
     p(f"Every cell: the {sides[0]} figure.")
 p("")
@@ -420,6 +453,8 @@ for w in order:
     hdr = "| image | queues | IOPS | MB/s | mean lat us | p99 lat us | daemon CPU us/IO | daemon peak RSS MiB |"
     if flush:
         hdr += " flush mean us |"
+    if repeat > 1:
+        hdr += f" IOPS range of {repeat} runs |"
     p(hdr)
     p("|---" * (hdr.count("|") - 1) + "|")
     keys = []
@@ -428,13 +463,16 @@ for w in order:
         if k not in keys:
             keys.append(k)
     for kind, nq in keys:
-        a = next((r for r in rs if r["kind"] == kind and r["queues_run"] == nq and r["side"] == "qsd"), None)
-        b = next((r for r in rs if r["kind"] == kind and r["queues_run"] == nq and r["side"] == "snapblk"), None)
+        a = median_run([r for r in rs if r["kind"] == kind and r["queues_run"] == nq and r["side"] == "qsd"])
+        b = median_run([r for r in rs if r["kind"] == kind and r["queues_run"] == nq and r["side"] == "snapblk"])
         line = (f"| {kind} | {nq} | {cell(a, b, 'iops')} | {cell(a, b, 'mb_per_s')} | "
                 f"{cell(a, b, 'lat_mean_us')} | {cell(a, b, 'lat_p99_us')} | "
                 f"{cell(a, b, 'daemon_cpu_us_per_io')} | {cell(a, b, 'daemon_vmhwm_kib', 1 / 1024)} |")
         if flush:
             line += f" {cell(a, b, 'flush_lat_mean_us')} |"
+        if repeat > 1:
+            sel = lambda side: [r for r in rs if r["kind"] == kind and r["queues_run"] == nq and r["side"] == side]
+            line += " " + " / ".join(spread(sel(sd)) for sd in sides) + " |"
         p(line)
     fails = [r for r in rs if r.get("failed") or r.get("errors")]
     seen = set()

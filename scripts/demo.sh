@@ -184,7 +184,7 @@ QEMU_ARGS=(-machine q35 -accel tcg -smp 2 -m 512 -nodefaults -no-reboot -display
     -monitor none -serial stdio
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem
     -chardev "socket,id=vu0,path=$SOCK" -device vhost-user-blk-pci,chardev=vu0,num-queues=2
-    -kernel "$GUEST_DIR/vmlinuz" -initrd "$WORK/initrd" -append "console=ttyS0 panic=-1 loglevel=4")
+    -kernel "$GUEST_DIR/vmlinuz" -initrd "$WORK/initrd" -append "console=ttyS0 panic=-1 loglevel=4 no_timer_check")
 [[ -n "$QEMU_DATADIR" ]] && QEMU_ARGS=(-L "$QEMU_DATADIR" "${QEMU_ARGS[@]}")
 echo "$QEMU ${QEMU_ARGS[*]}"
 # Serial goes to serial.log; the guest's own lines are echoed here (escape codes stripped).

@@ -307,12 +307,17 @@ impl BlkDevice {
         self.acked_features() & feature(bit) != 0
     }
 
-    /// Records the negotiated features. A driver without FLUSH gets a write-through device.
+    /// Records the negotiated features. A driver without FLUSH gets a write-through device; when
+    /// FLUSH becomes negotiated (frontends may send a preliminary SET_FEATURES without it), the
+    /// default mode applies. A repeated SET_FEATURES that keeps FLUSH keeps the driver's choice.
     pub fn set_acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Release);
-        if features & feature(VIRTIO_BLK_F_FLUSH) == 0 {
+        let flush = feature(VIRTIO_BLK_F_FLUSH);
+        let old = self.acked_features.swap(features, Ordering::AcqRel);
+        if features & flush == 0 {
             debug!("driver did not negotiate FLUSH: write-through");
             self.set_writeback(false);
+        } else if old & flush == 0 {
+            self.set_writeback(self.cfg.writeback_default);
         }
     }
 

@@ -158,6 +158,17 @@ struct ChainLayout {
     writable_len: u64,
 }
 
+/// What [`RequestWorker::collect`] found in a chain.
+#[derive(Debug, Default)]
+struct CollectedChain {
+    layout: ChainLayout,
+    /// The last non-empty descriptor of the whole chain and whether it is device-writable: the
+    /// status byte is its last byte.
+    last: Option<(Segment, bool)>,
+    /// What is wrong with the chain's shape, if anything.
+    error: Option<ExecuteRequestError>,
+}
+
 /// Per-queue-thread request executor holding reusable buffers, so the data path does not allocate
 /// once the buffers have grown to the working size.
 #[derive(Debug, Default)]
@@ -294,7 +305,11 @@ impl RequestWorker {
     {
         self.written = 0;
         let head = chain.head_index();
-        let (layout, last, chain_error) = self.collect(chain);
+        let CollectedChain {
+            layout,
+            last,
+            error: chain_error,
+        } = self.collect(chain);
 
         // The status byte is the last byte of the chain, which must be device-writable.
         let status_addr = match last {
@@ -342,18 +357,8 @@ impl RequestWorker {
         u32::try_from(used).unwrap_or(u32::MAX)
     }
 
-    /// Collects the non-empty descriptors of `chain` into `self.segs`. Returns the layout, the
-    /// last non-empty descriptor of the whole chain with its direction (where the status byte
-    /// goes), and what is wrong with the chain, if anything.
-    #[allow(clippy::type_complexity)]
-    fn collect<M, D>(
-        &mut self,
-        chain: DescriptorChain<D>,
-    ) -> (
-        ChainLayout,
-        Option<(Segment, bool)>,
-        Option<ExecuteRequestError>,
-    )
+    /// Collects the non-empty descriptors of `chain` into `self.segs`.
+    fn collect<M, D>(&mut self, chain: DescriptorChain<D>) -> CollectedChain
     where
         M: GuestMemory,
         D: std::ops::Deref<Target = M>,
@@ -393,7 +398,11 @@ impl RequestWorker {
             }
             self.segs.push(seg);
         }
-        (layout, last, error)
+        CollectedChain {
+            layout,
+            last,
+            error,
+        }
     }
 
     fn execute<M: GuestMemory>(

@@ -802,3 +802,82 @@ fn garbage_avail_ring_entries_do_not_panic_or_hang() {
     process_queue(&h.dev, &mut h.worker, &mut q, &h.mem).unwrap();
     assert_eq!(used_idx(&h.mem), 3);
 }
+
+#[test]
+fn random_hostile_chains_never_panic_and_always_return_to_the_used_ring() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut h = Harness::new();
+    let types = [
+        VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_FLUSH,
+        VIRTIO_BLK_T_GET_ID,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        VIRTIO_BLK_T_SECURE_ERASE,
+        0xdead_beef,
+    ];
+    let mut expected_used = 0u16;
+    for _ in 0..400 {
+        // Random header and random discard segments in guest memory.
+        let t = types[rng.random_range(0..types.len())];
+        let sector = match rng.random_range(0..4) {
+            0 => rng.random_range(0..(DISK_SIZE as u64 / 512)),
+            1 => rng.random(),
+            2 => (DISK_SIZE as u64 / 512) - rng.random_range(0..4),
+            _ => u64::MAX - rng.random_range(0..4),
+        };
+        h.header(t, sector);
+        for i in 0..4u64 {
+            let seg = DiscardWriteZeroesSegment {
+                sector: rng.random_range(0..(DISK_SIZE as u64 / 256)),
+                num_sectors: if rng.random() { rng.random_range(0..64) } else { rng.random() },
+                flags: rng.random_range(0..3),
+            };
+            h.mem.write_slice(&seg.to_bytes(), GuestAddress(DATA + 16 * i)).unwrap();
+        }
+        let mut list = Vec::new();
+        let mut total = 0;
+        while total < QSIZE as usize - 6 && list.len() < 3 {
+            let n = rng.random_range(1..=6usize);
+            let chain: Vec<(u64, u32, u16)> = (0..n)
+                .map(|_| {
+                    let addr = match rng.random_range(0..6) {
+                        0 => HDR,
+                        1 => DATA + 512 * rng.random_range(0..8),
+                        2 => STATUS,
+                        3 => MEM_SIZE as u64 - rng.random_range(0..64),
+                        4 => u64::MAX - rng.random_range(0..64),
+                        _ => rng.random_range(0..MEM_SIZE as u64),
+                    };
+                    let len = match rng.random_range(0..6) {
+                        0 => 0,
+                        1 => 1,
+                        2 => 16,
+                        3 => 512 * rng.random_range(1..16),
+                        4 => u32::MAX - rng.random_range(0..16),
+                        _ => rng.random_range(0..70_000),
+                    };
+                    let flags = match rng.random_range(0..10) {
+                        0 => F_INDIRECT,
+                        1..=4 => F_WRITE,
+                        _ => 0,
+                    };
+                    (addr, len, flags)
+                })
+                .collect();
+            total += chain.len();
+            list.push(chain);
+        }
+        let mut q = queue_with_chains(&h.mem, &list, rng.random());
+        // Continue from where the previous pass left the used ring.
+        q.set_next_used(expected_used);
+        q.set_event_idx(rng.random());
+        process_queue(&h.dev, &mut h.worker, &mut q, &h.mem).unwrap();
+        expected_used = expected_used.wrapping_add(list.len() as u16);
+        assert_eq!(used_idx(&h.mem), expected_used);
+        // Reset the avail ring for the next round.
+        h.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+    }
+}

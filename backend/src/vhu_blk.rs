@@ -129,10 +129,12 @@ impl VhostUserBackend for VhostUserBlk {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        debug!("GET_CONFIG offset {offset} size {size}");
         self.dev.read_config(offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        debug!("SET_CONFIG offset {offset} data {buf:?}");
         self.dev.write_config(offset, buf);
         Ok(())
     }

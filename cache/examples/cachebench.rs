@@ -10,7 +10,13 @@ use cache::{CacheConfig, FolioCache};
 
 const DISK: u64 = 256 << 20;
 
-fn run(name: &str, dev: &Arc<dyn BlockDev>, threads: u64, secs: f64, op: impl Fn(&dyn BlockDev, u64, &mut Vec<u8>) -> u64 + Sync) {
+fn run(
+    name: &str,
+    dev: &Arc<dyn BlockDev>,
+    threads: u64,
+    secs: f64,
+    op: impl Fn(&dyn BlockDev, u64, &mut Vec<u8>) -> u64 + Sync,
+) {
     let ops = AtomicU64::new(0);
     let bytes = AtomicU64::new(0);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -36,7 +42,11 @@ fn run(name: &str, dev: &Arc<dyn BlockDev>, threads: u64, secs: f64, op: impl Fn
     let el = start.elapsed().as_secs_f64();
     let o = ops.load(Ordering::Relaxed) as f64;
     let b = bytes.load(Ordering::Relaxed) as f64;
-    println!("{name:<48} {:>10.0} IOPS {:>9.1} MiB/s", o / el, b / el / 1048576.0);
+    println!(
+        "{name:<48} {:>10.0} IOPS {:>9.1} MiB/s",
+        o / el,
+        b / el / 1048576.0
+    );
 }
 
 fn rand_read(bs: u64, span: u64) -> impl Fn(&dyn BlockDev, u64, &mut Vec<u8>) -> u64 + Sync {
@@ -66,7 +76,10 @@ fn seq_write(bs: u64) -> impl Fn(&dyn BlockDev, u64, &mut Vec<u8>) -> u64 + Sync
 }
 
 fn main() {
-    let secs: f64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2.0);
+    let secs: f64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     std::fs::write(&path, vec![1u8; DISK as usize]).unwrap();
@@ -79,16 +92,76 @@ fn main() {
         cache.read_at(&mut warm, i << 20).unwrap();
     }
     for threads in [1, 2] {
-        run(&format!("raw    4K rand read 64M (page cache), {threads}T"), &raw, threads, secs, rand_read(4096, 64 << 20));
-        run(&format!("cache  4K rand read 64M (hot), {threads}T"), &cache, threads, secs, rand_read(4096, 64 << 20));
-        run(&format!("raw    4K rand write 64M, {threads}T"), &raw, threads, secs, rand_write(4096, 64 << 20));
-        run(&format!("cache  4K rand write 64M, {threads}T"), &cache, threads, secs, rand_write(4096, 64 << 20));
-        run(&format!("raw    4K rand write 256M, {threads}T"), &raw, threads, secs, rand_write(4096, DISK));
-        run(&format!("cache  4K rand write 256M, {threads}T"), &cache, threads, secs, rand_write(4096, DISK));
-        run(&format!("raw    1M seq write, {threads}T"), &raw, threads, secs, seq_write(1 << 20));
-        run(&format!("cache  1M seq write, {threads}T"), &cache, threads, secs, seq_write(1 << 20));
-        run(&format!("cache  1M rand read 256M, {threads}T"), &cache, threads, secs, rand_read(1 << 20, DISK));
-        run(&format!("raw    1M rand read 256M, {threads}T"), &raw, threads, secs, rand_read(1 << 20, DISK));
+        run(
+            &format!("raw    4K rand read 64M (page cache), {threads}T"),
+            &raw,
+            threads,
+            secs,
+            rand_read(4096, 64 << 20),
+        );
+        run(
+            &format!("cache  4K rand read 64M (hot), {threads}T"),
+            &cache,
+            threads,
+            secs,
+            rand_read(4096, 64 << 20),
+        );
+        run(
+            &format!("raw    4K rand write 64M, {threads}T"),
+            &raw,
+            threads,
+            secs,
+            rand_write(4096, 64 << 20),
+        );
+        run(
+            &format!("cache  4K rand write 64M, {threads}T"),
+            &cache,
+            threads,
+            secs,
+            rand_write(4096, 64 << 20),
+        );
+        run(
+            &format!("raw    4K rand write 256M, {threads}T"),
+            &raw,
+            threads,
+            secs,
+            rand_write(4096, DISK),
+        );
+        run(
+            &format!("cache  4K rand write 256M, {threads}T"),
+            &cache,
+            threads,
+            secs,
+            rand_write(4096, DISK),
+        );
+        run(
+            &format!("raw    1M seq write, {threads}T"),
+            &raw,
+            threads,
+            secs,
+            seq_write(1 << 20),
+        );
+        run(
+            &format!("cache  1M seq write, {threads}T"),
+            &cache,
+            threads,
+            secs,
+            seq_write(1 << 20),
+        );
+        run(
+            &format!("cache  1M rand read 256M, {threads}T"),
+            &cache,
+            threads,
+            secs,
+            rand_read(1 << 20, DISK),
+        );
+        run(
+            &format!("raw    1M rand read 256M, {threads}T"),
+            &raw,
+            threads,
+            secs,
+            rand_read(1 << 20, DISK),
+        );
     }
     let t = Instant::now();
     cache.flush().unwrap();

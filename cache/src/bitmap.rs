@@ -72,7 +72,11 @@ impl SectorBitmap {
 
     /// Whether sector `s` is marked.
     pub(crate) fn get(&self, s: usize) -> bool {
-        s < self.len && self.words.get(s / 64).is_some_and(|w| w & (1u64 << (s % 64)) != 0)
+        s < self.len
+            && self
+                .words
+                .get(s / 64)
+                .is_some_and(|w| w & (1u64 << (s % 64)) != 0)
     }
 
     /// Whether no sector is marked.
@@ -100,10 +104,13 @@ impl SectorBitmap {
 
     /// The last sector in `from..to` whose bit equals `value`, if any.
     pub(crate) fn rfind(&self, from: usize, to: usize, value: bool) -> Option<usize> {
-        (from..to.min(self.len)).rev().find(|&s| self.get(s) == value)
+        (from..to.min(self.len))
+            .rev()
+            .find(|&s| self.get(s) == value)
     }
 
     /// The maximal runs of marked sectors within `0..len`, as `(first, end)` pairs.
+    #[cfg(test)]
     pub(crate) fn runs(&self, out: &mut Vec<(usize, usize)>) {
         out.clear();
         let mut s = 0;
@@ -143,7 +150,10 @@ mod tests {
             assert_eq!(b.all(qlo, qhi), model[qlo..qhi].iter().all(|&v| v));
             assert_eq!(b.find(qlo, qhi, false), (qlo..qhi).find(|&s| !model[s]));
             assert_eq!(b.find(qlo, qhi, true), (qlo..qhi).find(|&s| model[s]));
-            assert_eq!(b.rfind(qlo, qhi, false), (qlo..qhi).rev().find(|&s| !model[s]));
+            assert_eq!(
+                b.rfind(qlo, qhi, false),
+                (qlo..qhi).rev().find(|&s| !model[s])
+            );
             assert_eq!(b.is_empty(), model.iter().all(|&v| !v));
             let mut runs = Vec::new();
             b.runs(&mut runs);

@@ -27,6 +27,14 @@
 //!   layer may have dropped data the cache already considers clean).
 //! - Write-through mode (`set_writeback(false)`) writes back the written folios and flushes the
 //!   lower layer before a write (or zap) completes.
+//! - Writeback of a folio whose dirty data reaches its end takes the following folios whose
+//!   dirty data starts at their beginning along (up to 1 MiB), merging touching runs into one
+//!   lower write. A folio already under writeback never joins.
+//! - Requests of at least `bypass_threshold` bytes bypass the cache. A large read pins the
+//!   cached folios of its range, reads the lower layer and overlays their uptodate sectors. The
+//!   whole folios of a large write are registered like a zap, cached copies take the new bytes
+//!   as clean data (after in-flight writebacks finish), and one lower write follows; the partial
+//!   folios at its ends go through the cache.
 //!
 //! # Locking
 //! Every lock is held only for memory operations, never across lower-layer I/O. Order (a thread
@@ -57,6 +65,8 @@ use crate::{CacheConfig, CacheHooks, HookPoint, NewCacheError};
 const MAX_SHARDS: usize = 64;
 /// Folios written back per batch by the flusher and by throttled writers.
 const WRITEBACK_BATCH: usize = 16;
+/// Largest writeback, in bytes, when consecutive folios are written back together.
+const MAX_CLUSTER: usize = 1 << 20;
 /// Recycled folio buffers kept for reuse.
 const FREE_BUFS: usize = 64;
 /// How long a thread waiting for a free slot or dirty budget sleeps before retrying.
@@ -72,7 +82,7 @@ thread_local! {
     /// Reusable buffer for writeback snapshots.
     static WB_BUF: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
     /// Reusable list of dirty sector runs.
-    static WB_RUNS: Cell<Vec<(usize, usize)>> = const { Cell::new(Vec::new()) };
+    static WB_RUNS: Cell<Vec<(usize, usize, usize)>> = const { Cell::new(Vec::new()) };
 }
 
 /// Takes the thread's scratch buffer, grown to at least `len` bytes.
@@ -209,6 +219,7 @@ struct Inner {
     max_folios: usize,
     max_dirty: usize,
     bypass_threshold: u64,
+    cluster_folios: usize,
     shards: Box<[Mutex<Shard>]>,
     nr_folios: AtomicUsize,
     evict_hand: AtomicUsize,
@@ -249,7 +260,10 @@ impl std::fmt::Debug for FolioCache {
 
 impl FolioCache {
     /// A cache over `lower` configured by `cfg`; starts `cfg.flusher_threads` writeback threads.
-    pub fn new(lower: Arc<dyn BlockDev>, cfg: CacheConfig) -> std::result::Result<Arc<Self>, NewCacheError> {
+    pub fn new(
+        lower: Arc<dyn BlockDev>,
+        cfg: CacheConfig,
+    ) -> std::result::Result<Arc<Self>, NewCacheError> {
         Self::build(lower, cfg, None)
     }
 
@@ -268,7 +282,8 @@ impl FolioCache {
         hooks: Option<Arc<dyn CacheHooks>>,
     ) -> std::result::Result<Arc<Self>, NewCacheError> {
         cfg.validate()?;
-        let folio_size = usize::try_from(cfg.folio_size).map_err(|_| NewCacheError::BadFolioSize(cfg.folio_size))?;
+        let folio_size = usize::try_from(cfg.folio_size)
+            .map_err(|_| NewCacheError::BadFolioSize(cfg.folio_size))?;
         let max_folios = usize::try_from(cfg.cache_size / cfg.folio_size).unwrap_or(usize::MAX);
         let max_dirty = usize::try_from(cfg.dirty_limit / cfg.folio_size).unwrap_or(usize::MAX);
         let nshards = max_folios.next_power_of_two().clamp(1, MAX_SHARDS);
@@ -281,6 +296,7 @@ impl FolioCache {
             max_folios,
             max_dirty,
             bypass_threshold: cfg.bypass_threshold,
+            cluster_folios: (MAX_CLUSTER / folio_size).max(1),
             shards: (0..nshards).map(|_| Mutex::new(Shard::default())).collect(),
             nr_folios: AtomicUsize::new(0),
             evict_hand: AtomicUsize::new(0),
@@ -303,7 +319,10 @@ impl FolioCache {
             counters: Counters::default(),
             cfg,
         });
-        let cache = FolioCache { inner: inner.clone(), threads: Mutex::new(Vec::new()) };
+        let cache = FolioCache {
+            inner: inner.clone(),
+            threads: Mutex::new(Vec::new()),
+        };
         for i in 0..inner.cfg.flusher_threads {
             let worker = inner.clone();
             let handle = std::thread::Builder::new()
@@ -466,7 +485,9 @@ impl Inner {
     fn folio_len(&self, index: u64) -> usize {
         let start = index << self.folio_shift;
         let rest = self.size.saturating_sub(start);
-        usize::try_from(rest).unwrap_or(usize::MAX).min(self.folio_size)
+        usize::try_from(rest)
+            .unwrap_or(usize::MAX)
+            .min(self.folio_size)
     }
 
     // ---- folio lookup, allocation and eviction ----
@@ -484,7 +505,9 @@ impl Inner {
             }
             let reserved = self
                 .nr_folios
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_folios).then_some(n + 1))
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.max_folios).then_some(n + 1)
+                })
                 .is_ok();
             if reserved {
                 let buf = lock(&self.free_bufs).pop().unwrap_or_default();
@@ -531,7 +554,9 @@ impl Inner {
             let Some(f) = map.get(&index) else { continue };
             // The map's reference is the only one: nobody is using the folio, and new references
             // are only made under this shard lock.
-            if Arc::strong_count(f) > 1 || (f.referenced.swap(false, Ordering::Relaxed) && !ignore_referenced) {
+            if Arc::strong_count(f) > 1
+                || (f.referenced.swap(false, Ordering::Relaxed) && !ignore_referenced)
+            {
                 clock.push_back(index);
                 continue;
             }
@@ -567,7 +592,11 @@ impl Inner {
     /// Keeps an unreferenced folio's buffer for the next folio.
     fn recycle(&self, f: Arc<Folio>) {
         if let Ok(folio) = Arc::try_unwrap(f) {
-            let data = folio.state.into_inner().unwrap_or_else(PoisonError::into_inner).data;
+            let data = folio
+                .state
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .data;
             if data.len() == self.folio_size {
                 let mut bufs = lock(&self.free_bufs);
                 if bufs.len() < FREE_BUFS {
@@ -586,13 +615,19 @@ impl Inner {
             return Ok(());
         }
         let g = lock(&self.budget_lock);
-        drop(self.budget_cv.wait_timeout(g, PRESSURE_WAIT).unwrap_or_else(PoisonError::into_inner));
+        drop(
+            self.budget_cv
+                .wait_timeout(g, PRESSURE_WAIT)
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         Ok(())
     }
 
     fn reserve_dirty(&self) -> bool {
         self.dirty_folios
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_dirty).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_dirty).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -610,7 +645,10 @@ impl Inner {
 
     fn fill_token(&self, start: u64, end: u64) -> FillToken {
         let z = lock(&self.zaps);
-        FillToken { seq: z.seq, clean: !z.overlaps(start, end) }
+        FillToken {
+            seq: z.seq,
+            clean: !z.overlaps(start, end),
+        }
     }
 
     fn fill_valid(&self, t: &FillToken) -> bool {
@@ -639,7 +677,12 @@ impl Inner {
             let mut out = Vec::new();
             for shard in self.shards.iter() {
                 let s = lock(shard);
-                out.extend(s.map.values().filter(|f| f.index >= first && f.index <= last).cloned());
+                out.extend(
+                    s.map
+                        .values()
+                        .filter(|f| f.index >= first && f.index <= last)
+                        .cloned(),
+                );
             }
             out
         }
@@ -790,7 +833,10 @@ impl Inner {
             let bb = f.sector_bytes(hi - 1).1;
             let token = self.fill_token(f.start + ba as u64, f.start + bb as u64);
             let mut scratch = take_buf(&FILL_BUF, bb - ba);
-            if let Err(e) = self.lower.read_at(&mut scratch[..bb - ba], f.start + ba as u64) {
+            if let Err(e) = self
+                .lower
+                .read_at(&mut scratch[..bb - ba], f.start + ba as u64)
+            {
                 FILL_BUF.with(|c| c.set(scratch));
                 return Err(e);
             }
@@ -842,7 +888,9 @@ impl Inner {
             return Ok(());
         }
         let mut scratch = take_buf(&FILL_BUF, bb - ba);
-        let result = self.lower.read_at(&mut scratch[..bb - ba], f.start + ba as u64);
+        let result = self
+            .lower
+            .read_at(&mut scratch[..bb - ba], f.start + ba as u64);
         if result.is_ok() {
             self.hook(HookPoint::AfterFillRead, f.index);
             let mut st = f.lock();
@@ -869,7 +917,10 @@ impl Inner {
         // folios at either end go through the cache.
         let head_end = ((offset + fmask) & !fmask).min(end);
         let mid_end = if end == self.size { end } else { end & !fmask };
-        if self.bypass_threshold > 0 && buf.len() as u64 >= self.bypass_threshold && mid_end > head_end {
+        if self.bypass_threshold > 0
+            && buf.len() as u64 >= self.bypass_threshold
+            && mid_end > head_end
+        {
             let (h, m) = ((head_end - offset) as usize, (mid_end - offset) as usize);
             self.write_cached(&buf[..h], offset)?;
             self.write_bypass(&buf[h..m], head_end)?;
@@ -905,7 +956,7 @@ impl Inner {
     /// bytes as clean data, so no older snapshot can land after this write.
     fn write_bypass(&self, buf: &[u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
-        let id = u64::MAX;
+        let id = self.register_zap(offset, end);
         let pinned = self.cached_in_range(offset, end);
         self.hook(HookPoint::BeforeLowerZap, offset >> self.folio_shift);
         for f in &pinned {
@@ -918,13 +969,16 @@ impl Inner {
         }
         let result = self.lower.write_at(buf, offset);
         if result.is_err() {
-            // The lower layer may hold anything in the range now: forget the clean copies.
+            // The cached folios hold the new bytes (or newer ones); the lower layer may hold any
+            // mix. Keep the cached bytes as dirty so that they are retried and a flush reports
+            // the failure (the dirty limit may be exceeded by these few folios).
             for f in &pinned {
                 let mut st = f.lock();
-                for s in 0..f.sectors() {
-                    if !st.dirty.get(s) {
-                        st.uptodate.clear(s, s + 1);
-                    }
+                st.dirty.set(0, f.sectors());
+                if !st.accounted {
+                    st.accounted = true;
+                    self.dirty_folios.fetch_add(1, Ordering::AcqRel);
+                    lock(&self.dirty_list).insert(f.index, f.clone());
                 }
             }
         }
@@ -950,7 +1004,8 @@ impl Inner {
             // A partly covered sector must hold the disk's bytes before it becomes dirty, so that
             // writeback never writes bytes the cache does not know.
             let need_head = f.partially_covers(head, a, b) && !st.uptodate.get(head);
-            let need_tail = tail != head && f.partially_covers(tail, a, b) && !st.uptodate.get(tail);
+            let need_tail =
+                tail != head && f.partially_covers(tail, a, b) && !st.uptodate.get(tail);
             if need_head || need_tail {
                 drop(st);
                 if need_head {
@@ -987,7 +1042,11 @@ impl Inner {
 
     /// Writes back the folio's dirty sectors. With `wait`, waits for an in-flight writeback
     /// first (so everything dirty when called is written when this returns `Written`/`Clean`).
-    fn writeback_folio(&self, f: &Folio, wait: bool) -> Result<WbOutcome> {
+    ///
+    /// When the folio's dirty data reaches its end, the following folios whose dirty data starts
+    /// at their beginning join the writeback (up to `cluster_folios`), so that sequentially
+    /// written data goes down in large contiguous writes.
+    fn writeback_folio(&self, f: &Arc<Folio>, wait: bool) -> Result<WbOutcome> {
         let mut st = f.lock();
         if st.writeback {
             if !wait {
@@ -998,59 +1057,117 @@ impl Inner {
         if st.dirty.is_empty() {
             return Ok(WbOutcome::Clean);
         }
-        let mut buf = take_buf(&WB_BUF, f.len);
+        let mut buf = take_buf(&WB_BUF, self.folio_size * self.cluster_folios);
+        // (member number, first sector, end sector) of every dirty run, in disk order.
         let mut runs = WB_RUNS.with(Cell::take);
-        st.dirty.runs(&mut runs);
-        let byte_runs = |&(s, e): &(usize, usize)| (f.sector_bytes(s).0, f.sector_bytes(e - 1).1);
-        for r in &runs {
-            let (x, y) = byte_runs(r);
-            buf[x..y].copy_from_slice(&st.data[x..y]);
-        }
-        st.dirty.clear(0, f.sectors());
-        st.writeback = true;
+        runs.clear();
+        let mut members: Vec<Arc<Folio>> = Vec::with_capacity(1);
+        let mut open_end = snapshot_dirty(f, &mut st, 0, &mut buf, &mut runs);
+        members.push(f.clone());
         drop(st);
+        while open_end && members.len() < self.cluster_folios {
+            let Some(g) = self.lookup(f.index + members.len() as u64) else {
+                break;
+            };
+            let mut gs = g.lock();
+            if gs.writeback || gs.evicted || !gs.dirty.get(0) {
+                break;
+            }
+            open_end = snapshot_dirty(
+                &g,
+                &mut gs,
+                members.len(),
+                &mut buf[members.len() * self.folio_size..],
+                &mut runs,
+            );
+            drop(gs);
+            members.push(g);
+        }
 
         self.hook(HookPoint::AfterWritebackSnapshot, f.index);
-        let outcome = if self.zap_overlaps(f.start, f.start + f.len as u64) {
+        let end = members.last().map_or(f.start, |g| g.start + g.len as u64);
+        let outcome = if self.zap_overlaps(f.start, end) {
             Ok(WbOutcome::Deferred)
         } else {
-            runs.iter()
-                .try_for_each(|r| {
-                    let (x, y) = byte_runs(r);
-                    self.lower.write_at(&buf[x..y], f.start + x as u64)
-                })
+            self.write_runs(&members, &buf, &runs)
                 .map(|()| WbOutcome::Written)
         };
 
-        let mut st = f.lock();
-        st.writeback = false;
-        if !matches!(outcome, Ok(WbOutcome::Written)) {
-            // The snapshot did not reach the lower layer: its sectors are dirty again (the cache
-            // holds them or newer bytes, since nothing drops sectors under writeback).
-            for &(s, e) in &runs {
-                st.dirty.set(s, e);
+        for (m, g) in members.iter().enumerate() {
+            let mut gs = g.lock();
+            gs.writeback = false;
+            if !matches!(outcome, Ok(WbOutcome::Written)) {
+                // The snapshot did not reach the lower layer: its sectors are dirty again (the
+                // cache holds them or newer bytes, since nothing drops sectors under writeback).
+                for &(_, s, e) in runs.iter().filter(|r| r.0 == m) {
+                    gs.dirty.set(s, e);
+                }
             }
+            self.maybe_clean(g, &mut gs);
+            drop(gs);
+            g.cv.notify_all();
         }
-        self.maybe_clean(f, &mut st);
-        drop(st);
-        f.cv.notify_all();
         WB_BUF.with(|c| c.set(buf));
         WB_RUNS.with(|c| c.set(runs));
         match &outcome {
             Ok(WbOutcome::Written) => {
-                self.counters.writebacks.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .writebacks
+                    .fetch_add(members.len() as u64, Ordering::Relaxed);
             }
             Err(e) => {
-                self.counters.writeback_errors.fetch_add(1, Ordering::Relaxed);
-                log::warn!("cache writeback of folio {} failed: {e}", f.index);
+                self.counters
+                    .writeback_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "cache writeback of folios {}..={} failed: {e}",
+                    f.index,
+                    f.index + members.len() as u64 - 1
+                );
             }
             _ => {}
         }
         outcome
     }
 
+    /// Writes the snapshot runs (`buf` starts at disk offset `start`, one folio per member),
+    /// merging runs that touch into one lower write.
+    fn write_runs(
+        &self,
+        members: &[Arc<Folio>],
+        buf: &[u8],
+        runs: &[(usize, usize, usize)],
+    ) -> Result<()> {
+        let Some(start) = members.first().map(|f| f.start) else {
+            return Ok(());
+        };
+        let byte_range = |&(m, s, e): &(usize, usize, usize)| {
+            let base = m * self.folio_size;
+            let (x, y) = members
+                .get(m)
+                .map_or((0, 0), |g| (g.sector_bytes(s).0, g.sector_bytes(e - 1).1));
+            (base + x, base + y)
+        };
+        let mut pending: Option<(usize, usize)> = None;
+        for r in runs {
+            let (x, y) = byte_range(r);
+            pending = match pending {
+                Some((a, b)) if b == x => Some((a, y)),
+                Some((a, b)) => {
+                    self.lower.write_at(&buf[a..b], start + a as u64)?;
+                    Some((x, y))
+                }
+                None => Some((x, y)),
+            };
+        }
+        if let Some((a, b)) = pending {
+            self.lower.write_at(&buf[a..b], start + a as u64)?;
+        }
+        Ok(())
+    }
+
     /// Writes back everything dirty in `f` as of now, waiting out zaps and in-flight writebacks.
-    fn sync_folio(&self, f: &Folio) -> Result<()> {
+    fn sync_folio(&self, f: &Arc<Folio>) -> Result<()> {
         loop {
             match self.writeback_folio(f, true)? {
                 WbOutcome::Deferred => self.wait_zaps_clear(f.start, f.start + f.len as u64),
@@ -1065,12 +1182,17 @@ impl Inner {
         let batch: Vec<Arc<Folio>> = {
             let list = lock(&self.dirty_list);
             let cursor = self.wb_cursor.load(Ordering::Relaxed);
-            list.range(cursor..).chain(list.range(..cursor)).take(max).map(|(_, f)| f.clone()).collect()
+            list.range(cursor..)
+                .chain(list.range(..cursor))
+                .take(max)
+                .map(|(_, f)| f.clone())
+                .collect()
         };
         let mut written = 0;
         let mut error = None;
         for f in &batch {
-            self.wb_cursor.store(f.index.wrapping_add(1), Ordering::Relaxed);
+            self.wb_cursor
+                .store(f.index.wrapping_add(1), Ordering::Relaxed);
             match self.writeback_folio(f, false) {
                 Ok(WbOutcome::Written) => written += 1,
                 Ok(_) => {}
@@ -1091,7 +1213,9 @@ impl Inner {
                 "an earlier flush of the lower layer failed; written data may have been lost",
             )));
         }
-        self.lower.flush().inspect_err(|_| self.lower_flush_failed.store(true, Ordering::SeqCst))
+        self.lower
+            .flush()
+            .inspect_err(|_| self.lower_flush_failed.store(true, Ordering::SeqCst))
     }
 
     fn flush(&self) -> Result<()> {
@@ -1127,7 +1251,11 @@ impl Inner {
             {
                 let g = lock(&self.flusher_lock);
                 if !self.kick.load(Ordering::Acquire) && !self.stop.load(Ordering::SeqCst) {
-                    drop(self.flusher_cv.wait_timeout(g, tick).unwrap_or_else(PoisonError::into_inner));
+                    drop(
+                        self.flusher_cv
+                            .wait_timeout(g, tick)
+                            .unwrap_or_else(PoisonError::into_inner),
+                    );
                 }
             }
             let kicked = self.kick.swap(false, Ordering::AcqRel);
@@ -1159,6 +1287,32 @@ impl Inner {
             }
         }
     }
+}
+
+/// Copies the dirty sectors of `f` into `buf` (the folio's bytes at the same offsets), records
+/// them as runs of member `member`, clears them and starts the writeback. Returns whether the
+/// last dirty run reaches the end of the folio.
+fn snapshot_dirty(
+    f: &Folio,
+    st: &mut FolioState,
+    member: usize,
+    buf: &mut [u8],
+    runs: &mut Vec<(usize, usize, usize)>,
+) -> bool {
+    let n = f.sectors();
+    let mut s = 0;
+    let mut open_end = false;
+    while let Some(first) = st.dirty.find(s, n, true) {
+        let end = st.dirty.find(first, n, false).unwrap_or(n);
+        let (x, y) = (f.sector_bytes(first).0, f.sector_bytes(end - 1).1);
+        buf[x..y].copy_from_slice(&st.data[x..y]);
+        runs.push((member, first, end));
+        open_end = end == n;
+        s = end;
+    }
+    st.dirty.clear(0, n);
+    st.writeback = true;
+    open_end
 }
 
 /// Copies the fill data for sectors `lo..hi` (buffer starting at folio byte `ba`) into the

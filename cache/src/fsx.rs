@@ -69,13 +69,19 @@ impl FsxConfig {
     /// The default configuration, overridden by `SNAPBLK_FSX_SECS` (duration in seconds),
     /// `SNAPBLK_FSX_SEED` (default: from the clock) and `SNAPBLK_FSX_THREADS`.
     pub fn from_env() -> Self {
-        let env_u64 = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok());
+        let env_u64 = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
         let mut cfg = FsxConfig::default();
         if let Some(secs) = env_u64("SNAPBLK_FSX_SECS") {
             cfg.duration = Duration::from_secs(secs);
         }
         cfg.seed = env_u64("SNAPBLK_FSX_SEED").unwrap_or_else(|| {
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
         });
         if let Some(t) = env_u64("SNAPBLK_FSX_THREADS") {
             cfg.threads = (t as usize).clamp(1, 64);
@@ -110,7 +116,12 @@ pub enum FsxError {
     Open { seed: u64, error: BlockError },
     /// A request failed.
     #[error("{op} failed on thread {thread} (seed {seed}): {error}")]
-    Op { seed: u64, thread: usize, op: String, error: BlockError },
+    Op {
+        seed: u64,
+        thread: usize,
+        op: String,
+        error: BlockError,
+    },
     /// A byte differs from the shadow.
     #[error("{phase}: byte at {offset:#x} is {found:#04x}, expected {expected:#04x} (seed {seed}); recent ops on that region, oldest first: {recent:?}")]
     Mismatch {
@@ -173,13 +184,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Index of the first differing byte (a fast equality check first: this runs on every read).
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a == b {
+        return None;
+    }
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or(Some(a.len().min(b.len())))
+}
+
 fn align_down(v: u64, align: u64) -> u64 {
     v - v % align
 }
 
 /// Runs the model checker. `open` opens the stack under test (called once per round, on the
 /// same lower storage); `open_cold` opens the bare lower layer for the end-of-round check.
-pub fn run(open: &OpenFn<'_>, open_cold: &OpenFn<'_>, cfg: &FsxConfig) -> Result<FsxReport, FsxError> {
+pub fn run(
+    open: &OpenFn<'_>,
+    open_cold: &OpenFn<'_>,
+    cfg: &FsxConfig,
+) -> Result<FsxReport, FsxError> {
     let seed = cfg.seed;
     let align = cfg.align.max(1);
     let threads = cfg.threads.max(1);
@@ -188,7 +214,9 @@ pub fn run(open: &OpenFn<'_>, open_cold: &OpenFn<'_>, cfg: &FsxConfig) -> Result
     let span = align_down(cfg.span.unwrap_or(32 << 20).min(dev.size()), align);
     let nregions = threads as u64 + 1;
     if span < nregions * 4 * align.max(4096) {
-        return Err(FsxError::Config(format!("span {span} too small for {threads} threads")));
+        return Err(FsxError::Config(format!(
+            "span {span} too small for {threads} threads"
+        )));
     }
     // Region boundaries, skewed off any power-of-two folio boundary.
     let skew = if align == 1 { 3 * 512 + 7 } else { 3 * 512 };
@@ -203,9 +231,20 @@ pub fn run(open: &OpenFn<'_>, open_cold: &OpenFn<'_>, cfg: &FsxConfig) -> Result
     for w in bounds.windows(2) {
         let (start, end) = (w[0], w[1]);
         let mut data = vec![0u8; (end - start) as usize];
-        read_chunked(&*dev, &mut data, start)
-            .map_err(|error| FsxError::Op { seed, thread: 0, op: "initial read".into(), error })?;
-        regions.push(Region { start, end, state: Mutex::new(RegionState { data, recent: VecDeque::new() }) });
+        read_chunked(&*dev, &mut data, start).map_err(|error| FsxError::Op {
+            seed,
+            thread: 0,
+            op: "initial read".into(),
+            error,
+        })?;
+        regions.push(Region {
+            start,
+            end,
+            state: Mutex::new(RegionState {
+                data,
+                recent: VecDeque::new(),
+            }),
+        });
     }
     let totals = Totals::default();
     let per_round = cfg.duration / rounds as u32;
@@ -228,7 +267,9 @@ pub fn run(open: &OpenFn<'_>, open_cold: &OpenFn<'_>, cfg: &FsxConfig) -> Result
                         cfg,
                         align,
                         thread: t,
-                        rng: Rng(seed ^ ((round as u64 + 1) << 48) ^ (t as u64).wrapping_mul(0xa076_1d64_78bd_642f)),
+                        rng: Rng(seed
+                            ^ ((round as u64 + 1) << 48)
+                            ^ (t as u64).wrapping_mul(0xa076_1d64_78bd_642f)),
                     };
                     s.spawn(move || ctx.run(deadline))
                 })
@@ -245,13 +286,28 @@ pub fn run(open: &OpenFn<'_>, open_cold: &OpenFn<'_>, cfg: &FsxConfig) -> Result
         for r in results {
             r?;
         }
-        dev_now
-            .flush()
-            .map_err(|error| FsxError::Op { seed, thread: 0, op: "final flush".into(), error })?;
-        verify_all(&*dev_now, &regions, seed, &format!("round {round}: read through the stack"), &totals)?;
+        dev_now.flush().map_err(|error| FsxError::Op {
+            seed,
+            thread: 0,
+            op: "final flush".into(),
+            error,
+        })?;
+        verify_all(
+            &*dev_now,
+            &regions,
+            seed,
+            &format!("round {round}: read through the stack"),
+            &totals,
+        )?;
         drop(dev_now);
         let cold = open_cold().map_err(|error| FsxError::Open { seed, error })?;
-        verify_all(&*cold, &regions, seed, &format!("round {round}: cold reopen of the lower layer"), &totals)?;
+        verify_all(
+            &*cold,
+            &regions,
+            seed,
+            &format!("round {round}: cold reopen of the lower layer"),
+            &totals,
+        )?;
     }
     Ok(FsxReport {
         seed,
@@ -272,13 +328,23 @@ fn read_chunked(dev: &dyn BlockDev, buf: &mut [u8], offset: u64) -> Result<(), B
     Ok(())
 }
 
-fn verify_all(dev: &dyn BlockDev, regions: &[Region], seed: u64, phase: &str, totals: &Totals) -> Result<(), FsxError> {
+fn verify_all(
+    dev: &dyn BlockDev,
+    regions: &[Region],
+    seed: u64,
+    phase: &str,
+    totals: &Totals,
+) -> Result<(), FsxError> {
     for r in regions {
         let st = lock(&r.state);
         let mut found = vec![0u8; st.data.len()];
-        read_chunked(dev, &mut found, r.start)
-            .map_err(|error| FsxError::Op { seed, thread: 0, op: format!("{phase}: read"), error })?;
-        if let Some(i) = st.data.iter().zip(&found).position(|(a, b)| a != b) {
+        read_chunked(dev, &mut found, r.start).map_err(|error| FsxError::Op {
+            seed,
+            thread: 0,
+            op: format!("{phase}: read"),
+            error,
+        })?;
+        if let Some(i) = first_difference(&st.data, &found) {
             return Err(FsxError::Mismatch {
                 seed,
                 phase: phase.to_string(),
@@ -288,7 +354,9 @@ fn verify_all(dev: &dyn BlockDev, regions: &[Region], seed: u64, phase: &str, to
                 recent: st.recent.iter().cloned().collect(),
             });
         }
-        totals.verified.fetch_add(found.len() as u64, Ordering::Relaxed);
+        totals
+            .verified
+            .fetch_add(found.len() as u64, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -342,13 +410,19 @@ impl Worker<'_> {
             3..=47 => Op::Read,
             48..=89 => Op::Write,
             90..=94 if self.cfg.zaps => Op::Discard,
-            95..=99 if self.cfg.zaps => Op::Zeroes { unmap: self.rng.below(2) == 0 },
+            95..=99 if self.cfg.zaps => Op::Zeroes {
+                unmap: self.rng.below(2) == 0,
+            },
             _ => Op::Write,
         };
         // Pick one region (own or shared), or occasionally two neighbours.
         let n = self.regions.len();
         let shared = n - 1;
-        let first = if self.rng.below(100) < u64::from(self.cfg.shared_percent) { shared } else { self.thread };
+        let first = if self.rng.below(100) < u64::from(self.cfg.shared_percent) {
+            shared
+        } else {
+            self.thread
+        };
         let (r0, r1) = if self.rng.below(100) < 5 {
             let i = self.rng.below(n as u64 - 1) as usize;
             (i, i + 1)
@@ -375,7 +449,12 @@ impl Worker<'_> {
             Op::Zeroes { unmap } => self.dev.write_zeroes(offset, len, unmap),
         };
         if let Err(error) = result {
-            return Err(FsxError::Op { seed, thread: self.thread, op: desc, error });
+            return Err(FsxError::Op {
+                seed,
+                thread: self.thread,
+                op: desc,
+                error,
+            });
         }
         // Apply to / compare with the shadow, region by region.
         let mut pos = offset;
@@ -390,7 +469,7 @@ impl Worker<'_> {
                     Op::Read => {
                         expect.clear();
                         expect.extend_from_slice(&g.data[ra..rb]);
-                        if let Some(i) = expect.iter().zip(&buf[ba..bb]).position(|(x, y)| x != y) {
+                        if let Some(i) = first_difference(expect, &buf[ba..bb]) {
                             return Err(FsxError::Mismatch {
                                 seed,
                                 phase: format!("read by {desc}"),

@@ -77,7 +77,11 @@ pub enum NewCacheError {
     CacheTooSmall { cache_size: u64, folio_size: u64 },
     /// The dirty limit is below one folio or above the cache size.
     #[error("dirty limit {dirty_limit} must be between one folio ({folio_size}) and the cache size ({cache_size})")]
-    BadDirtyLimit { dirty_limit: u64, folio_size: u64, cache_size: u64 },
+    BadDirtyLimit {
+        dirty_limit: u64,
+        folio_size: u64,
+        cache_size: u64,
+    },
     /// The background writeback thread could not be started.
     #[error("cannot start the writeback thread: {0}")]
     SpawnWriteback(#[source] std::io::Error),
@@ -91,7 +95,10 @@ impl CacheConfig {
             return Err(NewCacheError::BadFolioSize(f));
         }
         if self.cache_size < f {
-            return Err(NewCacheError::CacheTooSmall { cache_size: self.cache_size, folio_size: f });
+            return Err(NewCacheError::CacheTooSmall {
+                cache_size: self.cache_size,
+                folio_size: f,
+            });
         }
         if self.dirty_limit < f || self.dirty_limit > self.cache_size {
             return Err(NewCacheError::BadDirtyLimit {
@@ -129,7 +136,9 @@ pub fn parse_size(text: &str) -> Result<u64, ParseSizeError> {
     if num.is_empty() {
         return Err(ParseSizeError::Invalid(text.to_string()));
     }
-    let value: u64 = num.parse().map_err(|_| ParseSizeError::Overflow(text.to_string()))?;
+    let value: u64 = num
+        .parse()
+        .map_err(|_| ParseSizeError::Overflow(text.to_string()))?;
     let suffix = suffix.trim();
     let unit = suffix.strip_suffix(['B', 'b']).unwrap_or(suffix);
     let unit = unit.strip_suffix('i').unwrap_or(unit);
@@ -187,22 +196,53 @@ mod tests {
         assert_eq!(parse_size(""), Err(ParseSizeError::Empty));
         assert!(matches!(parse_size("M"), Err(ParseSizeError::Invalid(_))));
         assert!(matches!(parse_size("12X"), Err(ParseSizeError::Invalid(_))));
-        assert!(matches!(parse_size("1.5G"), Err(ParseSizeError::Invalid(_))));
+        assert!(matches!(
+            parse_size("1.5G"),
+            Err(ParseSizeError::Invalid(_))
+        ));
         assert!(matches!(parse_size("-1"), Err(ParseSizeError::Invalid(_))));
-        assert!(matches!(parse_size("99999999999T"), Err(ParseSizeError::Overflow(_))));
-        assert!(matches!(parse_size("99999999999999999999999"), Err(ParseSizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(ParseSizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_size("99999999999999999999999"),
+            Err(ParseSizeError::Overflow(_))
+        ));
     }
 
     #[test]
     fn config_validation_rejects_inconsistent_sizes() {
         assert!(CacheConfig::default().validate().is_ok());
-        let bad_folio = CacheConfig { folio_size: 3000, ..Default::default() };
-        assert!(matches!(bad_folio.validate(), Err(NewCacheError::BadFolioSize(3000))));
-        let big_folio = CacheConfig { folio_size: 4 << 20, ..Default::default() };
+        let bad_folio = CacheConfig {
+            folio_size: 3000,
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad_folio.validate(),
+            Err(NewCacheError::BadFolioSize(3000))
+        ));
+        let big_folio = CacheConfig {
+            folio_size: 4 << 20,
+            ..Default::default()
+        };
         assert!(big_folio.validate().is_err());
-        let dirty = CacheConfig { dirty_limit: 512 << 20, ..Default::default() };
-        assert!(matches!(dirty.validate(), Err(NewCacheError::BadDirtyLimit { .. })));
-        let tiny = CacheConfig { cache_size: 1024, dirty_limit: 1024, ..Default::default() };
-        assert!(matches!(tiny.validate(), Err(NewCacheError::CacheTooSmall { .. })));
+        let dirty = CacheConfig {
+            dirty_limit: 512 << 20,
+            ..Default::default()
+        };
+        assert!(matches!(
+            dirty.validate(),
+            Err(NewCacheError::BadDirtyLimit { .. })
+        ));
+        let tiny = CacheConfig {
+            cache_size: 1024,
+            dirty_limit: 1024,
+            ..Default::default()
+        };
+        assert!(matches!(
+            tiny.validate(),
+            Err(NewCacheError::CacheTooSmall { .. })
+        ));
     }
 }

@@ -27,7 +27,10 @@ fn tiny_cache(bypass: u64) -> CacheConfig {
 fn fsx_over_memdisk(cfg: FsxConfig, cache: CacheConfig) {
     let lower = Arc::new(MemDisk::new(4 << 20));
     let open = || -> blockdev::Result<Arc<dyn BlockDev>> {
-        Ok(FolioCache::new(lower.clone(), cache.clone()).expect("cache config") as Arc<dyn BlockDev>)
+        Ok(
+            FolioCache::new(lower.clone(), cache.clone()).expect("cache config")
+                as Arc<dyn BlockDev>,
+        )
     };
     let cold = || -> blockdev::Result<Arc<dyn BlockDev>> { Ok(lower.clone() as Arc<dyn BlockDev>) };
     match fsx::run(&open, &cold, &cfg) {
@@ -46,7 +49,9 @@ fn fsx_over_rawfile(cfg: FsxConfig, cache: CacheConfig) {
         let raw = Arc::new(RawFile::open(&path, false)?);
         Ok(FolioCache::new(raw, cache.clone()).expect("cache config") as Arc<dyn BlockDev>)
     };
-    let cold = || -> blockdev::Result<Arc<dyn BlockDev>> { Ok(Arc::new(RawFile::open(&path, true)?) as Arc<dyn BlockDev>) };
+    let cold = || -> blockdev::Result<Arc<dyn BlockDev>> {
+        Ok(Arc::new(RawFile::open(&path, true)?) as Arc<dyn BlockDev>)
+    };
     match fsx::run(&open, &cold, &cfg) {
         Ok(report) => eprintln!("fsx over RawFile: {report:?}"),
         Err(e) => panic!("{e}"),
@@ -69,7 +74,13 @@ fn fsx_tiny_cache_without_bypass_over_memdisk_matches_shadow() {
 
 #[test]
 fn fsx_tiny_cache_with_bypass_over_rawfile_matches_shadow_after_cold_reopen() {
-    fsx_over_rawfile(FsxConfig { align: 512, ..FsxConfig::from_env() }, tiny_cache(64 << 10));
+    fsx_over_rawfile(
+        FsxConfig {
+            align: 512,
+            ..FsxConfig::from_env()
+        },
+        tiny_cache(64 << 10),
+    );
 }
 
 #[test]
@@ -87,6 +98,10 @@ fn soak_fsx_tiny_cache_over_rawfile() {
 #[test]
 #[ignore = "soak: long-running, see the file header"]
 fn soak_fsx_default_folios_over_rawfile() {
-    let cache = CacheConfig { cache_size: 1 << 20, dirty_limit: 512 << 10, ..CacheConfig::default() };
+    let cache = CacheConfig {
+        cache_size: 1 << 20,
+        dirty_limit: 512 << 10,
+        ..CacheConfig::default()
+    };
     fsx_over_rawfile(soak_cfg(), cache);
 }

@@ -23,6 +23,12 @@
 //! point leaves either the old or the new structure in force. After a repair the image is
 //! checked again and the report describes the repaired image, like `qemu-img check -r`.
 //!
+//! Not repaired (reported only): snapshot table entries without their mandatory extra data,
+//! oversized snapshot extra data and overlong snapshot tables (QEMU rewrites or truncates the
+//! snapshot table for those; here the check refuses to start, exit code 1, like QEMU without
+//! `-r all`). Images with extended L2 entries, an external data file or encryption are refused
+//! with [`CheckError::Unsupported`].
+//!
 //! Everything read from the file is untrusted: all arithmetic on offsets and sizes is checked,
 //! the expected-refcount array is sized by the file's real length and refused above
 //! [`MAX_CHECK_CLUSTERS`], tables are bounded by QEMU's limits, reads past the end of the file
@@ -337,6 +343,8 @@ struct Image {
     reftable: Vec<u64>,
     snapshots: Vec<Snapshot>,
     snapshots_size: u64,
+    /// v3 snapshot table entries without the mandatory extra data.
+    incomplete_snapshots: Vec<u32>,
     /// Bitmap directory (offset, size) and its entries, when the bitmaps feature is in use.
     bitmaps: Option<(u64, u64, Vec<BitmapTable>)>,
 }
@@ -402,6 +410,7 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
         reftable: Vec::new(),
         snapshots: Vec::new(),
         snapshots_size: 0,
+        incomplete_snapshots: Vec::new(),
         bitmaps: None,
     };
     let mut first = [0u8; 512];
@@ -574,9 +583,13 @@ fn be64(b: &[u8], at: usize) -> u64 {
 
 /// Reads the snapshot table entries (headers, ids and names; extra data is skipped).
 fn load_snapshots(img: &mut Image) -> Result<(), CheckError> {
-    let mut off = img.header.snapshots_offset;
-    let mut total = 0u64;
+    let start = img.header.snapshots_offset;
+    let mut off = start;
     for i in 0..img.header.nb_snapshots {
+        // Every entry starts 8-byte aligned; the table ends where the last entry ends.
+        off = off
+            .checked_next_multiple_of(8)
+            .ok_or(DecodeError::Overflow("snapshot table"))?;
         let mut h = [0u8; SNAPSHOT_HEADER_LEN as usize];
         img.read_padded(off, &mut h)?;
         let l1_table_offset = be64(&h, 0);
@@ -593,14 +606,18 @@ fn load_snapshots(img: &mut Image) -> Result<(), CheckError> {
         let mut strings = vec![0u8; (id_len + name_len) as usize];
         img.read_padded(strings_at, &mut strings)?;
         let (id, name) = strings.split_at(id_len as usize);
-        let entry = (SNAPSHOT_HEADER_LEN + extra + id_len + name_len).next_multiple_of(8);
-        total += entry;
-        if total > MAX_SNAPSHOT_TABLE_BYTES {
-            return Err(invalid("snapshot table too large"));
-        }
+        let entry = SNAPSHOT_HEADER_LEN + extra + id_len + name_len;
         off = off
             .checked_add(entry)
             .ok_or(DecodeError::Overflow("snapshot table"))?;
+        if off - start > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(invalid("snapshot table too large"));
+        }
+        // QEMU: every v3 entry needs the 16 bytes of extra data holding the large VM state
+        // size and the disk size.
+        if img.header.version >= 3 && extra < 16 {
+            img.incomplete_snapshots.push(i);
+        }
         img.snapshots.push(Snapshot {
             l1_table_offset,
             l1_size,
@@ -608,7 +625,7 @@ fn load_snapshots(img: &mut Image) -> Result<(), CheckError> {
             name: String::from_utf8_lossy(name).into_owned(),
         });
     }
-    img.snapshots_size = total;
+    img.snapshots_size = off - start;
     Ok(())
 }
 
@@ -1522,6 +1539,12 @@ fn run(path: &Path, fix: Option<Repair>) -> Result<CheckReport, CheckError> {
         total_clusters: img.header.size.div_ceil(img.cs),
         ..CheckReport::default()
     };
+    // QEMU checks the snapshot table first and adds its findings after the refcount check.
+    // Incomplete entries are reported but not rewritten (see the module docs).
+    let incomplete = img.incomplete_snapshots.len() as u64;
+    for i in &img.incomplete_snapshots {
+        log.push(format!("ERROR snapshot table entry {i} is incomplete"));
+    }
     let outcome = pass(path, &mut img, fix, &mut log);
     let (res, highest) = match outcome {
         Ok(v) => v,
@@ -1530,7 +1553,7 @@ fn run(path: &Path, fix: Option<Repair>) -> Result<CheckReport, CheckError> {
             (res, None)
         }
     };
-    report.corruptions = res.corruptions;
+    report.corruptions = res.corruptions + incomplete;
     report.leaks = res.leaks;
     report.check_errors = res.check_errors;
     report.corruptions_fixed = res.corruptions_fixed;
@@ -1539,7 +1562,11 @@ fn run(path: &Path, fix: Option<Repair>) -> Result<CheckReport, CheckError> {
     report.fragmented_clusters = res.fragmented;
     report.compressed_clusters = res.compressed;
     report.image_end_offset = highest.map_or(0, |h| (h + 1) * img.cs);
-    if fix.is_some() && report.failure.is_none() && res.check_errors == 0 && res.corruptions == 0 {
+    if fix.is_some()
+        && report.failure.is_none()
+        && report.check_errors == 0
+        && report.corruptions == 0
+    {
         mark_clean(&img)?;
     }
     report.messages = log.lines;

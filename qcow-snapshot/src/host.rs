@@ -27,6 +27,29 @@ pub trait HostFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
 
+/// A shared host file (so a test or a recording layer can keep a handle to it).
+impl<T: HostFile + ?Sized> HostFile for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}
+
 /// A real file.
 #[derive(Debug)]
 pub struct FileHost {
@@ -59,7 +82,8 @@ impl HostFile for FileHost {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        // Works for block devices too (their metadata length is 0).
+        blockdev::file_size(&self.file)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

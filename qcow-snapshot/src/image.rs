@@ -573,7 +573,12 @@ impl Meta {
 
     /// Writes all dirty metadata in dependency order. Guest data written before the call is
     /// made durable first.
-    fn flush_meta(&mut self, io: &dyn HostFile) -> Result<()> {
+    fn flush_meta(&mut self, io: &dyn HostFile, data_written: bool) -> Result<()> {
+        let meta_dirty =
+            self.dirty > 0 || !self.l1_dirty.is_empty() || !self.reftable_dirty.is_empty();
+        if !meta_dirty && !data_written {
+            return Ok(());
+        }
         io.sync_data()?;
         self.write_dirty_blocks(io)?;
         if !self.reftable_dirty.is_empty() {
@@ -610,7 +615,7 @@ impl Meta {
 
     fn maybe_flush(&mut self, io: &dyn HostFile) -> Result<()> {
         if self.dirty > self.dirty_cap {
-            self.flush_meta(io)?;
+            self.flush_meta(io, true)?;
         }
         Ok(())
     }
@@ -814,6 +819,8 @@ pub struct QcowImage {
     corrupt: AtomicBool,
     closed: AtomicBool,
     zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Guest data was written since the last flush started.
+    data_written: AtomicBool,
 }
 
 impl std::fmt::Debug for QcowImage {
@@ -916,6 +923,7 @@ impl QcowImage {
             ),
             closed: AtomicBool::new(false),
             zcache: Mutex::new(None),
+            data_written: AtomicBool::new(false),
         })
     }
 
@@ -1189,6 +1197,9 @@ impl QcowImage {
         }
 
         let data = self.write_data(buf, offset, &steps);
+        // Set only after the data writes returned: a flush that clears the flag earlier must
+        // not cause a later flush to skip syncing them.
+        self.data_written.store(true, Ordering::Release);
 
         let mut blocked = Vec::new();
         let mut m = self.lock();
@@ -1407,7 +1418,9 @@ impl QcowImage {
     fn flush_inner(&self) -> Result<()> {
         let frees = {
             let mut m = self.lock();
-            m.flush_meta(&*self.io)?;
+            // Cleared before the sync so writes completing during it are synced next time.
+            let written = self.data_written.swap(false, Ordering::AcqRel);
+            m.flush_meta(&*self.io, written)?;
             std::mem::take(&mut m.pending_free)
         };
         if !frees.is_empty() {

@@ -113,7 +113,20 @@ fn attack(what: &str, p: &Path) -> Outcome {
         qcow_snapshot::open_image(p, Some(qcow_snapshot::Format::Qcow2), true)
     }));
     let opened = opened.unwrap_or_else(|_| panic!("{what}: engine open_image panicked"));
-    let engine_error = opened.err().map(|e| e.to_string());
+    let engine_error = match opened {
+        Ok(dev) => {
+            // Opened: sample reads must not panic either (errors are fine).
+            let size = dev.size();
+            let mut buf = vec![0u8; 65536];
+            for off in [0, size / 2, size.saturating_sub(65536)] {
+                let len = (size - off).min(65536) as usize;
+                let read = catch_unwind(AssertUnwindSafe(|| dev.read_at(&mut buf[..len], off)));
+                assert!(read.is_ok(), "{what}: engine read at {off} panicked");
+            }
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    };
     let took = start.elapsed();
     eprintln!("{what}: check {check_took:?}, check + engine open {took:?}");
     assert!(
@@ -440,6 +453,8 @@ fn random_metadata_corruption_never_panics_the_checker_or_the_engine() {
     let metadata_end = bytes.len().min(64 * 512);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let p = d.path().join("victim.qcow2");
+    let mut exits = [0u32; 4];
+    let mut engine_opened = 0u32;
     for round in 0..300 {
         let mut img = bytes.clone();
         for _ in 0..rng.random_range(1..8) {
@@ -453,7 +468,16 @@ fn random_metadata_corruption_never_panics_the_checker_or_the_engine() {
         }
         fs::write(&p, &img).expect("write");
         let what = format!("fuzz round {round}");
-        attack(&what, &p);
+        let o = attack(&what, &p);
+        if std::env::var_os("CHECK_FUZZ_VS_QEMU").is_some() {
+            let q = qemu_exit(&p);
+            if q != Some(o.check_exit) {
+                let _ = fs::copy(&p, format!("/tmp/fuzz-mismatch-{round}.qcow2"));
+                eprintln!("MISMATCH {what}: ours {} qemu {q:?}", o.check_exit);
+            }
+        }
+        exits[o.check_exit.clamp(0, 3) as usize] += 1;
+        engine_opened += u32::from(o.engine_error.is_none());
         // Repair must not panic either, and must leave something the checker can read.
         let repaired = catch_unwind(AssertUnwindSafe(|| check(&p, Some(Repair::All))));
         let repaired = repaired.unwrap_or_else(|_| panic!("{what}: repair panicked"));
@@ -468,4 +492,7 @@ fn random_metadata_corruption_never_panics_the_checker_or_the_engine() {
             }
         }
     }
+    eprintln!("check exit codes 0/1/2/3: {exits:?}; engine opened {engine_opened} of 300");
+    // The mutations must actually reach the interesting paths.
+    assert!(exits[2] > 0 && exits[1] > 0, "{exits:?}");
 }

@@ -213,7 +213,24 @@ fn repair_agrees(what: &str, p: &Path, mode: Repair) -> CheckReport {
     let r =
         check(&mine, Some(mode)).unwrap_or_else(|e| panic!("{what}: repair failed to start: {e}"));
     let q = qemu_check(&theirs, Some(flag));
-    assert_same(&format!("{what}: --repair {flag}"), &q, &r);
+    // QEMU 10 gives up when its own rebuild trips its metadata overlap check (it allocates
+    // over refcount blocks it skipped) or after it marked the image corrupt; then our repair
+    // only has to produce an image qemu-img agrees with (checked below).
+    let qemu_gave_up =
+        q.exit == 1 && !q.json && q.stderr.contains("qcow2: Marking image as corrupt");
+    if !qemu_gave_up {
+        // Where a rebuilt refcount structure lands is each implementation's choice, so after
+        // a rebuild the image end offset may differ (it is compared below on our own file).
+        let rebuilt = r
+            .repair_messages
+            .iter()
+            .any(|m| m == "Rebuilding refcount structure");
+        let mut q = q.clone();
+        if rebuilt {
+            q.image_end_offset = r.image_end_offset;
+        }
+        assert_same(&format!("{what}: --repair {flag}"), &q, &r);
+    }
     // qemu-img's verdict on the file we repaired must be our post-repair verdict.
     if r.failure.is_none() {
         let after = qemu_check(&mine, None);
@@ -226,6 +243,9 @@ fn repair_agrees(what: &str, p: &Path, mode: Repair) -> CheckReport {
             &post,
         );
         // And our check of qemu's repaired file agrees with qemu.
+        if qemu_gave_up {
+            return r;
+        }
         agree(
             &format!("{what}: our check of qemu's --repair {flag} result"),
             &theirs,
@@ -912,4 +932,92 @@ fn snapshot_structures_are_checked() {
         "{:?}",
         r.messages
     );
+}
+
+/// Timing against qemu-img on a bigger image (256 MiB of 4 KiB clusters plus compressed and
+/// snapshot-shared clusters). Ignored by default (a few seconds of qemu-io); run with
+/// `cargo test --release -p qcow-snapshot --test check_qemu_agreement -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn large_image_check_agrees_and_is_timed() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let p = make(
+        d.path(),
+        "large.qcow2",
+        "cluster_size=4096",
+        "4G",
+        &["write -P 0x11 0 256M", "write -c -P 0x22 1G 4M"],
+    );
+    run("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
+    run("qemu-io", &["-c", "write -P 0x33 0 64M", s(&p)]);
+    let t = std::time::Instant::now();
+    let q = qemu_check(&p, None);
+    let qt = t.elapsed();
+    let t = std::time::Instant::now();
+    let r = check(&p, None).expect("check");
+    let ot = t.elapsed();
+    assert_same("large image", &q, &r);
+    eprintln!(
+        "large image ({} MiB file, {} clusters): qemu-img check {qt:?}, ours {ot:?}",
+        fs::metadata(&p).expect("stat").len() >> 20,
+        r.image_end_offset / 4096
+    );
+}
+
+/// Randomly damaged metadata: both checkers must report the same counts and messages, and
+/// the repairs must agree (a sample of rounds, to keep the test fast). Longer soaks:
+/// `CHECK_FUZZ_ROUNDS=2000 CHECK_FUZZ_SEED=7 CHECK_FUZZ_REPAIR_EVERY=1`.
+#[test]
+fn randomly_damaged_images_get_the_same_verdict_from_both_checkers() {
+    use rand::{Rng, SeedableRng};
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let orig = make(
+        d.path(),
+        "fuzz.qcow2",
+        "cluster_size=512",
+        "1M",
+        &[
+            "write -P 0x11 0 4k",
+            "write -c -P 0x22 8k 512",
+            "write -P 0x33 64k 1k",
+        ],
+    );
+    run("qemu-img", &["snapshot", "-c", "s", s(&orig)]);
+    run("qemu-io", &["-c", "write -P 0x44 0 1k", s(&orig)]);
+    let bytes = fs::read(&orig).expect("read");
+    let env = |k: &str, default: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(env("CHECK_FUZZ_SEED", 0xc0ffee));
+    let repair_every = env("CHECK_FUZZ_REPAIR_EVERY", 10).max(1);
+    let p = d.path().join("victim.qcow2");
+    let rounds = env("CHECK_FUZZ_ROUNDS", 150);
+    for round in 0..rounds {
+        let mut img = bytes.clone();
+        for _ in 0..rng.random_range(1..4) {
+            // Metadata lives in the first clusters; skip the header cluster most of the time.
+            let at = rng.random_range(512..bytes.len().min(48 * 512));
+            img[at] = match rng.random_range(0..3) {
+                0 => 0,
+                1 => img[at] ^ (1 << rng.random_range(0..8)),
+                _ => rng.random(),
+            };
+        }
+        fs::write(&p, &img).expect("write");
+        let what = format!("fuzz round {round}");
+        agree(&what, &p);
+        if round % repair_every == 0 {
+            repair_agrees(&what, &p, Repair::Leaks);
+            repair_agrees(&what, &p, Repair::All);
+        }
+    }
 }

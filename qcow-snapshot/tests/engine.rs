@@ -523,3 +523,125 @@ fn refcount_table_growth_and_tiny_caches_keep_the_image_consistent() {
         assert_same(&read_all(&*dev), &shadow, "after reopen");
     }
 }
+
+#[test]
+fn overlapping_concurrent_writes_discards_and_flushes_leave_consistent_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1u64 << 20;
+    std::fs::write(dir.path().join("base.raw"), vec![0xbbu8; size as usize]).unwrap();
+    let img = dir.path().join("o.qcow2");
+    create(
+        &img,
+        &CreateOptions {
+            cluster_size: 4096,
+            backing: Some(("base.raw".into(), Format::Raw)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dev = open_image(&img, None, false).unwrap();
+    let threads: Vec<_> = (1..=4u8)
+        .map(|t| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(t));
+                for i in 0..400 {
+                    // All threads hammer the same 256 KiB.
+                    let off = rng.random_range(0..(256u64 << 10) - 9000);
+                    let len = rng.random_range(1..9000u64);
+                    match i % 10 {
+                        0 => dev.discard(off, len).unwrap(),
+                        1 => dev.write_zeroes(off, len, false).unwrap(),
+                        2 => dev.flush().unwrap(),
+                        _ => dev.write_at(&vec![t; len as usize], off).unwrap(),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let got = read_all(&*dev);
+    assert!(
+        got[..256 << 10].iter().all(|&b| b <= 4 || b == 0xbb),
+        "only written, zero or backing bytes"
+    );
+    assert!(got[256 << 10..].iter().all(|&b| b == 0xbb));
+    drop(dev);
+    qemu_check(&img);
+    let dev = open_image(&img, None, true).unwrap();
+    assert_same(&read_all(&*dev), &got, "reopen");
+}
+
+#[test]
+fn flush_without_new_writes_does_not_sync_and_flush_after_writes_does() {
+    let host = CrashHost::default();
+    qcow_snapshot::create_on(
+        &host,
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let img = qcow_snapshot::QcowImage::open_with(Box::new(host.clone()), false, None).unwrap();
+    let syncs = |h: &CrashHost| h.log().iter().filter(|o| matches!(o, Op::Sync)).count();
+    img.write_at(&[1; 4096], 0).unwrap();
+    img.flush().unwrap();
+    let s0 = syncs(&host);
+    img.flush().unwrap();
+    assert_eq!(syncs(&host), s0, "idle flush is free");
+    img.write_at(&[2; 512], 100).unwrap(); // in place, no metadata
+    img.flush().unwrap();
+    assert_eq!(
+        syncs(&host),
+        s0 + 1,
+        "in-place write needs exactly one data sync"
+    );
+}
+
+#[test]
+fn disk_size_not_a_multiple_of_the_cluster_size_handles_the_last_partial_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = (1u64 << 20) + 1536;
+    let base_data = random_bytes(21, size as usize);
+    std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
+    let img = dir.path().join("o.qcow2");
+    create(
+        &img,
+        &CreateOptions {
+            backing: Some(("base.raw".into(), Format::Raw)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut want = base_data.clone();
+    {
+        let dev = open_image(&img, None, false).unwrap();
+        assert_eq!(dev.size(), size);
+        dev.write_at(&[0x42; 700], size - 1000).unwrap();
+        want[(size - 1000) as usize..(size - 300) as usize].fill(0x42);
+        assert!(matches!(
+            dev.write_at(&[0; 2], size - 1),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        // Zeroing the whole visible tail of the last cluster makes it a zero cluster.
+        dev.write_zeroes(1 << 20, 1536, true).unwrap();
+        want[1 << 20..].fill(0);
+        assert_same(&read_all(&*dev), &want, "tail");
+    }
+    qemu_check(&img);
+    let refp = dir.path().join("want.raw");
+    std::fs::write(&refp, &want).unwrap();
+    qemu_compare(&img, &refp);
+    // Image sizes must be multiples of 512, like QEMU requires.
+    assert!(create(
+        &dir.path().join("x.qcow2"),
+        &CreateOptions {
+            size: 1000,
+            ..Default::default()
+        }
+    )
+    .is_err());
+}

@@ -4,6 +4,7 @@
 # /dev/console, the six virtio modules): append a second cpio holding
 #   /init                       init.sh (mount /dev/vda, switch_root)
 #   /installer/guest-build.sh   the build run as PID 1 in the Debian root
+#   /installer/gen-tree.pl      its tree generator
 #   /installer/modules.order    insmod order (virtio chain, then ext4 and deps)
 #   /lib/modules/*.ko           ext4 and its dependencies for the guest kernel
 # The kernel unpacks concatenated archives in order, so our /init wins.
@@ -31,7 +32,7 @@ virtio="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pc
 # crc32c_generic is loaded up front.
 ext4="crc16 mbcache jbd2 crc32c_generic ext4"
 
-key="$( { echo "$KERNEL_VER"; sha256sum "$base" "$here/init.sh" "$here/guest-build.sh" "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-16)"
+key="$( { echo "$KERNEL_VER"; sha256sum "$base" "$here/init.sh" "$here/guest-build.sh" "$here/gen-tree.pl" "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-16)"
 out="$build_dir/initramfs-$key.cpio.gz"
 if [[ -s "$out" ]]; then
     echo "$out"
@@ -64,6 +65,7 @@ done
 printf '%s\n' "${order[@]}" >"$tree/installer/modules.order"
 install -m 0755 "$here/init.sh" "$tree/init"
 install -m 0755 "$here/guest-build.sh" "$tree/installer/guest-build.sh"
+install -m 0644 "$here/gen-tree.pl" "$tree/installer/gen-tree.pl"
 
 cp "$base" "$work/initramfs.cpio.gz"
 (cd "$tree" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >>"$work/initramfs.cpio.gz"

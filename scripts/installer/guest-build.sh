@@ -18,6 +18,7 @@
 # "INSTALLER-FAIL <why>" on any error.
 set -eEuo pipefail
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C
+umask 022
 BB=/run/installer/busybox
 
 off() {
@@ -54,50 +55,11 @@ w=/var/tmp/inst
 rm -rf "$w"
 mkdir -p "$w/tree" "$w/iso/live" "$w/iso/.disk"
 
-# Writer: every worker derives the same two 1 MiB pools from the seed, then
-# writes its share of files; each file is the XOR of two pool slices whose
-# offsets come from a per-file seed, so the content is reproducible and does
-# not compress.
-cat >/run/installer/gen.pl <<'PERL'
-use strict;
-use warnings;
-my ($dir, $files, $kb, $bigevery, $bigmb, $seed, $jobs, $w) = @ARGV;
-my $P = 1 << 20;
-srand($seed);
-my $p1 = pack("N*", map { int(rand(4294967296)) } 1 .. $P / 4);
-my $p2 = pack("N*", map { int(rand(4294967296)) } 1 .. $P / 4);
-$p1 .= $p1;
-$p2 .= $p2;
-for (my $i = $w; $i < $files; $i += $jobs) {
-    srand($seed * 1000003 + $i);
-    my $len = ($bigevery > 0 && $i % $bigevery == 0)
-        ? int($bigmb * $P / 2) + int(rand($bigmb * $P))
-        : 1 + int(rand(2 * $kb * 1024));
-    my $d = sprintf("%s/d%03d", $dir, int($i / 100));
-    mkdir($d) or $!{EEXIST} or die "mkdir $d: $!";
-    my $f = sprintf("%s/f%05d.bin", $d, $i);
-    open(my $fh, '>:raw', $f) or die "open $f: $!";
-    while ($len > 0) {
-        my $c = $len < $P ? $len : $P;
-        my $x = int(rand($P));
-        my $y = int(rand($P));
-        my $buf = substr($p1, $x, $c) ^ substr($p2, $y, $c);
-        my $off = 0;
-        while ($off < $c) {
-            my $n = syswrite($fh, $buf, $c - $off, $off);
-            die "write $f: $!" unless defined $n;
-            $off += $n;
-        }
-        $len -= $c;
-    }
-    close($fh) or die "close $f: $!";
-}
-PERL
 
 stage tree
 pids=()
 for ((k = 0; k < jobs; k++)); do
-    perl /run/installer/gen.pl "$w/tree" "$files" "$kb" "$bigevery" "$bigmb" "$seed" "$jobs" "$k" &
+    perl /run/installer/gen-tree.pl "$w/tree" "$files" "$kb" "$bigevery" "$bigmb" "$seed" "$jobs" "$k" &
     pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
@@ -107,8 +69,10 @@ echo "INSTALLER tree files=$nfiles bytes=$treebytes"
 [[ "$nfiles" == "$files" ]] || { echo "INSTALLER-FAIL expected $files files, found $nfiles"; off; }
 
 stage squashfs
+# Reproducible: fixed times and owner, so the host can rebuild the same bytes.
 mksquashfs "$w/tree" "$w/iso/live/filesystem.squashfs" -noappend -comp gzip \
-    -processors "$jobs" -mkfs-time 0 -all-time 0 -no-progress -quiet
+    -processors "$jobs" -mkfs-time 0 -all-time 0 -all-root -no-progress -quiet
+echo "INSTALLER mksquashfs-version $(mksquashfs -version 2>&1 | head -n1 | awk '{ print $3 }')"
 echo "INSTALLER squashfs bytes=$(stat -c %s "$w/iso/live/filesystem.squashfs")"
 
 stage iso

@@ -34,7 +34,7 @@ mkdir -p /newroot
 mount -t ext4 -o rw /dev/vda /newroot || fail "mount /dev/vda"
 mount -t tmpfs -o mode=0755,size=64m tmpfs /newroot/run || fail "tmpfs on /newroot/run"
 mkdir -p /newroot/run/installer
-cp /installer/guest-build.sh /bin/busybox /newroot/run/installer/ || fail "copy build script"
+cp /installer/guest-build.sh /installer/gen-tree.pl /bin/busybox /newroot/run/installer/ || fail "copy build script"
 echo "INSTALLER-STAGE root-mounted t=$(cut -d' ' -f1 /proc/uptime)"
 mount --move /dev /newroot/dev || fail "move /dev"
 mount --move /proc /newroot/proc || fail "move /proc"

@@ -14,8 +14,10 @@
 #   7. verify:   the sha256 of the first len bytes of the output qcow2 (exported
 #                to raw) equals the guest's; the length header at the end of the
 #                disk agrees; the base image is bit-identical; `qemu-img check`
-#                passes on the output qcow2 and on the kept snapshot overlay; the
-#                ISO and the squashfs inside it are readable on the host.
+#                passes on the output qcow2 and on the kept snapshot overlay;
+#                e2fsck is clean on the root filesystem the guest left; the
+#                ISO is readable on the host and its squashfs is byte-identical
+#                to one the host builds from the same generated tree.
 # Prints the wall time of each phase and "INSTALLER-DEMO OK" on success; exits
 # non-zero with "INSTALLER-DEMO FAILED: why" otherwise.
 #
@@ -281,6 +283,22 @@ done
 pids=()
 end shutdown
 
+# host_squashfs DIR OUT: the guest's tree and squashfs, rebuilt on the host with
+# the same generator and mksquashfs options as guest-build.sh.
+host_squashfs() (
+    umask 022
+    rm -rf "$1"
+    mkdir -p "$1"
+    local -a gen=()
+    for ((k = 0; k < jobs; k++)); do
+        perl "$here/gen-tree.pl" "$1" "$files" "$kb" "$bigevery" "$bigmb" "$seed" "$jobs" "$k" &
+        gen+=($!)
+    done
+    for p in "${gen[@]}"; do wait "$p" || exit 1; done
+    mksquashfs "$1" "$2" -noappend -comp gzip -mkfs-time 0 -all-time 0 -all-root \
+        -no-progress -quiet >/dev/null || exit 1
+)
+
 begin verify
 result="$(grep -a '^RESULT sha256=' "$serial" | tail -n1 | tr -d '\r')"
 g_sha="$(sed -n 's/.*sha256=\([0-9a-f]\{64\}\).*/\1/p' <<<"$result")"
@@ -318,6 +336,21 @@ if command -v xorriso >/dev/null && command -v unsquashfs >/dev/null; then
     xorriso -osirrox on -indev "$work/out.iso" -extract /live/filesystem.squashfs "$work/filesystem.squashfs" \
         -extract /SHA256SUMS "$work/SHA256SUMS" >"$work/xorriso.log" 2>&1 || { cat "$work/xorriso.log"; fail "xorriso cannot read the ISO"; }
     (cd "$work" && sed 's# live/# #' SHA256SUMS | sha256sum -c --quiet -) || fail "squashfs in the ISO does not match its SHA256SUMS"
+    # Rebuild tree and squashfs on the host with the same generator and
+    # options as guest-build.sh: the guest's squashfs must be byte-identical.
+    # This also covers the root-disk path (tree written to, and read back
+    # from, the snapshot disk by mksquashfs).
+    g_ver="$(grep -a '^INSTALLER mksquashfs-version' "$serial" | awk '{ print $3 }' | tr -d '\r')"
+    h_ver="$(mksquashfs -version 2>&1 | head -n1 | awk '{ print $3 }')"
+    if [[ "$g_ver" == "$h_ver" ]]; then
+        host_squashfs "$work/host-tree" "$work/host.squashfs" || fail "host rebuild of the tree/squashfs"
+        cmp -s "$work/host.squashfs" "$work/filesystem.squashfs" ||
+            fail "guest squashfs differs from the host rebuild of the same tree"
+        rm -rf "$work/host-tree" "$work/host.squashfs"
+        log "guest squashfs is byte-identical to the host rebuild ($(sha256sum "$work/filesystem.squashfs" | cut -c1-16)...)"
+    else
+        log "host mksquashfs $h_ver != guest $g_ver: byte-identical squashfs check skipped"
+    fi
     inodes="$(unsquashfs -s "$work/filesystem.squashfs" | sed -n 's/^Number of inodes \([0-9]*\).*/\1/p')"
     # files + their directories + the root
     want=$((files + (files + 99) / 100 + 1))

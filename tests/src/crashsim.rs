@@ -1401,8 +1401,20 @@ impl Referee {
         Ok(code)
     }
 
-    /// Judges one recovered image file `bytes` of overlay `ov` against `exp`.
+    /// Judges one recovered image file `bytes` of overlay `ov` against `exp`. With
+    /// `SNAPBLK_CRASH_DUMP=DIR` set, a failing image is saved there for inspection.
     pub fn judge(&mut self, ov: &Overlay, bytes: &[u8], exp: &Expectation) -> Result<(), String> {
+        let r = self.judge_inner(ov, bytes, exp);
+        if let (Err(e), Some(dir)) = (&r, std::env::var_os("SNAPBLK_CRASH_DUMP")) {
+            let path = Path::new(&dir).join(format!("failed-{}-{}.qcow2", std::process::id(), self.judged));
+            if std::fs::write(&path, bytes).is_ok() {
+                return Err(format!("{e}\n(image saved as {})", path.display()));
+            }
+        }
+        r
+    }
+
+    fn judge_inner(&mut self, ov: &Overlay, bytes: &[u8], exp: &Expectation) -> Result<(), String> {
         self.judged += 1;
         let qemu = self.have_qemu
             && self.qemu_every > 0
@@ -1430,7 +1442,15 @@ impl Referee {
 /// Runs snapblk's own checker (`qcow_snapshot::check::check`) on `path`: exit code and report.
 pub fn snapblk_check(path: &Path) -> Result<(i32, String), qcow_snapshot::check::CheckError> {
     let r = qcow_snapshot::check::check(path, None)?;
-    Ok((r.exit_code(), format!("{r}\n{}", r.messages.join("\n"))))
+    let mut text = format!("{r}");
+    for m in r.messages.iter().take(12) {
+        text.push('\n');
+        text.push_str(m);
+    }
+    if r.messages.len() > 12 {
+        text.push_str(&format!("\n... {} more messages", r.messages.len() - 12));
+    }
+    Ok((r.exit_code(), text))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1454,6 +1474,10 @@ pub fn qemu_img_check(path: &Path) -> io::Result<(i32, String)> {
         .output()?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() > 16 {
+        text = format!("{}\n... {} more lines", lines[..16].join("\n"), lines.len() - 16);
+    }
     Ok((out.status.code().unwrap_or(-1), text))
 }
 

@@ -964,7 +964,7 @@ impl GuestEnv {
             .arg(&initrd)
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 panic=-1 loglevel=4 {}",
+                "console=ttyS0 panic=-1 loglevel=4 no_timer_check {}",
                 cfg.extra_append
             ))
             .stdin(Stdio::piped())
@@ -1098,7 +1098,7 @@ impl Guest {
     }
 
     /// Waits for QEMU to exit (guest `poweroff -f`); kills it at the deadline. Fails unless
-    /// QEMU exits with status 0.
+    /// QEMU exits with status 0 and the guest kernel did not panic.
     pub fn wait(mut self) -> Result<GuestOutput> {
         let Some(mut child) = self.child.take() else {
             return Err(GuestError::RunGuest {
@@ -1134,6 +1134,12 @@ impl Guest {
             let _ = r.join();
         }
         let log = self.log();
+        if log.contains("Kernel panic - not syncing") {
+            return Err(GuestError::RunGuest {
+                detail: format!("guest kernel panicked (QEMU {status})"),
+                log_tail: tail_lines(&log, LOG_TAIL_LINES),
+            });
+        }
         if !status.success() {
             let detail = match status.signal() {
                 Some(sig) => format!("killed by signal {sig}"),

@@ -465,3 +465,96 @@ both_daemons!(
     queues_driven_from_two_threads_keep_their_own_data,
     read_only_export_refuses_writes_and_serves_reads,
 );
+
+/// The numeric value of `"key":` in a flat JSON object printed by snapblk-bench.
+fn json_number(json: &str, key: &str) -> Option<f64> {
+    let pat = format!("\"{key}\":");
+    let rest = &json[json.find(&pat)? + pat.len()..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+#[test]
+fn bench_tool_completes_io_on_every_queue_and_reports_daemon_cpu() {
+    let Some(d) = Daemon::start(Kind::Qsd, 16 * MIB, 2) else {
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_snapblk-bench"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args([
+            "--queues",
+            "2",
+            "--iodepth",
+            "4",
+            "--bs",
+            "4k",
+            "--rw",
+            "randrw",
+        ])
+        .args([
+            "--mix",
+            "70",
+            "--flush-every",
+            "8",
+            "--runtime",
+            "0.3",
+            "--json",
+        ])
+        .args(["--daemon-pid", &d.child.id().to_string()])
+        .output()
+        .unwrap();
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {json} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let num = |k: &str| json_number(&json, k).unwrap_or_else(|| panic!("no {k} in {json}"));
+    assert!(num("reads") > 0.0 && num("writes") > 0.0, "{json}");
+    assert!(num("flushes") > 0.0, "{json}");
+    assert_eq!(num("errors"), 0.0);
+    assert_eq!(num("ios"), num("reads") + num("writes"));
+    assert!(num("lat_p99_us") >= num("lat_p50_us"));
+    assert!(num("daemon_vmhwm_kib") > 0.0, "{json}");
+}
+
+#[test]
+fn bench_verify_accepts_the_served_image_and_rejects_a_different_one() {
+    let Some(d) = Daemon::start(Kind::Qsd, 4 * MIB, 1) else {
+        return;
+    };
+    let c = d.connect(&ClientConfig::new(1));
+    c.write(0, 0, &pattern(4 * MIB as usize, 11)).unwrap();
+    c.flush(0).unwrap();
+    drop(c);
+    let verify = |reference: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_snapblk-bench"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("--verify-file")
+            .arg(reference)
+            .output()
+            .unwrap()
+    };
+    let same = verify(&d.image);
+    assert!(
+        same.status.success(),
+        "{}",
+        String::from_utf8_lossy(&same.stdout)
+    );
+
+    // One changed byte in the last block (always checked) must be reported.
+    let mut bytes = std::fs::read(&d.image).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    let other = d.image.with_extension("other");
+    std::fs::write(&other, &bytes).unwrap();
+    let differs = verify(&other);
+    assert_eq!(differs.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&differs.stdout).contains("MISMATCH"));
+
+    // A reference of another size is a capacity mismatch.
+    std::fs::write(&other, &bytes[..MIB as usize]).unwrap();
+    assert_eq!(verify(&other).status.code(), Some(1));
+}

@@ -27,7 +27,7 @@ use qcow_snapshot::QcowImage;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use snapblk_tests::crashsim::{
-    state_dir, BaseKind, Driver, FaultControl, FaultMode, FaultOn, FaultPlan, FaultyFile, GuestOp,
+    read_all, state_dir, BaseKind, Driver, Expectation, FaultControl, FaultMode, FaultOn, FaultPlan, FaultyFile, GuestOp,
     Overlay, Recorder, Referee,
 };
 
@@ -153,43 +153,57 @@ struct Tally {
     injected: u64,
     corrupt: usize,
     swallowed_once: usize,
+    poisoned: usize,
 }
 
-fn plans(writes: u64, syncs: u64) -> Vec<FaultPlan> {
-    let mut out = Vec::new();
-    let positions = |count: u64| -> Vec<u64> {
-        if count <= MAX_POSITIONS {
-            (0..count).collect()
-        } else {
-            // Every position near the end (the flush's metadata writes), spread samples before.
-            let tail = MAX_POSITIONS / 2;
-            let mut v: Vec<u64> = (0..tail).map(|i| i * (count - tail) / tail).collect();
-            v.extend(count - tail..count);
-            v.dedup();
-            v
-        }
-    };
-    for n in positions(writes) {
-        for (mode, errno) in [
-            (FaultMode::Once, libc::EIO),
-            (FaultMode::Always, libc::EIO),
-            (FaultMode::Once, libc::ENOSPC),
-            (FaultMode::Always, libc::ENOSPC),
-        ] {
-            out.push(FaultPlan::new(FaultOn::Write, n, mode, errno));
-        }
+/// Which faults a run enumerates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PlanSet {
+    /// EIO/ENOSPC on writes (once, always) and EIO on syncs (once, always).
+    Standard,
+    /// EIO on syncs that also drops the writes since the last good sync ("fsyncgate").
+    LossySync,
+}
+
+fn positions(count: u64) -> Vec<u64> {
+    if count <= MAX_POSITIONS {
+        (0..count).collect()
+    } else {
+        // Every position near the end (the flush's metadata writes), spread samples before.
+        let tail = MAX_POSITIONS / 2;
+        let mut v: Vec<u64> = (0..tail).map(|i| i * (count - tail) / tail).collect();
+        v.extend(count - tail..count);
+        v.dedup();
+        v
     }
-    for n in positions(syncs) {
-        out.push(FaultPlan::new(FaultOn::Sync, n, FaultMode::Once, libc::EIO));
-        out.push(FaultPlan::new(
-            FaultOn::Sync,
-            n,
-            FaultMode::Always,
-            libc::EIO,
-        ));
-        let mut lossy = FaultPlan::new(FaultOn::Sync, n, FaultMode::Once, libc::EIO);
-        lossy.sync_error_loses_writes = true;
-        out.push(lossy);
+}
+
+fn plans(set: PlanSet, writes: u64, syncs: u64) -> Vec<FaultPlan> {
+    let mut out = Vec::new();
+    match set {
+        PlanSet::Standard => {
+            for n in positions(writes) {
+                for (mode, errno) in [
+                    (FaultMode::Once, libc::EIO),
+                    (FaultMode::Always, libc::EIO),
+                    (FaultMode::Once, libc::ENOSPC),
+                    (FaultMode::Always, libc::ENOSPC),
+                ] {
+                    out.push(FaultPlan::new(FaultOn::Write, n, mode, errno));
+                }
+            }
+            for n in positions(syncs) {
+                out.push(FaultPlan::new(FaultOn::Sync, n, FaultMode::Once, libc::EIO));
+                out.push(FaultPlan::new(FaultOn::Sync, n, FaultMode::Always, libc::EIO));
+            }
+        }
+        PlanSet::LossySync => {
+            for n in positions(syncs) {
+                let mut lossy = FaultPlan::new(FaultOn::Sync, n, FaultMode::Once, libc::EIO);
+                lossy.sync_error_loses_writes = true;
+                out.push(lossy);
+            }
+        }
     }
     out
 }
@@ -227,8 +241,7 @@ fn run_plan(
             return Err(format!("{op:?} failed with an unexpected error: {e}"));
         }
     }
-    let corrupt = env.img.is_corrupt();
-    if corrupt {
+    if env.img.is_corrupt() {
         tally.corrupt += 1;
         // The engine chose to stop: it must say so on every later write.
         return match env.dev.write_at(&[0u8; 512], 0) {
@@ -246,29 +259,52 @@ fn run_plan(
         }
         tally.swallowed_once += 1;
     }
-    env.driver
-        .verify_live(&*env.dev)
-        .map_err(|e| format!("after the fault: {e}"))?;
+    if plan.sync_error_loses_writes {
+        // Writes since the last good sync may be gone, but never anything flushed before.
+        let mut got = vec![0u8; ov.disk_size as usize];
+        read_all(&*env.dev, &mut got).map_err(|e| format!("read after the fault: {e}"))?;
+        env.driver
+            .expectation_now(usize::MAX)
+            .verify(&got)
+            .map_err(|e| format!("after the lost sync: {e}"))?;
+    } else {
+        env.driver
+            .verify_live(&*env.dev)
+            .map_err(|e| format!("after the fault: {e}"))?;
+    }
 
+    let mut poisoned = false;
     if plan.mode == FaultMode::Once {
         env.ctl.disarm();
         // The guest retries what failed; everything must work again on the same open image.
         for (op, _) in &errors {
+            if matches!(op, GuestOp::Flush) {
+                continue;
+            }
             env.driver
                 .run(&*env.dev, op)
                 .map_err(|e| format!("retrying {op:?} after a one-off fault failed: {e}"))?;
         }
-        env.driver
-            .run(&*env.dev, &F)
-            .map_err(|e| format!("flush after retrying failed: {e}"))?;
-        for op in &case.extra {
-            env.driver
-                .run(&*env.dev, op)
-                .map_err(|e| format!("a new request {op:?} after a one-off fault failed: {e}"))?;
+        match env.driver.run(&*env.dev, &F) {
+            Ok(()) => {}
+            // After a lost fdatasync the only honest answer may be to fail every later flush
+            // (QEMU's file-posix does that).
+            Err(e) if plan.sync_error_loses_writes && error_is_expected(&e, &plan) => {
+                poisoned = true;
+                tally.poisoned += 1;
+            }
+            Err(e) => return Err(format!("flush after retrying failed: {e}")),
         }
-        env.driver
-            .verify_live(&*env.dev)
-            .map_err(|e| format!("after the retry: {e}"))?;
+        if !poisoned {
+            for op in &case.extra {
+                env.driver
+                    .run(&*env.dev, op)
+                    .map_err(|e| format!("a new request {op:?} after a one-off fault failed: {e}"))?;
+            }
+            env.driver
+                .verify_live(&*env.dev)
+                .map_err(|e| format!("after the retry: {e}"))?;
+        }
     }
 
     // Power loss now.
@@ -278,9 +314,9 @@ fn run_plan(
         .judge(ov, &durable, &exp)
         .map_err(|e| format!("power loss after the fault: {e}"))?;
 
-    let mode = plan.mode;
+    let clean = plan.mode == FaultMode::Once && !poisoned;
     let (rec, driver, closed) = close(env);
-    if mode == FaultMode::Once {
+    if clean {
         closed.map_err(|e| format!("closing after a one-off fault failed: {e}"))?;
     }
     // Process exit (no power loss): whatever reached the file.
@@ -288,9 +324,9 @@ fn run_plan(
     referee
         .judge(ov, &rec.current(), &exp)
         .map_err(|e| format!("image after close: {e}"))?;
-    if mode == FaultMode::Once {
+    if clean {
         // Everything was flushed and the image closed cleanly: the file holds exactly the shadow.
-        let exact = snapblk_tests::crashsim::Expectation {
+        let exact = Expectation {
             flushed: Arc::new(driver.shadow.clone()),
             later: Vec::new(),
         };
@@ -301,7 +337,7 @@ fn run_plan(
     Ok(())
 }
 
-fn run_case(case: Case) {
+fn run_case(case: Case, set: PlanSet) -> Result<(), String> {
     let dir = state_dir().expect("state dir");
     let mut rng = StdRng::seed_from_u64(0x026);
     let ov = Overlay::build(
@@ -314,10 +350,9 @@ fn run_case(case: Case) {
     )
     .expect("build overlay");
     // Dry run: count the phase's writes and syncs, and check it exercises the step.
-    let env = start(&case, &ov);
+    let mut env = start(&case, &ov);
     let before = layout(&env.rec.current());
     env.ctl.arm(None);
-    let mut env = env;
     for op in &case.phase {
         env.driver
             .run(&*env.dev, op)
@@ -331,40 +366,59 @@ fn run_case(case: Case) {
             case.name
         )
     });
-    drop(close(env));
-
     let mut referee = Referee::new(dir.path(), 7);
+    // Fault-free baseline: the step itself must leave a clean, correct image.
+    let (rec, driver, closed) = close(env);
+    closed.unwrap_or_else(|e| panic!("{}: fault-free close: {e}", case.name));
+    let exact = Expectation {
+        flushed: Arc::new(driver.shadow.clone()),
+        later: Vec::new(),
+    };
+    referee
+        .judge(&ov, &rec.current(), &exact)
+        .unwrap_or_else(|e| panic!("{}: the fault-free run already breaks the image: {e}", case.name));
+
     let mut tally = Tally::default();
     let mut failures = Vec::new();
-    for plan in plans(writes, syncs) {
+    for plan in plans(set, writes, syncs) {
         if let Err(e) = run_plan(&case, &ov, plan, &mut referee, &mut tally) {
             failures.push(format!("{plan:?}: {e}"));
         }
     }
     println!(
-        "{}: {writes} writes, {syncs} syncs in the step; {} runs, {} faults injected, {} images judged \
-         ({} by qemu-img), {} marked corrupt, {} one-off faults absorbed without an error",
-        case.name, tally.runs, tally.injected, referee.judged, referee.qemu_runs, tally.corrupt, tally.swallowed_once
+        "{} ({set:?}): {writes} writes, {syncs} syncs in the step; {} runs, {} faults injected, \
+         {} images judged ({} by qemu-img), {} marked corrupt, {} one-off faults absorbed without \
+         an error, {} lost syncs answered by failing the retried flush",
+        case.name,
+        tally.runs,
+        tally.injected,
+        referee.judged,
+        referee.qemu_runs,
+        tally.corrupt,
+        tally.swallowed_once,
+        tally.poisoned
     );
-    if !failures.is_empty() {
-        let shown: Vec<_> = failures.iter().take(6).collect();
-        panic!(
-            "{}: {} of {} fault runs broke an invariant; first ones:\n{}",
-            case.name,
-            failures.len(),
-            tally.runs,
-            shown
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("\n---\n")
-        );
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = failures.iter().take(4).map(|s| s.as_str()).collect();
+    Err(format!(
+        "{} ({set:?}): {} of {} fault runs broke an invariant; first ones:\n{}",
+        case.name,
+        failures.len(),
+        tally.runs,
+        shown.join("\n---\n")
+    ))
+}
+
+fn check(case: Case, set: PlanSet) {
+    if let Err(e) = run_case(case, set) {
+        panic!("{e}");
     }
 }
 
-#[test]
-fn io_errors_during_l2_table_allocation_keep_flushed_data() {
-    run_case(Case {
+fn l2_allocation() -> Case {
+    Case {
         name: "l2_allocation",
         kind: BaseKind::Raw,
         disk_size: 8 << 20,
@@ -381,12 +435,11 @@ fn io_errors_during_l2_table_allocation_keep_flushed_data() {
                 Err("no new L2 tables".into())
             }
         },
-    });
+    }
 }
 
-#[test]
-fn io_errors_during_refcount_block_allocation_keep_flushed_data() {
-    run_case(Case {
+fn refcount_block_allocation() -> Case {
+    Case {
         name: "refcount_block_allocation",
         kind: BaseKind::Raw,
         disk_size: 1 << 20,
@@ -403,12 +456,11 @@ fn io_errors_during_refcount_block_allocation_keep_flushed_data() {
                 Err("no new refcount block".into())
             }
         },
-    });
+    }
 }
 
-#[test]
-fn io_errors_during_refcount_table_growth_keep_flushed_data() {
-    run_case(Case {
+fn refcount_table_growth() -> Case {
+    Case {
         name: "refcount_table_growth",
         kind: BaseKind::None,
         disk_size: 4 << 20,
@@ -425,12 +477,11 @@ fn io_errors_during_refcount_table_growth_keep_flushed_data() {
                 Err("refcount table did not grow".into())
             }
         },
-    });
+    }
 }
 
-#[test]
-fn io_errors_during_cow_copy_keep_backing_and_flushed_data() {
-    run_case(Case {
+fn cow_copy() -> Case {
+    Case {
         name: "cow_copy",
         kind: BaseKind::Qcow2,
         disk_size: 2 << 20,
@@ -447,12 +498,11 @@ fn io_errors_during_cow_copy_keep_backing_and_flushed_data() {
                 Err("no new data clusters".into())
             }
         },
-    });
+    }
 }
 
-#[test]
-fn io_errors_during_in_place_data_writes_keep_flushed_data() {
-    run_case(Case {
+fn in_place_data_write() -> Case {
+    Case {
         name: "in_place_data_write",
         kind: BaseKind::Raw,
         disk_size: 1 << 20,
@@ -460,12 +510,7 @@ fn io_errors_during_in_place_data_writes_keep_flushed_data() {
         refcount_order: 4,
         cached: false,
         setup: vec![w(0, 256 << 10, 1), F],
-        phase: vec![
-            w(8192, 4096, 2),
-            w(65536, 65536, 3),
-            w(200 << 10, 512, 4),
-            F,
-        ],
+        phase: vec![w(8192, 4096, 2), w(65536, 65536, 3), w(200 << 10, 512, 4), F],
         extra: vec![w(4096, 512, 5), F],
         exercises: |b, a| {
             if a == b {
@@ -474,12 +519,11 @@ fn io_errors_during_in_place_data_writes_keep_flushed_data() {
                 Err("overwriting allocated clusters changed the layout".into())
             }
         },
-    });
+    }
 }
 
-#[test]
-fn io_errors_during_zeroes_and_discard_keep_flushed_data() {
-    run_case(Case {
+fn zeroes_and_discard() -> Case {
+    Case {
         name: "zeroes_and_discard",
         kind: BaseKind::Raw,
         disk_size: 1 << 20,
@@ -488,57 +532,92 @@ fn io_errors_during_zeroes_and_discard_keep_flushed_data() {
         cached: false,
         setup: vec![w(0, 128 << 10, 1), F],
         phase: vec![
-            GuestOp::WriteZeroes {
-                offset: 16 << 10,
-                len: 8192,
-                unmap: true,
-            },
-            GuestOp::Discard {
-                offset: 64 << 10,
-                len: 16 << 10,
-            },
-            GuestOp::WriteZeroes {
-                offset: (100 << 10) + 512,
-                len: 1024,
-                unmap: false,
-            },
-            GuestOp::WriteZeroes {
-                offset: 512 << 10,
-                len: 8192,
-                unmap: false,
-            },
+            GuestOp::WriteZeroes { offset: 16 << 10, len: 8192, unmap: true },
+            GuestOp::Discard { offset: 64 << 10, len: 16 << 10 },
+            GuestOp::WriteZeroes { offset: (100 << 10) + 512, len: 1024, unmap: false },
+            GuestOp::WriteZeroes { offset: 512 << 10, len: 8192, unmap: false },
             F,
             w(64 << 10, 8192, 2),
             F,
         ],
         extra: vec![w(16 << 10, 4096, 3), F],
         exercises: |_, _| Ok(()),
-    });
+    }
+}
+
+fn folio_cache_writeback() -> Case {
+    Case {
+        name: "folio_cache_writeback",
+        kind: BaseKind::Raw,
+        disk_size: 8 << 20,
+        cluster_size: 4096,
+        refcount_order: 4,
+        cached: true,
+        setup: vec![w(0, 16 << 10, 1), F],
+        phase: vec![w(4096, 8192, 2), w(3 << 20, 4096, 3), w((5 << 20) + 512, 1024, 4), F],
+        extra: vec![w(6 << 20, 4096, 5), F],
+        exercises: |b, a| {
+            if a.l1_used > b.l1_used && a.file_len > b.file_len {
+                Ok(())
+            } else {
+                Err("no new L2 table or data cluster".into())
+            }
+        },
+    }
+}
+
+#[test]
+fn io_errors_during_l2_table_allocation_keep_flushed_data() {
+    check(l2_allocation(), PlanSet::Standard);
+}
+
+#[test]
+fn io_errors_during_refcount_block_allocation_keep_flushed_data() {
+    check(refcount_block_allocation(), PlanSet::Standard);
+}
+
+#[test]
+fn io_errors_during_refcount_table_growth_keep_flushed_data() {
+    check(refcount_table_growth(), PlanSet::Standard);
+}
+
+#[test]
+fn io_errors_during_cow_copy_keep_backing_and_flushed_data() {
+    check(cow_copy(), PlanSet::Standard);
+}
+
+#[test]
+fn io_errors_during_in_place_data_writes_keep_flushed_data() {
+    check(in_place_data_write(), PlanSet::Standard);
+}
+
+#[test]
+fn io_errors_during_zeroes_and_discard_keep_flushed_data() {
+    check(zeroes_and_discard(), PlanSet::Standard);
 }
 
 #[test]
 fn io_errors_under_the_folio_cache_fail_the_flush_and_a_retry_succeeds() {
-    run_case(Case {
-        name: "folio_cache_writeback",
-        kind: BaseKind::Raw,
-        disk_size: 8 << 20,
-        cluster_size: 65536,
-        refcount_order: 4,
-        cached: true,
-        setup: vec![w(0, 16 << 10, 1), F],
-        phase: vec![
-            w(4096, 8192, 2),
-            w(3 << 20, 4096, 3),
-            w((5 << 20) + 512, 1024, 4),
-            F,
-        ],
-        extra: vec![w(6 << 20, 4096, 5), F],
-        exercises: |b, a| {
-            if a.l1_used > b.l1_used {
-                Ok(())
-            } else {
-                Err("no new L2 table".into())
-            }
-        },
-    });
+    check(folio_cache_writeback(), PlanSet::Standard);
+}
+
+/// Linux drops dirty pages whose writeback failed and reports the error once ("fsyncgate");
+/// a later fdatasync succeeds although the data is gone. After a failed sync the stack must
+/// therefore never again report a flush as successful unless the data really is durable.
+#[test]
+fn failed_fdatasync_that_drops_dirty_pages_is_never_followed_by_a_false_flush_success() {
+    let mut failures = Vec::new();
+    for case in [
+        l2_allocation(),
+        refcount_block_allocation(),
+        cow_copy(),
+        in_place_data_write(),
+        zeroes_and_discard(),
+        folio_cache_writeback(),
+    ] {
+        if let Err(e) = run_case(case, PlanSet::LossySync) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n=====\n"));
 }

@@ -65,7 +65,10 @@ impl FaultyDisk {
 
     /// Writes overlapping `[offset, offset + len)` fail with EIO (without writing anything).
     pub fn fail_writes(&self, offset: u64, len: u64) {
-        self.fail_writes.lock().unwrap().push((offset, offset + len));
+        self.fail_writes
+            .lock()
+            .unwrap()
+            .push((offset, offset + len));
     }
 
     pub fn fail_flushes(&self, fail: bool) {
@@ -113,7 +116,10 @@ impl BlockDev for FaultyDisk {
         }
         let mut log = self.log.lock().unwrap();
         self.mem.write_at(buf, offset)?;
-        log.push(Event::Write { offset, data: buf.to_vec() });
+        log.push(Event::Write {
+            offset,
+            data: buf.to_vec(),
+        });
         Ok(())
     }
 
@@ -143,7 +149,9 @@ impl BlockDev for FaultyDisk {
 
 /// A deterministic pattern that differs per offset and per `seed`, never all zeros.
 pub fn pattern(seed: u8, offset: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| (((offset + i) * 7 + u64::from(seed) * 31) % 251) as u8 + 1).collect()
+    (0..len as u64)
+        .map(|i| (((offset + i) * 7 + u64::from(seed) * 31) % 251) as u8 + 1)
+        .collect()
 }
 
 /// A small cache without background writeback (deterministic tests).
