@@ -54,7 +54,7 @@ soak: deps
 fuzz:
 	bash scripts/fuzz.sh
 
-installer-demo: deps
+installer-demo: deps build
 	bash scripts/installer/run.sh
 
 clean-build:

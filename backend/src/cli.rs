@@ -5,12 +5,21 @@
 
 use std::path::PathBuf;
 
+use cache::parse_size;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use crate::image_cmd::{
+    CheckArgs, ChecksumArgs, CommitArgs, CreateArgs, ExportArgs, FormatArg, InfoArgs,
+};
 
 /// Largest `--num-queues`.
 pub const MAX_NUM_QUEUES: u16 = 16;
 /// Largest `--queue-size`.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Largest `--io-threads`.
+pub const MAX_IO_THREADS: usize = 64;
+/// Default `--io-threads`.
+pub const DEFAULT_IO_THREADS: usize = 2;
 /// Smallest `--queue-size` (a request needs at least header, data and status descriptors).
 pub const MIN_QUEUE_SIZE: u16 = 4;
 
@@ -28,6 +37,18 @@ pub struct Cli {
 pub enum Command {
     /// Serve a disk image to a vhost-user-blk frontend (QEMU, libblkio) over a unix socket.
     Serve(ServeArgs),
+    /// Create a qcow2 image, optionally an overlay over a backing file.
+    Create(CreateArgs),
+    /// Show an image's format, sizes, backing chain and flags.
+    Info(InfoArgs),
+    /// Check a qcow2 image's metadata (exit 0 clean, 2 corrupt, 3 leaks only), optionally repair.
+    Check(CheckArgs),
+    /// Write an overlay's data into its backing file, then empty the overlay.
+    Commit(CommitArgs),
+    /// Write the guest-visible disk of an image (any chain) to a raw file.
+    Export(ExportArgs),
+    /// Print the sha256 of the guest-visible disk (equal for raw and any overlay chain).
+    Checksum(ChecksumArgs),
 }
 
 /// Write-cache mode announced to the guest at start (the guest may change it at run time through
@@ -68,9 +89,34 @@ pub struct ServeArgs {
     /// Initial write-cache mode.
     #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
     pub cache: CacheMode,
+    /// Helper threads per queue that execute the requests found in one pass in parallel
+    /// (0: each queue thread executes its requests one after another).
+    #[arg(long, default_value_t = DEFAULT_IO_THREADS, value_name = "N",
+          value_parser = parse_io_threads)]
+    pub io_threads: usize,
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_name = "OCTAL", value_parser = parse_socket_mode)]
     pub socket_mode: u32,
+    /// Format of the image; probed (qcow2 magic or raw) when not given. Backing files always use
+    /// the format recorded in their overlay.
+    #[arg(long, value_enum, value_name = "FMT")]
+    pub format: Option<FormatArg>,
+    /// Serve a throwaway qcow2 overlay over the image (like `qemu -snapshot`): the image is opened
+    /// read-only and never written; the overlay is deleted at exit unless --keep-overlay.
+    #[arg(long, conflicts_with = "readonly")]
+    pub snapshot: bool,
+    /// With --snapshot: create the overlay at PATH and keep it at exit.
+    #[arg(long, value_name = "PATH", requires = "snapshot")]
+    pub keep_overlay: Option<PathBuf>,
+    /// Memory for the folio cache (e.g. 64M, 1G).
+    #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Dirty data allowed in the cache before writers wait for writeback (at most --cache-size).
+    #[arg(long, default_value = "64M", value_name = "SIZE", value_parser = parse_size)]
+    pub dirty_limit: u64,
+    /// Folio size of the cache (power of two, 4K..2M).
+    #[arg(long, default_value = "64K", value_name = "SIZE", value_parser = parse_size)]
+    pub folio_size: u64,
 }
 
 impl ServeArgs {
@@ -85,7 +131,14 @@ impl ServeArgs {
             serial: None,
             logical_block_size: 512,
             cache: CacheMode::Writeback,
+            io_threads: DEFAULT_IO_THREADS,
             socket_mode: 0o600,
+            format: None,
+            snapshot: false,
+            keep_overlay: None,
+            cache_size: 256 << 20,
+            dirty_limit: 64 << 20,
+            folio_size: 64 << 10,
         }
     }
 }
@@ -122,6 +175,15 @@ pub fn parse_serial(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// Parses `--io-threads`: at most `MAX_IO_THREADS`.
+pub fn parse_io_threads(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if n > MAX_IO_THREADS {
+        return Err(format!("at most {MAX_IO_THREADS}"));
+    }
+    Ok(n)
+}
+
 /// Parses `--socket-mode`: octal permission bits, at most 0777.
 pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
@@ -154,6 +216,7 @@ mod tests {
         assert_eq!(args.logical_block_size, 512);
         assert_eq!(args.cache, CacheMode::Writeback);
         assert_eq!(args.socket_mode, 0o600);
+        assert_eq!(args.io_threads, DEFAULT_IO_THREADS);
         assert!(!args.readonly);
         assert!(args.serial.is_none());
     }
@@ -172,6 +235,7 @@ mod tests {
             &["--socket-mode", "1777"],
             &["--socket-mode", "9"],
             &["--cache", "none"],
+            &["--io-threads", "65"],
         ] {
             let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
             assert!(Cli::try_parse_from(&args).is_err(), "accepted {extra:?}");
@@ -200,6 +264,8 @@ mod tests {
             "writethrough",
             "--socket-mode",
             "660",
+            "--io-threads",
+            "0",
         ])
         .unwrap();
         let args = serve_args(cli);
@@ -210,5 +276,6 @@ mod tests {
         assert_eq!(args.logical_block_size, 4096);
         assert_eq!(args.cache, CacheMode::Writethrough);
         assert_eq!(args.socket_mode, 0o660);
+        assert_eq!(args.io_threads, 0);
     }
 }

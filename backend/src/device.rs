@@ -81,6 +81,9 @@ pub struct DeviceConfig {
     pub max_write_zeroes_sectors: u32,
     /// Largest number of write-zeroes segments.
     pub max_write_zeroes_seg: u32,
+    /// Host-side tuning, not shown to the driver: helper threads per queue that execute the
+    /// requests of a batch in parallel (0: the queue thread executes them one by one).
+    pub io_threads: usize,
 }
 
 impl DeviceConfig {
@@ -140,6 +143,7 @@ impl DeviceConfig {
             discard_sector_alignment: logical_block_size >> SECTOR_SHIFT,
             max_write_zeroes_sectors: DEFAULT_MAX_WRITE_ZEROES_SECTORS,
             max_write_zeroes_seg: DEFAULT_MAX_DISCARD_SEGMENTS,
+            io_threads: 0,
         })
     }
 
@@ -153,6 +157,7 @@ impl DeviceConfig {
         )?;
         cfg.read_only = args.readonly || disk.is_read_only();
         cfg.writeback_default = args.cache == CacheMode::Writeback;
+        cfg.io_threads = args.io_threads;
         if let Some(serial) = &args.serial {
             cfg.set_serial(serial.as_bytes());
         }
@@ -441,10 +446,7 @@ mod tests {
     #[test]
     fn cache_layer_is_told_the_mode_and_frontend_does_not_flush_for_it() {
         let rec = Arc::new(RecordingCache(Mutex::new(Vec::new())));
-        let disk = ServedDisk {
-            dev: Arc::new(MemDisk::new(1 << 20)),
-            cache_control: Some(rec.clone()),
-        };
+        let disk = ServedDisk::with_cache_control(Arc::new(MemDisk::new(1 << 20)), rec.clone());
         let dev = BlkDevice::new(
             disk,
             Arc::new(DeviceConfig::new(1 << 20, 512, 1, 256).unwrap()),

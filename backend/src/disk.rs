@@ -1,19 +1,22 @@
 //! Which block device the daemon serves: the single place that turns `serve` arguments into the
 //! layer stack behind the virtio-blk front end.
 //!
-//! Today that is a plain [`blockdev::RawFile`]. When the qcow2 overlay and the folio cache are
-//! wired in, only [`open_disk`] changes: it returns the top layer and, if that layer owns a write
-//! cache, a [`WriteCacheControl`] for it.
+//! The stack, top to bottom: [`cache::FolioCache`] (write-back folio cache; in write-through mode
+//! every write is durable before it completes) → the image: a qcow2 overlay
+//! ([`qcow_snapshot::QcowImage`] with its read-only backing chain) or a raw file. With
+//! `--snapshot` a fresh qcow2 overlay is created over the image first (the image itself is only
+//! ever opened read-only) and deleted when the served disk is dropped, unless `--keep-overlay`.
 //!
 //! Locking model: none here; the returned layers do their own locking.
 
-use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use blockdev::{BlockDev, RawFile};
+use blockdev::BlockDev;
+use cache::{CacheConfig, FolioCache};
+use qcow_snapshot::{CreateOptions, Format};
 
-use crate::cli::ServeArgs;
+use crate::cli::{CacheMode, ServeArgs};
 
 /// Switch between write-back and write-through for a layer that owns a write cache.
 ///
@@ -33,6 +36,9 @@ pub struct ServedDisk {
     pub dev: Arc<dyn BlockDev>,
     /// The write-cache switch of the top layer, if it has a cache of its own.
     pub cache_control: Option<Arc<dyn WriteCacheControl>>,
+    /// Removes a throwaway `--snapshot` overlay once the last clone of the disk is gone. Declared
+    /// last so the layers above (and the image's clean close) are dropped before it.
+    overlay: Option<Arc<OverlayGuard>>,
 }
 
 impl std::fmt::Debug for ServedDisk {
@@ -46,35 +52,157 @@ impl std::fmt::Debug for ServedDisk {
 }
 
 impl ServedDisk {
+    /// A disk whose top layer has its own write cache, switched by `control`.
+    pub fn with_cache_control(dev: Arc<dyn BlockDev>, control: Arc<dyn WriteCacheControl>) -> Self {
+        ServedDisk {
+            dev,
+            cache_control: Some(control),
+            overlay: None,
+        }
+    }
+
+    /// The throwaway `--snapshot` overlay this disk deletes when dropped, if any.
+    pub fn throwaway_overlay(&self) -> Option<&std::path::Path> {
+        self.overlay.as_deref().map(|g| g.path.as_path())
+    }
+
     /// A disk without a cache layer of its own.
     pub fn plain(dev: Arc<dyn BlockDev>) -> Self {
         ServedDisk {
             dev,
             cache_control: None,
+            overlay: None,
         }
     }
 }
 
-/// Why the image could not be opened.
+/// Deletes a throwaway snapshot overlay when dropped.
+#[derive(Debug)]
+struct OverlayGuard {
+    path: PathBuf,
+}
+
+impl Drop for OverlayGuard {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => log::info!("removed snapshot overlay {}", self.path.display()),
+            Err(e) => log::warn!(
+                "cannot remove snapshot overlay {}: {e}",
+                self.path.display()
+            ),
+        }
+    }
+}
+
+/// The folio cache as the front end's write-cache switch (the guest's CONFIG_WCE).
+struct CacheSwitch(Arc<FolioCache>);
+
+impl WriteCacheControl for CacheSwitch {
+    fn set_writeback(&self, writeback: bool) {
+        if let Err(e) = self.0.set_writeback(writeback) {
+            log::error!(
+                "switching the write cache to write-{}: {e}",
+                if writeback { "back" } else { "through" }
+            );
+        }
+    }
+}
+
+/// Why the disk stack could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenDiskError {
-    /// The image file could not be opened or sized.
+    /// The image (or one of its backing files) could not be opened.
     #[error("cannot open image {path}: {source}")]
     Open {
         /// The image path.
         path: PathBuf,
         /// The underlying error.
-        source: io::Error,
+        source: qcow_snapshot::OpenImageError,
     },
+    /// The `--snapshot` overlay could not be created.
+    #[error("cannot create snapshot overlay for {path}: {reason}")]
+    Snapshot {
+        /// The base image path.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// The cache settings are invalid.
+    #[error("invalid cache settings: {0}")]
+    Cache(#[from] cache::NewCacheError),
+}
+
+/// Creates the `--snapshot` overlay over `args.image` and returns its path and whether it is kept.
+fn create_snapshot(args: &ServeArgs) -> Result<(PathBuf, bool), OpenDiskError> {
+    let err = |reason: String| OpenDiskError::Snapshot {
+        path: args.image.clone(),
+        reason,
+    };
+    let format = match args.format {
+        Some(f) => Format::from(f),
+        None => qcow_snapshot::probe_format(&args.image).map_err(|e| err(e.to_string()))?,
+    };
+    match &args.keep_overlay {
+        Some(path) => {
+            let base = std::fs::canonicalize(&args.image).map_err(|e| err(e.to_string()))?;
+            let name = base
+                .to_str()
+                .ok_or_else(|| err("base path is not valid UTF-8".into()))?
+                .to_string();
+            let opts = CreateOptions {
+                backing: Some((name, format)),
+                ..CreateOptions::default()
+            };
+            qcow_snapshot::create(path, &opts).map_err(|e| err(e.to_string()))?;
+            Ok((path.clone(), true))
+        }
+        None => {
+            let dir = std::env::temp_dir();
+            let path = qcow_snapshot::create_snapshot_overlay(&args.image, format, &dir)
+                .map_err(|e| err(e.to_string()))?;
+            Ok((path, false))
+        }
+    }
 }
 
 /// Opens the block device stack that `serve` exposes for `args`.
 pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
-    let raw = RawFile::open(&args.image, args.readonly).map_err(|source| OpenDiskError::Open {
-        path: args.image.clone(),
-        source,
+    let (image, format, guard) = if args.snapshot {
+        let (path, keep) = create_snapshot(args)?;
+        log::info!(
+            "snapshot overlay {} over {} ({})",
+            path.display(),
+            args.image.display(),
+            if keep {
+                "kept at exit"
+            } else {
+                "deleted at exit"
+            }
+        );
+        let guard = (!keep).then(|| Arc::new(OverlayGuard { path: path.clone() }));
+        (path, Some(Format::Qcow2), guard)
+    } else {
+        (args.image.clone(), args.format.map(Format::from), None)
+    };
+    let dev = qcow_snapshot::open_image(&image, format, args.readonly).map_err(|source| {
+        OpenDiskError::Open {
+            path: image.clone(),
+            source,
+        }
     })?;
-    Ok(ServedDisk::plain(Arc::new(raw)))
+    let cfg = CacheConfig {
+        folio_size: args.folio_size,
+        cache_size: args.cache_size,
+        dirty_limit: args.dirty_limit.min(args.cache_size),
+        writeback: args.cache == CacheMode::Writeback,
+        ..CacheConfig::default()
+    };
+    let cache = FolioCache::new(dev, cfg)?;
+    Ok(ServedDisk {
+        dev: cache.clone(),
+        cache_control: Some(Arc::new(CacheSwitch(cache))),
+        overlay: guard,
+    })
 }
 
 #[cfg(test)]
@@ -89,7 +217,10 @@ mod tests {
         let disk = open_disk(&args).unwrap();
         assert_eq!(disk.dev.size(), 3 << 20);
         assert!(!disk.dev.is_read_only());
-        assert!(disk.cache_control.is_none());
+        assert!(
+            disk.cache_control.is_some(),
+            "the folio cache is the write-cache switch"
+        );
         args.readonly = true;
         assert!(open_disk(&args).unwrap().dev.is_read_only());
     }
@@ -99,5 +230,48 @@ mod tests {
         let args = ServeArgs::with_defaults("/nonexistent/snapblk.img".into(), "unused".into());
         let err = open_disk(&args).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/snapblk.img"));
+    }
+
+    #[test]
+    fn snapshot_serves_an_overlay_that_never_touches_the_base_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0x5a; 1 << 20]).unwrap();
+        let mut args = ServeArgs::with_defaults(base.clone(), "unused".into());
+        args.snapshot = true;
+        args.format = Some(crate::cli::FormatArg::Raw);
+        let disk = open_disk(&args).unwrap();
+        let overlay = disk.throwaway_overlay().unwrap().to_path_buf();
+        assert!(overlay.exists());
+        disk.dev.write_at(&[1; 4096], 8192).unwrap();
+        let mut b = vec![0; 3 * 4096];
+        disk.dev.read_at(&mut b, 4096).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0x5a));
+        assert!(b[4096..8192].iter().all(|&x| x == 1));
+        assert!(b[8192..].iter().all(|&x| x == 0x5a));
+        disk.dev.flush().unwrap();
+        drop(disk);
+        assert!(!overlay.exists(), "throwaway overlay removed at exit");
+        assert!(std::fs::read(&base).unwrap().iter().all(|&x| x == 0x5a));
+    }
+
+    #[test]
+    fn keep_overlay_keeps_the_written_overlay_for_qemu_img() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![7; 1 << 20]).unwrap();
+        let kept = dir.path().join("kept.qcow2");
+        let mut args = ServeArgs::with_defaults(base.clone(), "unused".into());
+        args.snapshot = true;
+        args.keep_overlay = Some(kept.clone());
+        let disk = open_disk(&args).unwrap();
+        disk.dev.write_at(&[9; 512], 0).unwrap();
+        drop(disk);
+        let reopened = qcow_snapshot::open_image(&kept, None, true).unwrap();
+        let mut b = [0u8; 1024];
+        reopened.read_at(&mut b, 0).unwrap();
+        assert!(b[..512].iter().all(|&x| x == 9));
+        assert!(b[512..].iter().all(|&x| x == 7));
+        assert!(std::fs::read(&base).unwrap().iter().all(|&x| x == 7));
     }
 }

@@ -61,7 +61,9 @@ pub struct IoPool {
 
 impl std::fmt::Debug for IoPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoPool").field("threads", &self.threads.len()).finish()
+        f.debug_struct("IoPool")
+            .field("threads", &self.threads.len())
+            .finish()
     }
 }
 
@@ -82,7 +84,10 @@ impl IoPool {
                 .spawn(move || helper_loop(&shared))?;
             handles.push(handle);
         }
-        Ok(IoPool { shared, threads: handles })
+        Ok(IoPool {
+            shared,
+            threads: handles,
+        })
     }
 
     /// Executes every chain of `batch` (the calling thread helps with `worker`) and appends
@@ -158,4 +163,50 @@ impl Drop for IoPool {
             }
         }
     }
+}
+
+/// [`crate::request::process_queue`] with the requests of each pass executed in parallel on
+/// `pool`. A pass that finds a single request executes it inline.
+pub fn process_queue_pooled(
+    dev: &BlkDevice,
+    worker: &mut RequestWorker,
+    pool: &IoPool,
+    batch: &mut Vec<OwnedChain>,
+    results: &mut Vec<(u16, u32)>,
+    queue: &mut virtio_queue::Queue,
+    mem: &Arc<GuestMemoryMmap>,
+) -> Result<bool, crate::request::ProcessQueueError> {
+    use virtio_queue::QueueT;
+    let event_idx = queue.event_idx_enabled();
+    let mut completed = false;
+    loop {
+        if event_idx {
+            queue.disable_notification(&**mem)?;
+        }
+        batch.clear();
+        while let Some(chain) = queue.pop_descriptor_chain(Arc::clone(mem)) {
+            batch.push((Arc::clone(mem), chain));
+        }
+        if batch.len() == 1 {
+            if let Some((m, chain)) = batch.pop() {
+                let head = chain.head_index();
+                results.push((head, worker.process_chain(dev, &*m, chain)));
+            }
+        } else if !batch.is_empty() {
+            pool.run_batch(batch, worker, results);
+        }
+        for (head, len) in results.drain(..) {
+            match queue.add_used(&**mem, head, len) {
+                Ok(()) => completed = true,
+                Err(e) => error!("cannot return descriptor {head} to the used ring: {e}"),
+            }
+        }
+        if !event_idx || !queue.enable_notification(&**mem)? {
+            break;
+        }
+    }
+    if !completed {
+        return Ok(false);
+    }
+    Ok(queue.needs_notification(&**mem)?)
 }

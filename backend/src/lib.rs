@@ -4,15 +4,20 @@
 //! - [`cli`]: command-line subcommands and argument parsing.
 //! - [`disk`]: which [`blockdev::BlockDev`] stack is served ([`disk::open_disk`]) and the
 //!   write-cache switch hook ([`disk::WriteCacheControl`]).
+//! - [`image_cmd`]: the qemu-img-style image subcommands (create, info, check, commit, export,
+//!   checksum).
 //! - [`virtio_blk`]: virtio-blk wire formats (request header, segments, config space, constants).
 //! - [`device`]: the device model shared by the queues of one connection (config, features, WCE).
 //! - [`request`]: request parsing/execution over guest memory and the per-queue processing pass.
+//! - [`iopool`]: optional per-queue helper threads executing a batch of requests in parallel.
 //! - [`vhu_blk`]: the vhost-user backend glue (one worker thread per queue).
 //! - [`serve`]: daemon lifecycle (socket, reconnects, SIGTERM/SIGINT, final flush).
 
 pub mod cli;
 pub mod device;
 pub mod disk;
+pub mod image_cmd;
+pub mod iopool;
 pub mod request;
 pub mod serve;
 pub mod vhu_blk;

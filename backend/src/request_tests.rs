@@ -832,10 +832,16 @@ fn random_hostile_chains_never_panic_and_always_return_to_the_used_ring() {
         for i in 0..4u64 {
             let seg = DiscardWriteZeroesSegment {
                 sector: rng.random_range(0..(DISK_SIZE as u64 / 256)),
-                num_sectors: if rng.random() { rng.random_range(0..64) } else { rng.random() },
+                num_sectors: if rng.random() {
+                    rng.random_range(0..64)
+                } else {
+                    rng.random()
+                },
                 flags: rng.random_range(0..3),
             };
-            h.mem.write_slice(&seg.to_bytes(), GuestAddress(DATA + 16 * i)).unwrap();
+            h.mem
+                .write_slice(&seg.to_bytes(), GuestAddress(DATA + 16 * i))
+                .unwrap();
         }
         let mut list = Vec::new();
         let mut total = 0;
@@ -880,4 +886,95 @@ fn random_hostile_chains_never_panic_and_always_return_to_the_used_ring() {
         // Reset the avail ring for the next round.
         h.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
     }
+}
+
+#[test]
+fn pooled_pass_executes_a_batch_in_parallel_with_the_same_results() {
+    use crate::iopool::{process_queue_pooled, IoPool};
+    let h = Harness::new();
+    let dev = Arc::new(BlkDevice::new(
+        ServedDisk::plain(h.disk.clone()),
+        Arc::new(h.dev.config().clone()),
+    ));
+    dev.set_acked_features(dev.config().features());
+    let pool = IoPool::new(dev.clone(), 3, "test").unwrap();
+    let mem = Arc::new(h.mem.clone());
+    // Eight writes of distinct patterns to distinct blocks, one flush, one bad request.
+    let mut list = Vec::new();
+    for i in 0..8u64 {
+        let hdr = RequestHeader {
+            request_type: VIRTIO_BLK_T_OUT,
+            reserved: 0,
+            sector: 8 * i,
+        };
+        h.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(HDR + 64 * i))
+            .unwrap();
+        h.mem
+            .write_slice(&[i as u8 + 1; 4096], GuestAddress(DATA + 4096 * i))
+            .unwrap();
+        list.push(vec![
+            (HDR + 64 * i, 16, 0),
+            (DATA + 4096 * i, 4096, 0),
+            (STATUS + i, 1, F_WRITE),
+        ]);
+    }
+    let flush = RequestHeader {
+        request_type: VIRTIO_BLK_T_FLUSH,
+        reserved: 0,
+        sector: 0,
+    };
+    h.mem
+        .write_slice(&flush.to_bytes(), GuestAddress(HDR + 64 * 8))
+        .unwrap();
+    list.push(vec![(HDR + 64 * 8, 16, 0), (STATUS + 8, 1, F_WRITE)]);
+    // A 16-entry descriptor table holds 26 descriptors in two rounds only.
+    let (first, second) = list.split_at(4);
+    let mut worker = RequestWorker::new();
+    let (mut batch, mut results) = (Vec::new(), Vec::new());
+    let mut q = queue_with_chains(&h.mem, first, 0);
+    let notify = process_queue_pooled(
+        &dev,
+        &mut worker,
+        &pool,
+        &mut batch,
+        &mut results,
+        &mut q,
+        &mem,
+    )
+    .unwrap();
+    assert!(notify);
+    assert_eq!(used_idx(&h.mem), 4);
+    let mut q = queue_with_chains(&h.mem, second, 0);
+    q.set_next_used(4);
+    process_queue_pooled(
+        &dev,
+        &mut worker,
+        &pool,
+        &mut batch,
+        &mut results,
+        &mut q,
+        &mem,
+    )
+    .unwrap();
+    assert_eq!(used_idx(&h.mem), 9);
+    let mut heads: Vec<(u32, u32)> = (0..9).map(|i| used_elem(&h.mem, i)).collect();
+    heads.sort();
+    assert_eq!(heads.iter().filter(|&&(_, len)| len == 1).count(), 9);
+    for i in 0..8u64 {
+        assert_eq!(
+            h.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(
+            h.disk_bytes(4096 * i as usize, 4096),
+            vec![i as u8 + 1; 4096]
+        );
+    }
+    assert_eq!(
+        h.mem.read_obj::<u8>(GuestAddress(STATUS + 8)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(h.disk.flushes.load(Ordering::SeqCst), 1);
+    drop(pool);
 }

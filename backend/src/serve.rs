@@ -328,7 +328,9 @@ impl Server {
     fn serve_connection(&mut self, id: u64) -> Result<(), ServeError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let dev = Arc::new(BlkDevice::new(self.disk.clone(), self.cfg.clone()));
-        let backend = Arc::new(VhostUserBlk::new(dev, mem.clone()));
+        let backend = Arc::new(
+            VhostUserBlk::new(dev, mem.clone()).map_err(|e| ServeError::Daemon(e.to_string()))?,
+        );
         let mut daemon = VhostUserDaemon::new(format!("snapblk-conn{id}"), backend, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         if let Err(e) = daemon.start(&mut self.listener) {
@@ -356,9 +358,10 @@ impl Server {
     }
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread (and every thread it spawns afterwards) and
-/// starts a thread that calls `stop.stop()` when one of them arrives.
-pub fn stop_on_signals(stop: StopHandle) -> Result<(), ServeError> {
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it spawns afterwards, and
+/// returns the signal set. Must run before any layer starts a thread (the folio cache's
+/// writeback threads), or the default action of the signal would kill the daemon unflushed.
+fn block_stop_signals() -> Result<libc::sigset_t, ServeError> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid, exclusively borrowed sigset_t for each call.
@@ -371,6 +374,13 @@ pub fn stop_on_signals(stop: StopHandle) -> Result<(), ServeError> {
     if ret != 0 {
         return Err(ServeError::Signals(io::Error::from_raw_os_error(ret)));
     }
+    Ok(set)
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and every thread it spawns afterwards) and
+/// starts a thread that calls `stop.stop()` when one of them arrives.
+pub fn stop_on_signals(stop: StopHandle) -> Result<(), ServeError> {
+    let set = block_stop_signals()?;
     thread::Builder::new()
         .name("snapblk-signals".into())
         .spawn(move || loop {
@@ -388,8 +398,10 @@ pub fn stop_on_signals(stop: StopHandle) -> Result<(), ServeError> {
 
 /// `snapblk serve`: serves until SIGTERM/SIGINT.
 pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
+    // Block the signals before opening the disk starts the cache's writeback threads and before
+    // the first connection spawns queue threads.
+    block_stop_signals()?;
     let server = Server::bind(args)?;
-    // Block the signals before the first connection spawns queue threads.
     stop_on_signals(server.stop_handle())?;
     server.run()
 }

@@ -22,16 +22,25 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::BlkDevice;
+use crate::iopool::{process_queue_pooled, IoPool, OwnedChain};
 use crate::request::{process_queue, RequestWorker};
 
 /// Guest memory as shared with the vhost-user handler.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// What one queue thread owns: its request buffers and, with `--io-threads`, its helper pool.
+struct QueueThread {
+    worker: RequestWorker,
+    pool: Option<IoPool>,
+    batch: Vec<OwnedChain>,
+    results: Vec<(u16, u32)>,
+}
+
 /// The vhost-user-blk backend of one connection.
 pub struct VhostUserBlk {
     dev: Arc<BlkDevice>,
     mem: GuestMemory,
-    workers: Vec<Mutex<RequestWorker>>,
+    workers: Vec<Mutex<QueueThread>>,
     event_idx: AtomicBool,
 }
 
@@ -46,16 +55,33 @@ impl std::fmt::Debug for VhostUserBlk {
 impl VhostUserBlk {
     /// A backend for `dev` whose queues read guest memory through `mem` (the same atomic the
     /// daemon is created with).
-    pub fn new(dev: Arc<BlkDevice>, mem: GuestMemory) -> Self {
+    pub fn new(dev: Arc<BlkDevice>, mem: GuestMemory) -> io::Result<Self> {
+        let io_threads = dev.config().io_threads;
         let workers = (0..dev.config().num_queues)
-            .map(|_| Mutex::new(RequestWorker::new()))
-            .collect();
-        VhostUserBlk {
+            .map(|q| {
+                let pool = if io_threads > 0 {
+                    Some(IoPool::new(
+                        Arc::clone(&dev),
+                        io_threads,
+                        &format!("snapblk-q{q}"),
+                    )?)
+                } else {
+                    None
+                };
+                Ok(Mutex::new(QueueThread {
+                    worker: RequestWorker::new(),
+                    pool,
+                    batch: Vec::new(),
+                    results: Vec::new(),
+                }))
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(VhostUserBlk {
             dev,
             mem,
             workers,
             event_idx: AtomicBool::new(false),
-        }
+        })
     }
 
     /// The device model.
@@ -70,11 +96,26 @@ impl VhostUserBlk {
                 "no worker for thread {thread_id}"
             )));
         };
-        let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
-        let mem = self.mem.memory();
+        let mut guard = worker.lock().unwrap_or_else(|e| e.into_inner());
+        let qt = &mut *guard;
         let mut state = vring.get_mut();
-        let needs_signal = match process_queue(&self.dev, &mut worker, state.get_queue_mut(), &*mem)
-        {
+        let queue = state.get_queue_mut();
+        let result = match &qt.pool {
+            Some(pool) => {
+                let mem = self.mem.memory().into_inner();
+                process_queue_pooled(
+                    &self.dev,
+                    &mut qt.worker,
+                    pool,
+                    &mut qt.batch,
+                    &mut qt.results,
+                    queue,
+                    &mem,
+                )
+            }
+            None => process_queue(&self.dev, &mut qt.worker, queue, &*self.mem.memory()),
+        };
+        let needs_signal = match result {
             Ok(n) => n,
             Err(e) => {
                 // A broken ring is the driver's fault: log it and keep the thread alive.
@@ -197,6 +238,7 @@ mod tests {
             Arc::new(dev),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
+        .unwrap()
     }
 
     #[test]

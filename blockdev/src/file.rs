@@ -29,7 +29,11 @@ impl RawFile {
     /// Wraps an open file.
     pub fn from_file(file: File, read_only: bool) -> io::Result<Self> {
         let size = file_size(&file)?;
-        Ok(RawFile { file, size, read_only })
+        Ok(RawFile {
+            file,
+            size,
+            read_only,
+        })
     }
 
     /// The underlying file.
@@ -48,7 +52,12 @@ impl RawFile {
         // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `self.file`
         // and stays open for the duration of the call.
         let ret = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
         };
         if ret == 0 {
             Ok(())
@@ -63,7 +72,8 @@ impl RawFile {
         let mut done = 0;
         while done < len {
             let n = CHUNK.min(len - done);
-            self.file.write_all_at(&zeros[..n as usize], offset + done)?;
+            self.file
+                .write_all_at(&zeros[..n as usize], offset + done)?;
             done += n;
         }
         Ok(())
@@ -125,7 +135,12 @@ impl BlockDev for RawFile {
         match self.fallocate(mode, offset, len) {
             Ok(()) => Ok(()),
             // Block devices and some file systems lack these modes: write zeros instead.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENODEV)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENODEV)
+                ) =>
+            {
                 self.write_zero_bytes(offset, len)
             }
             Err(e) => Err(e.into()),
@@ -164,6 +179,9 @@ mod tests {
         tmp.as_file().set_len(4096).unwrap();
         let dev = RawFile::open(tmp.path(), true).unwrap();
         assert!(matches!(dev.write_at(&[1], 0), Err(BlockError::ReadOnly)));
-        assert!(matches!(dev.write_zeroes(0, 1, false), Err(BlockError::ReadOnly)));
+        assert!(matches!(
+            dev.write_zeroes(0, 1, false),
+            Err(BlockError::ReadOnly)
+        ));
     }
 }

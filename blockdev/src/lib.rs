@@ -31,7 +31,9 @@ pub enum BlockError {
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
     /// The request reaches past the end of the device.
-    #[error("request at offset {offset} length {len} is past the end of the device ({size} bytes)")]
+    #[error(
+        "request at offset {offset} length {len} is past the end of the device ({size} bytes)"
+    )]
     OutOfRange { offset: u64, len: u64, size: u64 },
     /// A write-type request to a read-only device.
     #[error("device is read-only")]
@@ -99,7 +101,9 @@ impl MemDisk {
 
     /// A disk holding `data`.
     pub fn from_vec(data: Vec<u8>) -> Self {
-        MemDisk { data: RwLock::new(data) }
+        MemDisk {
+            data: RwLock::new(data),
+        }
     }
 
     /// A copy of the whole content.

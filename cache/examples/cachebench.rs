@@ -86,10 +86,10 @@ fn main() {
     let raw: Arc<dyn BlockDev> = Arc::new(RawFile::open(&path, false).unwrap());
     let fc = FolioCache::new(raw.clone(), CacheConfig::default()).unwrap();
     let cache: Arc<dyn BlockDev> = fc.clone();
-    // Warm 64 MiB.
-    let mut warm = vec![0u8; 1 << 20];
-    for i in 0..64 {
-        cache.read_at(&mut warm, i << 20).unwrap();
+    // Warm 64 MiB (in 64 KiB reads: larger ones bypass the cache).
+    let mut warm = vec![0u8; 64 << 10];
+    for i in 0..1024 {
+        cache.read_at(&mut warm, i * (64 << 10)).unwrap();
     }
     for threads in [1, 2] {
         run(

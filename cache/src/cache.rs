@@ -32,8 +32,8 @@
 //!   lower write. A folio already under writeback never joins.
 //! - Requests of at least `bypass_threshold` bytes bypass the cache. A large read pins the
 //!   cached folios of its range, reads the lower layer and overlays their uptodate sectors. The
-//!   whole folios of a large write are registered like a zap, cached copies take the new bytes
-//!   as clean data (after in-flight writebacks finish), and one lower write follows; the partial
+//!   whole folios of a large write are registered like a zap, in-flight writebacks of them
+//!   finish, one lower write follows, and then their cached copies are dropped; the partial
 //!   folios at its ends go through the cache.
 //!
 //! # Locking
@@ -782,30 +782,66 @@ impl Inner {
         Ok(())
     }
 
-    /// A large read: straight from the lower layer, then overlaid with the cache's uptodate
-    /// sectors. The cached folios are pinned *before* the lower read, so a write completed before
-    /// this read is either in a pinned folio or was written back before its folio left the map.
-    /// Nothing is installed (large reads are streaming reads).
+    /// A large read, without populating the cache. The cached folios of the range are pinned
+    /// first, so a write completed before this read is either in a pinned folio or was written
+    /// back before its folio could leave the map. Pinned folios that are uptodate over their
+    /// part are copied; every other stretch is read from the lower layer in one request and
+    /// then overlaid with the uptodate sectors of the pinned folios in it.
     fn read_bypass(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
-        let pinned = self.cached_in_range(offset, end);
-        self.lower.read_at(buf, offset)?;
-        self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
-        for f in &pinned {
-            let st = f.lock();
-            let a = (offset.max(f.start) - f.start) as usize;
-            let b = (end.min(f.start + f.len as u64) - f.start) as usize;
-            let (sa, sb) = f.sector_span(a, b);
-            let mut s = sa;
-            while let Some(first) = st.uptodate.find(s, sb, true) {
-                let last = st.uptodate.find(first, sb, false).unwrap_or(sb);
-                let x = f.sector_bytes(first).0.max(a);
-                let y = f.sector_bytes(last - 1).1.min(b);
-                let dst = (f.start + x as u64 - offset) as usize;
-                buf[dst..dst + (y - x)].copy_from_slice(&st.data[x..y]);
-                s = last;
+        let mut pinned = self.cached_in_range(offset, end);
+        pinned.sort_unstable_by_key(|f| f.index);
+        let find = |index: u64| {
+            pinned
+                .binary_search_by_key(&index, |f| f.index)
+                .ok()
+                .and_then(|i| pinned.get(i))
+        };
+        // Stretches (buffer ranges) that must come from the lower layer.
+        let mut lower_runs: Vec<(usize, usize)> = Vec::new();
+        let mut done = 0;
+        for (index, a, n) in self.segments(offset, buf.len()) {
+            let copied = find(index).is_some_and(|f| {
+                let st = f.lock();
+                let (sa, sb) = f.sector_span(a, a + n);
+                let full = st.uptodate.all(sa, sb);
+                if full {
+                    buf[done..done + n].copy_from_slice(&st.data[a..a + n]);
+                }
+                full
+            });
+            if !copied {
+                match lower_runs.last_mut() {
+                    Some((_, e)) if *e == done => *e = done + n,
+                    _ => lower_runs.push((done, done + n)),
+                }
+            }
+            done += n;
+        }
+        for &(x, y) in &lower_runs {
+            let run_start = offset + x as u64;
+            let run_end = offset + y as u64;
+            self.lower.read_at(&mut buf[x..y], run_start)?;
+            let first = run_start >> self.folio_shift;
+            let last = (run_end - 1) >> self.folio_shift;
+            for index in first..=last {
+                let Some(f) = find(index) else { continue };
+                let st = f.lock();
+                let a = (run_start.max(f.start) - f.start) as usize;
+                let b = (run_end.min(f.start + f.len as u64) - f.start) as usize;
+                let (sa, sb) = f.sector_span(a, b);
+                let mut s = sa;
+                while let Some(up) = st.uptodate.find(s, sb, true) {
+                    let stop = st.uptodate.find(up, sb, false).unwrap_or(sb);
+                    let u = f.sector_bytes(up).0.max(a);
+                    let v = f.sector_bytes(stop - 1).1.min(b);
+                    let dst = (f.start + u as u64 - offset) as usize;
+                    buf[dst..dst + (v - u)].copy_from_slice(&st.data[u..v]);
+                    s = stop;
+                }
             }
         }
+        self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -915,7 +951,9 @@ impl Inner {
         let fmask = self.folio_size as u64 - 1;
         // The whole folios of a large write go straight down (see `write_bypass`); the partial
         // folios at either end go through the cache.
-        let head_end = ((offset + fmask) & !fmask).min(end);
+        let head_end = offset
+            .checked_add(fmask)
+            .map_or(end, |v| (v & !fmask).min(end));
         let mid_end = if end == self.size { end } else { end & !fmask };
         if self.bypass_threshold > 0
             && buf.len() as u64 >= self.bypass_threshold
@@ -951,36 +989,34 @@ impl Inner {
     }
 
     /// Writes whole folios `[offset, offset + buf.len())` straight to the lower layer. The range
-    /// is registered like a zap (fills of it are not installed, writebacks are deferred);
-    /// in-flight writebacks of its cached folios finish first, then those folios take the new
-    /// bytes as clean data, so no older snapshot can land after this write.
+    /// is registered like a zap (fills of it are not installed, writebacks are deferred) and
+    /// in-flight writebacks of its cached folios finish first, so no older snapshot can land
+    /// after this write. Once it is down, the cached copies are dropped. If it fails, dirty
+    /// sectors stay dirty (they are retried over whatever reached the disk) and clean copies are
+    /// forgotten.
     fn write_bypass(&self, buf: &[u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
         let id = self.register_zap(offset, end);
         let pinned = self.cached_in_range(offset, end);
         self.hook(HookPoint::BeforeLowerZap, offset >> self.folio_shift);
         for f in &pinned {
-            let mut st = f.wait_writeback(f.lock());
-            let src = (f.start - offset) as usize;
-            st.data.copy_from_slice(&buf[src..src + f.len]);
-            st.uptodate.set(0, f.sectors());
-            st.dirty.clear(0, f.sectors());
-            self.maybe_clean(f, &mut st);
+            drop(f.wait_writeback(f.lock()));
         }
         let result = self.lower.write_at(buf, offset);
-        if result.is_err() {
-            // The cached folios hold the new bytes (or newer ones); the lower layer may hold any
-            // mix. Keep the cached bytes as dirty so that they are retried and a flush reports
-            // the failure (the dirty limit may be exceeded by these few folios).
-            for f in &pinned {
-                let mut st = f.lock();
-                st.dirty.set(0, f.sectors());
-                if !st.accounted {
-                    st.accounted = true;
-                    self.dirty_folios.fetch_add(1, Ordering::AcqRel);
-                    lock(&self.dirty_list).insert(f.index, f.clone());
+        for f in &pinned {
+            let mut st = f.wait_writeback(f.lock());
+            let n = f.sectors();
+            if result.is_ok() {
+                st.uptodate.clear(0, n);
+                st.dirty.clear(0, n);
+            } else {
+                for s in 0..n {
+                    if !st.dirty.get(s) {
+                        st.uptodate.clear(s, s + 1);
+                    }
                 }
             }
+            self.maybe_clean(f, &mut st);
         }
         drop(pinned);
         self.unregister_zap(id);

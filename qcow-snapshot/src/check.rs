@@ -730,7 +730,19 @@ impl Walk<'_> {
         if size == 0 {
             return Ok(());
         }
+        // QEMU does this test in signed 64-bit arithmetic: an offset at or above 2^63 (only
+        // possible for a snapshot's L1 table) passes it and then makes QEMU's expected-refcount
+        // array allocation fail. Report the same failure instead of a corruption.
+        let qemu_past_end = (offset as i64)
+            .wrapping_add(size as i64)
+            .wrapping_sub(self.img.len as i64);
         let end = i128::from(offset) + i128::from(size);
+        if qemu_past_end < self.img.cs as i64
+            && end - i128::from(self.img.len) >= i128::from(self.img.cs)
+        {
+            self.res.check_errors += 1;
+            return Err(Abort("Cannot allocate memory".into()));
+        }
         if end - i128::from(self.img.len) >= i128::from(self.img.cs) {
             self.res.corruptions += 1;
             self.log.push(format!(

@@ -50,7 +50,7 @@ for m in $ext4; do
     if grep -q "/$m\.ko" "$MODULES/modules.builtin" 2>/dev/null; then
         continue # built into this kernel: nothing to load
     fi
-    rel="$(grep -E "(^|/)$m\.ko(\.[a-z]+)?:" "$MODULES/modules.dep" | head -n1 | cut -d: -f1)"
+    rel="$(grep -m1 -E "(^|/)$m\.ko(\.[a-z]+)?:" "$MODULES/modules.dep" | cut -d: -f1 || true)"
     [[ -n "$rel" ]] || { log "module $m not found for $KERNEL_VER"; exit 1; }
     dst="$tree/lib/modules/$m.ko"
     case "$rel" in

@@ -4,7 +4,7 @@
 # image onto /dev/vdb:
 #   1. generate a tree (inst.files files, avg inst.kb KiB, every inst.bigevery-th
 #      file inst.bigmb MiB on average) of pseudo-random but reproducible bytes
-#      with inst.jobs parallel writers (buffered writes through the page cache
+#      (gen-tree.pl) with inst.jobs parallel writers (buffered writes through the page cache
 #      of the ext4 root, i.e. into the daemon's snapshot overlay);
 #   2. mksquashfs it with inst.jobs processors;
 #   3. wrap the squashfs in an ISO 9660 image (xorriso -as mkisofs, no El Torito);
@@ -55,7 +55,6 @@ w=/var/tmp/inst
 rm -rf "$w"
 mkdir -p "$w/tree" "$w/iso/live" "$w/iso/.disk"
 
-
 stage tree
 pids=()
 for ((k = 0; k < jobs; k++)); do
@@ -72,7 +71,7 @@ stage squashfs
 # Reproducible: fixed times and owner, so the host can rebuild the same bytes.
 mksquashfs "$w/tree" "$w/iso/live/filesystem.squashfs" -noappend -comp gzip \
     -processors "$jobs" -mkfs-time 0 -all-time 0 -all-root -no-progress -quiet
-echo "INSTALLER mksquashfs-version $(mksquashfs -version 2>&1 | head -n1 | awk '{ print $3 }')"
+echo "INSTALLER mksquashfs-version $(mksquashfs -version 2>&1 | awk 'NR == 1 { print $3 }')"
 echo "INSTALLER squashfs bytes=$(stat -c %s "$w/iso/live/filesystem.squashfs")"
 
 stage iso

@@ -244,7 +244,7 @@ wait_for() {
                 sed -n "$((shown + 1)),${n}p" "$serial" | grep -a -E '^(INSTALLER|RESULT)' | sed 's/^/  guest: /' || true
                 shown=$n
             fi
-            grep -a -q '^INSTALLER-FAIL' "$serial" && fail "guest: $(grep -a '^INSTALLER-FAIL' "$serial" | head -n1)"
+            grep -a -q '^INSTALLER-FAIL' "$serial" && fail "guest: $(grep -a -m1 '^INSTALLER-FAIL' "$serial")"
             grep -a -q -E "$1" "$serial" && return 0
         fi
         if ! kill -0 "$qemu_pid" 2>/dev/null; then
@@ -308,7 +308,7 @@ export_raw "$out_img" "$work/out.raw"
 h_sha="$(head -c "$g_len" "$work/out.raw" | sha256sum | cut -d' ' -f1)"
 log "output: guest sha256=$g_sha len=$g_len; host (exported) sha256=$h_sha"
 [[ "$h_sha" == "$g_sha" ]] || fail "output sha256 differs: guest $g_sha host $h_sha"
-hdr="$(tail -c 4096 "$work/out.raw" | tr -d '\0' | head -n1)"
+hdr="$(tail -c 4096 "$work/out.raw" | tr -d '\0' | sed -n 1p)"
 [[ "$hdr" == "SNAPBLK-INSTALLER v1 len=$g_len sha256=$g_sha" ]] || fail "length header at the end of the disk is '$hdr'"
 base_sha_after="$(sha256sum "$base" | cut -d' ' -f1)"
 log "base image sha256 before=$base_sha_before after=$base_sha_after"
@@ -341,7 +341,7 @@ if command -v xorriso >/dev/null && command -v unsquashfs >/dev/null; then
     # This also covers the root-disk path (tree written to, and read back
     # from, the snapshot disk by mksquashfs).
     g_ver="$(grep -a '^INSTALLER mksquashfs-version' "$serial" | awk '{ print $3 }' | tr -d '\r')"
-    h_ver="$(mksquashfs -version 2>&1 | head -n1 | awk '{ print $3 }')"
+    h_ver="$(mksquashfs -version 2>&1 | awk 'NR == 1 { print $3 }')"
     if [[ "$g_ver" == "$h_ver" ]]; then
         host_squashfs "$work/host-tree" "$work/host.squashfs" || fail "host rebuild of the tree/squashfs"
         cmp -s "$work/host.squashfs" "$work/filesystem.squashfs" ||

@@ -1406,7 +1406,11 @@ impl Referee {
     pub fn judge(&mut self, ov: &Overlay, bytes: &[u8], exp: &Expectation) -> Result<(), String> {
         let r = self.judge_inner(ov, bytes, exp);
         if let (Err(e), Some(dir)) = (&r, std::env::var_os("SNAPBLK_CRASH_DUMP")) {
-            let path = Path::new(&dir).join(format!("failed-{}-{}.qcow2", std::process::id(), self.judged));
+            let path = Path::new(&dir).join(format!(
+                "failed-{}-{}.qcow2",
+                std::process::id(),
+                self.judged
+            ));
             if std::fs::write(&path, bytes).is_ok() {
                 return Err(format!("{e}\n(image saved as {})", path.display()));
             }
@@ -1476,7 +1480,11 @@ pub fn qemu_img_check(path: &Path) -> io::Result<(i32, String)> {
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     let lines: Vec<&str> = text.lines().collect();
     if lines.len() > 16 {
-        text = format!("{}\n... {} more lines", lines[..16].join("\n"), lines.len() - 16);
+        text = format!(
+            "{}\n... {} more lines",
+            lines[..16].join("\n"),
+            lines.len() - 16
+        );
     }
     Ok((out.status.code().unwrap_or(-1), text))
 }

@@ -281,13 +281,13 @@ fn concurrent_writers_match_host_image(kind: DaemonKind, test: &str) {
         .map(|&(off, len)| md5_range(&image, off, len).expect("md5 gap"))
         .collect();
 
-    let t0 = Instant::now();
     let mut cfg = DaemonConfig::new(kind, &image).num_queues(2);
     if kind == DaemonKind::Snapblk {
         // The promise under test is about the write-back cache.
         cfg = cfg.cache("writeback");
     }
     let daemon = Daemon::start(&cfg, &logs, "daemon").unwrap_or_else(|e| panic!("{e}"));
+    let t0 = Instant::now();
     let out = run_guest(&env, &daemon, "guest", &writers_script(REGIONS), &logs);
     let guest_secs = t0.elapsed().as_secs_f64();
     daemon

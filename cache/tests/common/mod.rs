@@ -33,12 +33,9 @@ pub struct FaultyDisk {
     pub reads: AtomicU64,
 }
 
+/// EIO (errno 5 on Linux).
 fn eio() -> BlockError {
-    BlockError::Io(io::Error::from_raw_os_error(libc_eio()))
-}
-
-fn libc_eio() -> i32 {
-    5
+    BlockError::Io(io::Error::from_raw_os_error(5))
 }
 
 fn overlaps(list: &[(u64, u64)], offset: u64, len: u64) -> bool {
