@@ -545,16 +545,15 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
     Ok(img)
 }
 
-/// QEMU's `qcow2_validate_table` minus the file-length test: aligned and no overflow.
+/// QEMU's `qcow2_validate_table`: aligned and `offset + size` fits in an `i64`; the table may
+/// lie past the end of the file (it then reads as zeros).
 fn validate_table_offset(
     what: &'static str,
     offset: u64,
     bytes: u64,
     g: &Geometry,
 ) -> Result<(), DecodeError> {
-    if bytes == 0 {
-        return Ok(());
-    }
+    // Like QEMU, this applies even to empty tables.
     if offset
         .checked_add(bytes)
         .is_none_or(|end| end > i64::MAX as u64)
@@ -1223,13 +1222,27 @@ fn compare(
 
 /// Whether `[off, off + len)` overlaps metadata other than the active L2 tables (QEMU's
 /// pre-write overlap check for rewriting an L2 table).
-fn overlaps_metadata(img: &Image, off: u64, len: u64) -> bool {
+fn overlaps_metadata(img: &Image, off: u64, len: u64, writing: Writing) -> bool {
     let h = &img.header;
+    // Compare whole clusters, like QEMU.
+    let off = img.g.cluster_start(off);
+    let len = img.g.align_up(len).unwrap_or(u64::MAX);
     let hit = |start: u64, size: u64| {
         size > 0 && start < off.saturating_add(len) && off < start.saturating_add(size)
     };
+    let l2s = || {
+        img.l1.iter().any(|&e| {
+            let t = e & L1E_OFFSET_MASK;
+            t != 0 && hit(t, img.cs)
+        })
+    };
     off < img.cs
-        || hit(h.l1_table_offset, u64::from(h.l1_size) * 8)
+        || (writing != Writing::ActiveL1 && hit(h.l1_table_offset, u64::from(h.l1_size) * 8))
+        || (writing != Writing::ActiveL2 && l2s())
+        || img
+            .bitmaps
+            .as_ref()
+            .is_some_and(|(d, size, _)| hit(*d, *size))
         || hit(h.refcount_table_offset, img.reftable.len() as u64 * 8)
         || hit(h.snapshots_offset, img.snapshots_size)
         || img
@@ -1240,6 +1253,13 @@ fn overlaps_metadata(img: &Image, off: u64, len: u64) -> bool {
             let b = e & REFT_OFFSET_MASK;
             b != 0 && hit(b, img.cs)
         })
+}
+
+/// Which kind of metadata a repair is rewriting (it may overlap itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writing {
+    ActiveL1,
+    ActiveL2,
 }
 
 /// QEMU's `check_oflag_copied`: the COPIED flag of every active L1 and L2 entry must say
@@ -1280,6 +1300,14 @@ fn oflag_copied(
                     l1e & !OFLAG_COPIED
                 };
                 let at = img.header.l1_table_offset + i as u64 * 8;
+                if overlaps_metadata(img, at, 8, Writing::ActiveL1) {
+                    res.check_errors += 1;
+                    log.push(
+                        "ERROR: Could not write L1 entry; metadata overlap check failed"
+                            .to_string(),
+                    );
+                    return Err(Abort("metadata overlap check failed".into()));
+                }
                 if let Err(e) = img
                     .file
                     .write_all_at(&new.to_be_bytes(), at)
@@ -1325,7 +1353,7 @@ fn oflag_copied(
             }
         }
         if dirty > 0 {
-            if overlaps_metadata(img, l2_offset, cs) {
+            if overlaps_metadata(img, l2_offset, cs, Writing::ActiveL2) {
                 log.push(
                     "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error"
                         .to_string(),

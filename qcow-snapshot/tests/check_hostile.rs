@@ -192,6 +192,15 @@ fn table_offsets_past_eof_are_reported_not_followed() {
     put64(&p, L1_TABLE_OFFSET_OFFSET, u64::MAX - 0xffff);
     refused("L1 table offset near 2^64", &p);
 
+    // Misaligned or 2^63 table offsets are refused even for empty tables, like QEMU.
+    let p = fresh(d.path(), "snap-misaligned.qcow2");
+    put64(&p, 64, 0x200);
+    same_verdict_as_qemu("empty snapshot table at a misaligned offset", &p);
+    let p = fresh(d.path(), "snap-2-63.qcow2");
+    put64(&p, 64, 1 << 63);
+    let o = same_verdict_as_qemu("empty snapshot table at 2^63", &p);
+    assert_eq!(o.check_exit, 1);
+
     let p = fresh(d.path(), "snap-huge.qcow2");
     put32(&p, 60, 3);
     put64(&p, 64, 1 << 50);

@@ -1002,7 +1002,9 @@ fn large_image_check_agrees_and_is_timed() {
 
 /// Randomly damaged metadata: both checkers must report the same counts and messages, and
 /// the repairs must agree (a sample of rounds, to keep the test fast). Longer soaks:
-/// `CHECK_FUZZ_ROUNDS=2000 CHECK_FUZZ_SEED=7 CHECK_FUZZ_REPAIR_EVERY=1`.
+/// `CHECK_FUZZ_ROUNDS=2000 CHECK_FUZZ_SEED=7 CHECK_FUZZ_REPAIR_EVERY=1`, and other image
+/// layouts with e.g. `CHECK_FUZZ_OPTS=cluster_size=2048,refcount_bits=64` (run with
+/// `--release`).
 #[test]
 fn randomly_damaged_images_get_the_same_verdict_from_both_checkers() {
     use rand::{Rng, SeedableRng};
@@ -1010,14 +1012,15 @@ fn randomly_damaged_images_get_the_same_verdict_from_both_checkers() {
         return;
     }
     let d = tmp();
+    let opts = std::env::var("CHECK_FUZZ_OPTS").unwrap_or_else(|_| "cluster_size=512".into());
     let orig = make(
         d.path(),
         "fuzz.qcow2",
-        "cluster_size=512",
+        &opts,
         "1M",
         &[
             "write -P 0x11 0 4k",
-            "write -c -P 0x22 8k 512",
+            "write -c -P 0x22 128k 64k",
             "write -P 0x33 64k 1k",
         ],
     );
@@ -1038,7 +1041,8 @@ fn randomly_damaged_images_get_the_same_verdict_from_both_checkers() {
         let mut img = bytes.clone();
         for _ in 0..rng.random_range(1..4) {
             // Metadata lives in the first clusters; skip the header cluster most of the time.
-            let at = rng.random_range(512..bytes.len().min(48 * 512));
+            let cs = 1usize << Header::parse(&bytes).expect("header").cluster_bits;
+            let at = rng.random_range(cs.min(512)..bytes.len().min(48 * cs));
             img[at] = match rng.random_range(0..3) {
                 0 => 0,
                 1 => img[at] ^ (1 << rng.random_range(0..8)),

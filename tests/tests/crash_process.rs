@@ -12,7 +12,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(bin: &Path, image: &Path, dir: &Path, tag: &str) -> Daemon {
+    fn start(bin: &Path, image: &Path, dir: &Path, tag: &str, queues: usize) -> Daemon {
         let socket = dir.join(format!("{tag}.sock"));
         let log = dir.join(format!("{tag}.log"));
         let log_file = fs::File::create(&log).expect("daemon log");
@@ -45,6 +45,7 @@ impl Daemon {
             .arg("--socket")
             .arg(&socket)
             .args(["--cache", "writeback"])
+            .args(["--num-queues", &queues.to_string()])
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
@@ -53,8 +54,8 @@ impl Daemon {
         Daemon { child, socket, log }
     }
 
-    fn connect(&self) -> Client {
-        let mut cfg = ClientConfig::new(1);
+    fn connect(&self, queues: usize) -> Client {
+        let mut cfg = ClientConfig::new(queues);
         cfg.timeout = Duration::from_secs(3);
         cfg.slots_per_queue = 4;
         Client::connect_retry(&self.socket, &cfg, Duration::from_secs(10))
@@ -99,20 +100,40 @@ impl Drop for Daemon {
     }
 }
 
-/// What the client did before the daemon died.
-#[derive(Default)]
-struct ClientLog {
-    /// Requests in submission order (the last one may not have completed).
-    ops: Vec<GuestOp>,
-    /// For each completed flush, how many requests were submitted before it.
-    flushed: Vec<usize>,
+/// One client-side event, in one global order (taken under the log's mutex).
+#[derive(Debug, Clone)]
+enum Ev {
+    /// A request is about to be submitted.
+    Submit(GuestOp),
+    /// The write submitted at event index `.0` completed successfully.
+    WriteDone(usize),
+    /// The flush submitted at event index `.0` completed successfully.
+    FlushDone(usize),
 }
 
-fn random_op(rng: &mut StdRng) -> GuestOp {
+/// What the clients did before the daemon died.
+#[derive(Default)]
+struct ClientLog {
+    events: Vec<Ev>,
+    flushes: usize,
+}
+
+impl ClientLog {
+    fn push(&mut self, e: Ev) -> usize {
+        if matches!(e, Ev::FlushDone(_)) {
+            self.flushes += 1;
+        }
+        self.events.push(e);
+        self.events.len() - 1
+    }
+}
+
+/// A random write inside `[lo, hi)` (or a flush).
+fn random_op(rng: &mut StdRng, lo: u64, hi: u64) -> GuestOp {
     if rng.random_range(0..6) == 0 {
         return GuestOp::Flush;
     }
-    let sectors = DISK / 512;
+    let (first, sectors) = (lo / 512, (hi - lo) / 512);
     let len_sectors = match rng.random_range(0..3) {
         0 => rng.random_range(1..8),       // sub-cluster, unaligned to 4 KiB
         1 => 8 * rng.random_range(1..16),  // 4 KiB multiples
@@ -124,65 +145,85 @@ fn random_op(rng: &mut StdRng) -> GuestOp {
         rng.random_range(0..sectors - len_sectors)
     };
     GuestOp::Write {
-        offset: start * 512,
+        offset: (first + start) * 512,
         len: len_sectors * 512,
         seed: rng.next_u64(),
     }
 }
 
-/// Runs random writes and flushes against `client` until a request fails (the daemon died) or
-/// `stop` is set.
+/// Runs random writes (inside `[lo, hi)`) and flushes on queue `q` until a request fails (the
+/// daemon died) or `stop` is set.
 fn workload(
     client: &Client,
+    q: usize,
+    (lo, hi): (u64, u64),
     seed: u64,
     log: &Mutex<ClientLog>,
-    flushes: &AtomicUsize,
     stop: &AtomicBool,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut buf = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        let op = random_op(&mut rng);
-        let n = {
-            let mut l = log.lock().unwrap();
-            l.ops.push(op.clone());
-            l.ops.len() - 1
-        };
+        let op = random_op(&mut rng, lo, hi);
+        let n = log.lock().unwrap().push(Ev::Submit(op.clone()));
         let r = match op {
             GuestOp::Write { offset, len, seed } => {
                 buf.resize(len as usize, 0);
                 pattern(seed, offset, &mut buf);
-                client.write(0, offset, &buf)
+                client.write(q, offset, &buf)
             }
-            GuestOp::Flush => client.flush(0),
+            GuestOp::Flush => client.flush(q),
             _ => continue,
         };
-        match r {
-            Ok(()) => {
-                if op == GuestOp::Flush {
-                    log.lock().unwrap().flushed.push(n);
-                    flushes.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            Err(_) => return,
+        if r.is_err() {
+            return;
         }
+        let done = if op == GuestOp::Flush {
+            Ev::FlushDone(n)
+        } else {
+            Ev::WriteDone(n)
+        };
+        log.lock().unwrap().push(done);
     }
 }
 
-/// The expectation after the crash: the content at the last completed flush, with every
-/// request submitted after it allowed.
+/// The expectation after the crash. A completed flush covers every write that completed before
+/// the flush was submitted (on any queue); take the latest such flush: those writes, applied in
+/// completion order (the queues write disjoint regions), are the flushed content, and every
+/// other submitted write may or may not have landed.
 fn expectation(initial: &[u8], log: &ClientLog) -> Expectation {
-    let upto = log.flushed.last().copied().unwrap_or(0);
+    let cut = log
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Ev::FlushDone(submit) => Some(*submit),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
     let mut shadow = initial.to_vec();
-    for op in &log.ops[..upto] {
-        if let GuestOp::Write { offset, len, seed } = *op {
-            let s = offset as usize;
-            pattern(seed, offset, &mut shadow[s..s + len as usize]);
+    let mut durable = vec![false; log.events.len()];
+    for e in &log.events[..cut] {
+        if let Ev::WriteDone(i) = *e {
+            if let Some(Ev::Submit(GuestOp::Write { offset, len, seed })) = log.events.get(i) {
+                let s = *offset as usize;
+                pattern(*seed, *offset, &mut shadow[s..s + *len as usize]);
+                durable[i] = true;
+            }
         }
     }
+    let later = log
+        .events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match e {
+            Ev::Submit(op @ GuestOp::Write { .. }) if !durable[i] => Some(op.clone()),
+            _ => None,
+        })
+        .collect();
     Expectation {
         flushed: Arc::new(shadow),
-        later: log.ops[upto..].to_vec(),
+        later,
     }
 }
 
@@ -192,17 +233,19 @@ enum Kind {
     Qcow2Overlay,
 }
 
-/// One kill: start the daemon on `image`, run the workload, SIGKILL it after a random delay,
-/// and return the client log.
+/// One kill: start the daemon on `image` with `queues` queues, run one workload thread per
+/// queue (each on its own slice of the disk), SIGKILL the daemon after a random delay, and
+/// return the client log.
 fn run_and_kill(
     bin: &Path,
     image: &Path,
     dir: &Path,
     seed: u64,
     round: usize,
+    queues: usize,
 ) -> Option<ClientLog> {
-    let mut daemon = Daemon::start(bin, image, dir, &format!("serve{round}"));
-    let client = daemon.connect();
+    let mut daemon = Daemon::start(bin, image, dir, &format!("serve{round}"), queues);
+    let client = daemon.connect(queues);
     if client.capacity() != DISK {
         eprintln!(
             "snapblk serve reports {} bytes for a {DISK}-byte image: it does not serve this format yet",
@@ -211,14 +254,18 @@ fn run_and_kill(
         return None;
     }
     let log = Mutex::new(ClientLog::default());
-    let flushes = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let mut rng = StdRng::seed_from_u64(seed ^ 0xdead);
+    let slice = DISK / queues as u64;
     std::thread::scope(|s| {
-        s.spawn(|| workload(&client, seed, &log, &flushes, &stop));
+        for q in 0..queues {
+            let (client, log, stop) = (&client, &log, &stop);
+            let region = (q as u64 * slice, (q as u64 + 1) * slice);
+            s.spawn(move || workload(client, q, region, seed.wrapping_add(q as u64), log, stop));
+        }
         // Let a few flushes complete, then kill at a random moment.
         let t0 = Instant::now();
-        while flushes.load(Ordering::SeqCst) < 3 && t0.elapsed() < Duration::from_secs(20) {
+        while log.lock().unwrap().flushes < 3 && t0.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(5));
         }
         std::thread::sleep(Duration::from_millis(rng.random_range(20..400)));
@@ -228,9 +275,9 @@ fn run_and_kill(
     drop(client);
     let log = log.into_inner().unwrap();
     assert!(
-        log.flushed.len() >= 3,
+        log.flushes >= 3,
         "the workload never got going: {} flushes\n{}",
-        log.flushed.len(),
+        log.flushes,
         daemon.log_text()
     );
     Some(log)
@@ -239,8 +286,8 @@ fn run_and_kill(
 /// Reads the whole disk through a fresh daemon on `image` and stops it with SIGTERM; also says
 /// whether it exited with status 0.
 fn read_through_daemon(bin: &Path, image: &Path, dir: &Path, tag: &str) -> (Vec<u8>, bool) {
-    let daemon = Daemon::start(bin, image, dir, tag);
-    let client = daemon.connect();
+    let daemon = Daemon::start(bin, image, dir, tag, 1);
+    let client = daemon.connect(1);
     let mut got = vec![0u8; DISK as usize];
     for (i, chunk) in got.chunks_mut(1 << 20).enumerate() {
         client
@@ -266,7 +313,7 @@ fn snapblk_cli_check(bin: &Path, image: &Path) -> Option<i32> {
         .code()
 }
 
-fn crash_rounds(kind: Kind, rounds: usize, test: &str) {
+fn crash_rounds(kind: Kind, queues: usize, rounds: usize, test: &str) {
     let bin = match snapblk_tests::guest::snapblk_binary() {
         Ok(b) => b,
         Err(e) => panic!("no snapblk binary: {e}"),
@@ -300,6 +347,7 @@ fn crash_rounds(kind: Kind, rounds: usize, test: &str) {
             dir.path(),
             seed.wrapping_add(round as u64),
             round,
+            queues,
         ) else {
             if std::env::var_os("SNAPBLK_REQUIRE_QCOW2_SERVE").is_some() {
                 panic!("snapblk serve cannot serve a qcow2 overlay");
@@ -309,9 +357,9 @@ fn crash_rounds(kind: Kind, rounds: usize, test: &str) {
         };
         let exp = expectation(&initial, &log);
         let what = format!(
-            "round {round} ({} requests, {} flushes completed, seed {seed})",
-            log.ops.len(),
-            log.flushed.len()
+            "round {round} ({queues} queue(s), {} events, {} flushes completed, seed {seed})",
+            log.events.len(),
+            log.flushes
         );
         if kind == Kind::Qcow2Overlay {
             // The crashed image as the daemon left it: consistent, maybe leaky.
@@ -383,33 +431,36 @@ fn crash_rounds(kind: Kind, rounds: usize, test: &str) {
 
 #[test]
 fn sigkill_of_the_daemon_keeps_every_flushed_write_on_a_raw_image() {
-    crash_rounds(Kind::Raw, 3, "sigkill_raw");
+    crash_rounds(Kind::Raw, 1, 3, "sigkill_raw");
 }
 
 #[test]
 fn sigkill_of_the_daemon_keeps_every_flushed_write_and_a_consistent_qcow2_overlay() {
-    crash_rounds(Kind::Qcow2Overlay, 3, "sigkill_qcow2");
+    crash_rounds(Kind::Qcow2Overlay, 1, 3, "sigkill_qcow2");
+}
+
+/// Two queues, each writing its own half of the disk and flushing on its own queue: a flush on
+/// either queue must cover every write completed before it on both.
+#[test]
+fn sigkill_with_two_queues_keeps_writes_completed_before_any_completed_flush() {
+    crash_rounds(Kind::Qcow2Overlay, 2, 2, "sigkill_qcow2_two_queues");
 }
 
 #[test]
 fn expectation_from_a_client_log_allows_only_flushed_or_later_data() {
     // The oracle of the tests above must be able to fail.
     let initial = vec![1u8; 8192];
+    let w = |offset, len, seed| Ev::Submit(GuestOp::Write { offset, len, seed });
     let log = ClientLog {
-        ops: vec![
-            GuestOp::Write {
-                offset: 0,
-                len: 4096,
-                seed: 3,
-            },
-            GuestOp::Flush,
-            GuestOp::Write {
-                offset: 4096,
-                len: 512,
-                seed: 4,
-            },
+        events: vec![
+            w(0, 4096, 3),
+            Ev::WriteDone(0),
+            Ev::Submit(GuestOp::Flush),
+            w(4096, 512, 4),
+            Ev::WriteDone(3),
+            Ev::FlushDone(2),
         ],
-        flushed: vec![1],
+        flushes: 1,
     };
     let exp = expectation(&initial, &log);
     let mut img = initial.clone();

@@ -9,9 +9,13 @@
 //! back every flushed sector as its flushed value or a later write, and check clean (exit 0)
 //! after the clean close.
 //!
-//! `SNAPBLK_CRASH_STATES` (default 3000) and `SNAPBLK_CRASH_SECS` (default 50) bound the default
-//! test; the `#[ignore]`d soak test (`make soak`) defaults to 100000 states / 20 minutes.
-//! `SNAPBLK_CRASH_SEED` replays a run.
+//! A separate test explores images that outgrow their first refcount table (512-byte clusters,
+//! 64-bit refcounts), where new refcount blocks count each other and the table moves.
+//!
+//! `SNAPBLK_CRASH_STATES` (default 3000; the refcount-table test takes a third) and
+//! `SNAPBLK_CRASH_SECS` (default 50) bound the default tests; the `#[ignore]`d soak test
+//! (`make soak`) defaults to 100000 states / 20 minutes. `SNAPBLK_CRASH_SEED` replays a run;
+//! `SNAPBLK_CRASH_DUMP=DIR` keeps every failing image for inspection.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +34,9 @@ struct Round {
     cluster_size: u64,
     cached: bool,
     refcount_order: u32,
+    /// A 3 MiB disk with big writes: with 512-byte clusters and 64-bit refcounts the image
+    /// outgrows its first refcount table (2 MiB of host clusters) and the table is moved.
+    big: bool,
 }
 
 const ROUNDS: &[Round] = &[
@@ -38,42 +45,49 @@ const ROUNDS: &[Round] = &[
         cluster_size: 4096,
         cached: false,
         refcount_order: 4,
+        big: false,
     },
     Round {
         kind: BaseKind::Qcow2,
         cluster_size: 65536,
         cached: false,
         refcount_order: 4,
+        big: false,
     },
     Round {
         kind: BaseKind::None,
         cluster_size: 512,
         cached: false,
         refcount_order: 4,
+        big: false,
     },
     Round {
         kind: BaseKind::Raw,
         cluster_size: 65536,
         cached: true,
         refcount_order: 4,
+        big: false,
     },
     Round {
         kind: BaseKind::Raw,
         cluster_size: 512,
         cached: false,
         refcount_order: 6,
+        big: false,
     },
     Round {
         kind: BaseKind::Qcow2,
         cluster_size: 4096,
         cached: true,
         refcount_order: 4,
+        big: false,
     },
     Round {
         kind: BaseKind::Raw,
         cluster_size: 4096,
         cached: false,
         refcount_order: 1,
+        big: false,
     },
 ];
 
@@ -91,10 +105,12 @@ fn run_round(
     max_states: usize,
     deadline: Instant,
     referee: &mut Referee,
-) -> usize {
+) -> (usize, Option<String>) {
     let dir = state_dir().expect("state dir");
     let mut rng = StdRng::seed_from_u64(seed);
-    let disk_size: u64 = if round.cluster_size >= 65536 {
+    let disk_size: u64 = if round.big {
+        3 << 20
+    } else if round.cluster_size >= 65536 {
         2 << 20
     } else {
         1 << 20
@@ -131,7 +147,11 @@ fn run_round(
         cluster_size: round.cluster_size,
         ops: rng.random_range(30..80),
         weights: [10, 2, 2, 3],
-        max_len: (round.cluster_size * 3).min(256 << 10),
+        max_len: if round.big {
+            512 << 10
+        } else {
+            (round.cluster_size * 3).min(256 << 10)
+        },
     };
     let ops = random_workload(&spec, &mut rng);
     for op in &ops {
@@ -168,34 +188,38 @@ fn run_round(
         }
         n < max_states && Instant::now() < deadline
     });
-    if let Some(f) = failure {
-        panic!("{f}");
-    }
-    n
+    (n, failure)
 }
 
-fn explore(max_states: usize, secs: u64, qemu_every: usize, test: &str) {
+fn explore(rounds_list: &[Round], max_states: usize, secs: u64, qemu_every: usize, test: &str) {
     let seed = seed_from_env(test);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let dir = state_dir().expect("state dir");
     let mut referee = Referee::new(dir.path(), qemu_every);
     let mut total = 0;
     let mut rounds = 0;
+    let mut failures = Vec::new();
     while total < max_states && Instant::now() < deadline {
-        let round = ROUNDS[rounds % ROUNDS.len()];
-        total += run_round(
+        let round = rounds_list[rounds % rounds_list.len()];
+        let (n, failure) = run_round(
             round,
             seed.wrapping_add(rounds as u64),
             max_states - total,
             deadline,
             &mut referee,
         );
+        total += n;
+        failures.extend(failure);
         rounds += 1;
     }
     println!(
-        "crash states explored: {total} ({rounds} workloads, {} needed leak repair, {} checked by qemu-img)",
-        referee.leaky, referee.qemu_runs
+        "crash states explored: {total} ({rounds} workloads, {} needed leak repair, {} checked by \
+         qemu-img, {} workloads failed)",
+        referee.leaky,
+        referee.qemu_runs,
+        failures.len()
     );
+    assert!(failures.is_empty(), "{}", failures.join("\n=====\n"));
     assert!(total > 0);
 }
 
@@ -203,7 +227,7 @@ fn explore(max_states: usize, secs: u64, qemu_every: usize, test: &str) {
 fn crash_at_any_point_keeps_every_flushed_sector_and_a_consistent_image() {
     let states = env_usize("SNAPBLK_CRASH_STATES", 3000);
     let secs = env_usize("SNAPBLK_CRASH_SECS", 50) as u64;
-    explore(states, secs, 12, "crash_at_any_point");
+    explore(ROUNDS, states, secs, 12, "crash_at_any_point");
 }
 
 /// Long run for `make soak`.
@@ -212,7 +236,38 @@ fn crash_at_any_point_keeps_every_flushed_sector_and_a_consistent_image() {
 fn crash_state_soak() {
     let states = env_usize("SNAPBLK_CRASH_STATES", 100_000);
     let secs = env_usize("SNAPBLK_CRASH_SECS", 1200) as u64;
-    explore(states, secs, 25, "crash_state_soak");
+    explore(ROUNDS, states, secs, 25, "crash_state_soak");
+    explore(
+        &[REFTABLE_GROWTH],
+        states / 4,
+        secs / 4,
+        25,
+        "crash_state_soak_reftable",
+    );
+}
+
+/// 512-byte clusters and 64-bit refcounts on a 3 MiB disk: the image outgrows the first
+/// refcount table, so new refcount blocks (which count each other) and a moved refcount table
+/// are written.
+const REFTABLE_GROWTH: Round = Round {
+    kind: BaseKind::None,
+    cluster_size: 512,
+    cached: false,
+    refcount_order: 6,
+    big: true,
+};
+
+#[test]
+fn crash_while_new_refcount_blocks_and_table_are_written_keeps_a_consistent_image() {
+    let states = env_usize("SNAPBLK_CRASH_STATES", 3000) / 3;
+    let secs = env_usize("SNAPBLK_CRASH_SECS", 50) as u64 / 3;
+    explore(
+        &[REFTABLE_GROWTH],
+        states,
+        secs,
+        12,
+        "crash_reftable_growth",
+    );
 }
 
 /// A layer that acknowledges FLUSH without forwarding it, and forwards each write only at the
