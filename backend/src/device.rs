@@ -227,6 +227,11 @@ pub struct BlkDevice {
     cache_control: Option<Arc<dyn WriteCacheControl>>,
     cfg: Arc<DeviceConfig>,
     writeback: AtomicBool,
+    /// The `writeback` byte of the config space: the driver's choice (CONFIG_WCE), or the
+    /// configured default. It is what the driver reads even while the effective mode is
+    /// write-through for lack of a negotiated FLUSH, because frontends such as QEMU read and cache
+    /// the config space once, before the driver negotiates features.
+    wce_field: AtomicBool,
     acked_features: AtomicU64,
 }
 
@@ -247,6 +252,7 @@ impl BlkDevice {
             disk: disk.dev,
             cache_control: disk.cache_control,
             writeback: AtomicBool::new(cfg.writeback_default),
+            wce_field: AtomicBool::new(cfg.writeback_default),
             acked_features: AtomicU64::new(0),
             cfg,
         };
@@ -322,19 +328,24 @@ impl BlkDevice {
             debug!("driver did not negotiate FLUSH: write-through");
             self.set_writeback(false);
         } else if old & flush == 0 {
-            self.set_writeback(self.cfg.writeback_default);
+            self.set_writeback(self.wce_field.load(Ordering::Acquire));
         }
     }
 
     /// Device reset: default write-cache mode, no features.
     pub fn reset(&self) {
         self.acked_features.store(0, Ordering::Release);
+        self.wce_field
+            .store(self.cfg.writeback_default, Ordering::Release);
         self.set_writeback(self.cfg.writeback_default);
     }
 
     /// `size` bytes of the configuration space starting at `offset`; bytes past its end read as 0.
     pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = self.cfg.config_space(self.writeback()).to_bytes();
+        let space = self
+            .cfg
+            .config_space(self.wce_field.load(Ordering::Acquire))
+            .to_bytes();
         let size = size.min(vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE) as usize;
         let mut out = vec![0u8; size];
         let start = offset as usize;
@@ -350,7 +361,10 @@ impl BlkDevice {
     pub fn write_config(&self, offset: u32, data: &[u8]) {
         for (i, byte) in data.iter().enumerate() {
             match (offset as usize).checked_add(i) {
-                Some(BlkConfigSpace::WRITEBACK_OFFSET) => self.set_writeback(*byte != 0),
+                Some(BlkConfigSpace::WRITEBACK_OFFSET) => {
+                    self.wce_field.store(*byte != 0, Ordering::Release);
+                    self.set_writeback(*byte != 0);
+                }
                 Some(pos) => debug!("ignoring driver write to read-only config byte {pos}"),
                 None => break,
             }
@@ -466,5 +480,25 @@ mod tests {
         assert!(dev.writeback());
         dev.set_acked_features(feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_BLK_F_FLUSH));
         assert!(dev.writeback());
+    }
+
+    #[test]
+    fn config_reports_the_configured_cache_mode_before_flush_is_negotiated() {
+        // QEMU reads the config space once, at connect, before the driver negotiates FLUSH. It
+        // must see write-back then, or the guest believes the disk has no cache and never sends
+        // FLUSH (its fsync would not make anything durable).
+        let dev = device(DeviceConfig::new(1 << 20, 512, 1, 256).unwrap());
+        dev.set_acked_features(feature(VIRTIO_F_VERSION_1));
+        assert!(
+            !dev.writeback(),
+            "without FLUSH the device is write-through"
+        );
+        let off = BlkConfigSpace::WRITEBACK_OFFSET as u32;
+        assert_eq!(dev.read_config(off, 1), vec![1]);
+        // The driver turns the cache off before FLUSH is negotiated: its choice sticks.
+        dev.write_config(off, &[0]);
+        dev.set_acked_features(feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_BLK_F_FLUSH));
+        assert!(!dev.writeback());
+        assert_eq!(dev.read_config(off, 1), vec![0]);
     }
 }

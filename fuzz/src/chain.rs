@@ -72,6 +72,21 @@ pub enum Op {
 
 const OPS: u8 = 8;
 
+/// Known bug filter (reported to the backend owner, reproduced by the unit test
+/// `avail_index_jump_with_event_idx_does_not_hang_the_queue`): with EVENT_IDX, an avail index
+/// more than a queue size ahead of the device makes `process_queue` spin forever, because
+/// `pop_descriptor_chain` refuses the ring while `enable_notification` keeps reporting new
+/// entries. So that fuzzing can look for other bugs, such a pass is skipped unless
+/// `SNAPBLK_FUZZ_NO_FILTER=1` is set. Remove this once `process_queue` is fixed.
+fn known_hang(queue: &Queue, mem: &GuestMemoryMmap, avail_idx_addr: GuestAddress, qsize: u16) -> bool {
+    static NO_FILTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *NO_FILTER.get_or_init(|| std::env::var_os("SNAPBLK_FUZZ_NO_FILTER").is_some()) {
+        return false;
+    }
+    let idx: u16 = mem.read_obj(avail_idx_addr).unwrap_or(0);
+    queue.event_idx_enabled() && idx.wrapping_sub(queue.next_avail()) > qsize
+}
+
 /// Decodes an address: high bit of the mode byte selects a raw 64-bit address.
 fn addr(r: &mut Reader<'_>) -> u64 {
     if r.u8() & 0x80 != 0 {
@@ -165,7 +180,9 @@ pub fn run(data: &[u8]) {
                 let _ = mem.write_obj(idx.wrapping_add(1), avail_idx_addr);
             }
             4 => {
-                let _ = process_queue(&dev, &mut worker, &mut queue, &mem);
+                if !known_hang(&queue, &mem, avail_idx_addr, qsize) {
+                    let _ = process_queue(&dev, &mut worker, &mut queue, &mem);
+                }
             }
             5 => {
                 let _ = mem.write_obj(r.u16(), avail_idx_addr);
@@ -174,7 +191,12 @@ pub fn run(data: &[u8]) {
                 let off = r.u32();
                 let size = r.u32();
                 let cfg_bytes = dev.read_config(off, size);
-                assert!(cfg_bytes.len() <= 256, "config read of {} bytes", cfg_bytes.len());
+                // The answer is bounded by vhost-user's config size whatever the driver asks.
+                assert!(
+                    cfg_bytes.len() <= 4096 && cfg_bytes.len() <= size as usize,
+                    "config read of {} bytes for {size} asked",
+                    cfg_bytes.len()
+                );
                 let woff = r.u32();
                 let n = usize::from(r.u8() % 64);
                 dev.write_config(woff, r.bytes(n));
@@ -184,7 +206,9 @@ pub fn run(data: &[u8]) {
             }
         }
     }
-    let _ = process_queue(&dev, &mut worker, &mut queue, &mem);
+    if !known_hang(&queue, &mem, avail_idx_addr, qsize) {
+        let _ = process_queue(&dev, &mut worker, &mut queue, &mem);
+    }
 
     assert_eq!(disk.size(), DISK_SIZE as u64, "disk size changed");
     if read_only {

@@ -50,6 +50,8 @@ use rand::{Rng, RngCore, SeedableRng};
 
 /// Granularity at which the verifier compares guest data (the virtio-blk sector).
 pub const GUEST_SECTOR: u64 = 512;
+/// Largest in-memory file a [`Recorder`] accepts.
+pub const MAX_MEM_FILE: u64 = 4 << 30;
 /// Granularity at which recorded host writes may tear (a page / a 4Kn disk sector).
 pub const TEAR_SECTOR: u64 = 4096;
 
@@ -205,11 +207,14 @@ impl Recorder {
 
     /// Writes like `pwrite`, extending the file if needed, and logs the write.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        let end = offset
+        // An in-memory file: refuse offsets that would allocate absurdly (EFBIG, like a real
+        // file system past its maximum file size).
+        if offset
             .checked_add(data.len() as u64)
-            .filter(|&e| e <= 1 << 40)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
-        let _ = end;
+            .is_none_or(|e| e > MAX_MEM_FILE)
+        {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
         let mut st = self.lock();
         apply_write(&mut st.current, offset, data);
         if st.recording {
@@ -242,7 +247,7 @@ impl Recorder {
 
     /// Truncates or extends the file and logs it.
     pub fn set_len(&self, len: u64) -> io::Result<()> {
-        if len > 1 << 40 {
+        if len > MAX_MEM_FILE {
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
         }
         let mut st = self.lock();

@@ -13,8 +13,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use snapblk_tests::guest::{
-    guest_env_or_skip, guest_lock, log_dir, md5_file, md5_range, write_random_image, Daemon,
-    DaemonConfig, DaemonKind, GuestConfig, GuestEnv, GuestError, GuestOutput, ImageFormat,
+    guest_env_or_skip, guest_lock, log_dir, md5_file, md5_range, snapblk_binary,
+    write_random_image, Daemon, DaemonConfig, DaemonKind, GuestConfig, GuestEnv, GuestError,
+    GuestOutput, ImageFormat,
 };
 
 const KIB: u64 = 1 << 10;
@@ -148,6 +149,9 @@ check_region() { # name off len pattern_file
 fn writers_script(regions: &[Region]) -> String {
     let mut s = String::from(SCRIPT_PRELUDE);
     s.push_str("t0=$(date +%s)\n");
+    // What the guest's block layer believes about the disk's write cache: with "write through"
+    // Linux never sends FLUSH, so an fsync would not make anything durable on a write-back disk.
+    s.push_str("echo \"RESULT write_cache=$(tr ' ' _ < /sys/block/vda/queue/write_cache)\"\n");
     for r in regions {
         let mut pattern = |file: String| {
             s.push_str(&format!(
@@ -309,6 +313,11 @@ fn concurrent_writers_match_host_image(kind: DaemonKind, test: &str) {
         host_md5,
         out.require("disk_md5"),
         "host md5 of the image != guest md5 of /dev/vda"
+    );
+    assert_eq!(
+        out.require("write_cache"),
+        "write_back",
+        "the guest must see a write-back cache (or its fsync sends no FLUSH)"
     );
     eprintln!(
         "{test}: guest run {guest_secs:.1} s (in-guest writes {} s, total {} s), md5 {host_md5} on both sides",
@@ -578,6 +587,25 @@ fn qcow2_overlay_matches_guest(kind: DaemonKind, test: &str) {
         out.require("disk_md5"),
         "qemu-img convert of the overlay != guest md5 of /dev/vda"
     );
+    if kind == DaemonKind::Snapblk {
+        // snapblk's own tools agree: checksum of the overlay chain == sha256 of the flat disk
+        // (which equals the guest's view), and its checker finds the overlay clean.
+        let bin = snapblk_binary().expect("snapblk binary");
+        let ours = host_tool(
+            bin.to_str().unwrap(),
+            &["checksum".as_ref(), overlay.as_os_str()],
+        );
+        let flat_sha = host_tool("sha256sum", &[flat.as_os_str()]);
+        assert_eq!(
+            ours.split_whitespace().next(),
+            flat_sha.split_whitespace().next(),
+            "snapblk checksum of the overlay != sha256 of qemu-img convert"
+        );
+        host_tool(
+            bin.to_str().unwrap(),
+            &["check".as_ref(), overlay.as_os_str()],
+        );
+    }
     assert_eq!(
         md5_file(&base).expect("md5 base"),
         base_md5,
