@@ -74,6 +74,17 @@ else
     log "packages: installed ${missing[*]}"
 fi
 
+# ---- 1b. a machine with no qemu-utils at all ---------------------------------------------------
+# Nothing newer to protect: install Debian's qemu-system-x86 together with qemu-utils in one call
+# (qemu-img, qemu-io, qemu-storage-daemon and the guest's QEMU of one consistent version).
+if ! command -v qemu-img >/dev/null 2>&1 && ! installed qemu-utils; then
+    [[ $CHECK_ONLY == 1 ]] && { log "qemu-utils missing"; exit 1; }
+    need_root "cannot install qemu-utils"
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-system-x86 qemu-utils
+    log "packages: installed qemu-system-x86 and qemu-utils together"
+fi
+
 # ---- 2. qemu-system-x86_64 -------------------------------------------------------------------
 # "Works" means: starts a TCG machine and quits (catches a missing accel-tcg module).
 qemu_works() {

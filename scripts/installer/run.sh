@@ -217,7 +217,7 @@ end daemons
 
 begin boot
 serial="$work/serial.log"
-append="console=ttyS0 panic=-1 loglevel=4 inst.files=$files inst.kb=$kb inst.bigevery=$bigevery"
+append="console=ttyS0 panic=-1 loglevel=4 no_timer_check inst.files=$files inst.kb=$kb inst.bigevery=$bigevery"
 append+=" inst.bigmb=$bigmb inst.jobs=$jobs inst.seed=$seed"
 qemu_cmd=("$QEMU")
 [[ -n "$QEMU_DATADIR" ]] && qemu_cmd+=(-L "$QEMU_DATADIR")
