@@ -481,29 +481,10 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
         }
         .into());
     }
-    let needed = g
-        .l1_entries_for(header.size)
-        .ok_or(DecodeError::Overflow("virtual size"))?;
-    if u64::from(header.l1_size) < needed {
-        return Err(DecodeError::L1TooSmall {
-            l1_size: header.l1_size.into(),
-            needed,
-        }
-        .into());
-    }
+    header.check_l1_covers_size()?;
     validate_table_offset("L1 table", header.l1_table_offset, l1_bytes, &g)?;
     // Refcount table.
-    let rt_bytes = u64::from(header.refcount_table_clusters)
-        .checked_mul(cs)
-        .ok_or(DecodeError::Overflow("refcount table size"))?;
-    if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
-        return Err(DecodeError::TooLarge {
-            what: "refcount table",
-            bytes: rt_bytes,
-            limit: MAX_REFCOUNT_TABLE_BYTES,
-        }
-        .into());
-    }
+    let rt_bytes = header.refcount_table_bytes()?;
     validate_table_offset("refcount table", header.refcount_table_offset, rt_bytes, &g)?;
     // Snapshot table location.
     if header.nb_snapshots > MAX_SNAPSHOTS {

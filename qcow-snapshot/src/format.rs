@@ -483,6 +483,37 @@ impl Header {
         }
     }
 
+    /// Refuses an active L1 table with too few entries to map the virtual size.
+    pub fn check_l1_covers_size(&self) -> Result<(), DecodeError> {
+        let needed = self
+            .geometry()
+            .l1_entries_for(self.size)
+            .ok_or(DecodeError::Overflow("virtual size"))?;
+        if u64::from(self.l1_size) < needed {
+            return Err(DecodeError::L1TooSmall {
+                l1_size: u64::from(self.l1_size),
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    /// Size in bytes of the refcount table, refused above [`MAX_REFCOUNT_TABLE_BYTES`]. Call
+    /// only once `cluster_bits` is known to be in range.
+    pub fn refcount_table_bytes(&self) -> Result<u64, DecodeError> {
+        let rt_bytes = u64::from(self.refcount_table_clusters)
+            .checked_mul(self.geometry().cluster_size())
+            .ok_or(DecodeError::Overflow("refcount table size"))?;
+        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(DecodeError::TooLarge {
+                what: "refcount table",
+                bytes: rt_bytes,
+                limit: MAX_REFCOUNT_TABLE_BYTES,
+            });
+        }
+        Ok(rt_bytes)
+    }
+
     /// Checks every field against the format rules and implementation limits. `file_len` is
     /// the image file's length, used to check that tables lie inside it.
     pub fn validate(&self, file_len: u64) -> Result<(), DecodeError> {
@@ -537,29 +568,12 @@ impl Header {
                 limit: MAX_L1_BYTES,
             });
         }
-        let needed = g
-            .l1_entries_for(self.size)
-            .ok_or(DecodeError::Overflow("virtual size"))?;
-        if u64::from(self.l1_size) < needed {
-            return Err(DecodeError::L1TooSmall {
-                l1_size: u64::from(self.l1_size),
-                needed,
-            });
-        }
+        self.check_l1_covers_size()?;
         if self.l1_size > 0 {
             check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_len)?;
         }
         // Refcount table.
-        let rt_bytes = u64::from(self.refcount_table_clusters)
-            .checked_mul(cs)
-            .ok_or(DecodeError::Overflow("refcount table size"))?;
-        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(DecodeError::TooLarge {
-                what: "refcount table",
-                bytes: rt_bytes,
-                limit: MAX_REFCOUNT_TABLE_BYTES,
-            });
-        }
+        let rt_bytes = self.refcount_table_bytes()?;
         if rt_bytes == 0 {
             return Err(DecodeError::OutOfFile {
                 what: "refcount table",

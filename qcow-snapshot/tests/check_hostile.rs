@@ -4,81 +4,35 @@
 //! hang or a huge allocation. Where qemu-img is installed, the checker's exit code must also
 //! be qemu-img's.
 
+mod common;
+
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{file_header, have_tools, poke, qemu_create, qemu_overlay, run, s, tmp};
 use qcow_snapshot::check::{check, CheckReport, Repair};
 use qcow_snapshot::format::{
-    self, Header, L1_SIZE_OFFSET, L1_TABLE_OFFSET_OFFSET, REFCOUNT_TABLE_OFFSET_OFFSET, SIZE_OFFSET,
+    self, L1_SIZE_OFFSET, L1_TABLE_OFFSET_OFFSET, REFCOUNT_TABLE_OFFSET_OFFSET, SIZE_OFFSET,
 };
 use rand::{Rng, SeedableRng};
 
 fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("qemu-img not installed: skipping (it makes the images these tests damage)");
-    }
-    ok
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn run(prog: &str, args: &[&str]) {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    have_tools(&["qemu-img"], " (it makes the images these tests damage)")
 }
 
 /// A small image with a few allocated clusters, made by qemu-img.
 fn base_image(dir: &Path, name: &str, cluster_size: u64) -> PathBuf {
-    let p = dir.join(name);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cluster_size}"),
-            s(&p),
-            "8M",
-        ],
-    );
-    run(
-        "qemu-io",
-        &[
-            "-c",
-            &format!("write -P 0x11 0 {}", 2 * cluster_size),
-            s(&p),
-        ],
-    );
-    run("qemu-io", &["-c", "write -P 0x22 4M 4k", s(&p)]);
-    p
-}
-
-fn poke(p: &Path, off: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(p).expect("open");
-    f.write_all_at(bytes, off).expect("pwrite");
-}
-
-fn header(p: &Path) -> Header {
-    Header::parse(&fs::read(p).expect("read")).expect("header")
+    let first = format!("write -P 0x11 0 {}", 2 * cluster_size);
+    qemu_create(
+        dir,
+        name,
+        &format!("cluster_size={cluster_size}"),
+        "8M",
+        &[&first, "write -P 0x22 4M 4k"],
+    )
 }
 
 fn qemu_exit(p: &Path) -> Option<i32> {
@@ -176,7 +130,7 @@ fn table_offsets_past_eof_are_reported_not_followed() {
     if !have_qemu() {
         return;
     }
-    let d = tempfile::tempdir().expect("tempdir");
+    let d = tmp();
     let p = fresh(d.path(), "l1-eof.qcow2");
     put64(&p, L1_TABLE_OFFSET_OFFSET, 1 << 40);
     let o = same_verdict_as_qemu("L1 table past EOF", &p);
@@ -212,11 +166,11 @@ fn damaged_snapshot_tables_get_qemus_verdict() {
     if !have_qemu() {
         return;
     }
-    let d = tempfile::tempdir().expect("tempdir");
+    let d = tmp();
     let snap = |name: &str| {
         let p = fresh(d.path(), name);
         run("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
-        let at = header(&p).snapshots_offset;
+        let at = file_header(&p).snapshots_offset;
         (p, at)
     };
     let (p, at) = snap("sn-extra.qcow2");
@@ -244,7 +198,7 @@ fn tables_overlapping_the_header_are_caught() {
     if !have_qemu() {
         return;
     }
-    let d = tempfile::tempdir().expect("tempdir");
+    let d = tmp();
     let p = fresh(d.path(), "l1-hdr.qcow2");
     put64(&p, L1_TABLE_OFFSET_OFFSET, 0);
     let o = same_verdict_as_qemu("L1 table over the header", &p);
@@ -264,7 +218,7 @@ fn huge_virtual_sizes_and_l1_sizes_are_refused_without_allocating() {
     if !have_qemu() {
         return;
     }
-    let d = tempfile::tempdir().expect("tempdir");
+    let d = tmp();
     let p = fresh(d.path(), "size.qcow2");
     put64(&p, SIZE_OFFSET, 1 << 62);
     refused("virtual size 2^62 with a small L1", &p);
@@ -293,7 +247,7 @@ fn bad_geometry_is_refused() {
     if !have_qemu() {
         return;
     }
-    let d = tempfile::tempdir().expect("tempdir");
+    let d = tmp();
     let p = fresh(d.path(), "order7.qcow2");
     put32(&p, 96, 7);
     refused("refcount_order 7", &p);
@@ -325,7 +279,7 @@ fn truncated_files_give_clear_errors_or_reports() {
     if !have_qemu() {
         return;
     }
-    let d = tempfile::tempdir().expect("tempdir");
+    let d = tmp();
     let orig = fresh(d.path(), "orig.qcow2");
     let len = fs::metadata(&orig).expect("stat").len();
     for cut in [
@@ -362,12 +316,11 @@ fn backing_chain_loops_are_refused_by_the_engine() {
     if !have_qemu() {
         return;
     }
-    let d = tempfile::tempdir().expect("tempdir");
+    let d = tmp();
     // An overlay whose backing file is itself.
-    let a = d.path().join("self.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "8M"]);
+    let a = qemu_create(d.path(), "self.qcow2", "", "8M", &[]);
     let name = "self.qcow2";
-    let h = header(&a);
+    let h = file_header(&a);
     let at = u64::from(h.header_length) + 512;
     poke(&a, at, name.as_bytes());
     put64(&a, 8, at);
@@ -378,23 +331,9 @@ fn backing_chain_loops_are_refused_by_the_engine() {
     assert_eq!(o.check_exit, 0);
 
     // A -> B -> A.
-    let a = d.path().join("a.qcow2");
+    let a = qemu_create(d.path(), "a.qcow2", "", "8M", &[]);
     let b = d.path().join("b.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "8M"]);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            s(&a),
-            s(&b),
-        ],
-    );
+    qemu_overlay(&b, s(&a), "qcow2", &[], "");
     run(
         "qemu-img",
         &[
@@ -420,9 +359,9 @@ fn l1_entries_all_pointing_at_one_l2_table_are_bounded_in_time() {
     if !have_qemu() {
         return;
     }
-    let d = tempfile::tempdir().expect("tempdir");
+    let d = tmp();
     let p = base_image(d.path(), "fan.qcow2", 65536);
-    let h = header(&p);
+    let h = file_header(&p);
     let first = fs::read(&p).expect("read");
     let l2 = format::table_entry(&first[h.l1_table_offset as usize..], 0);
     // A 1M-entry L1 table in the file, every entry pointing at the same L2 table.
@@ -451,7 +390,7 @@ fn random_metadata_corruption_never_panics_the_checker_or_the_engine() {
     if !have_qemu() {
         return;
     }
-    let d = tempfile::tempdir().expect("tempdir");
+    let d = tmp();
     let orig = base_image(d.path(), "fuzz.qcow2", 512);
     if have_qemu() {
         // A snapshot and a compressed cluster make more structures to damage.

@@ -7,60 +7,19 @@
 //!
 //! The tests are skipped (with a message) when qemu-img is not installed.
 
-use std::fs::{self, OpenOptions};
+mod common;
+
+use std::fs;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use common::{file_header, have_tools, poke, qemu_create, qemu_overlay, run, s, tmp};
 use qcow_snapshot::check::{check, CheckReport, Repair};
 use qcow_snapshot::format::{self, Header, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
 
 fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-        && Command::new("qemu-io")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("qemu-img/qemu-io not installed: skipping");
-    }
-    ok
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Creates a qcow2 image with `qemu-img create -o opts` and runs each qemu-io command on it.
-fn make(dir: &Path, name: &str, opts: &str, size: &str, io: &[&str]) -> PathBuf {
-    let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([s(&p), size]);
-    run("qemu-img", &args);
-    for cmd in io {
-        run("qemu-io", &["-f", "qcow2", "-c", cmd, s(&p)]);
-    }
-    p
+    have_tools(&["qemu-img", "qemu-io"], "")
 }
 
 /// What `qemu-img check --output=json` said.
@@ -322,8 +281,8 @@ fn full(what: &str, p: &Path) -> (CheckReport, CheckReport, CheckReport) {
     (r, l, a)
 }
 
-/// Offsets of an image made by `make`: the first refcount block, the L1 table, the first L2
-/// table, and the host offsets of the first allocated L2 entries.
+/// Offsets of an image made by `qemu_create`: the first refcount block, the L1 table, the
+/// first L2 table, and the host offsets of the first allocated L2 entries.
 struct Layout {
     cs: u64,
     order: u32,
@@ -355,11 +314,6 @@ fn layout(p: &Path) -> Layout {
     }
 }
 
-fn poke(p: &Path, off: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(p).expect("open");
-    f.write_all_at(bytes, off).expect("pwrite");
-}
-
 fn peek64(p: &Path, off: u64) -> u64 {
     let f = fs::File::open(p).expect("open");
     let mut b = [0u8; 8];
@@ -377,10 +331,6 @@ fn set_refcount(p: &Path, l: &Layout, cluster: u64, value: u64) {
     poke(p, l.refblock, &block);
 }
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
-}
-
 const IO_TWO_CLUSTERS: &[&str] = &["write -P 0x11 0 128k", "write -P 0x22 1M 64k"];
 
 #[test]
@@ -395,7 +345,7 @@ fn clean_images_of_every_cluster_size_pass_both_checkers() {
             format!("write -P 0x6b 5M {cs}"),
         ];
         let io: Vec<&str> = io.iter().map(String::as_str).collect();
-        let p = make(
+        let p = qemu_create(
             d.path(),
             &format!("clean-{cs}.qcow2"),
             &format!("cluster_size={cs}"),
@@ -418,7 +368,7 @@ fn clean_images_with_compression_backing_snapshots_and_odd_refcount_widths_pass(
     }
     let d = tmp();
     // Compressed clusters (several share host clusters).
-    let p = make(
+    let p = qemu_create(
         d.path(),
         "compressed.qcow2",
         "",
@@ -434,26 +384,13 @@ fn clean_images_with_compression_backing_snapshots_and_odd_refcount_widths_pass(
     assert!(r.compressed_clusters >= 2, "{r:?}");
     assert_eq!(r.exit_code(), 0);
     // An overlay with a backing file.
-    let base = make(d.path(), "base.qcow2", "", "8M", &["write -P 0x44 0 1M"]);
+    let base = qemu_create(d.path(), "base.qcow2", "", "8M", &["write -P 0x44 0 1M"]);
     let ov = d.path().join("overlay.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            s(&base),
-            s(&ov),
-        ],
-    );
+    qemu_overlay(&ov, s(&base), "qcow2", &[], "");
     run("qemu-io", &["-c", "write -P 0x55 64k 4k", s(&ov)]);
     assert_eq!(agree("overlay with backing", &ov).exit_code(), 0);
     // Internal snapshots: shared clusters with refcount 2, COPIED cleared, snapshot L1s.
-    let sn = make(d.path(), "snap.qcow2", "", "8M", &["write -P 0x66 0 256k"]);
+    let sn = qemu_create(d.path(), "snap.qcow2", "", "8M", &["write -P 0x66 0 256k"]);
     run("qemu-img", &["snapshot", "-c", "one", s(&sn)]);
     run("qemu-io", &["-c", "write -P 0x77 64k 64k", s(&sn)]);
     run("qemu-img", &["snapshot", "-c", "two", s(&sn)]);
@@ -465,7 +402,7 @@ fn clean_images_with_compression_backing_snapshots_and_odd_refcount_widths_pass(
         "compat=0.10",
         "refcount_bits=8,cluster_size=4096",
     ] {
-        let p = make(
+        let p = qemu_create(
             d.path(),
             &format!("{opts}.qcow2"),
             opts,
@@ -475,7 +412,7 @@ fn clean_images_with_compression_backing_snapshots_and_odd_refcount_widths_pass(
         assert_eq!(agree(opts, &p).exit_code(), 0, "{opts}");
     }
     // Preallocated metadata (allocated zero clusters everywhere).
-    let pre = make(
+    let pre = qemu_create(
         d.path(),
         "prealloc.qcow2",
         "preallocation=metadata",
@@ -491,7 +428,7 @@ fn leaked_cluster_with_bumped_refcount_is_a_leak_and_both_repairs_fix_it() {
         return;
     }
     let d = tmp();
-    let p = make(d.path(), "leak.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "leak.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     set_refcount(&p, &l, l.data[0] / l.cs, 2);
     let (r, leaks, all) = full("refcount bumped to 2", &p);
@@ -521,7 +458,7 @@ fn appended_cluster_with_refcount_one_and_no_reference_is_a_leak() {
     for cs in [4096u64, 65536] {
         let io = [format!("write -P 0x11 0 {}", 2 * cs)];
         let io: Vec<&str> = io.iter().map(String::as_str).collect();
-        let p = make(
+        let p = qemu_create(
             d.path(),
             &format!("append-{cs}.qcow2"),
             &format!("cluster_size={cs}"),
@@ -556,7 +493,7 @@ fn zero_refcount_for_a_used_data_cluster_is_corruption_and_repair_all_rebuilds()
         "cluster_size=512,refcount_bits=64",
         "refcount_bits=1",
     ] {
-        let p = make(
+        let p = qemu_create(
             d.path(),
             &format!("zero{opts}.qcow2"),
             opts,
@@ -591,7 +528,7 @@ fn two_l2_entries_pointing_at_the_same_cluster_are_an_overlap() {
         return;
     }
     let d = tmp();
-    let p = make(d.path(), "overlap.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "overlap.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     // L2 entry 1 now points at entry 0's cluster; entry 1's own cluster becomes unreferenced.
     poke(&p, l.l2 + 8, &(OFLAG_COPIED | l.data[0]).to_be_bytes());
@@ -626,7 +563,7 @@ fn l2_table_past_end_of_file_is_corruption_that_repair_cannot_remove() {
         return;
     }
     let d = tmp();
-    let p = make(d.path(), "l2eof.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "l2eof.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     poke(&p, l.l1, &(OFLAG_COPIED | (16 << 20)).to_be_bytes());
     let (r, _, all) = full("L1 entry points past EOF", &p);
@@ -649,12 +586,12 @@ fn data_cluster_past_end_of_file_and_misaligned_entries_are_corruptions() {
         return;
     }
     let d = tmp();
-    let p = make(d.path(), "dataeof.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "dataeof.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     poke(&p, l.l2 + 8, &(OFLAG_COPIED | (1 << 30)).to_be_bytes());
     full("L2 entry points past EOF", &p);
 
-    let p = make(d.path(), "misaligned.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "misaligned.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     poke(
         &p,
@@ -672,7 +609,7 @@ fn data_cluster_past_end_of_file_and_misaligned_entries_are_corruptions() {
 
     // A preallocated zero cluster with a misaligned offset: repair all turns it into a plain
     // zero cluster.
-    let p = make(d.path(), "prezero.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "prezero.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     poke(
         &p,
@@ -683,7 +620,7 @@ fn data_cluster_past_end_of_file_and_misaligned_entries_are_corruptions() {
     assert!(all.corruptions_fixed >= 1, "{all:?}");
 
     // Reserved bits in L1 and L2 entries.
-    let p = make(d.path(), "reserved.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "reserved.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     poke(
         &p,
@@ -701,7 +638,7 @@ fn wrong_copied_flags_are_corruptions_that_both_repairs_fix_when_safe() {
     }
     let d = tmp();
     // COPIED cleared on a data cluster with refcount 1.
-    let p = make(d.path(), "copied-l2.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "copied-l2.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     poke(&p, l.l2, &l.data[0].to_be_bytes());
     let (r, leaks, all) = full("COPIED cleared on L2 entry", &p);
@@ -714,7 +651,7 @@ fn wrong_copied_flags_are_corruptions_that_both_repairs_fix_when_safe() {
     assert_eq!((all.corruptions_fixed, all.exit_code()), (1, 0));
 
     // COPIED cleared on the L1 entry.
-    let p = make(d.path(), "copied-l1.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "copied-l1.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     poke(&p, l.l1, &l.l2.to_be_bytes());
     let (r, _, all) = full("COPIED cleared on L1 entry", &p);
@@ -725,7 +662,7 @@ fn wrong_copied_flags_are_corruptions_that_both_repairs_fix_when_safe() {
     assert_eq!(all.exit_code(), 0);
 
     // COPIED set on a cluster shared with a snapshot (refcount 2).
-    let p = make(d.path(), "copied-snap.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "copied-snap.qcow2", "", "64M", IO_TWO_CLUSTERS);
     run("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
     let l = layout(&p);
     poke(&p, l.l2, &(OFLAG_COPIED | l.data[0]).to_be_bytes());
@@ -741,8 +678,8 @@ fn damaged_refcount_table_entries_need_a_rebuild() {
     }
     let d = tmp();
     // Reserved bits in the refcount table entry.
-    let p = make(d.path(), "reft-reserved.qcow2", "", "64M", IO_TWO_CLUSTERS);
-    let h = Header::parse(&fs::read(&p).expect("read")).expect("header");
+    let p = qemu_create(d.path(), "reft-reserved.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let h = file_header(&p);
     let e = peek64(&p, h.refcount_table_offset);
     poke(&p, h.refcount_table_offset, &(e | 1).to_be_bytes());
     agree("refcount table entry with reserved bits", &p);
@@ -757,15 +694,15 @@ fn damaged_refcount_table_entries_need_a_rebuild() {
     );
 
     // The refcount block points at the L2 table (refcount block refcount 2).
-    let p = make(d.path(), "reft-overlap.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "reft-overlap.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
-    let h = Header::parse(&fs::read(&p).expect("read")).expect("header");
+    let h = file_header(&p);
     poke(&p, h.refcount_table_offset, &l.l2.to_be_bytes());
     full("refcount block overlaps the L2 table", &p);
 
     // A second refcount table entry points past the end of the file.
-    let p = make(d.path(), "reft-eof.qcow2", "", "64M", IO_TWO_CLUSTERS);
-    let h = Header::parse(&fs::read(&p).expect("read")).expect("header");
+    let p = qemu_create(d.path(), "reft-eof.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let h = file_header(&p);
     poke(
         &p,
         h.refcount_table_offset + 8,
@@ -774,14 +711,14 @@ fn damaged_refcount_table_entries_need_a_rebuild() {
     full("refcount block outside the image", &p);
 
     // A misaligned refcount block: the refcounts it holds cannot be read (check errors).
-    let p = make(
+    let p = qemu_create(
         d.path(),
         "reft-misaligned.qcow2",
         "cluster_size=4096",
         "64M",
         IO_TWO_CLUSTERS,
     );
-    let h = Header::parse(&fs::read(&p).expect("read")).expect("header");
+    let h = file_header(&p);
     let e = peek64(&p, h.refcount_table_offset);
     poke(&p, h.refcount_table_offset, &(e + 0x200).to_be_bytes());
     let r = agree("misaligned refcount block", &p);
@@ -798,7 +735,7 @@ fn repair_clears_the_dirty_bit() {
         return;
     }
     let d = tmp();
-    let p = make(
+    let p = qemu_create(
         d.path(),
         "dirty.qcow2",
         "lazy_refcounts=on",
@@ -830,7 +767,7 @@ fn report_display_and_json_read_like_qemu_img() {
         return;
     }
     let d = tmp();
-    let p = make(d.path(), "show.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "show.qcow2", "", "64M", IO_TWO_CLUSTERS);
     let l = layout(&p);
     set_refcount(&p, &l, l.data[0] / l.cs, 0);
     set_refcount(&p, &l, l.data[1] / l.cs, 2);
@@ -881,7 +818,7 @@ fn persistent_bitmaps_are_counted_as_references() {
         return;
     }
     let d = tmp();
-    let p = make(d.path(), "bitmap.qcow2", "", "64M", &[]);
+    let p = qemu_create(d.path(), "bitmap.qcow2", "", "64M", &[]);
     run("qemu-img", &["bitmap", "--add", s(&p), "b0"]);
     run(
         "qemu-io",
@@ -907,7 +844,7 @@ fn refcount_overflow_of_one_bit_refcounts_is_reported() {
         return;
     }
     let d = tmp();
-    let p = make(
+    let p = qemu_create(
         d.path(),
         "overflow.qcow2",
         "refcount_bits=1",
@@ -935,7 +872,7 @@ fn snapshot_structures_are_checked() {
     }
     let d = tmp();
     // A leak and a too-low refcount on clusters shared with a snapshot.
-    let p = make(d.path(), "snap-rc.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "snap-rc.qcow2", "", "64M", IO_TWO_CLUSTERS);
     run("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
     run("qemu-io", &["-c", "write -P 0x99 0 64k", s(&p)]);
     let l = layout(&p);
@@ -945,16 +882,16 @@ fn snapshot_structures_are_checked() {
     assert_eq!(r.exit_code(), 2);
     assert_eq!(all.exit_code(), 0);
 
-    let p = make(d.path(), "snap-leak.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "snap-leak.qcow2", "", "64M", IO_TWO_CLUSTERS);
     run("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
     let l = layout(&p);
     set_refcount(&p, &l, l.data[0] / l.cs, 5);
     full("refcount 5 for a cluster shared with a snapshot", &p);
 
     // A misaligned snapshot L1 table offset.
-    let p = make(d.path(), "snap-l1.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let p = qemu_create(d.path(), "snap-l1.qcow2", "", "64M", IO_TWO_CLUSTERS);
     run("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
-    let h = Header::parse(&fs::read(&p).expect("read")).expect("header");
+    let h = file_header(&p);
     let sn_l1 = peek64(&p, h.snapshots_offset);
     poke(&p, h.snapshots_offset, &(sn_l1 + 0x200).to_be_bytes());
     let (r, _, _) = full("misaligned snapshot L1 table", &p);
@@ -977,7 +914,7 @@ fn large_image_check_agrees_and_is_timed() {
         return;
     }
     let d = tmp();
-    let p = make(
+    let p = qemu_create(
         d.path(),
         "large.qcow2",
         "cluster_size=4096",
@@ -1013,7 +950,7 @@ fn randomly_damaged_images_get_the_same_verdict_from_both_checkers() {
     }
     let d = tmp();
     let opts = std::env::var("CHECK_FUZZ_OPTS").unwrap_or_else(|_| "cluster_size=512".into());
-    let orig = make(
+    let orig = qemu_create(
         d.path(),
         "fuzz.qcow2",
         &opts,

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use blockdev::{BlockDev, BlockError};
@@ -15,27 +14,13 @@ use qcow_snapshot::{
 };
 use rand::{Rng, SeedableRng};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 #[test]
 fn random_writes_zeroes_and_discards_match_a_shadow_across_cold_reopens() {
     for (cs, seed) in [(4096u64, 1u64), (65536, 2), (512, 3)] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tmp();
         let size = 3u64 << 20;
         let base_data = random_bytes(seed + 100, size as usize);
-        std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
-        let img = dir.path().join("o.qcow2");
-        create(
-            &img,
-            &CreateOptions {
-                cluster_size: cs,
-                backing: Some(("base.raw".into(), Format::Raw)),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let img = raw_backed_overlay(dir.path(), &base_data, Some(cs));
         let mut shadow = base_data.clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for reopen in 0..4 {
@@ -71,10 +56,7 @@ fn random_writes_zeroes_and_discards_match_a_shadow_across_cold_reopens() {
                 }
             }
         }
-        qemu_check(&img);
-        let refp = dir.path().join("want.raw");
-        std::fs::write(&refp, &shadow).unwrap();
-        qemu_compare(&img, &refp);
+        qemu_check_and_compare(&img, &shadow);
         assert_eq!(
             std::fs::read(dir.path().join("base.raw")).unwrap(),
             base_data,
@@ -85,19 +67,10 @@ fn random_writes_zeroes_and_discards_match_a_shadow_across_cold_reopens() {
 
 #[test]
 fn concurrent_writes_into_one_unallocated_cluster_allocate_it_once_and_keep_both() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let size = 8u64 << 20;
     let base_data = random_bytes(5, size as usize);
-    std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
-    let img = dir.path().join("o.qcow2");
-    create(
-        &img,
-        &CreateOptions {
-            backing: Some(("base.raw".into(), Format::Raw)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = raw_backed_overlay(dir.path(), &base_data, None);
     let dev = open_image(&img, None, false).unwrap();
     let cs = 65536u64;
     // 8 threads, each writing its own 4 KiB slice of every one of 64 clusters.
@@ -152,7 +125,7 @@ fn concurrent_writes_into_one_unallocated_cluster_allocate_it_once_and_keep_both
 
 #[test]
 fn concurrent_random_io_from_many_threads_keeps_metadata_consistent() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let img = dir.path().join("o.qcow2");
     let size = 16u64 << 20;
     create(
@@ -202,27 +175,15 @@ fn concurrent_random_io_from_many_threads_keeps_metadata_consistent() {
     }
     assert_same(&read_all(&*dev), &want, "threads");
     drop(dev);
-    qemu_check(&img);
-    let refp = dir.path().join("want.raw");
-    std::fs::write(&refp, &want).unwrap();
-    qemu_compare(&img, &refp);
+    qemu_check_and_compare(&img, &want);
 }
 
 #[test]
 fn discard_over_backing_data_reads_zeros_and_never_shows_backing_again() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let size = 1u64 << 20;
     let base_data = vec![0x77u8; size as usize];
-    std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
-    let img = dir.path().join("o.qcow2");
-    create(
-        &img,
-        &CreateOptions {
-            backing: Some(("base.raw".into(), Format::Raw)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = raw_backed_overlay(dir.path(), &base_data, None);
     {
         let dev = open_qcow2(&img, false).unwrap();
         dev.write_at(&[1; 65536], 65536).unwrap();
@@ -248,27 +209,12 @@ fn discard_over_backing_data_reads_zeros_and_never_shows_backing_again() {
 
 #[test]
 fn v2_images_are_read_and_written_and_zeroes_over_backing_write_zeros() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let size = 2u64 << 20;
     let base_data = vec![0x33u8; size as usize];
     std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
     let img = dir.path().join("v2.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            "-F",
-            "raw",
-            "-b",
-            "base.raw",
-            s(&img),
-        ],
-    );
+    qemu_overlay(&img, "base.raw", "raw", &["-o", "compat=0.10"], "");
     qemu_io_write(&img, "qcow2", 0x44, 0, 4096);
     let mut want = base_data.clone();
     want[..4096].fill(0x44);
@@ -285,15 +231,12 @@ fn v2_images_are_read_and_written_and_zeroes_over_backing_write_zeros() {
     }
     let out = run("qemu-img", &["info", s(&img)]);
     assert!(out.contains("compat: 0.10"), "{out}");
-    qemu_check(&img);
-    let refp = dir.path().join("want.raw");
-    std::fs::write(&refp, &want).unwrap();
-    qemu_compare(&img, &refp);
+    qemu_check_and_compare(&img, &want);
 }
 
 #[test]
 fn image_left_dirty_by_a_crash_is_repaired_on_read_write_open() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let img = dir.path().join("d.qcow2");
     create(
         &img,
@@ -333,21 +276,10 @@ fn image_left_dirty_by_a_crash_is_repaired_on_read_write_open() {
 #[test]
 fn commit_writes_overlay_into_backing_and_empties_the_overlay() {
     for bfmt in [Format::Raw, Format::Qcow2] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tmp();
         let size = 2u64 << 20;
         let base_data = random_bytes(11, size as usize);
-        let raw = dir.path().join("base.raw");
-        std::fs::write(&raw, &base_data).unwrap();
-        let base = if bfmt == Format::Qcow2 {
-            let b = dir.path().join("base.qcow2");
-            run(
-                "qemu-img",
-                &["convert", "-q", "-O", "qcow2", s(&raw), s(&b)],
-            );
-            b
-        } else {
-            raw.clone()
-        };
+        let (_, base) = base_in_format(dir.path(), &base_data, bfmt);
         let ov = dir.path().join("o.qcow2");
         let bname = base.file_name().unwrap().to_str().unwrap().to_string();
         create(
@@ -402,7 +334,7 @@ fn commit_writes_overlay_into_backing_and_empties_the_overlay() {
 
 #[test]
 fn export_and_checksum_agree_between_raw_and_overlay_chains() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let size = 3u64 << 20;
     let mut data = random_bytes(12, size as usize);
     data[1 << 20..2 << 20].fill(0);
@@ -441,7 +373,7 @@ fn export_and_checksum_agree_between_raw_and_overlay_chains() {
 
 #[test]
 fn read_only_image_refuses_writes_and_backing_is_never_modified() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let img = dir.path().join("a.qcow2");
     create(
         &img,
@@ -470,7 +402,7 @@ fn read_only_image_refuses_writes_and_backing_is_never_modified() {
 #[test]
 fn refcount_table_growth_and_tiny_caches_keep_the_image_consistent() {
     for (order, cs) in [(6u32, 512u64), (0, 512), (4, 4096)] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tmp();
         let img = dir.path().join("g.qcow2");
         let size = 6u64 << 20;
         create(
@@ -515,10 +447,7 @@ fn refcount_table_growth_and_tiny_caches_keep_the_image_consistent() {
                 "refcount table was relocated"
             );
         }
-        qemu_check(&img);
-        let refp = dir.path().join("want.raw");
-        std::fs::write(&refp, &shadow).unwrap();
-        qemu_compare(&img, &refp);
+        qemu_check_and_compare(&img, &shadow);
         let dev = open_image(&img, None, true).unwrap();
         assert_same(&read_all(&*dev), &shadow, "after reopen");
     }
@@ -526,19 +455,9 @@ fn refcount_table_growth_and_tiny_caches_keep_the_image_consistent() {
 
 #[test]
 fn overlapping_concurrent_writes_discards_and_flushes_leave_consistent_metadata() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let size = 1u64 << 20;
-    std::fs::write(dir.path().join("base.raw"), vec![0xbbu8; size as usize]).unwrap();
-    let img = dir.path().join("o.qcow2");
-    create(
-        &img,
-        &CreateOptions {
-            cluster_size: 4096,
-            backing: Some(("base.raw".into(), Format::Raw)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = raw_backed_overlay(dir.path(), &vec![0xbbu8; size as usize], Some(4096));
     let dev = open_image(&img, None, false).unwrap();
     let threads: Vec<_> = (1..=4u8)
         .map(|t| {
@@ -603,19 +522,10 @@ fn flush_without_new_writes_does_not_sync_and_flush_after_writes_does() {
 
 #[test]
 fn disk_size_not_a_multiple_of_the_cluster_size_handles_the_last_partial_cluster() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let size = (1u64 << 20) + 1536;
     let base_data = random_bytes(21, size as usize);
-    std::fs::write(dir.path().join("base.raw"), &base_data).unwrap();
-    let img = dir.path().join("o.qcow2");
-    create(
-        &img,
-        &CreateOptions {
-            backing: Some(("base.raw".into(), Format::Raw)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = raw_backed_overlay(dir.path(), &base_data, None);
     let mut want = base_data.clone();
     {
         let dev = open_image(&img, None, false).unwrap();
@@ -631,10 +541,7 @@ fn disk_size_not_a_multiple_of_the_cluster_size_handles_the_last_partial_cluster
         want[1 << 20..].fill(0);
         assert_same(&read_all(&*dev), &want, "tail");
     }
-    qemu_check(&img);
-    let refp = dir.path().join("want.raw");
-    std::fs::write(&refp, &want).unwrap();
-    qemu_compare(&img, &refp);
+    qemu_check_and_compare(&img, &want);
     // Image sizes must be multiples of 512, like QEMU requires.
     assert!(create(
         &dir.path().join("x.qcow2"),

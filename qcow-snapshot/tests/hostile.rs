@@ -207,7 +207,7 @@ fn l2_entry_pointing_past_eof_or_into_metadata_marks_the_image_corrupt() {
 
 #[test]
 fn backing_loops_and_overlong_chains_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
     std::fs::write(dir.path().join("base.raw"), vec![0u8; 65536]).unwrap();
@@ -277,22 +277,7 @@ fn backing_loops_and_overlong_chains_are_refused() {
     assert!(open_image(&dir.path().join("c10.qcow2"), None, true).is_ok());
     // Unknown backing format.
     let x = dir.path().join("x.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "vmdk",
-            "-b",
-            "base.raw",
-            "-u",
-            x.to_str().unwrap(),
-            "64K",
-        ],
-    );
+    qemu_overlay(&x, "base.raw", "vmdk", &["-u"], "64K");
     assert!(matches!(
         open_image(&x, None, true),
         Err(OpenImageError::BackingFormat(_))

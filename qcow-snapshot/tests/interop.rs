@@ -14,10 +14,6 @@ fn p(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Writes a scattered set of patterns through the device and into `shadow`.
 fn scatter_writes(dev: &dyn BlockDev, shadow: &mut [u8], cs: u64, seed: u64) {
     let size = shadow.len() as u64;
@@ -44,7 +40,7 @@ fn scatter_writes(dev: &dyn BlockDev, shadow: &mut [u8], cs: u64, seed: u64) {
 #[test]
 fn images_created_by_snapblk_pass_qemu_check_and_compare_for_every_cluster_size() {
     for cs in [512u64, 4096, 65536, 2 << 20] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tmp();
         let img = p(dir.path(), "a.qcow2");
         let size = 10u64 << 20;
         create(
@@ -64,10 +60,7 @@ fn images_created_by_snapblk_pass_qemu_check_and_compare_for_every_cluster_size(
             assert_same(&read_all(&*dev), &shadow, "before flush");
             dev.flush().unwrap();
         }
-        qemu_check(&img);
-        let raw = p(dir.path(), "ref.raw");
-        std::fs::write(&raw, &shadow).unwrap();
-        qemu_compare(&img, &raw);
+        qemu_check_and_compare(&img, &shadow);
         let dev = open_image(&img, None, true).unwrap();
         assert_same(&read_all(&*dev), &shadow, "after reopen");
     }
@@ -75,26 +68,13 @@ fn images_created_by_snapblk_pass_qemu_check_and_compare_for_every_cluster_size(
 
 #[test]
 fn overlay_created_by_qemu_over_raw_reads_backing_and_qemu_io_data() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let base = p(dir.path(), "base.raw");
     let size = 8u64 << 20;
     let base_data = random_bytes(1, size as usize);
     std::fs::write(&base, &base_data).unwrap();
     let ov = p(dir.path(), "ov.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            "base.raw",
-            s(&ov),
-        ],
-    );
+    qemu_overlay(&ov, "base.raw", "raw", &[], "");
     qemu_io_write(&ov, "qcow2", 0xab, 65536 + 512, 4096);
     qemu_io_write(&ov, "qcow2", 0xcd, 3 << 20, 1 << 20);
     let mut want = base_data.clone();
@@ -117,28 +97,17 @@ fn partial_write_into_unallocated_cluster_keeps_backing_bytes() {
         ("raw", 512),
         ("qcow2", 2 << 20),
     ] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tmp();
         let size = 6u64 << 20;
         let base_data = random_bytes(2, size as usize);
-        let rawbase = p(dir.path(), "base.raw");
-        std::fs::write(&rawbase, &base_data).unwrap();
-        let base = if bfmt == "qcow2" {
-            let b = p(dir.path(), "base.qcow2");
-            run(
-                "qemu-img",
-                &["convert", "-q", "-O", "qcow2", s(&rawbase), s(&b)],
-            );
-            b
-        } else {
-            rawbase.clone()
-        };
-        let ov = p(dir.path(), "ov.qcow2");
-        let bname = base.file_name().unwrap().to_str().unwrap().to_string();
         let fmt = if bfmt == "qcow2" {
             Format::Qcow2
         } else {
             Format::Raw
         };
+        let (rawbase, base) = base_in_format(dir.path(), &base_data, fmt);
+        let ov = p(dir.path(), "ov.qcow2");
+        let bname = base.file_name().unwrap().to_str().unwrap().to_string();
         create(
             &ov,
             &CreateOptions {
@@ -157,10 +126,7 @@ fn partial_write_into_unallocated_cluster_keeps_backing_bytes() {
             dev.flush().unwrap();
             assert_same(&read_all(&*dev), &want, "overlay view");
         }
-        qemu_check(&ov);
-        let refp = p(dir.path(), "want.raw");
-        std::fs::write(&refp, &want).unwrap();
-        qemu_compare(&ov, &refp);
+        qemu_check_and_compare(&ov, &want);
         assert_eq!(
             std::fs::read(&rawbase).unwrap(),
             base_data,
@@ -177,21 +143,14 @@ fn partial_write_into_unallocated_cluster_keeps_backing_bytes() {
 #[test]
 fn qemu_created_images_of_every_cluster_size_are_read_and_written_correctly() {
     for cs in [512u64, 4096, 65536, 2 << 20] {
-        let dir = tempfile::tempdir().unwrap();
-        let img = p(dir.path(), "q.qcow2");
+        let dir = tmp();
         let size = 6u64 << 20;
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("cluster_size={cs}"),
-                s(&img),
-                "6M",
-            ],
+        let img = qemu_create(
+            dir.path(),
+            "q.qcow2",
+            &format!("cluster_size={cs}"),
+            "6M",
+            &[],
         );
         qemu_io_write(&img, "qcow2", 0x11, 0, 3 * cs);
         qemu_io_write(&img, "qcow2", 0x22, 4 << 20, 8192);
@@ -206,17 +165,14 @@ fn qemu_created_images_of_every_cluster_size_are_read_and_written_correctly() {
             dev.write_zeroes(4 << 20, 4096, false).unwrap();
             want[4 << 20..(4 << 20) + 4096].fill(0);
         }
-        qemu_check(&img);
-        let refp = p(dir.path(), "want.raw");
-        std::fs::write(&refp, &want).unwrap();
-        qemu_compare(&img, &refp);
+        qemu_check_and_compare(&img, &want);
     }
 }
 
 #[test]
 fn compressed_clusters_from_qemu_convert_read_back_for_zlib_and_zstd() {
     for ctype in ["zlib", "zstd"] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tmp();
         let size = 4u64 << 20;
         // Compressible but not trivial data.
         let mut data = vec![0u8; size as usize];
@@ -259,16 +215,13 @@ fn compressed_clusters_from_qemu_convert_read_back_for_zlib_and_zstd() {
             want[2 << 20..(2 << 20) + 65536].fill(0);
             assert_same(&read_all(&*dev), &want, "after writes");
         }
-        qemu_check(&img);
-        let refp = p(dir.path(), "want.raw");
-        std::fs::write(&refp, &want).unwrap();
-        qemu_compare(&img, &refp);
+        qemu_check_and_compare(&img, &want);
     }
 }
 
 #[test]
 fn backing_chain_of_three_levels_with_relative_names_reads_the_topmost_data() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
     let base = sub.join("base.raw");
@@ -276,20 +229,7 @@ fn backing_chain_of_three_levels_with_relative_names_reads_the_topmost_data() {
     let mut want = random_bytes(4, size as usize);
     std::fs::write(&base, &want).unwrap();
     let mid = sub.join("mid.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            "base.raw",
-            s(&mid),
-        ],
-    );
+    qemu_overlay(&mid, "base.raw", "raw", &[], "");
     qemu_io_write(&mid, "qcow2", 0x5a, 65536, 65536);
     want[65536..131072].fill(0x5a);
     let top = dir.path().join("top.qcow2");
@@ -311,15 +251,12 @@ fn backing_chain_of_three_levels_with_relative_names_reads_the_topmost_data() {
         want[..8192].fill(0);
         assert_same(&read_all(&*dev), &want, "chain after write");
     }
-    qemu_check(&top);
-    let refp = dir.path().join("want.raw");
-    std::fs::write(&refp, &want).unwrap();
-    qemu_compare(&top, &refp);
+    qemu_check_and_compare(&top, &want);
 }
 
 #[test]
 fn qemu_img_info_agrees_with_snapblk_created_header() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let base = p(dir.path(), "b.raw");
     std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
     let img = p(dir.path(), "o.qcow2");

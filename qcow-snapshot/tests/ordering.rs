@@ -85,7 +85,7 @@ fn base_setup(dir: &Path, cs: u64, refcount_order: u32) -> (Vec<u8>, Arc<dyn Blo
 #[test]
 fn no_metadata_is_written_before_the_cluster_it_points_to_is_durable_and_refcounted() {
     for (cs, order) in [(512u64, 4u32), (512, 6), (4096, 4), (65536, 4)] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tmp();
         let (base_data, backing, host) = base_setup(dir.path(), cs, order);
         let mut shadow = base_data.clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(cs);
@@ -273,7 +273,7 @@ fn no_metadata_is_written_before_the_cluster_it_points_to_is_durable_and_refcoun
 #[test]
 fn crash_at_any_point_keeps_every_flushed_write_and_leaves_a_repairable_image() {
     let cs = 4096;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let (base_data, backing, host) = base_setup(dir.path(), cs, 4);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut shadow = base_data.clone();

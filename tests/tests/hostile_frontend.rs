@@ -426,6 +426,7 @@ fn hostile_frontend_messages_never_kill_the_daemon_and_a_good_client_still_works
     let mut check = |name: &str| {
         round += 1;
         d.assert_serves(name, round);
+        eprintln!("hostile frontend: daemon survived {name}");
     };
     check("nothing (baseline)");
 

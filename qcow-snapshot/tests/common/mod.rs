@@ -1,12 +1,43 @@
 //! Helpers shared by the qcow-snapshot integration tests: running qemu-img/qemu-io, making
-//! patterned files, comparing a device with a reference.
+//! images with QEMU or with the engine, patching image files in place, making patterned
+//! data, comparing a device with a reference. Each test binary compiles its own copy (`mod
+//! common;`), so not every binary uses every helper.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blockdev::BlockDev;
+use qcow_snapshot::format::Header;
+use qcow_snapshot::{create, CreateOptions, Format};
 use rand::{Rng, SeedableRng};
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A fresh temporary directory (removed when dropped).
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Whether every program in `tools` runs (`--version` succeeds); if not, says that the
+/// calling test is skipped, followed by `why`.
+pub fn have_tools(tools: &[&str], why: &str) -> bool {
+    let ok = tools.iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !ok {
+        eprintln!("{} not installed: skipping{why}", tools.join("/"));
+    }
+    ok
+}
 
 /// Runs `prog args`, panicking with its output if it fails; returns stdout.
 pub fn run(prog: &str, args: &[&str]) -> String {
@@ -49,6 +80,95 @@ pub fn qemu_compare(img: &Path, raw: &Path) {
 pub fn qemu_io_write(img: &Path, fmt: &str, pattern: u8, off: u64, len: u64) {
     let cmd = format!("write -P {pattern:#x} {off} {len}");
     run("qemu-io", &["-f", fmt, "-c", &cmd, img.to_str().unwrap()]);
+}
+
+/// Creates a qcow2 image `dir/name` with `qemu-img create [-o opts] ... size` (no `-o` when
+/// `opts` is empty) and runs each qemu-io command on it.
+pub fn qemu_create(dir: &Path, name: &str, opts: &str, size: &str, io: &[&str]) -> PathBuf {
+    let p = dir.join(name);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([s(&p), size]);
+    run("qemu-img", &args);
+    for cmd in io {
+        run("qemu-io", &["-f", "qcow2", "-c", cmd, s(&p)]);
+    }
+    p
+}
+
+/// Creates a qcow2 overlay `img` with `qemu-img create ... extra -F backing_fmt -b backing img
+/// [size]` (`backing` as stored in the header; no size argument when `size` is empty).
+pub fn qemu_overlay(img: &Path, backing: &str, backing_fmt: &str, extra: &[&str], size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend(extra);
+    args.extend(["-F", backing_fmt, "-b", backing, s(img)]);
+    if !size.is_empty() {
+        args.push(size);
+    }
+    run("qemu-img", &args);
+}
+
+/// `qemu-img convert` of a raw file into a new qcow2 image.
+pub fn qemu_convert_to_qcow2(raw: &Path, qcow2: &Path) {
+    run(
+        "qemu-img",
+        &["convert", "-q", "-O", "qcow2", s(raw), s(qcow2)],
+    );
+}
+
+/// `qemu-img check` must pass and `qemu-img compare` must find `img` identical to `want`
+/// (written next to `img` as `want.raw`).
+pub fn qemu_check_and_compare(img: &Path, want: &[u8]) {
+    qemu_check(img);
+    let refp = img.with_file_name("want.raw");
+    fs::write(&refp, want).expect("write reference");
+    qemu_compare(img, &refp);
+}
+
+/// Writes `base_data` as `dir/base.raw` and creates the engine overlay `dir/o.qcow2` over it
+/// (cluster size `cluster_size`, or the engine default for `None`); returns the overlay path.
+pub fn raw_backed_overlay(dir: &Path, base_data: &[u8], cluster_size: Option<u64>) -> PathBuf {
+    fs::write(dir.join("base.raw"), base_data).expect("write base.raw");
+    let img = dir.join("o.qcow2");
+    let defaults = CreateOptions::default();
+    create(
+        &img,
+        &CreateOptions {
+            cluster_size: cluster_size.unwrap_or(defaults.cluster_size),
+            backing: Some(("base.raw".into(), Format::Raw)),
+            ..defaults
+        },
+    )
+    .expect("create overlay");
+    img
+}
+
+/// Writes `base_data` as `dir/base.raw` and, for `Format::Qcow2`, converts it with qemu-img
+/// into `dir/base.qcow2`. Returns the raw file and the base image in `fmt`.
+pub fn base_in_format(dir: &Path, base_data: &[u8], fmt: Format) -> (PathBuf, PathBuf) {
+    let raw = dir.join("base.raw");
+    fs::write(&raw, base_data).expect("write base.raw");
+    let base = if fmt == Format::Qcow2 {
+        let b = dir.join("base.qcow2");
+        qemu_convert_to_qcow2(&raw, &b);
+        b
+    } else {
+        raw.clone()
+    };
+    (raw, base)
+}
+
+/// Writes `bytes` at `off` into the file `p` (in place, no truncation).
+pub fn poke(p: &Path, off: u64, bytes: &[u8]) {
+    let f = OpenOptions::new().write(true).open(p).expect("open");
+    f.write_all_at(bytes, off).expect("pwrite");
+}
+
+/// The parsed header of the image file `p`.
+pub fn file_header(p: &Path) -> Header {
+    Header::parse(&fs::read(p).expect("read")).expect("header")
 }
 
 /// Deterministic pseudo-random bytes.
