@@ -144,6 +144,13 @@ fn create_snapshot(args: &ServeArgs) -> Result<(PathBuf, bool), OpenDiskError> {
     };
     match &args.keep_overlay {
         Some(path) => {
+            // Never overwrite: an existing file there may be an earlier session's overlay.
+            if path.symlink_metadata().is_ok() {
+                return Err(err(format!(
+                    "--keep-overlay {} already exists; serve it with --image, or remove it",
+                    path.display()
+                )));
+            }
             let base = std::fs::canonicalize(&args.image).map_err(|e| err(e.to_string()))?;
             let name = base
                 .to_str()
@@ -273,5 +280,23 @@ mod tests {
         assert!(b[..512].iter().all(|&x| x == 9));
         assert!(b[512..].iter().all(|&x| x == 7));
         assert!(std::fs::read(&base).unwrap().iter().all(|&x| x == 7));
+    }
+
+    #[test]
+    fn keep_overlay_never_overwrites_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![7; 1 << 20]).unwrap();
+        let kept = dir.path().join("kept.qcow2");
+        std::fs::write(&kept, b"an earlier session's overlay").unwrap();
+        let mut args = ServeArgs::with_defaults(base, "unused".into());
+        args.snapshot = true;
+        args.keep_overlay = Some(kept.clone());
+        let err = open_disk(&args).unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(
+            std::fs::read(&kept).unwrap(),
+            b"an earlier session's overlay"
+        );
     }
 }

@@ -472,16 +472,7 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
         }
     }
     // Active L1 table.
-    let l1_bytes = u64::from(header.l1_size) * 8;
-    if l1_bytes > MAX_L1_BYTES {
-        return Err(DecodeError::TooLarge {
-            what: "active L1 table",
-            bytes: l1_bytes,
-            limit: MAX_L1_BYTES,
-        }
-        .into());
-    }
-    header.check_l1_covers_size()?;
+    let l1_bytes = header.l1_table_bytes("active L1 table")?;
     validate_table_offset("L1 table", header.l1_table_offset, l1_bytes, &g)?;
     // Refcount table.
     let rt_bytes = header.refcount_table_bytes()?;

@@ -483,8 +483,18 @@ impl Header {
         }
     }
 
-    /// Refuses an active L1 table with too few entries to map the virtual size.
-    pub fn check_l1_covers_size(&self) -> Result<(), DecodeError> {
+    /// Size in bytes of the active L1 table. Refuses a table above [`MAX_L1_BYTES`] (reported
+    /// as `what`) or with too few entries to map the virtual size. Call only once
+    /// `cluster_bits` is known to be in range.
+    pub fn l1_table_bytes(&self, what: &'static str) -> Result<u64, DecodeError> {
+        let l1_bytes = u64::from(self.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(DecodeError::TooLarge {
+                what,
+                bytes: l1_bytes,
+                limit: MAX_L1_BYTES,
+            });
+        }
         let needed = self
             .geometry()
             .l1_entries_for(self.size)
@@ -495,7 +505,7 @@ impl Header {
                 needed,
             });
         }
-        Ok(())
+        Ok(l1_bytes)
     }
 
     /// Size in bytes of the refcount table, refused above [`MAX_REFCOUNT_TABLE_BYTES`]. Call
@@ -560,15 +570,7 @@ impl Header {
             }
         }
         // L1 table.
-        let l1_bytes = u64::from(self.l1_size) * 8;
-        if l1_bytes > MAX_L1_BYTES {
-            return Err(DecodeError::TooLarge {
-                what: "L1 table",
-                bytes: l1_bytes,
-                limit: MAX_L1_BYTES,
-            });
-        }
-        self.check_l1_covers_size()?;
+        let l1_bytes = self.l1_table_bytes("L1 table")?;
         if self.l1_size > 0 {
             check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_len)?;
         }

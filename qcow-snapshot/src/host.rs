@@ -4,13 +4,21 @@
 //! under the engine and see every write and every `sync_data` in order. [`FileHost`] is the real
 //! file; [`MemHost`] keeps the file in memory (tests, crash simulation).
 //!
+//! [`ReplayHost`] sits between the engine and its file and deals with failed `fdatasync`s: it
+//! keeps every write since the last successful sync, replays them when a sync fails, and poisons
+//! the file (every later write and sync fails with EIO) when it cannot prove durability.
+//!
 //! Locking model: implementations take `&self` and must be safe to call from several threads at
 //! once. `FileHost` relies on positional I/O (no shared cursor); `MemHost` uses one `RwLock`.
+//! `ReplayHost`: writes hold `io` shared while they write and journal; a failed sync holds it
+//! exclusively while it replays; `syncs` serializes syncs; `journal` is a leaf lock.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
 
 /// Positional I/O on the file that holds a qcow2 image.
 #[allow(clippy::len_without_is_empty)]
@@ -29,6 +37,29 @@ pub trait HostFile: Send + Sync {
 
 /// A shared host file (so a test or a recording layer can keep a handle to it).
 impl<T: HostFile + ?Sized> HostFile for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}
+
+/// An owned host file of any kind.
+impl<T: HostFile + ?Sized> HostFile for Box<T> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)
     }
@@ -159,6 +190,203 @@ impl HostFile for MemHost {
             .unwrap_or_else(|e| e.into_inner())
             .resize(end, 0);
         Ok(())
+    }
+}
+
+/// Most bytes of unsynced writes a [`ReplayHost`] keeps for replay. Past this, a failed sync
+/// poisons the file instead of replaying (like QEMU's file-posix does after any failure).
+pub const REPLAY_LIMIT_BYTES: usize = 64 << 20;
+
+/// One journaled file change.
+#[derive(Debug)]
+enum Change {
+    Write { offset: u64, data: Box<[u8]> },
+    SetLen(u64),
+}
+
+/// The changes since the last successful sync, numbered in issue order.
+#[derive(Debug, Default)]
+struct Journal {
+    changes: VecDeque<(u64, Change)>,
+    bytes: usize,
+    next_seq: u64,
+    /// Changes up to this sequence number were not kept (the limit was reached).
+    dropped_through: Option<u64>,
+}
+
+impl Journal {
+    fn push(&mut self, change: Change) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let len = match &change {
+            Change::Write { data, .. } => data.len(),
+            Change::SetLen(_) => 0,
+        };
+        if self.dropped_through.is_some() || self.bytes + len > REPLAY_LIMIT_BYTES {
+            // Keeping only part of the changes could replay an incomplete state: drop all.
+            self.changes.clear();
+            self.bytes = 0;
+            self.dropped_through = Some(seq);
+            return;
+        }
+        self.bytes += len;
+        self.changes.push_back((seq, change));
+    }
+
+    /// Forgets the changes numbered below `seq` (a sync that started after them succeeded).
+    fn retire(&mut self, seq: u64) {
+        while let Some((s, c)) = self.changes.front() {
+            if *s >= seq {
+                break;
+            }
+            if let Change::Write { data, .. } = c {
+                self.bytes -= data.len();
+            }
+            self.changes.pop_front();
+        }
+        if self.dropped_through.is_some_and(|d| d < seq) {
+            self.dropped_through = None;
+        }
+    }
+}
+
+/// A host file that survives a failed `fdatasync` honestly.
+///
+/// On Linux a failed `fdatasync` may drop the dirty pages it could not write and report the
+/// error only once; the next `fdatasync` then succeeds although the data is gone ("fsyncgate").
+/// `ReplayHost` therefore keeps a copy of every write since the last successful sync (up to
+/// [`REPLAY_LIMIT_BYTES`]). When a sync fails it rewrites them all, in order, and syncs again:
+/// if that succeeds, everything really is durable and the sync reports success. Otherwise (the
+/// second sync fails too, a replayed write fails, or the journal was over its limit) the file
+/// is poisoned: every later write, `set_len` and sync fails with EIO, so nothing can claim
+/// durability or write metadata that points at possibly lost data. Reads keep working.
+#[derive(Debug)]
+pub struct ReplayHost<H: HostFile> {
+    inner: H,
+    io: RwLock<()>,
+    syncs: Mutex<()>,
+    journal: Mutex<Journal>,
+    poisoned: AtomicBool,
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+impl<H: HostFile> ReplayHost<H> {
+    /// Wraps `inner`; nothing is journaled yet.
+    pub fn new(inner: H) -> Self {
+        ReplayHost {
+            inner,
+            io: RwLock::new(()),
+            syncs: Mutex::new(()),
+            journal: Mutex::new(Journal::default()),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a sync failure could not be repaired: durability can no longer be promised.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_poisoned(&self) -> io::Result<()> {
+        if self.is_poisoned() {
+            return Err(eio());
+        }
+        Ok(())
+    }
+
+    fn poison(&self, why: &str) -> io::Error {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "image file sync failed and durability cannot be restored ({why}); every later \
+                 write and flush fails with EIO"
+            );
+        }
+        eio()
+    }
+
+    fn change(&self, change: Change) -> io::Result<()> {
+        self.check_poisoned()?;
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        match &change {
+            Change::Write { offset, data } => self.inner.write_at(data, *offset)?,
+            Change::SetLen(len) => self.inner.set_len(*len)?,
+        }
+        self.journal().push(change);
+        Ok(())
+    }
+
+    /// After a failed sync: rewrite every change since the last good sync and sync again.
+    fn recover(&self, err: io::Error) -> io::Result<()> {
+        // Exclusive: every write that reached the file has been journaled.
+        let _excl = self.io.write().unwrap_or_else(|e| e.into_inner());
+        let mut j = self.journal();
+        if j.dropped_through.is_some() {
+            return Err(self.poison(&format!(
+                "{err}; more than {REPLAY_LIMIT_BYTES} bytes were unsynced, too many to replay"
+            )));
+        }
+        log::warn!(
+            "image file sync failed ({err}); rewriting {} changes since the last good sync",
+            j.changes.len()
+        );
+        for (_, c) in &j.changes {
+            let r = match c {
+                Change::Write { offset, data } => self.inner.write_at(data, *offset),
+                Change::SetLen(len) => self.inner.set_len(*len),
+            };
+            if let Err(e) = r {
+                return Err(self.poison(&format!("{err}; replaying a write failed: {e}")));
+            }
+        }
+        match self.inner.sync_data() {
+            Ok(()) => {
+                let next = j.next_seq;
+                j.retire(next);
+                Ok(())
+            }
+            Err(e) => Err(self.poison(&format!("{err}; the sync after the replay failed: {e}"))),
+        }
+    }
+}
+
+impl<H: HostFile> HostFile for ReplayHost<H> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.change(Change::Write {
+            offset,
+            data: buf.into(),
+        })
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let _one = self.syncs.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        let start = self.journal().next_seq;
+        match self.inner.sync_data() {
+            Ok(()) => {
+                self.journal().retire(start);
+                Ok(())
+            }
+            Err(e) => self.recover(e),
+        }
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.change(Change::SetLen(len))
     }
 }
 

@@ -26,7 +26,7 @@
 //! but never leave a reference to a free or reused cluster. A bound on dirty metadata forces
 //! an internal flush.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -42,7 +42,7 @@ use crate::format::{
     INCOMPATIBLE_FEATURES_OFFSET, MAX_REFCOUNT_TABLE_BYTES, OFLAG_COPIED,
     REFCOUNT_TABLE_OFFSET_OFFSET,
 };
-use crate::host::HostFile;
+use crate::host::{HostFile, ReplayHost};
 use crate::refcount::rebuild_refcounts;
 
 /// Highest host offset an L2 entry can address (bits 9..56).
@@ -468,42 +468,74 @@ impl Meta {
         if table_bytes > MAX_REFCOUNT_TABLE_BYTES {
             return Err(no_space("refcount table size"));
         }
+        let order = g.refcount_order;
         let mut table = self.reftable.clone();
         table.resize((table_bytes / 8) as usize, 0);
+        // The new refcount blocks and updated copies of the existing blocks that count the new
+        // clusters; nothing in `self` changes until the new table is durable and in the header.
+        let mut blocks: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         for (k, &i) in missing.iter().enumerate() {
             let off = start + (tclusters + k as u64) * cs;
-            table[i as usize] = off;
-            self.blocks.insert(
-                off,
-                CachedBlock {
-                    data: vec![0; cs as usize],
-                    dirty: true,
-                    used: self.tick,
-                },
-            );
-            self.dirty += 1;
+            let slot = table
+                .get_mut(i as usize)
+                .ok_or_else(|| corrupt("refcount table growth: index past the table".into()))?;
+            *slot = off;
+            blocks.insert(off, vec![0; cs as usize]);
         }
-        let old_off = self.header.refcount_table_offset;
-        let old_clusters = u64::from(self.header.refcount_table_clusters);
-        self.reftable = table;
-        self.file_end = end;
         let mut c = start;
         while c < end {
-            self.set_refcount(io, c, 1, 7)?;
+            let idx = g.refcount_table_index(c) as usize;
+            let bo = table.get(idx).map_or(0, |&e| reftable_entry_offset(e));
+            if bo == 0 {
+                return Err(corrupt(format!(
+                    "refcount table growth left cluster {c:#x} without a refcount block"
+                )));
+            }
+            if !blocks.contains_key(&bo) {
+                let data = self.block(io, bo)?.data.clone();
+                blocks.insert(bo, data);
+            }
+            let data = blocks
+                .get_mut(&bo)
+                .ok_or_else(|| corrupt("refcount table growth: block copy".into()))?;
+            refcount_set(data, order, g.refcount_block_index(c) as u64, 1)
+                .map_err(|e| corrupt(format!("refcount overflow: {e}")))?;
             c += cs;
         }
-        // Blocks first, then the new table, then the header that points to it.
+        // Order: every refcount block (including dirty cached ones that the new table names)
+        // and the new table, sync; then the header that switches to it, sync. Only then does
+        // memory switch, so a failure anywhere leaves memory describing the on-disk table.
         self.write_dirty_blocks(io)?;
-        io.write_at(&table_to_bytes(&self.reftable), start)?;
+        for (&off, data) in &blocks {
+            io.write_at(data, off)?;
+        }
+        io.write_at(&table_to_bytes(&table), start)?;
         io.sync_data()?;
         let mut field = [0u8; 12];
         field[..8].copy_from_slice(&start.to_be_bytes());
         field[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
         io.write_at(&field, REFCOUNT_TABLE_OFFSET_OFFSET as u64)?;
         io.sync_data()?;
+        let old_off = self.header.refcount_table_offset;
+        let old_clusters = u64::from(self.header.refcount_table_clusters);
         self.header.refcount_table_offset = start;
         self.header.refcount_table_clusters = tclusters as u32;
+        self.reftable = table;
+        // Every entry of the old table is in the new one, which is on disk.
         self.reftable_dirty.clear();
+        self.file_end = end;
+        for (off, data) in blocks {
+            // The copies are what is on disk now, and the cached originals were clean (written
+            // above), so replacing them loses nothing.
+            self.blocks.insert(
+                off,
+                CachedBlock {
+                    data,
+                    dirty: false,
+                    used: self.tick,
+                },
+            );
+        }
         for k in 0..old_clusters {
             self.pending_free.push(old_off + k * cs);
         }
@@ -571,6 +603,56 @@ impl Meta {
         Ok(())
     }
 
+    /// Writes the dirty refcount-table entries (their blocks are already durable) in dependency
+    /// order: an entry naming a new block is written only once the entry of the block that holds
+    /// *that* block's refcount is durable, with a sync after each level. So at every sync point
+    /// each refcount block reachable from the header has a nonzero refcount reachable from it.
+    /// An entry is never written outside the table the on-disk header names.
+    fn write_reftable_entries(&mut self, io: &dyn HostFile) -> Result<()> {
+        let on_disk_entries =
+            u64::from(self.header.refcount_table_clusters) * (self.cs() / 8);
+        if self.reftable.len() as u64 != on_disk_entries {
+            return Err(corrupt(format!(
+                "in-memory refcount table has {} entries but the one on disk has {on_disk_entries}",
+                self.reftable.len()
+            )));
+        }
+        while !self.reftable_dirty.is_empty() {
+            let ready: Vec<usize> = self
+                .reftable_dirty
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    let bo = self.reftable.get(i).map_or(0, |&e| reftable_entry_offset(e));
+                    let counted_in = self.geo.refcount_table_index(bo) as usize;
+                    bo == 0 || counted_in == i || !self.reftable_dirty.contains(&counted_in)
+                })
+                .collect();
+            if ready.is_empty() {
+                return Err(corrupt(
+                    "new refcount blocks count each other in a cycle".into(),
+                ));
+            }
+            for &i in &ready {
+                if i as u64 >= on_disk_entries {
+                    return Err(corrupt(format!(
+                        "refcount table entry {i} is outside the on-disk table"
+                    )));
+                }
+                let e = self.reftable.get(i).copied().unwrap_or(0);
+                io.write_at(
+                    &e.to_be_bytes(),
+                    self.header.refcount_table_offset + i as u64 * 8,
+                )?;
+            }
+            io.sync_data()?;
+            for i in ready {
+                self.reftable_dirty.remove(&i);
+            }
+        }
+        Ok(())
+    }
+
     /// Writes all dirty metadata in dependency order. Guest data written before the call is
     /// made durable first.
     fn flush_meta(&mut self, io: &dyn HostFile, data_written: bool) -> Result<()> {
@@ -581,17 +663,7 @@ impl Meta {
         }
         io.sync_data()?;
         self.write_dirty_blocks(io)?;
-        if !self.reftable_dirty.is_empty() {
-            for &i in &self.reftable_dirty {
-                let e = self.reftable.get(i).copied().unwrap_or(0);
-                io.write_at(
-                    &e.to_be_bytes(),
-                    self.header.refcount_table_offset + i as u64 * 8,
-                )?;
-            }
-            io.sync_data()?;
-            self.reftable_dirty.clear();
-        }
+        self.write_reftable_entries(io)?;
         let mut wrote = false;
         for (&off, t) in self.l2.iter_mut().filter(|(_, t)| t.dirty) {
             io.write_at(&table_to_bytes(&t.entries), off)?;
@@ -805,7 +877,7 @@ enum Step {
 
 /// A qcow2 image as a block device.
 pub struct QcowImage {
-    io: Box<dyn HostFile>,
+    io: ReplayHost<Box<dyn HostFile>>,
     geo: Geometry,
     size: u64,
     version: u32,
@@ -845,7 +917,9 @@ impl QcowImage {
         read_only: bool,
         backing: Option<Arc<dyn BlockDev>>,
     ) -> std::result::Result<QcowImage, OpenImageError> {
-        let ih = ImageHeader::read(&*io)?;
+        // Every write and sync from here on goes through the replay journal.
+        let io = ReplayHost::new(io);
+        let ih = ImageHeader::read(&io)?;
         ih.check_features(read_only)?;
         let mut header = ih.header.clone();
         let geo = header.geometry();
@@ -865,7 +939,7 @@ impl QcowImage {
         if !read_only {
             if header.version >= 3 && header.incompatible_features & incompat::DIRTY != 0 {
                 log::warn!("qcow2 image was not closed cleanly; rebuilding refcounts");
-                reftable = rebuild_refcounts(&*io, &mut header, &l1)?;
+                reftable = rebuild_refcounts(&io, &mut header, &l1)?;
             }
             if header.version >= 3 {
                 if header.autoclear_features != 0 {
@@ -969,7 +1043,7 @@ impl QcowImage {
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_usable()?;
         check_range(offset, len, self.size)?;
-        let r = self.lock().map(&*self.io, offset, len);
+        let r = self.lock().map(&self.io, offset, len);
         self.finish(r)
     }
 
@@ -987,7 +1061,23 @@ impl QcowImage {
         if self.closed.load(Ordering::Acquire) {
             return Err(BlockError::Unsupported("image is closed"));
         }
-        self.check_usable()
+        self.check_usable()?;
+        self.check_durable()
+    }
+
+    /// Fails with EIO once a failed sync could not be repaired (see [`ReplayHost`]): from then
+    /// on no write, flush or close may succeed, and the dirty bit stays set.
+    fn check_durable(&self) -> Result<()> {
+        if self.io.is_poisoned() {
+            return Err(BlockError::Io(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        Ok(())
+    }
+
+    /// Whether a failed sync of the image file could not be repaired: every later write,
+    /// flush and close then fails with EIO (reads still work).
+    pub fn is_poisoned(&self) -> bool {
+        self.io.is_poisoned()
     }
 
     /// Marks the image corrupt when an operation found an inconsistency.
@@ -1048,7 +1138,7 @@ impl QcowImage {
     }
 
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let extents = self.lock().map(&*self.io, offset, buf.len() as u64)?;
+        let extents = self.lock().map(&self.io, offset, buf.len() as u64)?;
         for e in extents {
             let s = (e.offset - offset) as usize;
             let part = &mut buf[s..s + e.len as usize];
@@ -1102,7 +1192,7 @@ impl QcowImage {
                     if m.inflight.contains(&gc) {
                         steps.push(Step::Blocked { guest: pos, len: n });
                     } else {
-                        let e = m.entry(&*self.io, gc)?;
+                        let e = m.entry(&self.io, gc)?;
                         let step = match e {
                             L2Entry::Normal { host, copied: true } => Step::Direct {
                                 host: host + in_off,
@@ -1168,7 +1258,7 @@ impl QcowImage {
                     pos += n;
                 }
                 if fresh > 0 {
-                    let base = m.alloc(&*self.io, fresh)?;
+                    let base = m.alloc(&self.io, fresh)?;
                     let mut k = 0;
                     for s in steps.iter_mut() {
                         if let Step::Alloc {
@@ -1207,8 +1297,8 @@ impl QcowImage {
             data?;
             for s in &steps {
                 if let Step::Alloc { gc, target, .. } = *s {
-                    let old = m.entry(&*self.io, gc)?;
-                    m.set_entry(&*self.io, gc, target | OFLAG_COPIED)?;
+                    let old = m.entry(&self.io, gc)?;
+                    m.set_entry(&self.io, gc, target | OFLAG_COPIED)?;
                     m.release(old, Some(target));
                 }
             }
@@ -1231,9 +1321,9 @@ impl QcowImage {
         }
         // Clusters never referenced can be released at once (best effort on the error path).
         if !undo.is_empty() {
-            let _ = m.apply_frees(&*self.io, undo);
+            let _ = m.apply_frees(&self.io, undo);
         }
-        let r = publish.and_then(|()| m.maybe_flush(&*self.io));
+        let r = publish.and_then(|()| m.maybe_flush(&self.io));
         drop(m);
         self.alloc_done.notify_all();
         r.map(|()| blocked)
@@ -1339,7 +1429,7 @@ impl QcowImage {
 
     /// Whether guest cluster `gc` currently reads as all zeros without I/O.
     fn reads_zero(&self, m: &mut Meta, gc: u64) -> Result<bool> {
-        Ok(match m.entry(&*self.io, gc)? {
+        Ok(match m.entry(&self.io, gc)? {
             L2Entry::Zero { .. } => true,
             L2Entry::Unallocated => match &self.backing {
                 None => true,
@@ -1376,7 +1466,7 @@ impl QcowImage {
                 pos = next;
                 continue;
             }
-            let old = m.entry(&*self.io, gc)?;
+            let old = m.entry(&self.io, gc)?;
             if self.version >= 3 {
                 let new = match old {
                     L2Entry::Unallocated if self.backing.is_none() => None,
@@ -1392,7 +1482,7 @@ impl QcowImage {
                         L2Entry::Zero { host } => host,
                         _ => None,
                     };
-                    m.set_entry(&*self.io, gc, new.encode(&self.geo))?;
+                    m.set_entry(&self.io, gc, new.encode(&self.geo))?;
                     m.release(old, keep);
                 }
             } else if self.backing.is_some() {
@@ -1400,10 +1490,10 @@ impl QcowImage {
                     partial.push((pos, n));
                 }
             } else if old != L2Entry::Unallocated {
-                m.set_entry(&*self.io, gc, 0)?;
+                m.set_entry(&self.io, gc, 0)?;
                 m.release(old, None);
             }
-            m.maybe_flush(&*self.io)?;
+            m.maybe_flush(&self.io)?;
             pos += n;
         }
         if !partial.is_empty() {
@@ -1420,13 +1510,13 @@ impl QcowImage {
             let mut m = self.lock();
             // Cleared before the sync so writes completing during it are synced next time.
             let written = self.data_written.swap(false, Ordering::AcqRel);
-            m.flush_meta(&*self.io, written)?;
+            m.flush_meta(&self.io, written)?;
             std::mem::take(&mut m.pending_free)
         };
         if !frees.is_empty() {
             // No request may still hold a mapping to a cluster that is about to become free.
             let _excl = self.gate.write().unwrap_or_else(|e| e.into_inner());
-            self.lock().apply_frees(&*self.io, frees)?;
+            self.lock().apply_frees(&self.io, frees)?;
         }
         Ok(())
     }
@@ -1437,6 +1527,7 @@ impl QcowImage {
         if self.read_only || self.closed.load(Ordering::Acquire) || self.is_corrupt() {
             return Ok(());
         }
+        self.check_durable()?;
         // The second flush makes the refcount decrements of the first one durable.
         let r = self.flush_inner().and_then(|()| self.flush_inner());
         let r = self.finish(r);
@@ -1476,13 +1567,13 @@ impl QcowImage {
                     if gc << self.geo.cluster_bits >= self.size {
                         break;
                     }
-                    let old = m.entry(&*self.io, gc)?;
+                    let old = m.entry(&self.io, gc)?;
                     if old != L2Entry::Unallocated {
-                        m.set_entry(&*self.io, gc, 0)?;
+                        m.set_entry(&self.io, gc, 0)?;
                         m.release(old, None);
                     }
                 }
-                m.maybe_flush(&*self.io)?;
+                m.maybe_flush(&self.io)?;
                 drop(m);
                 progress(l1i + 1, total);
             }
@@ -1526,7 +1617,12 @@ impl BlockDev for QcowImage {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only || self.closed.load(Ordering::Acquire) {
+        if self.read_only {
+            return Ok(());
+        }
+        // A closed image has nothing unflushed, unless durability was lost before.
+        self.check_durable()?;
+        if self.closed.load(Ordering::Acquire) {
             return Ok(());
         }
         self.check_writable()?;

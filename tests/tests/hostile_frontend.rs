@@ -28,6 +28,8 @@ const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 16 * MIB;
 /// How long the daemon may take to accept a connection after the previous one ended.
 const CONNECT_WAIT: Duration = Duration::from_secs(15);
+/// How long the good client may take to connect, write and read after a scenario.
+const GOOD_CLIENT_WAIT: Duration = Duration::from_secs(20);
 /// How long a reply may take.
 const REPLY_WAIT: Duration = Duration::from_secs(2);
 
@@ -181,34 +183,58 @@ impl Daemon {
         // Give a crash caused by the last message a moment to happen.
         std::thread::sleep(Duration::from_millis(50));
         self.assert_alive(after);
-        let mut cfg = ClientConfig::new(1);
-        cfg.slots_per_queue = 2;
-        cfg.slot_size = 64 << 10;
-        cfg.timeout = Duration::from_secs(10);
-        let c = match Client::connect_retry(&self.socket, &cfg, CONNECT_WAIT) {
-            Ok(c) => c,
-            Err(e) => {
+        // The client runs on its own thread: a daemon that stopped serving (for example one
+        // stuck joining a queue thread) must fail the test, not hang it.
+        let socket = self.socket.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(good_client_round_trip(&socket, round));
+        });
+        match rx.recv_timeout(GOOD_CLIENT_WAIT) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
                 self.assert_alive(after);
                 panic!(
-                    "good client cannot connect after {after}: {e}\n--- daemon log ---\n{}",
+                    "good client after {after}: {e}\n--- daemon log ---\n{}",
                     self.log()
-                )
+                );
             }
-        };
-        assert_eq!(c.capacity(), DISK_SIZE, "capacity after {after}");
-        let data: Vec<u8> = (0..8192u64)
-            .map(|i| (i.wrapping_mul(31) ^ round) as u8)
-            .collect();
-        let off = (round % 64) * 65536;
-        c.write(0, off, &data)
-            .unwrap_or_else(|e| panic!("write after {after}: {e}"));
-        let mut back = vec![0u8; data.len()];
-        c.read(0, off, &mut back)
-            .unwrap_or_else(|e| panic!("read after {after}: {e}"));
-        assert!(back == data, "data read back after {after} differs");
-        drop(c);
+            Err(_) => {
+                self.assert_alive(after);
+                panic!(
+                    "good client got no service within {GOOD_CLIENT_WAIT:?} after {after}: the \
+                     daemon is alive but no longer serves\n--- daemon log ---\n{}",
+                    self.log()
+                );
+            }
+        }
         self.assert_alive(after);
     }
+}
+
+/// Connects with the blkio client, writes 8 KiB and reads it back.
+fn good_client_round_trip(socket: &Path, round: u64) -> Result<(), String> {
+    let mut cfg = ClientConfig::new(1);
+    cfg.slots_per_queue = 2;
+    cfg.slot_size = 64 << 10;
+    cfg.timeout = Duration::from_secs(10);
+    let c =
+        Client::connect_retry(socket, &cfg, CONNECT_WAIT).map_err(|e| format!("connect: {e}"))?;
+    if c.capacity() != DISK_SIZE {
+        return Err(format!("capacity {} instead of {DISK_SIZE}", c.capacity()));
+    }
+    let data: Vec<u8> = (0..8192u64)
+        .map(|i| (i.wrapping_mul(31) ^ round) as u8)
+        .collect();
+    let off = (round % 64) * 65536;
+    c.write(0, off, &data).map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; data.len()];
+    c.read(0, off, &mut back)
+        .map_err(|e| format!("read: {e}"))?;
+    if back != data {
+        return Err("data read back differs from data written".into());
+    }
+    Ok(())
 }
 
 /// One raw vhost-user connection.
@@ -412,15 +438,22 @@ fn settle(f: Frontend) {
 }
 
 #[test]
-fn hostile_frontend_messages_never_kill_the_daemon_and_a_good_client_still_works() {
+fn socket_is_created_owner_only_by_default() {
+    let Some(d) = Daemon::start() else {
+        return;
+    };
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode is {mode:o}, expected 600");
+}
+
+#[test]
+fn malformed_and_out_of_order_messages_leave_the_daemon_serving() {
     let Some(d) = Daemon::start() else {
         return;
     };
     let started = Instant::now();
-
-    // The socket is owner-only by default.
-    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "socket mode is {mode:o}, expected 600");
+    let mem = memfd(MIB);
+    let small = memfd(4096);
 
     let mut round = 0u64;
     let mut check = |name: &str| {
@@ -499,8 +532,6 @@ fn hostile_frontend_messages_never_kill_the_daemon_and_a_good_client_still_works
     check("all feature bits");
 
     // Memory tables: zero regions; too many regions; fewer fds than regions; zero-sized region.
-    let mem = memfd(MIB);
-    let small = memfd(4096);
     let mut f = d.raw();
     f.handshake(0);
     let _ = f.mem_table(&[], &[]);
@@ -577,22 +608,6 @@ fn hostile_frontend_messages_never_kill_the_daemon_and_a_good_client_still_works
     settle(f);
     check("invalid ring sizes and queue indices");
 
-    // A garbage ring in valid memory: every descriptor points everywhere, avail index far ahead.
-    let mut f = d.raw();
-    f.handshake(0);
-    let garbage = memfd(MIB);
-    {
-        let bytes: Vec<u8> = (0..MIB as usize)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        let mut file = File::from(garbage.try_clone().unwrap());
-        file.write_all(&bytes).unwrap();
-    }
-    let _ = f.mem_table(&[[0, MIB, UADDR, 0]], &[garbage.as_raw_fd()]);
-    let (_call, _kick) = start_queue(&f, 256, UADDR, UADDR + 0x4000, UADDR + 0x6000);
-    settle(f);
-    check("garbage virtqueue contents");
-
     // GET_CONFIG / SET_CONFIG with huge sizes and offsets, and payloads that disagree.
     let mut f = d.raw();
     f.handshake(PF_CONFIG | PF_REPLY_ACK);
@@ -632,20 +647,55 @@ fn hostile_frontend_messages_never_kill_the_daemon_and_a_good_client_still_works
     settle(f);
     check("file descriptor flood");
 
-    // Last, as the most destructive: a region whose file is much smaller than the region, with
-    // the rings past the file's end. Touching them must not bring the daemon down (SIGBUS):
-    // the daemon has to refuse such a table (or survive the fault).
-    let mut f = d.raw();
-    f.handshake(0);
-    let _ = f.mem_table(&[[0, MIB, UADDR, 0]], &[small.as_raw_fd()]);
-    let (_call, _kick) = start_queue(&f, 16, UADDR + 0x8_0000, UADDR + 0x8_1000, UADDR + 0x8_2000);
-    settle(f);
-    check("memory region larger than its file");
-
     // The whole hostile run, with the good-client checks, stays well under a minute.
     eprintln!(
         "hostile frontend: {} scenarios in {:.1}s",
         round,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// A frontend whose virtqueue is garbage (descriptors pointing anywhere, the avail index far
+/// ahead of the device, EVENT_IDX negotiated) must not stop the daemon serving the next
+/// connection: the queue thread must give up on the ring instead of spinning, so the daemon can
+/// join it when the frontend leaves.
+#[test]
+fn garbage_virtqueue_does_not_stop_the_daemon_serving() {
+    let Some(d) = Daemon::start() else {
+        return;
+    };
+    // A garbage ring in valid memory: every descriptor points everywhere, avail index far ahead.
+    let mut f = d.raw();
+    f.handshake(0);
+    let garbage = memfd(MIB);
+    {
+        let mut bytes: Vec<u8> = (0..MIB as usize)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        // The avail ring is at 0x4000: index 0xfff0, far more than a queue size ahead of 0.
+        bytes[0x4002..0x4004].copy_from_slice(&0xfff0u16.to_le_bytes());
+        let mut file = File::from(garbage.try_clone().unwrap());
+        file.write_all(&bytes).unwrap();
+    }
+    let _ = f.mem_table(&[[0, MIB, UADDR, 0]], &[garbage.as_raw_fd()]);
+    let (_call, _kick) = start_queue(&f, 256, UADDR, UADDR + 0x4000, UADDR + 0x6000);
+    settle(f);
+    d.assert_serves("a garbage virtqueue", 1);
+}
+
+/// A memory table whose region is larger than the file behind it, with the rings past the
+/// file's end: touching them would raise SIGBUS, so the daemon must refuse such a table (or
+/// survive the fault) and keep serving.
+#[test]
+fn memory_region_larger_than_its_file_does_not_crash_the_daemon() {
+    let Some(d) = Daemon::start() else {
+        return;
+    };
+    let small = memfd(4096);
+    let mut f = d.raw();
+    f.handshake(0);
+    let _ = f.mem_table(&[[0, MIB, UADDR, 0]], &[small.as_raw_fd()]);
+    let (_call, _kick) = start_queue(&f, 16, UADDR + 0x8_0000, UADDR + 0x8_1000, UADDR + 0x8_2000);
+    settle(f);
+    d.assert_serves("a memory region larger than its file", 1);
 }
