@@ -9,7 +9,7 @@
 //! Input format: `cfg:u8 size:u16` then ops `op:u8 ...`:
 //! read/write/discard/write-zeroes take `off:u32 len:u16` (offsets modulo a little more than
 //! the disk size, so out-of-range requests happen too); a write also takes `fill:u8`. Config
-//! byte: bits 0-1 cache size (2..=16 folios of 4 KiB), bit 2 a background flusher thread, bit 3
+//! byte: bits 0-1 cache size (2, 8, 16 or 32 folios of 4 KiB), bit 2 a background flusher thread, bit 3
 //! bypass threshold 8 KiB, bit 4 start in write-through, bits 5-6 dirty limit fraction, bit 7
 //! an odd disk size (not a multiple of 512).
 
@@ -57,7 +57,7 @@ pub fn run(data: &[u8]) {
     // 16 KiB..256 KiB, a multiple of 4 bytes or (bit 7) not even of 512: the last folio is partial.
     let size =
         (16 << 10) + usize::from(r.u16()) * 4 % (240 << 10) + usize::from(cfg_byte >> 7) * 333;
-    let folios = 2u64 << (cfg_byte & 3); // 2, 4, 8, 16
+    let folios = [2u64, 8, 16, 32][usize::from(cfg_byte & 3)];
     let cache_size = folios * FOLIO;
     let dirty_limit = match (cfg_byte >> 5) & 3 {
         0 => FOLIO,
