@@ -184,9 +184,11 @@ pub fn process_queue_pooled(
             queue.disable_notification(&**mem)?;
         }
         batch.clear();
+        crate::request::check_avail_ring(queue, &**mem)?;
         while let Some(chain) = queue.pop_descriptor_chain(Arc::clone(mem)) {
             batch.push((Arc::clone(mem), chain));
         }
+        let popped = batch.len();
         if batch.len() == 1 {
             if let Some((m, chain)) = batch.pop() {
                 let head = chain.head_index();
@@ -203,6 +205,9 @@ pub fn process_queue_pooled(
         }
         if !event_idx || !queue.enable_notification(&**mem)? {
             break;
+        }
+        if popped == 0 {
+            return Err(crate::request::ProcessQueueError::Stalled);
         }
     }
     if !completed {

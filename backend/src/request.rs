@@ -141,6 +141,21 @@ pub enum ProcessQueueError {
     /// The queue's rings could not be accessed.
     #[error("virtqueue access failed: {0}")]
     Queue(#[from] virtio_queue::Error),
+    /// The driver reports available descriptors that cannot be popped (a corrupt available
+    /// ring); the queue is left alone until the driver kicks or resets it again.
+    #[error("virtqueue stalled: the available ring announces descriptors that cannot be popped")]
+    Stalled,
+}
+
+/// Checks the available ring before a processing pass. A corrupt ring (an index more than the
+/// queue size ahead of ours) makes popping find nothing while `enable_notification` keeps
+/// reporting work: without this check a hostile driver could make the queue thread spin forever.
+pub(crate) fn check_avail_ring<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+) -> Result<(), ProcessQueueError> {
+    virtio_queue::QueueOwnedT::iter(queue, mem).map(|_| ())?;
+    Ok(())
 }
 
 /// One non-empty descriptor of a chain.
@@ -667,7 +682,10 @@ pub fn process_queue<M: GuestMemory>(
         if event_idx {
             queue.disable_notification(mem)?;
         }
+        check_avail_ring(queue, mem)?;
+        let mut popped = 0usize;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            popped += 1;
             let head = chain.head_index();
             let used_len = worker.process_chain(dev, mem, chain);
             match queue.add_used(mem, head, used_len) {
@@ -677,6 +695,9 @@ pub fn process_queue<M: GuestMemory>(
         }
         if !event_idx || !queue.enable_notification(mem)? {
             break;
+        }
+        if popped == 0 {
+            return Err(ProcessQueueError::Stalled);
         }
     }
     if !completed {

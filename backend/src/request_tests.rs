@@ -799,8 +799,30 @@ fn garbage_avail_ring_entries_do_not_panic_or_hang() {
     h.mem
         .write_obj(1000u16.to_le(), GuestAddress(AVAIL + 2))
         .unwrap();
-    process_queue(&h.dev, &mut h.worker, &mut q, &h.mem).unwrap();
+    assert!(process_queue(&h.dev, &mut h.worker, &mut q, &h.mem).is_err());
     assert_eq!(used_idx(&h.mem), 3);
+}
+
+#[test]
+fn corrupt_avail_index_with_event_idx_fails_the_pass_instead_of_spinning() {
+    // With EVENT_IDX, `enable_notification` reports "more work" whenever the driver's avail
+    // index differs from ours; a corrupt index that can never be popped used to make the queue
+    // thread loop (and log) forever. The pass must end with an error instead.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut h = Harness::new();
+        let mut q = queue_with_chains(&h.mem, &[], 0);
+        q.set_event_idx(true);
+        h.mem
+            .write_obj(1000u16.to_le(), GuestAddress(AVAIL + 2))
+            .unwrap();
+        let r = process_queue(&h.dev, &mut h.worker, &mut q, &h.mem);
+        let _ = tx.send(r.is_err());
+    });
+    let failed = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("process_queue spun on a corrupt avail index");
+    assert!(failed, "a corrupt avail index must fail the pass");
 }
 
 #[test]

@@ -35,7 +35,9 @@ fn qemu_images(tmp: &Path) -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
     let create = |path: &PathBuf, extra: &[&str], size: Option<&str>| {
         let mut c = Command::new("qemu-img");
-        c.args(["create", "-q", "-f", "qcow2"]).args(extra).arg(path);
+        c.args(["create", "-q", "-f", "qcow2"])
+            .args(extra)
+            .arg(path);
         c.args(size);
         run(&mut c)
     };
@@ -44,7 +46,11 @@ fn qemu_images(tmp: &Path) -> Vec<(&'static str, Vec<u8>)> {
     };
     // A fresh 1 MiB image with 4 KiB clusters.
     let a = img("fresh.qcow2");
-    if create(&a, &["-o", "cluster_size=4096", "-o", "refcount_bits=16"], Some("1M")) {
+    if create(
+        &a,
+        &["-o", "cluster_size=4096", "-o", "refcount_bits=16"],
+        Some("1M"),
+    ) {
         out.push(("qemu_fresh_4k", std::fs::read(&a).unwrap()));
         // The same with data written at three places and a zeroed range.
         if io(&a, "write -P 0x61 0 8k")
@@ -56,7 +62,15 @@ fn qemu_images(tmp: &Path) -> Vec<(&'static str, Vec<u8>)> {
             // Compressed copy.
             let c = img("compressed.qcow2");
             if run(Command::new("qemu-img").args([
-                "convert", "-q", "-c", "-O", "qcow2", "-o", "cluster_size=4096", &p(&a), &p(&c),
+                "convert",
+                "-q",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                &p(&a),
+                &p(&c),
             ])) {
                 out.push(("qemu_compressed_4k", std::fs::read(&c).unwrap()));
             }
@@ -92,8 +106,11 @@ fn qemu_images(tmp: &Path) -> Vec<(&'static str, Vec<u8>)> {
     }
     // qcow2 version 2 (compat=0.10).
     let v2 = img("v2.qcow2");
-    if create(&v2, &["-o", "compat=0.10", "-o", "cluster_size=4096"], Some("512K"))
-        && io(&v2, "write -P 0x33 4k 12k")
+    if create(
+        &v2,
+        &["-o", "compat=0.10", "-o", "cluster_size=4096"],
+        Some("512K"),
+    ) && io(&v2, "write -P 0x33 4k 12k")
     {
         out.push(("qemu_v2_4k", std::fs::read(&v2).unwrap()));
     }
@@ -108,8 +125,13 @@ fn main() {
     std::fs::create_dir_all(&tmp).unwrap();
     let mut q = qcow::seeds();
     for (name, image) in qemu_images(&tmp) {
-        // Whole-image mode: read 8 KiB at 4 KiB, write 4 KiB at 12 KiB + 512.
-        q.push((name, qcow::encode(0, (4096, 8192), (12800, 4096, 0x5e), &image)));
+        // Whole-image mode: read 8 KiB at 4 KiB, write 4 KiB at 12 KiB + 512. The engine opens
+        // images with internal snapshots read-only only, so that seed is opened read-only.
+        let mode = if name.contains("snapshot") { 2 } else { 0 };
+        q.push((
+            name,
+            qcow::encode(mode, (4096, 8192), (12800, 4096, 0x5e), &image),
+        ));
     }
     write_seeds(&root.join("qcow2_image"), q);
     let _ = std::fs::remove_dir_all(&tmp);

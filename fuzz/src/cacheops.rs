@@ -96,7 +96,8 @@ pub fn run(data: &[u8]) {
                         let res = cache.read_at(&mut buf, off);
                         if res.is_ok() {
                             assert!(in_range, "read past the end succeeded at {off}+{len}");
-                            if let Some(pos) = buf.iter().zip(&shadow[s..e]).position(|(a, b)| a != b)
+                            if let Some(pos) =
+                                buf.iter().zip(&shadow[s..e]).position(|(a, b)| a != b)
                             {
                                 panic!(
                                     "read at {off}+{len}: byte {} is {:#x}, expected {:#x}",
@@ -152,7 +153,9 @@ pub fn run(data: &[u8]) {
             }
             6 => {
                 let wb = cache.writeback_enabled();
-                cache.set_writeback(!wb).expect("set_writeback over MemDisk");
+                cache
+                    .set_writeback(!wb)
+                    .expect("set_writeback over MemDisk");
                 if wb {
                     // Going to write-through flushes everything.
                     assert_lower_matches(&lower, &shadow, "after switching to write-through");
@@ -251,7 +254,9 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     for i in 0..40u32 {
         s.write(i * 3000 + 7, 2500, i as u8);
     }
-    s.ranged(Read, 0, 65535).op(Flush).ranged(Read, 100_000, 30_000);
+    s.ranged(Read, 0, 65535)
+        .op(Flush)
+        .ranged(Read, 100_000, 30_000);
     out.push(("flusher_many_writes", s.build()));
     out
 }

@@ -177,6 +177,23 @@ fn check_bytes(image: &[u8], repair: Option<Repair>) -> Option<qcow_snapshot::ch
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
+    run_outcome(data);
+}
+
+/// What one input did (for the harness's own tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QcowOutcome {
+    /// The checker called the input image free of corruptions and check errors.
+    pub consistent: bool,
+    /// The engine opened the image.
+    pub opened: bool,
+    /// The write, flush and close all succeeded.
+    pub wrote: bool,
+}
+
+/// Runs one input and says how far it got.
+pub fn run_outcome(data: &[u8]) -> QcowOutcome {
+    let mut outcome = QcowOutcome::default();
     let mut r = Reader::new(data);
     let mode = r.u8();
     let read_off = u64::from(r.u32());
@@ -190,7 +207,7 @@ pub fn run(data: &[u8]) {
     let image = if mode & 1 == 0 {
         let rest = r.rest();
         if rest.len() > MAX_IMAGE {
-            return;
+            return outcome;
         }
         rest.to_vec()
     } else {
@@ -222,9 +239,11 @@ pub fn run(data: &[u8]) {
         }
         _ => None,
     };
+    outcome.consistent = consistent;
     let Ok(img) = QcowImage::open_with(Box::new(host.clone()), read_only, backing) else {
-        return;
+        return outcome;
     };
+    outcome.opened = true;
     let size = img.size();
     let mut buf = vec![0u8; read_len];
     let read_ok = img.read_at(&mut buf, read_off).is_ok();
@@ -236,7 +255,10 @@ pub fn run(data: &[u8]) {
         // What was written reads back.
         let mut back = vec![0u8; write_len];
         if img.read_at(&mut back, write_off).is_ok() {
-            assert!(back == wbuf, "write at {write_off} len {write_len} did not read back");
+            assert!(
+                back == wbuf,
+                "write at {write_off} len {write_len} did not read back"
+            );
         }
     }
     let close_ok = img.close().is_ok();
@@ -265,17 +287,19 @@ pub fn run(data: &[u8]) {
     if repair {
         let _ = check_bytes(&after_bytes, Some(Repair::All));
     }
+    outcome.wrote = write_ok && flush_ok && close_ok;
+    outcome
 }
 
 /// Builds inputs for [`run`].
-pub fn encode(
-    mode: u8,
-    read: (u32, u16),
-    write: (u32, u16, u8),
-    body: &[u8],
-) -> Vec<u8> {
+pub fn encode(mode: u8, read: (u32, u16), write: (u32, u16, u8), body: &[u8]) -> Vec<u8> {
     let mut w = Writer::default();
-    w.u8(mode).u32(read.0).u16(read.1).u32(write.0).u16(write.1).u8(write.2);
+    w.u8(mode)
+        .u32(read.0)
+        .u16(read.1)
+        .u32(write.0)
+        .u16(write.1)
+        .u8(write.2);
     w.bytes(body);
     w.out
 }
@@ -285,12 +309,81 @@ pub fn encode(
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
     // Unpatched base 0, read and write across a cluster boundary.
-    out.push(("base0_rw", encode(1, (4000, 8192), (4096 * 7 + 100, 5000, 0x77), &[])));
+    out.push((
+        "base0_rw",
+        encode(1, (4000, 8192), (4096 * 7 + 100, 5000, 0x77), &[]),
+    ));
     // Base 1 (512-byte clusters): one harmless patch of the unused header padding.
     let mut p = Writer::default();
     p.u32(200).u8(4).bytes(&[0, 0, 0, 0]);
-    out.push(("base1_patch", encode(1 | 8, (0, 4096), (65536, 1024, 1), &p.out)));
+    out.push((
+        "base1_patch",
+        encode(1 | 8, (0, 4096), (65536, 1024, 1), &p.out),
+    ));
     // Base 2 (backing file, 64 KiB clusters), repair after the write.
-    out.push(("base2_backing_repair", encode(1 | 16 | 4, (65536, 512), (0, 512, 9), &[])));
+    out.push((
+        "base2_backing_repair",
+        encode(1 | 16 | 4, (65536, 512), (0, 512, 9), &[]),
+    ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The built-in images are consistent and writable, so patch-mode fuzzing starts from
+    /// images the engine really opens and writes.
+    #[test]
+    fn built_in_seeds_are_consistent_and_the_engine_writes_them() {
+        for (name, input) in seeds() {
+            let out = run_outcome(&input);
+            assert!(
+                out.consistent,
+                "{name}: checker finds the image inconsistent"
+            );
+            assert!(out.opened && out.wrote, "{name}: {out:?}");
+        }
+    }
+
+    /// The `qemu-img` made seeds (fresh, written, compressed, with an internal snapshot, an
+    /// overlay, version 2) are consistent and the engine opens every one of them and writes
+    /// every one that is opened read-write.
+    #[test]
+    fn qemu_img_seeds_are_consistent_and_the_engine_writes_them() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/qcow2_image");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if !name.starts_with("seed-qemu_") {
+                continue;
+            }
+            let input = std::fs::read(&path).unwrap();
+            let out = run_outcome(&input);
+            assert!(
+                out.consistent,
+                "{name}: checker finds the image inconsistent"
+            );
+            assert!(out.opened, "{name}: {out:?}");
+            // Read-only seeds (mode bit 1: the image with an internal snapshot) write nothing.
+            let read_only = input.first().is_some_and(|m| m & 2 != 0);
+            assert_eq!(out.wrote, !read_only, "{name}: {out:?}");
+            n += 1;
+        }
+        assert!(n >= 5, "only {n} qemu-img seeds");
+    }
+
+    #[test]
+    fn bounded_host_refuses_to_grow_past_its_limit() {
+        let h = BoundedHost::default();
+        h.write_at(&[1, 2], 10).unwrap();
+        assert_eq!(h.len().unwrap(), 12);
+        assert!(h.write_at(&[1], HOST_LIMIT).is_err());
+        assert!(h.write_at(&[1], u64::MAX).is_err());
+        assert!(h.set_len(HOST_LIMIT + 1).is_err());
+        let mut b = [9u8; 4];
+        h.read_at(&mut b, u64::MAX).unwrap();
+        assert_eq!(b, [0; 4]);
+    }
 }

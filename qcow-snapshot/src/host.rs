@@ -394,6 +394,116 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
 mod tests {
     use super::*;
 
+    /// A file with Linux "fsyncgate" semantics: a failed sync drops the unsynced writes.
+    #[derive(Default)]
+    struct LossyFile {
+        state: Mutex<(Vec<u8>, Vec<u8>)>,
+        failures_left: std::sync::atomic::AtomicU32,
+    }
+
+    impl HostFile for LossyFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            MemHost::new(self.state.lock().unwrap().0.clone()).read_at(buf, offset)
+        }
+
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let mut st = self.state.lock().unwrap();
+            let m = MemHost::new(std::mem::take(&mut st.0));
+            m.write_at(buf, offset)?;
+            st.0 = m.contents();
+            Ok(())
+        }
+
+        fn sync_data(&self) -> io::Result<()> {
+            let mut st = self.state.lock().unwrap();
+            if self.failures_left.load(Ordering::SeqCst) > 0 {
+                self.failures_left.fetch_sub(1, Ordering::SeqCst);
+                st.0 = st.1.clone();
+                return Err(eio());
+            }
+            st.1 = st.0.clone();
+            Ok(())
+        }
+
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.state.lock().unwrap().0.len() as u64)
+        }
+
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.state.lock().unwrap().0.resize(len as usize, 0);
+            Ok(())
+        }
+    }
+
+    fn durable(h: &ReplayHost<std::sync::Arc<LossyFile>>) -> Vec<u8> {
+        h.inner.state.lock().unwrap().1.clone()
+    }
+
+    #[test]
+    fn one_failed_sync_that_drops_writes_is_repaired_by_replaying_them() {
+        let f = std::sync::Arc::new(LossyFile::default());
+        let h = ReplayHost::new(f.clone());
+        h.write_at(&[1, 2], 0).unwrap();
+        h.sync_data().unwrap();
+        h.write_at(&[3], 1).unwrap();
+        h.write_at(&[4, 5], 2).unwrap();
+        f.failures_left.store(1, Ordering::SeqCst);
+        h.sync_data().unwrap();
+        assert!(!h.is_poisoned());
+        assert_eq!(durable(&h), [1, 3, 4, 5]);
+        // The journal was retired: a later failure only replays later writes.
+        h.write_at(&[6], 0).unwrap();
+        f.failures_left.store(1, Ordering::SeqCst);
+        h.sync_data().unwrap();
+        assert_eq!(durable(&h), [6, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_sync_failing_again_after_the_replay_poisons_writes_and_syncs_but_not_reads() {
+        let f = std::sync::Arc::new(LossyFile::default());
+        let h = ReplayHost::new(f.clone());
+        h.write_at(&[7; 4], 0).unwrap();
+        f.failures_left.store(2, Ordering::SeqCst);
+        let e = h.sync_data().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(h.is_poisoned());
+        // The file would now sync fine, but the lost write must never be reported durable.
+        assert_eq!(h.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(h.write_at(&[1], 0).unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert!(h.set_len(0).is_err());
+        let mut b = [9u8; 2];
+        h.read_at(&mut b, 0).unwrap();
+        assert_eq!(durable(&h), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn unsynced_writes_beyond_the_journal_limit_poison_on_a_failed_sync() {
+        let f = std::sync::Arc::new(LossyFile::default());
+        let h = ReplayHost::new(f.clone());
+        let big = vec![1u8; REPLAY_LIMIT_BYTES / 2 + 1];
+        h.write_at(&big, 0).unwrap();
+        h.write_at(&big, big.len() as u64).unwrap();
+        assert!(h.journal().dropped_through.is_some());
+        assert_eq!(h.journal().bytes, 0);
+        f.failures_left.store(1, Ordering::SeqCst);
+        assert!(h.sync_data().is_err());
+        assert!(h.is_poisoned());
+    }
+
+    #[test]
+    fn a_successful_sync_forgets_the_journal_including_an_overflow() {
+        let f = std::sync::Arc::new(LossyFile::default());
+        let h = ReplayHost::new(f.clone());
+        let big = vec![1u8; REPLAY_LIMIT_BYTES + 1];
+        h.write_at(&big, 0).unwrap();
+        h.sync_data().unwrap();
+        assert!(h.journal().dropped_through.is_none());
+        h.write_at(&[2], 0).unwrap();
+        f.failures_left.store(1, Ordering::SeqCst);
+        h.sync_data().unwrap();
+        assert_eq!(durable(&h).first(), Some(&2));
+    }
+
     #[test]
     fn mem_host_reads_zeros_past_end_and_grows_on_write() {
         let h = MemHost::default();

@@ -21,7 +21,11 @@
 //! state, and only then update the L2 entry *in memory*. Dirty L2 tables, refcount blocks and
 //! L1/refcount-table entries stay in memory until a flush, which writes them in dependency
 //! order: sync data -> refcount blocks -> sync -> refcount-table entries -> sync -> L2 tables
-//! -> sync -> L1 entries -> sync. Refcount decrements of replaced clusters are applied only
+//! -> sync -> L1 entries -> sync. Refcount-table entries go in levels: the entry of a block
+//! that counts other new blocks is durable before theirs. A refcount-table growth writes the
+//! blocks and the new table, syncs, switches the header, syncs, and only then switches the
+//! in-memory table, so memory never names a table the header does not. A failed sync is
+//! repaired by [`ReplayHost`] or makes every later write, flush and close fail with EIO. Refcount decrements of replaced clusters are applied only
 //! after the flush that made the replacing references durable, so a crash can leak clusters
 //! but never leave a reference to a free or reused cluster. A bound on dirty metadata forces
 //! an internal flush.
@@ -392,6 +396,31 @@ impl Meta {
             if value == 0 {
                 return Ok(());
             }
+            // The new block is appended and counted by the block of its own index, which may
+            // itself be new, and so on. If any block of that chain would be counted beyond the
+            // table, grow first (the growth counts every cluster it adds) and start over, so a
+            // growth never happens halfway through a chain (with a table entry naming a block
+            // nothing counts yet).
+            let cs = self.cs();
+            let mut chain = vec![idx];
+            let mut p = self.file_end;
+            loop {
+                let j = self.geo.refcount_table_index(p) as usize;
+                if j >= self.reftable.len() {
+                    self.grow_reftable(io, j)?;
+                    return self.set_refcount(io, host, value, depth + 1);
+                }
+                if chain.contains(&j) || self.reftable.get(j).is_some_and(|&e| reftable_entry_offset(e) != 0) {
+                    break;
+                }
+                if chain.len() > 8 {
+                    return Err(corrupt(
+                        "refcount block allocation does not converge".into(),
+                    ));
+                }
+                chain.push(j);
+                p = p.checked_add(cs).ok_or_else(|| no_space("file size"))?;
+            }
             bo = self.file_end;
             self.file_end = bo
                 .checked_add(self.cs())
@@ -407,8 +436,18 @@ impl Meta {
             );
             self.dirty += 1;
             self.reftable[idx] = bo;
-            self.reftable_dirty.insert(idx);
-            self.set_refcount(io, bo, 1, depth + 1)?;
+            let was_dirty = !self.reftable_dirty.insert(idx);
+            if let Err(e) = self.set_refcount(io, bo, 1, depth + 1) {
+                // Nothing counts the block: unpublish it (its cluster stays a hole below EOF).
+                self.reftable[idx] = 0;
+                if !was_dirty {
+                    self.reftable_dirty.remove(&idx);
+                }
+                if self.blocks.remove(&bo).is_some() {
+                    self.dirty = self.dirty.saturating_sub(1);
+                }
+                return Err(e);
+            }
         }
         let order = self.geo.refcount_order;
         let bi = self.geo.refcount_block_index(host) as u64;
@@ -550,7 +589,10 @@ impl Meta {
                 let c = self.free_hint;
                 self.free_hint += cs;
                 if self.refcount(io, c)? == 0 {
-                    self.set_refcount(io, c, 1, 0)?;
+                    if let Err(e) = self.set_refcount(io, c, 1, 0) {
+                        self.free_hint = c;
+                        return Err(e);
+                    }
                     return Ok(c);
                 }
             }
@@ -567,7 +609,19 @@ impl Meta {
         }
         let mut c = start;
         while c < end {
-            self.set_refcount(io, c, 1, 0)?;
+            if let Err(e) = self.set_refcount(io, c, 1, 0) {
+                // All or nothing: release what this call already counted (best effort; a
+                // failure here leaks clusters, never loses a reference).
+                let mut u = start;
+                while u < c {
+                    if self.set_refcount(io, u, 0, 0).is_err() {
+                        break;
+                    }
+                    u += cs;
+                }
+                self.free_hint = self.free_hint.min(start);
+                return Err(e);
+            }
             c += cs;
         }
         Ok(start)
