@@ -77,7 +77,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 thread_local! {
-    static PERF_T: Cell<[u64;4]> = const { Cell::new([0;4]) };
     /// Reusable buffer for fills (taken out while in use, so re-entrant calls just allocate).
     static FILL_BUF: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
     /// Reusable buffer for writeback snapshots.
@@ -1053,7 +1052,8 @@ impl Inner {
                 }
                 continue;
             }
-            if !st.accounted {
+            let newly_dirty = !st.accounted;
+            if newly_dirty {
                 if !self.reserve_dirty() {
                     drop(st);
                     drop(f);
@@ -1068,7 +1068,11 @@ impl Inner {
             st.dirty.set(sa, sb);
             drop(st);
             f.touch();
-            if self.dirty_folios.load(Ordering::Relaxed) * 2 >= self.max_dirty {
+            // A folio that just became dirty wakes the flusher, so its data starts down to the
+            // lower layer in the background while the guest keeps writing: a later FLUSH then
+            // finds little left to write back (and the lower layer has had time to start its
+            // own writeback) instead of doing all the writeback serially on its own path.
+            if newly_dirty || self.dirty_folios.load(Ordering::Relaxed) * 2 >= self.max_dirty {
                 self.kick_flusher();
             }
             return Ok(());
@@ -1256,7 +1260,6 @@ impl Inner {
     }
 
     fn flush(&self) -> Result<()> {
-        let t0 = Instant::now();
         let accounted: Vec<Arc<Folio>> = lock(&self.dirty_list).values().cloned().collect();
         let mut first_error = None;
         for f in &accounted {
@@ -1264,22 +1267,12 @@ impl Inner {
                 first_error.get_or_insert(e);
             }
         }
-        let nf = accounted.len() as u64;
         drop(accounted);
         if let Some(e) = first_error {
             return Err(e);
         }
         self.hook(HookPoint::BeforeLowerFlush, 0);
-        let t1 = Instant::now();
-        let r = self.lower_flush();
-        let t2 = Instant::now();
-        PERF_T.with(|c| {
-            let mut v = c.get();
-            v[0] += 1; v[1] += (t1 - t0).as_micros() as u64; v[2] += (t2 - t1).as_micros() as u64; v[3] += nf;
-            if v[0] == 500 { eprintln!("PERFTMP flushes={} wb_us={} sync_us={} folios={}", v[0], v[1]/v[0], v[2]/v[0], v[3]/v[0]); v = [0;4]; }
-            c.set(v);
-        });
-        r
+        self.lower_flush()
     }
 
     // ---- background writeback ----

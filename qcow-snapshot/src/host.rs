@@ -469,7 +469,10 @@ mod tests {
         assert!(h.is_poisoned());
         // The file would now sync fine, but the lost write must never be reported durable.
         assert_eq!(h.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
-        assert_eq!(h.write_at(&[1], 0).unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(
+            h.write_at(&[1], 0).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
         assert!(h.set_len(0).is_err());
         let mut b = [9u8; 2];
         h.read_at(&mut b, 0).unwrap();

@@ -410,7 +410,12 @@ impl Meta {
                     self.grow_reftable(io, j)?;
                     return self.set_refcount(io, host, value, depth + 1);
                 }
-                if chain.contains(&j) || self.reftable.get(j).is_some_and(|&e| reftable_entry_offset(e) != 0) {
+                if chain.contains(&j)
+                    || self
+                        .reftable
+                        .get(j)
+                        .is_some_and(|&e| reftable_entry_offset(e) != 0)
+                {
                     break;
                 }
                 if chain.len() > 8 {
@@ -663,8 +668,7 @@ impl Meta {
     /// each refcount block reachable from the header has a nonzero refcount reachable from it.
     /// An entry is never written outside the table the on-disk header names.
     fn write_reftable_entries(&mut self, io: &dyn HostFile) -> Result<()> {
-        let on_disk_entries =
-            u64::from(self.header.refcount_table_clusters) * (self.cs() / 8);
+        let on_disk_entries = u64::from(self.header.refcount_table_clusters) * (self.cs() / 8);
         if self.reftable.len() as u64 != on_disk_entries {
             return Err(corrupt(format!(
                 "in-memory refcount table has {} entries but the one on disk has {on_disk_entries}",
@@ -677,7 +681,10 @@ impl Meta {
                 .iter()
                 .copied()
                 .filter(|&i| {
-                    let bo = self.reftable.get(i).map_or(0, |&e| reftable_entry_offset(e));
+                    let bo = self
+                        .reftable
+                        .get(i)
+                        .map_or(0, |&e| reftable_entry_offset(e));
                     let counted_in = self.geo.refcount_table_index(bo) as usize;
                     bo == 0 || counted_in == i || !self.reftable_dirty.contains(&counted_in)
                 })
