@@ -535,9 +535,8 @@ impl Meta {
                     "refcount table growth left cluster {c:#x} without a refcount block"
                 )));
             }
-            if !blocks.contains_key(&bo) {
-                let data = self.block(io, bo)?.data.clone();
-                blocks.insert(bo, data);
+            if let std::collections::btree_map::Entry::Vacant(v) = blocks.entry(bo) {
+                v.insert(self.block(io, bo)?.data.clone());
             }
             let data = blocks
                 .get_mut(&bo)
