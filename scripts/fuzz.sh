@@ -13,8 +13,6 @@
 # (the committed seeds in fuzz/corpus/<t> are read, never written); crashes, leaks, timeouts and
 # out-of-memory inputs go to fuzz/artifacts/<t>/. Limits: 512 MiB RSS and 512 MiB per malloc,
 # 10 s per input (30 s for qcow2_image). Exits non-zero if any target found something.
-# virtio_blk_chain skips a known hang (see known_hang in fuzz/src/chain.rs) unless
-# SNAPBLK_FUZZ_NO_FILTER=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

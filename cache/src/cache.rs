@@ -25,6 +25,9 @@
 //!   writebacks and retrying failed ones), then flushes the lower layer. A failed writeback fails
 //!   the flush and stays dirty; a failed lower flush makes every later flush fail (the lower
 //!   layer may have dropped data the cache already considers clean).
+//! - Background writeback: the flusher thread is woken after every `WRITEBACK_BATCH` folios
+//!   that become dirty (so a later flush finds little left to write), when half of the dirty
+//!   budget is used, and periodically; it only ever uses the writeback path above.
 //! - Write-through mode (`set_writeback(false)`) writes back the written folios and flushes the
 //!   lower layer before a write (or zap) completes.
 //! - Writeback of a folio whose dirty data reaches its end takes the following folios whose
@@ -225,6 +228,8 @@ struct Inner {
     evict_hand: AtomicUsize,
     free_bufs: Mutex<Vec<Vec<u8>>>,
     dirty_folios: AtomicUsize,
+    /// Folios that became dirty so far (wraps); paces the eager wake-ups of the flusher.
+    newly_dirtied: AtomicUsize,
     dirty_list: Mutex<BTreeMap<u64, Arc<Folio>>>,
     wb_cursor: AtomicU64,
     budget_lock: Mutex<()>,
@@ -302,6 +307,7 @@ impl FolioCache {
             evict_hand: AtomicUsize::new(0),
             free_bufs: Mutex::new(Vec::new()),
             dirty_folios: AtomicUsize::new(0),
+            newly_dirtied: AtomicUsize::new(0),
             dirty_list: Mutex::new(BTreeMap::new()),
             wb_cursor: AtomicU64::new(0),
             budget_lock: Mutex::new(()),
@@ -1068,11 +1074,18 @@ impl Inner {
             st.dirty.set(sa, sb);
             drop(st);
             f.touch();
-            // A folio that just became dirty wakes the flusher, so its data starts down to the
-            // lower layer in the background while the guest keeps writing: a later FLUSH then
-            // finds little left to write back (and the lower layer has had time to start its
-            // own writeback) instead of doing all the writeback serially on its own path.
-            if newly_dirty || self.dirty_folios.load(Ordering::Relaxed) * 2 >= self.max_dirty {
+            // Every `WRITEBACK_BATCH` folios that become dirty wake the flusher, so their data
+            // starts down to the lower layer in the background while the guest keeps writing: a
+            // later FLUSH then finds less left to write back (and the lower layer has had time
+            // to start its own writeback) instead of doing all of it serially on its own path.
+            // Batching keeps the wake-up cost off single small writes.
+            let eager = newly_dirty
+                && self
+                    .newly_dirtied
+                    .fetch_add(1, Ordering::Relaxed)
+                    .wrapping_add(1)
+                    .is_multiple_of(WRITEBACK_BATCH);
+            if eager || self.dirty_folios.load(Ordering::Relaxed) * 2 >= self.max_dirty {
                 self.kick_flusher();
             }
             return Ok(());

@@ -72,26 +72,6 @@ pub enum Op {
 
 const OPS: u8 = 8;
 
-/// Known bug filter (reported to the backend owner, reproduced by the unit test
-/// `avail_index_jump_with_event_idx_does_not_hang_the_queue`): with EVENT_IDX, an avail index
-/// more than a queue size ahead of the device makes `process_queue` spin forever, because
-/// `pop_descriptor_chain` refuses the ring while `enable_notification` keeps reporting new
-/// entries. So that fuzzing can look for other bugs, such a pass is skipped unless
-/// `SNAPBLK_FUZZ_NO_FILTER=1` is set. Remove this once `process_queue` is fixed.
-fn known_hang(
-    queue: &Queue,
-    mem: &GuestMemoryMmap,
-    avail_idx_addr: GuestAddress,
-    qsize: u16,
-) -> bool {
-    static NO_FILTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *NO_FILTER.get_or_init(|| std::env::var_os("SNAPBLK_FUZZ_NO_FILTER").is_some()) {
-        return false;
-    }
-    let idx: u16 = mem.read_obj(avail_idx_addr).unwrap_or(0);
-    queue.event_idx_enabled() && idx.wrapping_sub(queue.next_avail()) > qsize
-}
-
 /// Decodes an address: high bit of the mode byte selects a raw 64-bit address.
 fn addr(r: &mut Reader<'_>) -> u64 {
     if r.u8() & 0x80 != 0 {
@@ -101,15 +81,9 @@ fn addr(r: &mut Reader<'_>) -> u64 {
     }
 }
 
-/// Whether [`known_hang`] states are skipped (unless `SNAPBLK_FUZZ_NO_FILTER` is set).
-fn filter_known_hang() -> bool {
-    static NO_FILTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !*NO_FILTER.get_or_init(|| std::env::var_os("SNAPBLK_FUZZ_NO_FILTER").is_some())
-}
-
 /// Runs one input.
 pub fn run(data: &[u8]) {
-    run_filtered(data, filter_known_hang());
+    run_outcome(data);
 }
 
 /// What one input did (for the harness's own tests).
@@ -121,8 +95,8 @@ pub struct ChainOutcome {
     pub disk_changed: bool,
 }
 
-/// Runs one input; with `filter`, processing passes that would hit [`known_hang`] are skipped.
-pub fn run_filtered(data: &[u8], filter: bool) -> ChainOutcome {
+/// Runs one input and says what it did.
+pub fn run_outcome(data: &[u8]) -> ChainOutcome {
     let mut r = Reader::new(data);
     let cfg_byte = r.u8();
     let feat = r.u8();
@@ -209,9 +183,7 @@ pub fn run_filtered(data: &[u8], filter: bool) -> ChainOutcome {
                 let _ = mem.write_obj(idx.wrapping_add(1), avail_idx_addr);
             }
             4 => {
-                if !(filter && known_hang(&queue, &mem, avail_idx_addr, qsize)) {
-                    let _ = process_queue(&dev, &mut worker, &mut queue, &mem);
-                }
+                let _ = process_queue(&dev, &mut worker, &mut queue, &mem);
             }
             5 => {
                 let _ = mem.write_obj(r.u16(), avail_idx_addr);
@@ -235,9 +207,7 @@ pub fn run_filtered(data: &[u8], filter: bool) -> ChainOutcome {
             }
         }
     }
-    if !(filter && known_hang(&queue, &mem, avail_idx_addr, qsize)) {
-        let _ = process_queue(&dev, &mut worker, &mut queue, &mem);
-    }
+    let _ = process_queue(&dev, &mut worker, &mut queue, &mem);
 
     assert_eq!(disk.size(), DISK_SIZE as u64, "disk size changed");
     let disk_changed = disk.snapshot() != content;
@@ -443,7 +413,7 @@ mod tests {
         assert_eq!(seeds.len(), expect.len());
         for ((name, input), (ename, min_used, changes)) in seeds.iter().zip(expect) {
             assert_eq!(*name, ename);
-            let out = run_filtered(input, false);
+            let out = run_outcome(input);
             assert!(
                 out.used >= min_used,
                 "{name}: only {} used entries",
@@ -457,7 +427,7 @@ mod tests {
     fn finishes(input: Vec<u8>) -> bool {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            run_filtered(&input, false);
+            run_outcome(&input);
             let _ = tx.send(());
         });
         rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok()

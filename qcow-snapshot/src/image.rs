@@ -1718,3 +1718,119 @@ impl Drop for QcowImage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+    use crate::create::{create_on, CreateOptions};
+    use crate::host::MemHost;
+
+    /// A file whose failed syncs drop the unsynced writes (Linux "fsyncgate"); `fail_syncs`
+    /// syncs fail once armed.
+    struct LossyHost {
+        file: MemHost,
+        synced: Mutex<Vec<u8>>,
+        fail_syncs: AtomicU32,
+    }
+
+    impl HostFile for LossyHost {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.file.read_at(buf, offset)
+        }
+
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.file.write_at(buf, offset)
+        }
+
+        fn sync_data(&self) -> io::Result<()> {
+            let mut synced = self.synced.lock().unwrap();
+            if self.fail_syncs.load(Ordering::SeqCst) > 0 {
+                self.fail_syncs.fetch_sub(1, Ordering::SeqCst);
+                let old = synced.clone();
+                self.file.set_len(0)?;
+                self.file.write_at(&old, 0)?;
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            *synced = self.file.contents();
+            Ok(())
+        }
+
+        fn len(&self) -> io::Result<u64> {
+            self.file.len()
+        }
+
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.file.set_len(len)
+        }
+    }
+
+    fn lossy_image() -> (Arc<LossyHost>, QcowImage) {
+        let host = Arc::new(LossyHost {
+            file: MemHost::default(),
+            synced: Mutex::new(Vec::new()),
+            fail_syncs: AtomicU32::new(0),
+        });
+        let opts = CreateOptions {
+            size: 1 << 20,
+            cluster_size: 4096,
+            ..CreateOptions::default()
+        };
+        create_on(&*host, &opts).unwrap();
+        host.sync_data().unwrap();
+        let img = QcowImage::open_with(Box::new(host.clone()), false, None).unwrap();
+        (host, img)
+    }
+
+    fn dirty_bit_on_disk(host: &LossyHost) -> bool {
+        let durable = MemHost::new(host.synced.lock().unwrap().clone());
+        let h = ImageHeader::read(&durable).unwrap();
+        h.header.incompatible_features & incompat::DIRTY != 0
+    }
+
+    #[test]
+    fn a_sync_failure_that_the_replay_cannot_repair_fails_every_later_flush_write_and_close() {
+        let (host, img) = lossy_image();
+        img.write_at(&[0xaa; 4096], 0).unwrap();
+        img.flush().unwrap();
+        img.write_at(&[0xbb; 4096], 8192).unwrap();
+        // The sync fails and so does the one after the replay: the write may be lost.
+        host.fail_syncs.store(2, Ordering::SeqCst);
+        let e = img.flush().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(img.is_poisoned());
+        // The file syncs fine again, but nothing may claim durability any more.
+        for _ in 0..2 {
+            assert_eq!(img.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
+        }
+        let w = img.write_at(&[0xcc; 512], 0).unwrap_err();
+        assert_eq!(w.raw_os_error(), Some(libc::EIO));
+        assert_eq!(
+            img.write_zeroes(0, 4096, true).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
+        let mut b = [0u8; 512];
+        img.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0xaa; 512]);
+        assert_eq!(img.close().unwrap_err().raw_os_error(), Some(libc::EIO));
+        drop(img);
+        assert!(dirty_bit_on_disk(&host), "the dirty bit was cleared");
+    }
+
+    #[test]
+    fn a_sync_failure_repaired_by_the_replay_leaves_the_image_fully_usable() {
+        let (host, img) = lossy_image();
+        img.write_at(&[0xbb; 4096], 8192).unwrap();
+        host.fail_syncs.store(1, Ordering::SeqCst);
+        img.flush().unwrap();
+        assert!(!img.is_poisoned());
+        img.close().unwrap();
+        assert!(!dirty_bit_on_disk(&host));
+        let synced = MemHost::new(host.synced.lock().unwrap().clone());
+        let img = QcowImage::open_with(Box::new(synced), true, None).unwrap();
+        let mut b = [0u8; 4096];
+        img.read_at(&mut b, 8192).unwrap();
+        assert_eq!(b, [0xbb; 4096]);
+    }
+}
