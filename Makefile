@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SNAPBLK := target/release/snapblk
 
-.PHONY: all build deps guest run run-overlay test test-quick lint fmt clippy bench soak fuzz installer-demo clean-build
+.PHONY: all build deps guest run run-overlay test test-guest test-quick lint fmt clippy bench soak fuzz installer-demo clean-build
 
 all: build
 
@@ -29,6 +29,11 @@ test: deps
 	$(CARGO) build --release -p snapblk
 	bash scripts/build-guest.sh
 	SNAPBLK_REQUIRE_GUEST=1 $(CARGO) test --release --workspace --no-fail-fast
+
+# Only the real-guest end-to-end tests, including the reference-peer (qemu-storage-daemon) runs.
+test-guest: deps build
+	bash scripts/build-guest.sh
+	SNAPBLK_REQUIRE_GUEST=1 $(CARGO) test --release -p snapblk-tests --test e2e_guest -- --include-ignored
 
 # Unit tests only (no guest, no qemu-img): fast inner loop.
 test-quick:
