@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use log::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -132,6 +134,33 @@ impl VhostUserBlk {
     }
 }
 
+/// Checks that every file-backed region of `mem` lies inside its (regular) file.
+fn check_regions_fit_their_files(mem: &GuestMemoryMmap) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata()?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let end = fo.start().checked_add(region.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "memory region at guest address {:#x} ({} bytes from file offset {}) reaches past the end of its {}-byte file",
+                    region.start_addr().0,
+                    region.len(),
+                    fo.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl VhostUserBackend for VhostUserBlk {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -180,8 +209,19 @@ impl VhostUserBackend for VhostUserBlk {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
-        // `self.mem` is the atomic the handler just updated; nothing to copy.
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        // `self.mem` is the atomic the handler just updated. vm-memory maps each region as the
+        // frontend describes it without comparing it with its file: a region that reaches past
+        // the end of its file would SIGBUS the queue thread on first access. Refuse such a table
+        // and leave no guest memory mapped, so every ring access fails cleanly instead.
+        if let Err(e) = check_regions_fit_their_files(&mem.memory()) {
+            match self.mem.lock() {
+                Ok(guard) => guard.replace(GuestMemoryMmap::new()),
+                Err(_) => error!("cannot drop the refused memory table: its lock is poisoned"),
+            }
+            error!("refusing the frontend's memory table: {e}");
+            return Err(e);
+        }
         Ok(())
     }
 
