@@ -315,7 +315,7 @@ KERNEL_REL="$(uname -r)"
 RUSTC_VERSION="$(rustc --version 2>/dev/null || echo unknown)"
 WORKLOAD_LINES="$(printf '%s\n' "${WORKLOADS[@]}")"
 RUN_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
-export SIDES_LIST CPU_MODEL CPU_COUNT MEM_TOTAL KERNEL_REL RUSTC_VERSION WORKLOAD_LINES RUN_DATE
+export SIDES_LIST CPU_MODEL CPU_COUNT MEM_TOTAL KERNEL_REL RUSTC_VERSION WORKLOAD_LINES RUN_DATE ROOT
 
 python3 - "$RESULTS" "$BENCH_DIR/ceiling.json" >"$BENCH_OUT" <<'PY'
 import json, os, sys
@@ -500,8 +500,8 @@ p(f"- Runs took {E['ELAPSED']} s in total; load average (1/5/15 min) {E['LOAD_BE
 p(f"- Before the runs, each daemon had to show exactly the expected disk (capacity and "
   f"{2048 + 2} sampled 4 KiB blocks against a raw reference); a side/image that failed that check "
   "is listed under its workloads as not measured.")
-p(f"- Raw per-run JSON: `{E['BENCH_DIR']}/results.jsonl`; "
-  f"daemon logs: `{E['BENCH_DIR']}/logs/`.")
+rel = os.path.relpath(E['BENCH_DIR'], E['ROOT']) if E['BENCH_DIR'].startswith(E['ROOT']) else E['BENCH_DIR']
+p(f"- Raw per-run JSON: `{rel}/results.jsonl`; daemon logs: `{rel}/logs/`.")
 p("- With only 2 cores, the client's submission threads and the daemon's queue threads compete for "
   "the same CPUs; QD32 and 2-queue figures are CPU-bound on this machine, not storage-bound.")
 p("- Peak RSS: snapblk's includes its own folio cache (`--cache-size`, 256 MiB by default, counted "
@@ -511,6 +511,10 @@ p("- The COW workload writes one 4 KiB block into each 64 KiB cluster of an empt
   "shorter than the others; raise `BENCH_IMAGE_SIZE` to lengthen it.")
 p("- All I/O stays in the host page cache (the working set fits in memory), so these figures measure "
   "the daemons' per-request overhead and their flush paths, not the disk.")
+analysis = os.path.join(E['ROOT'], 'scripts', 'bench-analysis.md')
+if os.path.exists(analysis):
+    p("")
+    p(open(analysis).read().rstrip())
 print("\n".join(out))
 PY
 log "wrote $BENCH_OUT"
