@@ -1353,6 +1353,9 @@ impl QcowImage {
 
         let mut blocked = Vec::new();
         let mut m = self.lock();
+        // How many allocations got their L2 entry: those clusters are referenced now and must
+        // never be freed by the undo below, even if a later entry of the same write fails.
+        let mut published = 0usize;
         let publish = (|| -> Result<()> {
             data?;
             for s in &steps {
@@ -1360,20 +1363,23 @@ impl QcowImage {
                     let old = m.entry(&self.io, gc)?;
                     m.set_entry(&self.io, gc, target | OFLAG_COPIED)?;
                     m.release(old, Some(target));
+                    published += 1;
                 }
             }
             Ok(())
         })();
         let mut undo = Vec::new();
+        let mut alloc_no = 0usize;
         for s in &steps {
             match *s {
                 Step::Alloc {
                     gc, target, fresh, ..
                 } => {
                     m.inflight.remove(&gc);
-                    if publish.is_err() && fresh {
+                    if publish.is_err() && fresh && alloc_no >= published {
                         undo.push(target);
                     }
+                    alloc_no += 1;
                 }
                 Step::Blocked { guest, len } => blocked.push((guest, len)),
                 Step::Direct { .. } => {}

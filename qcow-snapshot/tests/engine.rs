@@ -9,8 +9,8 @@ use std::sync::Arc;
 use blockdev::{BlockDev, BlockError};
 use common::*;
 use qcow_snapshot::{
-    checksum, commit, create, create_snapshot_overlay, export, open_image, open_qcow2,
-    CreateOptions, Format, Mapping,
+    checksum, commit, create, create_on, create_snapshot_overlay, export, open_image, open_qcow2,
+    CreateOptions, Format, HostFile, Mapping, MemHost, QcowImage,
 };
 use rand::{Rng, SeedableRng};
 
@@ -551,4 +551,114 @@ fn disk_size_not_a_multiple_of_the_cluster_size_handles_the_last_partial_cluster
         }
     )
     .is_err());
+}
+
+/// A memory file whose `n`-th read at one offset fails with EIO (armed with `arm`).
+struct FailNthReadAt {
+    inner: MemHost,
+    offset: std::sync::atomic::AtomicU64,
+    reads: std::sync::atomic::AtomicU32,
+    fail_on: u32,
+}
+
+impl FailNthReadAt {
+    fn arm(&self, offset: u64) {
+        use std::sync::atomic::Ordering;
+        self.reads.store(0, Ordering::SeqCst);
+        self.offset.store(offset, Ordering::SeqCst);
+    }
+}
+
+impl HostFile for FailNthReadAt {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if offset == self.offset.load(Ordering::SeqCst)
+            && self.reads.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_on
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn half_published_allocation_never_frees_a_cluster_an_l2_entry_points_to() {
+    // One write allocates guest clusters 511 and 512, whose entries live in different L2 tables.
+    // With one L2 table cached, publishing 511's entry evicts table 1, and re-reading it for
+    // 512 fails: the write fails after 511's entry was set. The undo must not free 511's new
+    // cluster, or the next allocation reuses it and two guest clusters share one host cluster.
+    let cs = 4096u64;
+    let host = Arc::new(FailNthReadAt {
+        inner: MemHost::new(Vec::new()),
+        offset: std::sync::atomic::AtomicU64::new(u64::MAX),
+        reads: std::sync::atomic::AtomicU32::new(0),
+        fail_on: 2,
+    });
+    create_on(
+        &*host,
+        &CreateOptions {
+            size: 8 << 20,
+            cluster_size: cs,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    // Allocate L2 tables 0 and 1 (guest clusters 0 and 600), then close cleanly.
+    {
+        let img = QcowImage::open_with(Box::new(host.clone()), false, None).unwrap();
+        img.write_at(&[1; 4096], 0).unwrap();
+        img.write_at(&[2; 4096], 600 * cs).unwrap();
+        img.close().unwrap();
+    }
+    // Where L2 table 1 is: L1 entry 1.
+    let mut hdr = [0u8; 48];
+    host.inner.read_at(&mut hdr, 0).unwrap();
+    let l1 = u64::from_be_bytes(hdr[40..48].try_into().unwrap());
+    let mut e = [0u8; 8];
+    host.inner.read_at(&mut e, l1 + 8).unwrap();
+    let l2_table_1 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2_table_1, 0);
+
+    let img = QcowImage::open_with(Box::new(host.clone()), false, None).unwrap();
+    img.set_cache_limits(1, 64, 1 << 20);
+    host.arm(l2_table_1);
+    assert!(
+        img.write_at(&[3; 8192], 511 * cs).is_err(),
+        "the injected read error must fail the write"
+    );
+    host.arm(u64::MAX);
+    img.flush().unwrap();
+    // Freed clusters are reusable after the flush: allocate fresh ones.
+    img.write_at(&[4; 4096], 100 * cs).unwrap();
+    img.write_at(&[5; 4096], 101 * cs).unwrap();
+    img.flush().unwrap();
+    let host_of = |gc: u64| match img.map(gc * cs, cs).unwrap().first().map(|x| x.mapping) {
+        Some(Mapping::Data(off)) => Some(off),
+        _ => None,
+    };
+    if let Some(h511) = host_of(511) {
+        for other in [100, 101, 0, 600] {
+            assert_ne!(
+                Some(h511),
+                host_of(other),
+                "guest cluster 511 shares host cluster {h511:#x} with guest cluster {other}"
+            );
+        }
+    }
+    let mut b = vec![0u8; 4096];
+    img.read_at(&mut b, 100 * cs).unwrap();
+    assert!(b.iter().all(|&x| x == 4));
+    img.close().unwrap();
 }
