@@ -209,7 +209,9 @@ fn writers_script(regions: &[Region]) -> String {
     // Last: the guest turns the disk's write cache off (virtio CONFIG_WCE); the daemon must hear it.
     // (virtio_blk's own `cache_type` attribute writes the config space; the block layer's
     // queue/write_cache would only change the guest's view.)
-    s.push_str("[ -w /sys/block/vda/cache_type ] && echo 'write through' > /sys/block/vda/cache_type\n");
+    s.push_str(
+        "[ -w /sys/block/vda/cache_type ] && echo 'write through' > /sys/block/vda/cache_type\n",
+    );
     s.push_str(
         "echo \"RESULT write_cache_after=$(tr ' ' _ < /sys/block/vda/queue/write_cache)\"\n",
     );
