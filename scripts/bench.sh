@@ -300,6 +300,7 @@ if git -C "$ROOT" status --porcelain 2>/dev/null | grep -q .; then
 fi
 snapblk_cmd IMG SOCK N raw
 SNAPBLK_LINE="${CMD[*]}"
+SNAPBLK_LINE="${SNAPBLK_LINE#"$ROOT"/}"
 qsd_cmd IMG SOCK N raw
 QSD_RAW_LINE="${CMD[*]}"
 qsd_cmd OVERLAY SOCK N qcow2
