@@ -249,7 +249,9 @@ mod tests {
         args.format = Some(crate::cli::FormatArg::Raw);
         let disk = open_disk(&args).unwrap();
         let overlay = disk.throwaway_overlay().unwrap().to_path_buf();
-        assert!(overlay.exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&overlay).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the guest's data is owner-only");
         disk.dev.write_at(&[1; 4096], 8192).unwrap();
         let mut b = vec![0; 3 * 4096];
         disk.dev.read_at(&mut b, 4096).unwrap();

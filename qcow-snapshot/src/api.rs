@@ -12,6 +12,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -468,9 +469,11 @@ pub fn create_snapshot_overlay(
             std::process::id()
         ));
         // Reserve the name atomically so two daemons never share an overlay.
+        // Owner-only: the overlay holds the guest's data and lives in a shared directory.
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
         {
             Ok(_) => {}
