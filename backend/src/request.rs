@@ -201,16 +201,17 @@ fn bounce(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
     &mut buf[..n]
 }
 
-/// Copies `dst.len()` bytes from the concatenation of `segs`, starting `skip` bytes in.
-fn gather<M: GuestMemory>(
-    mem: &M,
+/// Walks `len` bytes of the concatenation of `segs`, starting `skip` bytes in, calling `piece`
+/// with the guest address of each contiguous piece and its range within the `len` bytes.
+fn walk_segments(
     segs: &[Segment],
     mut skip: u64,
-    dst: &mut [u8],
+    len: usize,
+    mut piece: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), GuestMemoryError>,
 ) -> Result<(), GuestMemoryError> {
     let mut done = 0usize;
     for seg in segs {
-        if done == dst.len() {
+        if done == len {
             break;
         }
         let seg_len = u64::from(seg.len);
@@ -218,57 +219,46 @@ fn gather<M: GuestMemory>(
             skip -= seg_len;
             continue;
         }
-        let n = (seg_len - skip).min((dst.len() - done) as u64) as usize;
+        let n = (seg_len - skip).min((len - done) as u64) as usize;
         let addr = seg
             .addr
             .checked_add(skip)
             .ok_or(GuestMemoryError::InvalidGuestAddress(seg.addr))?;
-        mem.read_slice(&mut dst[done..done + n], addr)?;
+        piece(addr, done..done + n)?;
         done += n;
         skip = 0;
     }
-    if done != dst.len() {
+    if done != len {
         return Err(GuestMemoryError::PartialBuffer {
-            expected: dst.len(),
+            expected: len,
             completed: done,
         });
     }
     Ok(())
 }
 
+/// Copies `dst.len()` bytes from the concatenation of `segs`, starting `skip` bytes in.
+fn gather<M: GuestMemory>(
+    mem: &M,
+    segs: &[Segment],
+    skip: u64,
+    dst: &mut [u8],
+) -> Result<(), GuestMemoryError> {
+    walk_segments(segs, skip, dst.len(), |addr, r| {
+        mem.read_slice(&mut dst[r], addr)
+    })
+}
+
 /// Copies `src` into the concatenation of `segs`, starting `skip` bytes in.
 fn scatter<M: GuestMemory>(
     mem: &M,
     segs: &[Segment],
-    mut skip: u64,
+    skip: u64,
     src: &[u8],
 ) -> Result<(), GuestMemoryError> {
-    let mut done = 0usize;
-    for seg in segs {
-        if done == src.len() {
-            break;
-        }
-        let seg_len = u64::from(seg.len);
-        if skip >= seg_len {
-            skip -= seg_len;
-            continue;
-        }
-        let n = (seg_len - skip).min((src.len() - done) as u64) as usize;
-        let addr = seg
-            .addr
-            .checked_add(skip)
-            .ok_or(GuestMemoryError::InvalidGuestAddress(seg.addr))?;
-        mem.write_slice(&src[done..done + n], addr)?;
-        done += n;
-        skip = 0;
-    }
-    if done != src.len() {
-        return Err(GuestMemoryError::PartialBuffer {
-            expected: src.len(),
-            completed: done,
-        });
-    }
-    Ok(())
+    walk_segments(segs, skip, src.len(), |addr, r| {
+        mem.write_slice(&src[r], addr)
+    })
 }
 
 /// Checks that every byte of `segs` is guest RAM.

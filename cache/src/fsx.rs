@@ -88,6 +88,17 @@ impl FsxConfig {
         }
         cfg
     }
+
+    /// The soak configuration of `make soak`: [`FsxConfig::from_env`] with 6 rounds and, unless
+    /// `SNAPBLK_FSX_SECS` says otherwise, 120 s.
+    pub fn soak() -> Self {
+        let mut cfg = FsxConfig::from_env();
+        if std::env::var("SNAPBLK_FSX_SECS").is_err() {
+            cfg.duration = Duration::from_secs(120);
+        }
+        cfg.rounds = 6;
+        cfg
+    }
 }
 
 /// What a successful run did.

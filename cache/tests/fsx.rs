@@ -58,15 +58,6 @@ fn fsx_over_rawfile(cfg: FsxConfig, cache: CacheConfig) {
     }
 }
 
-fn soak_cfg() -> FsxConfig {
-    let mut cfg = FsxConfig::from_env();
-    if std::env::var("SNAPBLK_FSX_SECS").is_err() {
-        cfg.duration = Duration::from_secs(120);
-    }
-    cfg.rounds = 6;
-    cfg
-}
-
 #[test]
 fn fsx_tiny_cache_without_bypass_over_memdisk_matches_shadow() {
     fsx_over_memdisk(FsxConfig::from_env(), tiny_cache(0));
@@ -86,13 +77,13 @@ fn fsx_tiny_cache_with_bypass_over_rawfile_matches_shadow_after_cold_reopen() {
 #[test]
 #[ignore = "soak: long-running, see the file header"]
 fn soak_fsx_tiny_cache_over_memdisk() {
-    fsx_over_memdisk(soak_cfg(), tiny_cache(32 << 10));
+    fsx_over_memdisk(FsxConfig::soak(), tiny_cache(32 << 10));
 }
 
 #[test]
 #[ignore = "soak: long-running, see the file header"]
 fn soak_fsx_tiny_cache_over_rawfile() {
-    fsx_over_rawfile(soak_cfg(), tiny_cache(0));
+    fsx_over_rawfile(FsxConfig::soak(), tiny_cache(0));
 }
 
 #[test]
@@ -103,5 +94,5 @@ fn soak_fsx_default_folios_over_rawfile() {
         dirty_limit: 512 << 10,
         ..CacheConfig::default()
     };
-    fsx_over_rawfile(soak_cfg(), cache);
+    fsx_over_rawfile(FsxConfig::soak(), cache);
 }

@@ -117,19 +117,10 @@ fn fsx_full_stack_default_clusters_with_bypass_matches_shadow_after_cold_reopen(
     run_full_stack(cfg, tiny_cache(64 << 10), 64 << 10);
 }
 
-fn soak_cfg() -> FsxConfig {
-    let mut cfg = FsxConfig::from_env();
-    if std::env::var("SNAPBLK_FSX_SECS").is_err() {
-        cfg.duration = Duration::from_secs(120);
-    }
-    cfg.rounds = 6;
-    cfg
-}
-
 #[test]
 #[ignore = "soak: run by `make soak`"]
 fn soak_fsx_full_stack_512_byte_clusters() {
-    run_full_stack(soak_cfg(), tiny_cache(0), 512);
+    run_full_stack(FsxConfig::soak(), tiny_cache(0), 512);
 }
 
 #[test]
@@ -138,7 +129,7 @@ fn soak_fsx_full_stack_64k_clusters_with_bypass() {
     run_full_stack(
         FsxConfig {
             align: 512,
-            ..soak_cfg()
+            ..FsxConfig::soak()
         },
         tiny_cache(64 << 10),
         64 << 10,
