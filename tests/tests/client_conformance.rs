@@ -41,13 +41,6 @@ impl Drop for Daemon {
     }
 }
 
-fn snapblk_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SNAPBLK_BIN") {
-        return PathBuf::from(p);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/snapblk")
-}
-
 fn find_in_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -67,7 +60,7 @@ impl Daemon {
     fn start_with(kind: Kind, size: u64, num_queues: usize, readonly: bool) -> Option<Daemon> {
         let program = match kind {
             Kind::Qsd => find_in_path("qemu-storage-daemon"),
-            Kind::Snapblk => Some(snapblk_bin()).filter(|p| p.is_file()),
+            Kind::Snapblk => snapblk_tests::guest::snapblk_binary().ok(),
         };
         let Some(program) = program else {
             let msg = format!("{kind:?} binary not available; skipping");

@@ -84,18 +84,11 @@ impl Drop for Daemon {
     }
 }
 
-fn snapblk_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SNAPBLK_BIN") {
-        return PathBuf::from(p);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/snapblk")
-}
-
 impl Daemon {
     fn start() -> Option<Daemon> {
-        let bin = snapblk_bin();
+        let bin = snapblk_tests::guest::snapblk_binary().unwrap_or_default();
         if !bin.is_file() {
-            let msg = format!("{} not built; skipping", bin.display());
+            let msg = format!("snapblk binary not available ({}); skipping", bin.display());
             if std::env::var_os("SNAPBLK_REQUIRE_DAEMONS").is_some() {
                 panic!("{msg}");
             }
