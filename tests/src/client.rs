@@ -367,6 +367,10 @@ pub struct Queue {
     sync_outstanding: usize,
     ready: VecDeque<IoCompletion>,
     sync_done: Option<(usize, std::result::Result<(), RequestStatus>)>,
+    /// The id of the synchronous request being waited for; completions of other (earlier,
+    /// timed-out) synchronous requests are dropped, so they can neither overwrite its result
+    /// nor be taken for it when an id is reused.
+    sync_waiting: Option<usize>,
     cbuf: Vec<MaybeUninit<blkio::Completion>>,
     timeout: Duration,
     /// Largest read/write chunk for the synchronous helpers.
@@ -384,6 +388,12 @@ impl fmt::Debug for Queue {
             .field("in_flight", &self.in_flight())
             .finish()
     }
+}
+
+/// Why waiting for a synchronous request ended without success.
+enum SyncWait {
+    Status(RequestStatus),
+    Client(ClientError),
 }
 
 impl Queue {
@@ -612,7 +622,9 @@ impl Queue {
             }
             Origin::Sync => {
                 self.sync_outstanding = self.sync_outstanding.saturating_sub(1);
-                self.sync_done = Some((id, result));
+                if self.sync_waiting == Some(id) {
+                    self.sync_done = Some((id, result));
+                }
             }
         }
     }
@@ -631,14 +643,31 @@ impl Queue {
                 Err(e) => return Err(e),
             }
         };
+        self.sync_done = None;
+        self.sync_waiting = Some(id);
+        let r = self.wait_sync(id, deadline);
+        self.sync_waiting = None;
+        r.map_err(|e| match e {
+            SyncWait::Status(s) => op.failure(s),
+            SyncWait::Client(e) => e,
+        })
+    }
+
+    fn wait_sync(&mut self, id: usize, deadline: Instant) -> std::result::Result<(), SyncWait> {
         loop {
             if let Some((done, result)) = self.sync_done.take() {
                 if done == id {
-                    return result.map_err(|s| op.failure(s));
+                    return result.map_err(SyncWait::Status);
                 }
-                // A late completion of an earlier, timed-out synchronous request: drop it.
             }
-            self.reap(1, deadline)?;
+            if self.sync_outstanding == 0 {
+                // Nothing left that could complete it: never spin on a non-blocking reap.
+                return Err(SyncWait::Client(ClientError::Timeout {
+                    queue: self.index,
+                    timeout: self.timeout,
+                }));
+            }
+            self.reap(1, deadline).map_err(SyncWait::Client)?;
         }
     }
 
@@ -900,6 +929,7 @@ impl Client {
                     sync_outstanding: 0,
                     ready: VecDeque::with_capacity(ring),
                     sync_done: None,
+                    sync_waiting: None,
                     cbuf: (0..ring).map(|_| MaybeUninit::uninit()).collect(),
                     timeout: config.timeout,
                     rw_chunk,

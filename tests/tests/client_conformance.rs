@@ -333,6 +333,31 @@ fn stalled_daemon_times_out_instead_of_hanging(kind: Kind) {
         assert!(ok, "kill {sig} {pid} failed");
     };
     signal("-STOP");
+    // `kill` returns once the signal is sent; wait until every thread has really stopped.
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|st| {
+                            st.rsplit(')')
+                                .next()
+                                .map(|r| r.trim_start().starts_with('T'))
+                        })
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false)
+    };
+    let t0 = std::time::Instant::now();
+    while !stopped() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "daemon {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     q.set_timeout(Duration::from_millis(300));
     let started = std::time::Instant::now();
     let err = q.read(4096, &mut buf).unwrap_err();
