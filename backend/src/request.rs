@@ -261,6 +261,16 @@ fn scatter<M: GuestMemory>(
     })
 }
 
+/// The discard/write-zeroes segments in `raw` (whole segments only; the caller checked the length).
+fn decode_segments(raw: &[u8]) -> impl Iterator<Item = DiscardWriteZeroesSegment> + '_ {
+    raw.chunks_exact(DiscardWriteZeroesSegment::SIZE)
+        .map(|chunk| {
+            let mut b = [0u8; DiscardWriteZeroesSegment::SIZE];
+            b.copy_from_slice(chunk);
+            DiscardWriteZeroesSegment::from_bytes(&b)
+        })
+}
+
 /// Checks that every byte of `segs` is guest RAM.
 fn check_segments<M: GuestMemory>(mem: &M, segs: &[Segment]) -> Result<(), GuestMemoryError> {
     for seg in segs {
@@ -602,10 +612,7 @@ impl RequestWorker {
         )?;
 
         // Validate every segment before touching the disk.
-        for chunk in raw.chunks_exact(DiscardWriteZeroesSegment::SIZE) {
-            let mut b = [0u8; DiscardWriteZeroesSegment::SIZE];
-            b.copy_from_slice(chunk);
-            let seg = DiscardWriteZeroesSegment::from_bytes(&b);
+        for seg in decode_segments(raw) {
             let allowed = if discard {
                 0
             } else {
@@ -627,10 +634,7 @@ impl RequestWorker {
                 align,
             )?;
         }
-        for chunk in raw.chunks_exact(DiscardWriteZeroesSegment::SIZE) {
-            let mut b = [0u8; DiscardWriteZeroesSegment::SIZE];
-            b.copy_from_slice(chunk);
-            let seg = DiscardWriteZeroesSegment::from_bytes(&b);
+        for seg in decode_segments(raw) {
             let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
             if len == 0 {
                 continue;

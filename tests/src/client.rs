@@ -1036,6 +1036,15 @@ impl Client {
     }
 }
 
+/// Reports that a daemon binary a test needs is missing: a failure when `SNAPBLK_REQUIRE_DAEMONS`
+/// is set (CI-style runs), otherwise a skip message. The caller returns after it.
+pub fn daemon_missing(msg: &str) {
+    if std::env::var_os("SNAPBLK_REQUIRE_DAEMONS").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("{msg}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,11 +63,9 @@ impl Daemon {
             Kind::Snapblk => snapblk_tests::guest::snapblk_binary().ok(),
         };
         let Some(program) = program else {
-            let msg = format!("{kind:?} binary not available; skipping");
-            if std::env::var_os("SNAPBLK_REQUIRE_DAEMONS").is_some() {
-                panic!("{msg}");
-            }
-            eprintln!("{msg}");
+            snapblk_tests::client::daemon_missing(&format!(
+                "{kind:?} binary not available; skipping"
+            ));
             return None;
         };
         let dir = tempfile::tempdir().unwrap();

@@ -88,11 +88,10 @@ impl Daemon {
     fn start() -> Option<Daemon> {
         let bin = snapblk_tests::guest::snapblk_binary().unwrap_or_default();
         if !bin.is_file() {
-            let msg = format!("snapblk binary not available ({}); skipping", bin.display());
-            if std::env::var_os("SNAPBLK_REQUIRE_DAEMONS").is_some() {
-                panic!("{msg}");
-            }
-            eprintln!("{msg}");
+            snapblk_tests::client::daemon_missing(&format!(
+                "snapblk binary not available ({}); skipping",
+                bin.display()
+            ));
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
