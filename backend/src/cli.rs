@@ -16,10 +16,13 @@ pub use crate::image_cmd::{
 pub const MAX_NUM_QUEUES: u16 = 16;
 /// Largest `--queue-size`.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
-/// Largest `--io-threads`.
+/// Largest `--io-threads` (deprecated; `--max-inflight` replaces it).
 pub const MAX_IO_THREADS: usize = 64;
-/// Default `--io-threads`.
-pub const DEFAULT_IO_THREADS: usize = 2;
+/// Largest `--max-inflight`.
+pub const MAX_INFLIGHT: usize = 1024;
+/// Default `--max-inflight`: enough for a guest's usual queue depths (Linux submits up to the
+/// queue size; fio tests commonly use 32) without idle threads piling up.
+pub const DEFAULT_MAX_INFLIGHT: usize = 64;
 /// Smallest `--queue-size` (a request needs at least header, data and status descriptors).
 pub const MIN_QUEUE_SIZE: u16 = 4;
 
@@ -89,11 +92,16 @@ pub struct ServeArgs {
     /// Initial write-cache mode.
     #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
     pub cache: CacheMode,
-    /// Helper threads per queue that execute the requests found in one pass in parallel
-    /// (0: each queue thread executes its requests one after another).
-    #[arg(long, default_value_t = DEFAULT_IO_THREADS, value_name = "N",
-          value_parser = parse_io_threads)]
-    pub io_threads: usize,
+    /// Requests of one queue executing on the host at once: up to this many of the requests the
+    /// guest has in flight on a queue reach the disk together, and each completes to the guest as
+    /// soon as it finishes (1: each queue thread executes its requests one after another).
+    #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT, value_name = "N",
+          value_parser = parse_max_inflight)]
+    pub max_inflight: usize,
+    /// Deprecated: `--io-threads N` means `--max-inflight N+1`.
+    #[arg(long, value_name = "N", value_parser = parse_io_threads, hide = true,
+          conflicts_with = "max_inflight")]
+    pub io_threads: Option<usize>,
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_name = "OCTAL", value_parser = parse_socket_mode)]
     pub socket_mode: u32,
@@ -131,7 +139,8 @@ impl ServeArgs {
             serial: None,
             logical_block_size: 512,
             cache: CacheMode::Writeback,
-            io_threads: DEFAULT_IO_THREADS,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            io_threads: None,
             socket_mode: 0o600,
             format: None,
             snapshot: false,
@@ -159,6 +168,25 @@ pub fn parse_block_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|e| format!("not a number: {e}"))?;
     if !n.is_power_of_two() || !(512..=4096).contains(&n) {
         return Err("must be a power of two between 512 and 4096".to_string());
+    }
+    Ok(n)
+}
+
+impl ServeArgs {
+    /// The in-flight bound per queue: `--max-inflight`, or the deprecated `--io-threads` + 1.
+    pub fn effective_max_inflight(&self) -> usize {
+        match self.io_threads {
+            Some(n) => n + 1,
+            None => self.max_inflight,
+        }
+    }
+}
+
+/// Parses `--max-inflight`: 1..=`MAX_INFLIGHT`.
+pub fn parse_max_inflight(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if !(1..=MAX_INFLIGHT).contains(&n) {
+        return Err(format!("must be between 1 and {MAX_INFLIGHT}"));
     }
     Ok(n)
 }
@@ -216,7 +244,7 @@ mod tests {
         assert_eq!(args.logical_block_size, 512);
         assert_eq!(args.cache, CacheMode::Writeback);
         assert_eq!(args.socket_mode, 0o600);
-        assert_eq!(args.io_threads, DEFAULT_IO_THREADS);
+        assert_eq!(args.effective_max_inflight(), DEFAULT_MAX_INFLIGHT);
         assert!(!args.readonly);
         assert!(args.serial.is_none());
     }
@@ -236,6 +264,9 @@ mod tests {
             &["--socket-mode", "9"],
             &["--cache", "none"],
             &["--io-threads", "65"],
+            &["--max-inflight", "0"],
+            &["--max-inflight", "1025"],
+            &["--max-inflight", "4", "--io-threads", "2"],
         ] {
             let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
             assert!(Cli::try_parse_from(&args).is_err(), "accepted {extra:?}");
@@ -264,8 +295,8 @@ mod tests {
             "writethrough",
             "--socket-mode",
             "660",
-            "--io-threads",
-            "0",
+            "--max-inflight",
+            "1",
         ])
         .unwrap();
         let args = serve_args(cli);
@@ -276,6 +307,22 @@ mod tests {
         assert_eq!(args.logical_block_size, 4096);
         assert_eq!(args.cache, CacheMode::Writethrough);
         assert_eq!(args.socket_mode, 0o660);
-        assert_eq!(args.io_threads, 0);
+        assert_eq!(args.effective_max_inflight(), 1);
+    }
+
+    #[test]
+    fn deprecated_io_threads_counts_the_queue_thread_in_the_inflight_bound() {
+        let cli = Cli::try_parse_from([
+            "snapblk",
+            "serve",
+            "--image",
+            "a",
+            "--socket",
+            "s",
+            "--io-threads",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(serve_args(cli).effective_max_inflight(), 3);
     }
 }

@@ -81,9 +81,9 @@ pub struct DeviceConfig {
     pub max_write_zeroes_sectors: u32,
     /// Largest number of write-zeroes segments.
     pub max_write_zeroes_seg: u32,
-    /// Host-side tuning, not shown to the driver: helper threads per queue that execute the
-    /// requests of a batch in parallel (0: the queue thread executes them one by one).
-    pub io_threads: usize,
+    /// Host-side tuning, not shown to the driver: requests of one queue executing at once (1: the
+    /// queue thread executes them one by one; above 1: executor threads, see `inflight`).
+    pub max_inflight: usize,
 }
 
 impl DeviceConfig {
@@ -143,7 +143,7 @@ impl DeviceConfig {
             discard_sector_alignment: logical_block_size >> SECTOR_SHIFT,
             max_write_zeroes_sectors: DEFAULT_MAX_WRITE_ZEROES_SECTORS,
             max_write_zeroes_seg: DEFAULT_MAX_DISCARD_SEGMENTS,
-            io_threads: 0,
+            max_inflight: 1,
         })
     }
 
@@ -157,7 +157,7 @@ impl DeviceConfig {
         )?;
         cfg.read_only = args.readonly || disk.is_read_only();
         cfg.writeback_default = args.cache == CacheMode::Writeback;
-        cfg.io_threads = args.io_threads;
+        cfg.max_inflight = args.effective_max_inflight();
         if let Some(serial) = &args.serial {
             cfg.set_serial(serial.as_bytes());
         }

@@ -9,7 +9,8 @@
 //! - [`virtio_blk`]: virtio-blk wire formats (request header, segments, config space, constants).
 //! - [`device`]: the device model shared by the queues of one connection (config, features, WCE).
 //! - [`request`]: request parsing/execution over guest memory and the per-queue processing pass.
-//! - [`iopool`]: optional per-queue helper threads executing a batch of requests in parallel.
+//! - [`inflight`]: per-queue executors that keep the guest's queue depth in flight and complete
+//!   each request to the used ring as it finishes.
 //! - [`vhu_blk`]: the vhost-user backend glue (one worker thread per queue).
 //! - [`serve`]: daemon lifecycle (socket, reconnects, SIGTERM/SIGINT, final flush).
 
@@ -17,7 +18,7 @@ pub mod cli;
 pub mod device;
 pub mod disk;
 pub mod image_cmd;
-pub mod iopool;
+pub mod inflight;
 pub mod request;
 pub mod serve;
 pub mod vhu_blk;

@@ -910,93 +910,254 @@ fn random_hostile_chains_never_panic_and_always_return_to_the_used_ring() {
     }
 }
 
-#[test]
-fn pooled_pass_executes_a_batch_in_parallel_with_the_same_results() {
-    use crate::iopool::{process_queue_pooled, IoPool};
-    let h = Harness::new();
-    let dev = Arc::new(BlkDevice::new(
-        ServedDisk::plain(h.disk.clone()),
-        Arc::new(h.dev.config().clone()),
-    ));
-    dev.set_acked_features(dev.config().features());
-    let pool = IoPool::new(dev.clone(), 3, "test").unwrap();
-    let mem = Arc::new(h.mem.clone());
-    // Eight writes of distinct patterns to distinct blocks, one flush, one bad request.
-    let mut list = Vec::new();
-    for i in 0..8u64 {
-        let hdr = RequestHeader {
-            request_type: VIRTIO_BLK_T_OUT,
-            reserved: 0,
-            sector: 8 * i,
-        };
-        h.mem
-            .write_slice(&hdr.to_bytes(), GuestAddress(HDR + 64 * i))
-            .unwrap();
-        h.mem
-            .write_slice(&[i as u8 + 1; 4096], GuestAddress(DATA + 4096 * i))
-            .unwrap();
-        list.push(vec![
-            (HDR + 64 * i, 16, 0),
-            (DATA + 4096 * i, 4096, 0),
-            (STATUS + i, 1, F_WRITE),
-        ]);
+/// The used ring of a test queue shared by the "queue thread" and the executors, like a vring.
+#[derive(Clone)]
+struct TestRing {
+    queue: Arc<std::sync::Mutex<Queue>>,
+    notifications: Arc<AtomicUsize>,
+}
+
+impl TestRing {
+    fn new(q: Queue) -> Self {
+        TestRing {
+            queue: Arc::new(std::sync::Mutex::new(q)),
+            notifications: Arc::new(AtomicUsize::new(0)),
+        }
     }
+
+    /// One processing pass as the queue thread runs it.
+    fn pass(
+        &self,
+        runner: &crate::inflight::QueueRunner<TestRing>,
+        worker: &mut RequestWorker,
+        mem: &Arc<GuestMemoryMmap>,
+    ) {
+        let mut q = self.queue.lock().unwrap();
+        if crate::inflight::submit_queue(runner, worker, self, &mut q, mem).unwrap() {
+            self.notifications.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl crate::inflight::UsedRing for TestRing {
+    fn complete(&self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+        let mut q = self.queue.lock().unwrap();
+        if crate::inflight::add_used_and_check(&mut q, mem, head, len) {
+            self.notifications.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A disk over a `MemDisk` whose reads and writes can be held at a gate, and that records how
+/// many operations ran at once.
+struct GateDisk {
+    inner: CountingDisk,
+    /// Operations at this byte offset wait while the gate is closed (u64::MAX: every offset).
+    gated_offset: u64,
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+}
+
+impl GateDisk {
+    fn new(gated_offset: u64) -> Self {
+        GateDisk {
+            inner: CountingDisk {
+                inner: MemDisk::new(DISK_SIZE),
+                flushes: AtomicUsize::new(0),
+            },
+            gated_offset,
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            running: AtomicUsize::new(0),
+            max_running: AtomicUsize::new(0),
+        }
+    }
+
+    fn enter(&self, offset: u64) {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        if self.gated_offset == u64::MAX || self.gated_offset == offset {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+    }
+
+    fn leave(&self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn open_gate(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl BlockDev for GateDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+        self.enter(offset);
+        let r = self.inner.read_at(buf, offset);
+        self.leave();
+        r
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
+        self.enter(offset);
+        let r = self.inner.write_at(buf, offset);
+        self.leave();
+        r
+    }
+    fn flush(&self) -> blockdev::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> blockdev::Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+}
+
+fn gated_device(disk: Arc<GateDisk>) -> Arc<BlkDevice> {
+    let dev = BlkDevice::new(
+        ServedDisk::plain(disk),
+        Arc::new(DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap()),
+    );
+    dev.set_acked_features(dev.config().features());
+    Arc::new(dev)
+}
+
+/// `n` chains: chain i reads (or writes) 4 KiB at byte 4096 * i, status at STATUS + i.
+fn io_chains(mem: &GuestMemoryMmap, n: u64, request_type: u32) -> Vec<Vec<(u64, u32, u16)>> {
+    (0..n)
+        .map(|i| {
+            let hdr = RequestHeader {
+                request_type,
+                reserved: 0,
+                sector: 8 * i,
+            };
+            mem.write_slice(&hdr.to_bytes(), GuestAddress(HDR + 64 * i))
+                .unwrap();
+            let data_flags = if request_type == VIRTIO_BLK_T_IN {
+                F_WRITE
+            } else {
+                mem.write_slice(&[i as u8 + 1; 4096], GuestAddress(DATA + 4096 * i))
+                    .unwrap();
+                0
+            };
+            vec![
+                (HDR + 64 * i, 16, 0),
+                (DATA + 4096 * i, 4096, data_flags),
+                (STATUS + i, 1, F_WRITE),
+            ]
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn runner_completes_each_request_as_it_finishes_not_behind_a_slow_one() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    // The first request (byte 0) is held at the disk; the other four must complete meanwhile.
+    let disk = Arc::new(GateDisk::new(0));
+    let dev = gated_device(disk.clone());
+    let runner = crate::inflight::QueueRunner::new(dev, 8, "test");
+    let ring = TestRing::new(queue_with_chains(&mem, &io_chains(&mem, 5, VIRTIO_BLK_T_OUT), 0));
+    let mem = Arc::new(mem);
+    let mut worker = RequestWorker::new();
+    ring.pass(&runner, &mut worker, &mem);
+    wait_until("four fast writes on the used ring", || used_idx(&mem) == 4);
+    let done: Vec<u32> = (0..4).map(|i| used_elem(&mem, i).0).collect();
+    assert!(!done.contains(&0), "the held request completed: {done:?}");
+    assert_eq!(runner.inflight(), 1);
+    assert!(ring.notifications.load(Ordering::SeqCst) > 0);
+    disk.open_gate();
+    runner.wait_idle();
+    assert_eq!(used_idx(&mem), 5);
+    assert_eq!(used_elem(&mem, 4), (0, 1));
+    for i in 0..5u64 {
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            disk.inner.inner.snapshot()[4096 * i as usize..4096 * (i as usize + 1)],
+            vec![i as u8 + 1; 4096]
+        );
+    }
+}
+
+#[test]
+fn runner_keeps_exactly_the_bound_of_requests_in_flight_at_the_disk() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let disk = Arc::new(GateDisk::new(u64::MAX));
+    let dev = gated_device(disk.clone());
+    let runner = crate::inflight::QueueRunner::new(dev, 3, "test");
+    let ring = TestRing::new(queue_with_chains(&mem, &io_chains(&mem, 5, VIRTIO_BLK_T_IN), 0));
+    let mem = Arc::new(mem);
+    let mut worker = RequestWorker::new();
+    // The queue thread returns at once: it never waits for a request.
+    ring.pass(&runner, &mut worker, &mem);
+    assert_eq!(runner.inflight(), 5);
+    wait_until("three reads at the disk", || {
+        disk.running.load(Ordering::SeqCst) == 3
+    });
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(disk.max_running.load(Ordering::SeqCst), 3);
+    assert_eq!(runner.threads(), 3);
+    assert_eq!(used_idx(&mem), 0);
+    disk.open_gate();
+    runner.wait_idle();
+    assert_eq!(used_idx(&mem), 5);
+    for i in 0..5u64 {
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), VIRTIO_BLK_S_OK);
+    }
+    assert_eq!(runner.threads(), 3);
+}
+
+#[test]
+fn runner_runs_a_lone_request_inline_and_a_batch_on_executors() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let disk = Arc::new(GateDisk::new(u64::MAX));
+    disk.open_gate();
+    let dev = gated_device(disk.clone());
+    let runner = crate::inflight::QueueRunner::new(dev, 4, "test");
+    let mut list = io_chains(&mem, 1, VIRTIO_BLK_T_OUT);
+    let ring = TestRing::new(queue_with_chains(&mem, &list, 0));
+    let mem = Arc::new(mem);
+    let mut worker = RequestWorker::new();
+    ring.pass(&runner, &mut worker, &mem);
+    // Nothing was in flight: the queue thread ran the write itself, no executor was started.
+    assert_eq!(runner.threads(), 0);
+    assert_eq!(used_idx(&mem), 1);
+    assert_eq!(ring.notifications.load(Ordering::SeqCst), 1);
+    // Four writes and a flush in one pass, on executors.
+    list = io_chains(&mem, 4, VIRTIO_BLK_T_OUT);
     let flush = RequestHeader {
         request_type: VIRTIO_BLK_T_FLUSH,
         reserved: 0,
         sector: 0,
     };
-    h.mem
-        .write_slice(&flush.to_bytes(), GuestAddress(HDR + 64 * 8))
+    mem.write_slice(&flush.to_bytes(), GuestAddress(HDR + 64 * 8))
         .unwrap();
     list.push(vec![(HDR + 64 * 8, 16, 0), (STATUS + 8, 1, F_WRITE)]);
-    // A 16-entry descriptor table holds 26 descriptors in two rounds only.
-    let (first, second) = list.split_at(4);
-    let mut worker = RequestWorker::new();
-    let (mut batch, mut results) = (Vec::new(), Vec::new());
-    let mut q = queue_with_chains(&h.mem, first, 0);
-    let notify = process_queue_pooled(
-        &dev,
-        &mut worker,
-        &pool,
-        &mut batch,
-        &mut results,
-        &mut q,
-        &mem,
-    )
-    .unwrap();
-    assert!(notify);
-    assert_eq!(used_idx(&h.mem), 4);
-    let mut q = queue_with_chains(&h.mem, second, 0);
-    q.set_next_used(4);
-    process_queue_pooled(
-        &dev,
-        &mut worker,
-        &pool,
-        &mut batch,
-        &mut results,
-        &mut q,
-        &mem,
-    )
-    .unwrap();
-    assert_eq!(used_idx(&h.mem), 9);
-    let mut heads: Vec<(u32, u32)> = (0..9).map(|i| used_elem(&h.mem, i)).collect();
-    heads.sort();
-    assert_eq!(heads.iter().filter(|&&(_, len)| len == 1).count(), 9);
-    for i in 0..8u64 {
-        assert_eq!(
-            h.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
-            VIRTIO_BLK_S_OK
-        );
-        assert_eq!(
-            h.disk_bytes(4096 * i as usize, 4096),
-            vec![i as u8 + 1; 4096]
-        );
-    }
-    assert_eq!(
-        h.mem.read_obj::<u8>(GuestAddress(STATUS + 8)).unwrap(),
-        VIRTIO_BLK_S_OK
-    );
-    assert_eq!(h.disk.flushes.load(Ordering::SeqCst), 1);
-    drop(pool);
+    let mut q = queue_with_chains(&mem, &list, 0);
+    q.set_next_used(1);
+    *ring.queue.lock().unwrap() = q;
+    ring.pass(&runner, &mut worker, &mem);
+    runner.wait_idle();
+    assert_eq!(used_idx(&mem), 6);
+    assert!(runner.threads() >= 1 && runner.threads() <= 4);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 8)).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(disk.inner.flushes.load(Ordering::SeqCst), 1);
+    drop(runner);
 }

@@ -331,7 +331,8 @@ impl Server {
         let backend = Arc::new(
             VhostUserBlk::new(dev, mem.clone()).map_err(|e| ServeError::Daemon(e.to_string()))?,
         );
-        let mut daemon = VhostUserDaemon::new(format!("snapblk-conn{id}"), backend, mem)
+        let mut daemon =
+            VhostUserDaemon::new(format!("snapblk-conn{id}"), Arc::clone(&backend), mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         if let Err(e) = daemon.start(&mut self.listener) {
             warn!("connection {id}: accept failed: {e}");
@@ -344,6 +345,9 @@ impl Server {
         // Dropping the daemon stops and joins the queue threads: every request picked up from a
         // queue has completed once this returns.
         drop(daemon);
+        // Requests the queue threads handed to executors may still run: wait for them too, so
+        // the flush that follows covers every write the guest saw complete.
+        backend.wait_idle();
         match ended {
             Ok(()) => info!("connection {id}: frontend disconnected"),
             Err(e) if self.stop.is_stopped() => info!("connection {id}: closed for shutdown ({e})"),

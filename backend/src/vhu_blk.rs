@@ -4,9 +4,11 @@
 //! One [`VhostUserBlk`] lives for one frontend connection. Each request queue gets its own worker
 //! thread (`queues_per_thread` puts one queue in each), and each thread has its own
 //! [`RequestWorker`] buffers, so queues are served in parallel with no lock in common: a queue
-//! thread holds only its own vring lock (taken for the duration of a processing pass, which is
-//! also what makes GET_VRING_BASE wait for in-flight requests) and its own worker mutex, which is
-//! never contended.
+//! thread holds only its own vring lock (taken for the duration of a processing pass) and its own
+//! worker mutex, which is never contended. With `--max-inflight` above 1 each queue also has a
+//! [`QueueRunner`]: the pass only submits requests, the runner's executors complete them to the
+//! used ring (taking the vring lock briefly), and GET_VRING_BASE (`stop_vring`), a device reset
+//! and the end of the connection wait until the queue has no request in flight.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,25 +26,36 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::BlkDevice;
-use crate::iopool::{process_queue_pooled, IoPool, OwnedChain};
+use crate::inflight::{add_used_and_check, submit_queue, QueueRunner, UsedRing};
 use crate::request::{process_queue, RequestWorker};
 
 /// Guest memory as shared with the vhost-user handler.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
-/// What one queue thread owns: its request buffers and, with `--io-threads`, its helper pool.
-struct QueueThread {
-    worker: RequestWorker,
-    pool: Option<IoPool>,
-    batch: Vec<OwnedChain>,
-    results: Vec<(u16, u32)>,
+/// Executors complete requests straight to the vring: the used element, then the driver's
+/// notification if it asked for one.
+impl UsedRing for VringRwLock {
+    fn complete(&self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+        let notify = {
+            let mut state = self.get_mut();
+            add_used_and_check(state.get_queue_mut(), mem, head, len)
+        };
+        if notify {
+            if let Err(e) = self.signal_used_queue() {
+                warn!("cannot signal the driver: {e}");
+            }
+        }
+    }
 }
 
 /// The vhost-user-blk backend of one connection.
 pub struct VhostUserBlk {
     dev: Arc<BlkDevice>,
     mem: GuestMemory,
-    workers: Vec<Mutex<QueueThread>>,
+    /// Request buffers of each queue thread (used for requests the thread runs itself).
+    workers: Vec<Mutex<RequestWorker>>,
+    /// Each queue's executors (none with `--max-inflight 1`: the queue thread runs everything).
+    runners: Vec<Option<QueueRunner<VringRwLock>>>,
     event_idx: AtomicBool,
 }
 
@@ -58,32 +71,33 @@ impl VhostUserBlk {
     /// A backend for `dev` whose queues read guest memory through `mem` (the same atomic the
     /// daemon is created with).
     pub fn new(dev: Arc<BlkDevice>, mem: GuestMemory) -> io::Result<Self> {
-        let io_threads = dev.config().io_threads;
-        let workers = (0..dev.config().num_queues)
+        let max_inflight = dev.config().max_inflight;
+        let queues = dev.config().num_queues;
+        let workers = (0..queues)
+            .map(|_| Mutex::new(RequestWorker::new()))
+            .collect();
+        let runners = (0..queues)
             .map(|q| {
-                let pool = if io_threads > 0 {
-                    Some(IoPool::new(
-                        Arc::clone(&dev),
-                        io_threads,
-                        &format!("snapblk-q{q}"),
-                    )?)
-                } else {
-                    None
-                };
-                Ok(Mutex::new(QueueThread {
-                    worker: RequestWorker::new(),
-                    pool,
-                    batch: Vec::new(),
-                    results: Vec::new(),
-                }))
+                (max_inflight > 1).then(|| {
+                    QueueRunner::new(Arc::clone(&dev), max_inflight, &format!("snapblk-q{q}"))
+                })
             })
-            .collect::<io::Result<_>>()?;
+            .collect();
         Ok(VhostUserBlk {
             dev,
             mem,
             workers,
+            runners,
             event_idx: AtomicBool::new(false),
         })
+    }
+
+    /// Blocks until no queue has a request in flight: every request picked up so far is on its
+    /// used ring.
+    pub fn wait_idle(&self) {
+        for r in self.runners.iter().flatten() {
+            r.wait_idle();
+        }
     }
 
     /// The device model.
@@ -98,24 +112,15 @@ impl VhostUserBlk {
                 "no worker for thread {thread_id}"
             )));
         };
-        let mut guard = worker.lock().unwrap_or_else(|e| e.into_inner());
-        let qt = &mut *guard;
+        let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        let result = match &qt.pool {
-            Some(pool) => {
+        let result = match self.runners.get(thread_id).and_then(Option::as_ref) {
+            Some(runner) => {
                 let mem = self.mem.memory().into_inner();
-                process_queue_pooled(
-                    &self.dev,
-                    &mut qt.worker,
-                    pool,
-                    &mut qt.batch,
-                    &mut qt.results,
-                    queue,
-                    &mem,
-                )
+                submit_queue(runner, &mut worker, vring, queue, &mem)
             }
-            None => process_queue(&self.dev, &mut qt.worker, queue, &*self.mem.memory()),
+            None => process_queue(&self.dev, &mut worker, queue, &*self.mem.memory()),
         };
         let needs_signal = match result {
             Ok(n) => n,
@@ -191,7 +196,16 @@ impl VhostUserBackend for VhostUserBlk {
 
     fn reset_device(&self) {
         debug!("device reset");
+        self.wait_idle();
         self.dev.reset();
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend reads the used ring once this returns: no executor may write it later.
+        if let Some(Some(runner)) = self.runners.get(queue_index as usize) {
+            runner.wait_idle();
+        }
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -1,0 +1,299 @@
+//! Per-queue asynchronous execution: the guest's queue depth reaches the disk, and each request
+//! goes back to the used ring the moment it finishes.
+//!
+//! A virtqueue is still drained by a single thread (the vhost-user worker of that queue). With a
+//! [`QueueRunner`], that thread only pops chains and hands them over ([`submit_queue`]); it never
+//! waits for a request. Up to `max_inflight` executor threads of the queue (started on demand)
+//! execute the requests, so as many host I/Os are in flight as the guest submitted, bounded by
+//! `--max-inflight`. Each executor puts its request on the used ring itself ([`UsedRing`]) as soon
+//! as it has finished, in whatever order requests finish: a slow FLUSH or a cold read holds back
+//! no other completion. virtio-blk gives no ordering between requests in flight together, and a
+//! FLUSH covers only writes that completed (reached the used ring) before it was submitted; a
+//! request reaches the used ring only after its disk operation returned, so both hold.
+//!
+//! A single request found while nothing is in flight runs inline on the queue thread (no thread
+//! hand-off on the queue-depth-1 path).
+//!
+//! Stopping a queue (GET_VRING_BASE), resetting the device or closing the connection first waits
+//! for the queue's requests in flight ([`QueueRunner::wait_idle`]): the frontend then reads a used
+//! ring that no executor touches any more.
+//!
+//! Locking model: one mutex per runner guards the job queue and the in-flight count. Lock order:
+//! the vring lock (held by the queue thread while it pops and submits) before the runner mutex.
+//! An executor holds neither while a request executes; it takes the vring lock (through
+//! [`UsedRing::complete`]) with the runner mutex released, and the runner mutex only afterwards to
+//! count the completion. Each executor owns its own [`RequestWorker`] buffers.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+
+use log::{error, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::device::BlkDevice;
+use crate::request::{check_avail_ring, ProcessQueueError, RequestWorker};
+
+/// A descriptor chain that owns its view of guest memory, so it can move to another thread with
+/// that memory (a memory table update while it is in flight does not unmap its buffers).
+pub type OwnedChain = DescriptorChain<Arc<GuestMemoryMmap>>;
+
+/// Where an executor puts a finished request: the used ring of its queue, followed by a
+/// notification of the driver when it asked for one.
+pub trait UsedRing: Clone + Send + 'static {
+    /// Adds `(head, len)` to the used ring and notifies the driver if it must be.
+    fn complete(&self, mem: &GuestMemoryMmap, head: u16, len: u32);
+}
+
+/// Adds a used element to `queue` and reports whether the driver must be notified.
+pub fn add_used_and_check(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
+    if let Err(e) = queue.add_used(mem, head, len) {
+        error!("cannot return descriptor {head} to the used ring: {e}");
+        return false;
+    }
+    match queue.needs_notification(mem) {
+        Ok(n) => n,
+        Err(e) => {
+            error!("cannot read the driver's event index: {e}");
+            true
+        }
+    }
+}
+
+struct Job<R> {
+    ring: R,
+    mem: Arc<GuestMemoryMmap>,
+    chain: OwnedChain,
+}
+
+struct State<R> {
+    jobs: VecDeque<Job<R>>,
+    /// Requests submitted and not yet on the used ring (queued or executing).
+    inflight: usize,
+    /// Executor threads started.
+    threads: usize,
+    /// Executor threads waiting for a job.
+    idle: usize,
+    shutdown: bool,
+}
+
+struct Shared<R> {
+    dev: Arc<BlkDevice>,
+    state: Mutex<State<R>>,
+    work: Condvar,
+    drained: Condvar,
+}
+
+impl<R> Shared<R> {
+    fn lock(&self) -> MutexGuard<'_, State<R>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The executors of one virtqueue.
+pub struct QueueRunner<R: UsedRing> {
+    shared: Arc<Shared<R>>,
+    max_inflight: usize,
+    name: String,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl<R: UsedRing> std::fmt::Debug for QueueRunner<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueRunner")
+            .field("name", &self.name)
+            .field("max_inflight", &self.max_inflight)
+            .finish()
+    }
+}
+
+impl<R: UsedRing> QueueRunner<R> {
+    /// A runner that keeps at most `max_inflight` (at least 1) requests of one queue executing at
+    /// once. Executor threads are named `{name}-ioN` and started when the guest's queue depth
+    /// first needs them.
+    pub fn new(dev: Arc<BlkDevice>, max_inflight: usize, name: &str) -> Self {
+        QueueRunner {
+            shared: Arc::new(Shared {
+                dev,
+                state: Mutex::new(State {
+                    jobs: VecDeque::new(),
+                    inflight: 0,
+                    threads: 0,
+                    idle: 0,
+                    shutdown: false,
+                }),
+                work: Condvar::new(),
+                drained: Condvar::new(),
+            }),
+            max_inflight: max_inflight.max(1),
+            name: name.to_string(),
+            handles: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The bound on requests executing at once.
+    pub fn max_inflight(&self) -> usize {
+        self.max_inflight
+    }
+
+    /// Requests submitted and not yet on the used ring.
+    pub fn inflight(&self) -> usize {
+        self.shared.lock().inflight
+    }
+
+    /// Executor threads started so far (never more than [`Self::max_inflight`]).
+    pub fn threads(&self) -> usize {
+        self.shared.lock().threads
+    }
+
+    /// Blocks until every submitted request is on the used ring.
+    pub fn wait_idle(&self) {
+        let mut st = self.shared.lock();
+        while st.inflight > 0 {
+            st = self
+                .shared
+                .drained
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Queues `job` for an executor, starting one if more jobs wait than executors do and the
+    /// bound allows. Returns the job back if no executor exists and none can be started (the
+    /// caller then executes it itself).
+    fn submit(&self, job: Job<R>) -> Option<Job<R>> {
+        let mut st = self.shared.lock();
+        if st.jobs.len() >= st.idle && st.threads < self.max_inflight {
+            let shared = Arc::clone(&self.shared);
+            let spawned = thread::Builder::new()
+                .name(format!("{}-io{}", self.name, st.threads))
+                .spawn(move || executor_loop(&shared));
+            match spawned {
+                Ok(h) => {
+                    st.threads += 1;
+                    self.handles
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(h);
+                }
+                Err(e) => {
+                    warn!("{}: cannot start an I/O thread: {e}", self.name);
+                    if st.threads == 0 {
+                        return Some(job);
+                    }
+                }
+            }
+        }
+        st.inflight += 1;
+        st.jobs.push_back(job);
+        let wake = st.idle > 0;
+        drop(st);
+        if wake {
+            self.shared.work.notify_one();
+        }
+        None
+    }
+}
+
+fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
+    let mut worker = RequestWorker::new();
+    let mut st = shared.lock();
+    loop {
+        let job = loop {
+            if let Some(job) = st.jobs.pop_front() {
+                break job;
+            }
+            if st.shutdown {
+                return;
+            }
+            // `idle` counts exactly the executors blocked here, so a submitter that sees none
+            // starts a thread (or leaves the job to a busy executor) instead of a lost wake-up.
+            st.idle += 1;
+            st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.idle -= 1;
+        };
+        drop(st);
+        let Job { ring, mem, chain } = job;
+        let head = chain.head_index();
+        let len = worker.process_chain(&shared.dev, &*mem, chain);
+        ring.complete(&mem, head, len);
+        // Release the request's memory view before counting it done.
+        drop(mem);
+        st = shared.lock();
+        st.inflight -= 1;
+        if st.inflight == 0 {
+            shared.drained.notify_all();
+        }
+    }
+}
+
+impl<R: UsedRing> Drop for QueueRunner<R> {
+    fn drop(&mut self) {
+        self.wait_idle();
+        self.shared.lock().shutdown = true;
+        self.shared.work.notify_all();
+        let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in handles {
+            if h.join().is_err() {
+                error!("{}: an I/O thread panicked", self.name);
+            }
+        }
+    }
+}
+
+/// One processing pass over `queue` with `runner`: pops every available chain and submits it;
+/// the executors complete them to `ring`. A single chain found while nothing is in flight runs
+/// inline. Returns whether the driver must be notified of completions made by this pass itself
+/// (the executors notify for theirs). With EVENT_IDX, notifications from the driver are
+/// suppressed during the pass and the queue is re-checked before returning, so no kick is lost.
+pub fn submit_queue<R: UsedRing>(
+    runner: &QueueRunner<R>,
+    worker: &mut RequestWorker,
+    ring: &R,
+    queue: &mut Queue,
+    mem: &Arc<GuestMemoryMmap>,
+) -> Result<bool, ProcessQueueError> {
+    let event_idx = queue.event_idx_enabled();
+    let mut notify = false;
+    let mut popped_chains: Vec<OwnedChain> = Vec::new();
+    loop {
+        if event_idx {
+            queue.disable_notification(&**mem)?;
+        }
+        check_avail_ring(queue, &**mem)?;
+        popped_chains.clear();
+        while let Some(chain) = queue.pop_descriptor_chain(Arc::clone(mem)) {
+            popped_chains.push(chain);
+        }
+        let popped = popped_chains.len();
+        let inline = popped == 1 && runner.inflight() == 0;
+        for chain in popped_chains.drain(..) {
+            let job = if inline {
+                Some(Job {
+                    ring: ring.clone(),
+                    mem: Arc::clone(mem),
+                    chain,
+                })
+            } else {
+                runner.submit(Job {
+                    ring: ring.clone(),
+                    mem: Arc::clone(mem),
+                    chain,
+                })
+            };
+            if let Some(job) = job {
+                let head = job.chain.head_index();
+                let len = worker.process_chain(&runner.shared.dev, &**mem, job.chain);
+                notify |= add_used_and_check(queue, mem, head, len);
+            }
+        }
+        if !event_idx || !queue.enable_notification(&**mem)? {
+            break;
+        }
+        if popped == 0 {
+            return Err(ProcessQueueError::Stalled);
+        }
+    }
+    Ok(notify)
+}
