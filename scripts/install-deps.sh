@@ -31,7 +31,7 @@ PKGS=(
     qemu-system-data seabios ipxe-qemu libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3
     libglib2.0-0 libgmp10 libgnutls30 libibverbs1 libjpeg62-turbo libnuma1 libpixman-1-0
     libpmem1 libpng16-16 librdmacm1 libsasl2-2 libseccomp2 libslirp0 liburing2 libvdeplug2
-    linux-image-amd64 busybox-static cpio gzip
+    linux-image-amd64 busybox-static cpio gzip fio
 )
 
 installed() {

@@ -102,6 +102,12 @@ struct Args {
     /// with --stride larger than --bs this keeps every write a first write (COW path).
     #[arg(long)]
     no_wrap: bool,
+    /// When a worker stops submitting (window end or region exhausted), it waits for its requests
+    /// in flight, sends one FLUSH and waits for it: the measured window ends when the last
+    /// worker's FLUSH completes, and requests completing after the window end still count. Write
+    /// rates are then rates of durable data.
+    #[arg(long)]
+    final_flush: bool,
     /// The daemon's PID: report its CPU time per I/O and peak RSS from /proc.
     #[arg(long, value_name = "PID")]
     daemon_pid: Option<u32>,
@@ -275,6 +281,8 @@ struct Job {
     region_len: u64,
     stride: u64,
     wrap: bool,
+    /// After the last request, drain and FLUSH; the window ends when that FLUSH completes.
+    final_flush: bool,
     seed: u64,
     measure_start: Instant,
     end: Instant,
@@ -335,6 +343,8 @@ fn run_worker(
     let mut flush_started: Option<Instant> = None;
     let mut exhausted = false;
     let mut last_counted = job.measure_start;
+    // With --final-flush: the completion time of the final FLUSH, once it is done.
+    let mut final_flush_done: Option<Instant> = None;
 
     loop {
         let now = Instant::now();
@@ -397,13 +407,32 @@ fn run_worker(
         }
         if in_flight == 0 {
             if stopping {
+                if job.final_flush && final_flush_done.is_none() {
+                    flush_started = Some(Instant::now());
+                    q.submit(Op::Flush, FLUSH_TAG)?;
+                    q.wait(1, &mut done)?;
+                    let now = Instant::now();
+                    for c in done.drain(..) {
+                        if let Err(status) = c.result {
+                            res.errors += 1;
+                            res.first_error.get_or_insert_with(|| {
+                                format!("final flush failed: status {status}")
+                            });
+                        }
+                    }
+                    if let Some(t) = flush_started.take() {
+                        res.flush_lat.record(now - t);
+                        res.flushes += 1;
+                    }
+                    final_flush_done = Some(now);
+                }
                 break;
             }
             continue;
         }
         q.wait(1, &mut done)?;
         let now = Instant::now();
-        let counting = now >= job.measure_start && now <= job.end;
+        let counting = now >= job.measure_start && (job.final_flush || now <= job.end);
         for c in done.drain(..) {
             in_flight -= 1;
             if let Err(status) = c.result {
@@ -449,7 +478,11 @@ fn run_worker(
             }
         }
     }
-    res.finished = if exhausted { last_counted } else { job.end };
+    res.finished = match final_flush_done {
+        Some(t) => t,
+        None if exhausted => last_counted,
+        None => job.end,
+    };
     Ok(res)
 }
 
@@ -646,6 +679,7 @@ fn bench(args: &Args) -> Result<bool, String> {
                     region_len: part,
                     stride,
                     wrap: !args.no_wrap,
+                    final_flush: args.final_flush,
                     seed: args.seed.wrapping_add(i as u64 * 0x1000_0001),
                     measure_start,
                     end,
@@ -681,7 +715,12 @@ fn bench(args: &Args) -> Result<bool, String> {
         self_cpu_before = proc_cpu_secs("self");
         let mut finished = 0;
         while finished < args.queues {
-            let left = end.saturating_duration_since(Instant::now());
+            // With --final-flush the window lasts until every worker's FLUSH has completed.
+            let left = if args.final_flush {
+                Duration::from_secs(3600)
+            } else {
+                end.saturating_duration_since(Instant::now())
+            };
             match rx.recv_timeout(left) {
                 Ok(()) => finished += 1,
                 Err(_) => break,
@@ -750,6 +789,7 @@ fn bench(args: &Args) -> Result<bool, String> {
             .int("region_len", region_len)
             .int("stride", stride)
             .bool("wrap", !args.no_wrap)
+            .bool("final_flush", args.final_flush)
             .int("capacity", capacity)
             .bool("device_writeback", info.flush_needed)
             .num("ramp_s", args.ramp)
