@@ -178,15 +178,19 @@ fio_summary() {
     python3 - "$1" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-j = d["jobs"][0]
-rt = max(1, j["job_runtime"]) / 1000.0  # ms; includes the end_fsync
-ios = sum(j[k]["total_ios"] for k in ("read", "write"))
-byt = sum(j[k]["io_bytes"] for k in ("read", "write"))
+jobs = d["jobs"]
+# Jobs run in parallel: the run lasts as long as the longest job (job_runtime, ms, includes the
+# end_fsync); I/Os and bytes add up.
+rt = max(1, max(j["job_runtime"] for j in jobs)) / 1000.0
+ios = sum(j[k]["total_ios"] for j in jobs for k in ("read", "write"))
+byt = sum(j[k]["io_bytes"] for j in jobs for k in ("read", "write"))
+j = jobs[0]
 lat = j["read"] if j["read"]["total_ios"] else j["write"]
 pct = lat.get("clat_ns", {}).get("percentile", {})
 print(json.dumps({"iops": ios / rt, "mb_per_s": byt / rt / 1e6, "elapsed_s": rt, "ios": ios,
                   "lat_p50_us": pct.get("50.000000", 0) / 1000,
-                  "lat_p99_us": pct.get("99.000000", 0) / 1000, "errors": j.get("error", 0)}))
+                  "lat_p99_us": pct.get("99.000000", 0) / 1000,
+                  "errors": sum(j.get("error", 0) for j in jobs)}))
 PY
 }
 
@@ -219,7 +223,8 @@ run_one() {
         nq=1
         args=(--rw write --bs 4k --stride 64k --no-wrap --iodepth 32 --final-flush --runtime 600)
         fio_args=(--rw=write:$((CLUSTER - 4096)) --bs=4k --iodepth=32 --numjobs=1
-            --size="$SIZE_BYTES" --end_fsync=1 --fallocate=none)
+            --size="$SIZE_BYTES" --io_size=$((SIZE_BYTES / (CLUSTER / 4096))) --end_fsync=1
+            --fallocate=none)
         ;;
     hot-randread-4k-qd32)
         nq=1
@@ -236,7 +241,7 @@ run_one() {
             truncate -s "$SIZE_BYTES" "$file"
         fi
         drop_caches
-        if fio --name=device --filename="$file" --ioengine=io_uring --direct=1 --group_reporting \
+        if fio --name=device --filename="$file" --ioengine=io_uring --direct=1 \
             "${fio_args[@]}" --output-format=json --output="$COLD/fio.json" >"$logf" 2>&1; then
             out="$(fio_summary "$COLD/fio.json")"
         else

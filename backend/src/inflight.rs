@@ -11,8 +11,14 @@
 //! FLUSH covers only writes that completed (reached the used ring) before it was submitted; a
 //! request reaches the used ring only after its disk operation returned, so both hold.
 //!
-//! A single request found while nothing is in flight runs inline on the queue thread (no thread
-//! hand-off on the queue-depth-1 path).
+//! Handing a request to another thread costs a wake-up and a context switch, far more than a
+//! request served from memory (a folio-cache hit) costs itself. So the runner keeps a moving
+//! average of how long requests take to execute. While requests are fast the queue thread runs a
+//! pass's requests itself, one after the other, completing each to the used ring as it finishes
+//! (the executors are idle, nothing waits behind it for long). As soon as one of them takes
+//! longer than the slow threshold (it had to wait for the disk), the rest of the pass goes to
+//! the executors, and so do the following passes until requests are fast again. A single request
+//! found while nothing is in flight always runs inline (no hand-off on the queue-depth-1 path).
 //!
 //! Stopping a queue (GET_VRING_BASE), resetting the device or closing the connection first waits
 //! for the queue's requests in flight ([`QueueRunner::wait_idle`]): the frontend then reads a used
@@ -25,8 +31,10 @@
 //! count the completion. Each executor owns its own [`RequestWorker`] buffers.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -78,8 +86,15 @@ struct State<R> {
     shutdown: bool,
 }
 
+/// Default execution time above which a request counts as slow (it waited for the disk): a hot
+/// 4 KiB request takes a few microseconds, a read from an SSD about a hundred.
+pub const DEFAULT_SLOW_THRESHOLD: Duration = Duration::from_micros(40);
+
 struct Shared<R> {
     dev: Arc<BlkDevice>,
+    /// Moving average of request execution times in nanoseconds (weight 1/4 per sample).
+    avg_ns: AtomicU64,
+    slow_ns: u64,
     state: Mutex<State<R>>,
     work: Condvar,
     drained: Condvar,
@@ -88,6 +103,19 @@ struct Shared<R> {
 impl<R> Shared<R> {
     fn lock(&self) -> MutexGuard<'_, State<R>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds one execution time to the moving average (racing updates may lose a sample, which
+    /// only makes the estimate a little slower to follow).
+    fn record(&self, took: Duration) {
+        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let avg = self.avg_ns.load(Ordering::Relaxed);
+        let next = avg - avg / 4 + sample / 4;
+        self.avg_ns.store(next, Ordering::Relaxed);
+    }
+
+    fn requests_are_fast(&self) -> bool {
+        self.avg_ns.load(Ordering::Relaxed) < self.slow_ns
     }
 }
 
@@ -113,9 +141,23 @@ impl<R: UsedRing> QueueRunner<R> {
     /// once. Executor threads are named `{name}-ioN` and started when the guest's queue depth
     /// first needs them.
     pub fn new(dev: Arc<BlkDevice>, max_inflight: usize, name: &str) -> Self {
+        Self::with_slow_threshold(dev, max_inflight, name, DEFAULT_SLOW_THRESHOLD)
+    }
+
+    /// [`Self::new`] with another slow threshold. The runner starts by assuming requests are
+    /// slow (executors) until it has seen fast ones.
+    pub fn with_slow_threshold(
+        dev: Arc<BlkDevice>,
+        max_inflight: usize,
+        name: &str,
+        slow: Duration,
+    ) -> Self {
+        let slow_ns = u64::try_from(slow.as_nanos()).unwrap_or(u64::MAX).max(1);
         QueueRunner {
             shared: Arc::new(Shared {
                 dev,
+                avg_ns: AtomicU64::new(slow_ns.saturating_mul(2)),
+                slow_ns,
                 state: Mutex::new(State {
                     jobs: VecDeque::new(),
                     inflight: 0,
@@ -216,7 +258,9 @@ fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
         drop(st);
         let Job { ring, mem, chain } = job;
         let head = chain.head_index();
+        let started = Instant::now();
         let len = worker.process_chain(&shared.dev, &*mem, chain);
+        shared.record(started.elapsed());
         ring.complete(&mem, head, len);
         // Release the request's memory view before counting it done.
         drop(mem);
@@ -242,9 +286,9 @@ impl<R: UsedRing> Drop for QueueRunner<R> {
     }
 }
 
-/// One processing pass over `queue` with `runner`: pops every available chain and submits it;
-/// the executors complete them to `ring`. A single chain found while nothing is in flight runs
-/// inline. Returns whether the driver must be notified of completions made by this pass itself
+/// One processing pass over `queue` with `runner`: pops every available chain and runs it
+/// inline while requests are fast, or submits it to the executors, which complete it to `ring`
+/// (see the module documentation for the policy). Returns whether the driver must be notified of completions made by this pass itself
 /// (the executors notify for theirs). With EVENT_IDX, notifications from the driver are
 /// suppressed during the pass and the queue is re-checked before returning, so no kick is lost.
 pub fn submit_queue<R: UsedRing>(
@@ -267,7 +311,9 @@ pub fn submit_queue<R: UsedRing>(
             popped_chains.push(chain);
         }
         let popped = popped_chains.len();
-        let inline = popped == 1 && runner.inflight() == 0;
+        let shared = &runner.shared;
+        let mut inline =
+            popped > 0 && (shared.requests_are_fast() || (popped == 1 && runner.inflight() == 0));
         for chain in popped_chains.drain(..) {
             let job = if inline {
                 Some(Job {
@@ -284,8 +330,15 @@ pub fn submit_queue<R: UsedRing>(
             };
             if let Some(job) = job {
                 let head = job.chain.head_index();
-                let len = worker.process_chain(&runner.shared.dev, &**mem, job.chain);
+                let started = Instant::now();
+                let len = worker.process_chain(&shared.dev, &**mem, job.chain);
+                let took = started.elapsed();
+                shared.record(took);
                 notify |= add_used_and_check(queue, mem, head, len);
+                if took.as_nanos() >= u128::from(shared.slow_ns) {
+                    // It waited for the disk: the rest of the pass goes to the executors.
+                    inline = false;
+                }
             }
         }
         if !event_idx || !queue.enable_notification(&**mem)? {

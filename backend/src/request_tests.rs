@@ -958,6 +958,10 @@ struct GateDisk {
     opened: std::sync::Condvar,
     running: AtomicUsize,
     max_running: AtomicUsize,
+    /// Operations at this byte offset take this long (a request that waits for the disk).
+    delay: Option<(u64, std::time::Duration)>,
+    /// Threads that executed an operation.
+    threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
 }
 
 impl GateDisk {
@@ -972,12 +976,23 @@ impl GateDisk {
             opened: std::sync::Condvar::new(),
             running: AtomicUsize::new(0),
             max_running: AtomicUsize::new(0),
+            delay: None,
+            threads: std::sync::Mutex::new(Vec::new()),
         }
     }
 
     fn enter(&self, offset: u64) {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        if let Some((at, d)) = self.delay {
+            if at == offset {
+                std::thread::sleep(d);
+            }
+        }
         if self.gated_offset == u64::MAX || self.gated_offset == offset {
             let mut open = self.open.lock().unwrap();
             while !*open {
@@ -1160,4 +1175,70 @@ fn runner_runs_a_lone_request_inline_and_a_batch_on_executors() {
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 8)).unwrap(), VIRTIO_BLK_S_OK);
     assert_eq!(disk.inner.flushes.load(Ordering::SeqCst), 1);
     drop(runner);
+}
+
+#[test]
+fn runner_runs_fast_requests_on_the_queue_thread_and_hands_off_after_a_slow_one() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut disk = GateDisk::new(u64::MAX);
+    disk.open_gate();
+    // The second request of the second pass (byte 4096) takes far longer than the threshold.
+    disk.delay = Some((4096, std::time::Duration::from_millis(300)));
+    let disk = Arc::new(disk);
+    let dev = gated_device(disk.clone());
+    let slow = std::time::Duration::from_millis(60);
+    let runner = crate::inflight::QueueRunner::with_slow_threshold(dev, 8, "test", slow);
+    let mem = Arc::new(mem);
+    let mut worker = RequestWorker::new();
+    // First pass: the runner assumes slow requests until it has measured fast ones.
+    // Reads far from the slow offset: fast.
+    let far = |mem: &GuestMemoryMmap, n: u64, first_sector: u64| {
+        let chains = io_chains(mem, n, VIRTIO_BLK_T_IN);
+        for i in 0..n {
+            let hdr = RequestHeader {
+                request_type: VIRTIO_BLK_T_IN,
+                reserved: 0,
+                sector: first_sector + 8 * i,
+            };
+            mem.write_slice(&hdr.to_bytes(), GuestAddress(HDR + 64 * i))
+                .unwrap();
+        }
+        chains
+    };
+    let ring = TestRing::new(queue_with_chains(&mem, &far(&mem, 4, 1024), 0));
+    ring.pass(&runner, &mut worker, &mem);
+    runner.wait_idle();
+    assert_eq!(used_idx(&mem), 4);
+    assert!(runner.threads() >= 1, "a fresh runner starts on its executors");
+    // Fast requests brought the average down: a batch of fast reads runs on the queue thread.
+    for _ in 0..8 {
+        let mut q = queue_with_chains(&mem, &far(&mem, 4, 1024), 0);
+        let next = ring.queue.lock().unwrap().next_used();
+        q.set_next_used(next);
+        *ring.queue.lock().unwrap() = q;
+        disk.threads.lock().unwrap().clear();
+        ring.pass(&runner, &mut worker, &mem);
+        runner.wait_idle();
+    }
+    let me = std::thread::current().id();
+    assert!(
+        disk.threads.lock().unwrap().iter().all(|t| *t == me),
+        "fast requests left the queue thread"
+    );
+    // Now a pass whose second request is slow: the first two run inline, the other two on
+    // executors.
+    let mut q = queue_with_chains(&mem, &io_chains(&mem, 4, VIRTIO_BLK_T_IN), 0);
+    let next = ring.queue.lock().unwrap().next_used();
+    q.set_next_used(next);
+    *ring.queue.lock().unwrap() = q;
+    disk.threads.lock().unwrap().clear();
+    ring.pass(&runner, &mut worker, &mem);
+    runner.wait_idle();
+    let threads = disk.threads.lock().unwrap().clone();
+    assert_eq!(threads.len(), 4);
+    assert_eq!(&threads[..2], &[me, me]);
+    assert!(threads[2..].iter().all(|t| *t != me), "{threads:?}");
+    for i in 0..4u64 {
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), VIRTIO_BLK_S_OK);
+    }
 }
