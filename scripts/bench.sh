@@ -18,6 +18,13 @@
 #   BENCH_SIDES="qsd snapblk"                            BENCH_NO_BUILD=1  use existing binaries
 #   BENCH_REPEAT=1       runs per side and workload; the report shows the median-IOPS run
 #   SNAPBLK=path/to/snapblk  BENCH_CLIENT=path/to/snapblk-bench  SNAPBLK_EXTRA_ARGS="..."
+#   BENCH_QUICK=1        a short development run (1 s runs, 256 MiB disk, 1 queue; cold part
+#                        with 1 run per side), not a measurement
+#   BENCH_SKIP_COLD=1    skip the cold/durable part (scripts/bench-cold.sh, its own knobs there;
+#                        SNAPBLK_BASE=path/to/old/snapblk adds a before/after column)
+# After the warm runs, scripts/bench-cold.sh runs in the same invocation (page cache dropped before
+# each run, writes timed to a final FLUSH, every qemu-storage-daemon configuration, the device's
+# own ceiling through fio) and its section is appended to the report.
 # The snapblk command line lives in one place: snapblk_cmd() below.
 set -euo pipefail
 
@@ -26,6 +33,9 @@ cd "$ROOT"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 SNAPBLK="${SNAPBLK:-$TARGET/release/snapblk}"
 BENCH_CLIENT="${BENCH_CLIENT:-$TARGET/release/snapblk-bench}"
+if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
+    : "${BENCH_RUNTIME:=1}" "${BENCH_RAMP:=0.2}" "${BENCH_IMAGE_SIZE:=256M}" "${BENCH_QUEUES:=1}"
+fi
 BENCH_RUNTIME="${BENCH_RUNTIME:-5}"
 BENCH_RAMP="${BENCH_RAMP:-0.5}"
 BENCH_IMAGE_SIZE="${BENCH_IMAGE_SIZE:-1G}"
@@ -289,6 +299,18 @@ ELAPSED=$(($(date +%s) - START))
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "runs took ${ELAPSED}s"
 
+COLD_MD="$BENCH_DIR/cold.md"
+rm -f "$COLD_MD"
+if [[ "${BENCH_SKIP_COLD:-0}" != 1 ]]; then
+    log "cold and durable workloads (scripts/bench-cold.sh)"
+    if ! BENCH_NO_BUILD=1 BENCH_DIR="$BENCH_DIR" BENCH_COLD_OUT="$COLD_MD" SNAPBLK="$SNAPBLK" \
+        BENCH_CLIENT="$BENCH_CLIENT" bash "$ROOT/scripts/bench-cold.sh"; then
+        log "WARNING: the cold/durable part failed; the report has no such section"
+        rm -f "$COLD_MD"
+    fi
+fi
+export COLD_MD
+
 # --- report ----------------------------------------------------------------------------------
 FS_TYPE="$(df -T "$BENCH_DIR" | awk 'NR==2 {print $2}')"
 FS_DEV="$(df -T "$BENCH_DIR" | awk 'NR==2 {print $1}')"
@@ -512,6 +534,9 @@ p("- The COW workload writes one 4 KiB block into each 64 KiB cluster of an empt
   "shorter than the others; raise `BENCH_IMAGE_SIZE` to lengthen it.")
 p("- All I/O stays in the host page cache (the working set fits in memory), so these figures measure "
   "the daemons' per-request overhead and their flush paths, not the disk.")
+if os.path.exists(E["COLD_MD"]):
+    p("")
+    p(open(E["COLD_MD"]).read().rstrip())
 analysis = os.path.join(E['ROOT'], 'scripts', 'bench-analysis.md')
 if os.path.exists(analysis):
     p("")

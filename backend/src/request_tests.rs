@@ -962,6 +962,8 @@ struct GateDisk {
     delay: Option<(u64, std::time::Duration)>,
     /// Threads that executed an operation.
     threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+    /// Operations at this byte offset fail with EIO.
+    fail_at: Option<u64>,
 }
 
 impl GateDisk {
@@ -978,6 +980,7 @@ impl GateDisk {
             max_running: AtomicUsize::new(0),
             delay: None,
             threads: std::sync::Mutex::new(Vec::new()),
+            fail_at: None,
         }
     }
 
@@ -1017,13 +1020,21 @@ impl BlockDev for GateDisk {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
         self.enter(offset);
-        let r = self.inner.read_at(buf, offset);
+        let r = if self.fail_at == Some(offset) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO).into())
+        } else {
+            self.inner.read_at(buf, offset)
+        };
         self.leave();
         r
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
         self.enter(offset);
-        let r = self.inner.write_at(buf, offset);
+        let r = if self.fail_at == Some(offset) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO).into())
+        } else {
+            self.inner.write_at(buf, offset)
+        };
         self.leave();
         r
     }
@@ -1241,4 +1252,34 @@ fn runner_runs_fast_requests_on_the_queue_thread_and_hands_off_after_a_slow_one(
     for i in 0..4u64 {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), VIRTIO_BLK_S_OK);
     }
+}
+
+#[test]
+fn runner_fails_only_the_request_whose_disk_operation_failed() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut disk = GateDisk::new(u64::MAX);
+    disk.fail_at = Some(2 * 4096);
+    let disk = Arc::new(disk);
+    let dev = gated_device(disk.clone());
+    let runner = crate::inflight::QueueRunner::new(dev, 8, "test");
+    let ring = TestRing::new(queue_with_chains(&mem, &io_chains(&mem, 5, VIRTIO_BLK_T_OUT), 0));
+    let mem = Arc::new(mem);
+    let mut worker = RequestWorker::new();
+    ring.pass(&runner, &mut worker, &mem);
+    // All five are at the disk (executors) before any of them finishes.
+    wait_until("five writes at the disk", || {
+        disk.running.load(Ordering::SeqCst) == 5
+    });
+    disk.open_gate();
+    runner.wait_idle();
+    assert_eq!(used_idx(&mem), 5);
+    for i in 0..5u64 {
+        let want = if i == 2 {
+            VIRTIO_BLK_S_IOERR
+        } else {
+            VIRTIO_BLK_S_OK
+        };
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), want);
+    }
+    assert_eq!(disk.inner.inner.snapshot()[2 * 4096..3 * 4096], vec![0u8; 4096]);
 }
