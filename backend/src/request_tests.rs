@@ -1100,7 +1100,11 @@ fn runner_completes_each_request_as_it_finishes_not_behind_a_slow_one() {
     let disk = Arc::new(GateDisk::new(0));
     let dev = gated_device(disk.clone());
     let runner = crate::inflight::QueueRunner::new(dev, 8, "test");
-    let ring = TestRing::new(queue_with_chains(&mem, &io_chains(&mem, 5, VIRTIO_BLK_T_OUT), 0));
+    let ring = TestRing::new(queue_with_chains(
+        &mem,
+        &io_chains(&mem, 5, VIRTIO_BLK_T_OUT),
+        0,
+    ));
     let mem = Arc::new(mem);
     let mut worker = RequestWorker::new();
     ring.pass(&runner, &mut worker, &mem);
@@ -1114,7 +1118,10 @@ fn runner_completes_each_request_as_it_finishes_not_behind_a_slow_one() {
     assert_eq!(used_idx(&mem), 5);
     assert_eq!(used_elem(&mem, 4), (0, 1));
     for i in 0..5u64 {
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
         assert_eq!(
             disk.inner.inner.snapshot()[4096 * i as usize..4096 * (i as usize + 1)],
             vec![i as u8 + 1; 4096]
@@ -1128,7 +1135,11 @@ fn runner_keeps_exactly_the_bound_of_requests_in_flight_at_the_disk() {
     let disk = Arc::new(GateDisk::new(u64::MAX));
     let dev = gated_device(disk.clone());
     let runner = crate::inflight::QueueRunner::new(dev, 3, "test");
-    let ring = TestRing::new(queue_with_chains(&mem, &io_chains(&mem, 5, VIRTIO_BLK_T_IN), 0));
+    let ring = TestRing::new(queue_with_chains(
+        &mem,
+        &io_chains(&mem, 5, VIRTIO_BLK_T_IN),
+        0,
+    ));
     let mem = Arc::new(mem);
     let mut worker = RequestWorker::new();
     // The queue thread returns at once: it never waits for a request.
@@ -1145,7 +1156,10 @@ fn runner_keeps_exactly_the_bound_of_requests_in_flight_at_the_disk() {
     runner.wait_idle();
     assert_eq!(used_idx(&mem), 5);
     for i in 0..5u64 {
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
     }
     assert_eq!(runner.threads(), 3);
 }
@@ -1183,7 +1197,10 @@ fn runner_runs_a_lone_request_inline_and_a_batch_on_executors() {
     runner.wait_idle();
     assert_eq!(used_idx(&mem), 6);
     assert!(runner.threads() >= 1 && runner.threads() <= 4);
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 8)).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS + 8)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
     assert_eq!(disk.inner.flushes.load(Ordering::SeqCst), 1);
     drop(runner);
 }
@@ -1220,7 +1237,10 @@ fn runner_runs_fast_requests_on_the_queue_thread_and_hands_off_after_a_slow_one(
     ring.pass(&runner, &mut worker, &mem);
     runner.wait_idle();
     assert_eq!(used_idx(&mem), 4);
-    assert!(runner.threads() >= 1, "a fresh runner starts on its executors");
+    assert!(
+        runner.threads() >= 1,
+        "a fresh runner starts on its executors"
+    );
     // Fast requests brought the average down: a batch of fast reads runs on the queue thread.
     for _ in 0..8 {
         let mut q = queue_with_chains(&mem, &far(&mem, 4, 1024), 0);
@@ -1250,7 +1270,10 @@ fn runner_runs_fast_requests_on_the_queue_thread_and_hands_off_after_a_slow_one(
     assert_eq!(&threads[..2], &[me, me]);
     assert!(threads[2..].iter().all(|t| *t != me), "{threads:?}");
     for i in 0..4u64 {
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
     }
 }
 
@@ -1262,7 +1285,11 @@ fn runner_fails_only_the_request_whose_disk_operation_failed() {
     let disk = Arc::new(disk);
     let dev = gated_device(disk.clone());
     let runner = crate::inflight::QueueRunner::new(dev, 8, "test");
-    let ring = TestRing::new(queue_with_chains(&mem, &io_chains(&mem, 5, VIRTIO_BLK_T_OUT), 0));
+    let ring = TestRing::new(queue_with_chains(
+        &mem,
+        &io_chains(&mem, 5, VIRTIO_BLK_T_OUT),
+        0,
+    ));
     let mem = Arc::new(mem);
     let mut worker = RequestWorker::new();
     ring.pass(&runner, &mut worker, &mem);
@@ -1281,5 +1308,8 @@ fn runner_fails_only_the_request_whose_disk_operation_failed() {
         };
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), want);
     }
-    assert_eq!(disk.inner.inner.snapshot()[2 * 4096..3 * 4096], vec![0u8; 4096]);
+    assert_eq!(
+        disk.inner.inner.snapshot()[2 * 4096..3 * 4096],
+        vec![0u8; 4096]
+    );
 }

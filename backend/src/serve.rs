@@ -333,7 +333,7 @@ impl Server {
         );
         let mut daemon =
             VhostUserDaemon::new(format!("snapblk-conn{id}"), Arc::clone(&backend), mem)
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+                .map_err(|e| ServeError::Daemon(e.to_string()))?;
         if let Err(e) = daemon.start(&mut self.listener) {
             warn!("connection {id}: accept failed: {e}");
             return Ok(());
