@@ -34,6 +34,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 SNAPBLK="${SNAPBLK:-$TARGET/release/snapblk}"
 SNAPBLK_BASE="${SNAPBLK_BASE:-}"
@@ -95,14 +97,7 @@ for c in $QSD_CONFIGS; do SIDES+=("qsd-${c/:/-direct-}"); done
 FIRST_QSD="qsd-$(set -- $QSD_CONFIGS; echo "${1/:/-direct-}")"
 SIDES+=(device)
 
-DAEMON_PID=""
-cleanup() {
-    if [[ -n "$DAEMON_PID" ]]; then
-        kill "$DAEMON_PID" 2>/dev/null || true
-        wait "$DAEMON_PID" 2>/dev/null || true
-    fi
-}
-trap cleanup EXIT
+trap stop_daemon EXIT
 
 # daemon_cmd SIDE IMAGE SOCKET QUEUES -> CMD. IMAGE "null" is qsd's null-co driver.
 daemon_cmd() {
@@ -136,25 +131,10 @@ daemon_cmd() {
 }
 
 start_daemon() {
-    local side="$1" img="$2" nq="$3" logf="$4" waited=0
+    local side="$1" img="$2" nq="$3" logf="$4"
     SOCK="$COLD/$side.sock"
-    rm -f "$SOCK"
     daemon_cmd "$side" "$img" "$SOCK" "$nq"
-    echo "${CMD[*]}" >"$logf"
-    "${CMD[@]}" >>"$logf" 2>&1 &
-    DAEMON_PID=$!
-    while [[ ! -S "$SOCK" ]] && kill -0 "$DAEMON_PID" 2>/dev/null && ((waited < 200)); do
-        sleep 0.05
-        waited=$((waited + 1))
-    done
-    kill -0 "$DAEMON_PID" 2>/dev/null
-}
-stop_daemon() {
-    if [[ -n "$DAEMON_PID" ]]; then
-        kill "$DAEMON_PID" 2>/dev/null || true
-        wait "$DAEMON_PID" 2>/dev/null || true
-    fi
-    DAEMON_PID=""
+    launch_daemon "$SOCK" "$logf"
 }
 
 fresh_overlay() {

@@ -30,6 +30,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 SNAPBLK="${SNAPBLK:-$TARGET/release/snapblk}"
 BENCH_CLIENT="${BENCH_CLIENT:-$TARGET/release/snapblk-bench}"
@@ -90,14 +92,7 @@ WORKLOADS=(
 )
 
 # ---------------------------------------------------------------------------------------------
-DAEMON_PID=""
-cleanup() {
-    if [[ -n "$DAEMON_PID" ]]; then
-        kill "$DAEMON_PID" 2>/dev/null || true
-        wait "$DAEMON_PID" 2>/dev/null || true
-    fi
-}
-trap cleanup EXIT
+trap stop_daemon EXIT
 
 command -v "$QSD" >/dev/null || die "qemu-storage-daemon not found (run scripts/install-deps.sh)"
 command -v qemu-img >/dev/null || die "qemu-img not found"
@@ -158,25 +153,10 @@ image_for() {
 # start_daemon SIDE KIND QUEUES IMAGE LOG: starts the daemon (DAEMON_PID) and waits for its socket
 # (SOCK). Fails at once if the daemon exits (bad arguments, unsupported image).
 start_daemon() {
-    local side="$1" kind="$2" nq="$3" img="$4" logf="$5" waited=0
+    local side="$1" kind="$2" nq="$3" img="$4" logf="$5"
     SOCK="$BENCH_DIR/$side.sock"
-    rm -f "$SOCK"
     if [[ "$side" == qsd ]]; then qsd_cmd "$img" "$SOCK" "$nq" "$kind"; else snapblk_cmd "$img" "$SOCK" "$nq" "$kind"; fi
-    echo "${CMD[*]}" >"$logf"
-    "${CMD[@]}" >>"$logf" 2>&1 &
-    DAEMON_PID=$!
-    while [[ ! -S "$SOCK" ]] && kill -0 "$DAEMON_PID" 2>/dev/null && ((waited < 200)); do
-        sleep 0.05
-        waited=$((waited + 1))
-    done
-    kill -0 "$DAEMON_PID" 2>/dev/null
-}
-stop_daemon() {
-    if [[ -n "$DAEMON_PID" ]]; then
-        kill "$DAEMON_PID" 2>/dev/null || true
-        wait "$DAEMON_PID" 2>/dev/null || true
-    fi
-    DAEMON_PID=""
+    launch_daemon "$SOCK" "$logf"
 }
 
 # record SIDE KIND QUEUES WORKLOAD ARGS JSON: one line of results.jsonl.

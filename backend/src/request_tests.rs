@@ -1093,21 +1093,36 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn runner_completes_each_request_as_it_finishes_not_behind_a_slow_one() {
+/// Guest memory, a runner of `max_inflight` over `disk`, and a ring offering `n` 4 KiB requests
+/// of `request_type` (see `io_chains`), after one processing pass of the queue thread.
+fn runner_after_one_pass(
+    disk: &Arc<GateDisk>,
+    max_inflight: usize,
+    n: u64,
+    request_type: u32,
+) -> (
+    Arc<GuestMemoryMmap>,
+    crate::inflight::QueueRunner<TestRing>,
+    TestRing,
+) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    // The first request (byte 0) is held at the disk; the other four must complete meanwhile.
-    let disk = Arc::new(GateDisk::new(0));
-    let dev = gated_device(disk.clone());
-    let runner = crate::inflight::QueueRunner::new(dev, 8, "test");
+    let runner =
+        crate::inflight::QueueRunner::new(gated_device(disk.clone()), max_inflight, "test");
     let ring = TestRing::new(queue_with_chains(
         &mem,
-        &io_chains(&mem, 5, VIRTIO_BLK_T_OUT),
+        &io_chains(&mem, n, request_type),
         0,
     ));
     let mem = Arc::new(mem);
-    let mut worker = RequestWorker::new();
-    ring.pass(&runner, &mut worker, &mem);
+    ring.pass(&runner, &mut RequestWorker::new(), &mem);
+    (mem, runner, ring)
+}
+
+#[test]
+fn runner_completes_each_request_as_it_finishes_not_behind_a_slow_one() {
+    // The first request (byte 0) is held at the disk; the other four must complete meanwhile.
+    let disk = Arc::new(GateDisk::new(0));
+    let (mem, runner, ring) = runner_after_one_pass(&disk, 8, 5, VIRTIO_BLK_T_OUT);
     wait_until("four fast writes on the used ring", || used_idx(&mem) == 4);
     let done: Vec<u32> = (0..4).map(|i| used_elem(&mem, i).0).collect();
     assert!(!done.contains(&0), "the held request completed: {done:?}");
@@ -1131,19 +1146,9 @@ fn runner_completes_each_request_as_it_finishes_not_behind_a_slow_one() {
 
 #[test]
 fn runner_keeps_exactly_the_bound_of_requests_in_flight_at_the_disk() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let disk = Arc::new(GateDisk::new(u64::MAX));
-    let dev = gated_device(disk.clone());
-    let runner = crate::inflight::QueueRunner::new(dev, 3, "test");
-    let ring = TestRing::new(queue_with_chains(
-        &mem,
-        &io_chains(&mem, 5, VIRTIO_BLK_T_IN),
-        0,
-    ));
-    let mem = Arc::new(mem);
-    let mut worker = RequestWorker::new();
     // The queue thread returns at once: it never waits for a request.
-    ring.pass(&runner, &mut worker, &mem);
+    let (mem, runner, _ring) = runner_after_one_pass(&disk, 3, 5, VIRTIO_BLK_T_IN);
     assert_eq!(runner.inflight(), 5);
     wait_until("three reads at the disk", || {
         disk.running.load(Ordering::SeqCst) == 3
@@ -1279,20 +1284,10 @@ fn runner_runs_fast_requests_on_the_queue_thread_and_hands_off_after_a_slow_one(
 
 #[test]
 fn runner_fails_only_the_request_whose_disk_operation_failed() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mut disk = GateDisk::new(u64::MAX);
     disk.fail_at = Some(2 * 4096);
     let disk = Arc::new(disk);
-    let dev = gated_device(disk.clone());
-    let runner = crate::inflight::QueueRunner::new(dev, 8, "test");
-    let ring = TestRing::new(queue_with_chains(
-        &mem,
-        &io_chains(&mem, 5, VIRTIO_BLK_T_OUT),
-        0,
-    ));
-    let mem = Arc::new(mem);
-    let mut worker = RequestWorker::new();
-    ring.pass(&runner, &mut worker, &mem);
+    let (mem, runner, _ring) = runner_after_one_pass(&disk, 8, 5, VIRTIO_BLK_T_OUT);
     // All five are at the disk (executors) before any of them finishes.
     wait_until("five writes at the disk", || {
         disk.running.load(Ordering::SeqCst) == 5

@@ -1,0 +1,28 @@
+# Shared by scripts/bench.sh and scripts/bench-cold.sh (sourced): starting and stopping the daemon
+# under test. The caller sets the array CMD (the daemon's command line) first.
+
+DAEMON_PID=""
+
+# launch_daemon SOCKET LOG: runs "${CMD[@]}" in the background (DAEMON_PID), its command line and
+# output in LOG, and waits up to 10 s for SOCKET. Fails at once if the daemon exits (bad
+# arguments, unsupported image).
+launch_daemon() {
+    local sock="$1" logf="$2" waited=0
+    rm -f "$sock"
+    echo "${CMD[*]}" >"$logf"
+    "${CMD[@]}" >>"$logf" 2>&1 &
+    DAEMON_PID=$!
+    while [[ ! -S "$sock" ]] && kill -0 "$DAEMON_PID" 2>/dev/null && ((waited < 200)); do
+        sleep 0.05
+        waited=$((waited + 1))
+    done
+    kill -0 "$DAEMON_PID" 2>/dev/null
+}
+
+stop_daemon() {
+    if [[ -n "$DAEMON_PID" ]]; then
+        kill "$DAEMON_PID" 2>/dev/null || true
+        wait "$DAEMON_PID" 2>/dev/null || true
+    fi
+    DAEMON_PID=""
+}
