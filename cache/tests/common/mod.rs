@@ -21,16 +21,25 @@ pub enum Event {
     Zap { offset: u64, len: u64 },
 }
 
-/// A `MemDisk` with injectable failures and an event log.
-#[derive(Debug)]
+/// A closure run once right after a lower read of the given range completed.
+pub type AfterRead = (u64, u64, Box<dyn FnOnce() + Send>);
+
+/// A `MemDisk` with injectable failures, an event log and a hook after a read.
 pub struct FaultyDisk {
     pub mem: MemDisk,
     fail_reads: Mutex<Vec<(u64, u64)>>,
     fail_writes: Mutex<Vec<(u64, u64)>>,
     fail_flush: Mutex<bool>,
     log: Mutex<Vec<Event>>,
+    after_read: Mutex<Option<AfterRead>>,
     pub flushes: AtomicU64,
     pub reads: AtomicU64,
+}
+
+impl std::fmt::Debug for FaultyDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyDisk").field("mem", &self.mem).finish()
+    }
 }
 
 /// EIO (errno 5 on Linux).
@@ -50,6 +59,7 @@ impl FaultyDisk {
             fail_writes: Mutex::new(Vec::new()),
             fail_flush: Mutex::new(false),
             log: Mutex::new(Vec::new()),
+            after_read: Mutex::new(None),
             flushes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
         })
@@ -66,6 +76,17 @@ impl FaultyDisk {
             .lock()
             .unwrap()
             .push((offset, offset + len));
+    }
+
+    /// Runs `f` once, on the reading thread, right after the next read overlapping
+    /// `[offset, offset + len)` got its bytes (and before they are returned to the caller).
+    pub fn after_read(&self, offset: u64, len: u64, f: impl FnOnce() + Send + 'static) {
+        *self.after_read.lock().unwrap() = Some((offset, offset + len, Box::new(f)));
+    }
+
+    /// Whether the `after_read` hook has run (or none was set).
+    pub fn after_read_fired(&self) -> bool {
+        self.after_read.lock().unwrap().is_none()
     }
 
     pub fn fail_flushes(&self, fail: bool) {
@@ -104,7 +125,18 @@ impl BlockDev for FaultyDisk {
         if overlaps(&self.fail_reads.lock().unwrap(), offset, buf.len() as u64) {
             return Err(eio());
         }
-        self.mem.read_at(buf, offset)
+        self.mem.read_at(buf, offset)?;
+        let hook = {
+            let mut h = self.after_read.lock().unwrap();
+            match &*h {
+                Some((a, b, _)) if *a < offset + buf.len() as u64 && offset < *b => h.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, _, f)) = hook {
+            f();
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
