@@ -243,6 +243,8 @@ struct Inner {
     budget_lock: Mutex<()>,
     budget_cv: Condvar,
     zaps: Mutex<Zaps>,
+    /// Number of registered zaps (changed under `zaps`): lets writes skip the registry lock.
+    zaps_active: AtomicUsize,
     zap_cv: Condvar,
     wce: AtomicBool,
     lower_flush_failed: AtomicBool,
@@ -321,6 +323,7 @@ impl FolioCache {
             budget_lock: Mutex::new(()),
             budget_cv: Condvar::new(),
             zaps: Mutex::new(Zaps::default()),
+            zaps_active: AtomicUsize::new(0),
             zap_cv: Condvar::new(),
             wce: AtomicBool::new(cfg.writeback),
             lower_flush_failed: AtomicBool::new(false),
@@ -710,6 +713,7 @@ impl Inner {
         z.next_id += 1;
         let id = z.next_id;
         z.active.push(Zap { id, start, end });
+        self.zaps_active.fetch_add(1, Ordering::SeqCst);
         id
     }
 
@@ -718,6 +722,7 @@ impl Inner {
             let mut z = lock(&self.zaps);
             z.active.retain(|zap| zap.id != id);
             z.seq += 1;
+            self.zaps_active.fetch_sub(1, Ordering::SeqCst);
         }
         self.zap_cv.notify_all();
     }
@@ -1073,6 +1078,18 @@ impl Inner {
                 if need_tail {
                     self.fill_sectors(&f, tail, tail + 1)?;
                 }
+                continue;
+            }
+            // A zap (or bypassing write) of these bytes is in flight: it drops the cached sectors
+            // of its range once its lower operation is done, so a write landing now would be
+            // lost although it completed after the zap's lower operation. Wait for it to end.
+            // (Checked under the folio lock: a zap registered after this check clears the folio
+            // only after this write released it, so it orders after this write everywhere.)
+            let (lo_b, hi_b) = (f.start + a as u64, f.start + b as u64);
+            if self.zaps_active.load(Ordering::SeqCst) > 0 && self.zap_overlaps(lo_b, hi_b) {
+                drop(st);
+                drop(f);
+                self.wait_zaps_clear(lo_b, hi_b);
                 continue;
             }
             let newly_dirty = !st.accounted;

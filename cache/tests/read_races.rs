@@ -147,3 +147,44 @@ fn bypassing_read_never_returns_old_bytes_when_the_racer_also_rewrites_the_secto
     );
     let _: Arc<dyn BlockDev> = cache;
 }
+
+#[test]
+fn write_completed_after_a_discard_survives_a_bypassing_write_still_in_flight() {
+    // A large write B has reached the lower layer and has not yet dropped the cached copies of
+    // its folios. A discard D of one sector runs completely (after B below: the lower layer
+    // holds zeros), then a small write W of that sector completes. W completed after D, so a
+    // read must see W (or B, which is still concurrent) - never D's zeros, which would mean B
+    // dropped W from the cache when it finished.
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let cache = cache_over(&lower, bypass_cfg());
+    let hot = K4 + 3 * SECTOR as u64;
+    // Folio 1 is cached, so B pins it and drops its cached copy when it finishes.
+    let _ = read(&*cache, K4, 512);
+    let w = pattern(5, hot, SECTOR);
+    let (c, w2) = (cache.clone(), w.clone());
+    let writer = Arc::new(std::sync::Mutex::new(None));
+    let slot = writer.clone();
+    lower.after_write(0, LARGE as u64, move || {
+        c.discard(hot, SECTOR as u64).unwrap();
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.write_at(&w2, hot).unwrap());
+        // W either completes now or waits for B; give it the chance to complete.
+        let start = std::time::Instant::now();
+        while !t.is_finished() && start.elapsed() < std::time::Duration::from_millis(100) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        *slot.lock().unwrap() = Some(t);
+    });
+    cache.write_at(&pattern(77, 0, LARGE), 0).unwrap();
+    assert!(lower.after_read_fired(), "the bypassing write never reached the lower layer");
+    writer.lock().unwrap().take().unwrap().join().unwrap();
+    let got = read(&*cache, hot, SECTOR);
+    assert!(
+        got == w || got == pattern(77, hot, SECTOR),
+        "a write that completed after a discard was dropped by an older bypassing write: the \
+         sector reads as {}",
+        if got == [0u8; SECTOR] { "zeros" } else { "other bytes" }
+    );
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(hot, SECTOR), got);
+}

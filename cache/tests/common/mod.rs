@@ -21,8 +21,15 @@ pub enum Event {
     Zap { offset: u64, len: u64 },
 }
 
-/// A closure run once right after a lower read of the given range completed.
-pub type AfterRead = (u64, u64, Box<dyn FnOnce() + Send>);
+/// Which lower request an after-I/O hook waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    Read,
+    Write,
+}
+
+/// A closure run once right after a lower request of the given kind and range completed.
+pub type AfterIo = (Io, u64, u64, Box<dyn FnOnce() + Send>);
 
 /// A `MemDisk` with injectable failures, an event log and a hook after a read.
 pub struct FaultyDisk {
@@ -31,7 +38,7 @@ pub struct FaultyDisk {
     fail_writes: Mutex<Vec<(u64, u64)>>,
     fail_flush: Mutex<bool>,
     log: Mutex<Vec<Event>>,
-    after_read: Mutex<Option<AfterRead>>,
+    after_io: Mutex<Option<AfterIo>>,
     pub flushes: AtomicU64,
     pub reads: AtomicU64,
 }
@@ -59,7 +66,7 @@ impl FaultyDisk {
             fail_writes: Mutex::new(Vec::new()),
             fail_flush: Mutex::new(false),
             log: Mutex::new(Vec::new()),
-            after_read: Mutex::new(None),
+            after_io: Mutex::new(None),
             flushes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
         })
@@ -81,12 +88,31 @@ impl FaultyDisk {
     /// Runs `f` once, on the reading thread, right after the next read overlapping
     /// `[offset, offset + len)` got its bytes (and before they are returned to the caller).
     pub fn after_read(&self, offset: u64, len: u64, f: impl FnOnce() + Send + 'static) {
-        *self.after_read.lock().unwrap() = Some((offset, offset + len, Box::new(f)));
+        *self.after_io.lock().unwrap() = Some((Io::Read, offset, offset + len, Box::new(f)));
     }
 
-    /// Whether the `after_read` hook has run (or none was set).
+    /// Runs `f` once, on the writing thread, right after the next write overlapping
+    /// `[offset, offset + len)` reached the memory (before it returns to the caller).
+    pub fn after_write(&self, offset: u64, len: u64, f: impl FnOnce() + Send + 'static) {
+        *self.after_io.lock().unwrap() = Some((Io::Write, offset, offset + len, Box::new(f)));
+    }
+
+    /// Whether the after-I/O hook has run (or none was set).
     pub fn after_read_fired(&self) -> bool {
-        self.after_read.lock().unwrap().is_none()
+        self.after_io.lock().unwrap().is_none()
+    }
+
+    fn run_after(&self, io: Io, offset: u64, len: u64) {
+        let hook = {
+            let mut h = self.after_io.lock().unwrap();
+            match &*h {
+                Some((k, a, b, _)) if *k == io && *a < offset + len && offset < *b => h.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, _, _, f)) = hook {
+            f();
+        }
     }
 
     pub fn fail_flushes(&self, fail: bool) {
@@ -126,16 +152,7 @@ impl BlockDev for FaultyDisk {
             return Err(eio());
         }
         self.mem.read_at(buf, offset)?;
-        let hook = {
-            let mut h = self.after_read.lock().unwrap();
-            match &*h {
-                Some((a, b, _)) if *a < offset + buf.len() as u64 && offset < *b => h.take(),
-                _ => None,
-            }
-        };
-        if let Some((_, _, f)) = hook {
-            f();
-        }
+        self.run_after(Io::Read, offset, buf.len() as u64);
         Ok(())
     }
 
@@ -143,12 +160,15 @@ impl BlockDev for FaultyDisk {
         if overlaps(&self.fail_writes.lock().unwrap(), offset, buf.len() as u64) {
             return Err(eio());
         }
-        let mut log = self.log.lock().unwrap();
-        self.mem.write_at(buf, offset)?;
-        log.push(Event::Write {
-            offset,
-            data: buf.to_vec(),
-        });
+        {
+            let mut log = self.log.lock().unwrap();
+            self.mem.write_at(buf, offset)?;
+            log.push(Event::Write {
+                offset,
+                data: buf.to_vec(),
+            });
+        }
+        self.run_after(Io::Write, offset, buf.len() as u64);
         Ok(())
     }
 
