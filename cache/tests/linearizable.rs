@@ -19,10 +19,10 @@ fn small_cache(folio: u64, folios: u64, bypass: u64) -> CacheConfig {
     CacheConfig {
         folio_size: folio,
         cache_size: folio * folios,
-        dirty_limit: folio * (folios / 4).max(1),
+        dirty_limit: folio * (folios / 2).max(1),
         writeback: true,
         flusher_threads: 1,
-        writeback_interval: Duration::from_millis(10),
+        writeback_interval: Duration::from_millis(50),
         bypass_threshold: bypass,
     }
 }
@@ -65,6 +65,11 @@ fn lin(large_len: u64) -> LinConfig {
 #[test]
 fn every_read_sees_the_last_completed_or_a_concurrent_write_cache_over_memdisk() {
     over_memdisk(small_cache(4096, 16, 32 << 10), lin(32 << 10));
+}
+
+#[test]
+fn every_read_sees_the_last_completed_or_a_concurrent_write_cache_with_64k_folios() {
+    over_memdisk(small_cache(64 << 10, 8, 128 << 10), lin(128 << 10));
 }
 
 #[test]
