@@ -194,15 +194,27 @@ impl Delays {
 
     /// Maybe yields, spins or sleeps (up to about half a millisecond).
     pub fn pause(&self) {
+        self.pause_weighted(8);
+    }
+
+    /// Like [`Delays::pause`], sleeping more often: for the moment right after a lower read
+    /// got its bytes, the window in which a racing change makes them stale.
+    pub fn pause_long(&self) {
+        self.pause_weighted(4);
+    }
+
+    /// Out of 16: `none` times nothing, then yields, spins and sleeps.
+    fn pause_weighted(&self, none: u64) {
         if !self.enabled.load(Ordering::Relaxed) {
             return;
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let r = mix(self.seed ^ n.wrapping_mul(0x2545_f491_4f6c_dd1d));
-        match r % 16 {
-            0..=7 => {}
-            8..=10 => std::thread::yield_now(),
-            11..=12 => {
+        let k = r % 16;
+        match k {
+            _ if k < none => {}
+            _ if k < none + 3 => std::thread::yield_now(),
+            _ if k < none + 5 => {
                 let until = Instant::now() + Duration::from_micros(r >> 60);
                 while Instant::now() < until {
                     std::hint::spin_loop();
@@ -240,7 +252,10 @@ impl BlockDev for ChaosDev {
         self.inner.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
-        self.around(|| self.inner.read_at(buf, offset))
+        self.delays.pause();
+        let r = self.inner.read_at(buf, offset);
+        self.delays.pause_long();
+        r
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
         self.around(|| self.inner.write_at(buf, offset))
@@ -791,13 +806,20 @@ fn worker(
     while Instant::now() < deadline {
         let roll = rng.below(100);
         let large = large_sec > 0 && (79..91).contains(&roll);
+        let zap = cfg.zaps && (65..79).contains(&roll);
         let (start, count) = if large {
             let count = large_sec + rng.below(large_sec / 2 + 1);
             let count = count.min(nsec);
             (rng.below(nsec - count + 1), count)
         } else {
-            let count = 1 + rng.below(cfg.max_sectors.max(1));
-            let count = count.min(nsec);
+            // Half of the zaps hit one or two sectors: the races between a zap and a read that
+            // needs the sectors around it are the interesting ones.
+            let max = if zap && rng.below(2) == 0 {
+                2
+            } else {
+                cfg.max_sectors.max(1)
+            };
+            let count = (1 + rng.below(max)).min(nsec);
             let window = if rng.below(2) == 0 {
                 cfg.hot_sectors.clamp(count, nsec)
             } else {
@@ -831,7 +853,7 @@ fn worker(
                     thread: t,
                 });
             }
-            _ if cfg.zaps && (65..79).contains(&roll) => {
+            _ if zap => {
                 let inv = clock.tick();
                 let r = if roll < 72 {
                     dev.discard(off, len)
