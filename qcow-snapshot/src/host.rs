@@ -10,8 +10,8 @@
 //!
 //! Locking model: implementations take `&self` and must be safe to call from several threads at
 //! once. `FileHost` relies on positional I/O (no shared cursor); `MemHost` uses one `RwLock`.
-//! `ReplayHost`: writes hold `io` shared while they write and journal; a failed sync holds it
-//! exclusively while it replays; `syncs` serializes syncs; `journal` is a leaf lock (its condvar
+//! `ReplayHost`: reads and writes hold `io` shared (writes while they write and journal); a
+//! failed sync holds it exclusively while it replays, so no read sees the file half-replayed; `syncs` serializes syncs; `journal` is a leaf lock (its condvar
 //! `landed` is where a change waits for the overlapping changes issued before it).
 //!
 //! Replay ordering: two overlapping changes are never in flight at once. A change takes a ticket
@@ -427,6 +427,9 @@ impl<H: HostFile> ReplayHost<H> {
 
 impl<H: HostFile> HostFile for ReplayHost<H> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Shared with writes, excluded by a replay: a replay rewrites older changes before the
+        // newer ones over them, so a read in the middle of it could see the past.
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
         self.inner.read_at(buf, offset)
     }
 
@@ -451,6 +454,7 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
     }
 
     fn len(&self) -> io::Result<u64> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
         self.inner.len()
     }
 
@@ -598,6 +602,43 @@ mod tests {
             f.state.lock().unwrap().1,
             seen,
             "the replay reordered two overlapping writes"
+        );
+    }
+
+    #[test]
+    fn a_read_during_a_replay_never_sees_an_older_write_replayed_before_a_newer_one() {
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        let f = Arc::new(LossyFile::default());
+        let file = Arc::new(AfterWriteHook {
+            inner: f.clone(),
+            hook: Mutex::new(None),
+        });
+        let h = Arc::new(ReplayHost::new(file.clone()));
+        h.write_at(&[1; 4], 0).unwrap();
+        h.write_at(&[2; 4], 0).unwrap();
+        let seen = Arc::new(Mutex::new(None));
+        let (h2, slot) = (h.clone(), seen.clone());
+        // Runs after the replay rewrote the older write and before it rewrites the newer one.
+        *file.hook.lock().unwrap() = Some(Box::new(move || {
+            let reader = std::thread::spawn(move || {
+                let mut b = [0u8; 4];
+                h2.read_at(&mut b, 0).unwrap();
+                b
+            });
+            let start = Instant::now();
+            while !reader.is_finished() && start.elapsed() < Duration::from_millis(100) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            *slot.lock().unwrap() = Some(reader);
+        }));
+        f.failures_left.store(1, Ordering::SeqCst);
+        h.sync_data().unwrap();
+        let reader = seen.lock().unwrap().take().expect("the replay wrote nothing");
+        assert_eq!(
+            reader.join().unwrap(),
+            [2; 4],
+            "a read saw the file half-replayed"
         );
     }
 
