@@ -396,12 +396,7 @@ impl Clock {
     }
 }
 
-fn read_values(
-    cls: &Classifier,
-    start: u64,
-    buf: &mut [u8],
-    scratch: &mut [u8],
-) -> Vec<Value> {
+fn read_values(cls: &Classifier, start: u64, buf: &mut [u8], scratch: &mut [u8]) -> Vec<Value> {
     buf.chunks(SECTOR as usize)
         .enumerate()
         .map(|(i, s)| cls.classify(start + i as u64, s, scratch))
@@ -739,7 +734,8 @@ struct SectorIndex {
 
 impl SectorIndex {
     fn new(muts: &[Mutation], list: &[usize]) -> Self {
-        let mut by_comp: Vec<(u64, u64)> = list.iter().map(|&i| (muts[i].comp, muts[i].inv)).collect();
+        let mut by_comp: Vec<(u64, u64)> =
+            list.iter().map(|&i| (muts[i].comp, muts[i].inv)).collect();
         by_comp.sort_unstable();
         let mut prefix_max_inv = Vec::with_capacity(by_comp.len());
         let mut m = 0;
@@ -769,7 +765,15 @@ impl SectorIndex {
     }
 
     /// The register rule (see `legal` in the tests, the plain definition), using `by_id` (write id to mutation) for written values.
-    fn legal(&self, muts: &[Mutation], by_id: &[usize], lba: u64, v: Value, inv: u64, comp: u64) -> bool {
+    fn legal(
+        &self,
+        muts: &[Mutation],
+        by_id: &[usize],
+        lba: u64,
+        v: Value,
+        inv: u64,
+        comp: u64,
+    ) -> bool {
         let n = self.by_comp.partition_point(|&(c, _)| c < inv);
         let barrier = n.checked_sub(1).map(|i| self.prefix_max_inv[i]);
         match v {
@@ -1014,7 +1018,10 @@ mod tests {
         // A read before everything: only the initial content; a read overlapping w1 either.
         assert!(legal(&muts, &list, Value::Initial, 0, 1));
         assert!(!legal(&muts, &list, Value::Write(1), 0, 1));
-        assert!(legal(&muts, &list, Value::Write(1), 0, 2) || legal(&muts, &list, Value::Write(1), 1, 3));
+        assert!(
+            legal(&muts, &list, Value::Write(1), 0, 2)
+                || legal(&muts, &list, Value::Write(1), 1, 3)
+        );
         assert!(!legal(&muts, &list, Value::Garbage, 0, 100));
         // Two overlapping writes both completed before the read: either may be last.
         let muts = vec![m(1, 5, MutKind::Write(1)), m(2, 4, MutKind::Write(2))];

@@ -67,7 +67,10 @@ fn read_racing(cfg: CacheConfig, racer: Racer, hot: u64, read_off: u64, read_len
     let c = cache.clone();
     lower.after_read(read_off, read_len as u64, move || racer.run(&*c, hot));
     let got = read(&*cache, read_off, read_len);
-    assert!(lower.after_read_fired(), "{racer:?}: the read never reached the lower layer");
+    assert!(
+        lower.after_read_fired(),
+        "{racer:?}: the read never reached the lower layer"
+    );
     let rel = (hot - read_off) as usize;
     let sector = &got[rel..rel + SECTOR];
     assert!(
@@ -116,7 +119,13 @@ fn bypassing_read_never_returns_old_lower_bytes_for_a_sector_dirty_when_it_start
     // A 16 KiB read bypasses the cache: folio 1 is only partly uptodate, so the lower layer is
     // read under it and the cached sectors are overlaid; the racer completes in between.
     for racer in RACERS {
-        read_racing(bypass_cfg(), racer, K4 + 3 * SECTOR as u64, 0, 4 * K4 as usize);
+        read_racing(
+            bypass_cfg(),
+            racer,
+            K4 + 3 * SECTOR as u64,
+            0,
+            4 * K4 as usize,
+        );
     }
 }
 
@@ -176,14 +185,21 @@ fn write_completed_after_a_discard_survives_a_bypassing_write_still_in_flight() 
         *slot.lock().unwrap() = Some(t);
     });
     cache.write_at(&pattern(77, 0, LARGE), 0).unwrap();
-    assert!(lower.after_read_fired(), "the bypassing write never reached the lower layer");
+    assert!(
+        lower.after_read_fired(),
+        "the bypassing write never reached the lower layer"
+    );
     writer.lock().unwrap().take().unwrap().join().unwrap();
     let got = read(&*cache, hot, SECTOR);
     assert!(
         got == w || got == pattern(77, hot, SECTOR),
         "a write that completed after a discard was dropped by an older bypassing write: the \
          sector reads as {}",
-        if got == [0u8; SECTOR] { "zeros" } else { "other bytes" }
+        if got == [0u8; SECTOR] {
+            "zeros"
+        } else {
+            "other bytes"
+        }
     );
     cache.flush().unwrap();
     assert_eq!(lower.bytes(hot, SECTOR), got);

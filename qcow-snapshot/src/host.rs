@@ -218,9 +218,7 @@ impl Change {
     /// The file bytes `[start, end)` the change may alter (`set_len`: all of them).
     fn span(&self) -> (u64, u64) {
         match self {
-            Change::Write { offset, data } => {
-                (*offset, offset.saturating_add(data.len() as u64))
-            }
+            Change::Write { offset, data } => (*offset, offset.saturating_add(data.len() as u64)),
             Change::SetLen(_) => (0, u64::MAX),
         }
     }
@@ -634,7 +632,11 @@ mod tests {
         }));
         f.failures_left.store(1, Ordering::SeqCst);
         h.sync_data().unwrap();
-        let reader = seen.lock().unwrap().take().expect("the replay wrote nothing");
+        let reader = seen
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the replay wrote nothing");
         assert_eq!(
             reader.join().unwrap(),
             [2; 4],

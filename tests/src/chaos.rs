@@ -102,7 +102,10 @@ impl HostFile for ChaosFile {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > 1 << 32) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > 1 << 32)
+        {
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
         }
         self.delays.pause();

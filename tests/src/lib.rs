@@ -4,7 +4,7 @@
 //! - [`guest`]: builds and boots a real QEMU (TCG) guest against a vhost-user socket.
 //! - [`chaos`]: a delaying, sync-failing in-memory host file for the linearizability checks.
 
-pub mod client;
 pub mod chaos;
+pub mod client;
 pub mod crashsim;
 pub mod guest;

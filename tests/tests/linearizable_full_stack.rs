@@ -68,7 +68,11 @@ fn chain(cluster_size: u64) -> Chain {
     }
 }
 
-fn open_overlay(file: Box<dyn qcow_snapshot::HostFile>, ro: bool, backing: &Arc<dyn BlockDev>) -> blockdev::Result<Arc<QcowImage>> {
+fn open_overlay(
+    file: Box<dyn qcow_snapshot::HostFile>,
+    ro: bool,
+    backing: &Arc<dyn BlockDev>,
+) -> blockdev::Result<Arc<QcowImage>> {
     let img = QcowImage::open_with(file, ro, Some(backing.clone()))
         .map_err(|e| BlockError::Corrupt(e.to_string()))?;
     if !ro {

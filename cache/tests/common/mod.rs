@@ -45,7 +45,9 @@ pub struct FaultyDisk {
 
 impl std::fmt::Debug for FaultyDisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultyDisk").field("mem", &self.mem).finish()
+        f.debug_struct("FaultyDisk")
+            .field("mem", &self.mem)
+            .finish()
     }
 }
 
