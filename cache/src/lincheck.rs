@@ -410,7 +410,7 @@ pub fn run(
     cfg: &LinConfig,
     crash: Option<&CrashProbe<'_>>,
 ) -> Result<LinReport, LinError> {
-    if cfg.span == 0 || cfg.span % SECTOR != 0 || cfg.span > dev.size() {
+    if cfg.span == 0 || !cfg.span.is_multiple_of(SECTOR) || cfg.span > dev.size() {
         return Err(LinError::Config(format!(
             "span {} must be a non-zero multiple of 512 within the device ({} bytes)",
             cfg.span,
@@ -923,7 +923,7 @@ fn worker(
         let (off, len) = (start * SECTOR, count * SECTOR);
         buf.resize(len as usize, 0);
         match roll {
-            _ if roll >= 91 && roll < 95 => {
+            _ if (91..95).contains(&roll) => {
                 let inv = clock.tick();
                 dev.flush().map_err(|e| fail("flush".into(), e))?;
                 h.flushes.push((inv, clock.tick()));
@@ -951,7 +951,7 @@ fn worker(
                 let r = if roll < 72 {
                     dev.discard(off, len)
                 } else {
-                    dev.write_zeroes(off, len, roll % 2 == 0)
+                    dev.write_zeroes(off, len, roll.is_multiple_of(2))
                 };
                 r.map_err(|e| fail(format!("zap {off:#x}+{len:#x}"), e))?;
                 let comp = clock.tick();
