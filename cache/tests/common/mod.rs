@@ -24,8 +24,14 @@ pub enum Event {
 /// Which lower request an after-I/O hook waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Io {
+    /// After a read got its bytes.
     Read,
+    /// After a write reached the memory.
     Write,
+    /// Before a write reaches the memory.
+    WriteStart,
+    /// After a discard or write-zeroes reached the memory.
+    Zap,
 }
 
 /// A closure run once right after a lower request of the given kind and range completed.
@@ -99,6 +105,12 @@ impl FaultyDisk {
         *self.after_io.lock().unwrap() = Some((Io::Write, offset, offset + len, Box::new(f)));
     }
 
+    /// Runs `f` once, on the calling thread, at `io` for the next request of that kind
+    /// overlapping `[offset, offset + len)`.
+    pub fn at(&self, io: Io, offset: u64, len: u64, f: impl FnOnce() + Send + 'static) {
+        *self.after_io.lock().unwrap() = Some((io, offset, offset + len, Box::new(f)));
+    }
+
     /// Whether the after-I/O hook has run (or none was set).
     pub fn after_read_fired(&self) -> bool {
         self.after_io.lock().unwrap().is_none()
@@ -162,6 +174,7 @@ impl BlockDev for FaultyDisk {
         if overlaps(&self.fail_writes.lock().unwrap(), offset, buf.len() as u64) {
             return Err(eio());
         }
+        self.run_after(Io::WriteStart, offset, buf.len() as u64);
         {
             let mut log = self.log.lock().unwrap();
             self.mem.write_at(buf, offset)?;
@@ -191,9 +204,12 @@ impl BlockDev for FaultyDisk {
         if overlaps(&self.fail_writes.lock().unwrap(), offset, len) {
             return Err(eio());
         }
-        let mut log = self.log.lock().unwrap();
-        self.mem.write_zeroes(offset, len, unmap)?;
-        log.push(Event::Zap { offset, len });
+        {
+            let mut log = self.log.lock().unwrap();
+            self.mem.write_zeroes(offset, len, unmap)?;
+            log.push(Event::Zap { offset, len });
+        }
+        self.run_after(Io::Zap, offset, len);
         Ok(())
     }
 }
