@@ -33,9 +33,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use blockdev::{BlockDev, BlockError, Result as DevResult};
+
+use crate::fsx::{env_u64, seed_from_env, Rng};
 
 /// Bytes per checked sector.
 pub const SECTOR: u64 = 512;
@@ -80,20 +82,11 @@ impl LinConfig {
     /// The defaults, with `SNAPBLK_LIN_SECS` (running time), `SNAPBLK_LIN_SEED` (default: from
     /// the clock) and `SNAPBLK_LIN_THREADS` applied.
     pub fn from_env() -> Self {
-        let env_u64 = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
         let mut cfg = LinConfig::default();
         if let Some(s) = env_u64("SNAPBLK_LIN_SECS") {
             cfg.duration = Duration::from_secs(s);
         }
-        cfg.seed = env_u64("SNAPBLK_LIN_SEED").unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+        cfg.seed = seed_from_env("SNAPBLK_LIN_SEED");
         if let Some(t) = env_u64("SNAPBLK_LIN_THREADS") {
             cfg.threads = (t as usize).clamp(1, 64);
         }
@@ -140,26 +133,7 @@ pub enum LinError {
     Violation(String),
 }
 
-/// SplitMix64.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator for `seed`.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    /// The next value.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix(self.0)
-    }
-    /// In `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-}
-
+/// The SplitMix64 finalizer.
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -281,9 +255,9 @@ impl BlockDev for ChaosDev {
 fn fill_sector(id: u64, lba: u64, out: &mut [u8]) {
     out[..8].copy_from_slice(&id.to_le_bytes());
     out[8..16].copy_from_slice(&lba.to_le_bytes());
-    let mut r = Rng::new(id.wrapping_mul(0x1000_0000_01b3) ^ lba);
+    let mut r = Rng(id.wrapping_mul(0x1000_0000_01b3) ^ lba);
     for chunk in out[16..].chunks_mut(8) {
-        let v = r.next_u64().to_le_bytes();
+        let v = r.next().to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
 }
@@ -870,6 +844,19 @@ struct ThreadHistory {
     flushes: Vec<(u64, u64)>,
 }
 
+impl ThreadHistory {
+    fn record(&mut self, inv: u64, comp: u64, start: u64, count: u64, kind: MutKind, t: usize) {
+        self.muts.push(Mutation {
+            inv,
+            comp,
+            start,
+            end: start + count,
+            kind,
+            thread: t,
+        });
+    }
+}
+
 fn worker(
     dev: &Arc<dyn BlockDev>,
     cfg: &LinConfig,
@@ -880,7 +867,7 @@ fn worker(
     deadline: Instant,
 ) -> Result<ThreadHistory, LinError> {
     let seed = cfg.seed;
-    let mut rng = Rng::new(seed ^ mix(t as u64 + 1));
+    let mut rng = Rng(seed ^ mix(t as u64 + 1));
     let nsec = cfg.span / SECTOR;
     let large_sec = (cfg.large_len / SECTOR).min(nsec);
     let mut h = ThreadHistory {
@@ -936,15 +923,7 @@ fn worker(
                 let inv = clock.tick();
                 dev.write_at(&buf, off)
                     .map_err(|e| fail(format!("write {off:#x}+{len:#x}"), e))?;
-                let comp = clock.tick();
-                h.muts.push(Mutation {
-                    inv,
-                    comp,
-                    start,
-                    end: start + count,
-                    kind: MutKind::Write(id),
-                    thread: t,
-                });
+                h.record(inv, clock.tick(), start, count, MutKind::Write(id), t);
             }
             _ if zap => {
                 let inv = clock.tick();
@@ -954,15 +933,7 @@ fn worker(
                     dev.write_zeroes(off, len, roll.is_multiple_of(2))
                 };
                 r.map_err(|e| fail(format!("zap {off:#x}+{len:#x}"), e))?;
-                let comp = clock.tick();
-                h.muts.push(Mutation {
-                    inv,
-                    comp,
-                    start,
-                    end: start + count,
-                    kind: MutKind::Zap,
-                    thread: t,
-                });
+                h.record(inv, clock.tick(), start, count, MutKind::Zap, t);
             }
             _ => {
                 let inv = clock.tick();
@@ -1031,7 +1002,7 @@ mod tests {
 
     #[test]
     fn fast_sector_index_agrees_with_the_register_rule_on_random_histories() {
-        let mut rng = Rng::new(42);
+        let mut rng = Rng(42);
         for _ in 0..300 {
             let mut muts = Vec::new();
             for id in 1..=rng.below(12) + 1 {
