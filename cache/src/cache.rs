@@ -11,6 +11,13 @@
 //!   lock held, then installed only into sectors that are still not uptodate and only if no
 //!   discard/write-zeroes (a *zap*) started or ended meanwhile: the zap sequence number is the
 //!   validity cookie of a fill. A fill that lost the race is used for this read only.
+//! - Read invariant: every 512-byte sector a read returns holds the value of the last write or
+//!   zap that completed before the read was invoked, or of one concurrent with it, on every
+//!   path. So a read takes the uptodate sectors under the folio lock *before* any lower I/O
+//!   (the filled read copies them into the caller's buffer, the bypassing read copies them
+//!   aside) and uses lower-layer bytes only for sectors that were missing at that instant - a
+//!   zap finishing during the lower read may clear an uptodate sector whose lower bytes are
+//!   older than the write the cache held.
 //! - Writes copy the caller's complete buffer into the folio and mark it dirty. A write that
 //!   covers a sector only partly first fills that sector from below, so dirty sectors are always
 //!   whole and writeback never writes bytes the cache does not know (no zeroed tails).
@@ -34,7 +41,8 @@
 //!   dirty data starts at their beginning along (up to 1 MiB), merging touching runs into one
 //!   lower write. A folio already under writeback never joins.
 //! - Requests of at least `bypass_threshold` bytes bypass the cache. A large read pins the
-//!   cached folios of its range, reads the lower layer and overlays their uptodate sectors. The
+//!   cached folios of its range, reads the lower layer and overlays their uptodate sectors (as
+//!   copied before the lower read). The
 //!   whole folios of a large write are registered like a zap, in-flight writebacks of them
 //!   finish, one lower write follows, and then their cached copies are dropped; the partial
 //!   folios at its ends go through the cache.
@@ -235,6 +243,8 @@ struct Inner {
     budget_lock: Mutex<()>,
     budget_cv: Condvar,
     zaps: Mutex<Zaps>,
+    /// Number of registered zaps (changed under `zaps`): lets writes skip the registry lock.
+    zaps_active: AtomicUsize,
     zap_cv: Condvar,
     wce: AtomicBool,
     lower_flush_failed: AtomicBool,
@@ -313,6 +323,7 @@ impl FolioCache {
             budget_lock: Mutex::new(()),
             budget_cv: Condvar::new(),
             zaps: Mutex::new(Zaps::default()),
+            zaps_active: AtomicUsize::new(0),
             zap_cv: Condvar::new(),
             wce: AtomicBool::new(cfg.writeback),
             lower_flush_failed: AtomicBool::new(false),
@@ -702,6 +713,7 @@ impl Inner {
         z.next_id += 1;
         let id = z.next_id;
         z.active.push(Zap { id, start, end });
+        self.zaps_active.fetch_add(1, Ordering::SeqCst);
         id
     }
 
@@ -710,6 +722,7 @@ impl Inner {
             let mut z = lock(&self.zaps);
             z.active.retain(|zap| zap.id != id);
             z.seq += 1;
+            self.zaps_active.fetch_sub(1, Ordering::SeqCst);
         }
         self.zap_cv.notify_all();
     }
@@ -792,7 +805,10 @@ impl Inner {
     /// first, so a write completed before this read is either in a pinned folio or was written
     /// back before its folio could leave the map. Pinned folios that are uptodate over their
     /// part are copied; every other stretch is read from the lower layer in one request and
-    /// then overlaid with the uptodate sectors of the pinned folios in it.
+    /// then overlaid with the uptodate sectors of the pinned folios in it *as they were before
+    /// the lower read*: they are copied aside under the folio lock first (read invariant: a
+    /// zap finishing during the lower read may clear such a sector, and the lower layer's
+    /// bytes are then older than the write the cache held).
     fn read_bypass(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
         let mut pinned = self.cached_in_range(offset, end);
@@ -805,6 +821,10 @@ impl Inner {
         };
         // Stretches (buffer ranges) that must come from the lower layer.
         let mut lower_runs: Vec<(usize, usize)> = Vec::new();
+        // Uptodate bytes of partly uptodate folios, taken before the lower read: (buffer
+        // position, length) and their bytes, concatenated.
+        let mut overlay: Vec<(usize, usize)> = Vec::new();
+        let mut overlay_bytes: Vec<u8> = Vec::new();
         let mut done = 0;
         for (index, a, n) in self.segments(offset, buf.len()) {
             let copied = find(index).is_some_and(|f| {
@@ -813,6 +833,16 @@ impl Inner {
                 let full = st.uptodate.all(sa, sb);
                 if full {
                     buf[done..done + n].copy_from_slice(&st.data[a..a + n]);
+                } else {
+                    let mut s = sa;
+                    while let Some(up) = st.uptodate.find(s, sb, true) {
+                        let stop = st.uptodate.find(up, sb, false).unwrap_or(sb);
+                        let u = f.sector_bytes(up).0.max(a);
+                        let v = f.sector_bytes(stop - 1).1.min(a + n);
+                        overlay.push((done + (u - a), v - u));
+                        overlay_bytes.extend_from_slice(&st.data[u..v]);
+                        s = stop;
+                    }
                 }
                 full
             });
@@ -825,38 +855,32 @@ impl Inner {
             done += n;
         }
         for &(x, y) in &lower_runs {
-            let run_start = offset + x as u64;
-            let run_end = offset + y as u64;
-            self.lower.read_at(&mut buf[x..y], run_start)?;
-            let first = run_start >> self.folio_shift;
-            let last = (run_end - 1) >> self.folio_shift;
-            for index in first..=last {
-                let Some(f) = find(index) else { continue };
-                let st = f.lock();
-                let a = (run_start.max(f.start) - f.start) as usize;
-                let b = (run_end.min(f.start + f.len as u64) - f.start) as usize;
-                let (sa, sb) = f.sector_span(a, b);
-                let mut s = sa;
-                while let Some(up) = st.uptodate.find(s, sb, true) {
-                    let stop = st.uptodate.find(up, sb, false).unwrap_or(sb);
-                    let u = f.sector_bytes(up).0.max(a);
-                    let v = f.sector_bytes(stop - 1).1.min(b);
-                    let dst = (f.start + u as u64 - offset) as usize;
-                    buf[dst..dst + (v - u)].copy_from_slice(&st.data[u..v]);
-                    s = stop;
-                }
-            }
+            self.lower.read_at(&mut buf[x..y], offset + x as u64)?;
+        }
+        // Every overlay lies in a segment that was not copied, i.e. inside a lower run.
+        let mut src = 0;
+        for &(dst, len) in &overlay {
+            buf[dst..dst + len].copy_from_slice(&overlay_bytes[src..src + len]);
+            src += len;
         }
         self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
+    /// Reads `out` from folio `index` at folio offset `a`.
+    ///
+    /// Read invariant: every sector of `out` gets a value the sector had at some instant while
+    /// this read ran. Sectors uptodate when the folio is first locked are copied right then;
+    /// only the sectors missing at that instant may come from the fill, whose lower read also
+    /// covers the uptodate sectors between them (one request) - those bytes are never used,
+    /// because a zap may have cleared such a sector meanwhile and the lower layer's bytes are
+    /// then older than the write the cache held.
     fn read_segment(&self, index: u64, a: usize, out: &mut [u8]) -> Result<()> {
         let b = a + out.len();
         loop {
             let f = self.get_folio(index)?;
             let (sa, sb) = f.sector_span(a, b);
-            let (lo, hi) = {
+            let (lo, hi, was_uptodate) = {
                 let st = f.lock();
                 if st.evicted {
                     continue;
@@ -866,9 +890,10 @@ impl Inner {
                     self.counters.read_hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
+                copy_uptodate(&f, &st, sa, sb, a, out);
                 let lo = st.uptodate.find(sa, sb, false).unwrap_or(sa);
                 let hi = st.uptodate.rfind(sa, sb, false).map_or(sb, |s| s + 1);
-                (lo, hi)
+                (lo, hi, st.uptodate.clone())
             };
             self.counters.read_misses.fetch_add(1, Ordering::Relaxed);
             let ba = f.sector_bytes(lo).0;
@@ -883,7 +908,6 @@ impl Inner {
                 return Err(e);
             }
             self.hook(HookPoint::AfterFillRead, index);
-            let mut complete = true;
             {
                 let mut st = f.lock();
                 let valid = !st.evicted && self.fill_valid(&token);
@@ -892,29 +916,27 @@ impl Inner {
                 } else {
                     self.counters.fills_dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                if st.uptodate.all(sa, sb) {
-                    out.copy_from_slice(&st.data[a..b]);
-                } else {
-                    // Newest bytes per sector: the cache where uptodate, else this read's fill.
-                    for s in sa..sb {
-                        let (x, y) = f.sector_bytes(s);
+                // The sectors missing at the start (all inside `lo..hi`): the cache's bytes if
+                // they are uptodate now, else this read's fill (read from below while they
+                // were missing, so the lower layer held their newest value).
+                let mut s = sa;
+                while let Some(first) = was_uptodate.find(s, sb, false) {
+                    let end = was_uptodate.find(first, sb, true).unwrap_or(sb);
+                    for t in first..end {
+                        let (x, y) = f.sector_bytes(t);
                         let (x, y) = (x.max(a), y.min(b));
                         let dst = &mut out[x - a..y - a];
-                        if st.uptodate.get(s) {
+                        if st.uptodate.get(t) {
                             dst.copy_from_slice(&st.data[x..y]);
-                        } else if (lo..hi).contains(&s) {
-                            dst.copy_from_slice(&scratch[x - ba..y - ba]);
                         } else {
-                            complete = false;
-                            break;
+                            dst.copy_from_slice(&scratch[x - ba..y - ba]);
                         }
                     }
+                    s = end;
                 }
             }
             FILL_BUF.with(|c| c.set(scratch));
-            if complete {
-                return Ok(());
-            }
+            return Ok(());
         }
     }
 
@@ -1056,6 +1078,18 @@ impl Inner {
                 if need_tail {
                     self.fill_sectors(&f, tail, tail + 1)?;
                 }
+                continue;
+            }
+            // A zap (or bypassing write) of these bytes is in flight: it drops the cached sectors
+            // of its range once its lower operation is done, so a write landing now would be
+            // lost although it completed after the zap's lower operation. Wait for it to end.
+            // (Checked under the folio lock: a zap registered after this check clears the folio
+            // only after this write released it, so it orders after this write everywhere.)
+            let (lo_b, hi_b) = (f.start + a as u64, f.start + b as u64);
+            if self.zaps_active.load(Ordering::SeqCst) > 0 && self.zap_overlaps(lo_b, hi_b) {
+                drop(st);
+                drop(f);
+                self.wait_zaps_clear(lo_b, hi_b);
                 continue;
             }
             let newly_dirty = !st.accounted;
@@ -1367,6 +1401,20 @@ fn snapshot_dirty(
     st.dirty.clear(0, n);
     st.writeback = true;
     open_end
+}
+
+/// Copies the uptodate sectors among `sa..sb` of `f` into `out`, which holds the folio's bytes
+/// `[a, a + out.len())`.
+fn copy_uptodate(f: &Folio, st: &FolioState, sa: usize, sb: usize, a: usize, out: &mut [u8]) {
+    let b = a + out.len();
+    let mut s = sa;
+    while let Some(first) = st.uptodate.find(s, sb, true) {
+        let end = st.uptodate.find(first, sb, false).unwrap_or(sb);
+        let x = f.sector_bytes(first).0.max(a);
+        let y = f.sector_bytes(end - 1).1.min(b);
+        out[x - a..y - a].copy_from_slice(&st.data[x..y]);
+        s = end;
+    }
 }
 
 /// Copies the fill data for sectors `lo..hi` (buffer starting at folio byte `ba`) into the

@@ -69,20 +69,11 @@ impl FsxConfig {
     /// The default configuration, overridden by `SNAPBLK_FSX_SECS` (duration in seconds),
     /// `SNAPBLK_FSX_SEED` (default: from the clock) and `SNAPBLK_FSX_THREADS`.
     pub fn from_env() -> Self {
-        let env_u64 = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
         let mut cfg = FsxConfig::default();
         if let Some(secs) = env_u64("SNAPBLK_FSX_SECS") {
             cfg.duration = Duration::from_secs(secs);
         }
-        cfg.seed = env_u64("SNAPBLK_FSX_SEED").unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+        cfg.seed = seed_from_env("SNAPBLK_FSX_SEED");
         if let Some(t) = env_u64("SNAPBLK_FSX_THREADS") {
             cfg.threads = (t as usize).clamp(1, 64);
         }
@@ -145,11 +136,27 @@ pub enum FsxError {
     },
 }
 
+/// The environment variable `name` as a number, if set and numeric.
+pub(crate) fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// The seed in the environment variable `name`, or one from the clock.
+pub(crate) fn seed_from_env(name: &str) -> u64 {
+    env_u64(name).unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    })
+}
+
 /// SplitMix64: small, fast, good enough for choosing operations.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -157,7 +164,7 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform-ish in `0..n` (`n > 0`).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
     fn fill(&mut self, buf: &mut [u8]) {

@@ -8,6 +8,8 @@
 //! - [`CacheConfig`] and [`parse_size`]: configuration and the CLI size parser.
 //! - [`CacheHooks`]/[`HookPoint`]: test-only interleaving points.
 //! - [`fsx`]: a reusable randomized model checker for any `BlockDev` stack.
+//! - [`lincheck`]: a concurrent-history linearizability checker (per 512-byte sector) for any
+//!   `BlockDev` stack, with a random-delay wrapper for the layer below.
 //!
 //! The design goals, each covered by a test named after it in `tests/invariants.rs`:
 //! read-your-writes, no lost writes, never zero what was there, no stale mappings after
@@ -18,6 +20,7 @@ mod bitmap;
 mod cache;
 mod folio;
 pub mod fsx;
+pub mod lincheck;
 
 use std::time::Duration;
 

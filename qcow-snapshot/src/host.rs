@@ -10,15 +10,25 @@
 //!
 //! Locking model: implementations take `&self` and must be safe to call from several threads at
 //! once. `FileHost` relies on positional I/O (no shared cursor); `MemHost` uses one `RwLock`.
-//! `ReplayHost`: writes hold `io` shared while they write and journal; a failed sync holds it
-//! exclusively while it replays; `syncs` serializes syncs; `journal` is a leaf lock.
+//! `ReplayHost`: reads and writes hold `io` shared (writes while they write and journal); a
+//! failed sync holds it exclusively while it replays, so no read sees the file half-replayed; `syncs` serializes syncs; `journal` is a leaf lock (its condvar
+//! `landed` is where a change waits for the overlapping changes issued before it).
+//!
+//! Replay ordering: two overlapping changes are never in flight at once. A change takes a ticket
+//! in the journal before it touches the file and waits until every change with an earlier
+//! ticket that overlaps it has reached the file *and* been journaled; it is journaled before the
+//! next overlapping one may start. So for every byte, the journal order of the changes that wrote
+//! it is the order in which they reached the file, and replaying the journal in order rebuilds
+//! exactly the content readers saw. (Concurrent overlapping `pwrite`s have no order at all - with
+//! O_DIRECT they may even interleave page by page - so serializing them is the only way a replay
+//! can be exact.) `set_len` overlaps everything.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 
 /// Positional I/O on the file that holds a qcow2 image.
 #[allow(clippy::len_without_is_empty)]
@@ -204,7 +214,26 @@ enum Change {
     SetLen(u64),
 }
 
-/// The changes since the last successful sync, numbered in issue order.
+impl Change {
+    /// The file bytes `[start, end)` the change may alter (`set_len`: all of them).
+    fn span(&self) -> (u64, u64) {
+        match self {
+            Change::Write { offset, data } => (*offset, offset.saturating_add(data.len() as u64)),
+            Change::SetLen(_) => (0, u64::MAX),
+        }
+    }
+}
+
+/// A change between its ticket and its journal entry (it may be in the file already).
+#[derive(Debug)]
+struct InFlight {
+    ticket: u64,
+    start: u64,
+    end: u64,
+}
+
+/// The changes since the last successful sync, numbered in the order they were journaled (which,
+/// for overlapping changes, is the order they reached the file), plus the changes in flight.
 #[derive(Debug, Default)]
 struct Journal {
     changes: VecDeque<(u64, Change)>,
@@ -212,6 +241,9 @@ struct Journal {
     next_seq: u64,
     /// Changes up to this sequence number were not kept (the limit was reached).
     dropped_through: Option<u64>,
+    /// Changes that took a ticket and are not journaled yet, in ticket order.
+    in_flight: Vec<InFlight>,
+    next_ticket: u64,
 }
 
 impl Journal {
@@ -231,6 +263,18 @@ impl Journal {
         }
         self.bytes += len;
         self.changes.push_back((seq, change));
+    }
+
+    /// Whether a change issued earlier than `ticket` and overlapping `[start, end)` is in flight.
+    fn earlier_overlap(&self, ticket: u64, start: u64, end: u64) -> bool {
+        self.in_flight
+            .iter()
+            .take_while(|c| c.ticket < ticket)
+            .any(|c| c.start < end && start < c.end)
+    }
+
+    fn land(&mut self, ticket: u64) {
+        self.in_flight.retain(|c| c.ticket != ticket);
     }
 
     /// Forgets the changes numbered below `seq` (a sync that started after them succeeded).
@@ -266,6 +310,8 @@ pub struct ReplayHost<H: HostFile> {
     io: RwLock<()>,
     syncs: Mutex<()>,
     journal: Mutex<Journal>,
+    /// Signalled whenever an in-flight change is journaled or abandoned.
+    landed: Condvar,
     poisoned: AtomicBool,
 }
 
@@ -281,6 +327,7 @@ impl<H: HostFile> ReplayHost<H> {
             io: RwLock::new(()),
             syncs: Mutex::new(()),
             journal: Mutex::new(Journal::default()),
+            landed: Condvar::new(),
             poisoned: AtomicBool::new(false),
         }
     }
@@ -311,15 +358,35 @@ impl<H: HostFile> ReplayHost<H> {
         eio()
     }
 
+    /// Applies `change` to the file and journals it, after every overlapping change issued
+    /// earlier has been applied and journaled (see the module documentation).
     fn change(&self, change: Change) -> io::Result<()> {
-        self.check_poisoned()?;
         let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
-        match &change {
-            Change::Write { offset, data } => self.inner.write_at(data, *offset)?,
-            Change::SetLen(len) => self.inner.set_len(*len)?,
+        self.check_poisoned()?;
+        let (start, end) = change.span();
+        let ticket = {
+            let mut j = self.journal();
+            let ticket = j.next_ticket;
+            j.next_ticket += 1;
+            j.in_flight.push(InFlight { ticket, start, end });
+            while j.earlier_overlap(ticket, start, end) {
+                j = self.landed.wait(j).unwrap_or_else(|e| e.into_inner());
+            }
+            ticket
+        };
+        let result = match &change {
+            Change::Write { offset, data } => self.inner.write_at(data, *offset),
+            Change::SetLen(len) => self.inner.set_len(*len),
+        };
+        {
+            let mut j = self.journal();
+            if result.is_ok() {
+                j.push(change);
+            }
+            j.land(ticket);
         }
-        self.journal().push(change);
-        Ok(())
+        self.landed.notify_all();
+        result
     }
 
     /// After a failed sync: rewrite every change since the last good sync and sync again.
@@ -358,6 +425,9 @@ impl<H: HostFile> ReplayHost<H> {
 
 impl<H: HostFile> HostFile for ReplayHost<H> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Shared with writes, excluded by a replay: a replay rewrites older changes before the
+        // newer ones over them, so a read in the middle of it could see the past.
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
         self.inner.read_at(buf, offset)
     }
 
@@ -382,6 +452,7 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
     }
 
     fn len(&self) -> io::Result<u64> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
         self.inner.len()
     }
 
@@ -456,6 +527,121 @@ mod tests {
         f.failures_left.store(1, Ordering::SeqCst);
         h.sync_data().unwrap();
         assert_eq!(durable(&h), [6, 3, 4, 5]);
+    }
+
+    /// A host file that runs a closure once, right after the first write that reaches the file
+    /// once armed (the write is in the file; its caller has not returned yet).
+    struct AfterWriteHook {
+        inner: std::sync::Arc<LossyFile>,
+        hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl HostFile for AfterWriteHook {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.inner.write_at(buf, offset)?;
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(f) = hook {
+                f();
+            }
+            Ok(())
+        }
+
+        fn sync_data(&self) -> io::Result<()> {
+            self.inner.sync_data()
+        }
+
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+    }
+
+    #[test]
+    fn replay_after_a_failed_sync_keeps_overlapping_writes_in_file_order() {
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        let f = Arc::new(LossyFile::default());
+        let file = Arc::new(AfterWriteHook {
+            inner: f.clone(),
+            hook: Mutex::new(None),
+        });
+        let h = Arc::new(ReplayHost::new(file.clone()));
+        h.write_at(&[0; 8], 0).unwrap();
+        h.sync_data().unwrap();
+        let b_thread = Arc::new(Mutex::new(None));
+        let (h2, slot) = (h.clone(), b_thread.clone());
+        *file.hook.lock().unwrap() = Some(Box::new(move || {
+            // Write A is in the file and not yet journaled. Write B overlaps it from another
+            // thread: it must either reach the file after A and be journaled after A, or wait.
+            let b = std::thread::spawn(move || h2.write_at(&[2; 4], 2));
+            let start = Instant::now();
+            while !b.is_finished() && start.elapsed() < Duration::from_millis(200) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            *slot.lock().unwrap() = Some(b);
+        }));
+        h.write_at(&[1; 8], 0).unwrap();
+        let b = b_thread.lock().unwrap().take().unwrap();
+        b.join().unwrap().unwrap();
+        let mut seen = [0u8; 8];
+        h.read_at(&mut seen, 0).unwrap();
+        assert_eq!(seen, [1, 1, 2, 2, 2, 2, 1, 1]);
+        // The sync fails and drops both writes; the replay must rebuild what readers saw.
+        f.failures_left.store(1, Ordering::SeqCst);
+        h.sync_data().unwrap();
+        assert_eq!(
+            f.state.lock().unwrap().1,
+            seen,
+            "the replay reordered two overlapping writes"
+        );
+    }
+
+    #[test]
+    fn a_read_during_a_replay_never_sees_an_older_write_replayed_before_a_newer_one() {
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        let f = Arc::new(LossyFile::default());
+        let file = Arc::new(AfterWriteHook {
+            inner: f.clone(),
+            hook: Mutex::new(None),
+        });
+        let h = Arc::new(ReplayHost::new(file.clone()));
+        h.write_at(&[1; 4], 0).unwrap();
+        h.write_at(&[2; 4], 0).unwrap();
+        let seen = Arc::new(Mutex::new(None));
+        let (h2, slot) = (h.clone(), seen.clone());
+        // Runs after the replay rewrote the older write and before it rewrites the newer one.
+        *file.hook.lock().unwrap() = Some(Box::new(move || {
+            let reader = std::thread::spawn(move || {
+                let mut b = [0u8; 4];
+                h2.read_at(&mut b, 0).unwrap();
+                b
+            });
+            let start = Instant::now();
+            while !reader.is_finished() && start.elapsed() < Duration::from_millis(100) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            *slot.lock().unwrap() = Some(reader);
+        }));
+        f.failures_left.store(1, Ordering::SeqCst);
+        h.sync_data().unwrap();
+        let reader = seen
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the replay wrote nothing");
+        assert_eq!(
+            reader.join().unwrap(),
+            [2; 4],
+            "a read saw the file half-replayed"
+        );
     }
 
     #[test]

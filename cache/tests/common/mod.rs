@@ -21,16 +21,40 @@ pub enum Event {
     Zap { offset: u64, len: u64 },
 }
 
-/// A `MemDisk` with injectable failures and an event log.
-#[derive(Debug)]
+/// Which lower request an after-I/O hook waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// After a read got its bytes.
+    Read,
+    /// After a write reached the memory.
+    Write,
+    /// Before a write reaches the memory.
+    WriteStart,
+    /// After a discard or write-zeroes reached the memory.
+    Zap,
+}
+
+/// A closure run once right after a lower request of the given kind and range completed.
+pub type AfterIo = (Io, u64, u64, Box<dyn FnOnce() + Send>);
+
+/// A `MemDisk` with injectable failures, an event log and a hook after a read.
 pub struct FaultyDisk {
     pub mem: MemDisk,
     fail_reads: Mutex<Vec<(u64, u64)>>,
     fail_writes: Mutex<Vec<(u64, u64)>>,
     fail_flush: Mutex<bool>,
     log: Mutex<Vec<Event>>,
+    after_io: Mutex<Option<AfterIo>>,
     pub flushes: AtomicU64,
     pub reads: AtomicU64,
+}
+
+impl std::fmt::Debug for FaultyDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyDisk")
+            .field("mem", &self.mem)
+            .finish()
+    }
 }
 
 /// EIO (errno 5 on Linux).
@@ -50,6 +74,7 @@ impl FaultyDisk {
             fail_writes: Mutex::new(Vec::new()),
             fail_flush: Mutex::new(false),
             log: Mutex::new(Vec::new()),
+            after_io: Mutex::new(None),
             flushes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
         })
@@ -66,6 +91,42 @@ impl FaultyDisk {
             .lock()
             .unwrap()
             .push((offset, offset + len));
+    }
+
+    /// Runs `f` once, on the reading thread, right after the next read overlapping
+    /// `[offset, offset + len)` got its bytes (and before they are returned to the caller).
+    pub fn after_read(&self, offset: u64, len: u64, f: impl FnOnce() + Send + 'static) {
+        *self.after_io.lock().unwrap() = Some((Io::Read, offset, offset + len, Box::new(f)));
+    }
+
+    /// Runs `f` once, on the writing thread, right after the next write overlapping
+    /// `[offset, offset + len)` reached the memory (before it returns to the caller).
+    pub fn after_write(&self, offset: u64, len: u64, f: impl FnOnce() + Send + 'static) {
+        *self.after_io.lock().unwrap() = Some((Io::Write, offset, offset + len, Box::new(f)));
+    }
+
+    /// Runs `f` once, on the calling thread, at `io` for the next request of that kind
+    /// overlapping `[offset, offset + len)`.
+    pub fn at(&self, io: Io, offset: u64, len: u64, f: impl FnOnce() + Send + 'static) {
+        *self.after_io.lock().unwrap() = Some((io, offset, offset + len, Box::new(f)));
+    }
+
+    /// Whether the after-I/O hook has run (or none was set).
+    pub fn after_read_fired(&self) -> bool {
+        self.after_io.lock().unwrap().is_none()
+    }
+
+    fn run_after(&self, io: Io, offset: u64, len: u64) {
+        let hook = {
+            let mut h = self.after_io.lock().unwrap();
+            match &*h {
+                Some((k, a, b, _)) if *k == io && *a < offset + len && offset < *b => h.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, _, _, f)) = hook {
+            f();
+        }
     }
 
     pub fn fail_flushes(&self, fail: bool) {
@@ -104,19 +165,25 @@ impl BlockDev for FaultyDisk {
         if overlaps(&self.fail_reads.lock().unwrap(), offset, buf.len() as u64) {
             return Err(eio());
         }
-        self.mem.read_at(buf, offset)
+        self.mem.read_at(buf, offset)?;
+        self.run_after(Io::Read, offset, buf.len() as u64);
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if overlaps(&self.fail_writes.lock().unwrap(), offset, buf.len() as u64) {
             return Err(eio());
         }
-        let mut log = self.log.lock().unwrap();
-        self.mem.write_at(buf, offset)?;
-        log.push(Event::Write {
-            offset,
-            data: buf.to_vec(),
-        });
+        self.run_after(Io::WriteStart, offset, buf.len() as u64);
+        {
+            let mut log = self.log.lock().unwrap();
+            self.mem.write_at(buf, offset)?;
+            log.push(Event::Write {
+                offset,
+                data: buf.to_vec(),
+            });
+        }
+        self.run_after(Io::Write, offset, buf.len() as u64);
         Ok(())
     }
 
@@ -137,9 +204,12 @@ impl BlockDev for FaultyDisk {
         if overlaps(&self.fail_writes.lock().unwrap(), offset, len) {
             return Err(eio());
         }
-        let mut log = self.log.lock().unwrap();
-        self.mem.write_zeroes(offset, len, unmap)?;
-        log.push(Event::Zap { offset, len });
+        {
+            let mut log = self.log.lock().unwrap();
+            self.mem.write_zeroes(offset, len, unmap)?;
+            log.push(Event::Zap { offset, len });
+        }
+        self.run_after(Io::Zap, offset, len);
         Ok(())
     }
 }
