@@ -6,6 +6,8 @@
 //!   write-cache switch hook ([`disk::WriteCacheControl`]).
 //! - [`image_cmd`]: the qemu-img-style image subcommands (create, info, check, commit, export,
 //!   checksum).
+//! - [`probe_guard`]: a probed-raw image refuses writes that would change its probed format;
+//!   the `serve` backing-file policy.
 //! - [`virtio_blk`]: virtio-blk wire formats (request header, segments, config space, constants).
 //! - [`device`]: the device model shared by the queues of one connection (config, features, WCE).
 //! - [`request`]: request parsing/execution over guest memory and the per-queue processing pass.
@@ -18,6 +20,7 @@ pub mod device;
 pub mod disk;
 pub mod image_cmd;
 pub mod iopool;
+pub mod probe_guard;
 pub mod request;
 pub mod serve;
 pub mod vhu_blk;
