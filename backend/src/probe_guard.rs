@@ -212,10 +212,14 @@ mod tests {
         assert!(g.write_at(&QCOW_MAGIC[3..], 3).is_err());
         assert_eq!(&mem.snapshot()[..4], b"QFI\0");
         // A write straddling the end of the probed head is checked on its head part.
+        g.write_at(&[0], 0).unwrap();
         let mut big = vec![1u8; 1024];
         big[..4].copy_from_slice(&QCOW_MAGIC);
         assert!(g.write_at(&big[1..], 1).is_ok(), "no magic at offset 0");
         assert!(g.write_at(&QCOW_MAGIC[..1], 0).is_err());
+        assert_eq!(&mem.snapshot()[..4], b"\0FI\xfb");
+        assert!(g.write_at(&big[..600], 0).is_err(), "straddling write with the magic");
+        assert_eq!(mem.snapshot()[0], 0, "the refused write left the head alone");
     }
 
     #[test]
