@@ -70,6 +70,24 @@ impl ServedDisk {
         self.overlay.as_deref().map(|g| g.path.as_path())
     }
 
+    /// Unlinks the throwaway `--snapshot` overlay now (the open image keeps its data until the
+    /// daemon exits, even on a crash), so that nothing needs to be unlinked at exit. Called by
+    /// `serve` before it enters the sandbox.
+    pub fn unlink_throwaway_overlay(&self) {
+        if let Some(g) = &self.overlay {
+            if g.unlinked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            match std::fs::remove_file(&g.path) {
+                Ok(()) => log::info!(
+                    "unlinked snapshot overlay {} (it lives on until exit)",
+                    g.path.display()
+                ),
+                Err(e) => log::warn!("cannot unlink snapshot overlay {}: {e}", g.path.display()),
+            }
+        }
+    }
+
     /// A disk without a cache layer of its own.
     pub fn plain(dev: Arc<dyn BlockDev>) -> Self {
         ServedDisk {
@@ -80,14 +98,18 @@ impl ServedDisk {
     }
 }
 
-/// Deletes a throwaway snapshot overlay when dropped.
+/// Deletes a throwaway snapshot overlay when dropped (unless already unlinked).
 #[derive(Debug)]
 struct OverlayGuard {
     path: PathBuf,
+    unlinked: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for OverlayGuard {
     fn drop(&mut self) {
+        if *self.unlinked.get_mut() {
+            return;
+        }
         match std::fs::remove_file(&self.path) {
             Ok(()) => log::info!("removed snapshot overlay {}", self.path.display()),
             Err(e) => log::warn!(
@@ -193,7 +215,10 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
                 "deleted at exit"
             }
         );
-        let guard = (!keep).then(|| Arc::new(OverlayGuard { path: path.clone() }));
+        let guard = (!keep).then(|| Arc::new(OverlayGuard {
+                path: path.clone(),
+                unlinked: false.into(),
+            }));
         (path, Some(Format::Qcow2), guard)
     } else {
         (args.image.clone(), args.format.map(Format::from), None)

@@ -13,6 +13,7 @@
 //! - [`request`]: request parsing/execution over guest memory and the per-queue processing pass.
 //! - [`iopool`]: optional per-queue helper threads executing a batch of requests in parallel.
 //! - [`vhu_blk`]: the vhost-user backend glue (one worker thread per queue).
+//! - [`sandbox`]: `--user` privilege drop and the seccomp allow-list of the serving daemon.
 //! - [`serve`]: daemon lifecycle (socket, reconnects, SIGTERM/SIGINT, final flush).
 
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod image_cmd;
 pub mod iopool;
 pub mod probe_guard;
 pub mod request;
+pub mod sandbox;
 pub mod serve;
 pub mod vhu_blk;
 pub mod virtio_blk;
