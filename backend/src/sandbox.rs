@@ -26,8 +26,12 @@
 //! for the io_uring data path), logging to stderr, the signal thread (rt_sigtimedwait) and the
 //! exit path, including unlink of the socket file at shutdown. Unlink is the one call that names
 //! a path: it cannot open or read anything, and under `--user` it is limited to what that user
-//! may delete. Not allowed, among others: open/openat, socket, connect, bind, execve, ptrace,
-//! kill of other processes, mount.
+//! may delete. Not allowed, among others: socket, connect, bind, execve, ptrace, kill of other
+//! processes, mount, ioctl. The open family (open, openat, openat2, creat) fails with EACCES
+//! rather than killing ([`DENIED_WITH_EACCES`]): glibc itself opens files lazily on healthy paths
+//! (its malloc reads `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread heap and
+//! `/sys/devices/system/cpu/online` when it sizes its arenas; the latter is settled before the
+//! filter with `mallopt(M_ARENA_MAX)`) and copes with the failure.
 //!
 //! In `kill` mode a call outside the list raises SIGSYS; the handler writes one line naming the
 //! system call (number and name) and the thread to stderr and ends the process with exit status
@@ -36,8 +40,9 @@
 //! call the list misses.
 //!
 //! Test hook: when the environment variable [`TEST_FORBIDDEN_SYSCALL_ENV`] is `1` at start-up,
-//! the first queue event makes the queue thread call socket(2), as a compromised serving thread
-//! would; the kill test uses it. It changes nothing else.
+//! the first queue event makes the queue thread try to open `/etc/passwd` (logging the result)
+//! and then call socket(2), as a compromised serving thread would; the kill test uses it. It
+//! changes nothing else (without the filter both calls succeed and are closed at once).
 //!
 //! Locking model: none; [`enter`] runs once on the main thread before the first connection, and
 //! the test flag is an atomic written before any queue thread exists.
@@ -307,18 +312,51 @@ pub fn drop_privileges(ids: Ids) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// The BPF program of the allow-list for `mode` (`None` for `off`).
-pub fn build_filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxError> {
+/// Opening a file fails with EACCES instead of killing the daemon: glibc's malloc opens
+/// `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread's heap (and similar lazy
+/// look-ups exist) and copes with the failure; killing a healthy daemon there would be wrong.
+/// Nothing is opened either way.
+#[rustfmt::skip]
+pub const DENIED_WITH_EACCES: &[(&str, libc::c_long)] = &[
+    ("openat", libc::SYS_openat), ("openat2", libc::SYS_openat2),
+    #[cfg(target_arch = "x86_64")] ("open", libc::SYS_open),
+    #[cfg(target_arch = "x86_64")] ("creat", libc::SYS_creat),
+];
+
+/// The BPF programs for `mode` (none for `off`): the allow-list, and in `kill` mode a second
+/// filter that turns the open family into EACCES (the kernel applies the strictest verdict of
+/// all filters, so the open calls are on the allow-list of the first one and refused by the
+/// second).
+pub fn build_filter(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
     let mismatch = match mode {
-        SeccompMode::Off => return Ok(None),
+        SeccompMode::Off => return Ok(Vec::new()),
         SeccompMode::Kill => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
     let serr = |e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string());
+    let arch: seccompiler::TargetArch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))?;
+    let mut programs = Vec::new();
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
         .iter()
         .map(|&(_, nr)| (nr as i64, Vec::new()))
         .collect();
+    if mode == SeccompMode::Kill {
+        let opens: std::collections::BTreeMap<i64, Vec<SeccompRule>> = DENIED_WITH_EACCES
+            .iter()
+            .map(|&(_, nr)| (nr as i64, Vec::new()))
+            .collect();
+        rules.extend(opens.clone());
+        let deny = SeccompFilter::new(
+            opens,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+            arch,
+        )
+        .map_err(serr)?;
+        programs.push(deny.try_into().map_err(serr)?);
+    }
     // Threads name themselves with prctl(PR_SET_NAME); nothing else of prctl is allowed.
     let set_name = SeccompCondition::new(
         0,
@@ -331,12 +369,9 @@ pub fn build_filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxErro
         libc::SYS_prctl as i64,
         vec![SeccompRule::new(vec![set_name]).map_err(serr)?],
     );
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))?;
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch).map_err(serr)?;
-    let prog: BpfProgram = filter.try_into().map_err(serr)?;
-    Ok(Some(prog))
+    programs.push(filter.try_into().map_err(serr)?);
+    Ok(programs)
 }
 
 /// Formats `n` in decimal into `buf` without allocating; returns the digits.
@@ -406,15 +441,37 @@ fn install_sigsys_handler() -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Settles what glibc would otherwise look up lazily from a file after the filter is on: the
+/// malloc arena limit, which glibc computes from `/sys/devices/system/cpu/online` the first time a
+/// new thread needs an arena beyond the first eight. Fixing it here to glibc's own default
+/// (8 arenas per CPU) changes nothing but when the CPU count is read.
+fn settle_lazy_lookups() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets a malloc tunable.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } != 1 {
+            log::warn!("cannot set the malloc arena limit; a new thread may hit the filter");
+        }
+    }
+}
+
 /// Installs the filter of `mode` on every thread of the process.
 pub fn apply_seccomp(mode: SeccompMode) -> Result<(), SandboxError> {
-    let Some(prog) = build_filter(mode)? else {
+    let programs = build_filter(mode)?;
+    if programs.is_empty() {
         return Ok(());
-    };
+    }
+    settle_lazy_lookups();
     if mode == SeccompMode::Kill {
         install_sigsys_handler()?;
     }
-    seccompiler::apply_filter_all_threads(&prog).map_err(|e| SandboxError::Seccomp(e.to_string()))
+    for prog in &programs {
+        seccompiler::apply_filter_all_threads(prog)
+            .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Enters the sandbox for `serve` (see the module documentation for the order).
@@ -432,7 +489,8 @@ pub fn enter(args: &ServeArgs, disk: &ServedDisk) -> Result<(), SandboxError> {
     apply_seccomp(args.seccomp)?;
     match args.seccomp {
         SeccompMode::Kill => log::info!(
-            "seccomp filter on: {} system calls allowed, any other kills the daemon",
+            "seccomp filter on: {} system calls allowed, opening files fails with EACCES, any \
+             other call kills the daemon",
             ALLOWED.len() + 1
         ),
         SeccompMode::Log => log::warn!("seccomp filter in log mode: forbidden calls are only logged"),
@@ -444,6 +502,10 @@ pub fn enter(args: &ServeArgs, disk: &ServedDisk) -> Result<(), SandboxError> {
 /// Test hook (see the module documentation): makes the calling queue thread try socket(2) once.
 pub fn test_trigger_forbidden_syscall() {
     if TEST_TRIGGER.swap(false, Ordering::SeqCst) {
+        match std::fs::File::open("/etc/passwd") {
+            Ok(_) => log::warn!("test hook: opened /etc/passwd from a queue thread"),
+            Err(e) => log::warn!("test hook: open /etc/passwd from a queue thread: {e}"),
+        }
         log::warn!("test hook {TEST_FORBIDDEN_SYSCALL_ENV}: calling socket(2) from a queue thread");
         // SAFETY: socket takes plain integers; a descriptor it may return is closed at once.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
@@ -475,9 +537,11 @@ mod tests {
 
     #[test]
     fn filters_build_for_every_mode() {
-        assert!(build_filter(SeccompMode::Off).unwrap().is_none());
-        assert!(!build_filter(SeccompMode::Kill).unwrap().unwrap().is_empty());
-        assert!(!build_filter(SeccompMode::Log).unwrap().unwrap().is_empty());
+        assert!(build_filter(SeccompMode::Off).unwrap().is_empty());
+        let kill = build_filter(SeccompMode::Kill).unwrap();
+        assert_eq!(kill.len(), 2, "allow-list and the EACCES filter for opens");
+        assert!(kill.iter().all(|p| !p.is_empty()));
+        assert_eq!(build_filter(SeccompMode::Log).unwrap().len(), 1);
     }
 
     #[test]

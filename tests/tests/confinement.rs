@@ -458,6 +458,10 @@ fn forbidden_syscall_from_a_queue_thread_kills_only_the_daemon_with_a_log_line()
         libc::SYS_socket
     );
     assert!(log.contains(&line), "{log}");
+    assert!(
+        log.contains("test hook: open /etc/passwd from a queue thread: Permission denied"),
+        "a serving thread could open a file: {log}"
+    );
     assert!(status.signal().is_none());
     // The test process (the "frontend") lives on and the image is intact.
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 4 * MIB);
