@@ -485,3 +485,43 @@ fn forbidden_syscall_from_a_queue_thread_kills_only_the_daemon_with_a_log_line()
     drop(c);
     assert!(d.stop().0.success());
 }
+
+#[test]
+fn snapshot_overlay_is_unlinked_before_the_sandbox_and_the_base_is_never_written() {
+    let Some(bin) = snapblk() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0x3c; 4 * MIB as usize]).unwrap();
+    let kept_dir = dir.path().join("tmp");
+    std::fs::create_dir(&kept_dir).unwrap();
+    let mut args = vec!["--image", base.to_str().unwrap(), "--snapshot"];
+    if am_root() {
+        args.extend(["--user", "nobody"]);
+    }
+    let d = Serve::start(
+        &bin,
+        dir.path(),
+        "snap",
+        &args,
+        &[("TMPDIR", kept_dir.to_str().unwrap())],
+    );
+    let c = d.connect();
+    assert_eq!(
+        std::fs::read_dir(&kept_dir).unwrap().count(),
+        0,
+        "the throwaway overlay is still linked"
+    );
+    // The probed base is read-only under the overlay: a qcow2 header is just guest data here.
+    let header = hostile_header(dir.path());
+    c.write(0, 0, &header).unwrap();
+    let mut b = vec![0u8; 1024];
+    c.read(0, 0, &mut b).unwrap();
+    assert_eq!(&b[..512], &header[..]);
+    assert!(b[512..].iter().all(|&x| x == 0x3c));
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("unlinked snapshot overlay"), "{log}");
+    assert!(!log.contains("probed as raw"), "no guard needed: {log}");
+    assert!(std::fs::read(&base).unwrap().iter().all(|&x| x == 0x3c));
+}
