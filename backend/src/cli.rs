@@ -275,6 +275,34 @@ mod tests {
     }
 
     #[test]
+    fn serve_confinement_flags_default_to_seccomp_kill_and_parse_repeated_allow_backing() {
+        let base = ["snapblk", "serve", "--image", "a", "--socket", "s"];
+        let args = serve_args(Cli::try_parse_from(base).unwrap());
+        assert_eq!(args.seccomp, SeccompMode::Kill);
+        assert!(args.user.is_none() && args.allow_backing.is_empty());
+        assert!(!args.probe_backing_format);
+        let extra = [
+            "--allow-backing",
+            "/a",
+            "--allow-backing",
+            "/b",
+            "--user",
+            "nobody:nogroup",
+            "--seccomp",
+            "log",
+            "--probe-backing-format",
+        ];
+        let all: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        let args = serve_args(Cli::try_parse_from(&all).unwrap());
+        assert_eq!(args.allow_backing, [PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(args.user.as_deref(), Some("nobody:nogroup"));
+        assert_eq!(args.seccomp, SeccompMode::Log);
+        assert!(args.probe_backing_format);
+        let bad: Vec<&str> = base.iter().chain(["--seccomp", "trap"].iter()).copied().collect();
+        assert!(Cli::try_parse_from(&bad).is_err());
+    }
+
+    #[test]
     fn serve_accepts_all_flags() {
         let cli = Cli::try_parse_from([
             "snapblk",
