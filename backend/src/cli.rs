@@ -294,11 +294,18 @@ mod tests {
         ];
         let all: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
         let args = serve_args(Cli::try_parse_from(&all).unwrap());
-        assert_eq!(args.allow_backing, [PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(
+            args.allow_backing,
+            [PathBuf::from("/a"), PathBuf::from("/b")]
+        );
         assert_eq!(args.user.as_deref(), Some("nobody:nogroup"));
         assert_eq!(args.seccomp, SeccompMode::Log);
         assert!(args.probe_backing_format);
-        let bad: Vec<&str> = base.iter().chain(["--seccomp", "trap"].iter()).copied().collect();
+        let bad: Vec<&str> = base
+            .iter()
+            .chain(["--seccomp", "trap"].iter())
+            .copied()
+            .collect();
         assert!(Cli::try_parse_from(&bad).is_err());
     }
 

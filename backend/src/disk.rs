@@ -215,10 +215,12 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
                 "deleted at exit"
             }
         );
-        let guard = (!keep).then(|| Arc::new(OverlayGuard {
+        let guard = (!keep).then(|| {
+            Arc::new(OverlayGuard {
                 path: path.clone(),
                 unlinked: false.into(),
-            }));
+            })
+        });
         (path, Some(Format::Qcow2), guard)
     } else {
         (args.image.clone(), args.format.map(Format::from), None)

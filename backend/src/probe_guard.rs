@@ -197,7 +197,10 @@ mod tests {
         sector[..4].copy_from_slice(&QCOW_MAGIC);
         let e = g.write_at(&sector, 0).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
-        assert!(mem.snapshot()[..512].iter().all(|&b| b == 0), "head unchanged");
+        assert!(
+            mem.snapshot()[..512].iter().all(|&b| b == 0),
+            "head unchanged"
+        );
         assert_eq!(g.refused(), 1);
         // A write elsewhere, and a harmless write to the head, pass.
         g.write_at(&sector, 4096).unwrap();
@@ -218,8 +221,15 @@ mod tests {
         assert!(g.write_at(&big[1..], 1).is_ok(), "no magic at offset 0");
         assert!(g.write_at(&QCOW_MAGIC[..1], 0).is_err());
         assert_eq!(&mem.snapshot()[..4], b"\0FI\xfb");
-        assert!(g.write_at(&big[..600], 0).is_err(), "straddling write with the magic");
-        assert_eq!(mem.snapshot()[0], 0, "the refused write left the head alone");
+        assert!(
+            g.write_at(&big[..600], 0).is_err(),
+            "straddling write with the magic"
+        );
+        assert_eq!(
+            mem.snapshot()[0],
+            0,
+            "the refused write left the head alone"
+        );
     }
 
     #[test]
@@ -248,7 +258,10 @@ mod tests {
                 std::thread::spawn(move || g.write_at(&QCOW_MAGIC[2..], 2).is_ok())
             };
             let (a, b) = (a.join().unwrap(), b.join().unwrap());
-            assert!(a ^ b, "exactly one half of the magic may land (a: {a}, b: {b})");
+            assert!(
+                a ^ b,
+                "exactly one half of the magic may land (a: {a}, b: {b})"
+            );
             assert_ne!(&mem.snapshot()[..4], &QCOW_MAGIC);
         }
     }

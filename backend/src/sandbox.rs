@@ -293,7 +293,10 @@ pub fn drop_privileges(ids: Ids) -> Result<(), SandboxError> {
     let want_uid = format!("{0} {0} {0}", ids.uid);
     let want_gid = format!("{0} {0} {0}", ids.gid);
     let threads = thread_ids().map_err(|e| err(format!("cannot read /proc/self/task: {e}")))?;
-    if let Some((u, g)) = threads.iter().find(|(u, g)| *u != want_uid || *g != want_gid) {
+    if let Some((u, g)) = threads
+        .iter()
+        .find(|(u, g)| *u != want_uid || *g != want_gid)
+    {
         return Err(err(format!(
             "a thread still has uids {u} / gids {g} after the switch"
         )));
@@ -325,6 +328,12 @@ pub const DENIED_WITH_EACCES: &[(&str, libc::c_long)] = &[
     #[cfg(target_arch = "x86_64")] ("creat", libc::SYS_creat),
 ];
 
+/// A system call number as seccompiler's key (`c_long` is 32 bits on 32-bit targets).
+#[allow(clippy::unnecessary_cast)]
+fn nr64(nr: libc::c_long) -> i64 {
+    nr as i64
+}
+
 /// The BPF programs for `mode` (none for `off`): the allow-list, and in `kill` mode a second
 /// filter that turns the open family into EACCES (the kernel applies the strictest verdict of
 /// all filters, so the open calls are on the allow-list of the first one and refused by the
@@ -342,12 +351,12 @@ pub fn build_filter(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> 
     let mut programs = Vec::new();
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
         .iter()
-        .map(|&(_, nr)| (nr as i64, Vec::new()))
+        .map(|&(_, nr)| (nr64(nr), Vec::new()))
         .collect();
     if mode == SeccompMode::Kill {
         let opens: std::collections::BTreeMap<i64, Vec<SeccompRule>> = DENIED_WITH_EACCES
             .iter()
-            .map(|&(_, nr)| (nr as i64, Vec::new()))
+            .map(|&(_, nr)| (nr64(nr), Vec::new()))
             .collect();
         rules.extend(opens.clone());
         let deny = SeccompFilter::new(
@@ -368,7 +377,7 @@ pub fn build_filter(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> 
     )
     .map_err(serr)?;
     rules.insert(
-        libc::SYS_prctl as i64,
+        nr64(libc::SYS_prctl),
         vec![SeccompRule::new(vec![set_name]).map_err(serr)?],
     );
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch).map_err(serr)?;
@@ -495,7 +504,9 @@ pub fn enter(args: &ServeArgs, disk: &ServedDisk) -> Result<(), SandboxError> {
              other call kills the daemon",
             ALLOWED.len() + 1
         ),
-        SeccompMode::Log => log::warn!("seccomp filter in log mode: forbidden calls are only logged"),
+        SeccompMode::Log => {
+            log::warn!("seccomp filter in log mode: forbidden calls are only logged")
+        }
         SeccompMode::Off => log::warn!("seccomp filter off"),
     }
     Ok(())
@@ -553,8 +564,20 @@ mod tests {
             resolve_user("root:12345").unwrap(),
             Ids { uid: 0, gid: 12345 }
         );
-        assert_eq!(resolve_user("4242:4343").unwrap(), Ids { uid: 4242, gid: 4343 });
-        for bad in ["", ":", "root:", "no-such-user-snapblk", "root:no-such-group-snapblk"] {
+        assert_eq!(
+            resolve_user("4242:4343").unwrap(),
+            Ids {
+                uid: 4242,
+                gid: 4343
+            }
+        );
+        for bad in [
+            "",
+            ":",
+            "root:",
+            "no-such-user-snapblk",
+            "root:no-such-group-snapblk",
+        ] {
             let e = resolve_user(bad).unwrap_err().to_string();
             assert!(e.starts_with(&format!("--user {bad}:")), "{e}");
         }

@@ -23,10 +23,11 @@ pub mod refcount;
 
 pub use api::{
     checksum, checksum_dev, commit, create_snapshot_overlay, export, info, open_image,
-    open_image_with, open_qcow2, probe_bytes, probe_format, resolve_backing_path, Format, ImageInfo,
+    open_image_with, open_qcow2, probe_bytes, probe_format, resolve_backing_path, Format,
+    ImageInfo,
 };
 pub use create::{create, create_on, CreateOptions};
 pub use error::{CreateImageError, ImageOpError, OpenImageError};
 pub use host::{FileHost, HostFile, MemHost};
-pub use policy::{BackingPolicy, PolicyError};
 pub use image::{BackingSpec, Extent, ImageHeader, Mapping, QcowImage};
+pub use policy::{BackingPolicy, PolicyError};

@@ -172,14 +172,15 @@ impl BackingPolicy {
             source,
         };
         let fd = open_o_path(path).map_err(io_err)?;
-        let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| {
-            refuse(
-                None,
-                format!("its real path cannot be verified through /proc/self/fd ({e})"),
-            )
-        })?;
+        let real =
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| {
+                refuse(
+                    None,
+                    format!("its real path cannot be verified through /proc/self/fd ({e})"),
+                )
+            })?;
         let admitted = Admitted { fd, real };
-        if self.trusted.iter().any(|t| *t == admitted.real) {
+        if self.trusted.contains(&admitted.real) {
             return Ok(admitted);
         }
         let real = Some(admitted.real.clone());

@@ -31,7 +31,10 @@ fn formatless_overlay(dir: &Path, name: &str, backing: &str, fmt: Format) -> Pat
         .expect("backing format extension");
     bytes[at..at + 4].copy_from_slice(&0x5AB1_0017u32.to_be_bytes());
     std::fs::write(&ov, bytes).unwrap();
-    let spec = qcow_snapshot::api::read_header(&ov).unwrap().backing.unwrap();
+    let spec = qcow_snapshot::api::read_header(&ov)
+        .unwrap()
+        .backing
+        .unwrap();
     assert_eq!(spec.name, backing);
     assert_eq!(spec.format, None, "format no longer recorded");
     ov
@@ -115,7 +118,11 @@ fn policy_refuses_devices_and_proc_and_confines_to_allowed_trees() {
     let mut confined = BackingPolicy::new();
     confined.allow_dir(&inside).unwrap();
     assert!(open_image_with(&good, None, true, &confined).is_ok());
-    let e = refused(open_image_with(&escape, None, true, &confined).err().unwrap());
+    let e = refused(
+        open_image_with(&escape, None, true, &confined)
+            .err()
+            .unwrap(),
+    );
     assert!(
         e.contains("../out/o.raw (resolves to ")
             && e.contains("refused: it is outside the --allow-backing directories"),
@@ -134,4 +141,25 @@ fn policy_refuses_devices_and_proc_and_confines_to_allowed_trees() {
         "backing file /dev/zero refused: it is a character device; a backing chain may only \
          name regular files"
     );
+}
+
+#[test]
+fn commit_never_guesses_the_format_of_the_file_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![5u8; MIB as usize]).unwrap();
+    let ov = formatless_overlay(dir.path(), "ov.qcow2", "base.raw", Format::Raw);
+    open_image(&ov, None, false)
+        .unwrap()
+        .write_at(&[9; 512], 0)
+        .unwrap();
+    let e = qcow_snapshot::commit(&ov, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not record the format of its backing file")
+            && e.contains("qemu-img rebase -u -F raw|qcow2"),
+        "{e}"
+    );
+    assert!(std::fs::read(&base).unwrap().iter().all(|&b| b == 5));
 }

@@ -207,7 +207,9 @@ fn probed_raw_image_refuses_a_guest_written_qcow2_header_and_stays_raw_across_re
 fn overlay(dir: &Path, name: &str, backing: &str) -> PathBuf {
     let ov = dir.join(name);
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing])
+        .args([
+            "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing,
+        ])
         .arg(&ov)
         .arg("1M")
         .output()
@@ -305,8 +307,10 @@ fn allow_backing_confines_the_chain_to_its_trees() {
     );
     let e = allow_dir(&link);
     assert!(
-        e.contains(&format!("(resolves to {}) refused: ", real_outside.display()))
-            && e.contains(&rule),
+        e.contains(&format!(
+            "(resolves to {}) refused: ",
+            real_outside.display()
+        )) && e.contains(&rule),
         "symlink out of the tree: {e}"
     );
     let e = allow_dir(&escape);
@@ -320,7 +324,12 @@ fn allow_backing_confines_the_chain_to_its_trees() {
         &bin,
         root.path(),
         "inside",
-        &["--image", inside.to_str().unwrap(), "--allow-backing", allow],
+        &[
+            "--image",
+            inside.to_str().unwrap(),
+            "--allow-backing",
+            allow,
+        ],
         &[],
     );
     let c = d.connect();
@@ -330,11 +339,7 @@ fn allow_backing_confines_the_chain_to_its_trees() {
     drop(c);
     assert!(d.stop().0.success());
     // `info` shows the chain with resolved paths, formats and the default policy's verdict.
-    let out = Command::new(&bin)
-        .arg("info")
-        .arg(&link)
-        .output()
-        .unwrap();
+    let out = Command::new(&bin).arg("info").arg(&link).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(
@@ -346,10 +351,16 @@ fn allow_backing_confines_the_chain_to_its_trees() {
         "{text}"
     );
     let fifo_ov = overlay(&sub, "dev.qcow2", "/dev/zero");
-    let out = Command::new(&bin).arg("info").arg(&fifo_ov).output().unwrap();
+    let out = Command::new(&bin)
+        .arg("info")
+        .arg(&fifo_ov)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("1: /dev/zero REFUSED: backing file /dev/zero refused: it is a character device"),
+        text.contains(
+            "1: /dev/zero REFUSED: backing file /dev/zero refused: it is a character device"
+        ),
         "{text}"
     );
 }
