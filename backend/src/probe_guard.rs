@@ -242,6 +242,80 @@ mod tests {
         assert_eq!(g.refused(), 0);
     }
 
+    /// A lower layer that runs `hook` once, right after its first read (the guard's read of
+    /// the current head), before the guard checks and writes.
+    struct HookAfterRead {
+        mem: Arc<MemDisk>,
+        hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl BlockDev for HookAfterRead {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.mem.read_at(buf, offset)?;
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(h) = hook {
+                h();
+            }
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.mem.write_at(buf, offset)
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<()> {
+            self.mem.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+            self.mem.write_zeroes(offset, len, unmap)
+        }
+    }
+
+    #[test]
+    fn probed_raw_head_check_and_write_are_atomic_against_a_racing_head_write() {
+        // Writer A has read the head (magic half "QF" not yet written) and is paused exactly
+        // between its read and its check+write; writer B then writes the other half "I\xfb".
+        // B must wait for A (the head lock) and then see A's bytes, so B is refused. Without the
+        // lock B would pass its check against the old head and the two halves would form a magic.
+        let mem = Arc::new(MemDisk::new(4096));
+        let lower = Arc::new(HookAfterRead {
+            mem: mem.clone(),
+            hook: Mutex::new(None),
+        });
+        let g = Arc::new(ProbedRawGuard::new(lower.clone(), "test.raw".into()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b_result = Arc::new(Mutex::new(None));
+        let b_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+        {
+            let g = g.clone();
+            let b_result = b_result.clone();
+            let b_thread = b_thread.clone();
+            *lower.hook.lock().unwrap() = Some(Box::new(move || {
+                let handle = std::thread::spawn(move || {
+                    let r = g.write_at(&QCOW_MAGIC[2..], 2).is_ok();
+                    *b_result.lock().unwrap() = Some(r);
+                    let _ = tx.send(());
+                });
+                *b_thread.lock().unwrap() = Some(handle);
+                // Give B every chance to run through while A is paused here.
+                assert!(
+                    rx.recv_timeout(std::time::Duration::from_millis(200))
+                        .is_err(),
+                    "B wrote the head while A was between its read and its write"
+                );
+            }));
+        }
+        g.write_at(&QCOW_MAGIC[..2], 0).unwrap();
+        let handle = b_thread.lock().unwrap().take().expect("hook ran");
+        handle.join().unwrap();
+        assert_eq!(*b_result.lock().unwrap(), Some(false), "B refused");
+        assert_eq!(&mem.snapshot()[..4], b"QF\0\0");
+    }
+
     #[test]
     fn probed_raw_concurrent_partial_writes_never_form_a_magic() {
         // Two writers race to complete the magic from both halves; the head lock makes the
