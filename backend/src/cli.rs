@@ -105,8 +105,9 @@ pub struct ServeArgs {
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_name = "OCTAL", value_parser = parse_socket_mode)]
     pub socket_mode: u32,
-    /// Format of the image; probed (qcow2 magic or raw) when not given. Backing files always use
-    /// the format recorded in their overlay.
+    /// Format of the image; probed (qcow2 magic or raw) when not given, and then a probed raw
+    /// image refuses writes that would change its probed format. Backing files use the format
+    /// recorded in their overlay, raw when none is recorded.
     #[arg(long, value_enum, value_name = "FMT")]
     pub format: Option<FormatArg>,
     /// Serve a throwaway qcow2 overlay over the image (like `qemu -snapshot`): the image is opened
@@ -125,6 +126,33 @@ pub struct ServeArgs {
     /// Folio size of the cache (power of two, 4K..2M).
     #[arg(long, default_value = "64K", value_name = "SIZE", value_parser = parse_size)]
     pub folio_size: u64,
+    /// Confine every backing file of the chain to this directory tree (repeatable; checked after
+    /// resolving symlinks). Without it backing files may be any regular file outside /proc, /sys.
+    #[arg(long = "allow-backing", value_name = "DIR")]
+    pub allow_backing: Vec<PathBuf>,
+    /// Probe the format (qcow2 magic or raw) of backing files whose overlay does not record it,
+    /// instead of opening them as raw. Only for images you trust.
+    #[arg(long)]
+    pub probe_backing_format: bool,
+    /// Drop root to USER (and GROUP, default USER's group) once the socket and every image of the
+    /// chain are open.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// System-call filter of the serving daemon: kill (a forbidden call kills the daemon with a
+    /// log line naming it), log (allowed but logged by the kernel's audit log), off.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill, value_name = "MODE")]
+    pub seccomp: SeccompMode,
+}
+
+/// What the daemon's system-call filter does with a call outside the allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SeccompMode {
+    /// Kill the daemon, with a log line naming the system call.
+    Kill,
+    /// Allow the call and have the kernel log it (audit log / dmesg); for finding missing calls.
+    Log,
+    /// No filter.
+    Off,
 }
 
 impl ServeArgs {
@@ -148,6 +176,10 @@ impl ServeArgs {
             cache_size: 256 << 20,
             dirty_limit: 64 << 20,
             folio_size: 64 << 10,
+            allow_backing: Vec::new(),
+            probe_backing_format: false,
+            user: None,
+            seccomp: SeccompMode::Kill,
         }
     }
 }
@@ -271,6 +303,41 @@ mod tests {
             let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
             assert!(Cli::try_parse_from(&args).is_err(), "accepted {extra:?}");
         }
+    }
+
+    #[test]
+    fn serve_confinement_flags_default_to_seccomp_kill_and_parse_repeated_allow_backing() {
+        let base = ["snapblk", "serve", "--image", "a", "--socket", "s"];
+        let args = serve_args(Cli::try_parse_from(base).unwrap());
+        assert_eq!(args.seccomp, SeccompMode::Kill);
+        assert!(args.user.is_none() && args.allow_backing.is_empty());
+        assert!(!args.probe_backing_format);
+        let extra = [
+            "--allow-backing",
+            "/a",
+            "--allow-backing",
+            "/b",
+            "--user",
+            "nobody:nogroup",
+            "--seccomp",
+            "log",
+            "--probe-backing-format",
+        ];
+        let all: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        let args = serve_args(Cli::try_parse_from(&all).unwrap());
+        assert_eq!(
+            args.allow_backing,
+            [PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        assert_eq!(args.user.as_deref(), Some("nobody:nogroup"));
+        assert_eq!(args.seccomp, SeccompMode::Log);
+        assert!(args.probe_backing_format);
+        let bad: Vec<&str> = base
+            .iter()
+            .chain(["--seccomp", "trap"].iter())
+            .copied()
+            .collect();
+        assert!(Cli::try_parse_from(&bad).is_err());
     }
 
     #[test]

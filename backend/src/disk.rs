@@ -7,6 +7,10 @@
 //! `--snapshot` a fresh qcow2 overlay is created over the image first (the image itself is only
 //! ever opened read-only) and deleted when the served disk is dropped, unless `--keep-overlay`.
 //!
+//! When the format of a writable image had to be probed and came out raw, the stack is topped by
+//! [`crate::probe_guard::ProbedRawGuard`] (the guest cannot change how its disk is opened);
+//! backing files are opened under the `--allow-backing` policy ([`qcow_snapshot::policy`]).
+//!
 //! Locking model: none here; the returned layers do their own locking.
 
 use std::path::PathBuf;
@@ -66,6 +70,24 @@ impl ServedDisk {
         self.overlay.as_deref().map(|g| g.path.as_path())
     }
 
+    /// Unlinks the throwaway `--snapshot` overlay now (the open image keeps its data until the
+    /// daemon exits, even on a crash), so that nothing needs to be unlinked at exit. Called by
+    /// `serve` before it enters the sandbox.
+    pub fn unlink_throwaway_overlay(&self) {
+        if let Some(g) = &self.overlay {
+            if g.unlinked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            match std::fs::remove_file(&g.path) {
+                Ok(()) => log::info!(
+                    "unlinked snapshot overlay {} (it lives on until exit)",
+                    g.path.display()
+                ),
+                Err(e) => log::warn!("cannot unlink snapshot overlay {}: {e}", g.path.display()),
+            }
+        }
+    }
+
     /// A disk without a cache layer of its own.
     pub fn plain(dev: Arc<dyn BlockDev>) -> Self {
         ServedDisk {
@@ -76,14 +98,18 @@ impl ServedDisk {
     }
 }
 
-/// Deletes a throwaway snapshot overlay when dropped.
+/// Deletes a throwaway snapshot overlay when dropped (unless already unlinked).
 #[derive(Debug)]
 struct OverlayGuard {
     path: PathBuf,
+    unlinked: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for OverlayGuard {
     fn drop(&mut self) {
+        if *self.unlinked.get_mut() {
+            return;
+        }
         match std::fs::remove_file(&self.path) {
             Ok(()) => log::info!("removed snapshot overlay {}", self.path.display()),
             Err(e) => log::warn!(
@@ -127,6 +153,9 @@ pub enum OpenDiskError {
         /// What failed.
         reason: String,
     },
+    /// An `--allow-backing` directory (or the `--snapshot` base) cannot be resolved.
+    #[error("invalid backing-file policy: {0}")]
+    Policy(std::io::Error),
     /// The cache settings are invalid.
     #[error("invalid cache settings: {0}")]
     Cache(#[from] cache::NewCacheError),
@@ -186,17 +215,28 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
                 "deleted at exit"
             }
         );
-        let guard = (!keep).then(|| Arc::new(OverlayGuard { path: path.clone() }));
+        let guard = (!keep).then(|| {
+            Arc::new(OverlayGuard {
+                path: path.clone(),
+                unlinked: false.into(),
+            })
+        });
         (path, Some(Format::Qcow2), guard)
     } else {
         (args.image.clone(), args.format.map(Format::from), None)
     };
-    let dev = qcow_snapshot::open_image(&image, format, args.readonly).map_err(|source| {
-        OpenDiskError::Open {
-            path: image.clone(),
-            source,
-        }
-    })?;
+    let open_err = |source| OpenDiskError::Open {
+        path: image.clone(),
+        source,
+    };
+    // Probe once here so the guard below knows what the probe said.
+    let probed = match format {
+        None => Some(qcow_snapshot::probe_format(&image).map_err(open_err)?),
+        Some(_) => None,
+    };
+    let policy = crate::probe_guard::backing_policy(args).map_err(OpenDiskError::Policy)?;
+    let dev = qcow_snapshot::open_image_with(&image, format.or(probed), args.readonly, &policy)
+        .map_err(open_err)?;
     let cfg = CacheConfig {
         folio_size: args.folio_size,
         cache_size: args.cache_size,
@@ -205,8 +245,17 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
         ..CacheConfig::default()
     };
     let cache = FolioCache::new(dev, cfg)?;
+    let top: Arc<dyn BlockDev> = if probed == Some(Format::Raw) && !args.readonly {
+        log::warn!("{}", crate::probe_guard::probed_raw_warning(&image));
+        Arc::new(crate::probe_guard::ProbedRawGuard::new(
+            cache.clone(),
+            image.clone(),
+        ))
+    } else {
+        cache.clone()
+    };
     Ok(ServedDisk {
-        dev: cache.clone(),
+        dev: top,
         cache_control: Some(Arc::new(CacheSwitch(cache))),
         overlay: guard,
     })

@@ -203,9 +203,26 @@ pub fn info(args: &InfoArgs) -> ExitCode {
     match qcow_snapshot::info(&args.image) {
         Ok(info) => {
             print!("{info}");
+            print_backing_chain(&args.image, &info);
             ExitCode::SUCCESS
         }
         Err(e) => fail("info", e),
+    }
+}
+
+/// Lists every backing file of `image` with its resolved path, the format it is opened with and
+/// the default backing policy's verdict, so a user can look at a chain before serving it.
+fn print_backing_chain(image: &std::path::Path, info: &qcow_snapshot::ImageInfo) {
+    if info.backing_file.is_none() {
+        return;
+    }
+    let policy = qcow_snapshot::BackingPolicy::default();
+    println!("Backing chain:");
+    for (i, entry) in qcow_snapshot::policy::describe_chain(image, &policy)
+        .iter()
+        .enumerate()
+    {
+        println!("    {}: {entry}", i + 1);
     }
 }
 

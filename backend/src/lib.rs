@@ -6,12 +6,15 @@
 //!   write-cache switch hook ([`disk::WriteCacheControl`]).
 //! - [`image_cmd`]: the qemu-img-style image subcommands (create, info, check, commit, export,
 //!   checksum).
+//! - [`probe_guard`]: a probed-raw image refuses writes that would change its probed format;
+//!   the `serve` backing-file policy.
 //! - [`virtio_blk`]: virtio-blk wire formats (request header, segments, config space, constants).
 //! - [`device`]: the device model shared by the queues of one connection (config, features, WCE).
 //! - [`request`]: request parsing/execution over guest memory and the per-queue processing pass.
 //! - [`inflight`]: per-queue executors that keep the guest's queue depth in flight and complete
 //!   each request to the used ring as it finishes.
 //! - [`vhu_blk`]: the vhost-user backend glue (one worker thread per queue).
+//! - [`sandbox`]: `--user` privilege drop and the seccomp allow-list of the serving daemon.
 //! - [`serve`]: daemon lifecycle (socket, reconnects, SIGTERM/SIGINT, final flush).
 
 pub mod cli;
@@ -19,7 +22,9 @@ pub mod device;
 pub mod disk;
 pub mod image_cmd;
 pub mod inflight;
+pub mod probe_guard;
 pub mod request;
+pub mod sandbox;
 pub mod serve;
 pub mod vhu_blk;
 pub mod virtio_blk;

@@ -70,6 +70,9 @@ pub enum ServeError {
     /// The vhost-user daemon could not be created.
     #[error("cannot start the vhost-user daemon: {0}")]
     Daemon(String),
+    /// The daemon could not drop its privileges or install its system-call filter.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     /// The final flush failed: acknowledged writes may not be durable.
     #[error("final flush failed: {0}")]
     FinalFlush(BlockError),
@@ -407,5 +410,8 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
     block_stop_signals()?;
     let server = Server::bind(args)?;
     stop_on_signals(server.stop_handle())?;
+    // Socket bound, every image of the chain open, signal thread running: drop what serving
+    // does not need.
+    crate::sandbox::enter(args, &server.disk)?;
     server.run()
 }

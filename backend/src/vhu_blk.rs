@@ -260,6 +260,7 @@ impl VhostUserBackend for VhostUserBlk {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
+        crate::sandbox::test_trigger_forbidden_syscall();
         if !evset.contains(EventSet::IN) {
             warn!("queue thread {thread_id}: unexpected events {evset:?}");
             return Ok(());

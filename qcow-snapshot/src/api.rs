@@ -1,8 +1,9 @@
 //! Path-level image operations for the CLI: opening an image with its backing chain, `info`,
 //! `commit`, `export`, `checksum` and snapshot overlays.
 //!
-//! Backing chains: the backing format comes from the header extension; without it only the
-//! qcow2 magic is probed (a raw file is never probed as anything else). Relative backing names
+//! Backing chains: the backing format comes from the header extension; without it the backing
+//! file is opened as raw unless the [`BackingPolicy`] says to probe. Which files a chain may
+//! name at all is the policy's decision (see [`crate::policy`]). Relative backing names
 //! are resolved against the directory of the image that names them. Backing files are opened
 //! read-only, the chain depth is bounded and a file (by device and inode) may appear only once.
 //!
@@ -25,6 +26,7 @@ use crate::error::{ImageOpError, OpenImageError};
 use crate::format::{self, CompressionType};
 use crate::host::{FileHost, HostFile};
 use crate::image::{ImageHeader, Mapping, QcowImage};
+use crate::policy::BackingPolicy;
 
 /// Longest backing chain (images below the top one).
 pub const MAX_CHAIN_DEPTH: usize = 16;
@@ -68,21 +70,38 @@ fn open_err(path: &Path) -> impl FnOnce(io::Error) -> OpenImageError + '_ {
     }
 }
 
+/// How many leading bytes of a file [`probe_bytes`] looks at (QEMU's probe buffer is one
+/// 512-byte sector too).
+pub const PROBE_LEN: usize = 512;
+
+/// The format the first bytes of a file (up to [`PROBE_LEN`]) probe as: qcow2 if they start with
+/// the qcow2 magic, raw otherwise. The single probing rule: `probe_format` and the probed-raw
+/// write guard of `serve` both use it.
+pub fn probe_bytes(head: &[u8]) -> Format {
+    match head.get(..4) {
+        Some(m) if u32::from_be_bytes([m[0], m[1], m[2], m[3]]) == format::QCOW_MAGIC => {
+            Format::Qcow2
+        }
+        _ => Format::Raw,
+    }
+}
+
 /// Whether `file` starts with the qcow2 magic.
 fn has_qcow2_magic(file: &File) -> io::Result<bool> {
-    let mut m = [0u8; 4];
-    blockdev::read_full_at(file, &mut m, 0)?;
-    Ok(u32::from_be_bytes(m) == format::QCOW_MAGIC)
+    Ok(probe_head(file)? == Format::Qcow2)
+}
+
+fn probe_head(file: &File) -> io::Result<Format> {
+    let mut head = [0u8; PROBE_LEN];
+    let len = blockdev::file_size(file)?.min(PROBE_LEN as u64) as usize;
+    blockdev::read_full_at(file, &mut head[..len], 0)?;
+    Ok(probe_bytes(&head[..len]))
 }
 
 /// The format of the file at `path`: qcow2 if it has the qcow2 magic, raw otherwise.
 pub fn probe_format(path: &Path) -> Result<Format, OpenImageError> {
     let f = File::open(path).map_err(open_err(path))?;
-    Ok(if has_qcow2_magic(&f).map_err(open_err(path))? {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+    probe_head(&f).map_err(open_err(path))
 }
 
 /// Resolves a backing file name stored in `image` (relative to the image's directory).
@@ -104,35 +123,65 @@ pub fn open_image(
     format: Option<Format>,
     read_only: bool,
 ) -> Result<Arc<dyn BlockDev>, OpenImageError> {
+    open_image_with(path, format, read_only, &BackingPolicy::default())
+}
+
+/// [`open_image`] with an explicit backing-file policy (`serve --allow-backing` and friends).
+pub fn open_image_with(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+    policy: &BackingPolicy,
+) -> Result<Arc<dyn BlockDev>, OpenImageError> {
     let mut seen = Vec::new();
-    open_chain(path, format, read_only, 0, &mut seen)
+    open_chain(path, path, format, read_only, 0, &mut seen, policy)
 }
 
 /// Opens a qcow2 image as a [`QcowImage`] (with its backing chain).
 pub fn open_qcow2(path: &Path, read_only: bool) -> Result<QcowImage, OpenImageError> {
     let mut seen = Vec::new();
-    open_qcow2_in_chain(path, read_only, 0, &mut seen)
+    let policy = BackingPolicy::default();
+    open_qcow2_in_chain(path, path, read_only, 0, &mut seen, &policy)
 }
 
+/// Opens one file of a chain: `path` is its name (for resolving relative backing names and for
+/// messages), `open_as` the path that opens it (a policy-checked `/proc/self/fd/N` for backing
+/// files).
 fn open_chain(
     path: &Path,
+    open_as: &Path,
     format: Option<Format>,
     read_only: bool,
     depth: usize,
     seen: &mut Vec<(u64, u64)>,
+    policy: &BackingPolicy,
 ) -> Result<Arc<dyn BlockDev>, OpenImageError> {
     let fmt = match format {
         Some(f) => f,
-        None => probe_format(path)?,
+        None => probe_format(open_as).map_err(|e| rename_io(e, path))?,
     };
     match fmt {
         Format::Raw => {
-            check_chain(path, depth, seen)?;
+            check_chain(open_as, depth, seen).map_err(|e| rename_io(e, path))?;
             Ok(Arc::new(
-                RawFile::open(path, read_only).map_err(open_err(path))?,
+                RawFile::open(open_as, read_only).map_err(open_err(path))?,
             ))
         }
-        Format::Qcow2 => Ok(Arc::new(open_qcow2_in_chain(path, read_only, depth, seen)?)),
+        Format::Qcow2 => Ok(Arc::new(open_qcow2_in_chain(
+            path, open_as, read_only, depth, seen, policy,
+        )?)),
+    }
+}
+
+/// Names `path` (not the `/proc/self/fd` path it was opened by) in a file error.
+fn rename_io(e: OpenImageError, path: &Path) -> OpenImageError {
+    match e {
+        OpenImageError::Io { source, .. } => OpenImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        OpenImageError::BackingLoop(_) => OpenImageError::BackingLoop(path.to_path_buf()),
+        e => e,
     }
 }
 
@@ -155,12 +204,14 @@ fn check_chain(
 
 fn open_qcow2_in_chain(
     path: &Path,
+    open_as: &Path,
     read_only: bool,
     depth: usize,
     seen: &mut Vec<(u64, u64)>,
+    policy: &BackingPolicy,
 ) -> Result<QcowImage, OpenImageError> {
-    check_chain(path, depth, seen)?;
-    let file = blockdev::open_file(path, read_only).map_err(open_err(path))?;
+    check_chain(open_as, depth, seen).map_err(|e| rename_io(e, path))?;
+    let file = blockdev::open_file(open_as, read_only).map_err(open_err(path))?;
     let host = FileHost::new(file);
     let ih = ImageHeader::read(&host)?;
     ih.check_features(read_only)?;
@@ -168,11 +219,23 @@ fn open_qcow2_in_chain(
         None => None,
         Some(spec) => {
             let bpath = resolve_backing_path(path, &spec.name);
+            // The policy decides which files a chain may name (see `policy`); a format the
+            // overlay does not record is raw unless the user asked for probing.
+            let admitted = policy.admit(&bpath)?;
             let bfmt = match &spec.format {
                 Some(f) => Some(f.parse::<Format>()?),
-                None => None,
+                None => policy.unrecorded_format(),
             };
-            Some(open_chain(&bpath, bfmt, true, depth + 1, seen)?)
+            let open_as = admitted.open_path();
+            Some(open_chain(
+                &bpath,
+                &open_as,
+                bfmt,
+                true,
+                depth + 1,
+                seen,
+                policy,
+            )?)
         }
     };
     QcowImage::open_with(Box::new(host), read_only, backing)
@@ -331,13 +394,27 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
         ImageOpError::Invalid(format!("{} has no backing file", overlay.display()))
     })?;
     let bpath = resolve_backing_path(overlay, &spec.name);
+    let policy = BackingPolicy::default();
+    let admitted = policy.admit(&bpath)?;
+    let open_as = admitted.open_path();
+    // Never guess the format of the file about to be written: raw data written into a qcow2
+    // (or the reverse) would destroy it.
     let bfmt = match &spec.format {
         Some(f) => f.parse::<Format>()?,
-        None => probe_format(&bpath)?,
+        None => {
+            return Err(ImageOpError::Invalid(format!(
+                "{} does not record the format of its backing file {}; record it first \
+                 (qemu-img rebase -u -F raw|qcow2 -b {} {})",
+                overlay.display(),
+                bpath.display(),
+                spec.name,
+                overlay.display()
+            )))
+        }
     };
     let size = ih.header.size;
     if bfmt == Format::Raw {
-        let f = blockdev::open_file(&bpath, false).map_err(open_err(&bpath))?;
+        let f = blockdev::open_file(&open_as, false).map_err(open_err(&bpath))?;
         let len = blockdev::file_size(&f).map_err(open_err(&bpath))?;
         if len < size {
             f.set_len(size).map_err(|source| ImageOpError::Io {
@@ -348,7 +425,7 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     }
     let mut seen = Vec::new();
     check_chain(overlay, 0, &mut seen)?;
-    let backing = open_chain(&bpath, Some(bfmt), false, 1, &mut seen)?;
+    let backing = open_chain(&bpath, &open_as, Some(bfmt), false, 1, &mut seen, &policy)?;
     if backing.size() < size {
         return Err(ImageOpError::Invalid(format!(
             "backing image {} ({} bytes) is smaller than the overlay ({size} bytes)",

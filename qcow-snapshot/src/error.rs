@@ -50,6 +50,9 @@ pub enum OpenImageError {
     /// The image's metadata is inconsistent.
     #[error("image is corrupt: {0}")]
     Corrupt(String),
+    /// A backing file breaks the backing-file policy.
+    #[error(transparent)]
+    Refused(#[from] crate::policy::PolicyError),
 }
 
 /// Why an image could not be created.

@@ -4,6 +4,7 @@
 //! - [`host`]: the tiny [`HostFile`] trait all image-file I/O goes through.
 //! - [`image`]: [`QcowImage`], the engine, a [`blockdev::BlockDev`].
 //! - [`create`]: new v3 images. [`refcount`]: refcount layout and dirty-bit repair.
+//! - [`policy`]: which files a backing chain may name; format-less backing files are raw.
 //! - [`api`]: path-level operations (open with backing chain, info, commit, export, checksum,
 //!   snapshot overlays).
 //!
@@ -17,13 +18,16 @@ pub mod error;
 pub mod format;
 pub mod host;
 pub mod image;
+pub mod policy;
 pub mod refcount;
 
 pub use api::{
-    checksum, checksum_dev, commit, create_snapshot_overlay, export, info, open_image, open_qcow2,
-    probe_format, resolve_backing_path, Format, ImageInfo,
+    checksum, checksum_dev, commit, create_snapshot_overlay, export, info, open_image,
+    open_image_with, open_qcow2, probe_bytes, probe_format, resolve_backing_path, Format,
+    ImageInfo,
 };
 pub use create::{create, create_on, CreateOptions};
 pub use error::{CreateImageError, ImageOpError, OpenImageError};
 pub use host::{FileHost, HostFile, MemHost};
 pub use image::{BackingSpec, Extent, ImageHeader, Mapping, QcowImage};
+pub use policy::{BackingPolicy, PolicyError};

@@ -280,9 +280,19 @@ fn run_guest(
 
 /// The concurrent-writers scenario against `kind`; returns nothing, asserts everything.
 fn concurrent_writers_match_host_image(kind: DaemonKind, test: &str) {
+    concurrent_writers_with_args(kind, test, &[]);
+}
+
+/// [`concurrent_writers_match_host_image`] with extra daemon arguments.
+fn concurrent_writers_with_args(kind: DaemonKind, test: &str, extra: &[&str]) -> String {
     let Some(env) = guest_env_or_skip(test) else {
-        return;
+        return String::new();
     };
+    concurrent_writers_in(&env, kind, test, extra)
+}
+
+/// Runs the scenario; returns the daemon's log.
+fn concurrent_writers_in(env: &GuestEnv, kind: DaemonKind, test: &str, extra: &[&str]) -> String {
     let _serial = guest_lock();
     let logs = log_dir(test).expect("log dir");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -299,9 +309,12 @@ fn concurrent_writers_match_host_image(kind: DaemonKind, test: &str) {
         // The promise under test is about the write-back cache.
         cfg = cfg.cache("writeback");
     }
+    for a in extra {
+        cfg = cfg.arg(a);
+    }
     let daemon = Daemon::start(&cfg, &logs, "daemon").unwrap_or_else(|e| panic!("{e}"));
     let t0 = Instant::now();
-    let out = run_guest(&env, &daemon, "guest", &writers_script(REGIONS), &logs);
+    let out = run_guest(env, &daemon, "guest", &writers_script(REGIONS), &logs);
     let guest_secs = t0.elapsed().as_secs_f64();
     let daemon_log = daemon.log();
     daemon
@@ -348,6 +361,31 @@ fn concurrent_writers_match_host_image(kind: DaemonKind, test: &str) {
         out.require("write_secs"),
         out.require("total_secs"),
     );
+    daemon_log
+}
+
+/// The hardened form from README: root dropped to `nobody` after the socket and image are open,
+/// the seccomp allow-list in kill mode. A call the serving path needs but the list misses would
+/// kill the daemon and fail the guest run.
+#[test]
+fn snapblk_under_user_and_seccomp_serves_a_full_guest_run() {
+    let test = "snapblk_under_user_and_seccomp_serves_a_full_guest_run";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("{test}: not root, --user cannot drop anything; skip");
+        return;
+    }
+    let log = concurrent_writers_with_args(
+        DaemonKind::Snapblk,
+        test,
+        &["--user", "nobody", "--seccomp", "kill", "--io-threads", "2"],
+    );
+    if log.is_empty() {
+        return; // no guest environment (skipped with a message)
+    }
+    assert!(log.contains("running as uid 65534 gid 65534"), "{log}");
+    assert!(log.contains("seccomp filter on"), "{log}");
+    assert!(!log.contains("forbidden system call"), "{log}");
 }
 
 #[test]
