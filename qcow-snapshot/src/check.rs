@@ -401,10 +401,7 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
         file,
         len,
         header: Header::new_v3(0, 16, 4),
-        g: Geometry {
-            cluster_bits: 16,
-            refcount_order: 4,
-        },
+        g: Geometry::standard(16, 4),
         cs: 1 << 16,
         l1: Vec::new(),
         reftable: Vec::new(),
@@ -1703,10 +1700,7 @@ mod tests {
     /// A hand-made v3 image (no engine involved): header, refcount table, one refcount block,
     /// L1, one L2 table and two data clusters, all with refcount 1 and COPIED set.
     fn handmade(dir: &Path) -> std::path::PathBuf {
-        let g = Geometry {
-            cluster_bits: 12,
-            refcount_order: 4,
-        };
+        let g = Geometry::standard(12, 4);
         let mut h = Header::new_v3(1 << 20, 12, 4);
         h.refcount_table_offset = CS;
         h.refcount_table_clusters = 1;
