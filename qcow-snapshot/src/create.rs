@@ -90,7 +90,7 @@ pub fn create_on(host: &dyn HostFile, opts: &CreateOptions) -> Result<(), Create
         return Err(CreateImageError::RefcountOrder(opts.refcount_order));
     }
     if opts.extended_l2 && cs.trailing_zeros() < MIN_EXTENDED_L2_CLUSTER_BITS {
-        return Err(CreateImageError::ClusterSize(cs));
+        return Err(CreateImageError::ExtendedL2ClusterSize(cs));
     }
     let g = Geometry {
         extended_l2: opts.extended_l2,
