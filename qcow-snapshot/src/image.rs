@@ -163,6 +163,23 @@ impl ImageHeader {
     /// modify.
     pub fn check_features(&self, read_only: bool) -> std::result::Result<(), OpenImageError> {
         let h = &self.header;
+        // External data files (data_file, data_file_raw) are refused on purpose, before any
+        // other feature: the header names another file by path, which would be opened and
+        // written with guest data. An image from an untrusted source could so direct writes
+        // into any file the daemon may open, and the write ordering that keeps images crash
+        // consistent covers the one image file only.
+        let data_file = self.extensions.iter().find_map(|x| match x {
+            HeaderExtension::ExternalDataFile(name) => Some(name.as_str()),
+            _ => None,
+        });
+        if data_file.is_some() || h.incompatible_features & incompat::EXTERNAL_DATA_FILE != 0 {
+            return Err(OpenImageError::Unsupported(format!(
+                "external data file {}(qcow2 data_file): snapblk keeps guest data inside the \
+                 image file and never follows a file name from an image header to write guest \
+                 data (convert the image with `qemu-img convert -O qcow2` first)",
+                data_file.map(|n| format!("'{n}' ")).unwrap_or_default()
+            )));
+        }
         let unknown = h.incompatible_features & !incompat::SUPPORTED;
         if unknown != 0 {
             let names: Vec<String> = (0..64)
@@ -173,13 +190,6 @@ impl ImageHeader {
                 "incompatible features: {}",
                 names.join(", ")
             )));
-        }
-        if self
-            .extensions
-            .iter()
-            .any(|x| matches!(x, HeaderExtension::ExternalDataFile(_)))
-        {
-            return Err(OpenImageError::Unsupported("external data file".into()));
         }
         if self
             .extensions

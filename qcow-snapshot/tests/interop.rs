@@ -458,3 +458,32 @@ fn extended_l2_images_written_by_qemu_io_are_read_and_extended_by_snapblk_throug
         qemu_check_and_compare(&mid, &mid_want);
     }
 }
+
+#[test]
+fn images_with_an_external_data_file_are_refused_with_the_reason_and_the_data_file_is_untouched() {
+    let dir = tmp();
+    let data = p(dir.path(), "data.raw");
+    for raw in ["off", "on"] {
+        let img = p(dir.path(), "ext.qcow2");
+        let _ = std::fs::remove_file(&data);
+        let opts = &format!("data_file={},data_file_raw={raw}", s(&data));
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "4M"],
+        );
+        qemu_io_write(&img, "qcow2", 0x42, 0, 65536);
+        let before = std::fs::read(&data).unwrap();
+        for ro in [true, false] {
+            let e = match open_image(&img, None, ro) {
+                Ok(_) => panic!("{opts}: opened"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains(&format!("external data file '{}'", s(&data)))
+                    && e.contains("never follows"),
+                "{opts}: {e}"
+            );
+        }
+        assert_eq!(std::fs::read(&data).unwrap(), before, "{opts}");
+    }
+}
