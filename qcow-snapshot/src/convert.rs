@@ -342,11 +342,15 @@ pub fn compress_cluster(t: CompressionType, data: &[u8]) -> Option<Vec<u8>> {
             }
         }
         CompressionType::Zstd => {
-            let out = ruzstd::encoding::compress_to_vec(
-                data,
-                ruzstd::encoding::CompressionLevel::Fastest,
-            );
-            (out.len() <= limit).then_some(out)
+            // One frame at libzstd's default level, as QEMU writes it.
+            let mut out = vec![0u8; limit];
+            match zstd::bulk::compress_to_buffer(data, &mut out, 0) {
+                Ok(n) => {
+                    out.truncate(n);
+                    Some(out)
+                }
+                Err(_) => None,
+            }
         }
     }
 }
