@@ -406,14 +406,17 @@ fn write_compressed(
         let clusters: Vec<&[u8]> = input[..n * cs as usize].chunks(cs as usize).collect();
         let per = n.div_ceil(threads);
         let packed: Vec<Packed> = std::thread::scope(|s| {
-            let handles: Vec<_> = clusters
-                .chunks(per)
+            let mut parts = clusters.chunks(per);
+            // The calling thread compresses the first part itself.
+            let mine = parts.next().unwrap_or_default();
+            let handles: Vec<_> = parts
                 .map(|part| s.spawn(move || part.iter().map(|c| pack(kind, c)).collect::<Vec<_>>()))
                 .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
+            let mut all: Vec<Packed> = mine.iter().map(|c| pack(kind, c)).collect();
+            for h in handles {
+                all.extend(h.join().unwrap_or_default());
+            }
+            all
         });
         if packed.len() != n {
             return Err(ConvertError::Invalid("a compression thread failed".into()));
