@@ -62,11 +62,14 @@ fn parse_options(args: &ConvertArgs, opts: &mut ConvertOptions) -> Result<(), St
                     opts.compression_type = match v {
                         "zlib" => CompressionType::Zlib,
                         "zstd" => CompressionType::Zstd,
-                        _ => return Err(format!("compression_type must be zlib or zstd, not '{v}'")),
+                        _ => {
+                            return Err(format!("compression_type must be zlib or zstd, not '{v}'"))
+                        }
                     }
                 }
                 "cluster_size" => {
-                    opts.cluster_size = cache::parse_size(v).map_err(|e| format!("cluster_size: {e}"))?
+                    opts.cluster_size =
+                        cache::parse_size(v).map_err(|e| format!("cluster_size: {e}"))?
                 }
                 "extended_l2" => {
                     opts.extended_l2 = match v {
@@ -75,7 +78,11 @@ fn parse_options(args: &ConvertArgs, opts: &mut ConvertOptions) -> Result<(), St
                         _ => return Err(format!("extended_l2 must be on or off, not '{v}'")),
                     }
                 }
-                _ => return Err(format!("unknown option '{k}' (compression_type, cluster_size, extended_l2)")),
+                _ => {
+                    return Err(format!(
+                        "unknown option '{k}' (compression_type, cluster_size, extended_l2)"
+                    ))
+                }
             }
         }
     }

@@ -8,9 +8,9 @@ use std::path::Path;
 
 use crate::error::CreateImageError;
 use crate::format::{
-    default_feature_names, serialize_extensions, Geometry, Header, HeaderExtension,
+    default_feature_names, incompat, serialize_extensions, Geometry, Header, HeaderExtension,
     DEFAULT_CLUSTER_BITS, DEFAULT_REFCOUNT_ORDER, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS,
-    incompat, MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS,
+    MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS,
 };
 use crate::host::{FileHost, HostFile};
 use crate::refcount::{build_layout, write_layout};

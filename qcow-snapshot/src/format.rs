@@ -926,7 +926,11 @@ pub fn subcluster_state(bitmap: u64, index: u32) -> Subcluster {
 /// Allocation-half mask of subclusters `first..=last` (shift left by 32 for the zero half).
 pub fn subcluster_mask(first: u32, last: u32) -> u64 {
     let n = last.saturating_sub(first) + 1;
-    let ones = if n >= 32 { L2_BITMAP_ALL_ALLOC } else { (1u64 << n) - 1 };
+    let ones = if n >= 32 {
+        L2_BITMAP_ALL_ALLOC
+    } else {
+        (1u64 << n) - 1
+    };
     (ones << first) & L2_BITMAP_ALL_ALLOC
 }
 
@@ -1380,11 +1384,7 @@ mod tests {
         assert_eq!(small.l2_entries(), 64);
         assert_eq!(small.refcount_block_entries(), 64);
         assert_eq!(small.refcount_max(), u64::MAX);
-        assert_eq!(
-            Geometry::standard(9, 0)
-            .refcount_max(),
-            1
-        );
+        assert_eq!(Geometry::standard(9, 0).refcount_max(), 1);
     }
 
     #[test]

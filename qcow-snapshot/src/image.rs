@@ -40,12 +40,11 @@ use blockdev::{check_range, BlockDev, BlockError, Result};
 use crate::compress::decompress;
 use crate::error::OpenImageError;
 use crate::format::{
-    self, incompat, l1_entry_offset, parse_extensions, refcount_get, refcount_set,
-    reftable_entry_offset, table_from_bytes, table_to_bytes, CompressedDescriptor, CompressionType,
-    check_l2_bitmap, subcluster_mask, subcluster_state, Geometry, Header, HeaderExtension, L2Entry, Subcluster,
-    AUTOCLEAR_FEATURES_OFFSET, L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZERO,
-    INCOMPATIBLE_FEATURES_OFFSET, MAX_REFCOUNT_TABLE_BYTES, OFLAG_COPIED,
-    REFCOUNT_TABLE_OFFSET_OFFSET,
+    self, check_l2_bitmap, incompat, l1_entry_offset, parse_extensions, refcount_get, refcount_set,
+    reftable_entry_offset, subcluster_mask, subcluster_state, table_from_bytes, table_to_bytes,
+    CompressedDescriptor, CompressionType, Geometry, Header, HeaderExtension, L2Entry, Subcluster,
+    AUTOCLEAR_FEATURES_OFFSET, INCOMPATIBLE_FEATURES_OFFSET, L2_BITMAP_ALL_ALLOC,
+    L2_BITMAP_ALL_ZERO, MAX_REFCOUNT_TABLE_BYTES, OFLAG_COPIED, REFCOUNT_TABLE_OFFSET_OFFSET,
 };
 use crate::host::{HostFile, ReplayHost};
 use crate::refcount::rebuild_refcounts;
@@ -921,7 +920,9 @@ impl Meta {
                         let i = self.geo.subcluster_index(p);
                         let state = subcluster_state(bitmap, i);
                         let mut q = (p | ((1 << sb) - 1)) + 1;
-                        while q < pos + n && subcluster_state(bitmap, self.geo.subcluster_index(q)) == state {
+                        while q < pos + n
+                            && subcluster_state(bitmap, self.geo.subcluster_index(q)) == state
+                        {
                             q += 1 << sb;
                         }
                         let q = q.min(pos + n);
@@ -1361,7 +1362,11 @@ impl QcowImage {
                 });
             }
         };
-        let start = if allocated(first) { pos } else { pos & !(ss - 1) };
+        let start = if allocated(first) {
+            pos
+        } else {
+            pos & !(ss - 1)
+        };
         let end = if allocated(last) {
             pos + n
         } else {
@@ -1415,7 +1420,9 @@ impl QcowImage {
                     } else {
                         let e = m.entry(&self.io, gc)?;
                         let step = match e {
-                            _ if self.geo.extended_l2 => self.plan_subclusters(&mut m, gc, pos, n)?,
+                            _ if self.geo.extended_l2 => {
+                                self.plan_subclusters(&mut m, gc, pos, n)?
+                            }
                             L2Entry::Normal { host, copied: true } => Step::Direct {
                                 host: host + in_off,
                                 guest: pos,

@@ -195,7 +195,10 @@ pub fn count_references(
         bump(&mut counts, &g, l2, "L2 table")?;
         host.read_at(&mut buf, l2)?;
         // With extended L2 entries every other word is a subcluster bitmap, not an entry.
-        for raw in table_from_bytes(&buf).into_iter().step_by(g.l2_entry_words()) {
+        for raw in table_from_bytes(&buf)
+            .into_iter()
+            .step_by(g.l2_entry_words())
+        {
             match L2Entry::decode(raw, &g) {
                 Ok(L2Entry::Unallocated) | Ok(L2Entry::Zero { host: None }) => {}
                 Ok(L2Entry::Normal { host: d, .. }) | Ok(L2Entry::Zero { host: Some(d) }) => {

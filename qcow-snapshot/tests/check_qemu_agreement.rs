@@ -1056,13 +1056,7 @@ fn corrupted_subcluster_bitmaps_are_corruptions_as_in_qemu_img() {
     }
     let d = tmp();
     let make = |name: &str| {
-        let p = qemu_create(
-            d.path(),
-            name,
-            "extended_l2=on",
-            "64M",
-            IO_SUBCLUSTERS,
-        );
+        let p = qemu_create(d.path(), name, "extended_l2=on", "64M", IO_SUBCLUSTERS);
         let l2 = peek64(&p, file_header(&p).l1_table_offset) & L1E_OFFSET_MASK;
         (p, l2)
     };
@@ -1087,13 +1081,21 @@ fn corrupted_subcluster_bitmaps_are_corruptions_as_in_qemu_img() {
     // unallocated one whose subclusters read as zeros; with data it stays a corruption.
     let (p, l2) = make("prealloc.qcow2");
     let host = peek64(&p, ext_entry(l2, 1)) & L2E_OFFSET_MASK;
-    poke(&p, ext_entry(l2, 1), &(OFLAG_COPIED | (host + 0x200)).to_be_bytes());
+    poke(
+        &p,
+        ext_entry(l2, 1),
+        &(OFLAG_COPIED | (host + 0x200)).to_be_bytes(),
+    );
     poke(&p, ext_entry(l2, 1) + 8, &(0xf0u64 << 32).to_be_bytes());
     let (_, _, all) = full("misaligned preallocated extended entry", &p);
     assert!(all.corruptions_fixed >= 1, "{all:?}");
     let (p, l2) = make("misaligned.qcow2");
     let host = peek64(&p, ext_entry(l2, 1)) & L2E_OFFSET_MASK;
-    poke(&p, ext_entry(l2, 1), &(OFLAG_COPIED | (host + 0x200)).to_be_bytes());
+    poke(
+        &p,
+        ext_entry(l2, 1),
+        &(OFLAG_COPIED | (host + 0x200)).to_be_bytes(),
+    );
     full("misaligned extended entry with data", &p);
     // The COPIED flag of an extended entry is repaired in the entry, not in the bitmap.
     let (p, l2) = make("copied.qcow2");

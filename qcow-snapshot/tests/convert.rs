@@ -45,12 +45,54 @@ fn converted_images_equal_the_source_chain_and_pass_qemu_check() {
     let dir = tmp();
     let (ov, want) = chain(dir.path());
     let cases = [
-        ("zlib.qcow2", OutputFormat::Qcow2, true, CompressionType::Zlib, 65536u64, false),
-        ("zstd.qcow2", OutputFormat::Qcow2, true, CompressionType::Zstd, 65536, false),
-        ("zlib-2m-ext.qcow2", OutputFormat::Qcow2, true, CompressionType::Zlib, 2 << 20, true),
-        ("zstd-512.qcow2", OutputFormat::Qcow2, true, CompressionType::Zstd, 512, false),
-        ("plain-ext.qcow2", OutputFormat::Qcow2, false, CompressionType::Zlib, 16384, true),
-        ("plain.raw", OutputFormat::Raw, false, CompressionType::Zlib, 65536, false),
+        (
+            "zlib.qcow2",
+            OutputFormat::Qcow2,
+            true,
+            CompressionType::Zlib,
+            65536u64,
+            false,
+        ),
+        (
+            "zstd.qcow2",
+            OutputFormat::Qcow2,
+            true,
+            CompressionType::Zstd,
+            65536,
+            false,
+        ),
+        (
+            "zlib-2m-ext.qcow2",
+            OutputFormat::Qcow2,
+            true,
+            CompressionType::Zlib,
+            2 << 20,
+            true,
+        ),
+        (
+            "zstd-512.qcow2",
+            OutputFormat::Qcow2,
+            true,
+            CompressionType::Zstd,
+            512,
+            false,
+        ),
+        (
+            "plain-ext.qcow2",
+            OutputFormat::Qcow2,
+            false,
+            CompressionType::Zlib,
+            16384,
+            true,
+        ),
+        (
+            "plain.raw",
+            OutputFormat::Raw,
+            false,
+            CompressionType::Zlib,
+            65536,
+            false,
+        ),
     ];
     for (name, output, compress, compression_type, cluster_size, extended_l2) in cases {
         let out = dir.path().join(name);
@@ -66,7 +108,11 @@ fn converted_images_equal_the_source_chain_and_pass_qemu_check() {
         let mut calls = 0;
         convert(&ov, &out, &opts, &mut |_, _| calls += 1).unwrap();
         assert!(calls > 0, "{name}: progress");
-        let fmt = if output == OutputFormat::Raw { "raw" } else { "qcow2" };
+        let fmt = if output == OutputFormat::Raw {
+            "raw"
+        } else {
+            "qcow2"
+        };
         if output == OutputFormat::Qcow2 {
             qemu_check(&out);
             let info = run("qemu-img", &["info", s(&out)]);
@@ -75,7 +121,10 @@ fn converted_images_equal_the_source_chain_and_pass_qemu_check() {
                 assert!(info.contains("compression type: zstd"), "{name}: {info}");
             }
         }
-        run("qemu-img", &["compare", "-f", fmt, "-F", "qcow2", s(&out), s(&ov)]);
+        run(
+            "qemu-img",
+            &["compare", "-f", fmt, "-F", "qcow2", s(&out), s(&ov)],
+        );
         // snapblk reads it back too.
         let dev = qcow_snapshot::open_image(&out, None, true).unwrap();
         assert_same(&read_all(&*dev), &want, name);
@@ -95,13 +144,23 @@ fn converted_images_equal_the_source_chain_and_pass_qemu_check() {
                     .find(|l| {
                         let num = |k: &str| -> u64 {
                             let i = l.find(&format!("\"{k}\": ")).unwrap() + k.len() + 4;
-                            l[i..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+                            l[i..]
+                                .chars()
+                                .take_while(char::is_ascii_digit)
+                                .collect::<String>()
+                                .parse()
+                                .unwrap()
                         };
-                        l.contains("\"start\"") && num("start") <= hole && hole < num("start") + num("length")
+                        l.contains("\"start\"")
+                            && num("start") <= hole
+                            && hole < num("start") + num("length")
                     })
                     .unwrap_or_else(|| panic!("{name}: {map}"));
                 if cluster_size <= 1 << 20 {
-                    assert!(covering.contains("\"data\": false"), "{name} at {hole}: {covering}");
+                    assert!(
+                        covering.contains("\"data\": false"),
+                        "{name} at {hole}: {covering}"
+                    );
                 }
             }
         }
@@ -112,8 +171,12 @@ fn converted_images_equal_the_source_chain_and_pass_qemu_check() {
     }
     // The compressed output is smaller than the uncompressed one (2 MiB compress well).
     assert!(
-        std::fs::metadata(dir.path().join("zlib.qcow2")).unwrap().len()
-            < std::fs::metadata(dir.path().join("plain-ext.qcow2")).unwrap().len()
+        std::fs::metadata(dir.path().join("zlib.qcow2"))
+            .unwrap()
+            .len()
+            < std::fs::metadata(dir.path().join("plain-ext.qcow2"))
+                .unwrap()
+                .len()
     );
 }
 
@@ -127,10 +190,17 @@ fn convert_refuses_to_overwrite_the_source_or_any_file_of_its_backing_chain() {
     let before = (std::fs::read(&ov).unwrap(), std::fs::read(&base).unwrap());
     for dst in [&ov, &base, &link] {
         let e = convert(&ov, dst, &ConvertOptions::default(), &mut |_, _| {}).unwrap_err();
-        assert!(matches!(e, ConvertError::Refused(..)), "{}: {e}", dst.display());
+        assert!(
+            matches!(e, ConvertError::Refused(..)),
+            "{}: {e}",
+            dst.display()
+        );
     }
     let e = convert(&ov, dir.path(), &ConvertOptions::default(), &mut |_, _| {}).unwrap_err();
-    assert!(matches!(e, ConvertError::Refused(..) | ConvertError::Invalid(_)), "{e}");
+    assert!(
+        matches!(e, ConvertError::Refused(..) | ConvertError::Invalid(_)),
+        "{e}"
+    );
     assert_eq!(
         (std::fs::read(&ov).unwrap(), std::fs::read(&base).unwrap()),
         before,

@@ -72,7 +72,12 @@ fn random_writes_zeroes_and_discards_match_a_shadow_across_cold_reopens() {
 }
 
 /// A raw-backed overlay (see [`raw_backed_overlay`]), with extended L2 entries when asked.
-fn overlay_with(dir: &std::path::Path, base_data: &[u8], cs: u64, extended_l2: bool) -> std::path::PathBuf {
+fn overlay_with(
+    dir: &std::path::Path,
+    base_data: &[u8],
+    cs: u64,
+    extended_l2: bool,
+) -> std::path::PathBuf {
     let img = raw_backed_overlay(dir, base_data, Some(cs));
     if extended_l2 {
         create(
@@ -373,6 +378,8 @@ fn export_and_checksum_agree_between_raw_and_overlay_chains() {
     std::fs::write(&raw, &data).unwrap();
     let ov = create_snapshot_overlay(&raw, Format::Raw, dir.path()).unwrap();
     assert!(ov.starts_with(dir.path()));
+    // The throwaway overlay uses subclusters (cheaper first writes).
+    assert!(file_header(&ov).has_extended_l2());
     let raw_sum = checksum(&raw, &mut |_, _| {}).unwrap();
     assert_eq!(raw_sum.len(), 64);
     assert_eq!(checksum(&ov, &mut |_, _| {}).unwrap(), raw_sum);

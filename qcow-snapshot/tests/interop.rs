@@ -295,17 +295,17 @@ fn subcluster_ops(dev: &dyn BlockDev, shadow: &mut [u8], cs: u64, seed: u64) {
     let data = random_bytes(seed, 3 * cs as usize);
     // (offset, length, Some(unmap) for a zero write / None for data)
     let ops = [
-        (8 * cs, 4096, None), // first subcluster(s) of a fresh cluster
-        (9 * cs + 3 * sc + 100, 200, None), // inside one subcluster, unaligned both ends
+        (8 * cs, 4096, None),                  // first subcluster(s) of a fresh cluster
+        (9 * cs + 3 * sc + 100, 200, None),    // inside one subcluster, unaligned both ends
         (10 * cs + sc - 512, sc + 1024, None), // crosses two subcluster boundaries
-        (11 * cs - 512, 1024, None),  // crosses a cluster boundary
-        (9 * cs + 20 * sc, 5 * sc, None), // a second run in a partly allocated cluster
+        (11 * cs - 512, 1024, None),           // crosses a cluster boundary
+        (9 * cs + 20 * sc, 5 * sc, None),      // a second run in a partly allocated cluster
         (9 * cs + 21 * sc, 2 * sc, Some(false)), // whole allocated subclusters
         (12 * cs + 2 * sc, 3 * sc, Some(true)), // whole unallocated subclusters over backing
         (12 * cs + 7 * sc + 512, 512, Some(false)), // part of a subcluster
-        (13 * cs, cs, Some(false)),   // a whole cluster
-        (10 * cs + 100, 3 * sc, Some(true)), // unaligned, mixed
-        (13 * cs + 5 * sc, sc, None), // a write into a zero cluster
+        (13 * cs, cs, Some(false)),            // a whole cluster
+        (10 * cs + 100, 3 * sc, Some(true)),   // unaligned, mixed
+        (13 * cs + 5 * sc, sc, None),          // a write into a zero cluster
     ];
     for (off, len, zero) in ops {
         let range = off as usize..(off + len) as usize;
@@ -341,7 +341,11 @@ fn top_layer_map(img: &Path) -> Vec<(u64, u64, bool)> {
             continue;
         }
         let top = num("depth") == 0;
-        v.push((num("start"), num("length"), top && line.contains("\"data\": true")));
+        v.push((
+            num("start"),
+            num("length"),
+            top && line.contains("\"data\": true"),
+        ));
     }
     v
 }
@@ -422,9 +426,16 @@ fn extended_l2_images_written_by_qemu_io_are_read_and_extended_by_snapblk_throug
     }
     // What QEMU itself reads (a discard may fall through to the backing file).
     let qemu_view = p(dir.path(), "qemu_view.raw");
-    run("qemu-img", &["convert", "-O", "raw", s(&mid), s(&qemu_view)]);
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", s(&mid), s(&qemu_view)],
+    );
     let qemu_view = std::fs::read(&qemu_view).unwrap();
-    assert_same(&qemu_view[..3 * cs as usize], &want[..3 * cs as usize], "qemu's own view");
+    assert_same(
+        &qemu_view[..3 * cs as usize],
+        &want[..3 * cs as usize],
+        "qemu's own view",
+    );
     let mut want = qemu_view;
     {
         let dev = open_image(&mid, None, true).unwrap();
