@@ -280,13 +280,16 @@ fn set_compression_type(host: &dyn HostFile, t: CompressionType) -> io::Result<(
     host.sync_data()
 }
 
+/// Writes one run of non-zero bytes at a guest offset.
+type WriteRun<'a> = dyn FnMut(&[u8], u64) -> Result<(), ConvertError> + 'a;
+
 /// Reads the whole device in `chunk`-sized steps and hands every run of non-zero 4 KiB blocks
 /// to `write` (zero runs are skipped).
 fn copy_nonzero(
     dev: &dyn BlockDev,
     chunk: u64,
     progress: &mut dyn FnMut(u64, u64),
-    write: &mut dyn FnMut(&[u8], u64) -> Result<(), ConvertError>,
+    write: &mut WriteRun<'_>,
 ) -> Result<(), ConvertError> {
     const BLOCK: usize = 4096;
     let size = dev.size();
