@@ -1699,6 +1699,17 @@ impl QcowImage {
         })
     }
 
+    /// Writes zeros over each range (each at most one cluster), with the usual COW.
+    fn write_zero_ranges(&self, ranges: Vec<(u64, u64)>) -> Result<()> {
+        if !ranges.is_empty() {
+            let zeros = vec![0u8; self.geo.cluster_size() as usize];
+            for (off, n) in ranges {
+                self.write_inner(&zeros[..n as usize], off)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether guest range `[off, off+len)` reads as zeros without data I/O.
     fn range_reads_zero(&self, m: &mut Meta, off: u64, len: u64) -> Result<bool> {
         let bsize = self.backing.as_ref().map_or(0, |b| b.size());
@@ -1772,13 +1783,7 @@ impl QcowImage {
             m.maybe_flush(&self.io)?;
             pos += n;
         }
-        if !partial.is_empty() {
-            let zeros = vec![0u8; cs as usize];
-            for (off, n) in partial {
-                self.write_inner(&zeros[..n as usize], off)?;
-            }
-        }
-        Ok(())
+        self.write_zero_ranges(partial)
     }
 
     fn zero_inner(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
@@ -1841,13 +1846,7 @@ impl QcowImage {
             m.maybe_flush(&self.io)?;
             pos += n;
         }
-        if !partial.is_empty() {
-            let zeros = vec![0u8; cs as usize];
-            for (off, n) in partial {
-                self.write_inner(&zeros[..n as usize], off)?;
-            }
-        }
-        Ok(())
+        self.write_zero_ranges(partial)
     }
 
     fn flush_inner(&self) -> Result<()> {
