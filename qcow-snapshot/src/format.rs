@@ -1388,6 +1388,62 @@ mod tests {
     }
 
     #[test]
+    fn extended_l2_geometry_halves_the_entries_and_splits_clusters_in_32() {
+        let g = Geometry {
+            extended_l2: true,
+            ..Geometry::standard(16, 4)
+        };
+        assert_eq!(g.l2_entry_words(), 2);
+        assert_eq!(g.l2_entries(), 4096);
+        assert_eq!(g.l2_coverage(), 256 << 20);
+        assert_eq!(g.l1_index(256 << 20), 1);
+        assert_eq!(g.l2_index((256 << 20) + 5 * 65536), 5);
+        assert_eq!(g.subcluster_size(), 2048);
+        assert_eq!(g.subcluster_index(65536 + 4095), 1);
+        assert_eq!(subcluster_mask(0, 31), L2_BITMAP_ALL_ALLOC);
+        assert_eq!(subcluster_mask(3, 4), 0b11000);
+        assert_eq!(subcluster_state(0b10 | (1 << 35), 1), Subcluster::Data);
+        assert_eq!(subcluster_state(0b10 | (1 << 35), 3), Subcluster::Zero);
+        assert_eq!(subcluster_state(0b10, 2), Subcluster::Unallocated);
+        // Bit 0 is reserved with extended L2 entries: never a zero cluster.
+        assert_eq!(
+            L2Entry::decode(OFLAG_COPIED | 0x30000 | 1, &g).unwrap(),
+            L2Entry::Normal {
+                host: 0x30000,
+                copied: true
+            }
+        );
+        let normal = L2Entry::Normal {
+            host: 0x30000,
+            copied: true,
+        };
+        assert!(check_l2_bitmap(&normal, 0x3 | (0x4 << 32)).is_ok());
+        assert!(check_l2_bitmap(&normal, 0x3 | (0x2 << 32)).is_err());
+        assert!(check_l2_bitmap(&L2Entry::Unallocated, L2_BITMAP_ALL_ZERO).is_ok());
+        assert!(check_l2_bitmap(&L2Entry::Unallocated, 1).is_err());
+        let d = CompressedDescriptor {
+            host_offset: 0x30000,
+            sectors: 1,
+        };
+        assert!(check_l2_bitmap(&L2Entry::Compressed(d), 1 << 40).is_err());
+        // QEMU's limit: subclusters of at least 512 bytes.
+        let mut h = Header::new_v3(1 << 20, 13, 4);
+        h.incompatible_features |= incompat::EXTENDED_L2;
+        h.l1_size = 1;
+        h.l1_table_offset = 1 << 13;
+        h.refcount_table_offset = 2 << 13;
+        h.refcount_table_clusters = 1;
+        assert!(matches!(
+            h.validate(4 << 13),
+            Err(DecodeError::SubclusterSize(13))
+        ));
+        h.cluster_bits = 14;
+        h.l1_table_offset = 1 << 14;
+        h.refcount_table_offset = 2 << 14;
+        h.validate(4 << 14).unwrap();
+    }
+
+    #[test]
     fn compressed_descriptor_split_depends_on_cluster_bits() {
         for bits in MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS {
             let g = Geometry::standard(bits, 4);
