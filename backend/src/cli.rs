@@ -50,6 +50,8 @@ pub enum Command {
     Commit(CommitArgs),
     /// Write the guest-visible disk of an image (any chain) to a raw file.
     Export(ExportArgs),
+    /// Convert an image (any chain) into a new raw or qcow2 image, optionally compressed.
+    Convert(crate::convert_cmd::ConvertArgs),
     /// Print the sha256 of the guest-visible disk (equal for raw and any overlay chain).
     Checksum(ChecksumArgs),
 }

@@ -54,6 +54,11 @@ pub struct CreateArgs {
     /// Cluster size (512 bytes to 2M, a power of two).
     #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
     pub cluster_size: u64,
+    /// 128-bit L2 entries with 32 subclusters per cluster (QEMU's `extended_l2=on`): a first
+    /// write into a cluster allocates only the subclusters it touches. Needs a cluster size
+    /// of at least 16K.
+    #[arg(long = "extended-l2")]
+    pub extended_l2: bool,
     /// The qcow2 file to create.
     #[arg(value_name = "OVERLAY")]
     pub overlay: PathBuf,
@@ -179,6 +184,7 @@ pub fn create(args: &CreateArgs) -> ExitCode {
         size: args.size.unwrap_or(0),
         cluster_size: args.cluster_size,
         backing,
+        extended_l2: args.extended_l2,
         ..CreateOptions::default()
     };
     match qcow_snapshot::create(&args.overlay, &opts) {

@@ -18,6 +18,7 @@
 //! - [`serve`]: daemon lifecycle (socket, reconnects, SIGTERM/SIGINT, final flush).
 
 pub mod cli;
+pub mod convert_cmd;
 pub mod device;
 pub mod disk;
 pub mod image_cmd;

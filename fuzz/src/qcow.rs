@@ -112,14 +112,16 @@ impl HostFile for BoundedHost {
 }
 
 /// Builds a valid image with the engine: `size` bytes, `cluster_size` clusters, refcount
-/// order `order`, a few clusters written, optionally naming a backing file.
-fn build_image(size: u64, cluster_size: u64, order: u32, backing: bool) -> Vec<u8> {
+/// order `order`, a few clusters written, optionally naming a backing file, optionally with
+/// extended L2 entries (subclusters).
+fn build_image(size: u64, cluster_size: u64, order: u32, backing: bool, extended_l2: bool) -> Vec<u8> {
     let host = Arc::new(BoundedHost::default());
     let opts = CreateOptions {
         size,
         cluster_size,
         backing: backing.then(|| ("base.raw".to_string(), qcow_snapshot::Format::Raw)),
         refcount_order: order,
+        extended_l2,
     };
     create_on(&*host, &opts).expect("create built-in image");
     let backing_dev: Option<Arc<dyn BlockDev>> = if backing {
@@ -139,19 +141,27 @@ fn build_image(size: u64, cluster_size: u64, order: u32, backing: bool) -> Vec<u
     }
     img.write_zeroes(5 * cluster_size, cluster_size, false)
         .expect("write zeroes into built-in image");
+    if extended_l2 {
+        // Partly allocated clusters: some subclusters data, some zero, the rest unallocated.
+        img.write_at(&[0x77; 700], 7 * cluster_size + 1000)
+            .expect("write subclusters of built-in image");
+        img.write_zeroes(7 * cluster_size + 4096, 2048, false)
+            .expect("zero subclusters of built-in image");
+    }
     img.close().expect("close built-in image");
     drop(img);
     host.contents()
 }
 
 /// The built-in base images for patch mode.
-pub fn base_images() -> &'static [Vec<u8>; 3] {
-    static BASES: OnceLock<[Vec<u8>; 3]> = OnceLock::new();
+pub fn base_images() -> &'static [Vec<u8>; 4] {
+    static BASES: OnceLock<[Vec<u8>; 4]> = OnceLock::new();
     BASES.get_or_init(|| {
         [
-            build_image(1 << 20, 4096, 4, false),
-            build_image(256 << 10, 512, 0, false),
-            build_image(2 << 20, 64 << 10, 6, true),
+            build_image(1 << 20, 4096, 4, false, false),
+            build_image(256 << 10, 512, 0, false, false),
+            build_image(2 << 20, 64 << 10, 6, true, false),
+            build_image(1 << 20, 16 << 10, 4, true, true),
         ]
     })
 }

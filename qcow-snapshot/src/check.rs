@@ -401,10 +401,7 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
         file,
         len,
         header: Header::new_v3(0, 16, 4),
-        g: Geometry {
-            cluster_bits: 16,
-            refcount_order: 4,
-        },
+        g: Geometry::standard(16, 4),
         cs: 1 << 16,
         l1: Vec::new(),
         reftable: Vec::new(),
@@ -453,10 +450,8 @@ fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
     if header.incompatible_features & incompat::EXTERNAL_DATA_FILE != 0 {
         return Err(CheckError::Unsupported("external data file".into()));
     }
-    if header.incompatible_features & incompat::EXTENDED_L2 != 0 {
-        return Err(CheckError::Unsupported(
-            "extended L2 entries (subclusters)".into(),
-        ));
+    if g.extended_l2 && cluster_bits < format::MIN_EXTENDED_L2_CLUSTER_BITS {
+        return Err(DecodeError::SubclusterSize(cluster_bits).into());
     }
     if header.crypt_method != 0 {
         return Err(DecodeError::Encrypted(header.crypt_method).into());
@@ -810,8 +805,15 @@ impl Walk<'_> {
         let mut table = vec![0u8; cs as usize];
         self.img.read_padded(l2_offset, &mut table)?;
         let mut next_contiguous = 0u64;
+        let w = g.l2_entry_words();
         for i in 0..g.l2_entries() as usize {
-            let mut e = table_entry(&table, i);
+            let mut e = table_entry(&table, i * w);
+            // The subcluster bitmap of an extended L2 entry (0 without them).
+            let bitmap = if w == 2 {
+                table_entry(&table, i * w + 1)
+            } else {
+                0
+            };
             let compressed = e & OFLAG_COMPRESSED != 0;
             if !compressed && e & L2E_STD_RESERVED_MASK != 0 {
                 self.res.corruptions += 1;
@@ -828,6 +830,13 @@ impl Walk<'_> {
                     ));
                     e &= !OFLAG_COPIED;
                 }
+                if bitmap != 0 {
+                    self.res.corruptions += 1;
+                    self.log.push(format!(
+                        "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={e:#x}"
+                    ));
+                    continue;
+                }
                 let coffset = e & g.compressed_offset_mask();
                 let sectors =
                     ((e >> g.compressed_sector_shift()) & g.compressed_sectors_mask()) + 1;
@@ -843,19 +852,45 @@ impl Walk<'_> {
             let host = e & L2E_OFFSET_MASK;
             if host == 0 {
                 // Unallocated or plain zero cluster.
+                if bitmap & format::L2_BITMAP_ALL_ALLOC != 0 {
+                    self.res.corruptions += 1;
+                    self.log.push(
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                            .to_string(),
+                    );
+                }
                 continue;
+            }
+            if (bitmap >> 32) & bitmap != 0 {
+                self.res.corruptions += 1;
+                self.log.push(format!(
+                    "ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                ));
             }
             if !g.is_aligned(host) {
                 self.res.corruptions += 1;
-                if e & OFLAG_ZERO != 0 {
+                let preallocated = if g.extended_l2 {
+                    bitmap & format::L2_BITMAP_ALL_ALLOC == 0
+                } else {
+                    e & OFLAG_ZERO != 0
+                };
+                if preallocated {
                     let repair = fix.is_some_and(Repair::errors);
                     self.log.push(format!(
                         "{} offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
                         if repair { "Repairing" } else { "ERROR" }
                     ));
                     if repair {
-                        let at = l2_offset + i as u64 * 8;
-                        match self.img.file.write_all_at(&OFLAG_ZERO.to_be_bytes(), at) {
+                        let at = l2_offset + (i * w) as u64 * 8;
+                        // Zero cluster: the zero flag, or with subclusters an unallocated
+                        // entry whose subclusters all keep reading as zeros.
+                        let fixed = if g.extended_l2 {
+                            let z = (bitmap | (bitmap << 32)) & format::L2_BITMAP_ALL_ZERO;
+                            [0u64.to_be_bytes(), z.to_be_bytes()].concat()
+                        } else {
+                            OFLAG_ZERO.to_be_bytes().to_vec()
+                        };
+                        match self.img.file.write_all_at(&fixed, at) {
                             Ok(()) => {
                                 self.img.file.sync_data()?;
                                 self.res.corruptions -= 1;
@@ -1298,8 +1333,9 @@ fn oflag_copied(
         }
         img.read_padded(l2_offset, &mut table)?;
         let mut dirty = 0u64;
+        let w = img.g.l2_entry_words();
         for j in 0..img.g.l2_entries() as usize {
-            let e = table_entry(&table, j);
+            let e = table_entry(&table, j * w);
             let data = e & L2E_OFFSET_MASK;
             if e & OFLAG_COMPRESSED != 0 || data == 0 {
                 continue;
@@ -1319,7 +1355,7 @@ fn oflag_copied(
                     } else {
                         e & !OFLAG_COPIED
                     };
-                    format::set_table_entry(&mut table, j, new);
+                    format::set_table_entry(&mut table, j * w, new);
                     dirty += 1;
                 }
             }
@@ -1703,10 +1739,7 @@ mod tests {
     /// A hand-made v3 image (no engine involved): header, refcount table, one refcount block,
     /// L1, one L2 table and two data clusters, all with refcount 1 and COPIED set.
     fn handmade(dir: &Path) -> std::path::PathBuf {
-        let g = Geometry {
-            cluster_bits: 12,
-            refcount_order: 4,
-        };
+        let g = Geometry::standard(12, 4);
         let mut h = Header::new_v3(1 << 20, 12, 4);
         h.refcount_table_offset = CS;
         h.refcount_table_clusters = 1;

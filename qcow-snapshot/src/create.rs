@@ -8,9 +8,9 @@ use std::path::Path;
 
 use crate::error::CreateImageError;
 use crate::format::{
-    default_feature_names, serialize_extensions, Geometry, Header, HeaderExtension,
+    default_feature_names, incompat, serialize_extensions, Geometry, Header, HeaderExtension,
     DEFAULT_CLUSTER_BITS, DEFAULT_REFCOUNT_ORDER, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS,
-    MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS,
+    MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS,
 };
 use crate::host::{FileHost, HostFile};
 use crate::refcount::{build_layout, write_layout};
@@ -28,6 +28,9 @@ pub struct CreateOptions {
     pub backing: Option<(String, Format)>,
     /// log2 of the refcount width (0..=6).
     pub refcount_order: u32,
+    /// 128-bit L2 entries with 32 subclusters per cluster (`extended_l2=on`); needs a
+    /// cluster size of at least 16 KiB, as in QEMU.
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -37,6 +40,7 @@ impl Default for CreateOptions {
             cluster_size: 1 << DEFAULT_CLUSTER_BITS,
             backing: None,
             refcount_order: DEFAULT_REFCOUNT_ORDER,
+            extended_l2: false,
         }
     }
 }
@@ -85,9 +89,12 @@ pub fn create_on(host: &dyn HostFile, opts: &CreateOptions) -> Result<(), Create
     if opts.refcount_order > MAX_REFCOUNT_ORDER {
         return Err(CreateImageError::RefcountOrder(opts.refcount_order));
     }
+    if opts.extended_l2 && cs.trailing_zeros() < MIN_EXTENDED_L2_CLUSTER_BITS {
+        return Err(CreateImageError::ExtendedL2ClusterSize(cs));
+    }
     let g = Geometry {
-        cluster_bits: cs.trailing_zeros(),
-        refcount_order: opts.refcount_order,
+        extended_l2: opts.extended_l2,
+        ..Geometry::standard(cs.trailing_zeros(), opts.refcount_order)
     };
     let l1_size = g
         .l1_entries_for(opts.size)
@@ -97,6 +104,9 @@ pub fn create_on(host: &dyn HostFile, opts: &CreateOptions) -> Result<(), Create
     }
     let mut h = Header::new_v3(opts.size, g.cluster_bits, opts.refcount_order);
     h.l1_size = l1_size as u32;
+    if opts.extended_l2 {
+        h.incompatible_features |= incompat::EXTENDED_L2;
+    }
     let l1_clusters = g.clusters_for(l1_size * 8).max(1);
     h.l1_table_offset = cs;
 

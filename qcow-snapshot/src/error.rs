@@ -61,6 +61,9 @@ pub enum CreateImageError {
     /// Cluster size not a power of two in 512 B..=2 MiB.
     #[error("invalid cluster size {0} (must be a power of two from 512 to 2097152)")]
     ClusterSize(u64),
+    /// Extended L2 entries with a cluster size below 16 KiB (QEMU's limit).
+    #[error("extended L2 entries need a cluster size of at least 16384 (got {0})")]
+    ExtendedL2ClusterSize(u64),
     /// refcount_order above 6.
     #[error("invalid refcount order {0} (must be 0..=6)")]
     RefcountOrder(u32),

@@ -51,6 +51,15 @@ pub const REFCOUNT_TABLE_OFFSET_OFFSET: usize = 48;
 pub const INCOMPATIBLE_FEATURES_OFFSET: usize = 72;
 /// Offset of the `autoclear_features` field.
 pub const AUTOCLEAR_FEATURES_OFFSET: usize = 88;
+/// Smallest cluster size, as bits, of an image with extended L2 entries (16 KiB: QEMU refuses
+/// subclusters smaller than 512 bytes).
+pub const MIN_EXTENDED_L2_CLUSTER_BITS: u32 = 14;
+/// Subclusters per cluster with extended L2 entries.
+pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;
+/// Allocation half of an extended L2 entry's subcluster bitmap (bit x: subcluster x allocated).
+pub const L2_BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
+/// Zero half of an extended L2 entry's subcluster bitmap (bit 32+x: subcluster x reads as zeros).
+pub const L2_BITMAP_ALL_ZERO: u64 = 0xffff_ffff << 32;
 /// Size of a compressed-data sector (the unit of the compressed descriptor's length).
 pub const COMPRESSED_SECTOR_SIZE: u64 = 512;
 
@@ -69,7 +78,7 @@ pub mod incompat {
     /// Every bit this implementation knows the meaning of.
     pub const KNOWN: u64 = DIRTY | CORRUPT | EXTERNAL_DATA_FILE | COMPRESSION_TYPE | EXTENDED_L2;
     /// Bits this implementation can open an image with.
-    pub const SUPPORTED: u64 = DIRTY | CORRUPT | COMPRESSION_TYPE;
+    pub const SUPPORTED: u64 = DIRTY | CORRUPT | COMPRESSION_TYPE | EXTENDED_L2;
 }
 
 /// Compatible feature bits (header bytes 80..88).
@@ -178,6 +187,9 @@ pub enum DecodeError {
     /// An unknown compression type.
     #[error("unknown compression type {0}")]
     CompressionType(u8),
+    /// Extended L2 entries with a cluster size below 16 KiB (subclusters below 512 bytes).
+    #[error("extended L2 entries need a cluster size of at least 16 KiB (cluster_bits {0})")]
+    SubclusterSize(u32),
     /// Encryption is not supported.
     #[error("encrypted images (crypt_method {0}) are not supported")]
     Encrypted(u32),
@@ -455,7 +467,13 @@ impl Header {
         Geometry {
             cluster_bits: self.cluster_bits,
             refcount_order: self.refcount_order,
+            extended_l2: self.has_extended_l2(),
         }
+    }
+
+    /// Whether L2 entries are 128 bits with subcluster bitmaps (v3 incompatible bit 4).
+    pub fn has_extended_l2(&self) -> bool {
+        self.version >= 3 && self.incompatible_features & incompat::EXTENDED_L2 != 0
     }
 
     /// The compression type, honouring the incompatible bit.
@@ -532,6 +550,9 @@ impl Header {
         }
         let g = self.geometry();
         let cs = g.cluster_size();
+        if g.extended_l2 && self.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
+            return Err(DecodeError::SubclusterSize(self.cluster_bits));
+        }
         if self.version == 2 {
             if self.refcount_order != DEFAULT_REFCOUNT_ORDER {
                 return Err(DecodeError::RefcountOrder(self.refcount_order));
@@ -624,9 +645,50 @@ pub struct Geometry {
     pub cluster_bits: u32,
     /// log2 of the refcount width (0..=6).
     pub refcount_order: u32,
+    /// L2 entries are 128 bits: the standard entry plus a subcluster bitmap (32 subclusters per
+    /// cluster, each with an "allocated" and a "reads as zeros" bit).
+    pub extended_l2: bool,
 }
 
 impl Geometry {
+    /// Geometry of standard (64-bit) L2 entries.
+    pub fn standard(cluster_bits: u32, refcount_order: u32) -> Geometry {
+        Geometry {
+            cluster_bits,
+            refcount_order,
+            extended_l2: false,
+        }
+    }
+
+    /// 64-bit words per L2 entry: 2 with extended L2 entries, else 1.
+    pub fn l2_entry_words(&self) -> usize {
+        if self.extended_l2 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// log2 of the allocation granularity: the subcluster size with extended L2 entries, the
+    /// cluster size without.
+    pub fn subcluster_bits(&self) -> u32 {
+        if self.extended_l2 {
+            self.cluster_bits.saturating_sub(5)
+        } else {
+            self.cluster_bits
+        }
+    }
+
+    /// Allocation granularity in bytes (see [`Geometry::subcluster_bits`]).
+    pub fn subcluster_size(&self) -> u64 {
+        1 << self.subcluster_bits()
+    }
+
+    /// Index of the subcluster holding guest offset `off` inside its cluster.
+    pub fn subcluster_index(&self, off: u64) -> u32 {
+        (self.offset_in_cluster(off) >> self.subcluster_bits()) as u32
+    }
+
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
@@ -658,9 +720,9 @@ impl Geometry {
         bytes.div_ceil(self.cluster_size())
     }
 
-    /// Entries per L2 table (standard 64-bit entries).
+    /// Entries per L2 table (64 or 128 bits each).
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
+        self.cluster_size() / (8 * self.l2_entry_words() as u64)
     }
 
     /// Guest bytes one L2 table maps.
@@ -670,7 +732,7 @@ impl Geometry {
 
     /// L1 index of a guest offset.
     pub fn l1_index(&self, guest_off: u64) -> u64 {
-        guest_off >> (2 * self.cluster_bits - 3)
+        guest_off >> (self.cluster_bits + self.l2_entries().trailing_zeros())
     }
 
     /// L2 index of a guest offset.
@@ -808,7 +870,8 @@ impl L2Entry {
                 offset: host,
             });
         }
-        if raw & OFLAG_ZERO != 0 {
+        // With extended L2 entries bit 0 is reserved: zeros are in the subcluster bitmap.
+        if raw & OFLAG_ZERO != 0 && !g.extended_l2 {
             return Ok(L2Entry::Zero {
                 host: (host != 0).then_some(host),
             });
@@ -835,6 +898,61 @@ impl L2Entry {
                 CompressedDescriptor::encode(d.host_offset, d.byte_len(), g).unwrap_or(0)
             }
         }
+    }
+}
+
+/// What one subcluster of a standard cluster with an extended L2 entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subcluster {
+    /// Allocated: the data is at the same offset inside the entry's host cluster.
+    Data,
+    /// Reads as zeros.
+    Zero,
+    /// Not allocated: read from the backing file (or zeros).
+    Unallocated,
+}
+
+/// The state of subcluster `index` (0..32) per a bitmap [`check_l2_bitmap`] accepted.
+pub fn subcluster_state(bitmap: u64, index: u32) -> Subcluster {
+    if bitmap & (1u64 << (32 + index)) != 0 {
+        Subcluster::Zero
+    } else if bitmap & (1u64 << index) != 0 {
+        Subcluster::Data
+    } else {
+        Subcluster::Unallocated
+    }
+}
+
+/// Allocation-half mask of subclusters `first..=last` (shift left by 32 for the zero half).
+pub fn subcluster_mask(first: u32, last: u32) -> u64 {
+    let n = last.saturating_sub(first) + 1;
+    let ones = if n >= 32 {
+        L2_BITMAP_ALL_ALLOC
+    } else {
+        (1u64 << n) - 1
+    };
+    (ones << first) & L2_BITMAP_ALL_ALLOC
+}
+
+/// Checks an extended L2 entry's subcluster bitmap against its entry, with the rules (and the
+/// words) of `qemu-img check`: a compressed cluster has no bitmap, an unallocated cluster
+/// allocates no subcluster, and no subcluster is both allocated and zero.
+pub fn check_l2_bitmap(e: &L2Entry, bitmap: u64) -> Result<(), &'static str> {
+    match e {
+        L2Entry::Compressed(_) if bitmap != 0 => {
+            Err("compressed cluster with non-zero subcluster allocation bitmap")
+        }
+        L2Entry::Normal { .. } | L2Entry::Zero { host: Some(_) }
+            if (bitmap >> 32) & bitmap != 0 =>
+        {
+            Err("allocated cluster has corrupted subcluster allocation bitmap")
+        }
+        L2Entry::Unallocated | L2Entry::Zero { host: None }
+            if bitmap & L2_BITMAP_ALL_ALLOC != 0 =>
+        {
+            Err("unallocated cluster has non-zero subcluster allocation map")
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1248,10 +1366,7 @@ mod tests {
 
     #[test]
     fn geometry_math_matches_spec_examples() {
-        let g = Geometry {
-            cluster_bits: 16,
-            refcount_order: 4,
-        };
+        let g = Geometry::standard(16, 4);
         assert_eq!(g.cluster_size(), 65536);
         assert_eq!(g.l2_entries(), 8192);
         assert_eq!(g.l2_coverage(), 512 << 20);
@@ -1265,30 +1380,73 @@ mod tests {
         assert_eq!(g.refcount_block_index((32769 << 16) + 5), 1);
         assert_eq!(g.align_up(1), Some(65536));
         assert_eq!(g.align_up(u64::MAX), None);
-        let small = Geometry {
-            cluster_bits: 9,
-            refcount_order: 6,
-        };
+        let small = Geometry::standard(9, 6);
         assert_eq!(small.l2_entries(), 64);
         assert_eq!(small.refcount_block_entries(), 64);
         assert_eq!(small.refcount_max(), u64::MAX);
+        assert_eq!(Geometry::standard(9, 0).refcount_max(), 1);
+    }
+
+    #[test]
+    fn extended_l2_geometry_halves_the_entries_and_splits_clusters_in_32() {
+        let g = Geometry {
+            extended_l2: true,
+            ..Geometry::standard(16, 4)
+        };
+        assert_eq!(g.l2_entry_words(), 2);
+        assert_eq!(g.l2_entries(), 4096);
+        assert_eq!(g.l2_coverage(), 256 << 20);
+        assert_eq!(g.l1_index(256 << 20), 1);
+        assert_eq!(g.l2_index((256 << 20) + 5 * 65536), 5);
+        assert_eq!(g.subcluster_size(), 2048);
+        assert_eq!(g.subcluster_index(65536 + 4095), 1);
+        assert_eq!(subcluster_mask(0, 31), L2_BITMAP_ALL_ALLOC);
+        assert_eq!(subcluster_mask(3, 4), 0b11000);
+        assert_eq!(subcluster_state(0b10 | (1 << 35), 1), Subcluster::Data);
+        assert_eq!(subcluster_state(0b10 | (1 << 35), 3), Subcluster::Zero);
+        assert_eq!(subcluster_state(0b10, 2), Subcluster::Unallocated);
+        // Bit 0 is reserved with extended L2 entries: never a zero cluster.
         assert_eq!(
-            Geometry {
-                cluster_bits: 9,
-                refcount_order: 0
+            L2Entry::decode(OFLAG_COPIED | 0x30000 | 1, &g).unwrap(),
+            L2Entry::Normal {
+                host: 0x30000,
+                copied: true
             }
-            .refcount_max(),
-            1
         );
+        let normal = L2Entry::Normal {
+            host: 0x30000,
+            copied: true,
+        };
+        assert!(check_l2_bitmap(&normal, 0x3 | (0x4 << 32)).is_ok());
+        assert!(check_l2_bitmap(&normal, 0x3 | (0x2 << 32)).is_err());
+        assert!(check_l2_bitmap(&L2Entry::Unallocated, L2_BITMAP_ALL_ZERO).is_ok());
+        assert!(check_l2_bitmap(&L2Entry::Unallocated, 1).is_err());
+        let d = CompressedDescriptor {
+            host_offset: 0x30000,
+            sectors: 1,
+        };
+        assert!(check_l2_bitmap(&L2Entry::Compressed(d), 1 << 40).is_err());
+        // QEMU's limit: subclusters of at least 512 bytes.
+        let mut h = Header::new_v3(1 << 20, 13, 4);
+        h.incompatible_features |= incompat::EXTENDED_L2;
+        h.l1_size = 1;
+        h.l1_table_offset = 1 << 13;
+        h.refcount_table_offset = 2 << 13;
+        h.refcount_table_clusters = 1;
+        assert!(matches!(
+            h.validate(4 << 13),
+            Err(DecodeError::SubclusterSize(13))
+        ));
+        h.cluster_bits = 14;
+        h.l1_table_offset = 1 << 14;
+        h.refcount_table_offset = 2 << 14;
+        h.validate(4 << 14).unwrap();
     }
 
     #[test]
     fn compressed_descriptor_split_depends_on_cluster_bits() {
         for bits in MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS {
-            let g = Geometry {
-                cluster_bits: bits,
-                refcount_order: 4,
-            };
+            let g = Geometry::standard(bits, 4);
             let off = (5u64 << bits) + 1234;
             let len = (g.cluster_size() / 2).max(600);
             let raw = CompressedDescriptor::encode(off, len, &g).unwrap();
@@ -1300,10 +1458,7 @@ mod tests {
             assert_eq!(L2Entry::Compressed(d).encode(&g), raw);
         }
         // 64 KiB clusters: the offset field is 54 bits wide.
-        let g = Geometry {
-            cluster_bits: 16,
-            refcount_order: 4,
-        };
+        let g = Geometry::standard(16, 4);
         assert_eq!(g.compressed_sector_shift(), 54);
         let raw = OFLAG_COMPRESSED | (3u64 << 54) | 0x1_0200;
         let d = CompressedDescriptor::decode(raw, &g);
@@ -1320,10 +1475,7 @@ mod tests {
 
     #[test]
     fn l2_entry_decodes_every_cluster_kind() {
-        let g = Geometry {
-            cluster_bits: 16,
-            refcount_order: 4,
-        };
+        let g = Geometry::standard(16, 4);
         assert_eq!(L2Entry::decode(0, &g).unwrap(), L2Entry::Unallocated);
         assert_eq!(
             L2Entry::decode(1, &g).unwrap(),
@@ -1366,10 +1518,7 @@ mod tests {
     fn refcounts_of_every_order_round_trip_without_touching_neighbours() {
         for order in 0..=MAX_REFCOUNT_ORDER {
             let mut block = vec![0u8; 512];
-            let g = Geometry {
-                cluster_bits: 9,
-                refcount_order: order,
-            };
+            let g = Geometry::standard(9, order);
             let n = g.refcount_block_entries();
             let max = g.refcount_max();
             for i in 0..n {

@@ -40,11 +40,11 @@ use blockdev::{check_range, BlockDev, BlockError, Result};
 use crate::compress::decompress;
 use crate::error::OpenImageError;
 use crate::format::{
-    self, incompat, l1_entry_offset, parse_extensions, refcount_get, refcount_set,
-    reftable_entry_offset, table_from_bytes, table_to_bytes, CompressedDescriptor, CompressionType,
-    Geometry, Header, HeaderExtension, L2Entry, AUTOCLEAR_FEATURES_OFFSET,
-    INCOMPATIBLE_FEATURES_OFFSET, MAX_REFCOUNT_TABLE_BYTES, OFLAG_COPIED,
-    REFCOUNT_TABLE_OFFSET_OFFSET,
+    self, check_l2_bitmap, incompat, l1_entry_offset, parse_extensions, refcount_get, refcount_set,
+    reftable_entry_offset, subcluster_mask, subcluster_state, table_from_bytes, table_to_bytes,
+    CompressedDescriptor, CompressionType, Geometry, Header, HeaderExtension, L2Entry, Subcluster,
+    AUTOCLEAR_FEATURES_OFFSET, INCOMPATIBLE_FEATURES_OFFSET, L2_BITMAP_ALL_ALLOC,
+    L2_BITMAP_ALL_ZERO, MAX_REFCOUNT_TABLE_BYTES, OFLAG_COPIED, REFCOUNT_TABLE_OFFSET_OFFSET,
 };
 use crate::host::{HostFile, ReplayHost};
 use crate::refcount::rebuild_refcounts;
@@ -162,6 +162,23 @@ impl ImageHeader {
     /// modify.
     pub fn check_features(&self, read_only: bool) -> std::result::Result<(), OpenImageError> {
         let h = &self.header;
+        // External data files (data_file, data_file_raw) are refused on purpose, before any
+        // other feature: the header names another file by path, which would be opened and
+        // written with guest data. An image from an untrusted source could so direct writes
+        // into any file the daemon may open, and the write ordering that keeps images crash
+        // consistent covers the one image file only.
+        let data_file = self.extensions.iter().find_map(|x| match x {
+            HeaderExtension::ExternalDataFile(name) => Some(name.as_str()),
+            _ => None,
+        });
+        if data_file.is_some() || h.incompatible_features & incompat::EXTERNAL_DATA_FILE != 0 {
+            return Err(OpenImageError::Unsupported(format!(
+                "external data file {}(qcow2 data_file): snapblk keeps guest data inside the \
+                 image file and never follows a file name from an image header to write guest \
+                 data (convert the image with `qemu-img convert -O qcow2` first)",
+                data_file.map(|n| format!("'{n}' ")).unwrap_or_default()
+            )));
+        }
         let unknown = h.incompatible_features & !incompat::SUPPORTED;
         if unknown != 0 {
             let names: Vec<String> = (0..64)
@@ -172,13 +189,6 @@ impl ImageHeader {
                 "incompatible features: {}",
                 names.join(", ")
             )));
-        }
-        if self
-            .extensions
-            .iter()
-            .any(|x| matches!(x, HeaderExtension::ExternalDataFile(_)))
-        {
-            return Err(OpenImageError::Unsupported("external data file".into()));
         }
         if self
             .extensions
@@ -752,24 +762,42 @@ impl Meta {
         Ok(())
     }
 
-    /// The raw L2 entry of guest cluster `gc` (0 when its L2 table does not exist).
-    fn raw_entry(&mut self, io: &dyn HostFile, gc: u64) -> Result<u64> {
+    /// The raw L2 entry of guest cluster `gc` and its subcluster bitmap (0 without extended L2
+    /// entries); both 0 when its L2 table does not exist.
+    fn raw_entry(&mut self, io: &dyn HostFile, gc: u64) -> Result<(u64, u64)> {
         let l2e = self.geo.l2_entries();
         let l1i = (gc / l2e) as usize;
-        let l2i = (gc % l2e) as usize;
+        let w = self.geo.l2_entry_words();
+        let l2i = (gc % l2e) as usize * w;
         let off = self.l1.get(l1i).map_or(0, |&e| l1_entry_offset(e));
         if off == 0 {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let t = self.l2_table(io, off)?;
-        Ok(t.entries.get(l2i).copied().unwrap_or(0))
+        let raw = t.entries.get(l2i).copied().unwrap_or(0);
+        let bitmap = if w == 2 {
+            t.entries.get(l2i + 1).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        Ok((raw, bitmap))
     }
 
     /// The decoded, validated L2 entry of guest cluster `gc`.
     fn entry(&mut self, io: &dyn HostFile, gc: u64) -> Result<L2Entry> {
-        let raw = self.raw_entry(io, gc)?;
+        Ok(self.sub_entry(io, gc)?.0)
+    }
+
+    /// The decoded, validated L2 entry of guest cluster `gc` with its validated subcluster
+    /// bitmap (always 0 without extended L2 entries).
+    fn sub_entry(&mut self, io: &dyn HostFile, gc: u64) -> Result<(L2Entry, u64)> {
+        let (raw, bitmap) = self.raw_entry(io, gc)?;
         let e = L2Entry::decode(raw, &self.geo)
             .map_err(|e| corrupt(format!("guest cluster {gc}: {e}")))?;
+        if self.geo.extended_l2 {
+            check_l2_bitmap(&e, bitmap)
+                .map_err(|why| corrupt(format!("guest cluster {gc}: {why}")))?;
+        }
         match e {
             L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host) } => {
                 self.check_host_cluster(host, "data cluster")?;
@@ -784,14 +812,16 @@ impl Meta {
             }
             _ => {}
         }
-        Ok(e)
+        Ok((e, bitmap))
     }
 
-    /// Sets the raw L2 entry of `gc`, creating its L2 table if needed.
-    fn set_entry(&mut self, io: &dyn HostFile, gc: u64, raw: u64) -> Result<()> {
+    /// Sets the raw L2 entry of `gc` and (with extended L2 entries) its subcluster bitmap,
+    /// creating its L2 table if needed.
+    fn set_entry(&mut self, io: &dyn HostFile, gc: u64, raw: u64, bitmap: u64) -> Result<()> {
         let l2e = self.geo.l2_entries();
         let l1i = (gc / l2e) as usize;
-        let l2i = (gc % l2e) as usize;
+        let w = self.geo.l2_entry_words();
+        let l2i = (gc % l2e) as usize * w;
         let l1e = *self
             .l1
             .get(l1i)
@@ -799,7 +829,7 @@ impl Meta {
         let mut off = l1_entry_offset(l1e);
         if off == 0 {
             off = self.alloc(io, 1)?;
-            let entries = vec![0u64; l2e as usize];
+            let entries = vec![0u64; l2e as usize * w];
             self.l2.insert(
                 off,
                 CachedL2 {
@@ -826,6 +856,13 @@ impl Meta {
             .get_mut(l2i)
             .ok_or_else(|| corrupt("L2 index".into()))?;
         *slot = raw;
+        if w == 2 {
+            let slot = t
+                .entries
+                .get_mut(l2i + 1)
+                .ok_or_else(|| corrupt("L2 index".into()))?;
+            *slot = bitmap;
+        }
         let newly_dirty = !t.dirty;
         t.dirty = true;
         if newly_dirty {
@@ -870,7 +907,37 @@ impl Meta {
             } else {
                 let in_off = pos & (cs - 1);
                 let n = (cs - in_off).min(end - pos);
-                let m = match self.entry(io, gc)? {
+                let (e, bitmap) = self.sub_entry(io, gc)?;
+                if self.geo.extended_l2 && !matches!(e, L2Entry::Compressed(_)) {
+                    // Runs of subclusters in the same state.
+                    let host = match e {
+                        L2Entry::Normal { host, .. } => host,
+                        _ => 0,
+                    };
+                    let sb = self.geo.subcluster_bits();
+                    let mut p = pos;
+                    while p < pos + n {
+                        let i = self.geo.subcluster_index(p);
+                        let state = subcluster_state(bitmap, i);
+                        let mut q = (p | ((1 << sb) - 1)) + 1;
+                        while q < pos + n
+                            && subcluster_state(bitmap, self.geo.subcluster_index(q)) == state
+                        {
+                            q += 1 << sb;
+                        }
+                        let q = q.min(pos + n);
+                        let mapping = match state {
+                            Subcluster::Data => Mapping::Data(host + (p & (cs - 1))),
+                            Subcluster::Zero => Mapping::Zero,
+                            Subcluster::Unallocated => Mapping::Unallocated,
+                        };
+                        push_extent(&mut out, p, q - p, mapping);
+                        p = q;
+                    }
+                    pos += n;
+                    continue;
+                }
+                let m = match e {
                     L2Entry::Unallocated => Mapping::Unallocated,
                     L2Entry::Zero { .. } => Mapping::Zero,
                     L2Entry::Normal { host, .. } => Mapping::Data(host + in_off),
@@ -878,34 +945,39 @@ impl Meta {
                 };
                 (n, m)
             };
-            let merged = match (out.last_mut(), mapping) {
-                (Some(last), Mapping::Data(h)) => match last.mapping {
-                    Mapping::Data(lh) if lh + last.len == h => {
-                        last.len += n;
-                        true
-                    }
-                    _ => false,
-                },
-                (Some(last), Mapping::Zero) if last.mapping == Mapping::Zero => {
-                    last.len += n;
-                    true
-                }
-                (Some(last), Mapping::Unallocated) if last.mapping == Mapping::Unallocated => {
-                    last.len += n;
-                    true
-                }
-                _ => false,
-            };
-            if !merged {
-                out.push(Extent {
-                    offset: pos,
-                    len: n,
-                    mapping,
-                });
-            }
+            push_extent(&mut out, pos, n, mapping);
             pos += n;
         }
         Ok(out)
+    }
+}
+
+/// Appends `[pos, pos+n)` to `out`, merging it into the last extent when contiguous.
+fn push_extent(out: &mut Vec<Extent>, pos: u64, n: u64, mapping: Mapping) {
+    let merged = match (out.last_mut(), mapping) {
+        (Some(last), Mapping::Data(h)) => match last.mapping {
+            Mapping::Data(lh) if lh + last.len == h => {
+                last.len += n;
+                true
+            }
+            _ => false,
+        },
+        (Some(last), Mapping::Zero) if last.mapping == Mapping::Zero => {
+            last.len += n;
+            true
+        }
+        (Some(last), Mapping::Unallocated) if last.mapping == Mapping::Unallocated => {
+            last.len += n;
+            true
+        }
+        _ => false,
+    };
+    if !merged {
+        out.push(Extent {
+            offset: pos,
+            len: n,
+            mapping,
+        });
     }
 }
 
@@ -916,13 +988,29 @@ enum Fill {
     Zero,
     Compressed(CompressedDescriptor),
     Host(u64),
+    /// The cluster's guest-visible content as mapped now (subclusters of a shared cluster).
+    Mapped,
+}
+
+/// A write into a cluster with an extended L2 entry that allocates only the subclusters it
+/// touches: guest bytes `[start, end)` (the write widened to subcluster boundaries at ends that
+/// are not allocated yet) go to the same offsets of the host cluster.
+#[derive(Debug, Clone, Copy)]
+struct SubWrite {
+    start: u64,
+    end: u64,
+    /// Allocation-half mask of the subclusters written.
+    mask: u64,
+    /// The entry's bitmap when the write was planned (stable: the cluster is in flight).
+    bitmap: u64,
 }
 
 #[derive(Debug)]
 enum Step {
     /// Write in place at this host offset.
     Direct { host: u64, guest: u64, len: u64 },
-    /// Allocate guest cluster `gc` at `target`, filling what the write does not cover.
+    /// Allocate guest cluster `gc` at `target`, filling what the write does not cover (the
+    /// whole cluster, or with `sub` only the subclusters the write touches).
     Alloc {
         gc: u64,
         target: u64,
@@ -930,6 +1018,7 @@ enum Step {
         fill: Fill,
         guest: u64,
         len: u64,
+        sub: Option<SubWrite>,
     },
     /// Another request is allocating this cluster; retry after it finishes.
     Blocked { guest: u64, len: u64 },
@@ -1230,8 +1319,85 @@ impl QcowImage {
                 let data = self.decompressed(d)?;
                 vis.copy_from_slice(&data[..visible]);
             }
+            Fill::Mapped => self.read_inner(vis, start)?,
         }
         Ok(())
+    }
+
+    /// Plans a write of `[pos, pos+n)` (inside guest cluster `gc`) into an image with extended
+    /// L2 entries: in place when every touched subcluster is allocated, else an allocation of
+    /// just the touched subclusters (in the cluster's own host cluster, or a new one), else (a
+    /// compressed or shared cluster) a copy of the whole cluster.
+    fn plan_subclusters(&self, m: &mut Meta, gc: u64, pos: u64, n: u64) -> Result<Step> {
+        let (e, bitmap) = m.sub_entry(&self.io, gc)?;
+        let g = self.geo;
+        let ss = g.subcluster_size();
+        let first = g.subcluster_index(pos);
+        let last = g.subcluster_index(pos + n - 1);
+        let mask = subcluster_mask(first, last);
+        let allocated = |i: u32| subcluster_state(bitmap, i) == Subcluster::Data;
+        let (target, fresh) = match e {
+            L2Entry::Normal { host, copied: true } if bitmap & mask == mask => {
+                return Ok(Step::Direct {
+                    host: host + g.offset_in_cluster(pos),
+                    guest: pos,
+                    len: n,
+                });
+            }
+            L2Entry::Normal { host, copied: true } => (host, false),
+            L2Entry::Unallocated | L2Entry::Zero { host: None } => (0, true),
+            other => {
+                let fill = match other {
+                    L2Entry::Compressed(d) => Fill::Compressed(d),
+                    _ => Fill::Mapped,
+                };
+                return Ok(Step::Alloc {
+                    gc,
+                    target: 0,
+                    fresh: true,
+                    fill,
+                    guest: pos,
+                    len: n,
+                    sub: None,
+                });
+            }
+        };
+        let start = if allocated(first) {
+            pos
+        } else {
+            pos & !(ss - 1)
+        };
+        let end = if allocated(last) {
+            pos + n
+        } else {
+            (pos + n).next_multiple_of(ss)
+        };
+        Ok(Step::Alloc {
+            gc,
+            target,
+            fresh,
+            fill: Fill::Zero,
+            guest: pos,
+            len: n,
+            sub: Some(SubWrite {
+                start,
+                end,
+                mask,
+                bitmap,
+            }),
+        })
+    }
+
+    /// Fills `buf` (inside one unallocated or zero subcluster, at guest `off`) with that
+    /// subcluster's guest-visible content.
+    fn subcluster_fill(&self, bitmap: u64, off: u64, buf: &mut [u8]) -> Result<()> {
+        match subcluster_state(bitmap, self.geo.subcluster_index(off)) {
+            Subcluster::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+            _ => self.read_backing(buf, off),
+        }
     }
 
     /// One pass of a write: plan under the lock, write data unlocked, publish under the lock.
@@ -1254,6 +1420,9 @@ impl QcowImage {
                     } else {
                         let e = m.entry(&self.io, gc)?;
                         let step = match e {
+                            _ if self.geo.extended_l2 => {
+                                self.plan_subclusters(&mut m, gc, pos, n)?
+                            }
                             L2Entry::Normal { host, copied: true } => Step::Direct {
                                 host: host + in_off,
                                 guest: pos,
@@ -1266,6 +1435,7 @@ impl QcowImage {
                                 fill: Fill::Zero,
                                 guest: pos,
                                 len: n,
+                                sub: None,
                             },
                             L2Entry::Normal {
                                 host,
@@ -1277,6 +1447,7 @@ impl QcowImage {
                                 fill: Fill::Host(host),
                                 guest: pos,
                                 len: n,
+                                sub: None,
                             },
                             L2Entry::Zero { host: None } => Step::Alloc {
                                 gc,
@@ -1285,6 +1456,7 @@ impl QcowImage {
                                 fill: Fill::Zero,
                                 guest: pos,
                                 len: n,
+                                sub: None,
                             },
                             L2Entry::Unallocated => Step::Alloc {
                                 gc,
@@ -1297,6 +1469,7 @@ impl QcowImage {
                                 },
                                 guest: pos,
                                 len: n,
+                                sub: None,
                             },
                             L2Entry::Compressed(d) => Step::Alloc {
                                 gc,
@@ -1305,6 +1478,7 @@ impl QcowImage {
                                 fill: Fill::Compressed(d),
                                 guest: pos,
                                 len: n,
+                                sub: None,
                             },
                         };
                         if let Step::Alloc { fresh: f, .. } = step {
@@ -1359,9 +1533,18 @@ impl QcowImage {
         let publish = (|| -> Result<()> {
             data?;
             for s in &steps {
-                if let Step::Alloc { gc, target, .. } = *s {
-                    let old = m.entry(&self.io, gc)?;
-                    m.set_entry(&self.io, gc, target | OFLAG_COPIED)?;
+                if let Step::Alloc {
+                    gc, target, sub, ..
+                } = *s
+                {
+                    let (old, old_bitmap) = m.sub_entry(&self.io, gc)?;
+                    // Subcluster writes allocate what they wrote; other allocations wrote the
+                    // whole cluster.
+                    let bitmap = match sub {
+                        Some(w) => (old_bitmap | w.mask) & !(w.mask << 32),
+                        None => L2_BITMAP_ALL_ALLOC,
+                    };
+                    m.set_entry(&self.io, gc, target | OFLAG_COPIED, bitmap)?;
                     m.release(old, Some(target));
                     published += 1;
                 }
@@ -1428,6 +1611,7 @@ impl QcowImage {
                     fill,
                     guest,
                     len,
+                    sub,
                     ..
                 } => {
                     if len == cs {
@@ -1447,6 +1631,16 @@ impl QcowImage {
                         }
                         self.io.write_at(slice(guest, tot), target)?;
                         i = j;
+                    } else if let Some(w) = sub {
+                        let mut b = vec![0u8; (w.end - w.start) as usize];
+                        let head = (guest - w.start) as usize;
+                        self.subcluster_fill(w.bitmap, w.start, &mut b[..head])?;
+                        b[head..head + len as usize].copy_from_slice(slice(guest, len));
+                        let tail = guest + len;
+                        self.subcluster_fill(w.bitmap, tail, &mut b[head + len as usize..])?;
+                        self.io
+                            .write_at(&b, target + self.geo.offset_in_cluster(w.start))?;
+                        i += 1;
                     } else {
                         let mut cbuf = vec![0u8; cs as usize];
                         self.old_content(gc, fill, &mut cbuf)?;
@@ -1505,7 +1699,97 @@ impl QcowImage {
         })
     }
 
+    /// Writes zeros over each range (each at most one cluster), with the usual COW.
+    fn write_zero_ranges(&self, ranges: Vec<(u64, u64)>) -> Result<()> {
+        if !ranges.is_empty() {
+            let zeros = vec![0u8; self.geo.cluster_size() as usize];
+            for (off, n) in ranges {
+                self.write_inner(&zeros[..n as usize], off)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether guest range `[off, off+len)` reads as zeros without data I/O.
+    fn range_reads_zero(&self, m: &mut Meta, off: u64, len: u64) -> Result<bool> {
+        let bsize = self.backing.as_ref().map_or(0, |b| b.size());
+        Ok(m.map(&self.io, off, len)?.iter().all(|e| match e.mapping {
+            Mapping::Zero => true,
+            Mapping::Unallocated => e.offset >= bsize,
+            _ => false,
+        }))
+    }
+
+    /// Write-zeroes and discard with extended L2 entries: whole clusters become zero (keeping
+    /// their host cluster when `!unmap` and it is writable in place), whole subclusters get
+    /// their zero bit, and only the partly covered subclusters at the ends are written with
+    /// zeros (unless they read as zeros already). A compressed or shared cluster is written
+    /// with zeros instead.
+    fn zero_subclusters(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let ss = g.subcluster_size();
+        let end = offset + len;
+        let mut partial: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos >> g.cluster_bits;
+            let cstart = gc << g.cluster_bits;
+            let vis_end = (cstart + cs).min(self.size);
+            let n = (cstart + cs).min(end) - pos;
+            let mut m = self.wait_inflight(self.lock(), pos, n);
+            let l1i = (gc / g.l2_entries()) as usize;
+            if self.backing.is_none() && m.l1.get(l1i).is_none_or(|&e| l1_entry_offset(e) == 0) {
+                // Nothing mapped by this L2 table: it all reads as zeros already.
+                pos = ((l1i as u64 + 1) * g.l2_coverage()).min(end);
+                continue;
+            }
+            let (old, bitmap) = m.sub_entry(&self.io, gc)?;
+            let raw_old = old.encode(&g);
+            if pos == cstart && end >= vis_end {
+                let new = match old {
+                    L2Entry::Normal { host, copied: true } if !unmap => host | OFLAG_COPIED,
+                    _ => 0,
+                };
+                if (new, L2_BITMAP_ALL_ZERO) != (raw_old, bitmap) {
+                    m.set_entry(&self.io, gc, new, L2_BITMAP_ALL_ZERO)?;
+                    m.release(old, Some(new & format::L2E_OFFSET_MASK).filter(|&h| h != 0));
+                }
+            } else {
+                let a = pos.next_multiple_of(ss);
+                let b = (pos + n) & !(ss - 1);
+                let in_place = matches!(
+                    old,
+                    L2Entry::Normal { copied: true, .. } | L2Entry::Unallocated
+                );
+                let mut edges = vec![];
+                if a < b && in_place {
+                    let mask = subcluster_mask(g.subcluster_index(a), g.subcluster_index(b - 1));
+                    let new = (bitmap & !mask) | (mask << 32);
+                    if new != bitmap {
+                        m.set_entry(&self.io, gc, raw_old, new)?;
+                    }
+                    edges.push((pos, a - pos));
+                    edges.push((b, pos + n - b));
+                } else {
+                    edges.push((pos, n));
+                }
+                for (o, l) in edges {
+                    if l > 0 && !self.range_reads_zero(&mut m, o, l)? {
+                        partial.push((o, l));
+                    }
+                }
+            }
+            m.maybe_flush(&self.io)?;
+            pos += n;
+        }
+        self.write_zero_ranges(partial)
+    }
+
     fn zero_inner(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        if self.geo.extended_l2 {
+            return self.zero_subclusters(offset, len, unmap);
+        }
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let mut partial: Vec<(u64, u64)> = Vec::new();
@@ -1548,7 +1832,7 @@ impl QcowImage {
                         L2Entry::Zero { host } => host,
                         _ => None,
                     };
-                    m.set_entry(&self.io, gc, new.encode(&self.geo))?;
+                    m.set_entry(&self.io, gc, new.encode(&self.geo), 0)?;
                     m.release(old, keep);
                 }
             } else if self.backing.is_some() {
@@ -1556,19 +1840,13 @@ impl QcowImage {
                     partial.push((pos, n));
                 }
             } else if old != L2Entry::Unallocated {
-                m.set_entry(&self.io, gc, 0)?;
+                m.set_entry(&self.io, gc, 0, 0)?;
                 m.release(old, None);
             }
             m.maybe_flush(&self.io)?;
             pos += n;
         }
-        if !partial.is_empty() {
-            let zeros = vec![0u8; cs as usize];
-            for (off, n) in partial {
-                self.write_inner(&zeros[..n as usize], off)?;
-            }
-        }
-        Ok(())
+        self.write_zero_ranges(partial)
     }
 
     fn flush_inner(&self) -> Result<()> {
@@ -1634,8 +1912,8 @@ impl QcowImage {
                         break;
                     }
                     let old = m.entry(&self.io, gc)?;
-                    if old != L2Entry::Unallocated {
-                        m.set_entry(&self.io, gc, 0)?;
+                    if m.raw_entry(&self.io, gc)? != (0, 0) {
+                        m.set_entry(&self.io, gc, 0, 0)?;
                         m.release(old, None);
                     }
                 }

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod check;
 pub mod compress;
+pub mod convert;
 pub mod create;
 pub mod error;
 pub mod format;

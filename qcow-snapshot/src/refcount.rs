@@ -194,7 +194,11 @@ pub fn count_references(
         }
         bump(&mut counts, &g, l2, "L2 table")?;
         host.read_at(&mut buf, l2)?;
-        for raw in table_from_bytes(&buf) {
+        // With extended L2 entries every other word is a subcluster bitmap, not an entry.
+        for raw in table_from_bytes(&buf)
+            .into_iter()
+            .step_by(g.l2_entry_words())
+        {
             match L2Entry::decode(raw, &g) {
                 Ok(L2Entry::Unallocated) | Ok(L2Entry::Zero { host: None }) => {}
                 Ok(L2Entry::Normal { host: d, .. }) | Ok(L2Entry::Zero { host: Some(d) }) => {
@@ -291,10 +295,7 @@ mod tests {
     #[test]
     fn layout_counts_its_own_clusters_for_every_order() {
         for order in 0..=6 {
-            let g = Geometry {
-                cluster_bits: 9,
-                refcount_order: order,
-            };
+            let g = Geometry::standard(9, order);
             let mut counts = vec![1u32; 300];
             counts[5] = 0;
             let l = build_layout(&g, &counts, 300).unwrap();
@@ -314,10 +315,7 @@ mod tests {
 
     #[test]
     fn layout_rejects_counts_wider_than_the_refcount_width() {
-        let g = Geometry {
-            cluster_bits: 9,
-            refcount_order: 0,
-        };
+        let g = Geometry::standard(9, 0);
         assert!(matches!(
             build_layout(&g, &[1, 2], 2),
             Err(RebuildRefcountsError::TooLarge(_))

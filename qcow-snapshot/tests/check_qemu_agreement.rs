@@ -995,3 +995,119 @@ fn randomly_damaged_images_get_the_same_verdict_from_both_checkers() {
         }
     }
 }
+
+/// Subcluster-granular writes, zero writes, discards and a compressed cluster, by qemu-io.
+const IO_SUBCLUSTERS: &[&str] = &[
+    "write -P 0x11 0 128k",
+    "write -P 0x22 1M 4k",
+    "write -P 0x23 1056k 1k",
+    "write -z 1100k 8k",
+    "discard 64k 8k",
+    "write -c -P 0x33 2M 64k",
+];
+
+/// Offset of extended L2 entry `i` (its bitmap is 8 bytes further) of an image whose first L2
+/// table is at `l2`.
+fn ext_entry(l2: u64, i: u64) -> u64 {
+    l2 + 16 * i
+}
+
+#[test]
+fn clean_extended_l2_images_with_subcluster_allocations_pass_both_checkers() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    for cs in ["16k", "64k", "2M"] {
+        // The compressed write covers exactly one cluster.
+        let compressed = format!("write -c -P 0x33 2M {cs}");
+        let mut io = IO_SUBCLUSTERS[..IO_SUBCLUSTERS.len() - 1].to_vec();
+        io.push(&compressed);
+        let p = qemu_create(
+            d.path(),
+            &format!("ext-{cs}.qcow2"),
+            &format!("extended_l2=on,cluster_size={cs}"),
+            "64M",
+            &io,
+        );
+        let r = agree(&format!("extended L2, {cs} clusters"), &p);
+        assert_eq!(r.exit_code(), 0, "{r}");
+    }
+    // Over a backing file, with a zstd compressed cluster.
+    let base = qemu_create(d.path(), "base.qcow2", "", "64M", IO_TWO_CLUSTERS);
+    let ov = d.path().join("ov.qcow2");
+    qemu_overlay(
+        &ov,
+        s(&base),
+        "qcow2",
+        &["-o", "extended_l2=on,compression_type=zstd"],
+        "",
+    );
+    for cmd in IO_SUBCLUSTERS {
+        run("qemu-io", &["-f", "qcow2", "-c", cmd, s(&ov)]);
+    }
+    agree("extended L2 overlay", &ov);
+}
+
+#[test]
+fn corrupted_subcluster_bitmaps_are_corruptions_as_in_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let make = |name: &str| {
+        let p = qemu_create(d.path(), name, "extended_l2=on", "64M", IO_SUBCLUSTERS);
+        let l2 = peek64(&p, file_header(&p).l1_table_offset) & L1E_OFFSET_MASK;
+        (p, l2)
+    };
+    // A subcluster both allocated and zero in an allocated cluster.
+    let (p, l2) = make("both.qcow2");
+    poke(
+        &p,
+        ext_entry(l2, 0) + 8,
+        &(format::L2_BITMAP_ALL_ALLOC | (1 << 33)).to_be_bytes(),
+    );
+    full("allocated and zero subcluster", &p);
+    // Allocation bits in an unallocated cluster.
+    let (p, l2) = make("unalloc.qcow2");
+    poke(&p, ext_entry(l2, 7) + 8, &0x10u64.to_be_bytes());
+    full("unallocated cluster with allocated subclusters", &p);
+    // A bitmap on a compressed cluster (entry 32 maps 2M).
+    let (p, l2) = make("compressed.qcow2");
+    assert!(peek64(&p, ext_entry(l2, 32)) & format::OFLAG_COMPRESSED != 0);
+    poke(&p, ext_entry(l2, 32) + 8, &1u64.to_be_bytes());
+    full("compressed cluster with a bitmap", &p);
+    // A misaligned host offset: with no allocated subcluster repair turns the entry into an
+    // unallocated one whose subclusters read as zeros; with data it stays a corruption.
+    let (p, l2) = make("prealloc.qcow2");
+    let host = peek64(&p, ext_entry(l2, 1)) & L2E_OFFSET_MASK;
+    poke(
+        &p,
+        ext_entry(l2, 1),
+        &(OFLAG_COPIED | (host + 0x200)).to_be_bytes(),
+    );
+    poke(&p, ext_entry(l2, 1) + 8, &(0xf0u64 << 32).to_be_bytes());
+    let (_, _, all) = full("misaligned preallocated extended entry", &p);
+    assert!(all.corruptions_fixed >= 1, "{all:?}");
+    let (p, l2) = make("misaligned.qcow2");
+    let host = peek64(&p, ext_entry(l2, 1)) & L2E_OFFSET_MASK;
+    poke(
+        &p,
+        ext_entry(l2, 1),
+        &(OFLAG_COPIED | (host + 0x200)).to_be_bytes(),
+    );
+    full("misaligned extended entry with data", &p);
+    // The COPIED flag of an extended entry is repaired in the entry, not in the bitmap.
+    let (p, l2) = make("copied.qcow2");
+    let e = peek64(&p, ext_entry(l2, 16));
+    poke(&p, ext_entry(l2, 16), &(e & !OFLAG_COPIED).to_be_bytes());
+    let (_, _, all) = full("extended entry without COPIED", &p);
+    assert!(all.corruptions_fixed >= 1, "{all:?}");
+    // Extended L2 entries with clusters below 16 KiB are refused by both.
+    let p = qemu_create(d.path(), "small.qcow2", "cluster_size=4k", "64M", &[]);
+    let mut h = file_header(&p);
+    h.incompatible_features |= format::incompat::EXTENDED_L2;
+    poke(&p, 0, &h.serialize());
+    let r = agree("extended L2 with 4 KiB clusters", &p);
+    assert!(r.failure.is_some(), "{r:?}");
+}

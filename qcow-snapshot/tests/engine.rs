@@ -16,11 +16,17 @@ use rand::{Rng, SeedableRng};
 
 #[test]
 fn random_writes_zeroes_and_discards_match_a_shadow_across_cold_reopens() {
-    for (cs, seed) in [(4096u64, 1u64), (65536, 2), (512, 3)] {
+    for (cs, seed, extended_l2) in [
+        (4096u64, 1u64, false),
+        (65536, 2, false),
+        (512, 3, false),
+        (65536, 4, true),
+        (16384, 5, true),
+    ] {
         let dir = tmp();
         let size = 3u64 << 20;
         let base_data = random_bytes(seed + 100, size as usize);
-        let img = raw_backed_overlay(dir.path(), &base_data, Some(cs));
+        let img = overlay_with(dir.path(), &base_data, cs, extended_l2);
         let mut shadow = base_data.clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for reopen in 0..4 {
@@ -65,14 +71,43 @@ fn random_writes_zeroes_and_discards_match_a_shadow_across_cold_reopens() {
     }
 }
 
+/// A raw-backed overlay (see [`raw_backed_overlay`]), with extended L2 entries when asked.
+fn overlay_with(
+    dir: &std::path::Path,
+    base_data: &[u8],
+    cs: u64,
+    extended_l2: bool,
+) -> std::path::PathBuf {
+    let img = raw_backed_overlay(dir, base_data, Some(cs));
+    if extended_l2 {
+        create(
+            &img,
+            &CreateOptions {
+                cluster_size: cs,
+                backing: Some(("base.raw".into(), Format::Raw)),
+                extended_l2: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    img
+}
+
 #[test]
 fn concurrent_writes_into_one_unallocated_cluster_allocate_it_once_and_keep_both() {
+    for extended_l2 in [false, true] {
+        concurrent_writes_into_one_cluster(extended_l2);
+    }
+}
+
+fn concurrent_writes_into_one_cluster(extended_l2: bool) {
     let dir = tmp();
     let size = 8u64 << 20;
     let base_data = random_bytes(5, size as usize);
-    let img = raw_backed_overlay(dir.path(), &base_data, None);
-    let dev = open_image(&img, None, false).unwrap();
     let cs = 65536u64;
+    let img = overlay_with(dir.path(), &base_data, cs, extended_l2);
+    let dev = open_image(&img, None, false).unwrap();
     // 8 threads, each writing its own 4 KiB slice of every one of 64 clusters.
     let threads: Vec<_> = (0..8u64)
         .map(|t| {
@@ -103,23 +138,24 @@ fn concurrent_writes_into_one_unallocated_cluster_allocate_it_once_and_keep_both
     let out = run("qemu-img", &["check", s(&img)]);
     assert!(out.contains("No errors"), "{out}");
     let q = open_qcow2(&img, true).unwrap();
-    let mut hosts: Vec<u64> = q
-        .map(0, 64 * cs)
-        .unwrap()
-        .iter()
-        .filter_map(|e| match e.mapping {
-            Mapping::Data(h) => Some((0..e.len / cs).map(move |k| h + k * cs)),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    assert_eq!(hosts.len(), 64);
-    hosts.sort_unstable();
-    hosts.dedup();
+    // (guest cluster, host cluster) of every mapped byte range.
+    let mut pairs = std::collections::BTreeSet::new();
+    for e in q.map(0, 64 * cs).unwrap() {
+        if let Mapping::Data(h) = e.mapping {
+            let mut o = 0;
+            while o < e.len {
+                pairs.insert(((e.offset + o) / cs, (h + o) / cs));
+                o += (cs - (e.offset + o) % cs).min(e.len - o);
+            }
+        }
+    }
+    let guests: std::collections::BTreeSet<_> = pairs.iter().map(|p| p.0).collect();
+    let hosts: std::collections::BTreeSet<_> = pairs.iter().map(|p| p.1).collect();
+    assert_eq!(guests.len(), 64, "{extended_l2}");
     assert_eq!(
-        hosts.len(),
-        64,
-        "each guest cluster has its own host cluster"
+        (pairs.len(), hosts.len()),
+        (64, 64),
+        "each guest cluster has its own host cluster ({extended_l2})"
     );
 }
 
@@ -342,6 +378,8 @@ fn export_and_checksum_agree_between_raw_and_overlay_chains() {
     std::fs::write(&raw, &data).unwrap();
     let ov = create_snapshot_overlay(&raw, Format::Raw, dir.path()).unwrap();
     assert!(ov.starts_with(dir.path()));
+    // The throwaway overlay uses subclusters (cheaper first writes).
+    assert!(file_header(&ov).has_extended_l2());
     let raw_sum = checksum(&raw, &mut |_, _| {}).unwrap();
     assert_eq!(raw_sum.len(), 64);
     assert_eq!(checksum(&ov, &mut |_, _| {}).unwrap(), raw_sum);
@@ -660,5 +698,115 @@ fn half_published_allocation_never_frees_a_cluster_an_l2_entry_points_to() {
     let mut b = vec![0u8; 4096];
     img.read_at(&mut b, 100 * cs).unwrap();
     assert!(b.iter().all(|&x| x == 4));
+    img.close().unwrap();
+}
+
+/// A host file whose first write of exactly `pause_len` bytes (once armed) stops until the
+/// test releases it: the engine is then inside a subcluster allocation's data write, with the
+/// metadata lock dropped.
+struct PauseOnWrite {
+    inner: MemHost,
+    pause_len: std::sync::atomic::AtomicUsize,
+    reached: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl HostFile for PauseOnWrite {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self
+            .pause_len
+            .compare_exchange(buf.len(), 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            if let Some(tx) = self.reached.lock().unwrap().take() {
+                tx.send(()).unwrap();
+            }
+            let rx = self.release.lock().unwrap().take();
+            if let Some(rx) = rx {
+                rx.recv().unwrap();
+            }
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn writes_and_zeroes_racing_a_subcluster_allocation_of_the_same_cluster_all_land() {
+    // Write A allocates subclusters 0-1 of a fresh cluster and is stopped inside its data
+    // write (metadata lock dropped, cluster in flight). Write B into subclusters 4-5 (partial
+    // at both ends) and a zero write of subcluster 20 of the same cluster run exactly then:
+    // they must wait for A and then add their own subclusters, so nothing is lost, the cluster
+    // is allocated once and the bitmap has all three.
+    let cs = 65536u64;
+    let (tx_reached, rx_reached) = std::sync::mpsc::channel();
+    let (tx_release, rx_release) = std::sync::mpsc::channel();
+    let host = Arc::new(PauseOnWrite {
+        inner: MemHost::new(Vec::new()),
+        pause_len: std::sync::atomic::AtomicUsize::new(0),
+        reached: std::sync::Mutex::new(Some(tx_reached)),
+        release: std::sync::Mutex::new(Some(rx_release)),
+    });
+    create_on(
+        &*host,
+        &CreateOptions {
+            size: 4 << 20,
+            cluster_size: cs,
+            extended_l2: true,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let img = Arc::new(QcowImage::open_with(Box::new(host.clone()), false, None).unwrap());
+    host.pause_len
+        .store(4096, std::sync::atomic::Ordering::SeqCst);
+    let a = {
+        let img = img.clone();
+        std::thread::spawn(move || img.write_at(&[0xaa; 4096], 3 * cs).unwrap())
+    };
+    rx_reached.recv().unwrap();
+    let b = {
+        let img = img.clone();
+        std::thread::spawn(move || img.write_at(&[0xbb; 3000], 3 * cs + 8192 + 500).unwrap())
+    };
+    let c = {
+        let img = img.clone();
+        std::thread::spawn(move || img.write_zeroes(3 * cs + 20 * 2048, 2048, false).unwrap())
+    };
+    // B and C cannot finish while A holds the cluster in flight.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!b.is_finished() && !c.is_finished());
+    tx_release.send(()).unwrap();
+    a.join().unwrap();
+    b.join().unwrap();
+    c.join().unwrap();
+    let mut want = vec![0u8; cs as usize];
+    want[..4096].fill(0xaa);
+    want[8192 + 500..8192 + 3500].fill(0xbb);
+    let mut got = vec![0u8; cs as usize];
+    img.read_at(&mut got, 3 * cs).unwrap();
+    assert_same(&got, &want, "cluster 3");
+    let m = img.map(3 * cs, cs).unwrap();
+    let data: Vec<(u64, u64)> = m
+        .iter()
+        .filter(|e| matches!(e.mapping, Mapping::Data(_)))
+        .map(|e| (e.offset - 3 * cs, e.len))
+        .collect();
+    assert_eq!(data, vec![(0, 4096), (8192, 4096)], "{m:?}");
+    assert!(m
+        .iter()
+        .any(|e| e.mapping == Mapping::Zero && e.offset == 3 * cs + 20 * 2048));
     img.close().unwrap();
 }

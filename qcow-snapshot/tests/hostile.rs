@@ -340,3 +340,42 @@ fn random_damage_to_metadata_never_panics() {
         }
     }
 }
+
+#[test]
+fn corrupt_subcluster_bitmaps_mark_the_image_corrupt_and_never_panic() {
+    let cs = 65536u64;
+    let build = || {
+        let host = Arc::new(MemHost::default());
+        create_on(
+            &*host,
+            &CreateOptions {
+                size: 4 << 20,
+                cluster_size: cs,
+                extended_l2: true,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        let img = QcowImage::open_with(Box::new(host.clone()), false, None).unwrap();
+        img.write_at(&[7; 4096], 0).unwrap();
+        img.close().unwrap();
+        drop(img);
+        host.contents()
+    };
+    let clean = build();
+    let h = Header::parse(&clean).unwrap();
+    let l2 = format::table_entry(&clean[h.l1_table_offset as usize..], 0) & format::L1E_OFFSET_MASK;
+    // (entry index, bitmap): allocated and zero at once; allocated subclusters in an
+    // unallocated cluster.
+    for (i, bitmap) in [(0u64, 0x3 | (1u64 << 33)), (5, 0x10)] {
+        let mut bytes = clean.clone();
+        let at = (l2 + 16 * i + 8) as usize;
+        bytes[at..at + 8].copy_from_slice(&bitmap.to_be_bytes());
+        let img = QcowImage::open_with(Box::new(MemHost::new(bytes)), false, None).unwrap();
+        let mut b = vec![0u8; cs as usize];
+        let e = img.read_at(&mut b, i * cs).unwrap_err();
+        assert!(matches!(e, BlockError::Corrupt(_)), "{e}");
+        assert!(img.is_corrupt());
+        assert!(img.write_at(&[1; 512], i * cs).is_err());
+    }
+}

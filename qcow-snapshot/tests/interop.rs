@@ -287,3 +287,214 @@ fn qemu_img_info_agrees_with_snapblk_created_header() {
         "{text}"
     );
 }
+
+/// Subcluster-granular writes, zero writes and discards of both sizes through `dev` (and into
+/// `shadow`), for a cluster size `cs` with 32 subclusters.
+fn subcluster_ops(dev: &dyn BlockDev, shadow: &mut [u8], cs: u64, seed: u64) {
+    let sc = cs / 32;
+    let data = random_bytes(seed, 3 * cs as usize);
+    // (offset, length, Some(unmap) for a zero write / None for data)
+    let ops = [
+        (8 * cs, 4096, None),                  // first subcluster(s) of a fresh cluster
+        (9 * cs + 3 * sc + 100, 200, None),    // inside one subcluster, unaligned both ends
+        (10 * cs + sc - 512, sc + 1024, None), // crosses two subcluster boundaries
+        (11 * cs - 512, 1024, None),           // crosses a cluster boundary
+        (9 * cs + 20 * sc, 5 * sc, None),      // a second run in a partly allocated cluster
+        (9 * cs + 21 * sc, 2 * sc, Some(false)), // whole allocated subclusters
+        (12 * cs + 2 * sc, 3 * sc, Some(true)), // whole unallocated subclusters over backing
+        (12 * cs + 7 * sc + 512, 512, Some(false)), // part of a subcluster
+        (13 * cs, cs, Some(false)),            // a whole cluster
+        (10 * cs + 100, 3 * sc, Some(true)),   // unaligned, mixed
+        (13 * cs + 5 * sc, sc, None),          // a write into a zero cluster
+    ];
+    for (off, len, zero) in ops {
+        let range = off as usize..(off + len) as usize;
+        match zero {
+            Some(unmap) => {
+                dev.write_zeroes(off, len, unmap).unwrap();
+                shadow[range].fill(0);
+            }
+            None => {
+                let src = &data[(off % cs) as usize..(off % cs + len) as usize];
+                dev.write_at(src, off).unwrap();
+                shadow[range].copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// qemu-img map of the top layer only: (offset, length, data) for each range.
+fn top_layer_map(img: &Path) -> Vec<(u64, u64, bool)> {
+    let out = run("qemu-img", &["map", "--output=json", s(img)]);
+    let mut v = Vec::new();
+    for line in out.lines() {
+        let num = |k: &str| -> u64 {
+            let i = line.find(&format!("\"{k}\": ")).unwrap() + k.len() + 4;
+            line[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+                .parse()
+                .unwrap()
+        };
+        if !line.contains("\"start\"") {
+            continue;
+        }
+        let top = num("depth") == 0;
+        v.push((
+            num("start"),
+            num("length"),
+            top && line.contains("\"data\": true"),
+        ));
+    }
+    v
+}
+
+#[test]
+fn extended_l2_overlay_written_by_snapblk_allocates_only_touched_subclusters_and_qemu_agrees() {
+    for (bfmt, cs) in [
+        (Format::Raw, 65536u64),
+        (Format::Qcow2, 16384),
+        (Format::Raw, 2 << 20),
+    ] {
+        let dir = tmp();
+        let size = 40 * cs;
+        let base_data = random_bytes(9, size as usize);
+        let (_, base) = base_in_format(dir.path(), &base_data, bfmt);
+        let ov = p(dir.path(), "ov.qcow2");
+        create(
+            &ov,
+            &CreateOptions {
+                cluster_size: cs,
+                backing: Some((base.file_name().unwrap().to_str().unwrap().into(), bfmt)),
+                extended_l2: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let info = run("qemu-img", &["info", s(&ov)]);
+        assert!(info.contains("extended l2: true"), "{info}");
+        let mut want = base_data.clone();
+        {
+            let dev = open_image(&ov, None, false).unwrap();
+            subcluster_ops(&*dev, &mut want, cs, cs);
+            assert_same(&read_all(&*dev), &want, "snapblk view");
+            dev.flush().unwrap();
+        }
+        qemu_check_and_compare(&ov, &want);
+        // The 4 KiB write into cluster 8 allocated only its own subclusters: qemu-img sees
+        // the rest of that cluster in the backing file.
+        let sc = cs / 32;
+        let top: Vec<_> = top_layer_map(&ov)
+            .into_iter()
+            .filter(|&(o, l, data)| data && o < 9 * cs && o + l > 8 * cs)
+            .collect();
+        assert_eq!(top, vec![(8 * cs, 4096u64.max(sc), true)], "{cs}");
+        let dev = open_image(&ov, None, true).unwrap();
+        assert_same(&read_all(&*dev), &want, "after reopen");
+    }
+}
+
+#[test]
+fn extended_l2_images_written_by_qemu_io_are_read_and_extended_by_snapblk_through_the_chain() {
+    let dir = tmp();
+    let size = 4u64 << 20;
+    let cs = 65536u64;
+    let base_data = random_bytes(5, size as usize);
+    let (_, base) = base_in_format(dir.path(), &base_data, Format::Qcow2);
+    // base.qcow2 <- mid.qcow2 (extended L2, written by qemu-io) <- top.qcow2 (extended L2).
+    let mid = p(dir.path(), "mid.qcow2");
+    qemu_overlay(
+        &mid,
+        s(&base),
+        "qcow2",
+        &["-o", "extended_l2=on,cluster_size=64k"],
+        "",
+    );
+    let mut want = base_data;
+    let io = |img: &Path, cmd: &str| run("qemu-io", &["-f", "qcow2", "-c", cmd, s(img)]);
+    for (cmd, off, len, pat) in [
+        ("write -P 0x11", 2048u64, 2048u64, Some(0x11u8)),
+        ("write -P 0x22", cs + 4096, 6144, Some(0x22)),
+        ("write -z", 2 * cs + 8192, 4096, None),
+        ("write -P 0x33", 3 * cs, cs, Some(0x33)),
+        ("discard", 3 * cs + 2048, 4096, None),
+        ("write -z", 5 * cs, 2 * cs, None),
+    ] {
+        io(&mid, &format!("{cmd} {off} {len}"));
+        want[off as usize..(off + len) as usize].fill(pat.unwrap_or(0));
+    }
+    // What QEMU itself reads (a discard may fall through to the backing file).
+    let qemu_view = p(dir.path(), "qemu_view.raw");
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", s(&mid), s(&qemu_view)],
+    );
+    let qemu_view = std::fs::read(&qemu_view).unwrap();
+    assert_same(
+        &qemu_view[..3 * cs as usize],
+        &want[..3 * cs as usize],
+        "qemu's own view",
+    );
+    let mut want = qemu_view;
+    {
+        let dev = open_image(&mid, None, true).unwrap();
+        assert_same(&read_all(&*dev), &want, "qemu-written extended L2 image");
+    }
+    let top = p(dir.path(), "top.qcow2");
+    create(
+        &top,
+        &CreateOptions {
+            backing: Some(("mid.qcow2".into(), Format::Qcow2)),
+            extended_l2: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    {
+        let dev = open_image(&top, None, false).unwrap();
+        subcluster_ops(&*dev, &mut want, cs, 3);
+        dev.flush().unwrap();
+    }
+    qemu_check(&mid);
+    qemu_check_and_compare(&top, &want);
+    // snapblk writes into the qemu-made image itself too.
+    {
+        let dev = open_image(&mid, None, false).unwrap();
+        let mut mid_want = vec![0u8; size as usize];
+        dev.read_at(&mut mid_want, 0).unwrap();
+        subcluster_ops(&*dev, &mut mid_want, cs, 4);
+        dev.flush().unwrap();
+        drop(dev);
+        qemu_check_and_compare(&mid, &mid_want);
+    }
+}
+
+#[test]
+fn images_with_an_external_data_file_are_refused_with_the_reason_and_the_data_file_is_untouched() {
+    let dir = tmp();
+    let data = p(dir.path(), "data.raw");
+    for raw in ["off", "on"] {
+        let img = p(dir.path(), "ext.qcow2");
+        let _ = std::fs::remove_file(&data);
+        let opts = &format!("data_file={},data_file_raw={raw}", s(&data));
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "4M"],
+        );
+        qemu_io_write(&img, "qcow2", 0x42, 0, 65536);
+        let before = std::fs::read(&data).unwrap();
+        for ro in [true, false] {
+            let e = match open_image(&img, None, ro) {
+                Ok(_) => panic!("{opts}: opened"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains(&format!("external data file '{}'", s(&data)))
+                    && e.contains("never follows"),
+                "{opts}: {e}"
+            );
+        }
+        assert_eq!(std::fs::read(&data).unwrap(), before, "{opts}");
+    }
+}

@@ -77,6 +77,7 @@ fn base_setup(dir: &Path, cs: u64, refcount_order: u32) -> (Vec<u8>, Arc<dyn Blo
         cluster_size: cs,
         backing: Some(("base.raw".into(), Format::Raw)),
         refcount_order,
+        extended_l2: false,
     };
     create_on(&host, &opts).unwrap();
     (base_data, backing, host)

@@ -1222,13 +1222,15 @@ pub enum BuildOverlayError {
 
 impl Overlay {
     /// Builds a base of `kind` (also written into `dir`, so `qemu-img` can find it) and a fresh
-    /// overlay of `disk_size` bytes with `cluster_size` clusters over it.
+    /// overlay of `disk_size` bytes with `cluster_size` clusters over it (with extended L2
+    /// entries, i.e. subclusters, when `extended_l2`).
     pub fn build(
         dir: &Path,
         kind: BaseKind,
         disk_size: u64,
         cluster_size: u64,
         refcount_order: u32,
+        extended_l2: bool,
         rng: &mut StdRng,
     ) -> Result<Overlay, BuildOverlayError> {
         let mut content = vec![0u8; disk_size as usize];
@@ -1293,6 +1295,7 @@ impl Overlay {
             cluster_size,
             backing: backing_opt,
             refcount_order,
+            extended_l2,
         };
         qcow_snapshot::create_on(&host, &opts)?;
         Ok(Overlay {

@@ -37,6 +37,8 @@ struct Round {
     /// A 3 MiB disk with big writes: with 512-byte clusters and 64-bit refcounts the image
     /// outgrows its first refcount table (2 MiB of host clusters) and the table is moved.
     big: bool,
+    /// Extended L2 entries: first writes allocate subclusters, not whole clusters.
+    extended_l2: bool,
 }
 
 const ROUNDS: &[Round] = &[
@@ -46,6 +48,7 @@ const ROUNDS: &[Round] = &[
         cached: false,
         refcount_order: 4,
         big: false,
+        extended_l2: false,
     },
     Round {
         kind: BaseKind::Qcow2,
@@ -53,6 +56,7 @@ const ROUNDS: &[Round] = &[
         cached: false,
         refcount_order: 4,
         big: false,
+        extended_l2: false,
     },
     Round {
         kind: BaseKind::None,
@@ -60,6 +64,7 @@ const ROUNDS: &[Round] = &[
         cached: false,
         refcount_order: 4,
         big: false,
+        extended_l2: false,
     },
     Round {
         kind: BaseKind::Raw,
@@ -67,6 +72,7 @@ const ROUNDS: &[Round] = &[
         cached: true,
         refcount_order: 4,
         big: false,
+        extended_l2: false,
     },
     Round {
         kind: BaseKind::Raw,
@@ -74,6 +80,7 @@ const ROUNDS: &[Round] = &[
         cached: false,
         refcount_order: 6,
         big: false,
+        extended_l2: false,
     },
     Round {
         kind: BaseKind::Qcow2,
@@ -81,6 +88,7 @@ const ROUNDS: &[Round] = &[
         cached: true,
         refcount_order: 4,
         big: false,
+        extended_l2: false,
     },
     Round {
         kind: BaseKind::Raw,
@@ -88,6 +96,23 @@ const ROUNDS: &[Round] = &[
         cached: false,
         refcount_order: 1,
         big: false,
+        extended_l2: false,
+    },
+    Round {
+        kind: BaseKind::Raw,
+        cluster_size: 16384,
+        cached: false,
+        refcount_order: 4,
+        big: false,
+        extended_l2: true,
+    },
+    Round {
+        kind: BaseKind::Qcow2,
+        cluster_size: 65536,
+        cached: true,
+        refcount_order: 4,
+        big: false,
+        extended_l2: true,
     },
 ];
 
@@ -121,6 +146,7 @@ fn run_round(
         disk_size,
         round.cluster_size,
         round.refcount_order,
+        round.extended_l2,
         &mut rng,
     )
     .expect("build overlay");
@@ -230,6 +256,15 @@ fn crash_at_any_point_keeps_every_flushed_sector_and_a_consistent_image() {
     explore(ROUNDS, states, secs, 12, "crash_at_any_point");
 }
 
+#[test]
+fn crash_during_subcluster_allocations_keeps_every_flushed_sector_and_a_consistent_image() {
+    let ext: Vec<Round> = ROUNDS.iter().copied().filter(|r| r.extended_l2).collect();
+    assert!(!ext.is_empty());
+    let states = env_usize("SNAPBLK_CRASH_STATES", 3000) / 4;
+    let secs = env_usize("SNAPBLK_CRASH_SECS", 50) as u64 / 4;
+    explore(&ext, states, secs, 12, "crash_subclusters");
+}
+
 /// Long run for `make soak`.
 #[test]
 #[ignore = "long soak: make soak"]
@@ -255,6 +290,7 @@ const REFTABLE_GROWTH: Round = Round {
     cached: false,
     refcount_order: 6,
     big: true,
+    extended_l2: false,
 };
 
 #[test]
@@ -356,7 +392,7 @@ fn explore_broken(
 ) -> Option<String> {
     let dir = state_dir().expect("state dir");
     let mut rng = StdRng::seed_from_u64(seed);
-    let ov = Overlay::build(dir.path(), BaseKind::Raw, 1 << 20, 4096, 4, &mut rng)
+    let ov = Overlay::build(dir.path(), BaseKind::Raw, 1 << 20, 4096, 4, false, &mut rng)
         .expect("build overlay");
     let rec = Recorder::new(ov.fresh.clone());
     let host: Box<dyn qcow_snapshot::HostFile> = if forget_syncs {

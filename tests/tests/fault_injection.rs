@@ -351,6 +351,7 @@ fn run_case(case: Case, set: PlanSet) -> Result<(), String> {
         case.disk_size,
         case.cluster_size,
         case.refcount_order,
+        false,
         &mut rng,
     )
     .expect("build overlay");

@@ -37,7 +37,7 @@ struct Images {
     base_bytes: Vec<u8>,
 }
 
-fn images(size: usize, cluster_size: u64) -> Images {
+fn images(size: usize, cluster_size: u64, extended_l2: bool) -> Images {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.raw");
     let overlay = dir.path().join("overlay.qcow2");
@@ -49,6 +49,7 @@ fn images(size: usize, cluster_size: u64) -> Images {
     let opts = CreateOptions {
         cluster_size,
         backing: Some((base.to_str().unwrap().to_string(), Format::Raw)),
+        extended_l2,
         ..CreateOptions::default()
     };
     qcow_snapshot::create(&overlay, &opts).unwrap();
@@ -76,7 +77,13 @@ fn qemu_img_check(path: &Path) {
 }
 
 fn run_full_stack(cfg: FsxConfig, cache: CacheConfig, cluster_size: u64) {
-    let img = images(8 << 20, cluster_size);
+    run_full_stack_on(cfg, cache, cluster_size, false);
+}
+
+/// Like [`run_full_stack`], on an overlay with extended L2 entries (subclusters) when
+/// `extended_l2`.
+fn run_full_stack_on(cfg: FsxConfig, cache: CacheConfig, cluster_size: u64, extended_l2: bool) {
+    let img = images(8 << 20, cluster_size, extended_l2);
     let overlay = img.overlay.clone();
     let open = || -> blockdev::Result<Arc<dyn BlockDev>> {
         let qcow = qcow_snapshot::open_image(&overlay, Some(Format::Qcow2), false)
@@ -115,6 +122,28 @@ fn fsx_full_stack_default_clusters_with_bypass_matches_shadow_after_cold_reopen(
         ..FsxConfig::from_env()
     };
     run_full_stack(cfg, tiny_cache(64 << 10), 64 << 10);
+}
+
+#[test]
+fn fsx_full_stack_extended_l2_subclusters_never_lose_or_zero_acknowledged_writes() {
+    // 16 KiB clusters: 512-byte subclusters, the smallest QEMU allows.
+    let cfg = FsxConfig {
+        span: Some(4 << 20),
+        ..FsxConfig::from_env()
+    };
+    run_full_stack_on(cfg, tiny_cache(0), 16 << 10, true);
+    let cfg = FsxConfig {
+        align: 512,
+        span: Some(8 << 20),
+        ..FsxConfig::from_env()
+    };
+    run_full_stack_on(cfg, tiny_cache(64 << 10), 64 << 10, true);
+}
+
+#[test]
+#[ignore = "soak: run by `make soak`"]
+fn soak_fsx_full_stack_extended_l2() {
+    run_full_stack_on(FsxConfig::soak(), tiny_cache(0), 64 << 10, true);
 }
 
 #[test]
