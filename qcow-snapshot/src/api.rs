@@ -26,8 +26,10 @@ use crate::format::{self, CompressionType};
 use crate::host::{FileHost, HostFile};
 use crate::image::{ImageHeader, Mapping, QcowImage};
 
-/// Longest backing chain (images below the top one).
-pub const MAX_CHAIN_DEPTH: usize = 16;
+/// Longest backing chain (images below the top one). QEMU has no fixed limit (its chains end
+/// at the open-file limit; qemu-img and qemu-io open 500-deep chains); this bound stays below the
+/// usual 1024 descriptors per process while still stopping a hostile endless chain.
+pub const MAX_CHAIN_DEPTH: usize = 1000;
 
 /// Chunk size of the copy loops.
 const CHUNK: u64 = 1 << 20;
@@ -68,6 +70,18 @@ fn open_err(path: &Path) -> impl FnOnce(io::Error) -> OpenImageError + '_ {
     }
 }
 
+/// Names `image` in an error about opening its direct backing file (missing, in use, ...).
+fn backing_of(image: &Path) -> impl FnOnce(OpenImageError) -> OpenImageError + '_ {
+    move |e| match e {
+        OpenImageError::Io { path, source } => OpenImageError::BackingIo {
+            path,
+            image: image.to_path_buf(),
+            source,
+        },
+        other => other,
+    }
+}
+
 /// Whether `file` starts with the qcow2 magic.
 fn has_qcow2_magic(file: &File) -> io::Result<bool> {
     let mut m = [0u8; 4];
@@ -104,8 +118,19 @@ pub fn open_image(
     format: Option<Format>,
     read_only: bool,
 ) -> Result<Arc<dyn BlockDev>, OpenImageError> {
+    Ok(open_image_chain(path, format, read_only)?.0)
+}
+
+/// [`open_image`], also returning the (device, inode) of every file of the chain, top first,
+/// so a writer can refuse an output that is one of its inputs.
+pub fn open_image_chain(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+) -> Result<(Arc<dyn BlockDev>, Vec<(u64, u64)>), OpenImageError> {
     let mut seen = Vec::new();
-    open_chain(path, format, read_only, 0, &mut seen)
+    let dev = open_chain(path, format, read_only, 0, &mut seen)?;
+    Ok((dev, seen))
 }
 
 /// Opens a qcow2 image as a [`QcowImage`] (with its backing chain).
@@ -172,7 +197,7 @@ fn open_qcow2_in_chain(
                 Some(f) => Some(f.parse::<Format>()?),
                 None => None,
             };
-            Some(open_chain(&bpath, bfmt, true, depth + 1, seen)?)
+            Some(open_chain(&bpath, bfmt, true, depth + 1, seen).map_err(backing_of(path))?)
         }
     };
     QcowImage::open_with(Box::new(host), read_only, backing)
@@ -275,7 +300,8 @@ impl fmt::Display for ImageInfo {
 
 /// Describes an image without opening its backing chain.
 pub fn info(path: &Path) -> Result<ImageInfo, OpenImageError> {
-    let file = File::open(path).map_err(open_err(path))?;
+    // Locked as a reader like `qemu-img info` (force-shared inside `with_force_share`, `-U`).
+    let file = blockdev::open_file(path, true).map_err(open_err(path))?;
     let md = file.metadata().map_err(open_err(path))?;
     let file_length = blockdev::file_size(&file).map_err(open_err(path))?;
     let disk_size = md.blocks() * 512;
@@ -386,24 +412,26 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     Ok(())
 }
 
-/// Writes the guest-visible bytes of `image` to a new raw file, leaving zero ranges sparse.
+/// Writes the guest-visible bytes of `image` to a raw file, leaving zero ranges sparse.
+///
+/// The output is written under a temporary name in its directory and renamed over `out_raw`
+/// only when complete and synced, so a failed export never leaves a target that looks whole.
+/// A target that is the image or any file of its backing chain (by device and inode), or that
+/// another process has locked, is refused untouched.
 pub fn export(
     image: &Path,
     out_raw: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageOpError> {
-    let dev = open_image(image, None, true)?;
+    let (dev, chain) = open_image_chain(image, None, true)?;
+    let existing = crate::output::check_output(out_raw, image, &chain)?;
     let size = dev.size();
+    let tmp = crate::output::TempOutput::create(out_raw, existing.as_ref())?;
+    let out = tmp.file();
     let out_err = |source| ImageOpError::Io {
-        path: out_raw.to_path_buf(),
+        path: tmp.path().to_path_buf(),
         source,
     };
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(out_raw)
-        .map_err(out_err)?;
     out.set_len(size).map_err(out_err)?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0;
@@ -411,13 +439,12 @@ pub fn export(
         let n = (size - pos).min(CHUNK) as usize;
         dev.read_at(&mut buf[..n], pos)?;
         if buf[..n].iter().any(|&b| b != 0) {
-            std::os::unix::fs::FileExt::write_all_at(&out, &buf[..n], pos).map_err(out_err)?;
+            std::os::unix::fs::FileExt::write_all_at(out, &buf[..n], pos).map_err(out_err)?;
         }
         pos += n as u64;
         progress(pos, size);
     }
-    out.sync_all().map_err(out_err)?;
-    Ok(())
+    tmp.commit()
 }
 
 /// SHA-256 (lower-case hex) of the guest-visible content of `image` (any format or chain).
