@@ -6,6 +6,7 @@
 //!   write-cache switch hook ([`disk::WriteCacheControl`]).
 //! - [`image_cmd`]: the qemu-img-style image subcommands (create, info, check, commit, export,
 //!   checksum).
+//! - [`img_size`]: image sizes parsed as qemu-img parses them.
 //! - [`virtio_blk`]: virtio-blk wire formats (request header, segments, config space, constants).
 //! - [`device`]: the device model shared by the queues of one connection (config, features, WCE).
 //! - [`request`]: request parsing/execution over guest memory and the per-queue processing pass.
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod device;
 pub mod disk;
 pub mod image_cmd;
+pub mod img_size;
 pub mod iopool;
 pub mod request;
 pub mod serve;

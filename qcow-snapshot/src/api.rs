@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 
 use crate::create::{create, CreateOptions};
 use crate::error::{ImageOpError, OpenImageError};
-use crate::format::{self, CompressionType};
+use crate::format;
+pub use crate::info::{info, info_chain, info_with, ImageInfo};
 use crate::host::{FileHost, HostFile};
 use crate::image::{ImageHeader, Mapping, QcowImage};
 
@@ -203,149 +204,6 @@ fn open_qcow2_in_chain(
     QcowImage::open_with(Box::new(host), read_only, backing)
 }
 
-/// What `info` reports about an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageInfo {
-    /// The path given.
-    pub path: PathBuf,
-    /// Detected format.
-    pub format: Format,
-    /// Virtual disk size.
-    pub virtual_size: u64,
-    /// Space allocated on the host file system.
-    pub disk_size: u64,
-    /// Length of the file.
-    pub file_length: u64,
-    /// qcow2: cluster size.
-    pub cluster_size: Option<u64>,
-    /// qcow2: backing file name as stored.
-    pub backing_file: Option<String>,
-    /// qcow2: backing format from the extension.
-    pub backing_format: Option<String>,
-    /// qcow2: version (2 or 3).
-    pub version: Option<u32>,
-    /// qcow2: dirty bit.
-    pub dirty: bool,
-    /// qcow2: corrupt bit.
-    pub corrupt: bool,
-    /// qcow2: refcount width.
-    pub refcount_bits: Option<u64>,
-    /// qcow2: compression type.
-    pub compression_type: Option<CompressionType>,
-    /// qcow2: lazy refcounts compatible bit.
-    pub lazy_refcounts: bool,
-    /// qcow2: number of internal snapshots.
-    pub snapshots: u32,
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.3} {}", UNITS[u]).replace(".000", "")
-    }
-}
-
-impl fmt::Display for ImageInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "image: {}", self.path.display())?;
-        writeln!(f, "file format: {}", self.format)?;
-        writeln!(
-            f,
-            "virtual size: {} ({} bytes)",
-            human(self.virtual_size),
-            self.virtual_size
-        )?;
-        writeln!(f, "disk size: {}", human(self.disk_size))?;
-        if let Some(cs) = self.cluster_size {
-            writeln!(f, "cluster_size: {cs}")?;
-        }
-        if let Some(b) = &self.backing_file {
-            writeln!(f, "backing file: {b}")?;
-        }
-        if let Some(b) = &self.backing_format {
-            writeln!(f, "backing file format: {b}")?;
-        }
-        if self.format == Format::Qcow2 {
-            writeln!(f, "Format specific information:")?;
-            let compat = if self.version == Some(2) {
-                "0.10"
-            } else {
-                "1.1"
-            };
-            writeln!(f, "    compat: {compat}")?;
-            if let Some(c) = self.compression_type {
-                writeln!(f, "    compression type: {c}")?;
-            }
-            writeln!(f, "    lazy refcounts: {}", self.lazy_refcounts)?;
-            if let Some(r) = self.refcount_bits {
-                writeln!(f, "    refcount bits: {r}")?;
-            }
-            writeln!(f, "    corrupt: {}", self.corrupt)?;
-            writeln!(f, "    dirty: {}", self.dirty)?;
-            writeln!(f, "    snapshots: {}", self.snapshots)?;
-        }
-        Ok(())
-    }
-}
-
-/// Describes an image without opening its backing chain.
-pub fn info(path: &Path) -> Result<ImageInfo, OpenImageError> {
-    // Locked as a reader like `qemu-img info` (force-shared inside `with_force_share`, `-U`).
-    let file = blockdev::open_file(path, true).map_err(open_err(path))?;
-    let md = file.metadata().map_err(open_err(path))?;
-    let file_length = blockdev::file_size(&file).map_err(open_err(path))?;
-    let disk_size = md.blocks() * 512;
-    if !has_qcow2_magic(&file).map_err(open_err(path))? {
-        return Ok(ImageInfo {
-            path: path.to_path_buf(),
-            format: Format::Raw,
-            virtual_size: file_length,
-            disk_size,
-            file_length,
-            cluster_size: None,
-            backing_file: None,
-            backing_format: None,
-            version: None,
-            dirty: false,
-            corrupt: false,
-            refcount_bits: None,
-            compression_type: None,
-            lazy_refcounts: false,
-            snapshots: 0,
-        });
-    }
-    let host = FileHost::new(file);
-    let ih = ImageHeader::read(&host)?;
-    let h = &ih.header;
-    Ok(ImageInfo {
-        path: path.to_path_buf(),
-        format: Format::Qcow2,
-        virtual_size: h.size,
-        disk_size,
-        file_length,
-        cluster_size: Some(h.geometry().cluster_size()),
-        backing_file: ih.backing.as_ref().map(|b| b.name.clone()),
-        backing_format: ih.backing.as_ref().and_then(|b| b.format.clone()),
-        version: Some(h.version),
-        dirty: h.incompatible_features & format::incompat::DIRTY != 0,
-        corrupt: h.incompatible_features & format::incompat::CORRUPT != 0,
-        refcount_bits: Some(h.geometry().refcount_bits()),
-        compression_type: h.compression().ok(),
-        lazy_refcounts: h.compatible_features & format::compat::LAZY_REFCOUNTS != 0,
-        snapshots: h.nb_snapshots,
-    })
-}
-
 /// Writes the overlay's allocated data and zeroed ranges into its backing file (growing a raw
 /// backing file if it is smaller), flushes the backing file, then empties the overlay, like
 /// `qemu-img commit`.
@@ -359,11 +217,13 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     let bpath = resolve_backing_path(overlay, &spec.name);
     let bfmt = match &spec.format {
         Some(f) => f.parse::<Format>()?,
-        None => probe_format(&bpath)?,
+        None => probe_format(&bpath).map_err(backing_of(overlay))?,
     };
     let size = ih.header.size;
     if bfmt == Format::Raw {
-        let f = blockdev::open_file(&bpath, false).map_err(open_err(&bpath))?;
+        let f = blockdev::open_file(&bpath, false)
+            .map_err(open_err(&bpath))
+            .map_err(backing_of(overlay))?;
         let len = blockdev::file_size(&f).map_err(open_err(&bpath))?;
         if len < size {
             f.set_len(size).map_err(|source| ImageOpError::Io {
@@ -374,7 +234,8 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     }
     let mut seen = Vec::new();
     check_chain(overlay, 0, &mut seen)?;
-    let backing = open_chain(&bpath, Some(bfmt), false, 1, &mut seen)?;
+    let backing =
+        open_chain(&bpath, Some(bfmt), false, 1, &mut seen).map_err(backing_of(overlay))?;
     if backing.size() < size {
         return Err(ImageOpError::Invalid(format!(
             "backing image {} ({} bytes) is smaller than the overlay ({size} bytes)",
@@ -412,7 +273,8 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     Ok(())
 }
 
-/// Writes the guest-visible bytes of `image` to a raw file, leaving zero ranges sparse.
+/// Writes the guest-visible bytes of `image` (read as `format`, probed when `None`) to a raw
+/// file, leaving zero ranges sparse.
 ///
 /// The output is written under a temporary name in its directory and renamed over `out_raw`
 /// only when complete and synced, so a failed export never leaves a target that looks whole.
@@ -420,10 +282,11 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
 /// another process has locked, is refused untouched.
 pub fn export(
     image: &Path,
+    format: Option<Format>,
     out_raw: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageOpError> {
-    let (dev, chain) = open_image_chain(image, None, true)?;
+    let (dev, chain) = open_image_chain(image, format, true)?;
     let existing = crate::output::check_output(out_raw, image, &chain)?;
     let size = dev.size();
     let tmp = crate::output::TempOutput::create(out_raw, existing.as_ref())?;
