@@ -40,6 +40,9 @@ pub const PERM_RESIZE: u64 = 0x08;
 /// `BLK_PERM_ALL`.
 pub const PERM_ALL: u64 = 0x0f;
 
+/// How long a conflicting lock is re-tested before it counts (see [`lock_image`]).
+pub const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Number of permission bits QEMU locks.
 const PERM_BITS: u32 = 4;
 
@@ -203,17 +206,28 @@ fn locking_unsupported(e: &io::Error) -> bool {
 /// takes the permission and shared-permission bytes. The locks live as long as the file's open
 /// file description. On a file system without lock support it logs a warning and succeeds, like
 /// QEMU's default `locking=auto`.
+///
+/// A conflict is re-tested for up to [`CONFLICT_GRACE`] before it is reported: a description
+/// closed a moment ago can still be alive in a child process that another thread has forked but
+/// that has not yet reached `exec` (close-on-exec descriptors live until then), which would
+/// otherwise make an image just closed by this very process look in use.
 pub fn lock_image(file: &File, perms: Perms) -> io::Result<()> {
-    let conflict = match check_conflict(file, perms) {
-        Ok(c) => c,
-        Err(e) if locking_unsupported(&e) => {
-            log::warn!("image locking is not supported here ({e}); opening unlocked");
-            return Ok(());
+    let deadline = std::time::Instant::now() + CONFLICT_GRACE;
+    loop {
+        match check_conflict(file, perms) {
+            Ok(None) => break,
+            Ok(Some(c)) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(conflict_error(c));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) if locking_unsupported(&e) => {
+                log::warn!("image locking is not supported here ({e}); opening unlocked");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) => return Err(e),
-    };
-    if let Some(c) = conflict {
-        return Err(conflict_error(c));
     }
     for (i, bit) in bits().enumerate() {
         if perms.perm & bit != 0 {
