@@ -46,9 +46,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         Err(e) => {
+            // clap's first paragraph is the error (with the names it is about); the usage and
+            // tips after the first blank line are left out.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let first = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
             let _ = writeln!(
                 std::io::stderr(),
                 "snapblk: {first} (see snapblk --help)"
