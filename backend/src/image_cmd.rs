@@ -314,7 +314,9 @@ fn plan_create(args: &CreateArgs) -> Result<CreatePlan, String> {
 }
 
 fn create_raw(path: &std::path::Path, size: u64) -> Result<(), String> {
+    // Readable too: the shared (read) lock bytes need a descriptor open for reading.
     let file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(false)

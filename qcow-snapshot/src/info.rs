@@ -394,7 +394,12 @@ impl fmt::Display for ImageInfo {
             writeln!(f, "cluster_size: {cs}")?;
         }
         if let Some(b) = &self.backing_file {
-            writeln!(f, "backing file: {b}")?;
+            match &self.full_backing_file {
+                Some(full) if full.as_os_str() != b.as_str() => {
+                    writeln!(f, "backing file: {b} (actual path: {})", full.display())?
+                }
+                _ => writeln!(f, "backing file: {b}")?,
+            }
         }
         if let Some(b) = &self.backing_format {
             writeln!(f, "backing file format: {b}")?;
