@@ -56,10 +56,7 @@ fn main() -> ExitCode {
                 .collect::<Vec<_>>()
                 .join(" ");
             let first = first.strip_prefix("error: ").unwrap_or(&first);
-            let _ = writeln!(
-                std::io::stderr(),
-                "snapblk: {first} (see snapblk --help)"
-            );
+            let _ = writeln!(std::io::stderr(), "snapblk: {first} (see snapblk --help)");
             return ExitCode::FAILURE;
         }
     };

@@ -56,7 +56,15 @@ fn base_and_overlay(dir: &Path) -> (PathBuf, PathBuf) {
     let base = dir.join("b.raw");
     std::fs::write(&base, vec![0x11; 1 << 20]).unwrap();
     let ov = dir.join("o.qcow2");
-    ok(snapblk(&["create", "-q", "-b", "b.raw", "-F", "raw", s(&ov)]));
+    ok(snapblk(&[
+        "create",
+        "-q",
+        "-b",
+        "b.raw",
+        "-F",
+        "raw",
+        s(&ov),
+    ]));
     (base, ov)
 }
 
@@ -100,11 +108,29 @@ fn create_refuses_an_image_backing_onto_itself_and_leaves_it_intact() {
     one_line_error("create over itself with a size", &o, "back onto itself");
     // Over a file lower in its own chain (b.raw is o.qcow2's backing file).
     let top = dir.path().join("top.qcow2");
-    ok(snapblk(&["create", "-q", "-b", "o.qcow2", "-F", "qcow2", s(&top)]));
-    let o = snapblk(&["create", "-b", "top.qcow2", "-F", "qcow2", s(&dir.path().join("b.raw"))]);
+    ok(snapblk(&[
+        "create",
+        "-q",
+        "-b",
+        "o.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]));
+    let o = snapblk(&[
+        "create",
+        "-b",
+        "top.qcow2",
+        "-F",
+        "qcow2",
+        s(&dir.path().join("b.raw")),
+    ]);
     one_line_error("create over its chain", &o, "back onto itself");
     assert_eq!(std::fs::read(&ov).unwrap(), before);
-    assert!(std::fs::read(dir.path().join("b.raw")).unwrap().iter().all(|&b| b == 0x11));
+    assert!(std::fs::read(dir.path().join("b.raw"))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0x11));
 }
 
 /// Runs snapblk with stdout a pipe whose reading end is already closed.
@@ -148,11 +174,27 @@ fn a_closed_pipe_ends_every_printing_command_quietly_without_a_panic() {
 fn errors_are_one_line_with_a_non_zero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.qcow2");
-    one_line_error("info of a missing file", &snapblk(&["info", s(&missing)]), "missing.qcow2");
-    one_line_error("unknown flag", &snapblk(&["info", "--bogus", "x"]), "--bogus");
+    one_line_error(
+        "info of a missing file",
+        &snapblk(&["info", s(&missing)]),
+        "missing.qcow2",
+    );
+    one_line_error(
+        "unknown flag",
+        &snapblk(&["info", "--bogus", "x"]),
+        "--bogus",
+    );
     one_line_error("missing argument", &snapblk(&["create"]), "required");
-    one_line_error("bad size", &snapblk(&["create", s(&missing), "1.5"]), "invalid image size");
-    one_line_error("too large", &snapblk(&["create", s(&missing), "8E"]), "between 0 and");
+    one_line_error(
+        "bad size",
+        &snapblk(&["create", s(&missing), "1.5"]),
+        "invalid image size",
+    );
+    one_line_error(
+        "too large",
+        &snapblk(&["create", s(&missing), "8E"]),
+        "between 0 and",
+    );
     one_line_error(
         "unknown -o",
         &snapblk(&["create", "-o", "preallocation=full", s(&missing), "1M"]),
@@ -166,7 +208,11 @@ fn a_missing_backing_file_is_named_as_the_backing_file_of_its_image() {
     let dir = tempfile::tempdir().unwrap();
     let (base, ov) = base_and_overlay(dir.path());
     std::fs::remove_file(&base).unwrap();
-    for args in [&["checksum", s(&ov)][..], &["commit", s(&ov)], &["info", "--backing-chain", s(&ov)]] {
+    for args in [
+        &["checksum", s(&ov)][..],
+        &["commit", s(&ov)],
+        &["info", "--backing-chain", s(&ov)],
+    ] {
         let o = snapblk(args);
         one_line_error(&format!("{args:?}"), &o, "backing file of");
         let err = String::from_utf8_lossy(&o.stderr);
@@ -217,7 +263,10 @@ fn create_takes_a_positional_size_in_qemu_img_syntax_and_rounds_up_to_sectors() 
         assert_eq!(virtual_size(&img), want, "{size}");
         if have_qemu_img() {
             let q = dir.path().join(format!("q{size}.qcow2"));
-            ok(run("qemu-img", &["create", "-q", "-f", "qcow2", s(&q), size]));
+            ok(run(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", s(&q), size],
+            ));
             let info = ok(run("qemu-img", &["info", s(&q)]));
             assert!(info.contains(&format!("({want} bytes)")), "{size}: {info}");
         }
@@ -227,7 +276,12 @@ fn create_takes_a_positional_size_in_qemu_img_syntax_and_rounds_up_to_sectors() 
     assert!(ok(snapblk(&["create", "-q", "--size", "1M", s(&a)])).is_empty());
     assert_eq!(virtual_size(&a), 1 << 20);
     let b = dir.path().join("b.qcow2");
-    let out = ok(snapblk(&["create", "-o", "cluster_size=4096,size=2M", s(&b)]));
+    let out = ok(snapblk(&[
+        "create",
+        "-o",
+        "cluster_size=4096,size=2M",
+        s(&b),
+    ]));
     assert!(out.contains("cluster_size=4096"), "{out}");
     assert_eq!(virtual_size(&b), 2 << 20);
     let r = dir.path().join("r.raw");

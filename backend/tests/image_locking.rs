@@ -55,9 +55,17 @@ fn stderr(o: &Output) -> String {
 fn assert_in_use(what: &str, o: &Output, file: &Path) {
     let err = stderr(o);
     assert!(!o.status.success(), "{what} succeeded: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{what}: not one line: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{what}: not one line: {err}"
+    );
     assert!(err.contains("in use"), "{what}: {err}");
-    assert!(err.contains(s(file)), "{what} does not name {}: {err}", file.display());
+    assert!(
+        err.contains(s(file)),
+        "{what} does not name {}: {err}",
+        file.display()
+    );
 }
 
 /// A raw base with a pattern and a qcow2 overlay over it with some data of its own.
@@ -67,10 +75,23 @@ fn overlay(dir: &Path) -> (PathBuf, PathBuf) {
     let ov = dir.join("o.qcow2");
     let o = run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "raw", s(&ov)],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&base),
+            "-F",
+            "raw",
+            s(&ov),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = run("qemu-io", &["-f", "qcow2", "-c", "write -P 7 0 64k", s(&ov)]);
+    let o = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 7 0 64k", s(&ov)],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     (base, ov)
 }
@@ -142,8 +163,16 @@ fn an_overlay_qemu_storage_daemon_writes_is_refused_by_every_snapblk_writer_and_
     let qsd = qsd_holding(dir.path(), &ov);
 
     assert_in_use("commit", &snapblk(&["commit", s(&ov)]), &ov);
-    assert_in_use("check -r all", &snapblk(&["check", "-r", "all", s(&ov)]), &ov);
-    assert_in_use("check -r leaks", &snapblk(&["check", "-r", "leaks", s(&ov)]), &ov);
+    assert_in_use(
+        "check -r all",
+        &snapblk(&["check", "-r", "all", s(&ov)]),
+        &ov,
+    );
+    assert_in_use(
+        "check -r leaks",
+        &snapblk(&["check", "-r", "leaks", s(&ov)]),
+        &ov,
+    );
     let sock = dir.path().join("x.sock");
     assert_in_use(
         "serve",
@@ -192,16 +221,28 @@ fn an_overlay_snapblk_serves_is_refused_to_qemu_writers_and_a_second_daemon() {
     let (base, ov) = overlay(dir.path());
     let daemon = serving(dir.path(), &ov, "a", &[]);
 
-    let o = run("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 512", s(&ov)]);
+    let o = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 512", s(&ov)],
+    );
     assert!(!o.status.success(), "qemu-io wrote a served overlay");
     assert!(stderr(&o).contains("lock"), "{}", stderr(&o));
     let o = run("qemu-img", &["commit", "-f", "qcow2", s(&ov)]);
     assert!(!o.status.success(), "qemu-img committed a served overlay");
     let o = run("qemu-img", &["info", s(&ov)]);
-    assert!(!o.status.success(), "qemu-img info read a written image unshared");
+    assert!(
+        !o.status.success(),
+        "qemu-img info read a written image unshared"
+    );
     // Backing files are shared for reading only.
-    let o = run("qemu-io", &["-f", "raw", "-c", "write -P 1 0 512", s(&base)]);
-    assert!(!o.status.success(), "qemu-io wrote the base of a served overlay");
+    let o = run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 0 512", s(&base)],
+    );
+    assert!(
+        !o.status.success(),
+        "qemu-io wrote the base of a served overlay"
+    );
     let o = run("qemu-img", &["info", s(&base)]);
     assert!(o.status.success(), "readers share the base: {}", stderr(&o));
     // A second daemon on the same image exits at once with an in-use error.
@@ -217,8 +258,15 @@ fn an_overlay_snapblk_serves_is_refused_to_qemu_writers_and_a_second_daemon() {
     assert!(o.status.success(), "{}", stderr(&o));
     drop(daemon);
 
-    let o = run("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 512", s(&ov)]);
-    assert!(o.status.success(), "lock not released at exit: {}", stderr(&o));
+    let o = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 512", s(&ov)],
+    );
+    assert!(
+        o.status.success(),
+        "lock not released at exit: {}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -236,7 +284,10 @@ fn a_read_only_served_image_is_shared_with_readers_but_not_writers() {
     assert!(o.status.success(), "{}", stderr(&o));
     let _second = serving(dir.path(), &img, "ro2", &["--readonly", "--format", "raw"]);
     let o = run("qemu-io", &["-f", "raw", "-c", "write 0 512", s(&img)]);
-    assert!(!o.status.success(), "qemu-io wrote a read-only served image");
+    assert!(
+        !o.status.success(),
+        "qemu-io wrote a read-only served image"
+    );
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 3));
 }
 

@@ -23,9 +23,9 @@ use sha2::{Digest, Sha256};
 use crate::create::{create, CreateOptions};
 use crate::error::{ImageOpError, OpenImageError};
 use crate::format;
-pub use crate::info::{info, info_chain, info_with, ImageInfo};
 use crate::host::{FileHost, HostFile};
 use crate::image::{ImageHeader, Mapping, QcowImage};
+pub use crate::info::{info, info_chain, info_with, ImageInfo};
 
 /// Longest backing chain (images below the top one). QEMU has no fixed limit (its chains end
 /// at the open-file limit; qemu-img and qemu-io open and read 519-deep chains). Here opening
@@ -124,13 +124,16 @@ pub fn open_image(
     Ok(open_image_chain(path, format, read_only)?.0)
 }
 
+/// A file's identity: (device, inode).
+pub type FileId = (u64, u64);
+
 /// [`open_image`], also returning the (device, inode) of every file of the chain, top first,
 /// so a writer can refuse an output that is one of its inputs.
 pub fn open_image_chain(
     path: &Path,
     format: Option<Format>,
     read_only: bool,
-) -> Result<(Arc<dyn BlockDev>, Vec<(u64, u64)>), OpenImageError> {
+) -> Result<(Arc<dyn BlockDev>, Vec<FileId>), OpenImageError> {
     let mut seen = Vec::new();
     let dev = open_chain(path, format, read_only, 0, &mut seen)?;
     Ok((dev, seen))

@@ -124,8 +124,8 @@ fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 fn read_exact(file: &File, len: u64, off: u64, what: &str) -> Result<Vec<u8>, OpenImageError> {
-    let n = usize::try_from(len)
-        .map_err(|_| OpenImageError::Corrupt(format!("{what} too large")))?;
+    let n =
+        usize::try_from(len).map_err(|_| OpenImageError::Corrupt(format!("{what} too large")))?;
     let mut buf = vec![0u8; n];
     file.read_exact_at(&mut buf, off)
         .map_err(|e| OpenImageError::Corrupt(format!("cannot read {what}: {e}")))?;
@@ -155,7 +155,12 @@ fn read_snapshots(file: &File, h: &format::Header) -> Result<Vec<SnapshotInfo>, 
             ));
         }
         let extra = read_exact(file, extra_len, off + 40, "snapshot extra data")?;
-        let strings = read_exact(file, id_len + name_len, off + 40 + extra_len, "snapshot name")?;
+        let strings = read_exact(
+            file,
+            id_len + name_len,
+            off + 40 + extra_len,
+            "snapshot name",
+        )?;
         let (id, name) = strings.split_at(id_len as usize);
         let mut vm_state_size = u64::from(be32(&e, 32));
         if extra_len >= 8 {
@@ -362,8 +367,10 @@ pub fn size_to_str(n: u64) -> String {
 
 fn local_date(sec: u32) -> String {
     let t = libc::time_t::from(sec);
-    // SAFETY: localtime_r writes only into `tm`, which outlives the call.
+    // SAFETY: `tm` is a plain C struct of integers (and a pointer that may be null); all-zero
+    // is a valid value.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and writes only into `tm`; both outlive the call.
     let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
     if !ok {
         return "-".to_string();

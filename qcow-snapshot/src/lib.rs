@@ -22,8 +22,9 @@ pub mod output;
 pub mod refcount;
 
 pub use api::{
-    checksum, checksum_dev, commit, create_snapshot_overlay, export, info, info_chain, info_with, open_image, open_image_chain, open_qcow2,
-    probe_format, resolve_backing_path, Format, ImageInfo,
+    checksum, checksum_dev, commit, create_snapshot_overlay, export, info, info_chain, info_with,
+    open_image, open_image_chain, open_qcow2, probe_format, resolve_backing_path, Format,
+    ImageInfo,
 };
 pub use create::{create, create_on, CreateOptions};
 pub use error::{CreateImageError, ImageOpError, OpenImageError};

@@ -98,7 +98,8 @@ impl TempOutput {
                         committed: false,
                     };
                     if let Some(md) = existing {
-                        let mode = std::fs::Permissions::from_mode(md.permissions().mode() & 0o7777);
+                        let mode =
+                            std::fs::Permissions::from_mode(md.permissions().mode() & 0o7777);
                         out.file.set_permissions(mode).map_err(io_err(&out.tmp))?;
                     }
                     return Ok(out);
@@ -160,7 +161,10 @@ mod tests {
         std::fs::hard_link(&input, &alias).unwrap();
         let md = std::fs::metadata(&input).unwrap();
         let e = check_output(&alias, &input, &[(md.dev(), md.ino())]).unwrap_err();
-        assert!(e.to_string().contains("refusing to overwrite an input"), "{e}");
+        assert!(
+            e.to_string().contains("refusing to overwrite an input"),
+            "{e}"
+        );
         assert_eq!(std::fs::read(&input).unwrap(), b"precious");
     }
 

@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use blockdev::{BlockDev, BlockError, MemDisk};
 use common::*;
+use qcow_snapshot::api::MAX_CHAIN_DEPTH;
 use qcow_snapshot::format::{self, incompat, Header};
 use qcow_snapshot::{
     create, create_on, open_image, CreateImageError, CreateOptions, Format, MemHost,
     OpenImageError, QcowImage,
 };
-use qcow_snapshot::api::MAX_CHAIN_DEPTH;
 use rand::{Rng, SeedableRng};
 
 const CS: u64 = 4096;
