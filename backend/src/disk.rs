@@ -277,6 +277,8 @@ mod tests {
             disk.cache_control.is_some(),
             "the folio cache is the write-cache switch"
         );
+        // The served image is locked as a writer: a second open waits until it is closed.
+        drop(disk);
         args.readonly = true;
         assert!(open_disk(&args).unwrap().dev.is_read_only());
     }

@@ -8,6 +8,7 @@
 //!   checksum).
 //! - [`probe_guard`]: a probed-raw image refuses writes that would change its probed format;
 //!   the `serve` backing-file policy.
+//! - [`img_size`]: image sizes parsed as qemu-img parses them.
 //! - [`virtio_blk`]: virtio-blk wire formats (request header, segments, config space, constants).
 //! - [`device`]: the device model shared by the queues of one connection (config, features, WCE).
 //! - [`request`]: request parsing/execution over guest memory and the per-queue processing pass.
@@ -22,6 +23,7 @@ pub mod convert_cmd;
 pub mod device;
 pub mod disk;
 pub mod image_cmd;
+pub mod img_size;
 pub mod inflight;
 pub mod probe_guard;
 pub mod request;

@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::RwLock;
 
 mod file;
+pub mod lock;
 pub use file::{file_size, RawFile};
 
 /// What went wrong in a block-device operation.
@@ -149,9 +150,14 @@ impl BlockDev for MemDisk {
     }
 }
 
-/// Opens `path` for reading, and for writing unless `read_only`.
+/// Opens the image file `path` for reading, and for writing unless `read_only`, and locks it as
+/// QEMU would ([`lock::Perms::for_open`]): a read-write open refuses an image another process
+/// uses, a read-only open refuses an image another process writes (unless inside
+/// [`lock::with_force_share`]). The lock lives as long as the returned `File`.
 pub fn open_file(path: &Path, read_only: bool) -> io::Result<File> {
-    OpenOptions::new().read(true).write(!read_only).open(path)
+    let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+    lock::lock_image(&file, lock::Perms::for_open(read_only))?;
+    Ok(file)
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.

@@ -23,13 +23,18 @@ use sha2::{Digest, Sha256};
 
 use crate::create::{create, CreateOptions};
 use crate::error::{ImageOpError, OpenImageError};
-use crate::format::{self, CompressionType};
+use crate::format;
 use crate::host::{FileHost, HostFile};
 use crate::image::{ImageHeader, Mapping, QcowImage};
 use crate::policy::BackingPolicy;
+pub use crate::info::{info, info_chain, info_with, ImageInfo};
 
-/// Longest backing chain (images below the top one).
-pub const MAX_CHAIN_DEPTH: usize = 16;
+/// Longest backing chain (images below the top one). QEMU has no fixed limit (its chains end
+/// at the open-file limit; qemu-img and qemu-io open and read 519-deep chains). Here opening
+/// and reading recurse once per image (2 to 4 KiB of stack each), and reads run on worker
+/// threads with 2 MiB stacks: 256 keeps a read through the deepest chain within half of such a
+/// stack, far below any descriptor limit, and still stops a hostile endless chain.
+pub const MAX_CHAIN_DEPTH: usize = 256;
 
 /// Chunk size of the copy loops.
 const CHUNK: u64 = 1 << 20;
@@ -86,6 +91,18 @@ pub fn probe_bytes(head: &[u8]) -> Format {
     }
 }
 
+/// Names `image` in an error about opening its direct backing file (missing, in use, ...).
+fn backing_of(image: &Path) -> impl FnOnce(OpenImageError) -> OpenImageError + '_ {
+    move |e| match e {
+        OpenImageError::Io { path, source } => OpenImageError::BackingIo {
+            path,
+            image: image.to_path_buf(),
+            source,
+        },
+        other => other,
+    }
+}
+
 /// Whether `file` starts with the qcow2 magic.
 fn has_qcow2_magic(file: &File) -> io::Result<bool> {
     Ok(probe_head(file)? == Format::Qcow2)
@@ -133,8 +150,31 @@ pub fn open_image_with(
     read_only: bool,
     policy: &BackingPolicy,
 ) -> Result<Arc<dyn BlockDev>, OpenImageError> {
+    Ok(open_image_chain_with(path, format, read_only, policy)?.0)
+}
+
+/// A file's identity: (device, inode).
+pub type FileId = (u64, u64);
+
+/// [`open_image`], also returning the (device, inode) of every file of the chain, top first,
+/// so a writer can refuse an output that is one of its inputs.
+pub fn open_image_chain(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+) -> Result<(Arc<dyn BlockDev>, Vec<FileId>), OpenImageError> {
+    open_image_chain_with(path, format, read_only, &BackingPolicy::default())
+}
+
+fn open_image_chain_with(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+    policy: &BackingPolicy,
+) -> Result<(Arc<dyn BlockDev>, Vec<FileId>), OpenImageError> {
     let mut seen = Vec::new();
-    open_chain(path, path, format, read_only, 0, &mut seen, policy)
+    let dev = open_chain(path, path, format, read_only, 0, &mut seen, policy)?;
+    Ok((dev, seen))
 }
 
 /// Opens a qcow2 image as a [`QcowImage`] (with its backing chain).
@@ -221,7 +261,7 @@ fn open_qcow2_in_chain(
             let bpath = resolve_backing_path(path, &spec.name);
             // The policy decides which files a chain may name (see `policy`); a format the
             // overlay does not record is raw unless the user asked for probing.
-            let admitted = policy.admit(&bpath)?;
+            let admitted = policy.admit(&bpath).map_err(backing_of(path))?;
             let bfmt = match &spec.format {
                 Some(f) => Some(f.parse::<Format>()?),
                 None => policy.unrecorded_format(),
@@ -235,152 +275,11 @@ fn open_qcow2_in_chain(
                 depth + 1,
                 seen,
                 policy,
-            )?)
+            )
+            .map_err(backing_of(path))?)
         }
     };
     QcowImage::open_with(Box::new(host), read_only, backing)
-}
-
-/// What `info` reports about an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageInfo {
-    /// The path given.
-    pub path: PathBuf,
-    /// Detected format.
-    pub format: Format,
-    /// Virtual disk size.
-    pub virtual_size: u64,
-    /// Space allocated on the host file system.
-    pub disk_size: u64,
-    /// Length of the file.
-    pub file_length: u64,
-    /// qcow2: cluster size.
-    pub cluster_size: Option<u64>,
-    /// qcow2: backing file name as stored.
-    pub backing_file: Option<String>,
-    /// qcow2: backing format from the extension.
-    pub backing_format: Option<String>,
-    /// qcow2: version (2 or 3).
-    pub version: Option<u32>,
-    /// qcow2: dirty bit.
-    pub dirty: bool,
-    /// qcow2: corrupt bit.
-    pub corrupt: bool,
-    /// qcow2: refcount width.
-    pub refcount_bits: Option<u64>,
-    /// qcow2: compression type.
-    pub compression_type: Option<CompressionType>,
-    /// qcow2: lazy refcounts compatible bit.
-    pub lazy_refcounts: bool,
-    /// qcow2: number of internal snapshots.
-    pub snapshots: u32,
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.3} {}", UNITS[u]).replace(".000", "")
-    }
-}
-
-impl fmt::Display for ImageInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "image: {}", self.path.display())?;
-        writeln!(f, "file format: {}", self.format)?;
-        writeln!(
-            f,
-            "virtual size: {} ({} bytes)",
-            human(self.virtual_size),
-            self.virtual_size
-        )?;
-        writeln!(f, "disk size: {}", human(self.disk_size))?;
-        if let Some(cs) = self.cluster_size {
-            writeln!(f, "cluster_size: {cs}")?;
-        }
-        if let Some(b) = &self.backing_file {
-            writeln!(f, "backing file: {b}")?;
-        }
-        if let Some(b) = &self.backing_format {
-            writeln!(f, "backing file format: {b}")?;
-        }
-        if self.format == Format::Qcow2 {
-            writeln!(f, "Format specific information:")?;
-            let compat = if self.version == Some(2) {
-                "0.10"
-            } else {
-                "1.1"
-            };
-            writeln!(f, "    compat: {compat}")?;
-            if let Some(c) = self.compression_type {
-                writeln!(f, "    compression type: {c}")?;
-            }
-            writeln!(f, "    lazy refcounts: {}", self.lazy_refcounts)?;
-            if let Some(r) = self.refcount_bits {
-                writeln!(f, "    refcount bits: {r}")?;
-            }
-            writeln!(f, "    corrupt: {}", self.corrupt)?;
-            writeln!(f, "    dirty: {}", self.dirty)?;
-            writeln!(f, "    snapshots: {}", self.snapshots)?;
-        }
-        Ok(())
-    }
-}
-
-/// Describes an image without opening its backing chain.
-pub fn info(path: &Path) -> Result<ImageInfo, OpenImageError> {
-    let file = File::open(path).map_err(open_err(path))?;
-    let md = file.metadata().map_err(open_err(path))?;
-    let file_length = blockdev::file_size(&file).map_err(open_err(path))?;
-    let disk_size = md.blocks() * 512;
-    if !has_qcow2_magic(&file).map_err(open_err(path))? {
-        return Ok(ImageInfo {
-            path: path.to_path_buf(),
-            format: Format::Raw,
-            virtual_size: file_length,
-            disk_size,
-            file_length,
-            cluster_size: None,
-            backing_file: None,
-            backing_format: None,
-            version: None,
-            dirty: false,
-            corrupt: false,
-            refcount_bits: None,
-            compression_type: None,
-            lazy_refcounts: false,
-            snapshots: 0,
-        });
-    }
-    let host = FileHost::new(file);
-    let ih = ImageHeader::read(&host)?;
-    let h = &ih.header;
-    Ok(ImageInfo {
-        path: path.to_path_buf(),
-        format: Format::Qcow2,
-        virtual_size: h.size,
-        disk_size,
-        file_length,
-        cluster_size: Some(h.geometry().cluster_size()),
-        backing_file: ih.backing.as_ref().map(|b| b.name.clone()),
-        backing_format: ih.backing.as_ref().and_then(|b| b.format.clone()),
-        version: Some(h.version),
-        dirty: h.incompatible_features & format::incompat::DIRTY != 0,
-        corrupt: h.incompatible_features & format::incompat::CORRUPT != 0,
-        refcount_bits: Some(h.geometry().refcount_bits()),
-        compression_type: h.compression().ok(),
-        lazy_refcounts: h.compatible_features & format::compat::LAZY_REFCOUNTS != 0,
-        snapshots: h.nb_snapshots,
-    })
 }
 
 /// Writes the overlay's allocated data and zeroed ranges into its backing file (growing a raw
@@ -395,7 +294,7 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     })?;
     let bpath = resolve_backing_path(overlay, &spec.name);
     let policy = BackingPolicy::default();
-    let admitted = policy.admit(&bpath)?;
+    let admitted = policy.admit(&bpath).map_err(backing_of(overlay))?;
     let open_as = admitted.open_path();
     // Never guess the format of the file about to be written: raw data written into a qcow2
     // (or the reverse) would destroy it.
@@ -414,7 +313,9 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     };
     let size = ih.header.size;
     if bfmt == Format::Raw {
-        let f = blockdev::open_file(&open_as, false).map_err(open_err(&bpath))?;
+        let f = blockdev::open_file(&open_as, false)
+            .map_err(open_err(&bpath))
+            .map_err(backing_of(overlay))?;
         let len = blockdev::file_size(&f).map_err(open_err(&bpath))?;
         if len < size {
             f.set_len(size).map_err(|source| ImageOpError::Io {
@@ -425,7 +326,8 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     }
     let mut seen = Vec::new();
     check_chain(overlay, 0, &mut seen)?;
-    let backing = open_chain(&bpath, &open_as, Some(bfmt), false, 1, &mut seen, &policy)?;
+    let backing = open_chain(&bpath, &open_as, Some(bfmt), false, 1, &mut seen, &policy)
+        .map_err(backing_of(overlay))?;
     if backing.size() < size {
         return Err(ImageOpError::Invalid(format!(
             "backing image {} ({} bytes) is smaller than the overlay ({size} bytes)",
@@ -463,24 +365,28 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     Ok(())
 }
 
-/// Writes the guest-visible bytes of `image` to a new raw file, leaving zero ranges sparse.
+/// Writes the guest-visible bytes of `image` (read as `format`, probed when `None`) to a raw
+/// file, leaving zero ranges sparse.
+///
+/// The output is written under a temporary name in its directory and renamed over `out_raw`
+/// only when complete and synced, so a failed export never leaves a target that looks whole.
+/// A target that is the image or any file of its backing chain (by device and inode), or that
+/// another process has locked, is refused untouched.
 pub fn export(
     image: &Path,
+    format: Option<Format>,
     out_raw: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageOpError> {
-    let dev = open_image(image, None, true)?;
+    let (dev, chain) = open_image_chain(image, format, true)?;
+    let existing = crate::output::check_output(out_raw, image, &chain)?;
     let size = dev.size();
+    let tmp = crate::output::TempOutput::create(out_raw, existing.as_ref())?;
+    let out = tmp.file();
     let out_err = |source| ImageOpError::Io {
-        path: out_raw.to_path_buf(),
+        path: tmp.path().to_path_buf(),
         source,
     };
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(out_raw)
-        .map_err(out_err)?;
     out.set_len(size).map_err(out_err)?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0;
@@ -488,13 +394,12 @@ pub fn export(
         let n = (size - pos).min(CHUNK) as usize;
         dev.read_at(&mut buf[..n], pos)?;
         if buf[..n].iter().any(|&b| b != 0) {
-            std::os::unix::fs::FileExt::write_all_at(&out, &buf[..n], pos).map_err(out_err)?;
+            std::os::unix::fs::FileExt::write_all_at(out, &buf[..n], pos).map_err(out_err)?;
         }
         pos += n as u64;
         progress(pos, size);
     }
-    out.sync_all().map_err(out_err)?;
-    Ok(())
+    tmp.commit()
 }
 
 /// SHA-256 (lower-case hex) of the guest-visible content of `image` (any format or chain).

@@ -42,7 +42,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -381,15 +381,19 @@ fn invalid(msg: impl Into<String>) -> CheckError {
 
 /// Opens and validates the image like QEMU does when `qemu-img check` opens it: tables must
 /// be aligned and within QEMU's size limits, but may lie past the end of the file.
+///
+/// The file is locked like `qemu-img check` locks it (a repair as a writer, a plain check as a
+/// reader, or force-shared inside `blockdev::lock::with_force_share`).
 fn load(path: &Path, writable: bool) -> Result<Image, CheckError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .open(path)
-        .map_err(|source| CheckError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+    let file = blockdev::open_file(path, !writable).map_err(|source| CheckError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    load_file(path, file)
+}
+
+/// [`load`] on an already open (and locked) file.
+fn load_file(path: &Path, file: File) -> Result<Image, CheckError> {
     let len = file
         .metadata()
         .map_err(|source| CheckError::Open {
@@ -1666,7 +1670,14 @@ fn pass(path: &Path, img: &mut Image, fix: Option<Repair>, log: &mut Log) -> Pas
             return Err((res, e));
         }
         // The header now points to the new structure: load it and recalculate.
-        *img = match load(path, true) {
+        // Reuse the open file description: it holds the image lock, and a second description
+        // of the same file would conflict with it.
+        let reloaded = img
+            .file
+            .try_clone()
+            .map_err(CheckError::Io)
+            .and_then(|f| load_file(path, f));
+        *img = match reloaded {
             Ok(i) => i,
             Err(e) => {
                 res.check_errors += 1;
@@ -1733,6 +1744,7 @@ fn pass(path: &Path, img: &mut Image, fix: Option<Repair>, log: &mut Log) -> Pas
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     const CS: u64 = 4096;
 

@@ -4,6 +4,7 @@
 //!
 //! Locking model: none; a new image belongs to its creator until the function returns.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::error::CreateImageError;
@@ -46,27 +47,61 @@ impl Default for CreateOptions {
 }
 
 /// Creates a new image file at `path` (truncating any existing file).
+///
+/// Refuses, leaving every file untouched, when `path` is the backing file or any file of the
+/// backing chain (compared by device and inode) or when another process has `path` locked. The
+/// backing chain is opened force-shared, like `qemu-img create` does, to learn its size and
+/// files; when it cannot be opened but a size was given, only the named backing file itself is
+/// compared.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), CreateImageError> {
     let io_err = |source| CreateImageError::Io {
         path: path.to_path_buf(),
         source,
     };
     let mut opts = opts.clone();
-    if opts.size == 0 {
-        if let Some((name, fmt)) = &opts.backing {
-            let base = crate::api::resolve_backing_path(path, name);
-            let dev = crate::api::open_image(&base, Some(*fmt), true)
-                .map_err(|e| CreateImageError::Backing(Box::new(e)))?;
-            opts.size = dev.size();
+    let mut chain = Vec::new();
+    // Kept open until the new image is written, so the compared files cannot be replaced.
+    let mut _backing_dev = None;
+    if let Some((name, fmt)) = &opts.backing {
+        let base = crate::api::resolve_backing_path(path, name);
+        match blockdev::lock::with_force_share(|| {
+            crate::api::open_image_chain(&base, Some(*fmt), true)
+        }) {
+            Ok((dev, ids)) => {
+                if opts.size == 0 {
+                    opts.size = dev.size();
+                }
+                chain = ids;
+                _backing_dev = Some(dev);
+            }
+            Err(e) if opts.size == 0 => return Err(CreateImageError::Backing(Box::new(e))),
+            Err(_) => {
+                if let Ok(md) = std::fs::metadata(&base) {
+                    chain.push((md.dev(), md.ino()));
+                }
+            }
         }
     }
+    if let Ok(md) = std::fs::metadata(path) {
+        if chain.contains(&(md.dev(), md.ino())) {
+            return Err(CreateImageError::SelfBacking(path.to_path_buf()));
+        }
+    }
+    // Open without truncating, lock as a writer, and only then empty the file: an image another
+    // process uses is refused intact.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(path)
         .map_err(io_err)?;
+    let md = file.metadata().map_err(io_err)?;
+    if chain.contains(&(md.dev(), md.ino())) {
+        return Err(CreateImageError::SelfBacking(path.to_path_buf()));
+    }
+    blockdev::lock::lock_image(&file, blockdev::lock::Perms::WRITER).map_err(io_err)?;
+    file.set_len(0).map_err(io_err)?;
     let host = FileHost::new(file);
     create_on(&host, &opts).map_err(|e| match e {
         CreateImageError::Io { source, .. } => io_err(source),

@@ -20,6 +20,16 @@ pub enum OpenImageError {
         /// The error.
         source: io::Error,
     },
+    /// The backing file of `image` could not be opened (missing, unreadable, in use).
+    #[error("{} (backing file of {}): {source}", path.display(), image.display())]
+    BackingIo {
+        /// The backing file.
+        path: PathBuf,
+        /// The image whose backing file it is.
+        image: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
     /// I/O on an already open image file failed.
     #[error("I/O error: {0}")]
     HostIo(#[from] io::Error),
@@ -73,6 +83,9 @@ pub enum CreateImageError {
     /// The backing file name is too long or not valid UTF-8.
     #[error("invalid backing file name: {0}")]
     BackingName(String),
+    /// The new image would be its own backing file or a file of its backing chain.
+    #[error("{}: the image would back onto itself (it is the backing file or part of its chain); refusing to overwrite it", .0.display())]
+    SelfBacking(PathBuf),
     /// The backing file could not be opened to learn its size.
     #[error("cannot open backing file: {0}")]
     Backing(Box<OpenImageError>),

@@ -289,11 +289,19 @@ fn image_left_dirty_by_a_crash_is_repaired_on_read_write_open() {
     dev.discard(0, 16384).unwrap(); // frees clusters, decrements pending
     dev.write_at(&[8; 4096], 1 << 20).unwrap();
     dev.flush().unwrap();
+    // The open image holds a writer lock: inspect it force-shared, like `qemu-img info -U`.
     assert!(
-        qcow_snapshot::info(&img).unwrap().dirty,
+        blockdev::lock::with_force_share(|| qcow_snapshot::info(&img))
+            .unwrap()
+            .dirty,
         "dirty bit set while open"
     );
-    std::mem::forget(dev); // crash: no close
+    // Crash: the file as it is on disk now, without a close. (The image lock of the process
+    // that "crashed" would die with it; the copy has none.)
+    let crashed = dir.path().join("crashed.qcow2");
+    std::fs::copy(&img, &crashed).unwrap();
+    drop(dev);
+    let img = crashed;
     let mut want = vec![0u8; 4 << 20];
     want[16384..25000].fill(9);
     want[1 << 20..(1 << 20) + 4096].fill(8);
@@ -390,7 +398,7 @@ fn export_and_checksum_agree_between_raw_and_overlay_chains() {
     data[12345..12345 + 777].fill(5);
     assert_ne!(checksum(&ov, &mut |_, _| {}).unwrap(), raw_sum);
     let out = dir.path().join("out.raw");
-    export(&ov, &out, &mut |_, _| {}).unwrap();
+    export(&ov, None, &out, &mut |_, _| {}).unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), data);
     assert_eq!(
         checksum(&out, &mut |_, _| {}).unwrap(),

@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use blockdev::{BlockDev, BlockError, MemDisk};
 use common::*;
+use qcow_snapshot::api::MAX_CHAIN_DEPTH;
 use qcow_snapshot::format::{self, incompat, Header};
 use qcow_snapshot::{
-    create, create_on, open_image, CreateOptions, Format, MemHost, OpenImageError, QcowImage,
+    create, create_on, open_image, CreateImageError, CreateOptions, Format, MemHost,
+    OpenImageError, QcowImage,
 };
 use rand::{Rng, SeedableRng};
 
@@ -227,8 +229,8 @@ fn backing_loops_and_overlong_chains_are_refused() {
         },
     )
     .unwrap();
-    // Recreate b pointing back at a: a -> b -> a.
-    create(
+    // Recreating b over a (a -> b -> a) is refused: b is part of a's chain.
+    let e = create(
         &b,
         &CreateOptions {
             size: 65536,
@@ -236,12 +238,12 @@ fn backing_loops_and_overlong_chains_are_refused() {
             ..Default::default()
         },
     )
-    .unwrap();
-    let e = open_image(&a, None, true).err().unwrap();
-    assert!(matches!(e, OpenImageError::BackingLoop(_)), "{e}");
-    // Self loop.
+    .unwrap_err();
+    assert!(matches!(e, CreateImageError::SelfBacking(_)), "{e}");
+    // A loop made behind snapblk's back (write elsewhere, rename over b) is refused at open.
+    let b2 = dir.path().join("b2.qcow2");
     create(
-        &a,
+        &b2,
         &CreateOptions {
             size: 65536,
             backing: Some(("a.qcow2".into(), Format::Qcow2)),
@@ -249,17 +251,46 @@ fn backing_loops_and_overlong_chains_are_refused() {
         },
     )
     .unwrap();
+    std::fs::rename(&b2, &b).unwrap();
+    let e = open_image(&a, None, true).err().unwrap();
+    assert!(matches!(e, OpenImageError::BackingLoop(_)), "{e}");
+    // Self loop: refused by create, and refused at open when made by renaming.
+    let e = create(
+        &a,
+        &CreateOptions {
+            size: 65536,
+            backing: Some(("a.qcow2".into(), Format::Qcow2)),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, CreateImageError::SelfBacking(_)), "{e}");
+    let a2 = dir.path().join("a2.qcow2");
+    create(
+        &a2,
+        &CreateOptions {
+            size: 65536,
+            backing: Some(("a.qcow2".into(), Format::Qcow2)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::fs::rename(&a2, &a).unwrap();
     assert!(matches!(
         open_image(&a, None, false),
         Err(OpenImageError::BackingLoop(_))
     ));
-    // Chain of 20 overlays.
-    let mut prev = "base.raw".to_string();
-    let mut fmt = Format::Raw;
-    for i in 0..20 {
-        let name = format!("c{i}.qcow2");
+    // Chains as deep as MAX_CHAIN_DEPTH open (QEMU has no fixed limit; it opens 500-deep
+    // chains); one more is refused. Created top down, so each create is O(1).
+    let n = MAX_CHAIN_DEPTH;
+    for i in (0..=n).rev() {
+        let (prev, fmt) = if i == 0 {
+            ("base.raw".to_string(), Format::Raw)
+        } else {
+            (format!("c{}.qcow2", i - 1), Format::Qcow2)
+        };
         create(
-            &dir.path().join(&name),
+            &dir.path().join(format!("c{i}.qcow2")),
             &CreateOptions {
                 size: 65536,
                 backing: Some((prev, fmt)),
@@ -267,14 +298,16 @@ fn backing_loops_and_overlong_chains_are_refused() {
             },
         )
         .unwrap();
-        prev = name;
-        fmt = Format::Qcow2;
     }
-    let e = open_image(&dir.path().join("c19.qcow2"), None, true)
+    // c{i} has i + 1 images below it: c{n-1} has exactly MAX_CHAIN_DEPTH, c{n} one more.
+    let e = open_image(&dir.path().join(format!("c{n}.qcow2")), None, true)
         .err()
         .unwrap();
     assert!(matches!(e, OpenImageError::ChainTooDeep(_)), "{e}");
-    assert!(open_image(&dir.path().join("c10.qcow2"), None, true).is_ok());
+    let deep = open_image(&dir.path().join(format!("c{}.qcow2", n - 1)), None, true).unwrap();
+    let mut buf = [1u8; 512];
+    deep.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [0u8; 512]);
     // Unknown backing format.
     let x = dir.path().join("x.qcow2");
     qemu_overlay(&x, "base.raw", "vmdk", &["-u"], "64K");
