@@ -26,8 +26,8 @@ use crate::error::{ImageOpError, OpenImageError};
 use crate::format;
 use crate::host::{FileHost, HostFile};
 use crate::image::{ImageHeader, Mapping, QcowImage};
-use crate::policy::BackingPolicy;
 pub use crate::info::{info, info_chain, info_with, ImageInfo};
+use crate::policy::BackingPolicy;
 
 /// Longest backing chain (images below the top one). QEMU has no fixed limit (its chains end
 /// at the open-file limit; qemu-img and qemu-io open and read 519-deep chains). Here opening
@@ -101,11 +101,6 @@ fn backing_of(image: &Path) -> impl FnOnce(OpenImageError) -> OpenImageError + '
         },
         other => other,
     }
-}
-
-/// Whether `file` starts with the qcow2 magic.
-fn has_qcow2_magic(file: &File) -> io::Result<bool> {
-    Ok(probe_head(file)? == Format::Qcow2)
 }
 
 fn probe_head(file: &File) -> io::Result<Format> {
@@ -267,16 +262,10 @@ fn open_qcow2_in_chain(
                 None => policy.unrecorded_format(),
             };
             let open_as = admitted.open_path();
-            Some(open_chain(
-                &bpath,
-                &open_as,
-                bfmt,
-                true,
-                depth + 1,
-                seen,
-                policy,
+            Some(
+                open_chain(&bpath, &open_as, bfmt, true, depth + 1, seen, policy)
+                    .map_err(backing_of(path))?,
             )
-            .map_err(backing_of(path))?)
         }
     };
     QcowImage::open_with(Box::new(host), read_only, backing)
