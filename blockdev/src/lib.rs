@@ -22,7 +22,9 @@ use std::path::Path;
 use std::sync::RwLock;
 
 mod file;
+mod switch;
 pub use file::{file_size, RawFile};
+pub use switch::{SwitchDev, SwitchGuard};
 
 /// What went wrong in a block-device operation.
 #[derive(Debug, thiserror::Error)]
