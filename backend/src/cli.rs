@@ -49,6 +49,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Print the sha256 of the guest-visible disk (equal for raw and any overlay chain).
     Checksum(ChecksumArgs),
+    /// Send a command to a running daemon's --control-socket and print the answer as JSON.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 /// Write-cache mode announced to the guest at start (the guest may change it at run time through
@@ -117,6 +119,13 @@ pub struct ServeArgs {
     /// Folio size of the cache (power of two, 4K..2M).
     #[arg(long, default_value = "64K", value_name = "SIZE", value_parser = parse_size)]
     pub folio_size: u64,
+    /// Serve the JSON control protocol (status, stats, flush, cache mode, live snapshots) on
+    /// this unix socket (owner-only); see `snapblk ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics: HOST:PORT or unix:PATH (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<crate::metrics_http::MetricsAddr>,
 }
 
 impl ServeArgs {
@@ -139,6 +148,8 @@ impl ServeArgs {
             cache_size: 256 << 20,
             dirty_limit: 64 << 20,
             folio_size: 64 << 10,
+            control_socket: None,
+            metrics: None,
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct ServedDisk {
     pub dev: Arc<dyn BlockDev>,
     /// The write-cache switch of the top layer, if it has a cache of its own.
     pub cache_control: Option<Arc<dyn WriteCacheControl>>,
+    /// Pause gate, statistics, live snapshots and control commands of this disk.
+    pub live: Arc<crate::live::Live>,
     /// Removes a throwaway `--snapshot` overlay once the last clone of the disk is gone. Declared
     /// last so the layers above (and the image's clean close) are dropped before it.
     overlay: Option<Arc<OverlayGuard>>,
@@ -55,6 +57,7 @@ impl ServedDisk {
     /// A disk whose top layer has its own write cache, switched by `control`.
     pub fn with_cache_control(dev: Arc<dyn BlockDev>, control: Arc<dyn WriteCacheControl>) -> Self {
         ServedDisk {
+            live: Arc::new(crate::live::Live::detached(dev.clone())),
             dev,
             cache_control: Some(control),
             overlay: None,
@@ -69,6 +72,7 @@ impl ServedDisk {
     /// A disk without a cache layer of its own.
     pub fn plain(dev: Arc<dyn BlockDev>) -> Self {
         ServedDisk {
+            live: Arc::new(crate::live::Live::detached(dev.clone())),
             dev,
             cache_control: None,
             overlay: None,
@@ -76,14 +80,23 @@ impl ServedDisk {
     }
 }
 
-/// Deletes a throwaway snapshot overlay when dropped.
+/// Deletes a throwaway snapshot overlay when dropped, unless a live snapshot made it part of
+/// the chain (`keep`).
 #[derive(Debug)]
 struct OverlayGuard {
     path: PathBuf,
+    keep: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for OverlayGuard {
     fn drop(&mut self) {
+        if self.keep.load(std::sync::atomic::Ordering::Acquire) {
+            log::info!(
+                "keeping snapshot overlay {}: a live snapshot froze it",
+                self.path.display()
+            );
+            return;
+        }
         match std::fs::remove_file(&self.path) {
             Ok(()) => log::info!("removed snapshot overlay {}", self.path.display()),
             Err(e) => log::warn!(
@@ -186,17 +199,32 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
                 "deleted at exit"
             }
         );
-        let guard = (!keep).then(|| Arc::new(OverlayGuard { path: path.clone() }));
+        let guard = (!keep).then(|| {
+            Arc::new(OverlayGuard {
+                path: path.clone(),
+                keep: Default::default(),
+            })
+        });
         (path, Some(Format::Qcow2), guard)
     } else {
         (args.image.clone(), args.format.map(Format::from), None)
     };
-    let dev = qcow_snapshot::open_image(&image, format, args.readonly).map_err(|source| {
+    let chain = crate::snapshot::Chain::open(&image, format, args.readonly).map_err(|source| {
         OpenDiskError::Open {
             path: image.clone(),
             source,
         }
     })?;
+    if let Some(g) = &guard {
+        let g = Arc::downgrade(g);
+        chain.on_first_freeze(Box::new(move || {
+            if let Some(g) = g.upgrade() {
+                g.keep.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }));
+    }
+    let chain = Arc::new(chain);
+    let dev: Arc<dyn BlockDev> = chain.device();
     let cfg = CacheConfig {
         folio_size: args.folio_size,
         cache_size: args.cache_size,
@@ -205,9 +233,23 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
         ..CacheConfig::default()
     };
     let cache = FolioCache::new(dev, cfg)?;
+    let policy = Arc::new(crate::live::ModePolicy::new(Arc::new(CacheSwitch(
+        cache.clone(),
+    ))));
+    let info = crate::live::LiveInfo {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        read_only: args.readonly || cache.is_read_only(),
+    };
     Ok(ServedDisk {
-        dev: cache.clone(),
-        cache_control: Some(Arc::new(CacheSwitch(cache))),
+        live: Arc::new(crate::live::Live::new(
+            cache.clone(),
+            chain,
+            policy.clone(),
+            info,
+        )),
+        dev: cache,
+        cache_control: Some(policy),
         overlay: guard,
     })
 }

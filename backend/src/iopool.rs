@@ -68,8 +68,13 @@ impl std::fmt::Debug for IoPool {
 }
 
 impl IoPool {
-    /// Starts `threads` helper threads for requests on `dev`.
-    pub fn new(dev: Arc<BlkDevice>, threads: usize, name: &str) -> std::io::Result<Self> {
+    /// Starts `threads` helper threads for requests of queue `queue` on `dev`.
+    pub fn new(
+        dev: Arc<BlkDevice>,
+        queue: usize,
+        threads: usize,
+        name: &str,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             dev,
             state: Mutex::new(State::default()),
@@ -81,7 +86,7 @@ impl IoPool {
             let shared = Arc::clone(&shared);
             let handle = thread::Builder::new()
                 .name(format!("{name}-io{i}"))
-                .spawn(move || helper_loop(&shared))?;
+                .spawn(move || helper_loop(&shared, queue))?;
             handles.push(handle);
         }
         Ok(IoPool {
@@ -127,8 +132,8 @@ impl IoPool {
     }
 }
 
-fn helper_loop(shared: &Shared) {
-    let mut worker = RequestWorker::new();
+fn helper_loop(shared: &Shared, queue: usize) {
+    let mut worker = RequestWorker::for_queue(queue);
     loop {
         let chain = {
             let mut st = shared.lock();

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Commit(args) => return image_cmd::commit(&args),
         Command::Export(args) => return image_cmd::export(&args),
         Command::Checksum(args) => return image_cmd::checksum(&args),
+        Command::Ctl(args) => return snapblk::ctl::ctl(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -919,7 +919,7 @@ fn pooled_pass_executes_a_batch_in_parallel_with_the_same_results() {
         Arc::new(h.dev.config().clone()),
     ));
     dev.set_acked_features(dev.config().features());
-    let pool = IoPool::new(dev.clone(), 3, "test").unwrap();
+    let pool = IoPool::new(dev.clone(), 0, 3, "test").unwrap();
     let mem = Arc::new(h.mem.clone());
     // Eight writes of distinct patterns to distinct blocks, one flush, one bad request.
     let mut list = Vec::new();

@@ -70,6 +70,14 @@ pub enum ServeError {
     /// The vhost-user daemon could not be created.
     #[error("cannot start the vhost-user daemon: {0}")]
     Daemon(String),
+    /// The metrics endpoint could not be started.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: io::Error,
+    },
     /// The final flush failed: acknowledged writes may not be durable.
     #[error("final flush failed: {0}")]
     FinalFlush(BlockError),
@@ -163,7 +171,7 @@ impl std::fmt::Debug for Server {
 }
 
 /// Binds `path` as a listening socket with permissions `mode`, replacing a stale socket.
-fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+pub(crate) fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
     let bind_err = |source| ServeError::Bind {
         path: path.to_path_buf(),
         source,
@@ -287,6 +295,11 @@ impl Server {
         &self.socket_path
     }
 
+    /// The state the control socket and the metrics endpoint serve.
+    pub fn live(&self) -> Arc<crate::live::Live> {
+        Arc::clone(&self.disk.live)
+    }
+
     /// Serves frontends one after the other until stopped; then flushes the disk and removes
     /// the socket file.
     pub fn run(mut self) -> Result<(), ServeError> {
@@ -339,7 +352,9 @@ impl Server {
         }
         info!("connection {id}: frontend connected");
         self.stop.set_connection(daemon.shutdown_handle());
+        self.disk.live.set_frontend(Some(id));
         let ended = daemon.wait();
+        self.disk.live.set_frontend(None);
         self.stop.set_connection(None);
         // Dropping the daemon stops and joins the queue threads: every request picked up from a
         // queue has completed once this returns.
@@ -402,6 +417,22 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
     // the first connection spawns queue threads.
     block_stop_signals()?;
     let server = Server::bind(args)?;
+    // Dropped after `run`: their threads are joined before the disk's last handle goes away.
+    let _control = match &args.control_socket {
+        Some(path) => Some(crate::control::ControlServer::start(path, server.live())?),
+        None => None,
+    };
+    let _metrics = match &args.metrics {
+        Some(addr) => Some(
+            crate::metrics_http::MetricsServer::start(addr, server.live()).map_err(|e| {
+                ServeError::Metrics {
+                    addr: addr.to_string(),
+                    source: e,
+                }
+            })?,
+        ),
+        None => None,
+    };
     stop_on_signals(server.stop_handle())?;
     server.run()
 }

@@ -64,6 +64,7 @@ impl VhostUserBlk {
                 let pool = if io_threads > 0 {
                     Some(IoPool::new(
                         Arc::clone(&dev),
+                        usize::from(q),
                         io_threads,
                         &format!("snapblk-q{q}"),
                     )?)
@@ -71,7 +72,7 @@ impl VhostUserBlk {
                     None
                 };
                 Ok(Mutex::new(QueueThread {
-                    worker: RequestWorker::new(),
+                    worker: RequestWorker::for_queue(usize::from(q)),
                     pool,
                     batch: Vec::new(),
                     results: Vec::new(),

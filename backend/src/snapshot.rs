@@ -1,0 +1,447 @@
+//! Live snapshots: the image chain under the cache, and putting a new qcow2 overlay on top of it
+//! while the guest runs (like QEMU's `blockdev-snapshot-sync`).
+//!
+//! The served stack is `FolioCache → SwitchDev → top image (→ backing chain)`. A snapshot:
+//! 1. flushes the cache without pausing the guest (most dirty data goes out here), creates the
+//!    new overlay file (owner-only, never over an existing file) whose backing file is the
+//!    current top (absolute path, its format), and opens the file handles it will need;
+//! 2. closes the request [`PauseGate`]: new guest requests wait, requests inside finish;
+//! 3. flushes the cache again (only what was written since step 1) and the image, so everything
+//!    acknowledged is in the current top;
+//! 4. takes the [`SwitchDev`] exclusively, closes the current top cleanly (dirty bit cleared),
+//!    reopens it read-only as the backing of the new overlay (reusing the open backing chain
+//!    below it), opens the new overlay read-write and makes it the switch's lower device;
+//! 5. reopens the gate. The previous top is now a consistent, read-only point-in-time image.
+//!
+//! The cache is not touched: the guest-visible disk is the same before and after the switch, so
+//! every cached byte stays valid, and after step 3 nothing dirty refers to the old top.
+//! If step 4 fails after the old top was closed, it is reopened read-write and put back, so the
+//! guest keeps its disk; the half-made overlay file is removed.
+//!
+//! Locking model: `state` (a mutex) serialises snapshots and guards the chain description; it
+//! is taken before the pause gate and the switch, never by the request path. Counters for the
+//! metrics are atomics, readable while a snapshot runs.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use blockdev::{BlockDev, RawFile, SwitchDev};
+use qcow_snapshot::{CreateOptions, FileHost, Format, OpenImageError, QcowImage};
+
+use crate::pause::PauseGate;
+
+/// Pre-flush rounds stop once the cache holds at most this much dirty data.
+const PREFLUSH_TARGET: u64 = 4 << 20;
+/// At most this many pre-flush rounds (a guest writing faster than the disk never gets below
+/// the target; the pause then flushes what is left).
+const PREFLUSH_ROUNDS: usize = 3;
+
+/// The current top image.
+struct Top {
+    /// Canonical path.
+    path: PathBuf,
+    format: Format,
+    dev: Arc<dyn BlockDev>,
+    qcow: Option<Arc<QcowImage>>,
+}
+
+/// One live snapshot taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRecord {
+    /// The image frozen by the snapshot (the top before it), now read-only.
+    pub frozen: PathBuf,
+    /// Its format.
+    pub frozen_format: Format,
+    /// The overlay put on top.
+    pub overlay: PathBuf,
+    /// Seconds since the epoch when the guest resumed.
+    pub taken_at: u64,
+    /// How long guest requests were paused.
+    pub pause: Duration,
+    /// How long the flush before the pause took.
+    pub preflush: Duration,
+    /// Dirty bytes in the cache when the pause began (folio granularity).
+    pub dirty_at_pause: u64,
+}
+
+/// Why a snapshot was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The request is not possible (read-only disk, bad path).
+    #[error("{0}")]
+    Refused(String),
+    /// Something failed; the guest keeps running on the previous top.
+    #[error("snapshot failed: {0}")]
+    Failed(String),
+}
+
+struct ChainState {
+    top: Top,
+    records: Vec<SnapshotRecord>,
+    /// Called once, at the first snapshot: the first top becomes a backing file and must be
+    /// kept (a throwaway `--snapshot` overlay is no longer thrown away).
+    on_first_freeze: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// The image chain under the cache, see the module documentation.
+pub struct Chain {
+    switch: Arc<SwitchDev>,
+    state: Mutex<ChainState>,
+    read_only: bool,
+    /// The current top when it is qcow2 (for the allocation counter), without taking `state`.
+    current_qcow: Mutex<Option<Arc<QcowImage>>>,
+    retired_clusters: AtomicU64,
+    snapshots: AtomicU64,
+    last_pause_ns: AtomicU64,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+fn io_msg(what: &str, path: &Path, e: impl std::fmt::Display) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+/// What `query-status` shows of one image of the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainEntry {
+    /// Path (the top's canonical path; backing files as resolved from their overlay).
+    pub path: PathBuf,
+    /// Format.
+    pub format: String,
+}
+
+impl Chain {
+    /// Opens `path` (format probed when `None`) with its backing chain as the top of a chain.
+    pub fn open(
+        path: &Path,
+        format: Option<Format>,
+        read_only: bool,
+    ) -> Result<Chain, OpenImageError> {
+        let format = match format {
+            Some(f) => f,
+            None => qcow_snapshot::probe_format(path)?,
+        };
+        let (dev, qcow): (Arc<dyn BlockDev>, _) = match format {
+            Format::Qcow2 => {
+                let img = Arc::new(qcow_snapshot::open_qcow2(path, read_only)?);
+                (img.clone(), Some(img))
+            }
+            Format::Raw => (qcow_snapshot::open_image(path, Some(format), read_only)?, None),
+        };
+        let canonical = std::fs::canonicalize(path).map_err(|source| OpenImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Chain {
+            switch: Arc::new(SwitchDev::new(dev.clone())),
+            current_qcow: Mutex::new(qcow.clone()),
+            state: Mutex::new(ChainState {
+                top: Top {
+                    path: canonical,
+                    format,
+                    dev,
+                    qcow,
+                },
+                records: Vec::new(),
+                on_first_freeze: None,
+            }),
+            read_only,
+            retired_clusters: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
+            last_pause_ns: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ChainState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The device the cache sits on.
+    pub fn device(&self) -> Arc<SwitchDev> {
+        Arc::clone(&self.switch)
+    }
+
+    /// Runs `f` once, when the first snapshot freezes the first top.
+    pub fn on_first_freeze(&self, f: Box<dyn FnOnce() + Send>) {
+        self.lock().on_first_freeze = Some(f);
+    }
+
+    /// The current top's path and format.
+    pub fn top(&self) -> (PathBuf, Format) {
+        let st = self.lock();
+        (st.top.path.clone(), st.top.format)
+    }
+
+    /// The chain from the top down, as the image headers name it.
+    pub fn entries(&self) -> Vec<ChainEntry> {
+        let (mut path, format) = self.top();
+        let mut out = vec![ChainEntry {
+            path: path.clone(),
+            format: format.to_string(),
+        }];
+        while out.len() <= qcow_snapshot::api::MAX_CHAIN_DEPTH {
+            let Ok(info) = qcow_snapshot::info(&path) else {
+                break;
+            };
+            let Some(name) = info.backing_file else {
+                break;
+            };
+            path = qcow_snapshot::resolve_backing_path(&path, &name);
+            out.push(ChainEntry {
+                path: path.clone(),
+                format: info.backing_format.unwrap_or_else(|| "probed".into()),
+            });
+        }
+        out
+    }
+
+    /// The snapshots taken so far, oldest first.
+    pub fn records(&self) -> Vec<SnapshotRecord> {
+        self.lock().records.clone()
+    }
+
+    /// Snapshots taken.
+    pub fn snapshots_taken(&self) -> u64 {
+        self.snapshots.load(Ordering::Relaxed)
+    }
+
+    /// The pause of the last snapshot.
+    pub fn last_pause(&self) -> Duration {
+        Duration::from_nanos(self.last_pause_ns.load(Ordering::Relaxed))
+    }
+
+    /// qcow2 data clusters allocated by guest writes since start, over every top so far.
+    pub fn clusters_allocated(&self) -> u64 {
+        let cur = self
+            .current_qcow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |q| q.clusters_allocated());
+        self.retired_clusters.load(Ordering::Relaxed) + cur
+    }
+
+    /// Takes a live snapshot with the new top at `overlay`; `upper` is the top of the served
+    /// stack (the cache), `dirty_bytes` tells how much it holds dirty.
+    pub fn snapshot(
+        &self,
+        overlay: &Path,
+        upper: &dyn BlockDev,
+        dirty_bytes: &dyn Fn() -> u64,
+        gate: &PauseGate,
+    ) -> Result<SnapshotRecord, SnapshotError> {
+        if self.read_only {
+            return Err(SnapshotError::Refused(
+                "the disk is served read-only".into(),
+            ));
+        }
+        if overlay.as_os_str().is_empty() {
+            return Err(SnapshotError::Refused("empty overlay path".into()));
+        }
+        if overlay.symlink_metadata().is_ok() {
+            return Err(SnapshotError::Refused(format!(
+                "{} already exists; a snapshot never overwrites a file",
+                overlay.display()
+            )));
+        }
+        let mut st = self.lock();
+
+        // 1. Flush without pausing, then prepare every file.
+        let t = Instant::now();
+        for _ in 0..PREFLUSH_ROUNDS {
+            upper
+                .flush()
+                .map_err(|e| SnapshotError::Failed(format!("flush before the pause: {e}")))?;
+            if dirty_bytes() <= PREFLUSH_TARGET {
+                break;
+            }
+        }
+        let preflush = t.elapsed();
+        let backing_name =
+            st.top.path.to_str().map(str::to_string).ok_or_else(|| {
+                SnapshotError::Refused(format!("{} is not valid UTF-8", st.top.path.display()))
+            })?;
+        let new_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(overlay)
+            .map_err(|e| SnapshotError::Refused(io_msg("cannot create", overlay, e)))?;
+        let cleanup = RemoveOnDrop(Some(overlay.to_path_buf()));
+        let opts = CreateOptions {
+            size: upper.size(),
+            backing: Some((backing_name, st.top.format)),
+            ..CreateOptions::default()
+        };
+        let new_host = FileHost::new(new_file);
+        qcow_snapshot::create_on(&new_host, &opts)
+            .map_err(|e| SnapshotError::Failed(io_msg("cannot create", overlay, e)))?;
+        let new_path = std::fs::canonicalize(overlay)
+            .map_err(|e| SnapshotError::Failed(io_msg("cannot resolve", overlay, e)))?;
+        let frozen_file = blockdev::open_file(&st.top.path, true)
+            .map_err(|e| SnapshotError::Failed(io_msg("cannot open", &st.top.path, e)))?;
+        // Handle to reopen the top read-write if the switch fails half-way.
+        let rollback_file = blockdev::open_file(&st.top.path, false)
+            .map_err(|e| SnapshotError::Failed(io_msg("cannot open", &st.top.path, e)))?;
+
+        // 2.-3. Pause guest requests and flush what was written since the pre-flush.
+        let dirty_at_pause = dirty_bytes();
+        let paused = gate.pause();
+        let pause_start = Instant::now() - paused.drain_time;
+        upper
+            .flush()
+            .map_err(|e| SnapshotError::Failed(format!("flush in the pause: {e}")))?;
+
+        // 4. Switch the top.
+        let mut sw = self.switch.lock();
+        let old = &st.top;
+        let (frozen, new_top) = match switch_top(old, frozen_file, new_host) {
+            Ok(pair) => pair,
+            Err((msg, closed)) => {
+                if let Some(q) = &old.qcow {
+                    if closed {
+                        match reopen_rw(q, rollback_file) {
+                            Ok(img) => {
+                                let img = Arc::new(img);
+                                if sw.replace(img.clone()).is_ok() {
+                                    *self.current_qcow.lock().unwrap_or_else(|e| e.into_inner()) =
+                                        Some(img.clone());
+                                    st.top.dev = img.clone();
+                                    st.top.qcow = Some(img);
+                                }
+                            }
+                            Err(e) => log::error!(
+                                "cannot reopen {} after a failed snapshot: {e}; writes fail",
+                                old.path.display()
+                            ),
+                        }
+                    }
+                }
+                return Err(SnapshotError::Failed(msg));
+            }
+        };
+        let new_dev: Arc<dyn BlockDev> = new_top.clone();
+        if let Err(e) = sw.replace(new_dev.clone()) {
+            return Err(SnapshotError::Failed(e.to_string()));
+        }
+        drop(frozen);
+        drop(sw);
+        drop(paused);
+        let pause = pause_start.elapsed();
+        cleanup.disarm();
+
+        // Book-keeping, after the guest resumed.
+        let retired = st.top.qcow.as_ref().map_or(0, |q| q.clusters_allocated());
+        self.retired_clusters.fetch_add(retired, Ordering::Relaxed);
+        *self.current_qcow.lock().unwrap_or_else(|e| e.into_inner()) = Some(new_top.clone());
+        let old = std::mem::replace(
+            &mut st.top,
+            Top {
+                path: new_path.clone(),
+                format: Format::Qcow2,
+                dev: new_dev,
+                qcow: Some(new_top),
+            },
+        );
+        if let Some(f) = st.on_first_freeze.take() {
+            f();
+        }
+        let record = SnapshotRecord {
+            frozen: old.path.clone(),
+            frozen_format: old.format,
+            overlay: new_path,
+            taken_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            pause,
+            preflush,
+            dirty_at_pause,
+        };
+        st.records.push(record.clone());
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.last_pause_ns.store(
+            u64::try_from(pause.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        log::info!(
+            "live snapshot: {} frozen, new top {} (paused {:.1} ms, pre-flush {:.1} ms)",
+            record.frozen.display(),
+            record.overlay.display(),
+            pause.as_secs_f64() * 1e3,
+            preflush.as_secs_f64() * 1e3
+        );
+        Ok(record)
+    }
+}
+
+/// Closes `old`, reopens it read-only from `frozen_file` and opens the new overlay on it.
+#[allow(clippy::type_complexity)]
+fn switch_top(
+    old: &Top,
+    frozen_file: File,
+    new_host: FileHost,
+) -> Result<(Arc<dyn BlockDev>, Arc<QcowImage>), (String, bool)> {
+    let frozen: Arc<dyn BlockDev> = match &old.qcow {
+        Some(q) => {
+            // A close that fails half-way may have marked the image closed: report it as such
+            // so the caller reopens it.
+            q.close()
+                .map_err(|e| (io_msg("cannot close", &old.path, e), true))?;
+            Arc::new(
+                QcowImage::open_with(
+                    Box::new(FileHost::new(frozen_file)),
+                    true,
+                    q.backing().cloned(),
+                )
+                .map_err(|e| (io_msg("cannot reopen read-only", &old.path, e), true))?,
+            )
+        }
+        None => {
+            old.dev
+                .flush()
+                .map_err(|e| (io_msg("cannot flush", &old.path, e), false))?;
+            Arc::new(
+                RawFile::from_file(frozen_file, true)
+                    .map_err(|e| (io_msg("cannot reopen read-only", &old.path, e), false))?,
+            )
+        }
+    };
+    let new_top = QcowImage::open_with(Box::new(new_host), false, Some(frozen.clone()))
+        .map_err(|e| (format!("cannot open the new overlay: {e}"), old.qcow.is_some()))?;
+    Ok((frozen, Arc::new(new_top)))
+}
+
+/// Reopens a closed qcow2 top read-write over its backing chain.
+fn reopen_rw(old: &QcowImage, file: File) -> Result<QcowImage, OpenImageError> {
+    QcowImage::open_with(Box::new(FileHost::new(file)), false, old.backing().cloned())
+}
+
+/// Removes a half-made overlay file unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            if let Err(e) = std::fs::remove_file(&p) {
+                log::warn!("cannot remove {}: {e}", p.display());
+            }
+        }
+    }
+}
