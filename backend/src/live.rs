@@ -280,6 +280,7 @@ fn record_json(r: &SnapshotRecord) -> Value {
         "taken_at": r.taken_at,
         "pause_ms": r.pause.as_secs_f64() * 1e3,
         "preflush_ms": r.preflush.as_secs_f64() * 1e3,
+        "dirty_bytes_before": r.dirty_before,
         "dirty_bytes_at_pause": r.dirty_at_pause,
     })
 }

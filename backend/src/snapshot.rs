@@ -38,7 +38,7 @@ use crate::pause::PauseGate;
 const PREFLUSH_TARGET: u64 = 4 << 20;
 /// At most this many pre-flush rounds (a guest writing faster than the disk never gets below
 /// the target; the pause then flushes what is left).
-const PREFLUSH_ROUNDS: usize = 3;
+const PREFLUSH_ROUNDS: usize = 8;
 
 /// The current top image.
 struct Top {
@@ -64,6 +64,8 @@ pub struct SnapshotRecord {
     pub pause: Duration,
     /// How long the flush before the pause took.
     pub preflush: Duration,
+    /// Dirty bytes in the cache when the snapshot was asked for (folio granularity).
+    pub dirty_before: u64,
     /// Dirty bytes in the cache when the pause began (folio granularity).
     pub dirty_at_pause: u64,
 }
@@ -257,6 +259,7 @@ impl Chain {
         let mut st = self.lock();
 
         // 1. Flush without pausing, then prepare every file.
+        let dirty_before = dirty_bytes();
         let t = Instant::now();
         for _ in 0..PREFLUSH_ROUNDS {
             upper
@@ -366,6 +369,7 @@ impl Chain {
                 .map_or(0, |d| d.as_secs()),
             pause,
             preflush,
+            dirty_before,
             dirty_at_pause,
         };
         st.records.push(record.clone());
