@@ -315,7 +315,10 @@ fn serve_client(live: &Live, stream: UnixStream) {
         match read_line(&mut reader, &mut buf) {
             Ok(Line::Eof) | Err(_) => return,
             Ok(Line::TooLong) => {
-                let e = err("LineTooLong", format!("a request is at most {MAX_LINE} bytes"));
+                let e = err(
+                    "LineTooLong",
+                    format!("a request is at most {MAX_LINE} bytes"),
+                );
                 let _ = send(&stream, &error_value(&e));
                 return;
             }
@@ -450,14 +453,28 @@ mod tests {
             (b"{\"arguments\": {}}", "GenericError"),
             (b"{\"execute\": 7}", "GenericError"),
             (b"{\"execute\": \"no-such\"}", "CommandNotFound"),
-            (b"{\"execute\": \"flush\", \"arguments\": 3}", "GenericError"),
-            (b"{\"execute\": \"flush\", \"arguments\": {\"x\": 1}}", "InvalidArgument"),
-            (b"{\"execute\": \"set-cache-mode\", \"arguments\": {\"mode\": \"fast\"}}", "InvalidArgument"),
+            (
+                b"{\"execute\": \"flush\", \"arguments\": 3}",
+                "GenericError",
+            ),
+            (
+                b"{\"execute\": \"flush\", \"arguments\": {\"x\": 1}}",
+                "InvalidArgument",
+            ),
+            (
+                b"{\"execute\": \"set-cache-mode\", \"arguments\": {\"mode\": \"fast\"}}",
+                "InvalidArgument",
+            ),
             (b"{\"execute\": \"snapshot\"}", "InvalidArgument"),
             (b"\xff\xfe", "GenericError"),
         ] {
             let r = handle_line(&l, line);
-            assert_eq!(r["error"]["class"], class, "{}: {r}", String::from_utf8_lossy(line));
+            assert_eq!(
+                r["error"]["class"],
+                class,
+                "{}: {r}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 
@@ -470,7 +487,10 @@ mod tests {
         let r = handle_line(&l, br#"{"execute": "query-commands"}"#);
         assert_eq!(r["return"].as_array().unwrap().len(), COMMANDS.len());
         // A disk without chain or cache refuses what it cannot do, with an error object.
-        let r = handle_line(&l, br#"{"execute": "snapshot", "arguments": {"overlay": "/x"}}"#);
+        let r = handle_line(
+            &l,
+            br#"{"execute": "snapshot", "arguments": {"overlay": "/x"}}"#,
+        );
         assert_eq!(r["error"]["class"], "GenericError");
     }
 
@@ -481,11 +501,17 @@ mod tests {
         long.extend_from_slice(b"next\n");
         let mut r = BufReader::with_capacity(1000, &long[..]);
         let mut buf = Vec::new();
-        assert!(matches!(read_line(&mut r, &mut buf).unwrap(), Line::TooLong));
+        assert!(matches!(
+            read_line(&mut r, &mut buf).unwrap(),
+            Line::TooLong
+        ));
         let mut exact = vec![b'b'; MAX_LINE];
         exact.push(b'\n');
         let mut r = BufReader::with_capacity(1000, &exact[..]);
-        assert!(matches!(read_line(&mut r, &mut buf).unwrap(), Line::Complete));
+        assert!(matches!(
+            read_line(&mut r, &mut buf).unwrap(),
+            Line::Complete
+        ));
         assert_eq!(buf.len(), MAX_LINE);
         assert!(matches!(read_line(&mut r, &mut buf).unwrap(), Line::Eof));
     }

@@ -63,8 +63,7 @@ pub fn parse_arguments(args: &[String]) -> Result<Map<String, Value>, CtlError> 
     let mut m = Map::new();
     for a in args {
         let (key, value) = if let Some((k, v)) = a.split_once(":=") {
-            let v: Value =
-                serde_json::from_str(v).map_err(|_| CtlError::BadArgument(a.clone()))?;
+            let v: Value = serde_json::from_str(v).map_err(|_| CtlError::BadArgument(a.clone()))?;
             (k, v)
         } else if let Some((k, v)) = a.split_once('=') {
             (k, Value::String(v.to_string()))

@@ -207,9 +207,9 @@ impl Live {
             .ok_or_else(|| LiveError::Unsupported("this disk has no image chain".into()))?;
         let cache = self.cache.clone();
         let dirty = move || {
-            cache.as_ref().map_or(0, |c| {
-                c.stats().dirty_folios as u64 * c.config().folio_size
-            })
+            cache
+                .as_ref()
+                .map_or(0, |c| c.stats().dirty_folios as u64 * c.config().folio_size)
         };
         let t = Instant::now();
         let rec = chain.snapshot(overlay, self.upper.as_ref(), &dirty, &self.gate)?;

@@ -24,8 +24,8 @@ use crate::request::ExecuteRequestError;
 
 /// Upper bounds of the latency histogram buckets, in seconds (the last bucket is +Inf).
 pub const LATENCY_BUCKETS: [f64; 18] = [
-    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
-    0.5, 1.0, 5.0,
+    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
+    0.25, 0.5, 1.0, 5.0,
 ];
 
 /// The request types, as the `op` label.
@@ -209,9 +209,7 @@ impl HistogramSnapshot {
             .enumerate()
             .map(|(i, n)| {
                 cumulative += n;
-                let le = LATENCY_BUCKETS
-                    .get(i)
-                    .map_or(json!("+Inf"), |b| json!(b));
+                let le = LATENCY_BUCKETS.get(i).map_or(json!("+Inf"), |b| json!(b));
                 json!({"le": le, "count": cumulative})
             })
             .collect();
@@ -307,11 +305,7 @@ impl RequestMetrics {
                         requests: o.requests.load(Ordering::Relaxed),
                         bytes: o.bytes.load(Ordering::Relaxed),
                         latency: o.latency.snapshot(),
-                        errors: o
-                            .errors
-                            .iter()
-                            .map(|e| e.load(Ordering::Relaxed))
-                            .collect(),
+                        errors: o.errors.iter().map(|e| e.load(Ordering::Relaxed)).collect(),
                     })
                     .collect(),
             })

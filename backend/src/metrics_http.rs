@@ -336,11 +336,24 @@ mod tests {
 
     #[test]
     fn only_get_metrics_gets_the_exposition() {
-        assert_eq!(respond(b"GET /metrics HTTP/1.0\r\n\r\n", || "x".into()).0, "200 OK");
-        assert_eq!(respond(b"GET /metrics?a=b HTTP/1.1\r\n\r\n", || "x".into()).2, "x");
-        assert_eq!(respond(b"GET / HTTP/1.0\r\n\r\n", || "x".into()).0, "404 Not Found");
-        assert!(respond(b"POST /metrics HTTP/1.0\r\n\r\n", || "x".into()).0.starts_with("405"));
+        assert_eq!(
+            respond(b"GET /metrics HTTP/1.0\r\n\r\n", || "x".into()).0,
+            "200 OK"
+        );
+        assert_eq!(
+            respond(b"GET /metrics?a=b HTTP/1.1\r\n\r\n", || "x".into()).2,
+            "x"
+        );
+        assert_eq!(
+            respond(b"GET / HTTP/1.0\r\n\r\n", || "x".into()).0,
+            "404 Not Found"
+        );
+        assert!(respond(b"POST /metrics HTTP/1.0\r\n\r\n", || "x".into())
+            .0
+            .starts_with("405"));
         assert!(respond(b"\r\n\r\n", || "x".into()).0.starts_with("400"));
-        assert!(respond(b"\xff\xfe /metrics\n\n", || "x".into()).0.starts_with("405"));
+        assert!(respond(b"\xff\xfe /metrics\n\n", || "x".into())
+            .0
+            .starts_with("405"));
     }
 }

@@ -162,7 +162,10 @@ mod tests {
             })
         };
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!entered_late.load(Ordering::SeqCst), "entered a closing gate");
+        assert!(
+            !entered_late.load(Ordering::SeqCst),
+            "entered a closing gate"
+        );
         drop(inside);
         prx.recv().unwrap();
         assert!(

@@ -138,7 +138,10 @@ impl Chain {
                 let img = Arc::new(qcow_snapshot::open_qcow2(path, read_only)?);
                 (img.clone(), Some(img))
             }
-            Format::Raw => (qcow_snapshot::open_image(path, Some(format), read_only)?, None),
+            Format::Raw => (
+                qcow_snapshot::open_image(path, Some(format), read_only)?,
+                None,
+            ),
         };
         let canonical = std::fs::canonicalize(path).map_err(|source| OpenImageError::Io {
             path: path.to_path_buf(),
@@ -270,10 +273,9 @@ impl Chain {
             }
         }
         let preflush = t.elapsed();
-        let backing_name =
-            st.top.path.to_str().map(str::to_string).ok_or_else(|| {
-                SnapshotError::Refused(format!("{} is not valid UTF-8", st.top.path.display()))
-            })?;
+        let backing_name = st.top.path.to_str().map(str::to_string).ok_or_else(|| {
+            SnapshotError::Refused(format!("{} is not valid UTF-8", st.top.path.display()))
+        })?;
         let new_file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -421,8 +423,13 @@ fn switch_top(
             )
         }
     };
-    let new_top = QcowImage::open_with(Box::new(new_host), false, Some(frozen.clone()))
-        .map_err(|e| (format!("cannot open the new overlay: {e}"), old.qcow.is_some()))?;
+    let new_top =
+        QcowImage::open_with(Box::new(new_host), false, Some(frozen.clone())).map_err(|e| {
+            (
+                format!("cannot open the new overlay: {e}"),
+                old.qcow.is_some(),
+            )
+        })?;
     Ok((frozen, Arc::new(new_top)))
 }
 
@@ -447,5 +454,151 @@ impl Drop for RemoveOnDrop {
                 log::warn!("cannot remove {}: {e}", p.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cache::{CacheConfig, FolioCache};
+    use std::sync::atomic::AtomicUsize;
+
+    fn setup(dir: &Path) -> (Arc<Chain>, Arc<FolioCache>, PathBuf) {
+        let top = dir.join("top.qcow2");
+        qcow_snapshot::create(
+            &top,
+            &CreateOptions {
+                size: 4 << 20,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        let chain = Arc::new(Chain::open(&top, None, false).unwrap());
+        let cache = FolioCache::new(chain.device(), CacheConfig::default()).unwrap();
+        (chain, cache, top)
+    }
+
+    fn read(dev: &dyn BlockDev, off: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0; len];
+        dev.read_at(&mut b, off).unwrap();
+        b
+    }
+
+    #[test]
+    fn a_write_acknowledged_between_preflush_and_pause_is_in_the_frozen_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let (chain, cache, top) = setup(dir.path());
+        cache.write_at(&[1; 4096], 0).unwrap();
+        let gate = PauseGate::new();
+        let calls = AtomicUsize::new(0);
+        // `dirty_bytes` runs before the pre-flush, after each pre-flush round, and right before
+        // the pause: at that last call a guest write lands in the cache (acknowledged, dirty).
+        let cache2 = cache.clone();
+        let dirty = move || {
+            if calls.fetch_add(1, Ordering::SeqCst) == 2 {
+                cache2.write_at(&[2; 4096], 8192).unwrap();
+            }
+            0
+        };
+        let overlay = dir.path().join("new.qcow2");
+        let rec = chain
+            .snapshot(&overlay, cache.as_ref(), &dirty, &gate)
+            .unwrap();
+        assert_eq!(rec.frozen, std::fs::canonicalize(&top).unwrap());
+        // The guest keeps writing on the new top.
+        cache.write_at(&[3; 4096], 0).unwrap();
+        cache.flush().unwrap();
+        let frozen = qcow_snapshot::open_image(&top, None, true).unwrap();
+        assert_eq!(read(frozen.as_ref(), 0, 4096), vec![1; 4096]);
+        assert_eq!(
+            read(frozen.as_ref(), 8192, 4096),
+            vec![2; 4096],
+            "acknowledged write before the pause missing from the frozen image"
+        );
+        assert_eq!(read(cache.as_ref(), 0, 4096), vec![3; 4096]);
+        assert_eq!(read(cache.as_ref(), 8192, 4096), vec![2; 4096]);
+        drop(frozen);
+        drop(cache);
+        drop(chain);
+        let reopened = qcow_snapshot::open_image(&overlay, None, true).unwrap();
+        assert_eq!(read(reopened.as_ref(), 0, 4096), vec![3; 4096]);
+        assert_eq!(read(reopened.as_ref(), 8192, 4096), vec![2; 4096]);
+        let info = qcow_snapshot::info(&top).unwrap();
+        assert!(!info.dirty, "the frozen image was not closed cleanly");
+    }
+
+    #[test]
+    fn a_failed_snapshot_leaves_the_disk_serving_on_the_old_top() {
+        let dir = tempfile::tempdir().unwrap();
+        let (chain, cache, _top) = setup(dir.path());
+        cache.write_at(&[5; 512], 0).unwrap();
+        let gate = PauseGate::new();
+        let bad = dir.path().join("missing-dir").join("new.qcow2");
+        let err = chain
+            .snapshot(&bad, cache.as_ref(), &|| 0, &gate)
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot create"), "{err}");
+        let exists = dir.path().join("exists");
+        std::fs::write(&exists, b"keep me").unwrap();
+        let err = chain
+            .snapshot(&exists, cache.as_ref(), &|| 0, &gate)
+            .unwrap_err();
+        assert!(err.to_string().contains("exists"), "{err}");
+        assert_eq!(std::fs::read(&exists).unwrap(), b"keep me");
+        assert!(chain.records().is_empty());
+        cache.write_at(&[6; 512], 512).unwrap();
+        cache.flush().unwrap();
+        assert_eq!(read(cache.as_ref(), 0, 1024)[..512], [5; 512]);
+        assert_eq!(read(cache.as_ref(), 0, 1024)[512..], [6; 512]);
+        assert!(!gate.is_paused());
+    }
+
+    #[test]
+    fn snapshots_chain_and_count_allocations_across_tops() {
+        let dir = tempfile::tempdir().unwrap();
+        let (chain, cache, _top) = setup(dir.path());
+        let gate = PauseGate::new();
+        cache.write_at(&[1; 512], 0).unwrap();
+        cache.flush().unwrap();
+        assert_eq!(chain.clusters_allocated(), 1);
+        for i in 0..2 {
+            let p = dir.path().join(format!("s{i}.qcow2"));
+            chain.snapshot(&p, cache.as_ref(), &|| 0, &gate).unwrap();
+            cache.write_at(&[i + 2; 512], 1 << 20).unwrap();
+            cache.flush().unwrap();
+        }
+        assert_eq!(chain.clusters_allocated(), 3);
+        assert_eq!(chain.snapshots_taken(), 2);
+        let entries = chain.entries();
+        assert_eq!(entries.len(), 3, "{entries:?}");
+        assert!(entries[0].path.ends_with("s1.qcow2"));
+        assert!(entries[2].path.ends_with("top.qcow2"));
+    }
+
+    #[test]
+    fn a_throwaway_overlay_frozen_by_a_live_snapshot_is_kept_at_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![4u8; 1 << 20]).unwrap();
+        let mut args = crate::cli::ServeArgs::with_defaults(base.clone(), "unused".into());
+        args.snapshot = true;
+        let disk = crate::disk::open_disk(&args).unwrap();
+        let throwaway = disk.throwaway_overlay().unwrap().to_path_buf();
+        disk.dev.write_at(&[8; 512], 0).unwrap();
+        let new_top = dir.path().join("top.qcow2");
+        disk.live.snapshot(&new_top).unwrap();
+        disk.dev.write_at(&[9; 512], 512).unwrap();
+        drop(disk);
+        assert!(
+            throwaway.exists(),
+            "the frozen throwaway overlay was deleted"
+        );
+        let img = qcow_snapshot::open_image(&new_top, None, true).unwrap();
+        let b = read(img.as_ref(), 0, 2048);
+        assert_eq!(b[..512], [8; 512]);
+        assert_eq!(b[512..1024], [9; 512]);
+        assert_eq!(b[1024..], [4; 1024]);
+        drop(img);
+        std::fs::remove_file(&throwaway).unwrap();
     }
 }

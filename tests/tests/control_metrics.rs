@@ -161,7 +161,10 @@ fn control_socket_answers_every_command_and_hostile_clients_never_disturb_guest_
         "snapshot",
         "query-snapshots",
     ] {
-        assert!(cmds.iter().any(|x| x == c), "greeting lacks {c}: {greeting}");
+        assert!(
+            cmds.iter().any(|x| x == c),
+            "greeting lacks {c}: {greeting}"
+        );
     }
     assert!(greeting["snapblk"]["version"].is_string());
 
@@ -177,13 +180,23 @@ fn control_socket_answers_every_command_and_hostile_clients_never_disturb_guest_
     // Some guest I/O, then query-stats and flush.
     assert_guest_io_works(&client, 1);
     let stats = ctl(&s.control, "query-stats", json!({})).unwrap();
-    assert!(stats["queues"][1]["ops"]["write"]["requests"].as_u64().unwrap() >= 1);
+    assert!(
+        stats["queues"][1]["ops"]["write"]["requests"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
     assert!(stats["queues"][0]["ops"]["read"]["bytes"].as_u64().unwrap() >= 64 << 10);
     let f = ctl(&s.control, "flush", json!({})).unwrap();
     assert!(f["duration_ms"].is_number(), "{f}");
 
     // set-cache-mode both ways; the host override never turns write-back on behind the guest.
-    let m = ctl(&s.control, "set-cache-mode", json!({"mode": "writethrough"})).unwrap();
+    let m = ctl(
+        &s.control,
+        "set-cache-mode",
+        json!({"mode": "writethrough"}),
+    )
+    .unwrap();
     assert_eq!(m["mode"], "writethrough", "{m}");
     assert_guest_io_works(&client, 2);
     let m = ctl(&s.control, "set-cache-mode", json!({"mode": "writeback"})).unwrap();
@@ -321,7 +334,9 @@ fn live_snapshot_under_writes_freezes_what_was_flushed_and_the_disk_stays_right(
                 let block = n % 256;
                 let mut buf = vec![0u8; 64 << 10];
                 buf[..8].copy_from_slice(&(n + 1).to_le_bytes());
-                client.write(1, 32 * MIB + block * (64 << 10), &buf).unwrap();
+                client
+                    .write(1, 32 * MIB + block * (64 << 10), &buf)
+                    .unwrap();
                 n += 1;
                 completed.store(n, Ordering::SeqCst);
             }
@@ -351,12 +366,21 @@ fn live_snapshot_under_writes_freezes_what_was_flushed_and_the_disk_stays_right(
     // The frozen image is readable by qemu-img and snapblk while the daemon runs.
     let frozen = PathBuf::from(r["frozen"].as_str().unwrap());
     let (ok, out) = host_tool("qemu-img", &["check", frozen.to_str().unwrap()]);
-    assert!(ok, "qemu-img check of the frozen image while serving: {out}");
+    assert!(
+        ok,
+        "qemu-img check of the frozen image while serving: {out}"
+    );
     let bin = snapblk_binary().unwrap();
-    let (ok, sum) = host_tool(bin.to_str().unwrap(), &["checksum", frozen.to_str().unwrap()]);
+    let (ok, sum) = host_tool(
+        bin.to_str().unwrap(),
+        &["checksum", frozen.to_str().unwrap()],
+    );
     assert!(ok, "{sum}");
     let img = image_bytes(&frozen);
-    assert!(img[..a.len()] == a[..], "region A in the frozen image is not what was flushed");
+    assert!(
+        img[..a.len()] == a[..],
+        "region A in the frozen image is not what was flushed"
+    );
     assert!(
         img[16 * MIB as usize..][..unflushed.len()] == unflushed[..],
         "acknowledged, unflushed data before the snapshot is missing from it"
@@ -390,7 +414,10 @@ fn live_snapshot_under_writes_freezes_what_was_flushed_and_the_disk_stays_right(
         .terminate(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}"));
     let top_now = image_bytes(&snap);
-    assert!(top_now == live, "final image chain differs from what the client read");
+    assert!(
+        top_now == live,
+        "final image chain differs from what the client read"
+    );
     let newest_final = (0..256u64)
         .map(|b| {
             let off = (32 * MIB + b * (64 << 10)) as usize;
@@ -465,16 +492,23 @@ fn metrics_change_by_exactly_the_known_workload() {
     client.flush(1).unwrap();
     let m1 = scrape(&addr);
     let d = |k: &str| {
-        m1.get(k).unwrap_or_else(|| panic!("no {k}")) - m0.get(k).unwrap_or_else(|| panic!("no {k} before"))
+        m1.get(k).unwrap_or_else(|| panic!("no {k}"))
+            - m0.get(k).unwrap_or_else(|| panic!("no {k} before"))
     };
     assert_eq!(d(r#"snapblk_requests_total{queue="1",op="write"}"#), 16.0);
-    assert_eq!(d(r#"snapblk_request_bytes_total{queue="1",op="write"}"#), 65536.0);
+    assert_eq!(
+        d(r#"snapblk_request_bytes_total{queue="1",op="write"}"#),
+        65536.0
+    );
     assert_eq!(
         d(r#"snapblk_request_duration_seconds_count{queue="1",op="write"}"#),
         16.0
     );
     assert_eq!(d(r#"snapblk_requests_total{queue="0",op="read"}"#), 8.0);
-    assert_eq!(d(r#"snapblk_request_bytes_total{queue="0",op="read"}"#), 32768.0);
+    assert_eq!(
+        d(r#"snapblk_request_bytes_total{queue="0",op="read"}"#),
+        32768.0
+    );
     assert_eq!(d(r#"snapblk_requests_total{queue="1",op="flush"}"#), 1.0);
     assert_eq!(d(r#"snapblk_requests_total{queue="0",op="write"}"#), 0.0);
     assert!(d("snapblk_flushes_total") >= 1.0);
@@ -569,7 +603,12 @@ fn live_snapshot_pause_with_256_mib_dirty() {
             })
         });
         let snap = dir.path().join(format!("s{i}.qcow2"));
-        let r = ctl(&control, "snapshot", json!({"overlay": snap.to_str().unwrap()})).unwrap();
+        let r = ctl(
+            &control,
+            "snapshot",
+            json!({"overlay": snap.to_str().unwrap()}),
+        )
+        .unwrap();
         stop.store(true, Ordering::SeqCst);
         if let Some(w) = writer {
             w.join().unwrap();

@@ -60,7 +60,11 @@ fn host_tool(cmd: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{cmd} {args:?}: {}\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}\n{text}",
+        out.status
+    );
     text
 }
 
@@ -84,7 +88,14 @@ fn live_snapshot_mid_workload_freezes_what_the_guest_synced_and_final_disk_match
     let bin = snapblk_binary().unwrap();
     host_tool(
         s(&bin),
-        &["create", "--backing", s(&base), "--backing-format", "raw", s(&top)],
+        &[
+            "create",
+            "--backing",
+            s(&base),
+            "--backing-format",
+            "raw",
+            s(&top),
+        ],
     );
     let control = dir.path().join("control.sock");
     let cfg = DaemonConfig::new(DaemonKind::Snapblk, &top)
@@ -157,6 +168,9 @@ fn live_snapshot_mid_workload_freezes_what_the_guest_synced_and_final_disk_match
         "the new top chain != the guest's final disk"
     );
     let info = host_tool("qemu-img", &["info", s(&new_top)]);
-    assert!(info.contains(s(&frozen)), "new top's backing is not the frozen image: {info}");
+    assert!(
+        info.contains(s(&frozen)),
+        "new top's backing is not the frozen image: {info}"
+    );
     assert_eq!(md5_file(&base).unwrap(), base_md5, "base modified");
 }
