@@ -163,8 +163,9 @@ impl Drop for ControlServer {
     }
 }
 
-/// Polls `fd` and `stop`; true when `fd` is readable, false when stopped.
-fn wait_readable(fd: i32, stop: &EventFd) -> io::Result<bool> {
+/// Polls `fd` (a listening socket) and `stop`: `Ok(true)` when `fd` has a connection to
+/// accept, `Ok(false)` when `stop` was signalled, an error when `fd` reports an error condition.
+pub(crate) fn wait_readable(fd: i32, stop: &EventFd) -> io::Result<bool> {
     loop {
         let mut fds = [
             libc::pollfd {
@@ -191,8 +192,14 @@ fn wait_readable(fd: i32, stop: &EventFd) -> io::Result<bool> {
         if fds[1].revents != 0 {
             return Ok(false);
         }
-        if fds[0].revents != 0 {
+        if fds[0].revents & libc::POLLIN != 0 {
             return Ok(true);
+        }
+        if fds[0].revents != 0 {
+            return Err(io::Error::other(format!(
+                "listening socket reported events {:#x}",
+                fds[0].revents
+            )));
         }
     }
 }

@@ -192,29 +192,13 @@ fn accept_loop(
 ) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the call; both descriptors stay open.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ret < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
+        match crate::control::wait_readable(listener.fd(), stop) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!("metrics: poll failed: {e}");
+                return;
             }
-            warn!("metrics: poll failed: {}", io::Error::last_os_error());
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
         }
         let conn = match listener.accept() {
             Ok(c) => c,

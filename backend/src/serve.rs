@@ -207,42 +207,13 @@ enum Wake {
 
 /// Waits until `listener` has a pending connection or `wake` is signalled.
 fn wait_for_connection(listener: &Listener, wake: &EventFd) -> io::Result<Wake> {
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call and its
-        // length is passed alongside; both descriptors stay open.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if fds[1].revents != 0 {
-            return Ok(Wake::Stop);
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            return Ok(Wake::Connection);
-        }
-        if fds[0].revents != 0 {
-            return Err(io::Error::other(format!(
-                "listening socket reported events {:#x}",
-                fds[0].revents
-            )));
-        }
-    }
+    Ok(
+        if crate::control::wait_readable(listener.as_raw_fd(), wake)? {
+            Wake::Connection
+        } else {
+            Wake::Stop
+        },
+    )
 }
 
 impl Server {

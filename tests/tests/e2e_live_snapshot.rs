@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use snapblk_tests::guest::{
-    guest_env_or_skip, guest_lock, log_dir, md5_file, md5_range, snapblk_binary,
+    guest_env_or_skip, guest_lock, host_tool, log_dir, md5_file, md5_range, snapblk_binary,
     write_random_image, Daemon, DaemonConfig, DaemonKind, GuestConfig, ImageFormat,
 };
 
@@ -49,24 +49,6 @@ sync
 echo 3 > /proc/sys/vm/drop_caches
 echo "RESULT disk_md5=$(md5sum < /dev/vda | cut -d' ' -f1)"
 "#;
-
-fn host_tool(cmd: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}\n{text}",
-        out.status
-    );
-    text
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
