@@ -314,3 +314,31 @@ impl StatsSource for Live {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Recorder(Mutex<Vec<bool>>);
+    impl WriteCacheControl for Recorder {
+        fn set_writeback(&self, wb: bool) {
+            self.0.lock().unwrap().push(wb);
+        }
+    }
+
+    #[test]
+    fn host_override_never_enables_writeback_behind_the_guest() {
+        let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let p = ModePolicy::new(rec.clone());
+        p.set_writeback(false); // the guest turns its cache off
+        p.force_writethrough(false); // "writeback" from the host: still write-through
+        p.force_writethrough(true);
+        p.set_writeback(true); // the guest turns it on: the host override still holds
+        p.force_writethrough(false); // now both agree on write-back
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![false, false, false, false, true]
+        );
+        assert_eq!(p.state(), (true, false));
+    }
+}

@@ -601,4 +601,30 @@ mod tests {
         drop(img);
         std::fs::remove_file(&throwaway).unwrap();
     }
+
+    #[test]
+    fn a_raw_top_is_frozen_read_only_under_a_qcow2_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("disk.raw");
+        std::fs::write(&raw, vec![1u8; 1 << 20]).unwrap();
+        let chain = Arc::new(Chain::open(&raw, None, false).unwrap());
+        let cache = FolioCache::new(chain.device(), CacheConfig::default()).unwrap();
+        cache.write_at(&[2; 4096], 0).unwrap();
+        let gate = PauseGate::new();
+        let top = dir.path().join("top.qcow2");
+        let rec = chain.snapshot(&top, cache.as_ref(), &|| 0, &gate).unwrap();
+        assert_eq!(rec.frozen_format, Format::Raw);
+        cache.write_at(&[3; 4096], 4096).unwrap();
+        cache.flush().unwrap();
+        let frozen = std::fs::read(&raw).unwrap();
+        assert_eq!(frozen[..4096], [2; 4096]);
+        assert_eq!(
+            frozen[4096..8192],
+            [1; 4096],
+            "a write after the snapshot reached it"
+        );
+        let info = qcow_snapshot::info(&top).unwrap();
+        assert_eq!(info.backing_format.as_deref(), Some("raw"));
+        assert_eq!(read(cache.as_ref(), 4096, 4096), vec![3; 4096]);
+    }
 }
