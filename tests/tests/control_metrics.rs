@@ -289,6 +289,25 @@ fn control_socket_answers_every_command_and_hostile_clients_never_disturb_guest_
     }
     let st = ctl(&s.control, "query-status", json!({})).unwrap();
     assert_eq!(st["snapshots"], 1);
+    // The command-line client: exit 0 and the return value as JSON; 1 for a command error;
+    // 2 for a malformed argument.
+    let bin = snapblk_binary().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .arg("ctl")
+            .arg(&s.control)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["query-snapshots"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let out = run(&["set-cache-mode", "mode=sideways"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
+    assert_eq!(run(&["flush", "oops"]).status.code(), Some(2));
     drop(client);
     s.daemon
         .terminate(Duration::from_secs(30))
