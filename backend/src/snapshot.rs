@@ -18,9 +18,10 @@
 //! If step 4 fails after the old top was closed, it is reopened read-write and put back, so the
 //! guest keeps its disk; the half-made overlay file is removed.
 //!
-//! Locking model: `state` (a mutex) serialises snapshots and guards the chain description; it
-//! is taken before the pause gate and the switch, never by the request path. Counters for the
-//! metrics are atomics, readable while a snapshot runs.
+//! Locking model: `state` (a mutex) serialises snapshots and owns the open top; it is taken
+//! before the pause gate and the switch, never by the request path. What queries read (top
+//! path, snapshots taken) is in `view`, a leaf mutex updated when a snapshot ends, and the
+//! metrics' counters are atomics, so neither waits for a snapshot in progress.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -83,7 +84,6 @@ pub enum SnapshotError {
 
 struct ChainState {
     top: Top,
-    records: Vec<SnapshotRecord>,
     /// Called once, at the first snapshot: the first top becomes a backing file and must be
     /// kept (a throwaway `--snapshot` overlay is no longer thrown away).
     on_first_freeze: Option<Box<dyn FnOnce() + Send>>,
@@ -93,6 +93,9 @@ struct ChainState {
 pub struct Chain {
     switch: Arc<SwitchDev>,
     state: Mutex<ChainState>,
+    /// What queries show (top path and format, snapshots taken): a leaf, updated at the end of
+    /// a snapshot, so `query-status` never waits for a snapshot in progress.
+    view: Mutex<(PathBuf, Format, Vec<SnapshotRecord>)>,
     read_only: bool,
     /// The current top when it is qcow2 (for the allocation counter), without taking `state`.
     current_qcow: Mutex<Option<Arc<QcowImage>>>,
@@ -150,6 +153,7 @@ impl Chain {
         Ok(Chain {
             switch: Arc::new(SwitchDev::new(dev.clone())),
             current_qcow: Mutex::new(qcow.clone()),
+            view: Mutex::new((canonical.clone(), format, Vec::new())),
             state: Mutex::new(ChainState {
                 top: Top {
                     path: canonical,
@@ -157,7 +161,6 @@ impl Chain {
                     dev,
                     qcow,
                 },
-                records: Vec::new(),
                 on_first_freeze: None,
             }),
             read_only,
@@ -183,8 +186,12 @@ impl Chain {
 
     /// The current top's path and format.
     pub fn top(&self) -> (PathBuf, Format) {
-        let st = self.lock();
-        (st.top.path.clone(), st.top.format)
+        let v = self.view();
+        (v.0.clone(), v.1)
+    }
+
+    fn view(&self) -> MutexGuard<'_, (PathBuf, Format, Vec<SnapshotRecord>)> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The chain from the top down, as the image headers name it.
@@ -212,7 +219,7 @@ impl Chain {
 
     /// The snapshots taken so far, oldest first.
     pub fn records(&self) -> Vec<SnapshotRecord> {
-        self.lock().records.clone()
+        self.view().2.clone()
     }
 
     /// Snapshots taken.
@@ -374,7 +381,12 @@ impl Chain {
             dirty_before,
             dirty_at_pause,
         };
-        st.records.push(record.clone());
+        {
+            let mut v = self.view();
+            v.0 = record.overlay.clone();
+            v.1 = Format::Qcow2;
+            v.2.push(record.clone());
+        }
         self.snapshots.fetch_add(1, Ordering::Relaxed);
         self.last_pause_ns.store(
             u64::try_from(pause.as_nanos()).unwrap_or(u64::MAX),
