@@ -211,10 +211,7 @@ impl Live {
                 .as_ref()
                 .map_or(0, |c| c.stats().dirty_folios as u64 * c.config().folio_size)
         };
-        let t = Instant::now();
-        let rec = chain.snapshot(overlay, self.upper.as_ref(), &dirty, &self.gate)?;
-        self.metrics.record_flush(t.elapsed());
-        Ok(rec)
+        Ok(chain.snapshot(overlay, self.upper.as_ref(), &dirty, &self.gate)?)
     }
 
     /// The `query-snapshots` answer.

@@ -285,8 +285,8 @@ impl RequestMetrics {
         }
     }
 
-    /// Records a flush of the disk that did not come from a guest request (control socket,
-    /// snapshot); guest FLUSH requests are recorded by [`RequestTimer::finish`].
+    /// Records a flush of the disk asked for on the control socket; guest FLUSH requests are
+    /// recorded by [`RequestTimer::finish`].
     pub fn record_flush(&self, d: Duration) {
         self.flush.observe(d);
     }
@@ -391,7 +391,7 @@ pub struct CacheSnapshot {
 pub struct StatsSnapshot {
     /// Per queue.
     pub queues: Vec<QueueSnapshot>,
-    /// Every flush of the disk (guest requests, control socket, snapshots).
+    /// Flushes of the disk asked for by guest requests and on the control socket.
     pub flush: HistogramSnapshot,
     /// The folio cache, if the disk has one.
     pub cache: Option<CacheSnapshot>,
@@ -563,7 +563,7 @@ impl StatsSnapshot {
         plain_counter(
             &mut enc,
             "flushes",
-            "Flushes of the disk (guest requests, control socket, snapshots).",
+            "Flushes of the disk asked for by guest requests and on the control socket.",
             None,
             self.flush.count,
         )?;
