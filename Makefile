@@ -33,7 +33,7 @@ test: deps
 # Only the real-guest end-to-end tests, including the reference-peer (qemu-storage-daemon) runs.
 test-guest: deps build
 	bash scripts/build-guest.sh
-	SNAPBLK_REQUIRE_GUEST=1 $(CARGO) test --release -p snapblk-tests --test e2e_guest -- --include-ignored
+	SNAPBLK_REQUIRE_GUEST=1 $(CARGO) test --release -p snapblk-tests --test e2e_guest --test e2e_live_snapshot -- --include-ignored
 
 # Unit tests only (no guest, no qemu-img): fast inner loop.
 test-quick:

@@ -54,6 +54,8 @@ pub enum Command {
     Convert(crate::convert_cmd::ConvertArgs),
     /// Print the sha256 of the guest-visible disk (equal for raw and any overlay chain).
     Checksum(ChecksumArgs),
+    /// Send a command to a running daemon's --control-socket and print the answer as JSON.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 /// Write-cache mode announced to the guest at start (the guest may change it at run time through
@@ -144,6 +146,13 @@ pub struct ServeArgs {
     /// log line naming it), log (allowed but logged by the kernel's audit log), off.
     #[arg(long, value_enum, default_value_t = SeccompMode::Kill, value_name = "MODE")]
     pub seccomp: SeccompMode,
+    /// Serve the JSON control protocol (status, stats, flush, cache mode, live snapshots) on
+    /// this unix socket (owner-only); see `snapblk ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics: HOST:PORT or unix:PATH (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<crate::metrics_http::MetricsAddr>,
 }
 
 /// What the daemon's system-call filter does with a call outside the allow-list.
@@ -182,6 +191,8 @@ impl ServeArgs {
             probe_backing_format: false,
             user: None,
             seccomp: SeccompMode::Kill,
+            control_socket: None,
+            metrics: None,
         }
     }
 }

@@ -224,6 +224,7 @@ impl DeviceConfig {
 /// features and the current write-cache mode.
 pub struct BlkDevice {
     disk: Arc<dyn BlockDev>,
+    live: Arc<crate::live::Live>,
     cache_control: Option<Arc<dyn WriteCacheControl>>,
     cfg: Arc<DeviceConfig>,
     writeback: AtomicBool,
@@ -250,6 +251,7 @@ impl BlkDevice {
     pub fn new(disk: ServedDisk, cfg: Arc<DeviceConfig>) -> Self {
         let dev = BlkDevice {
             disk: disk.dev,
+            live: disk.live,
             cache_control: disk.cache_control,
             writeback: AtomicBool::new(cfg.writeback_default),
             wce_field: AtomicBool::new(cfg.writeback_default),
@@ -270,6 +272,11 @@ impl BlkDevice {
     /// The disk every request goes to.
     pub fn disk(&self) -> &dyn BlockDev {
         self.disk.as_ref()
+    }
+
+    /// The pause gate and statistics every request goes through.
+    pub fn live(&self) -> &crate::live::Live {
+        &self.live
     }
 
     /// The current write-cache mode.

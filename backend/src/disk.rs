@@ -40,6 +40,8 @@ pub struct ServedDisk {
     pub dev: Arc<dyn BlockDev>,
     /// The write-cache switch of the top layer, if it has a cache of its own.
     pub cache_control: Option<Arc<dyn WriteCacheControl>>,
+    /// Pause gate, statistics, live snapshots and control commands of this disk.
+    pub live: Arc<crate::live::Live>,
     /// Removes a throwaway `--snapshot` overlay once the last clone of the disk is gone. Declared
     /// last so the layers above (and the image's clean close) are dropped before it.
     overlay: Option<Arc<OverlayGuard>>,
@@ -59,6 +61,7 @@ impl ServedDisk {
     /// A disk whose top layer has its own write cache, switched by `control`.
     pub fn with_cache_control(dev: Arc<dyn BlockDev>, control: Arc<dyn WriteCacheControl>) -> Self {
         ServedDisk {
+            live: Arc::new(crate::live::Live::detached(dev.clone())),
             dev,
             cache_control: Some(control),
             overlay: None,
@@ -91,6 +94,7 @@ impl ServedDisk {
     /// A disk without a cache layer of its own.
     pub fn plain(dev: Arc<dyn BlockDev>) -> Self {
         ServedDisk {
+            live: Arc::new(crate::live::Live::detached(dev.clone())),
             dev,
             cache_control: None,
             overlay: None,
@@ -98,16 +102,25 @@ impl ServedDisk {
     }
 }
 
-/// Deletes a throwaway snapshot overlay when dropped (unless already unlinked).
+/// Deletes a throwaway snapshot overlay when dropped, unless it was unlinked already (at
+/// sandbox entry) or a live snapshot made it part of the chain (`keep`).
 #[derive(Debug)]
 struct OverlayGuard {
     path: PathBuf,
     unlinked: std::sync::atomic::AtomicBool,
+    keep: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for OverlayGuard {
     fn drop(&mut self) {
         if *self.unlinked.get_mut() {
+            return;
+        }
+        if self.keep.load(std::sync::atomic::Ordering::Acquire) {
+            log::info!(
+                "keeping snapshot overlay {}: a live snapshot froze it",
+                self.path.display()
+            );
             return;
         }
         match std::fs::remove_file(&self.path) {
@@ -219,6 +232,7 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
             Arc::new(OverlayGuard {
                 path: path.clone(),
                 unlinked: false.into(),
+                keep: Default::default(),
             })
         });
         (path, Some(Format::Qcow2), guard)
@@ -235,8 +249,18 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
         Some(_) => None,
     };
     let policy = crate::probe_guard::backing_policy(args).map_err(OpenDiskError::Policy)?;
-    let dev = qcow_snapshot::open_image_with(&image, format.or(probed), args.readonly, &policy)
+    let chain = crate::snapshot::Chain::open(&image, format.or(probed), args.readonly, &policy)
         .map_err(open_err)?;
+    if let Some(g) = &guard {
+        let g = Arc::downgrade(g);
+        chain.on_first_freeze(Box::new(move || {
+            if let Some(g) = g.upgrade() {
+                g.keep.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }));
+    }
+    let chain = Arc::new(chain);
+    let dev: Arc<dyn BlockDev> = chain.device();
     let cfg = CacheConfig {
         folio_size: args.folio_size,
         cache_size: args.cache_size,
@@ -254,9 +278,23 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
     } else {
         cache.clone()
     };
+    let mode_policy = Arc::new(crate::live::ModePolicy::new(Arc::new(CacheSwitch(
+        cache.clone(),
+    ))));
+    let info = crate::live::LiveInfo {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        read_only: args.readonly || cache.is_read_only(),
+    };
     Ok(ServedDisk {
+        live: Arc::new(crate::live::Live::new(
+            cache.clone(),
+            chain,
+            mode_policy.clone(),
+            info,
+        )),
         dev: top,
-        cache_control: Some(Arc::new(CacheSwitch(cache))),
+        cache_control: Some(mode_policy),
         overlay: guard,
     })
 }

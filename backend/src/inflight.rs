@@ -92,6 +92,8 @@ pub const DEFAULT_SLOW_THRESHOLD: Duration = Duration::from_micros(40);
 
 struct Shared<R> {
     dev: Arc<BlkDevice>,
+    /// The queue whose requests this runner executes (the metrics label of its workers).
+    queue: usize,
     /// Moving average of request execution times in nanoseconds (weight 1/4 per sample).
     avg_ns: AtomicU64,
     slow_ns: u64,
@@ -144,6 +146,15 @@ impl<R: UsedRing> QueueRunner<R> {
         Self::with_slow_threshold(dev, max_inflight, name, DEFAULT_SLOW_THRESHOLD)
     }
 
+    /// The same runner, labelling its requests as queue `queue` in the statistics. Called
+    /// before the first request, while no executor shares the runner's state.
+    pub fn for_queue(mut self, queue: usize) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.queue = queue;
+        }
+        self
+    }
+
     /// [`Self::new`] with another slow threshold. The runner starts by assuming requests are
     /// slow (executors) until it has seen fast ones.
     pub fn with_slow_threshold(
@@ -156,6 +167,7 @@ impl<R: UsedRing> QueueRunner<R> {
         QueueRunner {
             shared: Arc::new(Shared {
                 dev,
+                queue: 0,
                 avg_ns: AtomicU64::new(slow_ns.saturating_mul(2)),
                 slow_ns,
                 state: Mutex::new(State {
@@ -239,7 +251,7 @@ impl<R: UsedRing> QueueRunner<R> {
 }
 
 fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
-    let mut worker = RequestWorker::new();
+    let mut worker = RequestWorker::for_queue(shared.queue);
     let mut st = shared.lock();
     loop {
         let job = loop {

@@ -17,17 +17,29 @@
 //! - [`vhu_blk`]: the vhost-user backend glue (one worker thread per queue).
 //! - [`sandbox`]: `--user` privilege drop and the seccomp allow-list of the serving daemon.
 //! - [`serve`]: daemon lifecycle (socket, reconnects, SIGTERM/SIGINT, final flush).
+//! - [`live`]: what the request path, the control socket and the metrics share (pause gate,
+//!   statistics, host cache-mode override); [`pause`]: the request pause gate;
+//!   [`snapshot`]: the image chain and live snapshots; [`metrics`]: statistics and their
+//!   Prometheus/JSON export; [`metrics_http`]: the `--metrics` endpoint; [`control`]: the
+//!   `--control-socket` server; [`ctl`]: the `snapblk ctl` client.
 
 pub mod cli;
+pub mod control;
 pub mod convert_cmd;
+pub mod ctl;
 pub mod device;
 pub mod disk;
 pub mod image_cmd;
 pub mod img_size;
 pub mod inflight;
+pub mod live;
+pub mod metrics;
+pub mod metrics_http;
+pub mod pause;
 pub mod probe_guard;
 pub mod request;
 pub mod sandbox;
 pub mod serve;
+pub mod snapshot;
 pub mod vhu_blk;
 pub mod virtio_blk;

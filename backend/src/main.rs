@@ -69,6 +69,7 @@ fn main() -> ExitCode {
         Command::Export(args) => return image_cmd::export(&args),
         Command::Checksum(args) => return image_cmd::checksum(&args),
         Command::Convert(args) => return snapblk::convert_cmd::run(&args),
+        Command::Ctl(args) => return snapblk::ctl::ctl(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

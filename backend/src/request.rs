@@ -21,6 +21,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 use crate::device::BlkDevice;
+use crate::metrics::Op;
 use crate::virtio_blk::*;
 
 /// Largest piece of a request moved through the bounce buffer at once. Larger IN/OUT requests are
@@ -192,6 +193,11 @@ pub struct RequestWorker {
     buf: Vec<u8>,
     /// Bytes written to the device-writable part of the current chain, status excluded.
     written: u64,
+    /// The queue this worker serves (the metrics label).
+    queue: usize,
+    /// Type and payload bytes of the current request, for the metrics.
+    op: Option<Op>,
+    bytes: u64,
 }
 
 fn bounce(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
@@ -306,6 +312,14 @@ impl RequestWorker {
         Self::default()
     }
 
+    /// A worker for requests of queue `queue`.
+    pub fn for_queue(queue: usize) -> Self {
+        RequestWorker {
+            queue,
+            ..Self::default()
+        }
+    }
+
     /// Executes one request and writes its status. Returns the used length: the number of bytes
     /// written into the device-writable part of the chain, status byte included.
     pub fn process_chain<M, D>(
@@ -339,10 +353,18 @@ impl RequestWorker {
             return 0;
         };
 
+        let in_flight = dev.live().begin(self.queue);
+        self.op = None;
+        self.bytes = 0;
         let result = match chain_error {
             Some(e) => Err(e),
             None => self.execute(dev, mem, &layout),
         };
+        in_flight.finish(
+            self.op.unwrap_or(Op::Other),
+            self.bytes,
+            result.as_ref().err(),
+        );
         let status = match result {
             Ok(()) => VIRTIO_BLK_S_OK,
             Err(e) => {
@@ -437,6 +459,12 @@ impl RequestWorker {
         let data_in = layout.readable_len - RequestHeader::SIZE as u64;
         let data_out = layout.writable_len.saturating_sub(1);
         let t = hdr.request_type;
+        self.op = Some(Op::from_type(t));
+        self.bytes = match t {
+            VIRTIO_BLK_T_IN => data_out,
+            VIRTIO_BLK_T_OUT => data_in,
+            _ => 0,
+        };
 
         match t {
             VIRTIO_BLK_T_IN => {
@@ -634,6 +662,9 @@ impl RequestWorker {
                 align,
             )?;
         }
+        self.bytes = decode_segments(raw)
+            .map(|seg| u64::from(seg.num_sectors) * SECTOR_SIZE)
+            .sum();
         for seg in decode_segments(raw) {
             let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
             if len == 0 {

@@ -345,7 +345,10 @@ fn nr64(nr: libc::c_long) -> i64 {
 /// filter that turns the open family into EACCES (the kernel applies the strictest verdict of
 /// all filters, so the open calls are on the allow-list of the first one and refused by the
 /// second).
-pub fn build_filter(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
+///
+/// `allow_open`: the daemon serves a control socket, whose live snapshots create and open image
+/// files; the open family is then allowed (everything else stays as it is).
+pub fn build_filter(mode: SeccompMode, allow_open: bool) -> Result<Vec<BpfProgram>, SandboxError> {
     let mismatch = match mode {
         SeccompMode::Off => return Ok(Vec::new()),
         SeccompMode::Kill => SeccompAction::Trap,
@@ -360,7 +363,13 @@ pub fn build_filter(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> 
         .iter()
         .map(|&(_, nr)| (nr64(nr), Vec::new()))
         .collect();
-    if mode == SeccompMode::Kill {
+    if allow_open {
+        rules.extend(
+            DENIED_WITH_EACCES
+                .iter()
+                .map(|&(_, nr)| (nr64(nr), Vec::new())),
+        );
+    } else if mode == SeccompMode::Kill {
         let opens: std::collections::BTreeMap<i64, Vec<SeccompRule>> = DENIED_WITH_EACCES
             .iter()
             .map(|&(_, nr)| (nr64(nr), Vec::new()))
@@ -476,8 +485,8 @@ fn settle_lazy_lookups() {
 }
 
 /// Installs the filter of `mode` on every thread of the process.
-pub fn apply_seccomp(mode: SeccompMode) -> Result<(), SandboxError> {
-    let programs = build_filter(mode)?;
+pub fn apply_seccomp(mode: SeccompMode, allow_open: bool) -> Result<(), SandboxError> {
+    let programs = build_filter(mode, allow_open)?;
     if programs.is_empty() {
         return Ok(());
     }
@@ -498,14 +507,24 @@ pub fn enter(args: &ServeArgs, disk: &ServedDisk) -> Result<(), SandboxError> {
         std::env::var_os(TEST_FORBIDDEN_SYSCALL_ENV).is_some_and(|v| v == "1"),
         Ordering::SeqCst,
     );
-    disk.unlink_throwaway_overlay();
+    // A live snapshot names the current top as its backing file by path, so with a control
+    // socket the throwaway overlay must keep its name (it is removed at exit instead).
+    if args.control_socket.is_none() {
+        disk.unlink_throwaway_overlay();
+    }
     if let Some(spec) = &args.user {
         let ids = resolve_user(spec)?;
         drop_privileges(ids)?;
         log::info!("running as uid {} gid {}", ids.uid, ids.gid);
     }
-    apply_seccomp(args.seccomp)?;
+    let allow_open = args.control_socket.is_some();
+    apply_seccomp(args.seccomp, allow_open)?;
     match args.seccomp {
+        SeccompMode::Kill if allow_open => log::info!(
+            "seccomp filter on: {} system calls allowed, opening files too (the control socket's \
+             live snapshots create image files), any other call kills the daemon",
+            ALLOWED.len() + 1
+        ),
         SeccompMode::Kill => log::info!(
             "seccomp filter on: {} system calls allowed, opening files fails with EACCES, any \
              other call kills the daemon",
@@ -558,11 +577,11 @@ mod tests {
 
     #[test]
     fn filters_build_for_every_mode() {
-        assert!(build_filter(SeccompMode::Off).unwrap().is_empty());
-        let kill = build_filter(SeccompMode::Kill).unwrap();
+        assert!(build_filter(SeccompMode::Off, false).unwrap().is_empty());
+        let kill = build_filter(SeccompMode::Kill, false).unwrap();
         assert_eq!(kill.len(), 2, "allow-list and the EACCES filter for opens");
         assert!(kill.iter().all(|p| !p.is_empty()));
-        assert_eq!(build_filter(SeccompMode::Log).unwrap().len(), 1);
+        assert_eq!(build_filter(SeccompMode::Log, false).unwrap().len(), 1);
     }
 
     #[test]

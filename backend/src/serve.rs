@@ -73,6 +73,14 @@ pub enum ServeError {
     /// The daemon could not drop its privileges or install its system-call filter.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    /// The metrics endpoint could not be started.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: io::Error,
+    },
     /// The final flush failed: acknowledged writes may not be durable.
     #[error("final flush failed: {0}")]
     FinalFlush(BlockError),
@@ -166,7 +174,7 @@ impl std::fmt::Debug for Server {
 }
 
 /// Binds `path` as a listening socket with permissions `mode`, replacing a stale socket.
-fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+pub(crate) fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
     let bind_err = |source| ServeError::Bind {
         path: path.to_path_buf(),
         source,
@@ -202,42 +210,13 @@ enum Wake {
 
 /// Waits until `listener` has a pending connection or `wake` is signalled.
 fn wait_for_connection(listener: &Listener, wake: &EventFd) -> io::Result<Wake> {
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call and its
-        // length is passed alongside; both descriptors stay open.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if fds[1].revents != 0 {
-            return Ok(Wake::Stop);
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            return Ok(Wake::Connection);
-        }
-        if fds[0].revents != 0 {
-            return Err(io::Error::other(format!(
-                "listening socket reported events {:#x}",
-                fds[0].revents
-            )));
-        }
-    }
+    Ok(
+        if crate::control::wait_readable(listener.as_raw_fd(), wake)? {
+            Wake::Connection
+        } else {
+            Wake::Stop
+        },
+    )
 }
 
 impl Server {
@@ -288,6 +267,11 @@ impl Server {
     /// The socket path.
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
+    }
+
+    /// The state the control socket and the metrics endpoint serve.
+    pub fn live(&self) -> Arc<crate::live::Live> {
+        Arc::clone(&self.disk.live)
     }
 
     /// Serves frontends one after the other until stopped; then flushes the disk and removes
@@ -343,7 +327,9 @@ impl Server {
         }
         info!("connection {id}: frontend connected");
         self.stop.set_connection(daemon.shutdown_handle());
+        self.disk.live.set_frontend(Some(id));
         let ended = daemon.wait();
+        self.disk.live.set_frontend(None);
         self.stop.set_connection(None);
         // Dropping the daemon stops and joins the queue threads: every request picked up from a
         // queue has completed once this returns.
@@ -409,6 +395,22 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
     // the first connection spawns queue threads.
     block_stop_signals()?;
     let server = Server::bind(args)?;
+    // Dropped after `run`: their threads are joined before the disk's last handle goes away.
+    let _control = match &args.control_socket {
+        Some(path) => Some(crate::control::ControlServer::start(path, server.live())?),
+        None => None,
+    };
+    let _metrics = match &args.metrics {
+        Some(addr) => Some(
+            crate::metrics_http::MetricsServer::start(addr, server.live()).map_err(|e| {
+                ServeError::Metrics {
+                    addr: addr.to_string(),
+                    source: e,
+                }
+            })?,
+        ),
+        None => None,
+    };
     stop_on_signals(server.stop_handle())?;
     // Socket bound, every image of the chain open, signal thread running: drop what serving
     // does not need.

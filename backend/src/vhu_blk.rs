@@ -74,12 +74,13 @@ impl VhostUserBlk {
         let max_inflight = dev.config().max_inflight;
         let queues = dev.config().num_queues;
         let workers = (0..queues)
-            .map(|_| Mutex::new(RequestWorker::new()))
+            .map(|q| Mutex::new(RequestWorker::for_queue(usize::from(q))))
             .collect();
         let runners = (0..queues)
             .map(|q| {
                 (max_inflight > 1).then(|| {
                     QueueRunner::new(Arc::clone(&dev), max_inflight, &format!("snapblk-q{q}"))
+                        .for_queue(usize::from(q))
                 })
             })
             .collect();

@@ -23,7 +23,9 @@ use std::sync::RwLock;
 
 mod file;
 pub mod lock;
+mod switch;
 pub use file::{file_size, RawFile};
+pub use switch::{SwitchDev, SwitchGuard};
 
 /// What went wrong in a block-device operation.
 #[derive(Debug, thiserror::Error)]

@@ -187,6 +187,7 @@ struct Counters {
     fills_dropped: AtomicU64,
     evictions: AtomicU64,
     writebacks: AtomicU64,
+    writeback_bytes: AtomicU64,
     writeback_errors: AtomicU64,
     throttled: AtomicU64,
     bypassed: AtomicU64,
@@ -205,6 +206,8 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Folio writebacks that reached the lower layer.
     pub writebacks: u64,
+    /// Bytes written to the lower layer by writebacks.
+    pub writeback_bytes: u64,
     /// Folio writebacks that failed (their data stayed dirty).
     pub writeback_errors: u64,
     /// Times a writer or filler had to wait for a free folio or for dirty budget.
@@ -412,6 +415,7 @@ impl FolioCache {
             fills_dropped: c.fills_dropped.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
             writebacks: c.writebacks.load(Ordering::Relaxed),
+            writeback_bytes: c.writeback_bytes.load(Ordering::Relaxed),
             writeback_errors: c.writeback_errors.load(Ordering::Relaxed),
             throttled: c.throttled.load(Ordering::Relaxed),
             bypassed: c.bypassed.load(Ordering::Relaxed),
@@ -1195,6 +1199,13 @@ impl Inner {
             drop(gs);
             g.cv.notify_all();
         }
+        let wb_bytes: usize = runs
+            .iter()
+            .filter_map(|&(m, s, e)| {
+                let g = members.get(m)?;
+                Some(g.sector_bytes(e - 1).1 - g.sector_bytes(s).0)
+            })
+            .sum();
         WB_BUF.with(|c| c.set(buf));
         WB_RUNS.with(|c| c.set(runs));
         match &outcome {
@@ -1202,6 +1213,9 @@ impl Inner {
                 self.counters
                     .writebacks
                     .fetch_add(members.len() as u64, Ordering::Relaxed);
+                self.counters
+                    .writeback_bytes
+                    .fetch_add(wb_bytes as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 self.counters

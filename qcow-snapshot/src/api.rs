@@ -174,9 +174,17 @@ fn open_image_chain_with(
 
 /// Opens a qcow2 image as a [`QcowImage`] (with its backing chain).
 pub fn open_qcow2(path: &Path, read_only: bool) -> Result<QcowImage, OpenImageError> {
+    open_qcow2_with(path, read_only, &BackingPolicy::default())
+}
+
+/// [`open_qcow2`] with an explicit backing-file policy.
+pub fn open_qcow2_with(
+    path: &Path,
+    read_only: bool,
+    policy: &BackingPolicy,
+) -> Result<QcowImage, OpenImageError> {
     let mut seen = Vec::new();
-    let policy = BackingPolicy::default();
-    open_qcow2_in_chain(path, path, read_only, 0, &mut seen, &policy)
+    open_qcow2_in_chain(path, path, read_only, 0, &mut seen, policy)
 }
 
 /// Opens one file of a chain: `path` is its name (for resolving relative backing names and for

@@ -32,7 +32,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use blockdev::{check_range, BlockDev, BlockError, Result};
@@ -1042,6 +1042,8 @@ pub struct QcowImage {
     zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// Guest data was written since the last flush started.
     data_written: AtomicBool,
+    /// Data clusters allocated by guest writes since open (statistics only).
+    clusters_allocated: AtomicU64,
 }
 
 impl std::fmt::Debug for QcowImage {
@@ -1147,6 +1149,7 @@ impl QcowImage {
             closed: AtomicBool::new(false),
             zcache: Mutex::new(None),
             data_written: AtomicBool::new(false),
+            clusters_allocated: AtomicU64::new(0),
         })
     }
 
@@ -1177,6 +1180,12 @@ impl QcowImage {
     /// The backing device.
     pub fn backing(&self) -> Option<&Arc<dyn BlockDev>> {
         self.backing.as_ref()
+    }
+
+    /// Data clusters allocated by guest writes (copy-on-write or first writes) since the image
+    /// was opened; statistics only.
+    pub fn clusters_allocated(&self) -> u64 {
+        self.clusters_allocated.load(Ordering::Relaxed)
     }
 
     /// Whether an inconsistency was found (all I/O then fails with `BlockError::Corrupt`).
@@ -1493,6 +1502,7 @@ impl QcowImage {
                 }
                 if fresh > 0 {
                     let base = m.alloc(&self.io, fresh)?;
+                    self.clusters_allocated.fetch_add(fresh, Ordering::Relaxed);
                     let mut k = 0;
                     for s in steps.iter_mut() {
                         if let Step::Alloc {

@@ -26,8 +26,8 @@ pub mod refcount;
 
 pub use api::{
     checksum, checksum_dev, commit, create_snapshot_overlay, export, info, info_chain, info_with,
-    open_image, open_image_chain, open_image_with, open_qcow2, probe_bytes, probe_format,
-    resolve_backing_path, Format, ImageInfo,
+    open_image, open_image_chain, open_image_with, open_qcow2, open_qcow2_with, probe_bytes,
+    probe_format, resolve_backing_path, Format, ImageInfo,
 };
 pub use create::{create, create_on, CreateOptions};
 pub use error::{CreateImageError, ImageOpError, OpenImageError};

@@ -1199,6 +1199,26 @@ pub fn md5_file(path: &Path) -> Result<String> {
         })
 }
 
+/// Runs a host tool (qemu-img, sha256sum, snapblk, ...), panicking with its output unless it
+/// exits 0; returns its stdout and stderr. For tests.
+pub fn host_tool<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(cmd: &str, args: &[S]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\n{text}",
+        out.status
+    );
+    text
+}
+
 /// md5 (hex) of `len` bytes of `path` at `off` (a short file is an error).
 pub fn md5_range(path: &Path, off: u64, len: u64) -> Result<String> {
     let f = File::open(path).map_err(io_err(format!("open {}", path.display())))?;

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use snapblk_tests::guest::{
-    guest_env_or_skip, guest_lock, log_dir, md5_file, md5_range, snapblk_binary,
+    guest_env_or_skip, guest_lock, host_tool, log_dir, md5_file, md5_range, snapblk_binary,
     write_random_image, Daemon, DaemonConfig, DaemonKind, GuestConfig, GuestEnv, GuestError,
     GuestOutput, ImageFormat,
 };
@@ -556,25 +556,6 @@ fn untouched_ranges_cover_exactly_the_gaps() {
         untouched_ranges(REGIONS, DISK_BYTES).first(),
         Some(&(0, 8 * MIB))
     );
-}
-
-/// Runs a host tool, panicking with its output on failure.
-fn host_tool(cmd: &str, args: &[&std::ffi::OsStr]) -> String {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}\n{text}",
-        out.status
-    );
-    text
 }
 
 /// A qcow2 overlay made by `qemu-img` over a random raw base, served by `kind`: the guest's
