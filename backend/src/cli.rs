@@ -9,7 +9,7 @@ use cache::parse_size;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use crate::image_cmd::{
-    CheckArgs, ChecksumArgs, CommitArgs, CreateArgs, ExportArgs, FormatArg, InfoArgs,
+    CheckArgs, ChecksumArgs, CommitArgs, CreateArgs, ExportArgs, FormatArg, InfoArgs, SourceArgs,
 };
 
 /// Largest `--num-queues`.

@@ -78,15 +78,39 @@ pub struct CreateArgs {
     pub size: Option<u64>,
 }
 
-/// Arguments of `snapblk info`.
+/// How a command reads its source image (`-f FMT`, `-U`).
 #[derive(Clone, Debug, Args)]
-pub struct InfoArgs {
+pub struct SourceArgs {
     /// Read the image as this format instead of probing it.
     #[arg(short = 'f', long = "format", value_enum, value_name = "FMT")]
     pub format: Option<FormatArg>,
     /// Open force-shared (read-only, without conflicting locks), like qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+}
+
+impl SourceArgs {
+    /// The format to read the image as (probed when `None`).
+    pub fn format(&self) -> Option<Format> {
+        self.format.map(Format::from)
+    }
+
+    /// Runs `f` force-shared when `-U` was given.
+    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        if self.force_share {
+            blockdev::lock::with_force_share(f)
+        } else {
+            f()
+        }
+    }
+}
+
+/// Arguments of `snapblk info`.
+#[derive(Clone, Debug, Args)]
+pub struct InfoArgs {
+    /// How the image is read.
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Output format: human or json (qemu-img's field names).
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     pub output: String,
@@ -150,12 +174,9 @@ pub struct CommitArgs {
 /// Arguments of `snapblk export`.
 #[derive(Clone, Debug, Args)]
 pub struct ExportArgs {
-    /// Read the image as this format instead of probing it.
-    #[arg(short = 'f', long = "format", value_enum, value_name = "FMT")]
-    pub format: Option<FormatArg>,
-    /// Open the source force-shared (read-only, without conflicting locks), like qemu-img -U.
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
+    /// How the image is read.
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Show a progress bar.
     #[arg(short = 'p', long)]
     pub progress: bool,
@@ -173,12 +194,9 @@ pub struct ExportArgs {
 /// Arguments of `snapblk checksum`.
 #[derive(Clone, Debug, Args)]
 pub struct ChecksumArgs {
-    /// Read the image as this format instead of probing it.
-    #[arg(short = 'f', long = "format", value_enum, value_name = "FMT")]
-    pub format: Option<FormatArg>,
-    /// Open force-shared (read-only, without conflicting locks), like qemu-img -U.
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
+    /// How the image is read.
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Show a progress bar.
     #[arg(short = 'p', long)]
     pub progress: bool,
@@ -244,15 +262,6 @@ fn emit_code(what: &str, text: &str, code: ExitCode) -> ExitCode {
     match emit(what, text) {
         Ok(()) => code,
         Err(c) => c,
-    }
-}
-
-/// Runs `f` force-shared when `force` (`-U`).
-fn shared<R>(force: bool, f: impl FnOnce() -> R) -> R {
-    if force {
-        blockdev::lock::with_force_share(f)
-    } else {
-        f()
     }
 }
 
@@ -329,16 +338,8 @@ fn plan_create(args: &CreateArgs) -> Result<CreatePlan, String> {
 }
 
 fn create_raw(path: &std::path::Path, size: u64) -> Result<(), String> {
-    // Readable too: the shared (read) lock bytes need a descriptor open for reading.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    blockdev::lock::lock_image(&file, blockdev::lock::Perms::WRITER)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let file =
+        qcow_snapshot::output::open_target(path).map_err(|e| format!("{}: {e}", path.display()))?;
     file.set_len(0)
         .and_then(|()| file.set_len(size))
         .and_then(|()| file.sync_all())
@@ -418,9 +419,9 @@ pub fn create(args: &CreateArgs) -> ExitCode {
 
 /// `snapblk info`.
 pub fn info(args: &InfoArgs) -> ExitCode {
-    let fmt = args.format.map(Format::from);
+    let fmt = args.source.format();
     let json = args.output == "json";
-    let text = shared(args.force_share, || {
+    let text = args.source.run(|| {
         if args.backing_chain {
             qcow_snapshot::info_chain(&args.image, fmt).map(|chain| {
                 if json {
@@ -492,7 +493,13 @@ pub fn check(args: &CheckArgs) -> ExitCode {
         RepairArg::Leaks => Repair::Leaks,
         RepairArg::All => Repair::All,
     });
-    match shared(args.force_share, || check::check(&args.image, repair)) {
+    let check_it = || check::check(&args.image, repair);
+    let result = if args.force_share {
+        blockdev::lock::with_force_share(check_it)
+    } else {
+        check_it()
+    };
+    match result {
         Ok(report) => {
             let code = ExitCode::from(report.exit_code() as u8);
             if args.quiet {
@@ -534,10 +541,10 @@ pub fn commit(args: &CommitArgs) -> ExitCode {
 /// `snapblk export`.
 pub fn export(args: &ExportArgs) -> ExitCode {
     let mut p = Progress::new("export", args.progress);
-    let fmt = args.format.map(Format::from);
-    let r = shared(args.force_share, || {
-        qcow_snapshot::export(&args.image, fmt, &args.out, &mut |d, t| p.update(d, t))
-    });
+    let fmt = args.source.format();
+    let r = args
+        .source
+        .run(|| qcow_snapshot::export(&args.image, fmt, &args.out, &mut |d, t| p.update(d, t)));
     p.finish();
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -548,8 +555,8 @@ pub fn export(args: &ExportArgs) -> ExitCode {
 /// `snapblk checksum`: prints `SHA256  IMAGE` like `sha256sum`.
 pub fn checksum(args: &ChecksumArgs) -> ExitCode {
     let mut p = Progress::new("checksum", args.progress);
-    let fmt = args.format.map(Format::from);
-    let r = shared(args.force_share, || {
+    let fmt = args.source.format();
+    let r = args.source.run(|| {
         qcow_snapshot::open_image(&args.image, fmt, true)
             .map_err(qcow_snapshot::ImageOpError::from)
             .and_then(|dev| qcow_snapshot::checksum_dev(&*dev, &mut |d, t| p.update(d, t)))

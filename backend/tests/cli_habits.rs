@@ -5,42 +5,25 @@
 //! 63, and a missing backing file is named as the backing file of its image. Comparisons with
 //! qemu-img are skipped (with a message) when it is not installed.
 
+mod common;
+
 use std::os::unix::io::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::*;
+
 fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let ok = have("qemu-img");
     if !ok {
         eprintln!("skipped: qemu-img is needed");
     }
     ok
 }
 
-fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{tool}: {e}"))
-}
-
-fn snapblk(args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_snapblk"), args)
-}
-
 fn ok(o: Output) -> String {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Failed with exactly one line on stderr containing `needle`.

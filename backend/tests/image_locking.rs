@@ -5,20 +5,15 @@
 //! `snapblk serve` are refused, `qemu-img info -U` works, and everything works again once the
 //! daemon has exited. Skipped (with a message) when the QEMU tools are not installed.
 
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use common::*;
 
 fn tools_present() -> bool {
     let ok = ["qemu-img", "qemu-io", "qemu-storage-daemon"]
@@ -28,27 +23,6 @@ fn tools_present() -> bool {
         eprintln!("skipped: qemu-img, qemu-io and qemu-storage-daemon are needed");
     }
     ok
-}
-
-fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{tool}: {e}"))
-}
-
-fn snapblk(args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_snapblk"), args)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// The command failed with exactly one stderr line that names `file` and says it is in use.

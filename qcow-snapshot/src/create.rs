@@ -89,18 +89,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), CreateImageError>
     }
     // Open without truncating, lock as a writer, and only then empty the file: an image another
     // process uses is refused intact.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io_err)?;
+    let file = crate::output::open_target(path).map_err(io_err)?;
     let md = file.metadata().map_err(io_err)?;
     if chain.contains(&(md.dev(), md.ino())) {
         return Err(CreateImageError::SelfBacking(path.to_path_buf()));
     }
-    blockdev::lock::lock_image(&file, blockdev::lock::Perms::WRITER).map_err(io_err)?;
     file.set_len(0).map_err(io_err)?;
     let host = FileHost::new(file);
     create_on(&host, &opts).map_err(|e| match e {

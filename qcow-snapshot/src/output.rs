@@ -59,6 +59,20 @@ pub fn check_output(
     Ok(Some(md))
 }
 
+/// Opens the file a command is about to overwrite (creating it, never truncating it) and locks
+/// it as a writer, so an image another process uses is refused intact. The caller empties it.
+pub fn open_target(path: &Path) -> io::Result<File> {
+    // Readable too: the shared (read) lock bytes need a descriptor open for reading.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    lock::lock_image(&file, Perms::WRITER)?;
+    Ok(file)
+}
+
 /// A new file under a temporary name next to its final path; removed on drop unless committed.
 #[derive(Debug)]
 pub struct TempOutput {
