@@ -20,7 +20,10 @@
 //!   older than the write the cache held.
 //! - Writes copy the caller's complete buffer into the folio and mark it dirty. A write that
 //!   covers a sector only partly first fills that sector from below, so dirty sectors are always
-//!   whole and writeback never writes bytes the cache does not know (no zeroed tails).
+//!   whole and writeback never writes bytes the cache does not know (no zeroed tails). A write
+//!   into bytes of a registered zap waits until the zap ends (the zap drops the cached sectors
+//!   of its range at its end, which must not drop a write that completed after the zap's lower
+//!   operation).
 //! - Writeback snapshots a folio's dirty sectors under its lock, clears their dirty bits, sets the
 //!   folio's `writeback` flag and writes the snapshot without any lock held. At most one
 //!   writeback per folio is in flight, so writes to a byte reach the lower layer in completion
