@@ -1308,3 +1308,57 @@ fn runner_fails_only_the_request_whose_disk_operation_failed() {
         vec![0u8; 4096]
     );
 }
+
+#[test]
+fn stop_vring_returns_only_when_no_request_of_the_queue_is_in_flight() {
+    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+    use vm_memory::GuestMemoryAtomic;
+    use vmm_sys_util::epoll::EventSet;
+
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let disk = Arc::new(GateDisk::new(u64::MAX));
+    let mut cfg = DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap();
+    cfg.max_inflight = 8;
+    let dev = BlkDevice::new(ServedDisk::plain(disk.clone()), Arc::new(cfg));
+    dev.set_acked_features(dev.config().features());
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let backend =
+        Arc::new(crate::vhu_blk::VhostUserBlk::new(Arc::new(dev), atomic.clone()).unwrap());
+    let vring = VringRwLock::new(atomic, QSIZE).unwrap();
+    *vring.get_mut().get_queue_mut() =
+        queue_with_chains(&mem, &io_chains(&mem, 4, VIRTIO_BLK_T_OUT), 0);
+    // A kick: the queue thread submits the four writes and returns while they wait at the disk.
+    backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    wait_until("four writes at the disk", || {
+        disk.running.load(Ordering::SeqCst) == 4
+    });
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = {
+        let (backend, stopped) = (backend.clone(), stopped.clone());
+        std::thread::spawn(move || {
+            backend.stop_vring(0).unwrap();
+            stopped.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let returned_early = stopped.load(Ordering::SeqCst);
+    let used_early = used_idx(&mem);
+    // Release the disk before asserting, so a failure does not leave requests blocked forever.
+    disk.open_gate();
+    stopper.join().unwrap();
+    assert!(
+        !returned_early,
+        "GET_VRING_BASE returned with requests in flight"
+    );
+    assert_eq!(used_early, 0);
+    // Once it returned, every request is on the used ring: the frontend reads a final state.
+    assert_eq!(used_idx(&mem), 4);
+    for i in 0..4u64 {
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+    }
+}
