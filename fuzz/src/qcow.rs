@@ -114,7 +114,13 @@ impl HostFile for BoundedHost {
 /// Builds a valid image with the engine: `size` bytes, `cluster_size` clusters, refcount
 /// order `order`, a few clusters written, optionally naming a backing file, optionally with
 /// extended L2 entries (subclusters).
-fn build_image(size: u64, cluster_size: u64, order: u32, backing: bool, extended_l2: bool) -> Vec<u8> {
+fn build_image(
+    size: u64,
+    cluster_size: u64,
+    order: u32,
+    backing: bool,
+    extended_l2: bool,
+) -> Vec<u8> {
     let host = Arc::new(BoundedHost::default());
     let opts = CreateOptions {
         size,
@@ -166,14 +172,17 @@ pub fn base_images() -> &'static [Vec<u8>; 4] {
     })
 }
 
-/// A scratch file for the checker, one per process.
+/// A scratch file for the checker, unique per call.
 fn scratch_path() -> PathBuf {
     let dir = if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
     };
-    dir.join(format!("snapblk-fuzz-qcow2-{}.img", std::process::id()))
+    // One file per call: the harness's own tests run inputs on several threads at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("snapblk-fuzz-qcow2-{}-{n}.img", std::process::id()))
 }
 
 /// Writes `image` to the scratch file and checks it (optionally repairing it first).
@@ -334,6 +343,17 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     out.push((
         "base2_backing_repair",
         encode(1 | 16 | 4, (65536, 512), (0, 512, 9), &[]),
+    ));
+    // Base 3 (extended L2, 16 KiB clusters): read the partly allocated cluster 7, write into
+    // its unallocated subclusters, repair after the write.
+    out.push((
+        "base3_subclusters",
+        encode(
+            1 | 24 | 4,
+            (7 * 16384, 16384),
+            (7 * 16384 + 3000, 5000, 0x55),
+            &[],
+        ),
     ));
     out
 }
