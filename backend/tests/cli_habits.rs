@@ -284,18 +284,14 @@ fn info_json_and_backing_chain_match_qemu_img_field_for_field() {
     ok(run("qemu-img", &["bitmap", "--add", s(&ov), "bm0"]));
     // External data file, extended L2 and zstd compression.
     let d = dir.path().join("d.qcow2");
+    // qemu-img creates a relative data file in its working directory: name it absolutely.
+    let data_opts = format!(
+        "data_file={},extended_l2=on,compression_type=zstd",
+        s(&dir.path().join("d.raw"))
+    );
     ok(run(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=d.raw,extended_l2=on,compression_type=zstd",
-            s(&d),
-            "1M",
-        ],
+        &["create", "-q", "-f", "qcow2", "-o", &data_opts, s(&d), "1M"],
     ));
     let base = dir.path().join("b.raw");
     for (img, extra) in [
