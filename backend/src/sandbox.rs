@@ -123,6 +123,8 @@ pub const ALLOWED: &[(&str, libc::c_long)] = &[
     ("sendmsg", libc::SYS_sendmsg), ("recvfrom", libc::SYS_recvfrom),
     ("sendto", libc::SYS_sendto), ("shutdown", libc::SYS_shutdown),
     ("getsockopt", libc::SYS_getsockopt), ("eventfd2", libc::SYS_eventfd2),
+    // The control socket's and metrics endpoint's client timeouts.
+    ("setsockopt", libc::SYS_setsockopt),
     ("epoll_create1", libc::SYS_epoll_create1), ("epoll_ctl", libc::SYS_epoll_ctl),
     ("epoll_pwait", libc::SYS_epoll_pwait), ("ppoll", libc::SYS_ppoll),
     // Threads, time, signals, randomness.
@@ -139,11 +141,14 @@ pub const ALLOWED: &[(&str, libc::c_long)] = &[
     // Exit paths (abort raises SIGABRT on its own thread) and the socket file's removal.
     ("exit", libc::SYS_exit), ("exit_group", libc::SYS_exit_group), ("tgkill", libc::SYS_tgkill),
     ("unlinkat", libc::SYS_unlinkat),
+    // Path resolution of a live snapshot's new overlay (canonicalize): no file is opened.
+    ("getcwd", libc::SYS_getcwd), ("readlinkat", libc::SYS_readlinkat),
     // Legacy x86-64 forms glibc or the crates may still use.
     #[cfg(target_arch = "x86_64")] ("poll", libc::SYS_poll),
     #[cfg(target_arch = "x86_64")] ("epoll_wait", libc::SYS_epoll_wait),
     #[cfg(target_arch = "x86_64")] ("accept", libc::SYS_accept),
     #[cfg(target_arch = "x86_64")] ("unlink", libc::SYS_unlink),
+    #[cfg(target_arch = "x86_64")] ("readlink", libc::SYS_readlink),
 ];
 
 /// Names of calls that are not allowed but worth naming in the kill message.

@@ -203,7 +203,9 @@ impl Chain {
             format: format.to_string(),
         }];
         while out.len() <= qcow_snapshot::api::MAX_CHAIN_DEPTH {
-            let Ok(info) = qcow_snapshot::info(&path) else {
+            // These images are this daemon's own: read their headers as `qemu-img info -U`
+            // would, without a lock that conflicts with the descriptions serving them.
+            let Ok(info) = blockdev::lock::with_force_share(|| qcow_snapshot::info(&path)) else {
                 break;
             };
             let Some(name) = info.backing_file else {
@@ -549,6 +551,7 @@ mod tests {
         assert_eq!(read(cache.as_ref(), 0, 4096), vec![3; 4096]);
         assert_eq!(read(cache.as_ref(), 8192, 4096), vec![2; 4096]);
         drop(frozen);
+        drop(dirty);
         drop(cache);
         drop(chain);
         let reopened = qcow_snapshot::open_image(&overlay, None, true).unwrap();
@@ -654,7 +657,8 @@ mod tests {
             [1; 4096],
             "a write after the snapshot reached it"
         );
-        let info = qcow_snapshot::info(&top).unwrap();
+        // The new top is served read-write: inspect it as `qemu-img info -U` would.
+        let info = blockdev::lock::with_force_share(|| qcow_snapshot::info(&top)).unwrap();
         assert_eq!(info.backing_format.as_deref(), Some("raw"));
         assert_eq!(read(cache.as_ref(), 4096, 4096), vec![3; 4096]);
     }
