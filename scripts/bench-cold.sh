@@ -20,6 +20,7 @@
 #   fresh-write-1m-q2-flush    the whole disk in 1 MiB writes (QD8 per queue, each queue one half)
 #                              then FLUSH, 2 queues
 #   cow-4k-per-cluster-flush   one 4 KiB write into each 64 KiB cluster, QD32, 1 queue, then FLUSH
+#   cow-4k-per-cluster-extl2-flush  the same on an overlay with extended L2 entries (subclusters)
 #   hot-randread-4k-qd32       warm: 4 KiB random reads QD32 over the first 64 MiB after a warm-up,
 #                              against qemu-storage-daemon's null-co driver (the protocol limit)
 #
@@ -138,8 +139,10 @@ start_daemon() {
 }
 
 fresh_overlay() {
+    local ext="${1:-off}"
     rm -f "$COLD/ovl.qcow2"
-    qemu-img create -q -f qcow2 -o cluster_size=$CLUSTER -b "$BASE" -F raw "$COLD/ovl.qcow2"
+    qemu-img create -q -f qcow2 -o cluster_size=$CLUSTER,extended_l2=$ext -b "$BASE" -F raw \
+        "$COLD/ovl.qcow2"
     echo "$COLD/ovl.qcow2"
 }
 
@@ -199,7 +202,7 @@ run_one() {
         fio_args=(--rw=write --bs=1m --iodepth=8 --numjobs=2 --size=$((SIZE_BYTES / 2))
             --offset_increment=$((SIZE_BYTES / 2)) --end_fsync=1 --fallocate=none)
         ;;
-    cow-4k-per-cluster-flush)
+    cow-4k-per-cluster-flush | cow-4k-per-cluster-extl2-flush)
         nq=1
         args=(--rw write --bs 4k --stride 64k --no-wrap --iodepth 32 --final-flush --runtime 600)
         fio_args=(--rw=write:$((CLUSTER - 4096)) --bs=4k --iodepth=32 --numjobs=1
@@ -235,7 +238,9 @@ run_one() {
             [[ "$side" == "$FIRST_QSD" ]] || return 0
             img=null
         else
-            img="$(fresh_overlay)"
+            local ext=off
+            [[ "$w" == *-extl2-* ]] && ext=on
+            img="$(fresh_overlay "$ext")"
         fi
         [[ "$cold" == 0 ]] || drop_caches
         if start_daemon "$side" "$img" "$nq" "$logf"; then
@@ -255,7 +260,7 @@ run_one() {
 }
 
 WORKLOADS=(cold-randread-4k-qd32-q1 cold-randread-4k-qd32-q2 fresh-write-1m-q2-flush
-    cow-4k-per-cluster-flush hot-randread-4k-qd32)
+    cow-4k-per-cluster-flush cow-4k-per-cluster-extl2-flush hot-randread-4k-qd32)
 START=$(date +%s)
 k=0
 for w in "${WORKLOADS[@]}"; do
