@@ -313,9 +313,10 @@ pub fn drop_privileges(ids: Ids) -> Result<(), SandboxError> {
             "a thread still has uids {u} / gids {g} after the switch"
         )));
     }
-    let mut groups = [0 as libc::gid_t; 8];
+    const GROUPS_LEN: libc::c_int = 8;
+    let mut groups = [0 as libc::gid_t; GROUPS_LEN as usize];
     // SAFETY: getgroups writes at most `groups.len()` entries into the valid array.
-    let n = unsafe { libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr()) };
+    let n = unsafe { libc::getgroups(GROUPS_LEN, groups.as_mut_ptr()) };
     if n < 0 || groups[..n as usize].iter().any(|&g| g != gid) {
         return Err(err(format!(
             "supplementary groups are {:?}",

@@ -49,16 +49,13 @@ impl RawFile {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let arg = |v: u64| {
+            libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
+        };
+        let (offset, len) = (arg(offset)?, arg(len)?);
         // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `self.file`
         // and stays open for the duration of the call.
-        let ret = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
+        let ret = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
         if ret == 0 {
             Ok(())
         } else {

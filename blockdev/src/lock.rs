@@ -135,7 +135,8 @@ fn flock(kind: libc::c_short, byte: u64) -> libc::flock {
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = byte as libc::off_t;
+    // The lock bytes are 100..=299: always in range.
+    fl.l_start = libc::off_t::try_from(byte).unwrap_or(libc::off_t::MAX);
     fl.l_len = 1;
     fl.l_pid = 0; // required by OFD locks
     fl

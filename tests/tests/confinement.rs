@@ -75,7 +75,12 @@ impl Serve {
     /// SIGTERM, then waits for the exit status.
     fn stop(mut self) -> (ExitStatus, String) {
         // SAFETY: kill with our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe {
+            libc::kill(
+                libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t"),
+                libc::SIGTERM,
+            )
+        };
         let status = self.wait(Duration::from_secs(20));
         (status, self.log())
     }
