@@ -40,7 +40,12 @@ impl Daemon {
 
     fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill only sends a signal to our own child process.
-        let ret = unsafe { libc::kill(self.libc::pid_t::try_from(child.id()).expect("a pid fits pid_t"), sig) };
+        let ret = unsafe {
+            libc::kill(
+                libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t"),
+                sig,
+            )
+        };
         assert_eq!(ret, 0);
     }
 
@@ -230,6 +235,11 @@ fn stale_socket_file_is_replaced() {
     let (fe, _, _, _) = negotiate(&socket);
     drop(fe);
     // SAFETY: signals our own child.
-    unsafe { libc::kill(libc::pid_t::try_from(child.id()).expect("a pid fits pid_t"), libc::SIGTERM) };
+    unsafe {
+        libc::kill(
+            libc::pid_t::try_from(child.id()).expect("a pid fits pid_t"),
+            libc::SIGTERM,
+        )
+    };
     assert!(child.wait().unwrap().success());
 }

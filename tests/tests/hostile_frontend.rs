@@ -134,7 +134,7 @@ impl Daemon {
     /// Panics (with the daemon's log) if the daemon exited.
     fn assert_alive(&self, after: &str) {
         // `try_wait` needs `&mut`; poll the pid instead so `&self` suffices.
-        let pid = self.libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
         let mut status = 0;
         // SAFETY: waitpid on our own child with WNOHANG only reads its state into `status`.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
