@@ -335,3 +335,31 @@ fn info_json_and_backing_chain_match_qemu_img_field_for_field() {
         }
     }
 }
+
+#[test]
+fn create_o_extended_l2_makes_an_image_qemu_img_reads_as_extended_l2() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (opts, want) in [
+        ("extended_l2=on,cluster_size=64k", true),
+        ("extended_l2=off", false),
+    ] {
+        let img = dir.path().join(format!("e{want}.qcow2"));
+        ok(snapblk(&["create", "-q", "-o", opts, s(&img), "4M"]));
+        let info = ok(run("qemu-img", &["info", "--output", "json", s(&img)]));
+        assert!(
+            info.contains(&format!("\"extended-l2\": {want}")),
+            "{opts}: {info}"
+        );
+    }
+    // A value that is neither on nor off, and extended L2 with clusters below 16 KiB (QEMU refuses
+    // both), are one-line errors that leave no image behind.
+    for opts in ["extended_l2=maybe", "extended_l2=on,cluster_size=4k"] {
+        let img = dir.path().join("bad.qcow2");
+        let o = snapblk(&["create", "-o", opts, s(&img), "4M"]);
+        one_line_error("create", &o, "extended");
+        assert!(!img.exists(), "{opts}");
+    }
+}

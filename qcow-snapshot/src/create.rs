@@ -87,6 +87,8 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), CreateImageError>
             return Err(CreateImageError::SelfBacking(path.to_path_buf()));
         }
     }
+    // Options that cannot make an image are refused before the target is touched.
+    validate(&opts)?;
     // Open without truncating, lock as a writer, and only then empty the file: an image another
     // process uses is refused intact.
     let file = crate::output::open_target(path).map_err(io_err)?;
@@ -102,12 +104,9 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), CreateImageError>
     })
 }
 
-/// Writes a new image onto an empty host file.
-pub fn create_on(host: &dyn HostFile, opts: &CreateOptions) -> Result<(), CreateImageError> {
-    let io_err = |source| CreateImageError::Io {
-        path: Default::default(),
-        source,
-    };
+/// Checks `opts` the way the image would be laid out: cluster size, refcount order, extended-L2
+/// cluster size and the virtual size. Returns the geometry and the L1 table's entry count.
+fn validate(opts: &CreateOptions) -> Result<(Geometry, u64), CreateImageError> {
     let cs = opts.cluster_size;
     if !cs.is_power_of_two()
         || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cs.trailing_zeros())
@@ -130,6 +129,17 @@ pub fn create_on(host: &dyn HostFile, opts: &CreateOptions) -> Result<(), Create
     if l1_size * 8 > MAX_L1_BYTES || opts.size > i64::MAX as u64 || !opts.size.is_multiple_of(512) {
         return Err(CreateImageError::Size(opts.size));
     }
+    Ok((g, l1_size))
+}
+
+/// Writes a new image onto an empty host file.
+pub fn create_on(host: &dyn HostFile, opts: &CreateOptions) -> Result<(), CreateImageError> {
+    let io_err = |source| CreateImageError::Io {
+        path: Default::default(),
+        source,
+    };
+    let (g, l1_size) = validate(opts)?;
+    let cs = opts.cluster_size;
     let mut h = Header::new_v3(opts.size, g.cluster_bits, opts.refcount_order);
     h.l1_size = l1_size as u32;
     if opts.extended_l2 {
