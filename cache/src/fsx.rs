@@ -70,13 +70,10 @@ impl FsxConfig {
     /// `SNAPBLK_FSX_SEED` (default: from the clock) and `SNAPBLK_FSX_THREADS`.
     pub fn from_env() -> Self {
         let mut cfg = FsxConfig::default();
-        if let Some(secs) = env_u64("SNAPBLK_FSX_SECS") {
-            cfg.duration = Duration::from_secs(secs);
-        }
-        cfg.seed = seed_from_env("SNAPBLK_FSX_SEED");
-        if let Some(t) = env_u64("SNAPBLK_FSX_THREADS") {
-            cfg.threads = (t as usize).clamp(1, 64);
-        }
+        let (duration, seed, threads) = run_knobs("FSX");
+        cfg.duration = duration.unwrap_or(cfg.duration);
+        cfg.seed = seed;
+        cfg.threads = threads.unwrap_or(cfg.threads);
         cfg
     }
 
@@ -137,14 +134,25 @@ pub enum FsxError {
 }
 
 /// The environment variable `name` as a number, if set and numeric.
-pub(crate) fn env_u64(name: &str) -> Option<u64> {
+fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
+/// A randomized test's run knobs from `SNAPBLK_{name}_SECS`, `SNAPBLK_{name}_SEED` (default: from
+/// the clock) and `SNAPBLK_{name}_THREADS` (clamped to 1..=64): (duration, seed, threads).
+pub(crate) fn run_knobs(name: &str) -> (Option<Duration>, u64, Option<usize>) {
+    (
+        env_u64(&format!("SNAPBLK_{name}_SECS")).map(Duration::from_secs),
+        seed_from_env(&format!("SNAPBLK_{name}_SEED")),
+        env_u64(&format!("SNAPBLK_{name}_THREADS"))
+            .map(|t| usize::try_from(t).unwrap_or(64).clamp(1, 64)),
+    )
+}
+
 /// The seed in the environment variable `name`, or one from the clock.
-pub(crate) fn seed_from_env(name: &str) -> u64 {
+fn seed_from_env(name: &str) -> u64 {
     env_u64(name).unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use blockdev::{BlockDev, BlockError, Result as DevResult};
 
-use crate::fsx::{env_u64, seed_from_env, Rng};
+use crate::fsx::Rng;
 
 /// Bytes per checked sector.
 pub const SECTOR: u64 = 512;
@@ -86,13 +86,10 @@ impl LinConfig {
     /// the clock) and `SNAPBLK_LIN_THREADS` applied.
     pub fn from_env() -> Self {
         let mut cfg = LinConfig::default();
-        if let Some(s) = env_u64("SNAPBLK_LIN_SECS") {
-            cfg.duration = Duration::from_secs(s);
-        }
-        cfg.seed = seed_from_env("SNAPBLK_LIN_SEED");
-        if let Some(t) = env_u64("SNAPBLK_LIN_THREADS") {
-            cfg.threads = (t as usize).clamp(1, 64);
-        }
+        let (duration, seed, threads) = crate::fsx::run_knobs("LIN");
+        cfg.duration = duration.unwrap_or(cfg.duration);
+        cfg.seed = seed;
+        cfg.threads = threads.unwrap_or(cfg.threads);
         cfg
     }
 
