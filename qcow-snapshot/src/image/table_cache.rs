@@ -28,29 +28,23 @@ pub(super) trait CacheEntry {
     fn set_used(&mut self, tick: u64);
 }
 
-impl CacheEntry for CachedL2 {
-    fn is_dirty(&self) -> bool {
-        self.dirty
-    }
-    fn last_used(&self) -> u64 {
-        self.used
-    }
-    fn set_used(&mut self, tick: u64) {
-        self.used = tick;
-    }
+/// Both cached table kinds keep their LRU state in `dirty` and `used` fields.
+macro_rules! cache_entry {
+    ($($t:ty),*) => {$(
+        impl CacheEntry for $t {
+            fn is_dirty(&self) -> bool {
+                self.dirty
+            }
+            fn last_used(&self) -> u64 {
+                self.used
+            }
+            fn set_used(&mut self, tick: u64) {
+                self.used = tick;
+            }
+        }
+    )*};
 }
-
-impl CacheEntry for CachedBlock {
-    fn is_dirty(&self) -> bool {
-        self.dirty
-    }
-    fn last_used(&self) -> u64 {
-        self.used
-    }
-    fn set_used(&mut self, tick: u64) {
-        self.used = tick;
-    }
-}
+cache_entry!(CachedL2, CachedBlock);
 
 /// The table at host offset `off`, loaded with `load` on a miss. When the cache holds `cap`
 /// tables, a miss first evicts the least recently used clean one (a cache of only dirty tables
