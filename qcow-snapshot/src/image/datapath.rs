@@ -1,0 +1,736 @@
+//! The data path of [`QcowImage`]: reads (backing, compressed, subcluster), allocating writes
+//! with copy-on-write, write-zeroes/discard, flush and close.
+//!
+//! Locking: each request holds `gate` shared from its mapping lookup until its data I/O is done,
+//! takes `meta` only for lookups and metadata updates and drops it for data I/O; requests that
+//! allocate the same guest cluster serialize on `inflight` and `alloc_done`. Flushes reuse freed
+//! clusters only under `gate` held exclusively. Full model in the parent module.
+
+use super::*;
+
+/// Where the bytes of an allocating write's uncovered part come from.
+#[derive(Debug, Clone, Copy)]
+enum Fill {
+    Backing,
+    Zero,
+    Compressed(CompressedDescriptor),
+    Host(u64),
+    /// The cluster's guest-visible content as mapped now (subclusters of a shared cluster).
+    Mapped,
+}
+
+/// A write into a cluster with an extended L2 entry that allocates only the subclusters it
+/// touches: guest bytes `[start, end)` (the write widened to subcluster boundaries at ends that
+/// are not allocated yet) go to the same offsets of the host cluster.
+#[derive(Debug, Clone, Copy)]
+struct SubWrite {
+    start: u64,
+    end: u64,
+    /// Allocation-half mask of the subclusters written.
+    mask: u64,
+    /// The entry's bitmap when the write was planned (stable: the cluster is in flight).
+    bitmap: u64,
+}
+
+#[derive(Debug)]
+enum Step {
+    /// Write in place at this host offset.
+    Direct { host: u64, guest: u64, len: u64 },
+    /// Allocate guest cluster `gc` at `target`, filling what the write does not cover (the
+    /// whole cluster, or with `sub` only the subclusters the write touches).
+    Alloc {
+        gc: u64,
+        target: u64,
+        fresh: bool,
+        fill: Fill,
+        guest: u64,
+        len: u64,
+        sub: Option<SubWrite>,
+    },
+    /// Another request is allocating this cluster; retry after it finishes.
+    Blocked { guest: u64, len: u64 },
+}
+
+impl QcowImage {
+    /// Reads guest bytes `[off, off+buf.len())` of the backing device (zeros past its end).
+    pub(super) fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = b.size();
+        let avail = bsize.saturating_sub(off).min(buf.len() as u64) as usize;
+        if avail > 0 {
+            b.read_at(&mut buf[..avail], off).map_err(|e| match e {
+                BlockError::Corrupt(m) => {
+                    BlockError::Io(io::Error::other(format!("backing image corrupt: {m}")))
+                }
+                other => other,
+            })?;
+        }
+        buf[avail..].fill(0);
+        Ok(())
+    }
+
+    pub(super) fn decompressed(&self, d: CompressedDescriptor) -> Result<Arc<Vec<u8>>> {
+        let key = d.host_offset;
+        if let Some((k, data)) = &*self.zcache.lock().unwrap_or_else(|e| e.into_inner()) {
+            if *k == key {
+                return Ok(data.clone());
+            }
+        }
+        let mut input = vec![0u8; d.byte_len() as usize];
+        self.io.read_at(&mut input, d.host_offset)?;
+        let mut out = vec![0u8; self.geo.cluster_size() as usize];
+        decompress(self.compression, &input, &mut out)
+            .map_err(|e| corrupt(format!("compressed cluster at {:#x}: {e}", d.host_offset)))?;
+        let out = Arc::new(out);
+        *self.zcache.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, out.clone()));
+        Ok(out)
+    }
+
+    pub(super) fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let extents = self.lock().map(&self.io, offset, buf.len() as u64)?;
+        for e in extents {
+            let s = (e.offset - offset) as usize;
+            let part = &mut buf[s..s + e.len as usize];
+            match e.mapping {
+                Mapping::Data(h) => self.io.read_at(part, h)?,
+                Mapping::Zero => part.fill(0),
+                Mapping::Unallocated => self.read_backing(part, e.offset)?,
+                Mapping::Compressed(d) => {
+                    let data = self.decompressed(d)?;
+                    let in_off = self.geo.offset_in_cluster(e.offset) as usize;
+                    part.copy_from_slice(&data[in_off..in_off + part.len()]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest-visible content of cluster `gc` before this write (`out` is one cluster).
+    fn old_content(&self, gc: u64, fill: Fill, out: &mut [u8]) -> Result<()> {
+        let start = gc << self.geo.cluster_bits;
+        let visible = self.size.saturating_sub(start).min(out.len() as u64) as usize;
+        out[visible..].fill(0);
+        let vis = &mut out[..visible];
+        match fill {
+            Fill::Zero => vis.fill(0),
+            Fill::Backing => self.read_backing(vis, start)?,
+            Fill::Host(h) => self.io.read_at(vis, h)?,
+            Fill::Compressed(d) => {
+                let data = self.decompressed(d)?;
+                vis.copy_from_slice(&data[..visible]);
+            }
+            Fill::Mapped => self.read_inner(vis, start)?,
+        }
+        Ok(())
+    }
+
+    /// Plans a write of `[pos, pos+n)` (inside guest cluster `gc`) into an image with extended
+    /// L2 entries: in place when every touched subcluster is allocated, else an allocation of
+    /// just the touched subclusters (in the cluster's own host cluster, or a new one), else (a
+    /// compressed or shared cluster) a copy of the whole cluster.
+    fn plan_subclusters(&self, m: &mut Meta, gc: u64, pos: u64, n: u64) -> Result<Step> {
+        let (e, bitmap) = m.sub_entry(&self.io, gc)?;
+        let g = self.geo;
+        let ss = g.subcluster_size();
+        let first = g.subcluster_index(pos);
+        let last = g.subcluster_index(pos + n - 1);
+        let mask = subcluster_mask(first, last);
+        let allocated = |i: u32| subcluster_state(bitmap, i) == Subcluster::Data;
+        let (target, fresh) = match e {
+            L2Entry::Normal { host, copied: true } if bitmap & mask == mask => {
+                return Ok(Step::Direct {
+                    host: host + g.offset_in_cluster(pos),
+                    guest: pos,
+                    len: n,
+                });
+            }
+            L2Entry::Normal { host, copied: true } => (host, false),
+            L2Entry::Unallocated | L2Entry::Zero { host: None } => (0, true),
+            other => {
+                let fill = match other {
+                    L2Entry::Compressed(d) => Fill::Compressed(d),
+                    _ => Fill::Mapped,
+                };
+                return Ok(Step::Alloc {
+                    gc,
+                    target: 0,
+                    fresh: true,
+                    fill,
+                    guest: pos,
+                    len: n,
+                    sub: None,
+                });
+            }
+        };
+        let start = if allocated(first) {
+            pos
+        } else {
+            pos & !(ss - 1)
+        };
+        let end = if allocated(last) {
+            pos + n
+        } else {
+            (pos + n).next_multiple_of(ss)
+        };
+        Ok(Step::Alloc {
+            gc,
+            target,
+            fresh,
+            fill: Fill::Zero,
+            guest: pos,
+            len: n,
+            sub: Some(SubWrite {
+                start,
+                end,
+                mask,
+                bitmap,
+            }),
+        })
+    }
+
+    /// Fills `buf` (inside one unallocated or zero subcluster, at guest `off`) with that
+    /// subcluster's guest-visible content.
+    pub(super) fn subcluster_fill(&self, bitmap: u64, off: u64, buf: &mut [u8]) -> Result<()> {
+        match subcluster_state(bitmap, self.geo.subcluster_index(off)) {
+            Subcluster::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+            _ => self.read_backing(buf, off),
+        }
+    }
+
+    /// One pass of a write: plan under the lock, write data unlocked, publish under the lock.
+    /// Returns the ranges that another request was allocating.
+    pub(super) fn write_pass(&self, buf: &[u8], offset: u64) -> Result<Vec<(u64, u64)>> {
+        let cs = self.geo.cluster_size();
+        let end = offset + buf.len() as u64;
+        let mut steps: Vec<Step> = Vec::new();
+        {
+            let mut m = self.lock();
+            let mut pos = offset;
+            let mut fresh = 0u64;
+            let plan = (|| -> Result<()> {
+                while pos < end {
+                    let gc = pos >> self.geo.cluster_bits;
+                    let in_off = pos & (cs - 1);
+                    let n = (cs - in_off).min(end - pos);
+                    if m.inflight.contains(&gc) {
+                        steps.push(Step::Blocked { guest: pos, len: n });
+                    } else {
+                        let e = m.entry(&self.io, gc)?;
+                        let step = match e {
+                            _ if self.geo.extended_l2 => {
+                                self.plan_subclusters(&mut m, gc, pos, n)?
+                            }
+                            L2Entry::Normal { host, copied: true } => Step::Direct {
+                                host: host + in_off,
+                                guest: pos,
+                                len: n,
+                            },
+                            L2Entry::Zero { host: Some(h) } => Step::Alloc {
+                                gc,
+                                target: h,
+                                fresh: false,
+                                fill: Fill::Zero,
+                                guest: pos,
+                                len: n,
+                                sub: None,
+                            },
+                            L2Entry::Normal {
+                                host,
+                                copied: false,
+                            } => Step::Alloc {
+                                gc,
+                                target: 0,
+                                fresh: true,
+                                fill: Fill::Host(host),
+                                guest: pos,
+                                len: n,
+                                sub: None,
+                            },
+                            L2Entry::Zero { host: None } => Step::Alloc {
+                                gc,
+                                target: 0,
+                                fresh: true,
+                                fill: Fill::Zero,
+                                guest: pos,
+                                len: n,
+                                sub: None,
+                            },
+                            L2Entry::Unallocated => Step::Alloc {
+                                gc,
+                                target: 0,
+                                fresh: true,
+                                fill: if self.backing.is_some() {
+                                    Fill::Backing
+                                } else {
+                                    Fill::Zero
+                                },
+                                guest: pos,
+                                len: n,
+                                sub: None,
+                            },
+                            L2Entry::Compressed(d) => Step::Alloc {
+                                gc,
+                                target: 0,
+                                fresh: true,
+                                fill: Fill::Compressed(d),
+                                guest: pos,
+                                len: n,
+                                sub: None,
+                            },
+                        };
+                        if let Step::Alloc { fresh: f, .. } = step {
+                            m.inflight.insert(gc);
+                            if f {
+                                fresh += 1;
+                            }
+                        }
+                        steps.push(step);
+                    }
+                    pos += n;
+                }
+                if fresh > 0 {
+                    let base = m.alloc(&self.io, fresh)?;
+                    self.clusters_allocated.fetch_add(fresh, Ordering::Relaxed);
+                    let mut k = 0;
+                    for s in steps.iter_mut() {
+                        if let Step::Alloc {
+                            target,
+                            fresh: true,
+                            ..
+                        } = s
+                        {
+                            *target = base + k * cs;
+                            k += 1;
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = plan {
+                for s in &steps {
+                    if let Step::Alloc { gc, .. } = s {
+                        m.inflight.remove(gc);
+                    }
+                }
+                drop(m);
+                self.alloc_done.notify_all();
+                return Err(e);
+            }
+        }
+
+        let data = self.write_data(buf, offset, &steps);
+        // Set only after the data writes returned: a flush that clears the flag earlier must
+        // not cause a later flush to skip syncing them.
+        self.data_written.store(true, Ordering::Release);
+
+        let mut blocked = Vec::new();
+        let mut m = self.lock();
+        // How many allocations got their L2 entry: those clusters are referenced now and must
+        // never be freed by the undo below, even if a later entry of the same write fails.
+        let mut published = 0usize;
+        let publish = (|| -> Result<()> {
+            data?;
+            for s in &steps {
+                if let Step::Alloc {
+                    gc, target, sub, ..
+                } = *s
+                {
+                    let (old, old_bitmap) = m.sub_entry(&self.io, gc)?;
+                    // Subcluster writes allocate what they wrote; other allocations wrote the
+                    // whole cluster.
+                    let bitmap = match sub {
+                        Some(w) => (old_bitmap | w.mask) & !(w.mask << 32),
+                        None => L2_BITMAP_ALL_ALLOC,
+                    };
+                    m.set_entry(&self.io, gc, target | OFLAG_COPIED, bitmap)?;
+                    m.release(old, Some(target));
+                    published += 1;
+                }
+            }
+            Ok(())
+        })();
+        let mut undo = Vec::new();
+        let mut alloc_no = 0usize;
+        for s in &steps {
+            match *s {
+                Step::Alloc {
+                    gc, target, fresh, ..
+                } => {
+                    m.inflight.remove(&gc);
+                    if publish.is_err() && fresh && alloc_no >= published {
+                        undo.push(target);
+                    }
+                    alloc_no += 1;
+                }
+                Step::Blocked { guest, len } => blocked.push((guest, len)),
+                Step::Direct { .. } => {}
+            }
+        }
+        // Clusters never referenced can be released at once (best effort on the error path).
+        if !undo.is_empty() {
+            let _ = m.apply_frees(&self.io, undo);
+        }
+        let r = publish.and_then(|()| m.maybe_flush(&self.io));
+        drop(m);
+        self.alloc_done.notify_all();
+        r.map(|()| blocked)
+    }
+
+    fn write_data(&self, buf: &[u8], offset: u64, steps: &[Step]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let slice = |guest: u64, len: u64| {
+            let s = (guest - offset) as usize;
+            &buf[s..s + len as usize]
+        };
+        let mut i = 0;
+        while i < steps.len() {
+            match steps[i] {
+                Step::Direct { host, guest, len } => {
+                    // Coalesce host- and guest-contiguous in-place writes.
+                    let (mut tot, mut j) = (len, i + 1);
+                    while let Some(Step::Direct {
+                        host: h2,
+                        guest: g2,
+                        len: l2,
+                    }) = steps.get(j)
+                    {
+                        if *h2 != host + tot || *g2 != guest + tot {
+                            break;
+                        }
+                        tot += l2;
+                        j += 1;
+                    }
+                    self.io.write_at(slice(guest, tot), host)?;
+                    i = j;
+                }
+                Step::Alloc {
+                    gc,
+                    target,
+                    fill,
+                    guest,
+                    len,
+                    sub,
+                    ..
+                } => {
+                    if len == cs {
+                        let (mut tot, mut j) = (len, i + 1);
+                        while let Some(Step::Alloc {
+                            target: t2,
+                            guest: g2,
+                            len: l2,
+                            ..
+                        }) = steps.get(j)
+                        {
+                            if *l2 != cs || *t2 != target + tot || *g2 != guest + tot {
+                                break;
+                            }
+                            tot += l2;
+                            j += 1;
+                        }
+                        self.io.write_at(slice(guest, tot), target)?;
+                        i = j;
+                    } else if let Some(w) = sub {
+                        let mut b = vec![0u8; (w.end - w.start) as usize];
+                        let head = (guest - w.start) as usize;
+                        self.subcluster_fill(w.bitmap, w.start, &mut b[..head])?;
+                        b[head..head + len as usize].copy_from_slice(slice(guest, len));
+                        let tail = guest + len;
+                        self.subcluster_fill(w.bitmap, tail, &mut b[head + len as usize..])?;
+                        self.io
+                            .write_at(&b, target + self.geo.offset_in_cluster(w.start))?;
+                        i += 1;
+                    } else {
+                        let mut cbuf = vec![0u8; cs as usize];
+                        self.old_content(gc, fill, &mut cbuf)?;
+                        let in_off = self.geo.offset_in_cluster(guest) as usize;
+                        cbuf[in_off..in_off + len as usize].copy_from_slice(slice(guest, len));
+                        self.io.write_at(&cbuf, target)?;
+                        i += 1;
+                    }
+                }
+                Step::Blocked { .. } => i += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until no cluster of `[off, off+len)` has an allocation in flight.
+    pub(super) fn wait_inflight<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        off: u64,
+        len: u64,
+    ) -> MutexGuard<'a, Meta> {
+        if len == 0 {
+            return m;
+        }
+        let first = off >> self.geo.cluster_bits;
+        let last = (off + len - 1) >> self.geo.cluster_bits;
+        while (first..=last).any(|gc| m.inflight.contains(&gc)) {
+            m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
+        }
+        m
+    }
+
+    pub(super) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut todo = vec![(offset, buf.len() as u64)];
+        while let Some((off, len)) = todo.pop() {
+            let s = (off - offset) as usize;
+            let blocked = self.write_pass(&buf[s..s + len as usize], off)?;
+            for (boff, blen) in blocked {
+                drop(self.wait_inflight(self.lock(), boff, blen));
+                todo.push((boff, blen));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether guest cluster `gc` currently reads as all zeros without I/O.
+    pub(super) fn reads_zero(&self, m: &mut Meta, gc: u64) -> Result<bool> {
+        Ok(match m.entry(&self.io, gc)? {
+            L2Entry::Zero { .. } => true,
+            L2Entry::Unallocated => match &self.backing {
+                None => true,
+                Some(b) => (gc << self.geo.cluster_bits) >= b.size(),
+            },
+            _ => false,
+        })
+    }
+
+    /// Writes zeros over each range (each at most one cluster), with the usual COW.
+    pub(super) fn write_zero_ranges(&self, ranges: Vec<(u64, u64)>) -> Result<()> {
+        if !ranges.is_empty() {
+            let zeros = vec![0u8; self.geo.cluster_size() as usize];
+            for (off, n) in ranges {
+                self.write_inner(&zeros[..n as usize], off)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether guest range `[off, off+len)` reads as zeros without data I/O.
+    pub(super) fn range_reads_zero(&self, m: &mut Meta, off: u64, len: u64) -> Result<bool> {
+        let bsize = self.backing.as_ref().map_or(0, |b| b.size());
+        Ok(m.map(&self.io, off, len)?.iter().all(|e| match e.mapping {
+            Mapping::Zero => true,
+            Mapping::Unallocated => e.offset >= bsize,
+            _ => false,
+        }))
+    }
+
+    /// Write-zeroes and discard with extended L2 entries: whole clusters become zero (keeping
+    /// their host cluster when `!unmap` and it is writable in place), whole subclusters get
+    /// their zero bit, and only the partly covered subclusters at the ends are written with
+    /// zeros (unless they read as zeros already). A compressed or shared cluster is written
+    /// with zeros instead.
+    pub(super) fn zero_subclusters(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let ss = g.subcluster_size();
+        let end = offset + len;
+        let mut partial: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos >> g.cluster_bits;
+            let cstart = gc << g.cluster_bits;
+            let vis_end = (cstart + cs).min(self.size);
+            let n = (cstart + cs).min(end) - pos;
+            let mut m = self.wait_inflight(self.lock(), pos, n);
+            let l1i = (gc / g.l2_entries()) as usize;
+            if self.backing.is_none() && m.l1.get(l1i).is_none_or(|&e| l1_entry_offset(e) == 0) {
+                // Nothing mapped by this L2 table: it all reads as zeros already.
+                pos = ((l1i as u64 + 1) * g.l2_coverage()).min(end);
+                continue;
+            }
+            let (old, bitmap) = m.sub_entry(&self.io, gc)?;
+            let raw_old = old.encode(&g);
+            if pos == cstart && end >= vis_end {
+                let new = match old {
+                    L2Entry::Normal { host, copied: true } if !unmap => host | OFLAG_COPIED,
+                    _ => 0,
+                };
+                if (new, L2_BITMAP_ALL_ZERO) != (raw_old, bitmap) {
+                    m.set_entry(&self.io, gc, new, L2_BITMAP_ALL_ZERO)?;
+                    m.release(old, Some(new & format::L2E_OFFSET_MASK).filter(|&h| h != 0));
+                }
+            } else {
+                let a = pos.next_multiple_of(ss);
+                let b = (pos + n) & !(ss - 1);
+                let in_place = matches!(
+                    old,
+                    L2Entry::Normal { copied: true, .. } | L2Entry::Unallocated
+                );
+                let mut edges = vec![];
+                if a < b && in_place {
+                    let mask = subcluster_mask(g.subcluster_index(a), g.subcluster_index(b - 1));
+                    let new = (bitmap & !mask) | (mask << 32);
+                    if new != bitmap {
+                        m.set_entry(&self.io, gc, raw_old, new)?;
+                    }
+                    edges.push((pos, a - pos));
+                    edges.push((b, pos + n - b));
+                } else {
+                    edges.push((pos, n));
+                }
+                for (o, l) in edges {
+                    if l > 0 && !self.range_reads_zero(&mut m, o, l)? {
+                        partial.push((o, l));
+                    }
+                }
+            }
+            m.maybe_flush(&self.io)?;
+            pos += n;
+        }
+        self.write_zero_ranges(partial)
+    }
+
+    pub(super) fn zero_inner(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        if self.geo.extended_l2 {
+            return self.zero_subclusters(offset, len, unmap);
+        }
+        let cs = self.geo.cluster_size();
+        let end = offset + len;
+        let mut partial: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos >> self.geo.cluster_bits;
+            let cstart = gc << self.geo.cluster_bits;
+            let vis_end = (cstart + cs).min(self.size);
+            let n = (cstart + cs).min(end) - pos;
+            let whole = pos == cstart && end >= vis_end;
+            let mut m = self.wait_inflight(self.lock(), pos, n);
+            if !whole {
+                if !self.reads_zero(&mut m, gc)? {
+                    partial.push((pos, n));
+                }
+                pos += n;
+                continue;
+            }
+            // Skip an entire unmapped L2 range at once when it already reads as zeros.
+            let l1i = (gc / self.geo.l2_entries()) as usize;
+            if self.backing.is_none() && m.l1.get(l1i).is_none_or(|&e| l1_entry_offset(e) == 0) {
+                let next = ((l1i as u64 + 1) * self.geo.l2_coverage()).min(end);
+                // Only whole clusters are skipped; a trailing partial one is handled next round.
+                pos = next;
+                continue;
+            }
+            let old = m.entry(&self.io, gc)?;
+            if self.version >= 3 {
+                let new = match old {
+                    L2Entry::Unallocated if self.backing.is_none() => None,
+                    L2Entry::Zero { host: Some(_) } if !unmap => None,
+                    L2Entry::Zero { host: None } => None,
+                    L2Entry::Normal { host, copied: true } if !unmap => {
+                        Some(L2Entry::Zero { host: Some(host) })
+                    }
+                    _ => Some(L2Entry::Zero { host: None }),
+                };
+                if let Some(new) = new {
+                    let keep = match new {
+                        L2Entry::Zero { host } => host,
+                        _ => None,
+                    };
+                    m.set_entry(&self.io, gc, new.encode(&self.geo), 0)?;
+                    m.release(old, keep);
+                }
+            } else if self.backing.is_some() {
+                if !self.reads_zero(&mut m, gc)? {
+                    partial.push((pos, n));
+                }
+            } else if old != L2Entry::Unallocated {
+                m.set_entry(&self.io, gc, 0, 0)?;
+                m.release(old, None);
+            }
+            m.maybe_flush(&self.io)?;
+            pos += n;
+        }
+        self.write_zero_ranges(partial)
+    }
+
+    pub(super) fn flush_inner(&self) -> Result<()> {
+        let frees = {
+            let mut m = self.lock();
+            // Cleared before the sync so writes completing during it are synced next time.
+            let written = self.data_written.swap(false, Ordering::AcqRel);
+            m.flush_meta(&self.io, written)?;
+            std::mem::take(&mut m.pending_free)
+        };
+        if !frees.is_empty() {
+            // No request may still hold a mapping to a cluster that is about to become free.
+            let _excl = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.lock().apply_frees(&self.io, frees)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything, clears the dirty bit and stops accepting writes. Called by `Drop`
+    /// if not called explicitly.
+    pub fn close(&self) -> Result<()> {
+        if self.read_only || self.closed.load(Ordering::Acquire) || self.is_corrupt() {
+            return Ok(());
+        }
+        self.check_durable()?;
+        // The second flush makes the refcount decrements of the first one durable.
+        let r = self.flush_inner().and_then(|()| self.flush_inner());
+        let r = self.finish(r);
+        r?;
+        self.closed.store(true, Ordering::Release);
+        if self.version >= 3 {
+            let mut m = self.lock();
+            m.header.incompatible_features &= !incompat::DIRTY;
+            let v = m.header.incompatible_features;
+            self.io
+                .write_at(&v.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64)?;
+            self.io.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every guest cluster unallocated again (reads fall through to the backing file),
+    /// freeing the data clusters, and flushes. Used after committing into the backing file.
+    pub fn make_empty(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        self.check_writable()?;
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let r = (|| -> Result<()> {
+            let total = self.geo.l1_entries_for(self.size).unwrap_or(0);
+            let l2e = self.geo.l2_entries();
+            for l1i in 0..total {
+                let base = l1i * self.geo.l2_coverage();
+                let span = self.geo.l2_coverage().min(self.size.saturating_sub(base));
+                let mut m = self.wait_inflight(self.lock(), base, span);
+                if m.l1
+                    .get(l1i as usize)
+                    .is_none_or(|&e| l1_entry_offset(e) == 0)
+                {
+                    continue;
+                }
+                for k in 0..l2e {
+                    let gc = l1i * l2e + k;
+                    if gc << self.geo.cluster_bits >= self.size {
+                        break;
+                    }
+                    let old = m.entry(&self.io, gc)?;
+                    if m.raw_entry(&self.io, gc)? != (0, 0) {
+                        m.set_entry(&self.io, gc, 0, 0)?;
+                        m.release(old, None);
+                    }
+                }
+                m.maybe_flush(&self.io)?;
+                drop(m);
+                progress(l1i + 1, total);
+            }
+            Ok(())
+        })();
+        drop(_g);
+        let r = r
+            .and_then(|()| self.flush_inner())
+            .and_then(|()| self.flush_inner());
+        self.finish(r)
+    }
+}
