@@ -703,11 +703,12 @@ impl Walk<'_> {
         // QEMU does this test in signed 64-bit arithmetic: an offset at or above 2^63 (only
         // possible for a snapshot's L1 table) passes it and then makes QEMU's expected-refcount
         // array allocation fail. Report the same failure instead of a corruption.
-        let qemu_past_end = (offset as i64)
-            .wrapping_add(size as i64)
-            .wrapping_sub(self.img.len as i64);
+        let qemu_past_end = offset
+            .cast_signed()
+            .wrapping_add(size.cast_signed())
+            .wrapping_sub(self.img.len.cast_signed());
         let end = i128::from(offset) + i128::from(size);
-        if qemu_past_end < self.img.cs as i64
+        if qemu_past_end < self.img.cs.cast_signed()
             && end - i128::from(self.img.len) >= i128::from(self.img.cs)
         {
             self.res.check_errors += 1;
