@@ -1,5 +1,10 @@
 # Shared by scripts/bench.sh and scripts/bench-cold.sh (sourced): starting and stopping the daemon
-# under test. The caller sets the array CMD (the daemon's command line) first.
+# under test, and where the binaries are. The caller sets ROOT before sourcing, and the array CMD
+# (the daemon's command line) before launching.
+
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+SNAPBLK="${SNAPBLK:-$TARGET/release/snapblk}"
+BENCH_CLIENT="${BENCH_CLIENT:-$TARGET/release/snapblk-bench}"
 
 DAEMON_PID=""
 

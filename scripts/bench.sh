@@ -32,9 +32,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # shellcheck source=scripts/bench-lib.sh
 source "$ROOT/scripts/bench-lib.sh"
-TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-SNAPBLK="${SNAPBLK:-$TARGET/release/snapblk}"
-BENCH_CLIENT="${BENCH_CLIENT:-$TARGET/release/snapblk-bench}"
 if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
     : "${BENCH_RUNTIME:=1}" "${BENCH_RAMP:=0.2}" "${BENCH_IMAGE_SIZE:=256M}" "${BENCH_QUEUES:=1}"
 fi
