@@ -18,6 +18,10 @@
 //!   aside) and uses lower-layer bytes only for sectors that were missing at that instant - a
 //!   zap finishing during the lower read may clear an uptodate sector whose lower bytes are
 //!   older than the write the cache held.
+//! - Reads never go back in time: a read does not start while a zap (or bypassing write) of its
+//!   range is in flight. Such a zap changes the lower layer before it drops the cached sectors
+//!   of its range; in between, a read served from below would see its result and a later read
+//!   served from the cache the older bytes.
 //! - Writes copy the caller's complete buffer into the folio and mark it dirty. A write that
 //!   covers a sector only partly first fills that sector from below, so dirty sectors are always
 //!   whole and writeback never writes bytes the cache does not know (no zeroed tails). A write
@@ -797,6 +801,10 @@ impl Inner {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.wait_zaps_before_read(offset, offset + buf.len() as u64);
         if self.bypass_threshold > 0 && buf.len() as u64 >= self.bypass_threshold {
             return self.read_bypass(buf, offset);
         }
@@ -806,6 +814,18 @@ impl Inner {
             done += n;
         }
         Ok(())
+    }
+
+    /// Monotonic reads: a read never starts while a zap (or bypassing write) of its range is in
+    /// flight. Such a zap has changed the lower layer before it drops the cached sectors of its
+    /// range, so in between, a read served from below sees its result while a read served from
+    /// the cache still sees the older bytes: a read that started after the first completed
+    /// would go back in time. Waiting orders the read after the zap.
+    fn wait_zaps_before_read(&self, start: u64, end: u64) {
+        if self.zaps_active.load(Ordering::SeqCst) > 0 && self.zap_overlaps(start, end) {
+            self.hook(HookPoint::ReadWaitsForZap, start >> self.folio_shift);
+            self.wait_zaps_clear(start, end);
+        }
     }
 
     /// A large read, without populating the cache. The cached folios of the range are pinned

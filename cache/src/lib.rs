@@ -173,6 +173,9 @@ pub enum HookPoint {
     BeforeLowerZap,
     /// A flush wrote back everything and is about to call the lower layer's flush.
     BeforeLowerFlush,
+    /// A read found a discard/write-zeroes or bypassing write of its range in flight and is
+    /// about to wait for it to end.
+    ReadWaitsForZap,
 }
 
 /// Test-only callbacks at the [`HookPoint`]s; `folio_index` is the folio concerned (for

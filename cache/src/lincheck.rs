@@ -741,12 +741,42 @@ fn check_no_new_old_inversion(
                         r2.thread,
                         r2.inv,
                         r2.comp
-                    )));
+                    ) + &inversion_context(hist, lba as u64, r1, r2)));
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The two reads of an inversion (range, large or not) and the mutations of the sector around
+/// them, so that a failure report says which paths were involved.
+fn inversion_context(hist: &History, lba: u64, r1: &ReadRec, r2: &ReadRec) -> String {
+    let mut s = String::from("\n");
+    for (name, r) in [("first", r1), ("second", r2)] {
+        s.push_str(&format!(
+            "  {name} read: sectors {}..{}{}\n",
+            r.start,
+            r.start + r.values.len() as u64,
+            if r.large { " (large)" } else { "" }
+        ));
+    }
+    s.push_str("  mutations of that sector (invoked, completed, thread, range, kind):\n");
+    let lo = r1.inv.min(r2.inv);
+    let hi = r1.comp.max(r2.comp);
+    let mut near: Vec<&Mutation> = hist
+        .muts
+        .iter()
+        .filter(|m| m.start <= lba && lba < m.end && m.comp + 2000 >= lo && m.inv <= hi + 200)
+        .collect();
+    near.sort_by_key(|m| m.inv);
+    for m in near.iter().rev().take(24).rev() {
+        s.push_str(&format!(
+            "  {:>8} {:>8} t{} sectors {}..{} {:?}\n",
+            m.inv, m.comp, m.thread, m.start, m.end, m.kind
+        ));
+    }
+    s
 }
 
 /// For every sector, the indices of the mutations touching it, in invocation order.

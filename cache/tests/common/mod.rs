@@ -24,6 +24,8 @@ pub enum Event {
 /// Which lower request an after-I/O hook waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Io {
+    /// Before a read gets its bytes.
+    ReadStart,
     /// After a read got its bytes.
     Read,
     /// After a write reached the memory.
@@ -165,6 +167,7 @@ impl BlockDev for FaultyDisk {
         if overlaps(&self.fail_reads.lock().unwrap(), offset, buf.len() as u64) {
             return Err(eio());
         }
+        self.run_after(Io::ReadStart, offset, buf.len() as u64);
         self.mem.read_at(buf, offset)?;
         self.run_after(Io::Read, offset, buf.len() as u64);
         Ok(())
