@@ -728,20 +728,22 @@ fn check_no_new_old_inversion(
             if let Some((oi, ov, ori)) = other {
                 if oi > written_done {
                     let (r1, r2) = (&hist.reads[ori], &hist.reads[ri]);
-                    return Err(LinError::Violation(format!(
-                        "linearizability violation (seed {seed}, rerun with \
+                    return Err(LinError::Violation(
+                        format!(
+                            "linearizability violation (seed {seed}, rerun with \
                          SNAPBLK_LIN_SEED={seed}): sector {lba} (byte {:#x}) went back in time: \
                          a read on thread {} (invoked {}, completed {}) returned {ov:?}, then a \
                          read on thread {} (invoked {}, completed {}) returned {v:?}, which \
                          had completed at {written_done}, before the first read started",
-                        lba as u64 * SECTOR,
-                        r1.thread,
-                        r1.inv,
-                        r1.comp,
-                        r2.thread,
-                        r2.inv,
-                        r2.comp
-                    ) + &inversion_context(hist, lba as u64, r1, r2)));
+                            lba as u64 * SECTOR,
+                            r1.thread,
+                            r1.inv,
+                            r1.comp,
+                            r2.thread,
+                            r2.inv,
+                            r2.comp
+                        ) + &inversion_context(hist, lba as u64, r1, r2),
+                    ));
                 }
             }
         }
