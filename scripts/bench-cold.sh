@@ -27,6 +27,7 @@
 # Knobs: BENCH_QUICK=1 (1 run, 1 s reads, 256 MiB disk, 2 qsd configs: a development check, not a
 #   measurement), BENCH_COLD_REPEAT=3, BENCH_COLD_RUNTIME=3, BENCH_COLD_SIZE=1G,
 #   BENCH_COLD_FILTER=REGEX, BENCH_DIR=build/bench, BENCH_COLD_OUT=$BENCH_DIR/cold.md,
+#   BENCH_PLOT_DIR=docs/bench (the latency plots, SVG, one per workload, linked from the report),
 #   BENCH_NO_BUILD=1, SNAPBLK, BENCH_CLIENT, SNAPBLK_EXTRA_ARGS,
 #   SNAPBLK_BASE=path/to/another/snapblk  adds a side "snapblk-base" (e.g. a build of the previous
 #   commit) so a change is measured before/after in the same run,
@@ -52,6 +53,7 @@ BENCH_COLD_FILTER="${BENCH_COLD_FILTER:-.}"
 QSD_CONFIGS="${QSD_CONFIGS:-threads:off threads:on io_uring:off io_uring:on}"
 COLD="$BENCH_DIR/cold"
 BENCH_COLD_OUT="${BENCH_COLD_OUT:-$BENCH_DIR/cold.md}"
+BENCH_PLOT_DIR="${BENCH_PLOT_DIR:-$ROOT/docs/bench}"
 CLUSTER=65536
 
 log() { printf 'bench-cold: %s\n' "$*" >&2; }
@@ -61,8 +63,8 @@ command -v "$QSD" >/dev/null || die "qemu-storage-daemon not found (run scripts/
 command -v fio >/dev/null || die "fio not found (run scripts/install-deps.sh)"
 command -v qemu-img >/dev/null || die "qemu-img not found"
 if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
-    cargo build --release -p snapblk -p snapblk-tests --bin snapblk --bin snapblk-bench ||
-        die "cannot build snapblk / snapblk-bench"
+    cargo build --release -p snapblk -p snapblk-tests --bin snapblk --bin snapblk-bench \
+        --bin snapblk-plot || die "cannot build snapblk / snapblk-bench / snapblk-plot"
 fi
 [[ -x "$SNAPBLK" && -x "$BENCH_CLIENT" ]] || die "missing $SNAPBLK or $BENCH_CLIENT"
 
@@ -170,6 +172,7 @@ pct = lat.get("clat_ns", {}).get("percentile", {})
 print(json.dumps({"iops": ios / rt, "mb_per_s": byt / rt / 1e6, "elapsed_s": rt, "ios": ios,
                   "lat_p50_us": pct.get("50.000000", 0) / 1000,
                   "lat_p99_us": pct.get("99.000000", 0) / 1000,
+                  "lat_pct_us": {k: v / 1000 for k, v in pct.items()},
                   "errors": sum(j.get("error", 0) for j in jobs)}))
 PY
 }
@@ -367,4 +370,20 @@ for w in workloads:
         p(f"| {w} | {s} | {fmt(v, metric)} | {n} | {f(p50)} | {f(p99)} | {f(cpu)} |")
 print("\n".join(out))
 PY
+# The latency distributions, one plot per workload, linked below the tables (paths relative to
+# the repository root, where BENCHMARKS.md is).
+if [[ -x "$SNAPBLK_PLOT" ]] && plots="$("$SNAPBLK_PLOT" "$RESULTS" --out-dir "$BENCH_PLOT_DIR")"; then
+    {
+        echo
+        echo "Latency distributions (the median run of each side; x: percentile, y: latency, log):"
+        echo
+        while read -r svg; do
+            rel="$(realpath --relative-to="$ROOT" "$svg")"
+            name="$(basename "$svg" .svg)"
+            echo "![${name#latency-}]($rel)"
+        done <<<"$plots"
+    } >>"$BENCH_COLD_OUT"
+else
+    log "WARNING: no latency plots ($SNAPBLK_PLOT missing or failed)"
+fi
 log "wrote $BENCH_COLD_OUT"

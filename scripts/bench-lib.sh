@@ -5,6 +5,7 @@
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 SNAPBLK="${SNAPBLK:-$TARGET/release/snapblk}"
 BENCH_CLIENT="${BENCH_CLIENT:-$TARGET/release/snapblk-bench}"
+SNAPBLK_PLOT="${SNAPBLK_PLOT:-$TARGET/release/snapblk-plot}"
 
 DAEMON_PID=""
 

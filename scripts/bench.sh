@@ -97,7 +97,8 @@ command -v python3 >/dev/null || die "python3 not found (needed to write the rep
 
 if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
     log "building release binaries"
-    cargo build --release -p snapblk-tests --bin snapblk-bench || die "cannot build snapblk-bench"
+    cargo build --release -p snapblk-tests --bin snapblk-bench --bin snapblk-plot ||
+        die "cannot build snapblk-bench / snapblk-plot"
     if ! cargo build --release -p snapblk; then
         log "WARNING: snapblk does not build; benchmarking qemu-storage-daemon only"
     fi

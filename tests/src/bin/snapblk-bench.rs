@@ -230,6 +230,15 @@ impl Hist {
         self.sum_ns as f64 / self.count as f64 / 1000.0
     }
 
+    /// The latency at each of [`CURVE_PERCENTILES`] (for the latency plots), keyed like fio's
+    /// `clat_ns.percentile` ("99.900000").
+    fn curve(&self) -> Vec<(String, f64)> {
+        CURVE_PERCENTILES
+            .iter()
+            .map(|&p| (format!("{p:.6}"), self.percentile_us(p)))
+            .collect()
+    }
+
     fn percentile_us(&self, p: f64) -> f64 {
         if self.count == 0 {
             return 0.0;
@@ -245,6 +254,12 @@ impl Hist {
         self.max_ns as f64 / 1000.0
     }
 }
+
+/// Percentiles reported as a latency curve, the points fio reports (so both plot alike).
+const CURVE_PERCENTILES: [f64; 17] = [
+    1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95,
+    99.99,
+];
 
 /// xorshift64*: fast, deterministic, good enough for offsets.
 struct Rng(u64);
@@ -575,6 +590,21 @@ impl Json {
         self
     }
 
+    /// A JSON object of `name: number` pairs.
+    fn map(&mut self, k: &str, pairs: &[(String, f64)]) -> &mut Self {
+        self.key(k);
+        self.0.push('{');
+        for (i, (name, v)) in pairs.iter().enumerate() {
+            if i > 0 {
+                self.0.push(',');
+            }
+            let v = if v.is_finite() { *v } else { 0.0 };
+            let _ = write!(self.0, "\"{name}\":{}", (v * 1000.0).round() / 1000.0);
+        }
+        self.0.push('}');
+        self
+    }
+
     fn finish(&mut self) -> String {
         self.0.push('}');
         std::mem::take(&mut self.0)
@@ -805,6 +835,7 @@ fn bench(args: &Args) -> Result<bool, String> {
             .num("lat_p50_us", lat.percentile_us(50.0))
             .num("lat_p99_us", lat.percentile_us(99.0))
             .num("lat_max_us", lat.max_ns as f64 / 1000.0)
+            .map("lat_pct_us", &lat.curve())
             .num("read_lat_mean_us", read_lat.mean_us())
             .num("read_lat_p99_us", read_lat.percentile_us(99.0))
             .num("write_lat_mean_us", write_lat.mean_us())
