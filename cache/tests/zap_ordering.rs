@@ -3,6 +3,8 @@
 //! after it. Two separate rules make that true, and each is tested alone here (each was a
 //! surviving mutant for the other tests): a zap waits for writebacks already in flight before
 //! its lower operation, and a writeback that snapshots while a zap is registered is deferred.
+//! Also here: a zap that fails forgets the clean cached copies of its range (a surviving mutant
+//! of the focused `make mutants` run over the cache's writeback, zap and flush functions).
 
 mod common;
 
@@ -120,4 +122,44 @@ fn writeback_snapshotted_while_a_zap_is_registered_is_deferred_past_it() {
         "a writeback snapshotted during the discard landed after it"
     );
     assert_eq!(read(&*cache, 0, 4096), vec![0; 4096]);
+}
+
+#[test]
+fn a_failed_zap_forgets_the_clean_cached_copies_of_its_range() {
+    // A discard or write-zeroes that fails may have changed the lower layer part-way: the cache
+    // must not keep serving its clean copies of the range (the lower layer is the truth now), or a
+    // read would return one value while the folio stays cached and another once it is evicted,
+    // with no write in between. Dirty sectors stay (they are newer than anything below).
+    for zeroes in [false, true] {
+        let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+        let cache = cache_over(&lower, small_cfg(K4, 8, 4));
+        let clean_off = K4 + 512;
+        let dirty_off = K4 + 2048;
+        let _ = read(&*cache, K4, K4 as usize);
+        let dirty = pattern(9, dirty_off, 512);
+        cache.write_at(&dirty, dirty_off).unwrap();
+        lower.fail_zaps_after_applying(true);
+        let r = if zeroes {
+            cache.write_zeroes(K4, K4, false)
+        } else {
+            cache.discard(K4, K4)
+        };
+        assert!(r.is_err(), "the lower layer's failure is reported");
+        lower.heal();
+        let cached = read(&*cache, clean_off, 512);
+        assert_eq!(
+            cached,
+            lower.bytes(clean_off, 512),
+            "zeroes={zeroes}: after a failed zap, a clean sector reads as the lower layer holds \
+             it, not as the cache held it before"
+        );
+        assert_eq!(
+            read(&*cache, dirty_off, 512),
+            dirty,
+            "zeroes={zeroes}: a dirty sector survives a failed zap"
+        );
+        cache.flush().unwrap();
+        cache.drop_clean();
+        assert_eq!(read(&*cache, clean_off, 512), cached, "zeroes={zeroes}");
+    }
 }

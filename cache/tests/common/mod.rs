@@ -45,6 +45,9 @@ pub struct FaultyDisk {
     fail_reads: Mutex<Vec<(u64, u64)>>,
     fail_writes: Mutex<Vec<(u64, u64)>>,
     fail_flush: Mutex<bool>,
+    /// Discards and write-zeroes change the memory, then report EIO (a device that failed
+    /// part-way through).
+    fail_zaps_after_applying: Mutex<bool>,
     log: Mutex<Vec<Event>>,
     after_io: Mutex<Option<AfterIo>>,
     pub flushes: AtomicU64,
@@ -75,6 +78,7 @@ impl FaultyDisk {
             fail_reads: Mutex::new(Vec::new()),
             fail_writes: Mutex::new(Vec::new()),
             fail_flush: Mutex::new(false),
+            fail_zaps_after_applying: Mutex::new(false),
             log: Mutex::new(Vec::new()),
             after_io: Mutex::new(None),
             flushes: AtomicU64::new(0),
@@ -135,11 +139,17 @@ impl FaultyDisk {
         *self.fail_flush.lock().unwrap() = fail;
     }
 
+    /// Discards and write-zeroes apply, then fail with EIO.
+    pub fn fail_zaps_after_applying(&self, fail: bool) {
+        *self.fail_zaps_after_applying.lock().unwrap() = fail;
+    }
+
     /// Removes every injected failure.
     pub fn heal(&self) {
         self.fail_reads.lock().unwrap().clear();
         self.fail_writes.lock().unwrap().clear();
         self.fail_flushes(false);
+        self.fail_zaps_after_applying(false);
     }
 
     pub fn events(&self) -> Vec<Event> {
@@ -213,6 +223,9 @@ impl BlockDev for FaultyDisk {
             log.push(Event::Zap { offset, len });
         }
         self.run_after(Io::Zap, offset, len);
+        if *self.fail_zaps_after_applying.lock().unwrap() {
+            return Err(eio());
+        }
         Ok(())
     }
 }
