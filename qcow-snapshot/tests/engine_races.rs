@@ -173,12 +173,22 @@ fn join<T>(slot: &Racer<T>) -> T {
 
 /// A fresh 1 MiB image with 4 KiB clusters (and `backing` under it) over a hooked host.
 fn image(backing: Option<Arc<dyn BlockDev>>) -> (Arc<HookHost>, Arc<QcowImage>) {
+    image_with(CS, false, backing)
+}
+
+/// A fresh 1 MiB image with clusters of `cs` bytes and, with `extended_l2`, subclusters.
+fn image_with(
+    cs: u64,
+    extended_l2: bool,
+    backing: Option<Arc<dyn BlockDev>>,
+) -> (Arc<HookHost>, Arc<QcowImage>) {
     let host = Arc::new(HookHost::default());
     create_on(
         &*host,
         &CreateOptions {
             size: 1 << 20,
-            cluster_size: CS,
+            cluster_size: cs,
+            extended_l2,
             backing: backing
                 .as_ref()
                 .map(|_| ("base.raw".to_string(), Format::Raw)),
@@ -191,9 +201,14 @@ fn image(backing: Option<Arc<dyn BlockDev>>) -> (Arc<HookHost>, Arc<QcowImage>) 
     (host, Arc::new(img))
 }
 
-/// The host offset guest cluster `gc` is stored at, if it has one.
+/// The host offset guest cluster `gc` (of 4 KiB) is stored at, if it has one.
 fn host_of(img: &QcowImage, gc: u64) -> Option<u64> {
-    match img.map(gc * CS, CS).unwrap().first().map(|e| e.mapping) {
+    host_of_cs(img, gc, CS)
+}
+
+/// The host offset guest cluster `gc` (of `cs` bytes) starts at, if its start is stored.
+fn host_of_cs(img: &QcowImage, gc: u64, cs: u64) -> Option<u64> {
+    match img.map(gc * cs, cs).unwrap().first().map(|e| e.mapping) {
         Some(Mapping::Data(h)) => Some(h),
         _ => None,
     }
@@ -243,7 +258,11 @@ fn a_read_never_returns_data_of_a_cluster_that_was_freed_and_reused_while_it_rea
         second[0]
     );
     // The race did happen: cluster 5 took cluster 1's old host cluster.
-    assert_eq!(host_of(&img, 5), Some(h1), "the freed cluster was not reused");
+    assert_eq!(
+        host_of(&img, 5),
+        Some(h1),
+        "the freed cluster was not reused"
+    );
     assert!(all(&read(&*img, CS, CS as usize), 0));
     assert!(all(&read(&*img, 5 * CS, CS as usize), 0x22));
 }
@@ -251,41 +270,54 @@ fn a_read_never_returns_data_of_a_cluster_that_was_freed_and_reused_while_it_rea
 #[test]
 fn a_discard_racing_a_cow_write_into_its_kept_host_cluster_never_frees_a_referenced_cluster() {
     // Cluster 3 is zeroed without unmap, so its L2 entry is "zero, host cluster h kept". A
-    // write into it is an allocating write that fills all of h (zeros + data) and only then
-    // publishes "data at h". Right after that cluster write, a discard of cluster 3 runs, then
-    // a flush. If the discard did not wait for the allocation in flight, it would queue h for
-    // freeing (its entry still says "zero at h") and the write would then publish h: after the
-    // flush h is free yet referenced, and the next allocation (cluster 7) overwrites cluster 3.
-    // Protection: write-zeroes/discard wait while a cluster of their range is in flight.
-    let (host, img) = image(None);
-    img.write_at(&[0x11; CS as usize], 3 * CS).unwrap();
+    // write into it is an allocating write that fills h (all of it, or with extended L2
+    // entries the subcluster it touches) and only then publishes "data at h". Right after that
+    // write reached the file, a discard of cluster 3 runs, then a flush. If the discard did not
+    // wait for the allocation in flight, it would queue h for freeing (its entry still says
+    // "zero at h") and the write would then publish h: after the flush h is free yet
+    // referenced, and the next allocation (cluster 7) overwrites cluster 3.
+    // Protection: write-zeroes/discard wait while a cluster of their range is in flight (both
+    // the standard and the subcluster zero path).
+    for (cs, extended_l2, cow_len) in [(CS, false, CS), (65536, true, 2048)] {
+        discard_racing_a_cow_into_its_kept_cluster(cs, extended_l2, cow_len as usize);
+    }
+}
+
+fn discard_racing_a_cow_into_its_kept_cluster(cs: u64, extended_l2: bool, cow_len: usize) {
+    let what = format!("cluster size {cs}, extended L2 {extended_l2}");
+    let (host, img) = image_with(cs, extended_l2, None);
+    img.write_at(&vec![0x11; cs as usize], 3 * cs).unwrap();
     img.flush().unwrap();
-    let h = host_of(&img, 3).unwrap();
-    img.write_zeroes(3 * CS, CS, false).unwrap();
-    assert_eq!(img.map(3 * CS, CS).unwrap()[0].mapping, Mapping::Zero);
+    let h = host_of_cs(&img, 3, cs).unwrap();
+    img.write_zeroes(3 * cs, cs, false).unwrap();
+    assert_eq!(img.map(3 * cs, cs).unwrap()[0].mapping, Mapping::Zero);
     let racer: Racer<()> = Arc::default();
     let (img2, slot) = (img.clone(), racer.clone());
-    host.after(Io::Write, Some(h), Some(CS as usize), move || {
+    host.after(Io::Write, Some(h), Some(cow_len), move || {
         race(&slot, move || {
-            img2.discard(3 * CS, CS).unwrap();
+            img2.discard(3 * cs, cs).unwrap();
             img2.flush().unwrap();
         })
     });
-    img.write_at(&[0xaa; 512], 3 * CS).unwrap();
+    img.write_at(&[0xaa; 512], 3 * cs).unwrap();
     join(&racer);
     img.flush().unwrap();
-    img.write_at(&[0x22; CS as usize], 7 * CS).unwrap();
+    img.write_at(&vec![0x22; cs as usize], 7 * cs).unwrap();
     img.flush().unwrap();
-    let c3 = read(&*img, 3 * CS, CS as usize);
+    let c3 = read(&*img, 3 * cs, cs as usize);
     let written = all(&c3[..512], 0xaa) && all(&c3[512..], 0);
     assert!(
         all(&c3, 0) || written,
-        "cluster 3 reads neither the discard's zeros nor the write (first byte {:#x})",
+        "{what}: cluster 3 reads neither the discard's zeros nor the write (first byte {:#x})",
         c3[0]
     );
-    assert!(all(&read(&*img, 7 * CS, CS as usize), 0x22));
-    if let Some(h3) = host_of(&img, 3) {
-        assert_ne!(Some(h3), host_of(&img, 7), "clusters 3 and 7 share a host cluster");
+    assert!(all(&read(&*img, 7 * cs, cs as usize), 0x22), "{what}");
+    if let Some(h3) = host_of_cs(&img, 3, cs) {
+        assert_ne!(
+            Some(h3),
+            host_of_cs(&img, 7, cs),
+            "{what}: clusters 3 and 7 share a host cluster"
+        );
     }
     img.close().unwrap();
 }
@@ -304,7 +336,9 @@ fn a_write_racing_a_cow_of_its_cluster_waits_for_it_and_neither_write_is_lost() 
     let (img2, slot) = (img.clone(), racer.clone());
     // The copy-on-write is the first cluster-sized write: nothing else is written before a flush.
     host.after(Io::Write, None, Some(CS as usize), move || {
-        race(&slot, move || img2.write_at(&[0xbb; 512], 2 * CS + 2048).unwrap())
+        race(&slot, move || {
+            img2.write_at(&[0xbb; 512], 2 * CS + 2048).unwrap()
+        })
     });
     img.write_at(&[0xaa; 512], 2 * CS).unwrap();
     join(&racer);
@@ -325,11 +359,13 @@ fn a_write_racing_a_cow_of_its_cluster_waits_for_it_and_neither_write_is_lost() 
 fn a_flush_returns_only_once_every_write_acknowledged_before_it_is_durable_even_mid_flush() {
     // Cluster 0 is written and flushed, so its L2 table is on disk (and the L1 entry naming it).
     // Write A allocates cluster 1 (dirty L2 table). Flush F0 writes the L2 table; right after
-    // that write (before F0's sync and before it marks the table clean), write B allocates
-    // cluster 2 in the same L2 table, write C overwrites cluster 0 in place, and flush F1 runs.
-    // When F1 returns, A, B and C must all be durable: F1 may not return early because F0 is
-    // still busy, and F0 may not mark clean a table B changed after F0 wrote it. Protection:
-    // the metadata lock held across the flush's metadata write-back.
+    // that write (before F0's sync and before it marks the table clean):
+    // - flush F1 runs: when it returns, A must be durable (F1 may not return early because F0
+    //   is still busy with A's metadata);
+    // - then write B allocates cluster 2 in the same L2 table, write C overwrites cluster 0 in
+    //   place, and flush F2 runs: when it returns, A, B and C must be durable (F0 may not mark
+    //   clean a table B changed after F0 wrote it, nor F2 skip C's data sync).
+    // Protection: the metadata lock held across the flush's metadata write-back.
     let (host, img) = image(None);
     img.write_at(&[0x10; CS as usize], 0).unwrap();
     img.flush().unwrap();
@@ -339,28 +375,39 @@ fn a_flush_returns_only_once_every_write_acknowledged_before_it_is_durable_even_
     let l2 = l1e & 0x00ff_ffff_ffff_fe00;
     assert_ne!(l2, 0);
     img.write_at(&[0xaa; CS as usize], CS).unwrap();
-    let racer: Racer<Vec<u8>> = Arc::default();
-    let (img2, host2, slot) = (img.clone(), host.clone(), racer.clone());
+    let (f1, f2): (Racer<Vec<u8>>, Racer<Vec<u8>>) = Default::default();
+    let (img2, host2, slot1, slot2) = (img.clone(), host.clone(), f1.clone(), f2.clone());
     host.after(Io::Write, Some(l2), Some(CS as usize), move || {
-        race(&slot, move || {
+        let (img3, host3) = (img2.clone(), host2.clone());
+        race(&slot1, move || {
+            img3.flush().unwrap();
+            host3.durable()
+        });
+        race(&slot2, move || {
             img2.write_at(&[0xbb; CS as usize], 2 * CS).unwrap();
             img2.write_at(&[0xcc; 512], 0).unwrap();
             img2.flush().unwrap();
             host2.durable()
-        })
+        });
     });
     img.flush().unwrap();
-    let at_f1 = join(&racer);
-    let crashed = QcowImage::open_with(Box::new(MemHost::new(at_f1)), true, None).unwrap();
-    let c0 = read(&crashed, 0, CS as usize);
+    let (at_f1, at_f2) = (join(&f1), join(&f2));
+    let crashed = |d: Vec<u8>| QcowImage::open_with(Box::new(MemHost::new(d)), true, None).unwrap();
+    let after_f1 = crashed(at_f1);
+    assert!(
+        all(&read(&after_f1, CS, CS as usize), 0xaa),
+        "a flush returned before write A (acknowledged before it) was durable"
+    );
+    let after_f2 = crashed(at_f2);
+    let c0 = read(&after_f2, 0, CS as usize);
     assert!(all(&c0[..512], 0xcc), "in-place write C is not durable");
     assert!(all(&c0[512..], 0x10));
     assert!(
-        all(&read(&crashed, CS, CS as usize), 0xaa),
+        all(&read(&after_f2, CS, CS as usize), 0xaa),
         "write A is not durable"
     );
     assert!(
-        all(&read(&crashed, 2 * CS, CS as usize), 0xbb),
+        all(&read(&after_f2, 2 * CS, CS as usize), 0xbb),
         "write B is not durable"
     );
     img.close().unwrap();
@@ -390,8 +437,12 @@ fn a_write_journaled_while_a_sync_runs_is_replayed_when_a_later_sync_fails() {
     h.sync_data().unwrap();
     assert!(!h.is_poisoned());
     let d = host.durable();
-    assert_eq!(&d[..4], &[3; 4]);
-    assert_eq!(&d[16..20], &[2; 4], "a write acknowledged before a sync was lost");
+    assert_eq!(d.get(..4), Some(&[3u8; 4][..]));
+    assert_eq!(
+        d.get(16..20),
+        Some(&[2u8; 4][..]),
+        "a write acknowledged before a sync was lost"
+    );
 }
 
 #[test]
@@ -415,8 +466,8 @@ fn a_write_in_the_file_but_not_yet_journaled_when_a_sync_fails_is_replayed() {
     assert!(!h.is_poisoned());
     h.sync_data().unwrap();
     assert_eq!(
-        &host.durable()[16..20],
-        &[2; 4],
+        host.durable().get(16..20),
+        Some(&[2u8; 4][..]),
         "a write acknowledged after a repaired sync failure was lost"
     );
 }
