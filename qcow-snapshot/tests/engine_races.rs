@@ -268,6 +268,45 @@ fn a_read_never_returns_data_of_a_cluster_that_was_freed_and_reused_while_it_rea
 }
 
 #[test]
+fn an_in_place_write_never_lands_in_a_cluster_that_was_freed_and_reused_while_it_wrote() {
+    // As above, but for a write: one write over guest clusters 0 and 1 (host h0 > h1, so two
+    // in-place writes). Right after its write into h0 (its mapping of cluster 1 is known, that
+    // part not written yet), cluster 1 is discarded, flushed (freeing h1) and cluster 5 is
+    // written, which reuses h1. The write's second half must not land in cluster 5's data.
+    // Protection: the free gate.
+    let (host, img) = image(None);
+    img.write_at(&[0x11; CS as usize], CS).unwrap();
+    img.write_at(&[0x10; CS as usize], 0).unwrap();
+    img.flush().unwrap();
+    let (h0, h1) = (host_of(&img, 0).unwrap(), host_of(&img, 1).unwrap());
+    assert!(h1 < h0);
+    let racer: Racer<()> = Arc::default();
+    let (img2, slot) = (img.clone(), racer.clone());
+    host.after(Io::Write, Some(h0), Some(CS as usize), move || {
+        race(&slot, move || {
+            img2.discard(CS, CS).unwrap();
+            img2.flush().unwrap();
+            img2.write_at(&[0x22; CS as usize], 5 * CS).unwrap();
+            img2.flush().unwrap();
+        })
+    });
+    img.write_at(&[0xee; 2 * CS as usize], 0).unwrap();
+    join(&racer);
+    assert_eq!(
+        host_of(&img, 5),
+        Some(h1),
+        "the freed cluster was not reused"
+    );
+    assert!(
+        all(&read(&*img, 5 * CS, CS as usize), 0x22),
+        "a write through a stale mapping overwrote another guest cluster"
+    );
+    assert!(all(&read(&*img, 0, CS as usize), 0xee));
+    let c1 = read(&*img, CS, CS as usize);
+    assert!(all(&c1, 0xee) || all(&c1, 0), "cluster 1: {:#x}", c1[0]);
+}
+
+#[test]
 fn a_discard_racing_a_cow_write_into_its_kept_host_cluster_never_frees_a_referenced_cluster() {
     // Cluster 3 is zeroed without unmap, so its L2 entry is "zero, host cluster h kept". A
     // write into it is an allocating write that fills h (all of it, or with extended L2
