@@ -402,35 +402,43 @@ fn a_flush_returns_only_once_every_write_acknowledged_before_it_is_durable_even_
     // - flush F1 runs: when it returns, A must be durable (F1 may not return early because F0
     //   is still busy with A's metadata);
     // - then write B allocates cluster 2 in the same L2 table, write C overwrites cluster 0 in
-    //   place, and flush F2 runs: when it returns, A, B and C must be durable (F0 may not mark
-    //   clean a table B changed after F0 wrote it, nor F2 skip C's data sync).
-    // Protection: the metadata lock held across the flush's metadata write-back.
+    //   place and discard D drops cluster 3; once they and F0 are done, flush F2 runs: when it
+    //   returns, A, B, C and D must be durable (F0 may not mark clean a table B or D changed
+    //   after F0 wrote it, nor F2 skip C's data sync);
+    // - afterwards cluster 9 reuses cluster 3's old host cluster, and a flush must leave
+    //   cluster 3 reading zeros, not cluster 9's data.
+    // Protection: the metadata lock held across the flush's metadata write-back, and frees
+    // applied only after the flush that wrote the entries dropping them.
     let (host, img) = image(None);
     img.write_at(&[0x10; CS as usize], 0).unwrap();
+    img.write_at(&[0x33; CS as usize], 3 * CS).unwrap();
     img.flush().unwrap();
+    let h3 = host_of(&img, 3).unwrap();
     let durable = host.durable();
     let l1 = u64::from_be_bytes(durable[40..48].try_into().unwrap());
     let l1e = u64::from_be_bytes(durable[l1 as usize..l1 as usize + 8].try_into().unwrap());
     let l2 = l1e & 0x00ff_ffff_ffff_fe00;
     assert_ne!(l2, 0);
     img.write_at(&[0xaa; CS as usize], CS).unwrap();
-    let (f1, f2): (Racer<Vec<u8>>, Racer<Vec<u8>>) = Default::default();
-    let (img2, host2, slot1, slot2) = (img.clone(), host.clone(), f1.clone(), f2.clone());
+    let (f1, bcd): (Racer<Vec<u8>>, Racer<()>) = Default::default();
+    let (img2, host2, slot1, slot2) = (img.clone(), host.clone(), f1.clone(), bcd.clone());
     host.after(Io::Write, Some(l2), Some(CS as usize), move || {
-        let (img3, host3) = (img2.clone(), host2.clone());
+        let img3 = img2.clone();
         race(&slot1, move || {
             img3.flush().unwrap();
-            host3.durable()
+            host2.durable()
         });
         race(&slot2, move || {
             img2.write_at(&[0xbb; CS as usize], 2 * CS).unwrap();
             img2.write_at(&[0xcc; 512], 0).unwrap();
-            img2.flush().unwrap();
-            host2.durable()
+            img2.discard(3 * CS, CS).unwrap();
         });
     });
     img.flush().unwrap();
-    let (at_f1, at_f2) = (join(&f1), join(&f2));
+    let at_f1 = join(&f1);
+    join(&bcd);
+    img.flush().unwrap();
+    let at_f2 = host.durable();
     let crashed = |d: Vec<u8>| QcowImage::open_with(Box::new(MemHost::new(d)), true, None).unwrap();
     let after_f1 = crashed(at_f1);
     assert!(
@@ -449,6 +457,20 @@ fn a_flush_returns_only_once_every_write_acknowledged_before_it_is_durable_even_
         all(&read(&after_f2, 2 * CS, CS as usize), 0xbb),
         "write B is not durable"
     );
+    assert!(
+        all(&read(&after_f2, 3 * CS, CS as usize), 0),
+        "discard D is not durable"
+    );
+    img.write_at(&[0x99; CS as usize], 9 * CS).unwrap();
+    img.flush().unwrap();
+    assert_eq!(
+        host_of(&img, 9),
+        Some(h3),
+        "the freed cluster was not reused"
+    );
+    let after_reuse = crashed(host.durable());
+    assert!(all(&read(&after_reuse, 3 * CS, CS as usize), 0));
+    assert!(all(&read(&after_reuse, 9 * CS, CS as usize), 0x99));
     img.close().unwrap();
 }
 
