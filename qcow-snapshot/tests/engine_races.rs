@@ -224,14 +224,12 @@ fn all(b: &[u8], v: u8) -> bool {
     b.iter().all(|&x| x == v)
 }
 
-#[test]
-fn a_read_never_returns_data_of_a_cluster_that_was_freed_and_reused_while_it_read() {
-    // Guest clusters 0 and 1 live in host clusters h0 > h1, so a read of both is two extents.
-    // Right after the read's first data I/O (its mapping of cluster 1 is known, its data not
-    // read yet), cluster 1 is discarded, flushed (which frees h1) and a write to cluster 5
-    // allocates again, which takes the lowest free cluster: h1. The read must return cluster
-    // 1's old bytes or zeros, never cluster 5's. Protection: the free gate (requests hold it
-    // shared; a flush frees clusters only with it held exclusively).
+/// Guest clusters 0 and 1 stored in host clusters h0 > h1 (so an operation over both is two
+/// I/Os); right after `op`'s `io` at h0 (its mapping of cluster 1 is known, that part not done
+/// yet), cluster 1 is discarded, flushed (which frees h1) and cluster 5 is written, which
+/// allocates the lowest free cluster: h1. Returns the image once `op` and the racer are done,
+/// after checking that the reuse really happened.
+fn race_a_stale_mapping(io: Io, op: impl FnOnce(&QcowImage)) -> Arc<QcowImage> {
     let (host, img) = image(None);
     img.write_at(&[0x11; CS as usize], CS).unwrap();
     img.write_at(&[0x10; CS as usize], 0).unwrap();
@@ -240,7 +238,7 @@ fn a_read_never_returns_data_of_a_cluster_that_was_freed_and_reused_while_it_rea
     assert!(h1 < h0);
     let racer: Racer<()> = Arc::default();
     let (img2, slot) = (img.clone(), racer.clone());
-    host.after(Io::Read, Some(h0), Some(CS as usize), move || {
+    host.after(io, Some(h0), Some(CS as usize), move || {
         race(&slot, move || {
             img2.discard(CS, CS).unwrap();
             img2.flush().unwrap();
@@ -248,8 +246,24 @@ fn a_read_never_returns_data_of_a_cluster_that_was_freed_and_reused_while_it_rea
             img2.flush().unwrap();
         })
     });
-    let got = read(&*img, 0, 2 * CS as usize);
+    op(&img);
     join(&racer);
+    assert_eq!(
+        host_of(&img, 5),
+        Some(h1),
+        "the freed cluster was not reused"
+    );
+    img
+}
+
+#[test]
+fn a_read_never_returns_data_of_a_cluster_that_was_freed_and_reused_while_it_read() {
+    // A read of guest clusters 0 and 1 races the discard, flush and reuse of cluster 1's host
+    // cluster (`race_a_stale_mapping`). It must return cluster 1's old bytes or zeros, never
+    // cluster 5's. Protection: the free gate (requests hold it shared; a flush frees clusters
+    // only with it held exclusively).
+    let mut got = vec![0u8; 2 * CS as usize];
+    let img = race_a_stale_mapping(Io::Read, |img| img.read_at(&mut got, 0).unwrap());
     assert!(all(&got[..CS as usize], 0x10));
     let second = &got[CS as usize..];
     assert!(
@@ -257,46 +271,18 @@ fn a_read_never_returns_data_of_a_cluster_that_was_freed_and_reused_while_it_rea
         "the read of cluster 1 returned bytes of another guest cluster (first byte {:#x})",
         second[0]
     );
-    // The race did happen: cluster 5 took cluster 1's old host cluster.
-    assert_eq!(
-        host_of(&img, 5),
-        Some(h1),
-        "the freed cluster was not reused"
-    );
     assert!(all(&read(&*img, CS, CS as usize), 0));
     assert!(all(&read(&*img, 5 * CS, CS as usize), 0x22));
 }
 
 #[test]
 fn an_in_place_write_never_lands_in_a_cluster_that_was_freed_and_reused_while_it_wrote() {
-    // As above, but for a write: one write over guest clusters 0 and 1 (host h0 > h1, so two
-    // in-place writes). Right after its write into h0 (its mapping of cluster 1 is known, that
-    // part not written yet), cluster 1 is discarded, flushed (freeing h1) and cluster 5 is
-    // written, which reuses h1. The write's second half must not land in cluster 5's data.
-    // Protection: the free gate.
-    let (host, img) = image(None);
-    img.write_at(&[0x11; CS as usize], CS).unwrap();
-    img.write_at(&[0x10; CS as usize], 0).unwrap();
-    img.flush().unwrap();
-    let (h0, h1) = (host_of(&img, 0).unwrap(), host_of(&img, 1).unwrap());
-    assert!(h1 < h0);
-    let racer: Racer<()> = Arc::default();
-    let (img2, slot) = (img.clone(), racer.clone());
-    host.after(Io::Write, Some(h0), Some(CS as usize), move || {
-        race(&slot, move || {
-            img2.discard(CS, CS).unwrap();
-            img2.flush().unwrap();
-            img2.write_at(&[0x22; CS as usize], 5 * CS).unwrap();
-            img2.flush().unwrap();
-        })
+    // One write over guest clusters 0 and 1 (two in-place writes) races the discard, flush
+    // and reuse of cluster 1's host cluster (`race_a_stale_mapping`). Its second half must not
+    // land in cluster 5's data. Protection: the free gate.
+    let img = race_a_stale_mapping(Io::Write, |img| {
+        img.write_at(&[0xee; 2 * CS as usize], 0).unwrap()
     });
-    img.write_at(&[0xee; 2 * CS as usize], 0).unwrap();
-    join(&racer);
-    assert_eq!(
-        host_of(&img, 5),
-        Some(h1),
-        "the freed cluster was not reused"
-    );
     assert!(
         all(&read(&*img, 5 * CS, CS as usize), 0x22),
         "a write through a stale mapping overwrote another guest cluster"
