@@ -72,17 +72,18 @@ struct WaitReporter {
 }
 
 impl CacheHooks for WaitReporter {
-    fn at(&self, point: HookPoint, _folio: u64) {
+    fn at(&self, point: HookPoint, folio: u64) {
         if point == HookPoint::ReadWaitsForZap {
             if let Some(tx) = &*self.tx.lock().unwrap() {
-                let _ = tx.send(Event::Waiting);
+                let _ = tx.send(Event::Waiting(folio));
             }
         }
     }
 }
 
 enum Event {
-    Waiting,
+    /// The read is waiting; the hook named this folio.
+    Waiting(u64),
     Done(Vec<u8>),
 }
 
@@ -157,7 +158,12 @@ fn no_read_goes_back_in_time(racer: Racer, last: LastRead) {
     });
     let got = match rx.recv().unwrap() {
         Event::Done(got) => got,
-        Event::Waiting => {
+        Event::Waiting(folio) => {
+            let first = match last {
+                LastRead::Small => hot / K4,
+                LastRead::Large => 0,
+            };
+            assert_eq!(folio, first, "the hook names the read's first folio");
             z_go.send(()).unwrap();
             r2.join().unwrap()
         }

@@ -163,3 +163,75 @@ fn a_failed_zap_forgets_the_clean_cached_copies_of_its_range() {
         assert_eq!(read(&*cache, clean_off, 512), cached, "zeroes={zeroes}");
     }
 }
+
+#[test]
+fn a_failed_bypassing_write_forgets_the_clean_cached_copies_of_its_folios() {
+    // The same rule for the whole folios of a large write that bypasses the cache: if the lower
+    // write fails, part of it may be below; clean copies are dropped, dirty sectors stay.
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let cfg = cache::CacheConfig {
+        bypass_threshold: 4 * K4,
+        ..small_cfg(K4, 16, 8)
+    };
+    let cache = cache_over(&lower, cfg);
+    let clean_off = K4 + 512;
+    let dirty_off = 2 * K4 + 1024;
+    let _ = read(&*cache, K4, 2 * K4 as usize);
+    let dirty = pattern(9, dirty_off, 512);
+    cache.write_at(&dirty, dirty_off).unwrap();
+    lower.fail_writes_after_applying(true);
+    assert!(cache.write_at(&pattern(7, 0, 8 * K4 as usize), 0).is_err());
+    lower.heal();
+    let cached = read(&*cache, clean_off, 512);
+    assert_eq!(
+        cached,
+        lower.bytes(clean_off, 512),
+        "after a failed bypassing write, a clean sector reads as the lower layer holds it"
+    );
+    assert_eq!(
+        read(&*cache, dirty_off, 512),
+        dirty,
+        "a dirty sector survives"
+    );
+    cache.flush().unwrap();
+    cache.drop_clean();
+    assert_eq!(read(&*cache, clean_off, 512), cached);
+}
+
+/// Records every hook point with the folio it names.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(HookPoint, u64)>>);
+
+impl CacheHooks for Recorder {
+    fn at(&self, point: HookPoint, folio: u64) {
+        self.0.lock().unwrap().push((point, folio));
+    }
+}
+
+#[test]
+fn zap_hooks_name_the_first_folio_of_the_range() {
+    // Interleaving tests park requests by the folio their hooks name; a wrong index would park
+    // the wrong request and let a test pass without running its race.
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let hooks = Arc::new(Recorder::default());
+    let cfg = cache::CacheConfig {
+        bypass_threshold: 4 * K4,
+        ..small_cfg(K4, 16, 8)
+    };
+    let cache =
+        FolioCache::with_hooks(lower.clone() as Arc<dyn BlockDev>, cfg, hooks.clone()).unwrap();
+    cache.discard(3 * K4, K4).unwrap();
+    cache.write_zeroes(5 * K4 + 512, 512, false).unwrap();
+    cache
+        .write_at(&pattern(2, 8 * K4, 4 * K4 as usize), 8 * K4)
+        .unwrap();
+    let zaps: Vec<u64> = hooks
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(p, _)| *p == HookPoint::BeforeLowerZap)
+        .map(|&(_, f)| f)
+        .collect();
+    assert_eq!(zaps, vec![3, 5, 8]);
+}

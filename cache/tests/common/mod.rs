@@ -48,6 +48,8 @@ pub struct FaultyDisk {
     /// Discards and write-zeroes change the memory, then report EIO (a device that failed
     /// part-way through).
     fail_zaps_after_applying: Mutex<bool>,
+    /// Writes change the memory, then report EIO.
+    fail_writes_after_applying: Mutex<bool>,
     log: Mutex<Vec<Event>>,
     after_io: Mutex<Option<AfterIo>>,
     pub flushes: AtomicU64,
@@ -79,6 +81,7 @@ impl FaultyDisk {
             fail_writes: Mutex::new(Vec::new()),
             fail_flush: Mutex::new(false),
             fail_zaps_after_applying: Mutex::new(false),
+            fail_writes_after_applying: Mutex::new(false),
             log: Mutex::new(Vec::new()),
             after_io: Mutex::new(None),
             flushes: AtomicU64::new(0),
@@ -144,12 +147,18 @@ impl FaultyDisk {
         *self.fail_zaps_after_applying.lock().unwrap() = fail;
     }
 
+    /// Writes apply, then fail with EIO.
+    pub fn fail_writes_after_applying(&self, fail: bool) {
+        *self.fail_writes_after_applying.lock().unwrap() = fail;
+    }
+
     /// Removes every injected failure.
     pub fn heal(&self) {
         self.fail_reads.lock().unwrap().clear();
         self.fail_writes.lock().unwrap().clear();
         self.fail_flushes(false);
         self.fail_zaps_after_applying(false);
+        self.fail_writes_after_applying(false);
     }
 
     pub fn events(&self) -> Vec<Event> {
@@ -197,6 +206,9 @@ impl BlockDev for FaultyDisk {
             });
         }
         self.run_after(Io::Write, offset, buf.len() as u64);
+        if *self.fail_writes_after_applying.lock().unwrap() {
+            return Err(eio());
+        }
         Ok(())
     }
 
