@@ -390,6 +390,19 @@ pub fn build_filter(mode: SeccompMode, allow_open: bool) -> Result<Vec<BpfProgra
         .map_err(serr)?;
         programs.push(deny.try_into().map_err(serr)?);
     }
+    // An NBD backing export reconnects after a server restart: stream sockets of the unix,
+    // IPv4 and IPv6 families, and connect. Addresses were resolved at start-up, so no name
+    // lookup (and no file) is needed. Only when this process opened an export.
+    if nbd_client::in_use() {
+        let mut socket_rules = Vec::new();
+        for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
+            let c = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, family as u64)
+                .map_err(serr)?;
+            socket_rules.push(SeccompRule::new(vec![c]).map_err(serr)?);
+        }
+        rules.insert(nr64(libc::SYS_socket), socket_rules);
+        rules.insert(nr64(libc::SYS_connect), Vec::new());
+    }
     // Threads name themselves with prctl(PR_SET_NAME); nothing else of prctl is allowed.
     let set_name = SeccompCondition::new(
         0,

@@ -310,7 +310,7 @@ impl NbdDev {
             pool.idle.push(first);
             pool.open = 1;
         }
-        log::info!(
+        log::debug!(
             "NBD export {uri}: {} bytes, structured replies {}, base:allocation {}, up to {} \
              connections",
             dev.size,
