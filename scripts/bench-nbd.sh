@@ -10,13 +10,14 @@
 # Workloads (a fresh overlay for every run; the host page cache is dropped before cold runs, needs
 # root; qemu-nbd itself reads the base file through the host page cache):
 #   cold-randread-4k-qd32   4 KiB random reads over the whole disk, QD32, 1 queue
-#   warm-randread-4k-qd32   the same over the first 64 MiB, after a 2 s unmeasured warm-up pass
+#   warm-randread-4k-qd32   the same over the first 64 MiB, after one unmeasured sequential pass
 #                           over that range (hot base data is then in the daemon's cache)
 #   cold-seqread-128k-qd8   sequential 128 KiB reads from the start, QD8, 1 queue
 #
 # Knobs: BENCH_QUICK=1 (256 MiB base, 2 s runs; the default here too), BENCH_NBD_SIZE=256M,
 #   BENCH_NBD_RUNTIME=2, BENCH_NBD_REPEAT=1, BENCH_DIR=build/bench, BENCH_NBD_OUT=$BENCH_DIR/nbd.md,
-#   BENCH_NO_BUILD=1, SNAPBLK, BENCH_CLIENT.
+#   BENCH_NO_BUILD=1, SNAPBLK, BENCH_CLIENT, SNAPBLK_EXTRA_ARGS (e.g. "--nbd-connections 16"),
+#   BENCH_NBD_SIDES="snapblk-nbd snapblk-local qsd-nbd".
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +30,7 @@ BENCH_NBD_SIZE="${BENCH_NBD_SIZE:-256M}"
 BENCH_NBD_RUNTIME="${BENCH_NBD_RUNTIME:-2}"
 BENCH_NBD_REPEAT="${BENCH_NBD_REPEAT:-1}"
 BENCH_NBD_OUT="${BENCH_NBD_OUT:-$BENCH_DIR/nbd.md}"
+SNAPBLK_EXTRA_ARGS="${SNAPBLK_EXTRA_ARGS:-}"
 
 log() { printf 'bench-nbd: %s\n' "$*" >&2; }
 die() { printf 'bench-nbd: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -85,7 +87,10 @@ fresh_overlay() { # SIDE -> path
 daemon_cmd() { # SIDE IMAGE SOCKET
     local side="$1" img="$2" sock="$3"
     case "$side" in
-    snapblk-*) CMD=("$SNAPBLK" serve --image "$img" --socket "$sock" --num-queues 1) ;;
+    snapblk-*)
+        # shellcheck disable=SC2206 # SNAPBLK_EXTRA_ARGS is split on purpose
+        CMD=("$SNAPBLK" serve --image "$img" --socket "$sock" --num-queues 1 $SNAPBLK_EXTRA_ARGS)
+        ;;
     qsd-nbd)
         CMD=("$QSD"
             --blockdev "driver=nbd,node-name=bf,server.type=unix,server.path=$NBD_SOCK,export=base,read-only=on"
@@ -114,20 +119,25 @@ run_one() { # WORKLOAD SIDE REP
     local rt="$BENCH_NBD_RUNTIME"
     case "$w" in
     cold-randread-4k-qd32) args=(--rw randread --bs 4k --iodepth 32 --runtime "$rt") ;;
-    warm-randread-4k-qd32) args=(--rw randread --bs 4k --iodepth 32 --size 64m --ramp 2 --runtime "$rt") ;;
+    warm-randread-4k-qd32) args=(--rw randread --bs 4k --iodepth 32 --size 64m --runtime "$rt") ;;
     cold-seqread-128k-qd8) args=(--rw read --bs 128k --iodepth 8 --runtime "$rt") ;;
     esac
     img="$(fresh_overlay "$side")"
     [[ "$w" == warm-* ]] || drop_caches
     daemon_cmd "$side" "$img" "$sock"
     launch_daemon "$sock" "$logf" || { log "$side failed to start (see $logf)"; record "$w" "$side" "$rep" ""; return; }
+    if [[ "$w" == warm-* ]]; then
+        # Warm-up: one sequential pass over the measured range (unmeasured).
+        "$BENCH_CLIENT" --socket "$sock" --queues 1 --rw read --bs 64k --iodepth 8 --size 64m \
+            --no-wrap --runtime 120 >>"$logf" 2>&1 || true
+    fi
     out="$("$BENCH_CLIENT" --socket "$sock" --queues 1 --json --daemon-pid "$DAEMON_PID" \
         --label "$side" "${args[@]}" 2>>"$logf")" || out=""
     stop_daemon
     record "$w" "$side" "$rep" "$out"
 }
 
-SIDES=(snapblk-nbd snapblk-local qsd-nbd)
+read -r -a SIDES <<<"${BENCH_NBD_SIDES:-snapblk-nbd snapblk-local qsd-nbd}"
 WORKLOADS=(cold-randread-4k-qd32 warm-randread-4k-qd32 cold-seqread-128k-qd8)
 for w in "${WORKLOADS[@]}"; do
     for rep in $(seq "$BENCH_NBD_REPEAT"); do

@@ -139,7 +139,7 @@ pub struct ServeArgs {
     #[arg(long = "allow-nbd", value_name = "HOST:PORT")]
     pub allow_nbd: Vec<String>,
     /// Most connections to each NBD backing export (cold reads in flight at once).
-    #[arg(long, default_value_t = 4, value_name = "N",
+    #[arg(long, default_value_t = 16, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub nbd_connections: u16,
     /// Seconds one read of an NBD backing export may take (waiting for a connection,
@@ -201,7 +201,7 @@ impl ServeArgs {
             folio_size: 64 << 10,
             allow_backing: Vec::new(),
             allow_nbd: Vec::new(),
-            nbd_connections: 4,
+            nbd_connections: 16,
             nbd_timeout: 30.0,
             probe_backing_format: false,
             user: None,

@@ -5,7 +5,8 @@
 //! What it does:
 //! - **Names**: [`uri`] parses backing names exactly as QEMU does (`nbd://HOST[:PORT]/EXPORT`,
 //!   `nbd+unix:///EXPORT?socket=PATH`, QEMU's older `nbd:...` forms).
-//! - **Depth**: a pool of up to [`NbdOptions::connections`] connections (default 4). A request
+//! - **Depth**: a pool of up to [`NbdOptions::connections`] connections (default 16, as many
+//!   requests as QEMU's NBD client keeps in flight on its one connection). A request
 //!   takes an idle connection, or opens a new one while the pool is below its cap, or waits. An
 //!   extra connection whose handshake does not finish within [`EXTRA_CONNECT_TIMEOUT`] while
 //!   other connections work (a server limiting its clients, e.g. qemu-nbd without `--shared`)
@@ -39,13 +40,14 @@
 
 pub(crate) mod conn;
 pub mod ffi;
+mod readahead;
 pub mod uri;
 
 use std::io;
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use blockdev::{check_range, BlockDev, BlockError, Result};
@@ -60,8 +62,6 @@ pub const BLOCK_STATUS_MIN_READ: usize = 64 << 10;
 const GRANULE_SHIFT: u32 = 16;
 /// Region one block-status query covers.
 const BLOCK_STATUS_REGION: u64 = 4 << 20;
-/// How far from the previous read's end a read still counts as sequential.
-const SEQ_SLACK: u64 = 256 << 10;
 
 /// Client settings (the daemon sets them once from its command line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub struct NbdOptions {
 impl Default for NbdOptions {
     fn default() -> Self {
         NbdOptions {
-            connections: 4,
+            connections: 16,
             timeout: Duration::from_secs(30),
             readahead: 1 << 20,
         }
@@ -119,8 +119,10 @@ pub struct NbdStats {
     pub zero_bytes_local: u64,
     /// Block-status queries sent.
     pub block_status_queries: u64,
-    /// Reads served from the read-ahead window.
+    /// Reads served from a read-ahead window.
     pub readahead_hits: u64,
+    /// Read-ahead windows fetched in the background.
+    pub prefetches: u64,
     /// Connections established (including the first).
     pub connects: u64,
     /// Connections lost or failed to establish.
@@ -137,6 +139,7 @@ struct Counters {
     zero_bytes_local: AtomicU64,
     block_status_queries: AtomicU64,
     readahead_hits: AtomicU64,
+    prefetches: AtomicU64,
     connects: AtomicU64,
     connection_failures: AtomicU64,
     errors: AtomicU64,
@@ -213,14 +216,16 @@ impl ZeroMap {
     }
 }
 
-struct ReadAhead {
-    next: u64,
-    streak: u32,
-    window: Option<(u64, Vec<u8>)>,
-}
-
 /// A read-only NBD export as a block device (see the module docs).
 pub struct NbdDev {
+    inner: Arc<Inner>,
+    /// Background fetches of the next read-ahead window (the thread starts on first use and
+    /// ends when this sender is dropped with the device).
+    prefetch: Mutex<Option<mpsc::Sender<(u64, u64)>>>,
+}
+
+/// The shared state of an [`NbdDev`] (also reached by its prefetch thread).
+struct Inner {
     uri: NbdUri,
     endpoint: Endpoint,
     opts: NbdOptions,
@@ -232,17 +237,18 @@ pub struct NbdDev {
     pool: Mutex<Pool>,
     pool_cv: Condvar,
     zeros: ZeroMap,
-    ra: Mutex<ReadAhead>,
+    ra: readahead::ReadAhead,
     counters: Counters,
 }
 
 impl std::fmt::Debug for NbdDev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = &self.inner;
         f.debug_struct("NbdDev")
-            .field("uri", &self.uri.text)
-            .field("size", &self.size)
-            .field("structured", &self.structured)
-            .field("base_allocation", &self.base_allocation)
+            .field("uri", &i.uri.text)
+            .field("size", &i.size)
+            .field("structured", &i.structured)
+            .field("base_allocation", &i.base_allocation)
             .finish()
     }
 }
@@ -270,7 +276,7 @@ impl NbdDev {
             ),
         };
         IN_USE.store(true, Ordering::Release);
-        let mut dev = NbdDev {
+        let mut dev = Inner {
             uri: uri.clone(),
             endpoint,
             opts: NbdOptions {
@@ -289,11 +295,7 @@ impl NbdDev {
             }),
             pool_cv: Condvar::new(),
             zeros: ZeroMap::new(0),
-            ra: Mutex::new(ReadAhead {
-                next: u64::MAX,
-                streak: 0,
-                window: None,
-            }),
+            ra: readahead::ReadAhead::new(opts.readahead),
             counters: Counters::default(),
         };
         let first = dev
@@ -318,32 +320,35 @@ impl NbdDev {
             if dev.base_allocation { "on" } else { "off" },
             dev.opts.connections
         );
-        Ok(dev)
+        Ok(NbdDev {
+            inner: Arc::new(dev),
+            prefetch: Mutex::new(None),
+        })
     }
 
     /// The name the device was opened with.
     pub fn uri(&self) -> &NbdUri {
-        &self.uri
+        &self.inner.uri
     }
 
     /// The options in effect.
     pub fn options(&self) -> NbdOptions {
-        self.opts
+        self.inner.opts
     }
 
     /// Whether the server agreed to structured replies.
     pub fn structured_replies(&self) -> bool {
-        self.structured
+        self.inner.structured
     }
 
     /// Whether the server offers `base:allocation` block status.
     pub fn has_block_status(&self) -> bool {
-        self.base_allocation
+        self.inner.base_allocation
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> NbdStats {
-        let c = &self.counters;
+        let c = &self.inner.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NbdStats {
             reads: l(&c.reads),
@@ -352,6 +357,7 @@ impl NbdDev {
             zero_bytes_local: l(&c.zero_bytes_local),
             block_status_queries: l(&c.block_status_queries),
             readahead_hits: l(&c.readahead_hits),
+            prefetches: l(&c.prefetches),
             connects: l(&c.connects),
             connection_failures: l(&c.connection_failures),
             errors: l(&c.errors),
@@ -360,14 +366,59 @@ impl NbdDev {
 
     /// Connections currently open (idle or in use).
     pub fn open_connections(&self) -> usize {
-        self.lock_pool().open
+        self.inner.lock_pool().open
     }
 
     /// Most connections the pool will open now (lowered when the server refuses more).
     pub fn connection_cap(&self) -> usize {
-        self.lock_pool().cap
+        self.inner.lock_pool().cap
     }
 
+    /// Block status of `[offset, offset+len)` as (offset, length, flags) extents
+    /// (`ffi::LIBNBD_STATE_HOLE` / `ffi::LIBNBD_STATE_ZERO`); also feeds the zero map.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, u32)>> {
+        self.inner.block_status(offset, len)
+    }
+
+    /// Hands the window `(off, len)` to the prefetch thread (started on first use). If that
+    /// is impossible the window is dropped again, so nobody waits for it.
+    fn start_prefetch(&self, off: u64, len: u64) {
+        bump(&self.inner.counters.prefetches, 1);
+        let mut tx = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        if tx.is_none() {
+            let (s, r) = mpsc::channel();
+            let weak = Arc::downgrade(&self.inner);
+            let spawned = std::thread::Builder::new()
+                .name("nbd-prefetch".into())
+                .spawn(move || prefetch_worker(&weak, &r));
+            match spawned {
+                Ok(_) => *tx = Some(s),
+                Err(e) => log::warn!("cannot start the NBD prefetch thread: {e}"),
+            }
+        }
+        let sent = tx.as_ref().is_some_and(|s| s.send((off, len)).is_ok());
+        drop(tx);
+        if !sent {
+            self.inner.ra.install(off, None, self.inner.size);
+        }
+    }
+}
+
+/// The prefetch thread: fetches windows until the device is gone.
+fn prefetch_worker(inner: &Weak<Inner>, rx: &mpsc::Receiver<(u64, u64)>) {
+    while let Ok((off, len)) = rx.recv() {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let mut w = vec![0u8; len as usize];
+        let ok = inner.read_mapped(&mut w, off).is_ok();
+        // The window after a background window is claimed by the reader that passes its
+        // middle, not here, so prefetching stays one window ahead of the reader.
+        let _ = inner.ra.install_only(off, ok.then_some(w));
+    }
+}
+
+impl Inner {
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -505,9 +556,7 @@ impl NbdDev {
         }
     }
 
-    /// Block status of `[offset, offset+len)` as (offset, length, flags) extents
-    /// (`ffi::LIBNBD_STATE_HOLE` / `ffi::LIBNBD_STATE_ZERO`); also feeds the zero map.
-    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, u32)>> {
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, u32)>> {
         check_range(offset, len, self.size)?;
         if !self.base_allocation {
             return Err(BlockError::Unsupported("the NBD server offers no block status"));
@@ -598,7 +647,7 @@ impl NbdDev {
     }
 }
 
-impl Drop for NbdDev {
+impl Drop for Inner {
     fn drop(&mut self) {
         let pool = self.pool.get_mut().unwrap_or_else(|e| e.into_inner());
         for c in &mut pool.idle {
@@ -608,45 +657,44 @@ impl Drop for NbdDev {
 }
 
 impl BlockDev for NbdDev {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        bump(&self.counters.reads, 1);
+        let inner = &*self.inner;
+        check_range(offset, buf.len() as u64, inner.size)?;
+        bump(&inner.counters.reads, 1);
         if buf.is_empty() {
             return Ok(());
         }
-        let len = buf.len() as u64;
-        let fetch = {
-            let mut ra = self.ra.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((wo, w)) = &ra.window {
-                if offset >= *wo && offset + len <= wo + w.len() as u64 {
-                    let s = (offset - wo) as usize;
-                    buf.copy_from_slice(&w[s..s + buf.len()]);
-                    ra.next = offset + len;
-                    bump(&self.counters.readahead_hits, 1);
-                    return Ok(());
+        let deadline = Instant::now() + inner.opts.timeout;
+        match inner.ra.serve(buf, offset, inner.size, deadline) {
+            readahead::Step::Served(next) => {
+                bump(&inner.counters.readahead_hits, 1);
+                if let Some((o, l)) = next {
+                    self.start_prefetch(o, l);
                 }
-            }
-            let seq = ra.next != u64::MAX && offset.abs_diff(ra.next) <= SEQ_SLACK;
-            ra.streak = if seq { ra.streak.saturating_add(1) } else { 0 };
-            ra.next = offset + len;
-            (ra.streak >= 2 && buf.len() < self.opts.readahead)
-                .then(|| (self.opts.readahead as u64).min(self.size - offset))
-        };
-        match fetch {
-            Some(wlen) if wlen > len => {
-                let mut w = vec![0u8; wlen as usize];
-                self.read_mapped(&mut w, offset)?;
-                buf.copy_from_slice(&w[..buf.len()]);
-                let mut ra = self.ra.lock().unwrap_or_else(|e| e.into_inner());
-                ra.window = Some((offset, w));
                 Ok(())
             }
-            _ => self.read_mapped(buf, offset),
+            readahead::Step::FetchWindow(off, len) => {
+                let mut w = vec![0u8; len as usize];
+                match inner.read_mapped(&mut w, off) {
+                    Ok(()) => {
+                        buf.copy_from_slice(&w[..buf.len()]);
+                        if let Some((o, l)) = inner.ra.install(off, Some(w), inner.size) {
+                            self.start_prefetch(o, l);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        inner.ra.install(off, None, inner.size);
+                        Err(e)
+                    }
+                }
+            }
+            readahead::Step::Direct => inner.read_mapped(buf, offset),
         }
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
