@@ -55,6 +55,9 @@ pub(crate) struct ReadAhead {
     window: u64,
     st: Mutex<State>,
     cv: Condvar,
+    /// Readers waiting for a window (tests use it to run a racing reader exactly while a
+    /// window's I/O is in flight).
+    waiters: std::sync::atomic::AtomicUsize,
 }
 
 impl ReadAhead {
@@ -67,7 +70,13 @@ impl ReadAhead {
                 windows: VecDeque::new(),
             }),
             cv: Condvar::new(),
+            waiters: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    #[cfg(test)]
+    fn cv_waiters_for_test(&self) -> usize {
+        self.waiters.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -118,11 +127,15 @@ impl ReadAhead {
                     let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                         return Step::Direct;
                     };
+                    self.waiters
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     st = self
                         .cv
                         .wait_timeout(st, left)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
+                    self.waiters
+                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
         }
@@ -196,4 +209,99 @@ fn push(st: &mut State, off: u64, len: u64) {
         len,
         data: None,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const SIZE: u64 = 64 << 20;
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    /// Makes `ra` see a sequential stream ending at `end` (two reads), so the next read at
+    /// `end` starts a window.
+    fn prime(ra: &ReadAhead, end: u64) {
+        let mut b = [0u8; 4096];
+        for off in [end - 8192, end - 4096] {
+            assert!(matches!(ra.serve(&mut b, off, SIZE, far()), Step::Direct));
+        }
+    }
+
+    #[test]
+    fn a_reader_inside_a_window_being_fetched_waits_for_it_instead_of_fetching_again() {
+        let ra = ReadAhead::new(1 << 20);
+        prime(&ra, 1 << 20);
+        let mut b = [0u8; 4096];
+        let Step::FetchWindow(off, len) = ra.serve(&mut b, 1 << 20, SIZE, far()) else {
+            panic!("the third sequential read fetches a window");
+        };
+        assert_eq!((off, len), (1 << 20, 1 << 20));
+        std::thread::scope(|s| {
+            // The racing read runs exactly while the window's I/O is in flight.
+            let waiter = s.spawn(|| {
+                let mut b = [0u8; 4096];
+                let step = ra.serve(&mut b, (1 << 20) + 8192, SIZE, far());
+                (matches!(step, Step::Served(_)), b)
+            });
+            while ra.cv_waiters_for_test() == 0 {
+                std::thread::yield_now();
+            }
+            let data: Vec<u8> = (0..len).map(|i| (i / 4096) as u8).collect();
+            let next = ra.install(off, Some(data), SIZE);
+            assert_eq!(next, Some((2 << 20, 1 << 20)), "the next window is claimed");
+            let (served, b) = waiter.join().unwrap();
+            assert!(served, "the waiter is served from the window");
+            assert_eq!(b, [2u8; 4096], "with the window's bytes at its offset");
+        });
+    }
+
+    #[test]
+    fn a_failed_window_wakes_its_waiters_who_then_read_by_themselves() {
+        let ra = ReadAhead::new(1 << 20);
+        prime(&ra, 1 << 20);
+        let mut b = [0u8; 4096];
+        let Step::FetchWindow(off, _) = ra.serve(&mut b, 1 << 20, SIZE, far()) else {
+            panic!("window expected");
+        };
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let mut b = [0u8; 4096];
+                matches!(
+                    ra.serve(&mut b, (1 << 20) + 4096, SIZE, far()),
+                    Step::Direct | Step::FetchWindow(..)
+                )
+            });
+            while ra.cv_waiters_for_test() == 0 {
+                std::thread::yield_now();
+            }
+            assert_eq!(ra.install(off, None, SIZE), None);
+            assert!(waiter.join().unwrap(), "the waiter reads by itself, never from a failed window");
+        });
+    }
+
+    #[test]
+    fn a_waiter_gives_up_at_its_deadline() {
+        let ra = ReadAhead::new(1 << 20);
+        prime(&ra, 1 << 20);
+        let mut b = [0u8; 4096];
+        assert!(matches!(ra.serve(&mut b, 1 << 20, SIZE, far()), Step::FetchWindow(..)));
+        let t0 = Instant::now();
+        let step = ra.serve(&mut b, (1 << 20) + 4096, SIZE, Instant::now() + Duration::from_millis(100));
+        assert!(matches!(step, Step::Direct));
+        assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn random_reads_never_start_windows() {
+        let ra = ReadAhead::new(1 << 20);
+        let mut b = [0u8; 4096];
+        for i in 0..100u64 {
+            let off = (i * 7_919 * 4096) % (SIZE - 4096);
+            assert!(matches!(ra.serve(&mut b, off, SIZE, far()), Step::Direct), "{off}");
+        }
+    }
 }
