@@ -199,8 +199,8 @@ fn create_snapshot(args: &ServeArgs) -> Result<(PathBuf, bool), OpenDiskError> {
                     path.display()
                 )));
             }
-            let name =
-                qcow_snapshot::api::snapshot_base_name(&args.image).map_err(|e| err(e.to_string()))?;
+            let name = qcow_snapshot::api::snapshot_base_name(&args.image)
+                .map_err(|e| err(e.to_string()))?;
             let opts = CreateOptions {
                 backing: Some((name, format)),
                 ..CreateOptions::default()

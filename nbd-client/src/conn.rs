@@ -154,10 +154,10 @@ pub(crate) fn connect_unix(path: &Path, deadline: Instant) -> io::Result<OwnedFd
         ));
     }
     for (d, s) in sa.sun_path.iter_mut().zip(bytes) {
-        *d = *s as c_char;
+        *d = s.cast_signed();
     }
-    let len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1)
-        as libc::socklen_t;
+    let len =
+        (std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1) as libc::socklen_t;
     connect_raw(libc::AF_UNIX, (&raw const sa).cast(), len, deadline)
 }
 

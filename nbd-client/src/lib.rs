@@ -254,7 +254,7 @@ impl std::fmt::Debug for NbdDev {
 }
 
 fn eio(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::Other, msg)
+    io::Error::other(msg)
 }
 
 impl NbdDev {
@@ -414,7 +414,7 @@ fn prefetch_worker(inner: &Weak<Inner>, rx: &mpsc::Receiver<(u64, u64)>) {
         let ok = inner.read_mapped(&mut w, off).is_ok();
         // The window after a background window is claimed by the reader that passes its
         // middle, not here, so prefetching stays one window ahead of the reader.
-        let _ = inner.ra.install_only(off, ok.then_some(w));
+        inner.ra.install_only(off, ok.then_some(w));
     }
 }
 
@@ -559,11 +559,15 @@ impl Inner {
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, u32)>> {
         check_range(offset, len, self.size)?;
         if !self.base_allocation {
-            return Err(BlockError::Unsupported("the NBD server offers no block status"));
+            return Err(BlockError::Unsupported(
+                "the NBD server offers no block status",
+            ));
         }
         bump(&self.counters.block_status_queries, 1);
         let ext = self
-            .with_conn("block status", offset, |c, d| c.block_status(offset, len, d))
+            .with_conn("block status", offset, |c, d| {
+                c.block_status(offset, len, d)
+            })
             .map_err(|e| self.fail(e))?;
         self.zeros.record(&ext, self.size);
         Ok(ext)
@@ -583,7 +587,9 @@ impl Inner {
             let off = offset + done as u64;
             let part = &mut buf[done..done + n];
             let mb = self.min_block;
-            if off % mb == 0 && (n as u64 % mb == 0 || off + n as u64 == self.size) {
+            if off.is_multiple_of(mb)
+                && ((n as u64).is_multiple_of(mb) || off + n as u64 == self.size)
+            {
                 self.read_cmd(part, off)?;
             } else {
                 let start = off / mb * mb;
@@ -629,7 +635,9 @@ impl Inner {
                 let g = pos >> GRANULE_SHIFT;
                 let zero = self.zeros.state(g) == Some(true);
                 let mut end = ((g + 1) << GRANULE_SHIFT).min(offset + len);
-                while end < offset + len && (self.zeros.state(end >> GRANULE_SHIFT) == Some(true)) == zero {
+                while end < offset + len
+                    && (self.zeros.state(end >> GRANULE_SHIFT) == Some(true)) == zero
+                {
                     end = (((end >> GRANULE_SHIFT) + 1) << GRANULE_SHIFT).min(offset + len);
                 }
                 let part = &mut buf[(pos - offset) as usize..(end - offset) as usize];

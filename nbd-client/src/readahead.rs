@@ -102,14 +102,11 @@ impl ReadAhead {
         }
         let len = buf.len() as u64;
         let mut st = self.lock();
-        loop {
-            let Some(i) = st
-                .windows
-                .iter()
-                .position(|w| offset >= w.off && offset + len <= w.off + w.len)
-            else {
-                break;
-            };
+        while let Some(i) = st
+            .windows
+            .iter()
+            .position(|w| offset >= w.off && offset + len <= w.off + w.len)
+        {
             let (woff, wlen) = (st.windows[i].off, st.windows[i].len);
             match st.windows[i].data.clone() {
                 Some(d) => {
@@ -159,16 +156,16 @@ impl ReadAhead {
 
     /// Fills (or, on failure, drops) the window being fetched at `off`, wakes its waiters, and
     /// on success claims the window after it for the background fetch.
-    pub(crate) fn install(
-        &self,
-        off: u64,
-        data: Option<Vec<u8>>,
-        size: u64,
-    ) -> Option<(u64, u64)> {
+    pub(crate) fn install(&self, off: u64, data: Option<Vec<u8>>, size: u64) -> Option<(u64, u64)> {
         self.install_inner(off, data, Some(size))
     }
 
-    fn install_inner(&self, off: u64, data: Option<Vec<u8>>, size: Option<u64>) -> Option<(u64, u64)> {
+    fn install_inner(
+        &self,
+        off: u64,
+        data: Option<Vec<u8>>,
+        size: Option<u64>,
+    ) -> Option<(u64, u64)> {
         let mut st = self.lock();
         let pos = st
             .windows
@@ -279,7 +276,10 @@ mod tests {
                 std::thread::yield_now();
             }
             assert_eq!(ra.install(off, None, SIZE), None);
-            assert!(waiter.join().unwrap(), "the waiter reads by itself, never from a failed window");
+            assert!(
+                waiter.join().unwrap(),
+                "the waiter reads by itself, never from a failed window"
+            );
         });
     }
 
@@ -288,9 +288,17 @@ mod tests {
         let ra = ReadAhead::new(1 << 20);
         prime(&ra, 1 << 20);
         let mut b = [0u8; 4096];
-        assert!(matches!(ra.serve(&mut b, 1 << 20, SIZE, far()), Step::FetchWindow(..)));
+        assert!(matches!(
+            ra.serve(&mut b, 1 << 20, SIZE, far()),
+            Step::FetchWindow(..)
+        ));
         let t0 = Instant::now();
-        let step = ra.serve(&mut b, (1 << 20) + 4096, SIZE, Instant::now() + Duration::from_millis(100));
+        let step = ra.serve(
+            &mut b,
+            (1 << 20) + 4096,
+            SIZE,
+            Instant::now() + Duration::from_millis(100),
+        );
         assert!(matches!(step, Step::Direct));
         assert!(t0.elapsed() < Duration::from_secs(2));
     }
@@ -301,7 +309,10 @@ mod tests {
         let mut b = [0u8; 4096];
         for i in 0..100u64 {
             let off = (i * 7_919 * 4096) % (SIZE - 4096);
-            assert!(matches!(ra.serve(&mut b, off, SIZE, far()), Step::Direct), "{off}");
+            assert!(
+                matches!(ra.serve(&mut b, off, SIZE, far()), Step::Direct),
+                "{off}"
+            );
         }
     }
 }

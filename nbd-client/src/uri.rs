@@ -99,7 +99,11 @@ pub fn parse(name: &str) -> Result<NbdUri, UriError> {
     let is_unix = match scheme {
         "nbd" | "nbd+tcp" => false,
         "nbd+unix" => true,
-        _ => return Err(err("unknown transport (nbd, nbd+tcp and nbd+unix are known)")),
+        _ => {
+            return Err(err(
+                "unknown transport (nbd, nbd+tcp and nbd+unix are known)",
+            ))
+        }
     };
     let Some(after) = rest.strip_prefix("//") else {
         if scheme == "nbd" {
@@ -135,7 +139,9 @@ pub fn parse(name: &str) -> Result<NbdUri, UriError> {
     };
     let transport = if is_unix {
         if !host.is_empty() || port.is_some() {
-            return Err(err("nbd+unix takes no host or port (nbd+unix:///EXPORT?socket=PATH)"));
+            return Err(err(
+                "nbd+unix takes no host or port (nbd+unix:///EXPORT?socket=PATH)",
+            ));
         }
         match params.as_slice() {
             [(k, v)] if k == "socket" => {
@@ -145,7 +151,11 @@ pub fn parse(name: &str) -> Result<NbdUri, UriError> {
                 Transport::Unix(PathBuf::from(v))
             }
             [] => return Err(err("nbd+unix needs ?socket=PATH")),
-            _ => return Err(err("nbd+unix takes exactly one query parameter, socket=PATH")),
+            _ => {
+                return Err(err(
+                    "nbd+unix takes exactly one query parameter, socket=PATH",
+                ))
+            }
         }
     } else {
         if !params.is_empty() {
@@ -281,16 +291,28 @@ mod tests {
             ("/run/b.sock".into(), "base".into())
         );
         assert_eq!(unix("nbd+unix://?socket=s"), ("s".into(), "".into()));
-        assert_eq!(unix("nbd+unix:///?socket=%2Ftmp%2Fx"), ("/tmp/x".into(), "".into()));
+        assert_eq!(
+            unix("nbd+unix:///?socket=%2Ftmp%2Fx"),
+            ("/tmp/x".into(), "".into())
+        );
         assert_eq!(
             tcp("nbd://example.org/exp"),
             ("example.org".into(), NBD_DEFAULT_PORT, "exp".into())
         );
         assert_eq!(tcp("nbd+tcp://h:1234"), ("h".into(), 1234, "".into()));
-        assert_eq!(tcp("nbd://h:0/e"), ("h".into(), NBD_DEFAULT_PORT, "e".into()));
+        assert_eq!(
+            tcp("nbd://h:0/e"),
+            ("h".into(), NBD_DEFAULT_PORT, "e".into())
+        );
         assert_eq!(tcp("nbd://[::1]:99/e"), ("::1".into(), 99, "e".into()));
-        assert_eq!(tcp("nbd://h//abs/path"), ("h".into(), NBD_DEFAULT_PORT, "/abs/path".into()));
-        assert_eq!(tcp("nbd://h/a%20b#frag"), ("h".into(), NBD_DEFAULT_PORT, "a b".into()));
+        assert_eq!(
+            tcp("nbd://h//abs/path"),
+            ("h".into(), NBD_DEFAULT_PORT, "/abs/path".into())
+        );
+        assert_eq!(
+            tcp("nbd://h/a%20b#frag"),
+            ("h".into(), NBD_DEFAULT_PORT, "a b".into())
+        );
         assert_eq!(unix("nbd:unix:/s:exportname=x"), ("/s".into(), "x".into()));
         assert_eq!(tcp("nbd:h:77"), ("h".into(), 77, "".into()));
     }
@@ -298,19 +320,19 @@ mod tests {
     #[test]
     fn uri_forms_qemu_refuses_are_refused_with_a_reason() {
         for bad in [
-            "nbd+unix:///e",                     // no socket
-            "nbd+unix://host/e?socket=/s",       // host with unix
-            "nbd+unix://:5/e?socket=/s",         // port with unix
-            "nbd+unix:///e?socket=/s&x=1",       // two params
-            "nbd+unix:///e?sock=/s",             // wrong param
-            "nbd+unix:///e?socket=",             // empty socket
-            "nbd:///e",                          // no host
-            "nbd://h/e?socket=/s",               // query with tcp
-            "nbd://h:99999/e",                   // port out of range
-            "nbd://h/%zz",                       // bad escape
-            "nbd+ssh://h/e",                     // unknown transport
-            "nbd:",                              // legacy without server
-            "nbd:h",                             // legacy without port
+            "nbd+unix:///e",               // no socket
+            "nbd+unix://host/e?socket=/s", // host with unix
+            "nbd+unix://:5/e?socket=/s",   // port with unix
+            "nbd+unix:///e?socket=/s&x=1", // two params
+            "nbd+unix:///e?sock=/s",       // wrong param
+            "nbd+unix:///e?socket=",       // empty socket
+            "nbd:///e",                    // no host
+            "nbd://h/e?socket=/s",         // query with tcp
+            "nbd://h:99999/e",             // port out of range
+            "nbd://h/%zz",                 // bad escape
+            "nbd+ssh://h/e",               // unknown transport
+            "nbd:",                        // legacy without server
+            "nbd:h",                       // legacy without port
         ] {
             assert!(is_nbd_name(bad), "{bad}");
             let e = parse(bad).unwrap_err();
@@ -320,7 +342,14 @@ mod tests {
 
     #[test]
     fn host_file_names_are_not_nbd_names() {
-        for name in ["base.raw", "/x/nbd://y", "./nbd:x", "dir/nbd+unix:x", "nbdx:y", "nbd"] {
+        for name in [
+            "base.raw",
+            "/x/nbd://y",
+            "./nbd:x",
+            "dir/nbd+unix:x",
+            "nbdx:y",
+            "nbd",
+        ] {
             assert!(!is_nbd_name(name), "{name}");
         }
     }

@@ -219,7 +219,8 @@ impl BackingPolicy {
                     path: PathBuf::from(&uri.text),
                     source: e,
                 })?;
-                if FORBIDDEN_TREES.iter().any(|t| real.starts_with(t)) || !md.file_type().is_socket()
+                if FORBIDDEN_TREES.iter().any(|t| real.starts_with(t))
+                    || !md.file_type().is_socket()
                 {
                     return Err(refuse(
                         Some(real),

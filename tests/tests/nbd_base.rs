@@ -81,7 +81,10 @@ fn a_sparse_nbd_base_reads_zeros_without_transferring_data() {
     f.sync_all().unwrap();
     let server = NbdServer::start(qemu_nbd(), &base, &dir.path().join("s.sock"));
     let dev = open_dev(&server, NbdOptions::default());
-    assert!(dev.structured_replies(), "qemu-nbd offers structured replies");
+    assert!(
+        dev.structured_replies(),
+        "qemu-nbd offers structured replies"
+    );
     assert!(dev.has_block_status(), "qemu-nbd offers base:allocation");
 
     let mut hole = vec![0xffu8; 4 * MIB as usize];
@@ -92,7 +95,10 @@ fn a_sparse_nbd_base_reads_zeros_without_transferring_data() {
     assert_eq!(s.zero_bytes_local, 4 * MIB, "{s:?}");
     assert!(s.block_status_queries >= 1, "{s:?}");
     let ext = dev.block_status(32 * MIB, MIB).unwrap();
-    assert!(ext[0].2 & nbd_client::ffi::LIBNBD_STATE_ZERO != 0, "{ext:?}");
+    assert!(
+        ext[0].2 & nbd_client::ffi::LIBNBD_STATE_ZERO != 0,
+        "{ext:?}"
+    );
 
     let mut data = vec![0u8; MIB as usize];
     dev.read_at(&mut data, 8 * MIB).unwrap();
@@ -111,7 +117,11 @@ fn sequential_small_reads_go_out_as_few_readahead_commands() {
     for (i, chunk) in got.chunks_mut(4096).enumerate() {
         dev.read_at(chunk, MIB + i as u64 * 4096).unwrap();
     }
-    assert_eq!(got, want[MIB as usize..5 * MIB as usize], "sequential reads");
+    assert_eq!(
+        got,
+        want[MIB as usize..5 * MIB as usize],
+        "sequential reads"
+    );
     let s = dev.stats();
     assert_eq!(s.reads, 1024);
     assert!(
@@ -197,9 +207,15 @@ fn a_killed_server_fails_reads_with_an_error_never_zeros_and_a_restarted_one_is_
     let mut b = vec![0x5au8; 4096];
     let t0 = Instant::now();
     let e = dev.read_at(&mut b, MIB).unwrap_err();
-    assert!(t0.elapsed() < Duration::from_secs(3), "bounded by the timeout");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "bounded by the timeout"
+    );
     assert!(matches!(e, blockdev::BlockError::Io(_)), "{e}");
-    assert!(b.iter().all(|&x| x == 0x5a), "a failed read must not hand out zeros");
+    assert!(
+        b.iter().all(|&x| x == 0x5a),
+        "a failed read must not hand out zeros"
+    );
     server.restart();
     dev.read_at(&mut b, MIB).unwrap();
     assert_eq!(b, read_file(&base, MIB, 4096));
@@ -239,7 +255,14 @@ fn qemu_img_create_over(uri: &str, overlay: &Path) {
     host_tool(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-b", uri, "-F", "raw",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            uri,
+            "-F",
+            "raw",
             overlay.to_str().unwrap(),
         ],
     );
@@ -249,7 +272,9 @@ fn convert_md5(overlay: &Path, out: &Path) -> String {
     host_tool(
         "qemu-img",
         &[
-            "convert", "-O", "raw",
+            "convert",
+            "-O",
+            "raw",
             overlay.to_str().unwrap(),
             out.to_str().unwrap(),
         ],
@@ -264,11 +289,26 @@ fn snapblk_create_over_an_nbd_base_makes_an_overlay_qemu_img_reads() {
     let server = NbdServer::start(qemu_nbd(), &base, &dir.path().join("s.sock"));
     let overlay = dir.path().join("o.qcow2");
     let uri = server.uri();
-    let out = snapblk(&["create", "-q", "-b", &uri, "-F", "raw", overlay.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = snapblk(&[
+        "create",
+        "-q",
+        "-b",
+        &uri,
+        "-F",
+        "raw",
+        overlay.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info = host_tool("qemu-img", &["info", "-U", overlay.to_str().unwrap()]);
     assert!(info.contains(&format!("backing file: {uri}")), "{info}");
-    assert!(info.contains("virtual size: 16 MiB"), "size from the server: {info}");
+    assert!(
+        info.contains("virtual size: 16 MiB"),
+        "size from the server: {info}"
+    );
     host_tool("qemu-img", &["check", overlay.to_str().unwrap()]);
     assert_eq!(
         convert_md5(&overlay, &dir.path().join("flat.raw")),
@@ -278,7 +318,9 @@ fn snapblk_create_over_an_nbd_base_makes_an_overlay_qemu_img_reads() {
     let sum = snapblk(&["checksum", overlay.to_str().unwrap()]);
     let host = host_tool("sha256sum", &[base.to_str().unwrap()]);
     assert_eq!(
-        String::from_utf8_lossy(&sum.stdout).split_whitespace().next(),
+        String::from_utf8_lossy(&sum.stdout)
+            .split_whitespace()
+            .next(),
         host.split_whitespace().next()
     );
     let info = snapblk(&["info", overlay.to_str().unwrap()]);
@@ -292,7 +334,9 @@ fn snapblk_create_over_an_nbd_base_makes_an_overlay_qemu_img_reads() {
 
 /// Writes `len` bytes of pattern `seed` at `off` through the client and into `model`.
 fn write_pattern(c: &Client, model: &mut [u8], off: u64, len: usize, seed: u8) {
-    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
     c.write(0, off, &data).expect("write");
     model[off as usize..off as usize + len].copy_from_slice(&data);
 }
@@ -345,8 +389,15 @@ fn an_overlay_qemu_img_made_over_nbd_is_served_by_snapblk_and_the_base_is_only_r
     host_tool("qemu-img", &["check", overlay.to_str().unwrap()]);
     let flat = dir.path().join("flat.raw");
     convert_md5(&overlay, &flat);
-    assert!(std::fs::read(&flat).unwrap() == model, "qemu-img's view of the overlay");
-    assert_eq!(md5_file(&base).unwrap(), base_md5, "the NBD base was written");
+    assert!(
+        std::fs::read(&flat).unwrap() == model,
+        "qemu-img's view of the overlay"
+    );
+    assert_eq!(
+        md5_file(&base).unwrap(),
+        base_md5,
+        "the NBD base was written"
+    );
 
     // `serve --image URI --snapshot`: a throwaway overlay over the export.
     let snap = start_snapblk(Path::new(&server.uri()), &logs, "snapshot", &["--snapshot"]);
@@ -356,7 +407,11 @@ fn an_overlay_qemu_img_made_over_nbd_is_served_by_snapblk_and_the_base_is_only_r
     c.flush(0).unwrap();
     drop(c);
     snap.terminate(Duration::from_secs(30)).unwrap();
-    assert_eq!(md5_file(&base).unwrap(), base_md5, "the NBD base was written");
+    assert_eq!(
+        md5_file(&base).unwrap(),
+        base_md5,
+        "the NBD base was written"
+    );
 }
 
 #[test]
@@ -366,15 +421,23 @@ fn two_daemons_share_one_nbd_base_with_their_own_overlays() {
     let size = 8 * MIB;
     let base = random_base(dir.path(), size, 23);
     let base_md5 = md5_file(&base).unwrap();
-    let server = NbdServer::start(
-        nbdkit(&[], &[]),
-        &base,
-        &dir.path().join("s.sock"),
-    );
+    let server = NbdServer::start(nbdkit(&[], &[]), &base, &dir.path().join("s.sock"));
     let (oa, ob) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
     qemu_img_create_over(&server.uri(), &oa);
-    let out = snapblk(&["create", "-q", "-b", &server.uri(), "-F", "raw", ob.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = snapblk(&[
+        "create",
+        "-q",
+        "-b",
+        &server.uri(),
+        "-F",
+        "raw",
+        ob.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let da = start_snapblk(&oa, &logs, "a", &[]);
     let db = start_snapblk(&ob, &logs, "b", &[]);
     let (ca, cb) = (connect(&da), connect(&db));
@@ -447,7 +510,10 @@ fn nbd_server_killed_mid_read_fails_only_the_affected_reads_and_service_resumes(
     });
     // Server down: base reads fail, overlay reads and writes that need no base data work.
     let mut b = vec![0u8; 4096];
-    assert_ioerr(c.read(0, 12 * MIB, &mut b), "base read with the server down");
+    assert_ioerr(
+        c.read(0, 12 * MIB, &mut b),
+        "base read with the server down",
+    );
     c.read(0, 4 * MIB, &mut b).unwrap();
     assert_eq!(b, vec![0x42; 4096], "overlay data while the server is down");
     c.write(0, 6 * MIB, &[0x43; 64 * KIB as usize]).unwrap(); // a whole cluster: no COW
@@ -458,7 +524,10 @@ fn nbd_server_killed_mid_read_fails_only_the_affected_reads_and_service_resumes(
     // A partial-cluster write needs base data for its cluster: it is accepted by the cache,
     // but the flush that would make it durable fails while the base is unreachable.
     c.write(0, 7 * MIB + 4096, &[0x44; 4096]).unwrap();
-    assert_ioerr(c.flush(0), "flush of a write whose cluster needs the unreachable base");
+    assert_ioerr(
+        c.flush(0),
+        "flush of a write whose cluster needs the unreachable base",
+    );
     // Back: the same reads succeed with the base's bytes.
     server.restart();
     c.read(0, 9 * MIB, &mut b).unwrap();
@@ -478,7 +547,10 @@ fn nbd_server_killed_mid_read_fails_only_the_affected_reads_and_service_resumes(
     host_tool("qemu-img", &["check", overlay.to_str().unwrap()]);
     let flat = dir.path().join("flat.raw");
     convert_md5(&overlay, &flat);
-    assert!(read_file(&flat, 7 * MIB, 64 * KIB as usize) == want, "durable in the overlay");
+    assert!(
+        read_file(&flat, 7 * MIB, 64 * KIB as usize) == want,
+        "durable in the overlay"
+    );
 }
 
 #[test]
@@ -510,7 +582,10 @@ fn nbd_server_errors_fail_the_affected_reads_with_ioerr_and_nothing_else() {
     c.write(0, 2 * MIB, &[0x61; 64 * KIB as usize]).unwrap();
     std::fs::write(&trigger, b"").unwrap();
     for off in [5 * MIB, 7 * MIB + 4096, 15 * MIB] {
-        assert_ioerr(c.read(0, off, &mut b), "base read while the server fails reads");
+        assert_ioerr(
+            c.read(0, off, &mut b),
+            "base read while the server fails reads",
+        );
     }
     // Cached base data, overlay data and whole-cluster writes are unaffected.
     c.read(0, MIB, &mut b).unwrap();
@@ -551,9 +626,16 @@ fn a_stalled_nbd_server_gives_ioerr_within_the_timeout_not_a_hang() {
     let t0 = Instant::now();
     assert_ioerr(c.read(0, 3 * MIB, &mut b), "read from a stalled server");
     let took = t0.elapsed();
-    assert!(took < Duration::from_secs(4), "bounded by --nbd-timeout 1: {took:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "bounded by --nbd-timeout 1: {took:?}"
+    );
     c.read(0, 0, &mut b).unwrap();
-    assert_eq!(b, vec![0x33; 4096], "overlay data is not behind the stalled base");
+    assert_eq!(
+        b,
+        vec![0x33; 4096],
+        "overlay data is not behind the stalled base"
+    );
     drop(c);
     daemon.terminate(Duration::from_secs(30)).unwrap();
 }

@@ -24,7 +24,7 @@ const DISK: u64 = 64 * MIB;
 
 /// Regions the guest writes before the outage: (name, offset, length, dd block size).
 const WRITES: &[(&str, u64, u64, u64)] = &[
-    ("w0", MIB + 4 * KIB, 512, 512),             // inside a cluster: COW from the NBD base
+    ("w0", MIB + 4 * KIB, 512, 512), // inside a cluster: COW from the NBD base
     ("w1", 2 * MIB + 60 * KIB, 8 * KIB, 4 * KIB), // straddles two clusters
     ("w2", 8 * MIB, 4 * MIB, 64 * KIB),
     ("w3", 20 * MIB + 512, MIB, 64 * KIB),
@@ -95,7 +95,15 @@ fn guest_on_an_overlay_over_an_nbd_base_matches_qemu_img_and_survives_a_server_o
     let bin = snapblk_binary().unwrap();
     host_tool(
         bin.to_str().unwrap(),
-        &["create", "-q", "-b", &server.uri(), "-F", "raw", overlay.to_str().unwrap()],
+        &[
+            "create",
+            "-q",
+            "-b",
+            &server.uri(),
+            "-F",
+            "raw",
+            overlay.to_str().unwrap(),
+        ],
     );
     let cfg = DaemonConfig::new(DaemonKind::Snapblk, &overlay)
         .format(ImageFormat::Qcow2)
@@ -111,7 +119,9 @@ fn guest_on_an_overlay_over_an_nbd_base_matches_qemu_img_and_survives_a_server_o
     server.kill();
     guest.wait_for("RESULT phase=down_checked").unwrap();
     server.restart();
-    let out = guest.wait().unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let out = guest
+        .wait()
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
     out.assert_script_ok();
     assert_eq!(out.require("down_read_failed"), "yes", "{}", out.log_tail());
     assert_eq!(out.require("down_write"), "ok", "{}", out.log_tail());
@@ -123,7 +133,13 @@ fn guest_on_an_overlay_over_an_nbd_base_matches_qemu_img_and_survives_a_server_o
     let flat = dir.path().join("flat.raw");
     host_tool(
         "qemu-img",
-        &["convert", "-O", "raw", overlay.to_str().unwrap(), flat.to_str().unwrap()],
+        &[
+            "convert",
+            "-O",
+            "raw",
+            overlay.to_str().unwrap(),
+            flat.to_str().unwrap(),
+        ],
     );
     assert_eq!(
         md5_file(&flat).unwrap(),
@@ -151,5 +167,9 @@ fn guest_on_an_overlay_over_an_nbd_base_matches_qemu_img_and_survives_a_server_o
         }
         pos = pos.max(off + len);
     }
-    assert_eq!(md5_file(&base).unwrap(), base_md5, "the NBD base was written");
+    assert_eq!(
+        md5_file(&base).unwrap(),
+        base_md5,
+        "the NBD base was written"
+    );
 }
