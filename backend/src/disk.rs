@@ -169,6 +169,13 @@ pub enum OpenDiskError {
     /// An `--allow-backing` directory (or the `--snapshot` base) cannot be resolved.
     #[error("invalid backing-file policy: {0}")]
     Policy(std::io::Error),
+    /// `--image` names an NBD export without `--snapshot`.
+    #[error(
+        "{}: an NBD export is served only as the read-only base of --snapshot (or as the \
+         backing file of a qcow2 overlay)",
+        .0.display()
+    )]
+    NbdNeedsSnapshot(PathBuf),
     /// The cache settings are invalid.
     #[error("invalid cache settings: {0}")]
     Cache(#[from] cache::NewCacheError),
@@ -226,12 +233,7 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
             .to_str()
             .is_some_and(qcow_snapshot::nbd::is_nbd_name)
     {
-        return Err(OpenDiskError::Snapshot {
-            path: args.image.clone(),
-            reason: "an NBD export is served only as the read-only base of --snapshot \
-                     (or name it as the backing file of a qcow2 overlay)"
-                .into(),
-        });
+        return Err(OpenDiskError::NbdNeedsSnapshot(args.image.clone()));
     }
     let (image, format, guard) = if args.snapshot {
         let (path, keep) = create_snapshot(args)?;

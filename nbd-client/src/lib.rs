@@ -258,8 +258,8 @@ fn eio(msg: String) -> io::Error {
 }
 
 impl NbdDev {
-    /// Connects to the export `uri` names with [`default_options`]. Fails (one line naming the
-    /// export) when the server is unreachable or refuses the export within the timeout.
+    /// Connects to the export `uri` names with [`default_options`]. Fails when the server is
+    /// unreachable or refuses the export within the timeout (the caller names the export).
     pub fn open(uri: &NbdUri) -> io::Result<NbdDev> {
         Self::open_with(uri, default_options())
     }
@@ -298,9 +298,7 @@ impl NbdDev {
             ra: readahead::ReadAhead::new(opts.readahead),
             counters: Counters::default(),
         };
-        let first = dev
-            .connect(Instant::now() + dev.opts.timeout, None)
-            .map_err(|e| io::Error::new(e.kind(), format!("{uri}: {e}")))?;
+        let first = dev.connect(Instant::now() + dev.opts.timeout, None)?;
         dev.size = first.info.size;
         dev.min_block = first.info.min_block.max(1);
         dev.max_block = first.info.max_block.max(dev.min_block);

@@ -9,6 +9,37 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::guest::{host_tool, md5_file, snapblk_binary};
+
+/// `snapblk create -b URI -F raw OVERLAY` (size from the server); panics on failure.
+pub fn snapblk_create_over(uri: &str, overlay: &Path) {
+    let bin = snapblk_binary().expect("snapblk binary");
+    let o = overlay.to_str().expect("UTF-8 path");
+    host_tool(
+        bin.to_str().expect("UTF-8 path"),
+        &["create", "-q", "-b", uri, "-F", "raw", o],
+    );
+}
+
+/// `qemu-img create -f qcow2 -b URI -F raw OVERLAY` (size from the server).
+pub fn qemu_img_create_over(uri: &str, overlay: &Path) {
+    let o = overlay.to_str().expect("UTF-8 path");
+    host_tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", uri, "-F", "raw", o],
+    );
+}
+
+/// `qemu-img convert -O raw OVERLAY OUT` (the host's view of the whole chain); returns the md5.
+pub fn convert_md5(overlay: &Path, out: &Path) -> String {
+    let (o, r) = (
+        overlay.to_str().expect("UTF-8"),
+        out.to_str().expect("UTF-8"),
+    );
+    host_tool("qemu-img", &["convert", "-O", "raw", o, r]);
+    md5_file(out).expect("md5 of the converted image")
+}
+
 /// Which server program.
 #[derive(Debug, Clone)]
 pub enum ServerKind {

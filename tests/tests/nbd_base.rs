@@ -29,7 +29,9 @@ use snapblk_tests::guest::{
     host_tool, log_dir, md5_file, snapblk_binary, write_random_image, Daemon, DaemonConfig,
     DaemonKind, ImageFormat,
 };
-use snapblk_tests::nbd::{NbdServer, ServerKind};
+use snapblk_tests::nbd::{
+    convert_md5, qemu_img_create_over, snapblk_create_over, NbdServer, ServerKind,
+};
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
@@ -58,6 +60,27 @@ fn read_file(path: &Path, off: u64, len: usize) -> Vec<u8> {
         .read_exact_at(&mut b, off)
         .unwrap();
     b
+}
+
+/// `n` threads each read 4 KiB at `i * stride` at once and check it against `base`.
+fn read_concurrently(dev: &NbdDev, base: &Path, n: u64, stride: u64) {
+    std::thread::scope(|s| {
+        for i in 0..n {
+            s.spawn(move || {
+                let mut b = vec![0u8; 4096];
+                dev.read_at(&mut b, i * stride).unwrap();
+                assert_eq!(b, read_file(base, i * stride, 4096));
+            });
+        }
+    });
+}
+
+/// A temporary directory with a random `size`-byte base served by `kind` on `s.sock` in it.
+fn fixture(size: u64, seed: u64, kind: ServerKind) -> (tempfile::TempDir, PathBuf, NbdServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = random_base(dir.path(), size, seed);
+    let server = NbdServer::start(kind, &base, &dir.path().join("s.sock"));
+    (dir, base, server)
 }
 
 fn random_base(dir: &Path, size: u64, seed: u64) -> PathBuf {
@@ -108,9 +131,7 @@ fn a_sparse_nbd_base_reads_zeros_without_transferring_data() {
 
 #[test]
 fn sequential_small_reads_go_out_as_few_readahead_commands() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = random_base(dir.path(), 8 * MIB, 11);
-    let server = NbdServer::start(qemu_nbd(), &base, &dir.path().join("s.sock"));
+    let (_dir, base, server) = fixture(8 * MIB, 11, qemu_nbd());
     let dev = open_dev(&server, NbdOptions::default());
     let want = std::fs::read(&base).unwrap();
     let mut got = vec![0u8; 4 * MIB as usize];
@@ -132,27 +153,11 @@ fn sequential_small_reads_go_out_as_few_readahead_commands() {
 
 #[test]
 fn cold_reads_are_in_flight_on_several_connections_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = random_base(dir.path(), 16 * MIB, 12);
     // Every read takes 400 ms at the server: four reads one after another take 1.6 s.
-    let server = NbdServer::start(
-        nbdkit(&["delay"], &["delay-read=400ms"]),
-        &base,
-        &dir.path().join("s.sock"),
-    );
+    let (_dir, base, server) = fixture(16 * MIB, 12, nbdkit(&["delay"], &["delay-read=400ms"]));
     let dev = open_dev(&server, NbdOptions::default());
     let t0 = Instant::now();
-    std::thread::scope(|s| {
-        for i in 0..4u64 {
-            let dev = &dev;
-            let base = &base;
-            s.spawn(move || {
-                let mut b = vec![0u8; 4096];
-                dev.read_at(&mut b, i * 3 * MIB).unwrap();
-                assert_eq!(b, read_file(base, i * 3 * MIB, 4096));
-            });
-        }
-    });
+    read_concurrently(&dev, &base, 4, 3 * MIB);
     let took = t0.elapsed();
     assert_eq!(dev.open_connections(), 4, "{:?}", dev.stats());
     assert!(
@@ -163,26 +168,10 @@ fn cold_reads_are_in_flight_on_several_connections_at_once() {
 
 #[test]
 fn a_server_that_limits_its_clients_lowers_the_pool_and_reads_still_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = random_base(dir.path(), 8 * MIB, 13);
     // qemu-nbd's default: one client at a time; a second connection is never answered.
-    let server = NbdServer::start(
-        ServerKind::QemuNbd { shared: 1 },
-        &base,
-        &dir.path().join("s.sock"),
-    );
+    let (_dir, base, server) = fixture(8 * MIB, 13, ServerKind::QemuNbd { shared: 1 });
     let dev = open_dev(&server, NbdOptions::default());
-    std::thread::scope(|s| {
-        for i in 0..3u64 {
-            let dev = &dev;
-            let base = &base;
-            s.spawn(move || {
-                let mut b = vec![0u8; 4096];
-                dev.read_at(&mut b, i * 2 * MIB).unwrap();
-                assert_eq!(b, read_file(base, i * 2 * MIB, 4096));
-            });
-        }
-    });
+    read_concurrently(&dev, &base, 3, 2 * MIB);
     assert_eq!(dev.connection_cap(), 1, "{:?}", dev.stats());
     let mut b = vec![0u8; 4096];
     dev.read_at(&mut b, 5 * MIB).unwrap();
@@ -191,9 +180,7 @@ fn a_server_that_limits_its_clients_lowers_the_pool_and_reads_still_work() {
 
 #[test]
 fn a_killed_server_fails_reads_with_an_error_never_zeros_and_a_restarted_one_is_reconnected() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = random_base(dir.path(), 8 * MIB, 14);
-    let mut server = NbdServer::start(qemu_nbd(), &base, &dir.path().join("s.sock"));
+    let (_dir, base, mut server) = fixture(8 * MIB, 14, qemu_nbd());
     let dev = open_dev(
         &server,
         NbdOptions {
@@ -225,9 +212,7 @@ fn a_killed_server_fails_reads_with_an_error_never_zeros_and_a_restarted_one_is_
 
 #[test]
 fn an_export_that_changed_size_is_refused_on_reconnect() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = random_base(dir.path(), 8 * MIB, 15);
-    let mut server = NbdServer::start(qemu_nbd(), &base, &dir.path().join("s.sock"));
+    let (_dir, base, mut server) = fixture(8 * MIB, 15, qemu_nbd());
     let dev = open_dev(&server, NbdOptions::default());
     server.kill();
     std::fs::File::options()
@@ -251,58 +236,12 @@ fn snapblk(args: &[&str]) -> std::process::Output {
     Command::new(bin).args(args).output().expect("run snapblk")
 }
 
-fn qemu_img_create_over(uri: &str, overlay: &Path) {
-    host_tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            uri,
-            "-F",
-            "raw",
-            overlay.to_str().unwrap(),
-        ],
-    );
-}
-
-fn convert_md5(overlay: &Path, out: &Path) -> String {
-    host_tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            overlay.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
-    );
-    md5_file(out).unwrap()
-}
-
 #[test]
 fn snapblk_create_over_an_nbd_base_makes_an_overlay_qemu_img_reads() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = random_base(dir.path(), 16 * MIB, 21);
-    let server = NbdServer::start(qemu_nbd(), &base, &dir.path().join("s.sock"));
+    let (dir, base, server) = fixture(16 * MIB, 21, qemu_nbd());
     let overlay = dir.path().join("o.qcow2");
     let uri = server.uri();
-    let out = snapblk(&[
-        "create",
-        "-q",
-        "-b",
-        &uri,
-        "-F",
-        "raw",
-        overlay.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    snapblk_create_over(&uri, &overlay);
     let info = host_tool("qemu-img", &["info", "-U", overlay.to_str().unwrap()]);
     assert!(info.contains(&format!("backing file: {uri}")), "{info}");
     assert!(
@@ -367,12 +306,10 @@ fn connect(d: &Daemon) -> Client {
 
 #[test]
 fn an_overlay_qemu_img_made_over_nbd_is_served_by_snapblk_and_the_base_is_only_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let logs = log_dir("an_overlay_qemu_img_made_over_nbd_is_served_by_snapblk").unwrap();
     let size = 16 * MIB;
-    let base = random_base(dir.path(), size, 22);
+    let (dir, base, server) = fixture(size, 22, qemu_nbd());
+    let logs = log_dir("an_overlay_qemu_img_made_over_nbd_is_served_by_snapblk").unwrap();
     let base_md5 = md5_file(&base).unwrap();
-    let server = NbdServer::start(qemu_nbd(), &base, &dir.path().join("s.sock"));
     let overlay = dir.path().join("o.qcow2");
     qemu_img_create_over(&server.uri(), &overlay);
     let daemon = start_snapblk(&overlay, &logs, "daemon", &[]);
@@ -416,28 +353,13 @@ fn an_overlay_qemu_img_made_over_nbd_is_served_by_snapblk_and_the_base_is_only_r
 
 #[test]
 fn two_daemons_share_one_nbd_base_with_their_own_overlays() {
-    let dir = tempfile::tempdir().unwrap();
-    let logs = log_dir("two_daemons_share_one_nbd_base_with_their_own_overlays").unwrap();
     let size = 8 * MIB;
-    let base = random_base(dir.path(), size, 23);
+    let (dir, base, server) = fixture(size, 23, nbdkit(&[], &[]));
+    let logs = log_dir("two_daemons_share_one_nbd_base_with_their_own_overlays").unwrap();
     let base_md5 = md5_file(&base).unwrap();
-    let server = NbdServer::start(nbdkit(&[], &[]), &base, &dir.path().join("s.sock"));
     let (oa, ob) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
     qemu_img_create_over(&server.uri(), &oa);
-    let out = snapblk(&[
-        "create",
-        "-q",
-        "-b",
-        &server.uri(),
-        "-F",
-        "raw",
-        ob.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    snapblk_create_over(&server.uri(), &ob);
     let da = start_snapblk(&oa, &logs, "a", &[]);
     let db = start_snapblk(&ob, &logs, "b", &[]);
     let (ca, cb) = (connect(&da), connect(&db));
@@ -479,15 +401,9 @@ fn assert_ioerr(r: Result<(), ClientError>, what: &str) {
 
 #[test]
 fn nbd_server_killed_mid_read_fails_only_the_affected_reads_and_service_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let logs = log_dir("nbd_server_killed_mid_read").unwrap();
     let size = 16 * MIB;
-    let base = random_base(dir.path(), size, 31);
-    let mut server = NbdServer::start(
-        nbdkit(&["delay"], &["delay-read=700ms"]),
-        &base,
-        &dir.path().join("s.sock"),
-    );
+    let (dir, base, mut server) = fixture(size, 31, nbdkit(&["delay"], &["delay-read=700ms"]));
+    let logs = log_dir("nbd_server_killed_mid_read").unwrap();
     let overlay = dir.path().join("o.qcow2");
     qemu_img_create_over(&server.uri(), &overlay);
     let daemon = start_snapblk(&overlay, &logs, "daemon", &["--nbd-timeout", "5"]);
@@ -609,14 +525,8 @@ fn daemon_log_ok(log: &Path) -> bool {
 
 #[test]
 fn a_stalled_nbd_server_gives_ioerr_within_the_timeout_not_a_hang() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _base, server) = fixture(8 * MIB, 33, nbdkit(&["delay"], &["delay-read=20"]));
     let logs = log_dir("a_stalled_nbd_server_gives_ioerr").unwrap();
-    let base = random_base(dir.path(), 8 * MIB, 33);
-    let server = NbdServer::start(
-        nbdkit(&["delay"], &["delay-read=20"]),
-        &base,
-        &dir.path().join("s.sock"),
-    );
     let overlay = dir.path().join("o.qcow2");
     qemu_img_create_over(&server.uri(), &overlay);
     let daemon = start_snapblk(&overlay, &logs, "daemon", &["--nbd-timeout", "1"]);

@@ -13,10 +13,10 @@
 use std::time::Duration;
 
 use snapblk_tests::guest::{
-    guest_env_or_skip, guest_lock, host_tool, log_dir, md5_file, md5_range, snapblk_binary,
-    write_random_image, Daemon, DaemonConfig, DaemonKind, GuestConfig, ImageFormat,
+    guest_env_or_skip, guest_lock, host_tool, log_dir, md5_file, md5_range, write_random_image,
+    Daemon, DaemonConfig, DaemonKind, GuestConfig, ImageFormat,
 };
-use snapblk_tests::nbd::{NbdServer, ServerKind};
+use snapblk_tests::nbd::{convert_md5, snapblk_create_over, NbdServer, ServerKind};
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
@@ -92,19 +92,7 @@ fn guest_on_an_overlay_over_an_nbd_base_matches_qemu_img_and_survives_a_server_o
         &dir.path().join("nbd.sock"),
     );
     let overlay = dir.path().join("overlay.qcow2");
-    let bin = snapblk_binary().unwrap();
-    host_tool(
-        bin.to_str().unwrap(),
-        &[
-            "create",
-            "-q",
-            "-b",
-            &server.uri(),
-            "-F",
-            "raw",
-            overlay.to_str().unwrap(),
-        ],
-    );
+    snapblk_create_over(&server.uri(), &overlay);
     let cfg = DaemonConfig::new(DaemonKind::Snapblk, &overlay)
         .format(ImageFormat::Qcow2)
         .num_queues(2)
@@ -131,18 +119,8 @@ fn guest_on_an_overlay_over_an_nbd_base_matches_qemu_img_and_survives_a_server_o
 
     host_tool("qemu-img", &["check", overlay.to_str().unwrap()]);
     let flat = dir.path().join("flat.raw");
-    host_tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            overlay.to_str().unwrap(),
-            flat.to_str().unwrap(),
-        ],
-    );
     assert_eq!(
-        md5_file(&flat).unwrap(),
+        convert_md5(&overlay, &flat),
         out.require("disk_md5"),
         "qemu-img convert of the overlay (NBD base) != the guest's md5 of /dev/vda"
     );
