@@ -522,7 +522,14 @@ impl Inner {
             Vec::new()
         };
         drop(pool);
-        self.pool_cv.notify_all();
+        if dropped.is_empty() {
+            // One idle connection more: one waiter can take it (waking all of them would
+            // only make the others go back to sleep).
+            self.pool_cv.notify_one();
+        } else {
+            // The pool shrank: every waiter may now open a connection.
+            self.pool_cv.notify_all();
+        }
         drop(dropped);
     }
 
