@@ -265,6 +265,21 @@ fn snapblk_create_over_an_nbd_base_makes_an_overlay_qemu_img_reads() {
     let info = snapblk(&["info", overlay.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&info.stdout);
     assert!(text.contains(&format!("1: {uri} (raw)")), "{text}");
+    // convert reads the whole chain into a standalone image.
+    let conv = dir.path().join("conv.raw");
+    let out = snapblk(&[
+        "convert",
+        "-O",
+        "raw",
+        overlay.to_str().unwrap(),
+        conv.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(md5_file(&conv).unwrap(), md5_file(&base).unwrap());
     // A commit into an NBD base is refused: the base is only ever read.
     let commit = snapblk(&["commit", "-q", overlay.to_str().unwrap()]);
     assert!(!commit.status.success());
