@@ -614,3 +614,51 @@ fn an_unreachable_nbd_server_at_start_is_one_line_naming_the_export() {
     assert!(err.contains("outside the --allow-backing"), "{err}");
     drop(server);
 }
+
+#[test]
+fn a_qcow2_image_on_an_nbd_export_is_read_when_the_overlay_records_qcow2() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = random_base(dir.path(), 8 * MIB, 35);
+    let q = dir.path().join("base.qcow2");
+    host_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            q.to_str().unwrap(),
+        ],
+    );
+    // qemu-nbd exports the qcow2 file's bytes (-f raw); the overlay says they are qcow2.
+    let server = NbdServer::start(qemu_nbd(), &q, &dir.path().join("s.sock"));
+    let overlay = dir.path().join("o.qcow2");
+    host_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &server.uri(),
+            "-F",
+            "qcow2",
+            overlay.to_str().unwrap(),
+        ],
+    );
+    let sum = snapblk(&["checksum", overlay.to_str().unwrap()]);
+    assert!(
+        sum.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sum.stderr)
+    );
+    let host = host_tool("sha256sum", &[raw.to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8_lossy(&sum.stdout)
+            .split_whitespace()
+            .next(),
+        host.split_whitespace().next(),
+        "the guest-visible disk of a qcow2 base read over NBD"
+    );
+}
