@@ -239,7 +239,21 @@ struct Inner {
     zeros: ZeroMap,
     ra: readahead::ReadAhead,
     counters: Counters,
+    /// Test hook run right after a connect or a command's I/O, with the pool unlocked (see
+    /// [`NbdDev::set_io_hook`]).
+    io_hook: Mutex<Option<IoHook>>,
 }
+
+/// Where [`NbdDev::set_io_hook`]'s hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoPoint {
+    /// A new connection finished its handshake; it is counted in the pool but not handed out.
+    Connected,
+    /// A command finished on a checked-out connection, before the connection is returned.
+    Command,
+}
+
+type IoHook = Arc<dyn Fn(IoPoint) + Send + Sync>;
 
 impl std::fmt::Debug for NbdDev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -296,6 +310,7 @@ impl NbdDev {
             pool_cv: Condvar::new(),
             zeros: ZeroMap::new(0),
             ra: readahead::ReadAhead::new(opts.readahead),
+            io_hook: Mutex::new(None),
             counters: Counters::default(),
         };
         let first = dev.connect(Instant::now() + dev.opts.timeout, None)?;
@@ -378,6 +393,14 @@ impl NbdDev {
         self.inner.block_status(offset, len)
     }
 
+    /// Test hook: `hook` runs on the requesting thread right after each connect and each
+    /// command, while the pool lock is released, so a test can run a racing operation (a
+    /// server restart, another read) exactly there. `None` removes it.
+    #[doc(hidden)]
+    pub fn set_io_hook(&self, hook: Option<Arc<dyn Fn(IoPoint) + Send + Sync>>) {
+        *self.inner.io_hook.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
     /// Hands the window `(off, len)` to the prefetch thread (started on first use). If that
     /// is impossible the window is dropped again, so nobody waits for it.
     fn start_prefetch(&self, off: u64, len: u64) {
@@ -417,6 +440,17 @@ fn prefetch_worker(inner: &Weak<Inner>, rx: &mpsc::Receiver<(u64, u64)>) {
 }
 
 impl Inner {
+    fn run_hook(&self, at: IoPoint) {
+        let hook = self
+            .io_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(h) = hook {
+            h(at);
+        }
+    }
+
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -472,7 +506,10 @@ impl Inner {
                     deadline
                 };
                 match self.connect(until, Some(self.size)) {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => {
+                        self.run_hook(IoPoint::Connected);
+                        return Ok(c);
+                    }
                     Err(e) => {
                         bump(&self.counters.connection_failures, 1);
                         pool = self.lock_pool();
@@ -547,6 +584,7 @@ impl Inner {
             tries += 1;
             let mut c = self.acquire(deadline)?;
             let r = op(&mut c, deadline);
+            self.run_hook(IoPoint::Command);
             self.release(c);
             match r {
                 Ok(v) => return Ok(v),

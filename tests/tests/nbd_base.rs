@@ -662,3 +662,67 @@ fn a_qcow2_image_on_an_nbd_export_is_read_when_the_overlay_records_qcow2() {
         "the guest-visible disk of a qcow2 base read over NBD"
     );
 }
+
+/// Deterministic interleaving over the two places where the pool lock is released around I/O
+/// (`NbdDev::set_io_hook`): right after a command on a checked-out connection, a second read
+/// runs and has to open a new connection; right after that connection's handshake, the server
+/// restarts (killing both connections). Every read still returns the base's bytes (the read on
+/// the just-opened dead connection retries on a fresh one, the later read that takes the dead
+/// connection returned to the pool retries too), and the pool's count stays exact.
+#[test]
+fn reads_survive_a_server_restart_exactly_while_the_pool_lock_is_released_around_io() {
+    use nbd_client::IoPoint;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, Weak};
+
+    let (_dir, base, server) = fixture(8 * MIB, 41, qemu_nbd());
+    let server = Arc::new(Mutex::new(server));
+    let dev = Arc::new(open_dev(
+        &server.lock().unwrap(),
+        NbdOptions {
+            connections: 2,
+            readahead: 0,
+            timeout: Duration::from_secs(5),
+        },
+    ));
+    let step = Arc::new(AtomicUsize::new(0));
+    let weak: Weak<NbdDev> = Arc::downgrade(&dev);
+    let (srv, st, b2) = (server.clone(), step.clone(), base.clone());
+    dev.set_io_hook(Some(Arc::new(move |at: IoPoint| {
+        match (at, st.load(Ordering::SeqCst)) {
+            // After the first read's command, with its connection checked out: a second read.
+            (IoPoint::Command, 0) => {
+                st.store(1, Ordering::SeqCst);
+                let dev = weak.upgrade().unwrap();
+                let mut b = vec![0u8; 4096];
+                dev.read_at(&mut b, 5 * MIB).unwrap();
+                assert_eq!(b, read_file(&b2, 5 * MIB, 4096), "the second read");
+            }
+            // That read opened a connection; right after its handshake the server restarts.
+            (IoPoint::Connected, 1) => {
+                st.store(2, Ordering::SeqCst);
+                srv.lock().unwrap().restart();
+            }
+            _ => {}
+        }
+    })));
+    let mut b = vec![0u8; 4096];
+    dev.read_at(&mut b, MIB).unwrap();
+    assert_eq!(b, read_file(&base, MIB, 4096), "the first read");
+    assert_eq!(step.load(Ordering::SeqCst), 2, "both racing operations ran");
+    dev.set_io_hook(None);
+    // The first read's connection went back to the pool dead; this read finds out and retries.
+    dev.read_at(&mut b, 3 * MIB).unwrap();
+    assert_eq!(
+        b,
+        read_file(&base, 3 * MIB, 4096),
+        "the read after the restart"
+    );
+    let s = dev.stats();
+    assert_eq!(s.connection_failures, 2, "the two dead connections: {s:?}");
+    assert_eq!(
+        dev.open_connections(),
+        1,
+        "the pool counts only live connections: {s:?}"
+    );
+}
