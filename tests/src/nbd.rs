@@ -23,10 +23,15 @@ pub fn snapblk_create_over(uri: &str, overlay: &Path) {
 
 /// `qemu-img create -f qcow2 -b URI -F raw OVERLAY` (size from the server).
 pub fn qemu_img_create_over(uri: &str, overlay: &Path) {
+    qemu_img_create_over_as(uri, "raw", overlay);
+}
+
+/// `qemu-img create -f qcow2 -b URI -F FORMAT OVERLAY` (size from the server).
+pub fn qemu_img_create_over_as(uri: &str, format: &str, overlay: &Path) {
     let o = overlay.to_str().expect("UTF-8 path");
     host_tool(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", uri, "-F", "raw", o],
+        &["create", "-q", "-f", "qcow2", "-b", uri, "-F", format, o],
     );
 }
 

@@ -30,7 +30,8 @@ use snapblk_tests::guest::{
     DaemonKind, ImageFormat,
 };
 use snapblk_tests::nbd::{
-    convert_md5, qemu_img_create_over, snapblk_create_over, NbdServer, ServerKind,
+    convert_md5, qemu_img_create_over, qemu_img_create_over_as, snapblk_create_over, NbdServer,
+    ServerKind,
 };
 
 const MIB: u64 = 1 << 20;
@@ -633,20 +634,7 @@ fn a_qcow2_image_on_an_nbd_export_is_read_when_the_overlay_records_qcow2() {
     // qemu-nbd exports the qcow2 file's bytes (-f raw); the overlay says they are qcow2.
     let server = NbdServer::start(qemu_nbd(), &q, &dir.path().join("s.sock"));
     let overlay = dir.path().join("o.qcow2");
-    host_tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &server.uri(),
-            "-F",
-            "qcow2",
-            overlay.to_str().unwrap(),
-        ],
-    );
+    qemu_img_create_over_as(&server.uri(), "qcow2", &overlay);
     let sum = snapblk(&["checksum", overlay.to_str().unwrap()]);
     assert!(
         sum.status.success(),
