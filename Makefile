@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SNAPBLK := target/release/snapblk
 
-.PHONY: all build deps guest run run-overlay test test-guest test-quick lint fmt clippy bench soak mutants fuzz installer-demo clean-build
+.PHONY: all build deps guest run run-overlay test test-guest test-quick lint fmt clippy bench bench-nbd soak mutants fuzz installer-demo clean-build
 
 all: build
 
@@ -49,6 +49,11 @@ clippy:
 
 bench: deps
 	bash scripts/bench.sh
+
+# NBD bases (qemu-nbd) vs local bases vs qemu-storage-daemon with the same NBD backing: a short,
+# informational run (scripts/bench-nbd.sh; the table goes to build/bench/nbd.md).
+bench-nbd: deps
+	bash scripts/bench-nbd.sh
 
 # Longer model/soak runs than the default suite (not part of `make test`).
 soak: deps

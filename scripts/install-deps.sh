@@ -13,7 +13,11 @@
 #   3. Build a firmware search dir build/qemu/share (symlinks to /usr/share/seabios and
 #      /usr/share/qemu) for `-L`, because the BIOS symlinks normally shipped by
 #      qemu-system-common are absent.
-#   4. Check that qemu-storage-daemon, qemu-img and cargo exist.
+#   4. Check that qemu-storage-daemon, qemu-img, qemu-nbd and cargo exist.
+#
+# NBD bases (issue 16): libnbd-dev is the NBD client library snapblk links (crate nbd-client);
+# nbdkit (with its built-in file plugin and error/delay filters) and qemu-nbd (qemu-utils) are
+# the servers the NBD tests and `make bench-nbd` run.
 #
 # Usage: scripts/install-deps.sh [--check]   (--check: report only, change nothing, exit 1 if
 # something is missing). Must run as root unless everything is already present.
@@ -32,6 +36,7 @@ PKGS=(
     libglib2.0-0 libgmp10 libgnutls30 libibverbs1 libjpeg62-turbo libnuma1 libpixman-1-0
     libpmem1 libpng16-16 librdmacm1 libsasl2-2 libseccomp2 libslirp0 liburing2 libvdeplug2
     linux-image-amd64 busybox-static cpio gzip fio
+    libnbd-dev nbdkit
 )
 
 installed() {
@@ -150,7 +155,7 @@ else
 fi
 
 # ---- 4. other tools ----------------------------------------------------------------------------
-for tool in qemu-storage-daemon qemu-img cargo; do
+for tool in qemu-storage-daemon qemu-img qemu-nbd nbdkit cargo; do
     if command -v "$tool" >/dev/null 2>&1; then
         log "$tool: $(command -v "$tool")"
     else

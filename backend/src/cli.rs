@@ -134,6 +134,18 @@ pub struct ServeArgs {
     /// resolving symlinks). Without it backing files may be any regular file outside /proc, /sys.
     #[arg(long = "allow-backing", value_name = "DIR")]
     pub allow_backing: Vec<PathBuf>,
+    /// With --allow-backing: also allow the NBD server HOST:PORT (TCP) as a backing image
+    /// (repeatable). Unix-socket NBD servers are allowed by their socket's directory instead.
+    #[arg(long = "allow-nbd", value_name = "HOST:PORT")]
+    pub allow_nbd: Vec<String>,
+    /// Most connections to each NBD backing export (cold reads in flight at once).
+    #[arg(long, default_value_t = 16, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub nbd_connections: u16,
+    /// Seconds one read of an NBD backing export may take (waiting for a connection,
+    /// reconnecting, the read itself) before it fails with an I/O error.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = parse_nbd_timeout)]
+    pub nbd_timeout: f64,
     /// Probe the format (qcow2 magic or raw) of backing files whose overlay does not record it,
     /// instead of opening them as raw. Only for images you trust.
     #[arg(long)]
@@ -188,11 +200,33 @@ impl ServeArgs {
             dirty_limit: 64 << 20,
             folio_size: 64 << 10,
             allow_backing: Vec::new(),
+            allow_nbd: Vec::new(),
+            nbd_connections: 16,
+            nbd_timeout: 30.0,
             probe_backing_format: false,
             user: None,
             seccomp: SeccompMode::Kill,
             control_socket: None,
             metrics: None,
+        }
+    }
+}
+
+/// Parses `--nbd-timeout`: seconds, more than 0 and at most a day.
+fn parse_nbd_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86400.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 86400]")),
+    }
+}
+
+impl ServeArgs {
+    /// The NBD client settings these arguments ask for.
+    pub fn nbd_options(&self) -> nbd_client::NbdOptions {
+        nbd_client::NbdOptions {
+            connections: usize::from(self.nbd_connections),
+            timeout: std::time::Duration::from_secs_f64(self.nbd_timeout),
+            ..nbd_client::NbdOptions::default()
         }
     }
 }

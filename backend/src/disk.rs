@@ -169,6 +169,13 @@ pub enum OpenDiskError {
     /// An `--allow-backing` directory (or the `--snapshot` base) cannot be resolved.
     #[error("invalid backing-file policy: {0}")]
     Policy(std::io::Error),
+    /// `--image` names an NBD export without `--snapshot`.
+    #[error(
+        "{}: an NBD export is served only as the read-only base of --snapshot (or as the \
+         backing file of a qcow2 overlay)",
+        .0.display()
+    )]
+    NbdNeedsSnapshot(PathBuf),
     /// The cache settings are invalid.
     #[error("invalid cache settings: {0}")]
     Cache(#[from] cache::NewCacheError),
@@ -180,8 +187,14 @@ fn create_snapshot(args: &ServeArgs) -> Result<(PathBuf, bool), OpenDiskError> {
         path: args.image.clone(),
         reason,
     };
+    let nbd = args
+        .image
+        .to_str()
+        .is_some_and(qcow_snapshot::nbd::is_nbd_name);
     let format = match args.format {
         Some(f) => Format::from(f),
+        // An NBD base is raw unless --format says otherwise; it is never probed.
+        None if nbd => Format::Raw,
         None => qcow_snapshot::probe_format(&args.image).map_err(|e| err(e.to_string()))?,
     };
     match &args.keep_overlay {
@@ -193,11 +206,8 @@ fn create_snapshot(args: &ServeArgs) -> Result<(PathBuf, bool), OpenDiskError> {
                     path.display()
                 )));
             }
-            let base = std::fs::canonicalize(&args.image).map_err(|e| err(e.to_string()))?;
-            let name = base
-                .to_str()
-                .ok_or_else(|| err("base path is not valid UTF-8".into()))?
-                .to_string();
+            let name = qcow_snapshot::api::snapshot_base_name(&args.image)
+                .map_err(|e| err(e.to_string()))?;
             let opts = CreateOptions {
                 backing: Some((name, format)),
                 ..CreateOptions::default()
@@ -216,6 +226,15 @@ fn create_snapshot(args: &ServeArgs) -> Result<(PathBuf, bool), OpenDiskError> {
 
 /// Opens the block device stack that `serve` exposes for `args`.
 pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
+    nbd_client::set_default_options(args.nbd_options());
+    if !args.snapshot
+        && args
+            .image
+            .to_str()
+            .is_some_and(qcow_snapshot::nbd::is_nbd_name)
+    {
+        return Err(OpenDiskError::NbdNeedsSnapshot(args.image.clone()));
+    }
     let (image, format, guard) = if args.snapshot {
         let (path, keep) = create_snapshot(args)?;
         log::info!(

@@ -32,6 +32,9 @@ pub fn backing_policy(args: &crate::cli::ServeArgs) -> io::Result<qcow_snapshot:
     for dir in &args.allow_backing {
         policy.allow_dir(dir)?;
     }
+    for server in &args.allow_nbd {
+        policy.allow_nbd_server(server)?;
+    }
     if args.snapshot {
         policy.trust(&args.image)?;
     }

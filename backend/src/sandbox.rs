@@ -26,7 +26,10 @@
 //! for the io_uring data path), logging to stderr, the signal thread (rt_sigtimedwait) and the
 //! exit path, including unlink of the socket file at shutdown. Unlink is the one call that names
 //! a path: it cannot open or read anything, and under `--user` it is limited to what that user
-//! may delete. Not allowed, among others: socket, connect, bind, execve, ptrace, kill of other
+//! may delete. When the chain has an NBD base (`nbd_client::in_use`), socket (stream sockets of
+//! the unix, IPv4 and IPv6 families only) and connect are allowed too, for reconnecting to its
+//! server after a restart (addresses were resolved at start-up: no file or DNS lookup follows).
+//! Not allowed, among others: socket, connect (without an NBD base), bind, execve, ptrace, kill of other
 //! processes, mount, ioctl. The open family (open, openat, openat2, creat) fails with EACCES
 //! rather than killing ([`DENIED_WITH_EACCES`]): glibc itself opens files lazily on healthy paths
 //! (its malloc reads `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread heap and
@@ -389,6 +392,20 @@ pub fn build_filter(mode: SeccompMode, allow_open: bool) -> Result<Vec<BpfProgra
         )
         .map_err(serr)?;
         programs.push(deny.try_into().map_err(serr)?);
+    }
+    // An NBD backing export reconnects after a server restart: stream sockets of the unix,
+    // IPv4 and IPv6 families, and connect. Addresses were resolved at start-up, so no name
+    // lookup (and no file) is needed. Only when this process opened an export.
+    if nbd_client::in_use() {
+        let mut socket_rules = Vec::new();
+        for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
+            let c =
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, family as u64)
+                    .map_err(serr)?;
+            socket_rules.push(SeccompRule::new(vec![c]).map_err(serr)?);
+        }
+        rules.insert(nr64(libc::SYS_socket), socket_rules);
+        rules.insert(nr64(libc::SYS_connect), Vec::new());
     }
     // Threads name themselves with prctl(PR_SET_NAME); nothing else of prctl is allowed.
     let set_name = SeccompCondition::new(

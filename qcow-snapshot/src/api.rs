@@ -116,8 +116,12 @@ pub fn probe_format(path: &Path) -> Result<Format, OpenImageError> {
     probe_head(&f).map_err(open_err(path))
 }
 
-/// Resolves a backing file name stored in `image` (relative to the image's directory).
+/// Resolves a backing file name stored in `image` (relative to the image's directory). An NBD
+/// name (see [`crate::nbd`]) names no host file and is returned unchanged.
 pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
+    if crate::nbd::is_nbd_name(name) {
+        return PathBuf::from(name);
+    }
     let p = Path::new(name);
     if p.is_absolute() {
         return p.to_path_buf();
@@ -216,6 +220,23 @@ fn open_chain(
     }
 }
 
+/// [`open_chain`] for a read-only backing file below an image on an NBD export.
+pub(crate) fn open_chain_entry(
+    path: &Path,
+    open_as: &Path,
+    format: Option<Format>,
+    depth: usize,
+    seen: &mut Vec<(u64, u64)>,
+    policy: &BackingPolicy,
+) -> Result<Arc<dyn BlockDev>, OpenImageError> {
+    open_chain(path, open_as, format, true, depth, seen, policy)
+}
+
+/// Names the NBD image `name` in an error about opening its backing file.
+pub(crate) fn backing_of_name(name: &str, e: OpenImageError) -> OpenImageError {
+    backing_of(Path::new(name))(e)
+}
+
 /// Names `path` (not the `/proc/self/fd` path it was opened by) in a file error.
 fn rename_io(e: OpenImageError, path: &Path) -> OpenImageError {
     match e {
@@ -260,6 +281,17 @@ fn open_qcow2_in_chain(
     ih.check_features(read_only)?;
     let backing = match &ih.backing {
         None => None,
+        Some(spec) if crate::nbd::is_nbd_name(&spec.name) => {
+            // An NBD export: raw unless the overlay records a format; never probed.
+            let bfmt = match &spec.format {
+                Some(f) => Some(f.parse::<Format>()?),
+                None => None,
+            };
+            Some(
+                crate::nbd::open_backing(&spec.name, bfmt, depth + 1, seen, policy)
+                    .map_err(backing_of(path))?,
+            )
+        }
         Some(spec) => {
             let bpath = resolve_backing_path(path, &spec.name);
             // The policy decides which files a chain may name (see `policy`); a format the
@@ -289,6 +321,13 @@ pub fn commit(overlay: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), 
     let spec = ih.backing.clone().ok_or_else(|| {
         ImageOpError::Invalid(format!("{} has no backing file", overlay.display()))
     })?;
+    if crate::nbd::is_nbd_name(&spec.name) {
+        return Err(ImageOpError::Invalid(format!(
+            "cannot commit {} into its backing image {}: an NBD base is only ever read",
+            overlay.display(),
+            spec.name
+        )));
+    }
     let bpath = resolve_backing_path(overlay, &spec.name);
     let policy = BackingPolicy::default();
     let admitted = policy.admit(&bpath).map_err(backing_of(overlay))?;
@@ -431,14 +470,7 @@ pub fn create_snapshot_overlay(
     base_format: Format,
     dir: &Path,
 ) -> Result<PathBuf, ImageOpError> {
-    let abs = std::fs::canonicalize(base).map_err(|source| ImageOpError::Io {
-        path: base.to_path_buf(),
-        source,
-    })?;
-    let name = abs
-        .to_str()
-        .ok_or_else(|| ImageOpError::Invalid(format!("{} is not valid UTF-8", abs.display())))?
-        .to_string();
+    let name = snapshot_base_name(base)?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -478,6 +510,22 @@ pub fn create_snapshot_overlay(
         "cannot find a free overlay name in {}",
         dir.display()
     )))
+}
+
+/// The backing name a snapshot overlay over `base` records: an NBD name as given, a file by
+/// its absolute path.
+pub fn snapshot_base_name(base: &Path) -> Result<String, ImageOpError> {
+    if let Some(name) = base.to_str().filter(|n| crate::nbd::is_nbd_name(n)) {
+        crate::nbd::parse(name)?;
+        return Ok(name.to_string());
+    }
+    let abs = std::fs::canonicalize(base).map_err(|source| ImageOpError::Io {
+        path: base.to_path_buf(),
+        source,
+    })?;
+    abs.to_str()
+        .ok_or_else(|| ImageOpError::Invalid(format!("{} is not valid UTF-8", abs.display())))
+        .map(str::to_string)
 }
 
 /// Reads the header of a qcow2 image file (no backing chain).

@@ -145,6 +145,10 @@ pub fn chain_files(src: &Path, format: Option<Format>) -> Result<Vec<(u64, u64)>
         let Some(spec) = ih.backing else {
             return Ok(ids);
         };
+        if crate::nbd::is_nbd_name(&spec.name) {
+            // An NBD export is no host file the destination could be.
+            return Ok(ids);
+        }
         fmt = match &spec.format {
             Some(f) => Some(f.parse::<Format>()?),
             None => None,

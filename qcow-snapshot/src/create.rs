@@ -64,9 +64,21 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), CreateImageError>
     let mut _backing_dev = None;
     if let Some((name, fmt)) = &opts.backing {
         let base = crate::api::resolve_backing_path(path, name);
-        match blockdev::lock::with_force_share(|| {
-            crate::api::open_image_chain(&base, Some(*fmt), true)
-        }) {
+        if crate::nbd::is_nbd_name(name) {
+            // A name that is no valid NBD URI could never be opened: refuse it even with a size.
+            crate::nbd::parse(name).map_err(|e| CreateImageError::Backing(Box::new(e)))?;
+        }
+        let opened = if crate::nbd::is_nbd_name(name) {
+            // An NBD base: its size comes from the server; it is no file `path` could be.
+            let mut seen = Vec::new();
+            crate::nbd::open_backing(name, Some(*fmt), 1, &mut seen, &Default::default())
+                .map(|dev| (dev, Vec::new()))
+        } else {
+            blockdev::lock::with_force_share(|| {
+                crate::api::open_image_chain(&base, Some(*fmt), true)
+            })
+        };
+        match opened {
             Ok((dev, ids)) => {
                 if opts.size == 0 {
                     opts.size = dev.size();

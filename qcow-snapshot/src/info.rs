@@ -327,6 +327,8 @@ pub fn info_chain(path: &Path, format: Option<Format>) -> Result<Vec<ImageInfo>,
         seen.push((md.dev(), md.ino()));
         let i = info_with(&p, f)?;
         next = match &i.full_backing_file {
+            // An NBD export is no file to describe here; the chain's listing ends at its name.
+            Some(b) if b.to_str().is_some_and(crate::nbd::is_nbd_name) => None,
             Some(b) => Some((
                 b.clone(),
                 match &i.backing_format {

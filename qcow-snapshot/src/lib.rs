@@ -5,6 +5,7 @@
 //! - [`image`]: [`QcowImage`], the engine, a [`blockdev::BlockDev`].
 //! - [`create`]: new v3 images. [`refcount`]: refcount layout and dirty-bit repair.
 //! - [`policy`]: which files a backing chain may name; format-less backing files are raw.
+//! - [`nbd`]: backing images on NBD servers (NBD URIs as backing names).
 //! - [`api`]: path-level operations (open with backing chain, info, commit, export, checksum,
 //!   snapshot overlays).
 //!
@@ -20,6 +21,7 @@ pub mod format;
 pub mod host;
 pub mod image;
 pub mod info;
+pub mod nbd;
 pub mod output;
 pub mod policy;
 pub mod refcount;

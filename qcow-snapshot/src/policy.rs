@@ -19,6 +19,16 @@
 //! A backing file whose format the overlay does not record is opened as raw, never probed,
 //! unless [`BackingPolicy::probe_unrecorded`] was set (an explicit command-line choice).
 //!
+//! NBD backing names (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, see
+//! [`crate::nbd`]) name no host file, so rules 1-3 do not apply to them; instead
+//! ([`BackingPolicy::admit_nbd`]):
+//! 5. Without `--allow-backing`, any NBD server may be named (like any regular file).
+//! 6. With `--allow-backing DIR` (a confined chain), a unix socket must be a socket whose real
+//!    path lies inside one of those trees (and not under `/proc` or `/sys`), and a TCP server
+//!    must be listed with `--allow-nbd HOST:PORT` (compared as written in the name, port
+//!    defaulted to 10809). The `serve --snapshot` base named on the command line is trusted.
+//! 7. An NBD export is raw unless the overlay records its format; it is never probed.
+//!
 //! Locking model: none; a policy is immutable once built and admitted files own their descriptor.
 
 use std::fmt;
@@ -61,6 +71,8 @@ pub struct BackingPolicy {
     allow: Vec<PathBuf>,
     trusted: Vec<PathBuf>,
     probe_unrecorded: bool,
+    allow_nbd: Vec<String>,
+    trusted_nbd: Vec<String>,
 }
 
 /// A backing file that passed the policy, held by an `O_PATH` descriptor.
@@ -132,8 +144,13 @@ impl BackingPolicy {
         Ok(())
     }
 
-    /// Admits `path` (a file the user named on the command line) without the rules.
+    /// Admits `path` (a file the user named on the command line, or an NBD name) without the
+    /// rules.
     pub fn trust(&mut self, path: &Path) -> io::Result<()> {
+        if let Some(name) = path.to_str().filter(|n| crate::nbd::is_nbd_name(n)) {
+            self.trusted_nbd.push(name.to_string());
+            return Ok(());
+        }
         self.trusted.push(
             std::fs::canonicalize(path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
@@ -146,6 +163,82 @@ impl BackingPolicy {
     pub fn probe_unrecorded(mut self, probe: bool) -> Self {
         self.probe_unrecorded = probe;
         self
+    }
+
+    /// Allows the NBD server `HOST:PORT` (TCP) in a confined chain (rule 6).
+    pub fn allow_nbd_server(&mut self, spec: &str) -> io::Result<()> {
+        let (host, port) = spec.rsplit_once(':').ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("--allow-nbd {spec}: expected HOST:PORT"),
+            )
+        })?;
+        let port: u16 = port.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("--allow-nbd {spec}: bad port"),
+            )
+        })?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.allow_nbd.push(format!("{host}:{port}"));
+        Ok(())
+    }
+
+    /// Checks an NBD backing name against rules 5 and 6.
+    pub fn admit_nbd(&self, uri: &nbd_client::NbdUri) -> Result<(), OpenImageError> {
+        if self.trusted_nbd.contains(&uri.text) || self.allow.is_empty() {
+            return Ok(());
+        }
+        let refuse = |real: Option<PathBuf>, rule: String| {
+            OpenImageError::Refused(PolicyError {
+                path: PathBuf::from(&uri.text),
+                real,
+                rule,
+            })
+        };
+        match &uri.transport {
+            nbd_client::Transport::Tcp { host, port } => {
+                if self.allow_nbd.contains(&format!("{host}:{port}")) {
+                    Ok(())
+                } else {
+                    Err(refuse(
+                        None,
+                        format!(
+                            "NBD server {host}:{port} is not allowed (--allow-nbd {host}:{port} \
+                             allows it next to --allow-backing)"
+                        ),
+                    ))
+                }
+            }
+            nbd_client::Transport::Unix(sock) => {
+                let real = std::fs::canonicalize(sock).map_err(|e| OpenImageError::Io {
+                    path: PathBuf::from(&uri.text),
+                    source: io::Error::new(e.kind(), format!("{}: {e}", sock.display())),
+                })?;
+                let md = std::fs::metadata(&real).map_err(|e| OpenImageError::Io {
+                    path: PathBuf::from(&uri.text),
+                    source: e,
+                })?;
+                if FORBIDDEN_TREES.iter().any(|t| real.starts_with(t))
+                    || !md.file_type().is_socket()
+                {
+                    return Err(refuse(
+                        Some(real),
+                        "an NBD socket must be a unix socket outside /proc and /sys".into(),
+                    ));
+                }
+                if !self.allow.iter().any(|d| real.starts_with(d)) {
+                    return Err(refuse(
+                        Some(real),
+                        format!(
+                            "its socket is outside the --allow-backing directories ({})",
+                            DirList(&self.allow)
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The allowed trees (empty: anywhere).
@@ -218,6 +311,29 @@ impl BackingPolicy {
         }
         Ok(admitted)
     }
+}
+
+/// The chain entry of an NBD backing name (the walk does not descend into the export).
+fn describe_nbd(name: &str, format: Option<&str>, policy: &BackingPolicy) -> ChainEntry {
+    let mut entry = ChainEntry {
+        name: name.to_string(),
+        resolved: PathBuf::from(name),
+        real: None,
+        format: None,
+        format_recorded: format.is_some(),
+        refused: None,
+    };
+    match crate::nbd::parse(name).and_then(|u| policy.admit_nbd(&u)) {
+        Err(e) => entry.refused = Some(e.to_string()),
+        Ok(()) => match format {
+            None => entry.format = Some(Format::Raw),
+            Some(f) => match f.parse::<Format>() {
+                Ok(f) => entry.format = Some(f),
+                Err(_) => entry.refused = Some(format!("unsupported backing format {f:?}")),
+            },
+        },
+    }
+    entry
 }
 
 struct DirList<'a>(&'a [PathBuf]);
@@ -296,6 +412,10 @@ pub fn describe_chain(path: &Path, policy: &BackingPolicy) -> Vec<ChainEntry> {
         };
         let Some(spec) = header.backing else { break };
         let resolved = resolve_backing_path(&current, &spec.name);
+        if crate::nbd::is_nbd_name(&spec.name) {
+            out.push(describe_nbd(&spec.name, spec.format.as_deref(), policy));
+            break;
+        }
         let mut entry = ChainEntry {
             name: spec.name.clone(),
             resolved: resolved.clone(),
