@@ -12,47 +12,9 @@ use std::time::{Duration, Instant};
 
 use blockdev::{BlockDev, BlockError, MemDisk};
 use cache::{CacheConfig, CacheHooks, FolioCache, HookPoint};
-use common::{cache_over, pattern, read, small_cfg, Event, FaultyDisk};
+use common::{cache_over, pattern, read, small_cfg, Event, FaultyDisk, OnceHook};
 
 const K4: u64 = 4096;
-
-/// Hooks that run a closure once, the first time `point` is reached for `folio`.
-struct OnceHook {
-    point: HookPoint,
-    folio: u64,
-    fired: AtomicBool,
-    action: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl OnceHook {
-    fn new(point: HookPoint, folio: u64) -> Arc<Self> {
-        Arc::new(OnceHook {
-            point,
-            folio,
-            fired: AtomicBool::new(false),
-            action: Mutex::new(None),
-        })
-    }
-    fn arm(&self, f: impl FnOnce() + Send + 'static) {
-        *self.action.lock().unwrap() = Some(Box::new(f));
-    }
-    fn fired(&self) -> bool {
-        self.fired.load(Ordering::SeqCst)
-    }
-}
-
-impl CacheHooks for OnceHook {
-    fn at(&self, point: HookPoint, folio: u64) {
-        if point != self.point || folio != self.folio {
-            return;
-        }
-        let action = self.action.lock().unwrap().take();
-        if let Some(f) = action {
-            self.fired.store(true, Ordering::SeqCst);
-            f();
-        }
-    }
-}
 
 fn hooked_cache(lower: &Arc<FaultyDisk>, cfg: CacheConfig, hook: Arc<OnceHook>) -> Arc<FolioCache> {
     FolioCache::with_hooks(lower.clone() as Arc<dyn BlockDev>, cfg, hook).unwrap()
@@ -846,14 +808,7 @@ fn sequential_dirty_folios_are_written_back_in_one_lower_write() {
     cache.write_at(&pattern(3, 1000, 159_000), 1000).unwrap();
     cache.write_at(&[7; 512], 300_000).unwrap();
     cache.flush().unwrap();
-    let writes: Vec<(u64, usize)> = lower
-        .events()
-        .iter()
-        .filter_map(|e| match e {
-            Event::Write { offset, data } => Some((*offset, data.len())),
-            _ => None,
-        })
-        .collect();
+    let writes = lower.writes();
     assert_eq!(
         writes,
         vec![(512, 160_256 - 512), (300_000 - 300_000 % 512, 1024)]

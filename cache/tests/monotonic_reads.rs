@@ -17,7 +17,7 @@ use std::thread;
 
 use blockdev::BlockDev;
 use cache::{CacheConfig, CacheHooks, FolioCache, HookPoint};
-use common::{pattern, read, small_cfg, FaultyDisk, Io};
+use common::{gate, pattern, read, small_cfg, FaultyDisk, Io};
 
 const K4: u64 = 4096;
 const SECTOR: usize = 512;
@@ -89,13 +89,9 @@ enum Event {
 
 /// A one-shot lower-layer hook that reports it was reached, then waits to be released.
 fn park(lower: &FaultyDisk, io: Io, offset: u64, len: u64) -> (Receiver<()>, Sender<()>) {
-    let (reached_tx, reached_rx) = channel();
-    let (go_tx, go_rx) = channel::<()>();
-    lower.at(io, offset, len, move || {
-        reached_tx.send(()).unwrap();
-        go_rx.recv().unwrap();
-    });
-    (reached_rx, go_tx)
+    let (hook, reached, go) = gate();
+    lower.at(io, offset, len, hook);
+    (reached, go)
 }
 
 fn no_read_goes_back_in_time(racer: Racer, last: LastRead) {

@@ -7,43 +7,21 @@
 mod common;
 
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 
 use blockdev::BlockDev;
-use cache::{CacheHooks, FolioCache, HookPoint};
-use common::{pattern, read, small_cfg, Event, FaultyDisk, Io};
+use cache::{FolioCache, HookPoint};
+use common::{gate, pattern, read, small_cfg, FaultyDisk, Io, OnceHook};
 
 const K4: u64 = 4096;
-
-/// Runs a closure the first time a writeback of `folio` has taken its snapshot.
-struct ParkSnapshot {
-    folio: u64,
-    action: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl CacheHooks for ParkSnapshot {
-    fn at(&self, point: HookPoint, folio: u64) {
-        if point == HookPoint::AfterWritebackSnapshot && folio == self.folio {
-            if let Some(f) = self.action.lock().unwrap().take() {
-                f();
-            }
-        }
-    }
-}
 
 #[test]
 fn a_folio_under_writeback_never_joins_another_folios_writeback() {
     let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
-    let (parked_tx, parked_rx) = channel();
-    let (go_tx, go_rx) = channel::<()>();
-    let hooks = Arc::new(ParkSnapshot {
-        folio: 1,
-        action: Mutex::new(Some(Box::new(move || {
-            parked_tx.send(()).unwrap();
-            go_rx.recv().unwrap();
-        }))),
-    });
+    let (park, parked_rx, go_tx) = gate();
+    let hooks = OnceHook::new(HookPoint::AfterWritebackSnapshot, 1);
+    hooks.arm(park);
     let cache = FolioCache::with_hooks(
         lower.clone() as Arc<dyn BlockDev>,
         small_cfg(K4, 8, 8),
@@ -100,14 +78,7 @@ fn clustered_writeback_of_more_than_a_mebibyte_stays_in_bounds_and_writes_everyt
     lower.clear_events();
     cache.flush().unwrap();
     assert_eq!(lower.bytes(0, data.len()), data);
-    let writes: Vec<(u64, usize)> = lower
-        .events()
-        .iter()
-        .filter_map(|e| match e {
-            Event::Write { offset, data } => Some((*offset, data.len())),
-            _ => None,
-        })
-        .collect();
+    let writes = lower.writes();
     assert!(
         writes.iter().all(|&(_, len)| len <= 1 << 20),
         "a clustered writeback grew past 1 MiB: {writes:?}"

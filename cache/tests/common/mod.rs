@@ -7,11 +7,12 @@
 #![allow(dead_code)]
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use blockdev::{BlockDev, BlockError, MemDisk, Result};
-use cache::{CacheConfig, FolioCache};
+use cache::{CacheConfig, CacheHooks, FolioCache, HookPoint};
 
 /// One request that reached the lower layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +166,17 @@ impl FaultyDisk {
         self.log.lock().unwrap().clone()
     }
 
+    /// (offset, length) of every write that reached the memory, in order.
+    pub fn writes(&self) -> Vec<(u64, usize)> {
+        self.events()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Write { offset, data } => Some((*offset, data.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn clear_events(&self) {
         self.log.lock().unwrap().clear();
     }
@@ -269,4 +281,54 @@ pub fn read(dev: &dyn BlockDev, offset: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
     dev.read_at(&mut b, offset).unwrap();
     b
+}
+
+/// Hooks that run a closure once, the first time `point` is reached for `folio`.
+pub struct OnceHook {
+    point: HookPoint,
+    folio: u64,
+    fired: AtomicBool,
+    action: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl OnceHook {
+    pub fn new(point: HookPoint, folio: u64) -> Arc<Self> {
+        Arc::new(OnceHook {
+            point,
+            folio,
+            fired: AtomicBool::new(false),
+            action: Mutex::new(None),
+        })
+    }
+    pub fn arm(&self, f: impl FnOnce() + Send + 'static) {
+        *self.action.lock().unwrap() = Some(Box::new(f));
+    }
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+impl CacheHooks for OnceHook {
+    fn at(&self, point: HookPoint, folio: u64) {
+        if point != self.point || folio != self.folio {
+            return;
+        }
+        let action = self.action.lock().unwrap().take();
+        if let Some(f) = action {
+            self.fired.store(true, Ordering::SeqCst);
+            f();
+        }
+    }
+}
+
+/// A gate for parking a request at a hook: the returned closure (run at the hook) reports that
+/// it was reached on the first receiver, then waits until the sender releases it.
+pub fn gate() -> (impl FnOnce() + Send + 'static, Receiver<()>, Sender<()>) {
+    let (reached_tx, reached_rx) = channel();
+    let (go_tx, go_rx) = channel::<()>();
+    let park = move || {
+        reached_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+    };
+    (park, reached_rx, go_tx)
 }

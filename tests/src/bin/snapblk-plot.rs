@@ -8,7 +8,7 @@
 //!
 //! Threads: none; a plain converter run once after a benchmark.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -46,7 +46,10 @@ fn median_run<'a>(runs: &[&'a Value], metric: &str) -> Option<&'a Value> {
         .filter(|r| r.get("failed").is_none() && r["errors"].as_u64().unwrap_or(0) == 0)
         .filter(|r| r[metric].as_f64().is_some())
         .collect();
-    ok.sort_by(|a, b| a[metric].as_f64().partial_cmp(&b[metric].as_f64()).unwrap());
+    ok.sort_by(|a, b| {
+        let key = |r: &Value| r[metric].as_f64().unwrap_or(0.0);
+        key(a).total_cmp(&key(b))
+    });
     ok.get(ok.len().checked_sub(1)? / 2).copied()
 }
 
@@ -60,7 +63,7 @@ fn curve(run: &Value) -> Curve {
                 .collect()
         })
         .unwrap_or_default();
-    c.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    c.sort_by(|a, b| a.0.total_cmp(&b.0));
     c
 }
 
@@ -95,13 +98,7 @@ fn load(path: &Path) -> Result<Vec<Workload>, String> {
             .unwrap_or("iops")
             .to_string();
         let mut sides: BTreeMap<String, Curve> = BTreeMap::new();
-        let names: Vec<&str> = {
-            let mut n: Vec<&str> = of_w.iter().filter_map(|r| r["side"].as_str()).collect();
-            n.dedup();
-            n.sort_unstable();
-            n.dedup();
-            n
-        };
+        let names: BTreeSet<&str> = of_w.iter().filter_map(|r| r["side"].as_str()).collect();
         for side in names {
             let runs: Vec<&Value> = of_w.iter().copied().filter(|r| r["side"] == side).collect();
             if let Some(run) = median_run(&runs, &metric) {
