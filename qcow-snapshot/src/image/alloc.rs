@@ -424,7 +424,9 @@ impl Meta {
     }
 
     pub(super) fn maybe_flush(&mut self, io: &dyn HostFile) -> Result<()> {
-        if self.dirty > self.dirty_cap {
+        // Skipped while a flush runs without the lock: it would write newer L2 tables that the
+        // flush's older copies could then overwrite (see the `flush` module).
+        if self.dirty > self.dirty_cap && !self.flushing {
             self.flush_meta(io, true)?;
         }
         Ok(())

@@ -653,22 +653,6 @@ impl QcowImage {
         self.write_zero_ranges(partial)
     }
 
-    pub(super) fn flush_inner(&self) -> Result<()> {
-        let frees = {
-            let mut m = self.lock();
-            // Cleared before the sync so writes completing during it are synced next time.
-            let written = self.data_written.swap(false, Ordering::AcqRel);
-            m.flush_meta(&self.io, written)?;
-            std::mem::take(&mut m.pending_free)
-        };
-        if !frees.is_empty() {
-            // No request may still hold a mapping to a cluster that is about to become free.
-            let _excl = self.gate.write().unwrap_or_else(|e| e.into_inner());
-            self.lock().apply_frees(&self.io, frees)?;
-        }
-        Ok(())
-    }
-
     /// Flushes everything, clears the dirty bit and stops accepting writes. Called by `Drop`
     /// if not called explicitly.
     pub fn close(&self) -> Result<()> {

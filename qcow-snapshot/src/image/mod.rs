@@ -39,6 +39,7 @@
 
 mod alloc;
 mod datapath;
+mod flush;
 mod header;
 mod metadata;
 mod table_cache;
@@ -87,6 +88,8 @@ struct Meta {
     pending_free: Vec<u64>,
     /// Guest clusters with an allocation in flight.
     inflight: HashSet<u64>,
+    /// A flush is between its plan and its end (see [`flush`]).
+    flushing: bool,
     tick: u64,
     dirty: usize,
     l2_cap: usize,
@@ -118,6 +121,8 @@ pub struct QcowImage {
     meta: Mutex<Meta>,
     alloc_done: Condvar,
     gate: RwLock<()>,
+    /// Serializes flushes (see [`flush`]); taken before `meta`.
+    flush_lock: Mutex<()>,
     corrupt: AtomicBool,
     closed: AtomicBool,
     zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
@@ -205,6 +210,7 @@ impl QcowImage {
             free_hint: cs,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
+            flushing: false,
             tick: 0,
             dirty: 0,
             l2_cap,
@@ -224,6 +230,7 @@ impl QcowImage {
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             gate: RwLock::new(()),
+            flush_lock: Mutex::new(()),
             corrupt: AtomicBool::new(
                 header.incompatible_features & incompat::CORRUPT != 0 && !read_only,
             ),
