@@ -250,6 +250,13 @@ impl QcowImage {
         m.dirty_cap = dirty.max(1);
     }
 
+    /// Moves the image file's I/O below the host page cache (O_DIRECT; see [`crate::direct`]).
+    /// Call before serving requests. Fails (and changes nothing) where the file or its file
+    /// system cannot do direct I/O.
+    pub fn enable_direct(&self) -> io::Result<()> {
+        self.io.enable_direct()
+    }
+
     /// The cluster geometry.
     pub fn geometry(&self) -> Geometry {
         self.geo
