@@ -1,5 +1,5 @@
 //! The data path of [`QcowImage`]: reads (backing, compressed, subcluster), allocating writes
-//! with copy-on-write, write-zeroes/discard, flush and close.
+//! with copy-on-write, write-zeroes/discard and close (the flush is in `flush.rs`).
 //!
 //! Locking: each request holds `gate` shared from its mapping lookup until its data I/O is done,
 //! takes `meta` only for lookups and metadata updates and drops it for data I/O; requests that

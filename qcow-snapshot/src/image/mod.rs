@@ -6,13 +6,17 @@
 //! - [`metadata`]: L1/L2 lookups and updates, [`Mapping`]/[`Extent`].
 //! - [`table_cache`]: the one LRU for L2 tables and refcount blocks.
 //! - [`alloc`]: refcounts, allocation, refcount-table growth and the metadata flush.
-//! - [`datapath`]: read/write/COW/zero/discard/flush/close of [`QcowImage`].
+//! - [`datapath`]: read/write/COW/zero/discard/close of [`QcowImage`].
+//! - [`flush`]: the flush, which plans under the metadata lock and syncs without it.
 //!
 //! # Locking model
 //! - `meta: Mutex<Meta>` guards all metadata: the L1 table, the L2-table and refcount-block
 //!   caches, the refcount table, the allocator and the set of guest clusters with an allocation
-//!   in flight. It is held only for lookups and metadata updates (and during flushes, which do
-//!   metadata I/O); guest data is read and written with the lock released.
+//!   in flight. It is held only for lookups, metadata updates and a flush's pwrites of
+//!   refcount blocks and refcount-table entries, never across a flush's fdatasync (see
+//!   [`flush`]); guest data is read and written with the lock released. (Exceptions: the
+//!   refcount-table growth, and the in-lock flush forced by the dirty-metadata bound.)
+//! - `flush_lock: Mutex<()>` serializes flushes; taken before `meta`, released before `gate`.
 //! - `alloc_done: Condvar` (with `meta`) wakes requests that wait for another request's
 //!   allocation of the same guest cluster: the first request allocates, the second waits and
 //!   then writes into the now-allocated cluster, so a cluster is never allocated twice and
