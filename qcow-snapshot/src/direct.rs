@@ -134,9 +134,9 @@ impl DirectIo {
     }
 
     fn aligned(&self, buf: &[u8], offset: u64) -> bool {
-        offset % self.block == 0
-            && buf.len() as u64 % self.block == 0
-            && (buf.as_ptr() as usize) % self.mem == 0
+        offset.is_multiple_of(self.block)
+            && (buf.len() as u64).is_multiple_of(self.block)
+            && (buf.as_ptr() as usize).is_multiple_of(self.mem)
     }
 
     fn stripe(&self, block_no: u64) -> usize {
@@ -156,7 +156,7 @@ impl DirectIo {
                 }
                 Ok(n) => {
                     done += n;
-                    if done < buf.len() && (done as u64) % self.block != 0 {
+                    if done < buf.len() && !(done as u64).is_multiple_of(self.block) {
                         // A short read inside a block: the end of the file, or an interrupted
                         // request to continue from its last aligned position.
                         if offset + done as u64 >= f.file_len()? {

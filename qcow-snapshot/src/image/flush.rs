@@ -240,14 +240,16 @@ mod tests {
     use crate::create::{create_on, CreateOptions};
     use crate::host::MemHost;
 
+    /// Which sync to park (1-based), the channel that says it parked, the one that lets it go.
+    type Park = (u64, Sender<()>, Receiver<()>);
+
     /// A file whose `sync_data` makes durable what was written before it started, and which can
     /// park one chosen sync (after its I/O, before it returns) until the test lets it go.
     struct ParkingHost {
         file: MemHost,
         durable: Mutex<Vec<u8>>,
         syncs: AtomicU64,
-        /// (which sync to park, 1-based; tells the test it parked; lets it return)
-        park: Mutex<Option<(u64, Sender<()>, Receiver<()>)>>,
+        park: Mutex<Option<Park>>,
     }
 
     impl HostFile for ParkingHost {
