@@ -87,7 +87,7 @@ impl Meta {
 
     /// Writes the entries of `pending` (still dirty) whose block is counted by an entry that is
     /// not pending any more, and returns them with the values and table they were written to.
-    fn write_reftable_level(
+    pub(super) fn write_reftable_level(
         &mut self,
         io: &dyn HostFile,
         pending: &mut BTreeSet<usize>,
