@@ -419,4 +419,17 @@ mod tests {
         .unwrap();
         assert_eq!(serve_args(cli).effective_max_inflight(), 3);
     }
+
+    #[test]
+    fn direct_is_off_unless_asked_and_takes_only_on_or_off() {
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["snapblk", "serve", "--image", "a", "--socket", "s"];
+            v.extend_from_slice(extra);
+            Cli::try_parse_from(v)
+        };
+        assert_eq!(serve_args(parse(&[]).unwrap()).direct, DirectMode::Off);
+        let on = serve_args(parse(&["--direct", "on"]).unwrap());
+        assert_eq!(on.direct, DirectMode::On);
+        assert!(parse(&["--direct", "yes"]).is_err());
+    }
 }
