@@ -68,6 +68,15 @@ pub enum CacheMode {
     Writethrough,
 }
 
+/// Whether the image file's I/O bypasses the host page cache (`--direct`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirectMode {
+    /// O_DIRECT below the folio cache for a writable qcow2 top (backing files stay buffered).
+    On,
+    /// Buffered I/O through the host page cache.
+    Off,
+}
+
 /// Arguments of `snapblk serve`.
 #[derive(Clone, Debug, Args)]
 pub struct ServeArgs {
@@ -102,6 +111,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT, value_name = "N",
           value_parser = parse_max_inflight)]
     pub max_inflight: usize,
+    /// O_DIRECT for a writable qcow2 image below the folio cache (on), or the host page cache
+    /// (off). Where the file system cannot do O_DIRECT the daemon warns and stays buffered.
+    #[arg(long, value_enum, default_value_t = DirectMode::Off, value_name = "on|off")]
+    pub direct: DirectMode,
     /// Deprecated: `--io-threads N` means `--max-inflight N+1`.
     #[arg(long, value_name = "N", value_parser = parse_io_threads, hide = true,
           conflicts_with = "max_inflight")]
@@ -191,6 +204,7 @@ impl ServeArgs {
             logical_block_size: 512,
             cache: CacheMode::Writeback,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            direct: DirectMode::Off,
             io_threads: None,
             socket_mode: 0o600,
             format: None,
@@ -438,5 +452,18 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(serve_args(cli).effective_max_inflight(), 3);
+    }
+
+    #[test]
+    fn direct_is_off_unless_asked_and_takes_only_on_or_off() {
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["snapblk", "serve", "--image", "a", "--socket", "s"];
+            v.extend_from_slice(extra);
+            Cli::try_parse_from(v)
+        };
+        assert_eq!(serve_args(parse(&[]).unwrap()).direct, DirectMode::Off);
+        let on = serve_args(parse(&["--direct", "on"]).unwrap());
+        assert_eq!(on.direct, DirectMode::On);
+        assert!(parse(&["--direct", "yes"]).is_err());
     }
 }

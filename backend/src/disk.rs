@@ -22,6 +22,24 @@ use qcow_snapshot::{CreateOptions, Format};
 
 use crate::cli::{CacheMode, ServeArgs};
 
+/// Puts the qcow2 top of `chain` on O_DIRECT (`--direct on`); a file that cannot do it stays
+/// buffered with a warning.
+fn enable_direct(chain: &crate::snapshot::Chain, image: &std::path::Path) {
+    match chain.top_qcow() {
+        Some(q) => match q.enable_direct() {
+            Ok(()) => log::info!("{}: O_DIRECT below the folio cache", image.display()),
+            Err(e) => log::warn!(
+                "{}: O_DIRECT unavailable ({e}); using the host page cache",
+                image.display()
+            ),
+        },
+        None => log::warn!(
+            "{}: --direct on applies to qcow2 images only; this raw image stays buffered",
+            image.display()
+        ),
+    }
+}
+
 /// Switch between write-back and write-through for a layer that owns a write cache.
 ///
 /// The front end calls it when the driver writes the `writeback` field of the config space (and
@@ -270,6 +288,9 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
     let policy = crate::probe_guard::backing_policy(args).map_err(OpenDiskError::Policy)?;
     let chain = crate::snapshot::Chain::open(&image, format.or(probed), args.readonly, &policy)
         .map_err(open_err)?;
+    if args.direct == crate::cli::DirectMode::On && !args.readonly {
+        enable_direct(&chain, &image);
+    }
     if let Some(g) = &guard {
         let g = Arc::downgrade(g);
         chain.on_first_freeze(Box::new(move || {

@@ -19,6 +19,8 @@
 //! longer than the slow threshold (it had to wait for the disk), the rest of the pass goes to
 //! the executors, and so do the following passes until requests are fast again. A single request
 //! found while nothing is in flight always runs inline (no hand-off on the queue-depth-1 path).
+//! A request on an executor that never slept counts with its CPU time, not its wall-clock time
+//! (which preemption by the other executors inflates; see `executor_cost`).
 //!
 //! Stopping a queue (GET_VRING_BASE), resetting the device or closing the connection first waits
 //! for the queue's requests in flight ([`QueueRunner::wait_idle`]): the frontend then reads a used
@@ -270,9 +272,11 @@ fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
         drop(st);
         let Job { ring, mem, chain } = job;
         let head = chain.head_index();
+        let before = ThreadUsage::now();
         let started = Instant::now();
         let len = worker.process_chain(&shared.dev, &*mem, chain);
-        shared.record(started.elapsed());
+        let wall = started.elapsed();
+        shared.record(executor_cost(wall, before, ThreadUsage::now()));
         ring.complete(&mem, head, len);
         // Release the request's memory view before counting it done.
         drop(mem);
@@ -281,6 +285,51 @@ fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
         if st.inflight == 0 {
             shared.drained.notify_all();
         }
+    }
+}
+
+/// CPU time and voluntary context switches of the calling thread (`getrusage(RUSAGE_THREAD)`).
+#[derive(Clone, Copy, Debug)]
+struct ThreadUsage {
+    cpu: Duration,
+    voluntary_switches: i64,
+}
+
+impl ThreadUsage {
+    /// `None` if the kernel does not say (the caller then uses wall-clock time).
+    fn now() -> Option<ThreadUsage> {
+        // SAFETY: all-zero bytes are a valid `rusage` (plain integers).
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: RUSAGE_THREAD with a pointer to an `rusage` that outlives the call.
+        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+            return None;
+        }
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+        };
+        Some(ThreadUsage {
+            cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+            voluntary_switches: ru.ru_nvcsw,
+        })
+    }
+}
+
+/// What one request executed on an executor counts for in the moving average: its wall-clock
+/// time if it waited (the thread slept: disk, lock), else only the CPU time it used. On a
+/// loaded machine, 32 executors of cache hits preempt each other, and their wall-clock times
+/// would keep the queue on the executors (each hand-off costing more than the hit) although
+/// none of them ever waited for the disk.
+fn executor_cost(
+    wall: Duration,
+    before: Option<ThreadUsage>,
+    after: Option<ThreadUsage>,
+) -> Duration {
+    match (before, after) {
+        (Some(b), Some(a)) if a.voluntary_switches == b.voluntary_switches => {
+            a.cpu.saturating_sub(b.cpu).min(wall)
+        }
+        _ => wall,
     }
 }
 
@@ -361,4 +410,43 @@ pub fn submit_queue<R: UsedRing>(
         }
     }
     Ok(notify)
+}
+
+#[cfg(test)]
+mod cost_tests {
+    use super::*;
+
+    fn usage(cpu_us: u64, switches: i64) -> Option<ThreadUsage> {
+        Some(ThreadUsage {
+            cpu: Duration::from_micros(cpu_us),
+            voluntary_switches: switches,
+        })
+    }
+
+    #[test]
+    fn an_executor_request_that_never_slept_counts_its_cpu_time_not_its_preempted_wall_time() {
+        let wall = Duration::from_micros(900);
+        // Preempted for most of its 900 us, 5 us of CPU, never slept: a cache hit.
+        assert_eq!(
+            executor_cost(wall, usage(100, 7), usage(105, 7)),
+            Duration::from_micros(5)
+        );
+        // It slept (waited for the disk or a lock): the whole wall-clock time.
+        assert_eq!(executor_cost(wall, usage(100, 7), usage(105, 8)), wall);
+        // Without usage figures: wall-clock time, as before.
+        assert_eq!(executor_cost(wall, None, usage(105, 7)), wall);
+    }
+
+    #[test]
+    fn thread_usage_sees_a_sleep_as_a_voluntary_switch() {
+        let (Some(a), Some(b)) = (ThreadUsage::now(), {
+            std::thread::sleep(Duration::from_millis(2));
+            ThreadUsage::now()
+        }) else {
+            panic!("getrusage(RUSAGE_THREAD) failed");
+        };
+        assert!(b.voluntary_switches > a.voluntary_switches);
+        let cost = executor_cost(Duration::from_millis(2), Some(a), Some(b));
+        assert_eq!(cost, Duration::from_millis(2));
+    }
 }

@@ -139,6 +139,8 @@ pub const ALLOWED: &[(&str, libc::c_long)] = &[
     ("rt_sigreturn", libc::SYS_rt_sigreturn), ("rt_sigtimedwait", libc::SYS_rt_sigtimedwait),
     ("clock_gettime", libc::SYS_clock_gettime), ("clock_nanosleep", libc::SYS_clock_nanosleep),
     ("nanosleep", libc::SYS_nanosleep), ("getrandom", libc::SYS_getrandom),
+    // The runner classifies executor requests by their own thread's CPU time and sleeps.
+    ("getrusage", libc::SYS_getrusage),
     // The kernel restarts a sleeping call interrupted by SIGSTOP/SIGCONT with restart_syscall.
     ("restart_syscall", libc::SYS_restart_syscall),
     // Exit paths (abort raises SIGABRT on its own thread) and the socket file's removal.

@@ -235,6 +235,14 @@ impl Chain {
         Duration::from_nanos(self.last_pause_ns.load(Ordering::Relaxed))
     }
 
+    /// The qcow2 image on top of the chain, if the top is qcow2.
+    pub fn top_qcow(&self) -> Option<Arc<QcowImage>> {
+        self.current_qcow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// qcow2 data clusters allocated by guest writes since start, over every top so far.
     pub fn clusters_allocated(&self) -> u64 {
         let cur = self

@@ -36,7 +36,10 @@
 //!   deferred; the zap waits for writebacks already in flight, runs the lower operation, then
 //!   drops the cached sectors in the range (zeroing partly covered ones) and unregisters.
 //! - Flush writes back every folio that was accounted when it started (waiting for in-flight
-//!   writebacks and retrying failed ones), then flushes the lower layer. A failed writeback fails
+//!   writebacks and retrying failed ones), then flushes the lower layer. A long list is written
+//!   back by up to `FLUSH_WORKERS` scoped threads, each taking runs of adjacent folios (the
+//!   writeback path is the same; folios are independent), so that copy-on-write writebacks that
+//!   wait for backing reads overlap. A failed writeback fails
 //!   the flush and stays dirty; a failed lower flush makes every later flush fail (the lower
 //!   layer may have dropped data the cache already considers clean).
 //! - Background writeback: the flusher thread is woken after every `WRITEBACK_BATCH` folios
@@ -83,6 +86,10 @@ use crate::{CacheConfig, CacheHooks, HookPoint, NewCacheError};
 const MAX_SHARDS: usize = 64;
 /// Folios written back per batch by the flusher and by throttled writers.
 const WRITEBACK_BATCH: usize = 16;
+/// Most threads a flush writes back with (see `Inner::sync_folios`).
+const FLUSH_WORKERS: usize = 8;
+/// Adjacent folios a flush thread writes back in one go.
+const FLUSH_CHUNK: usize = 16;
 /// Largest writeback, in bytes, when consecutive folios are written back together.
 const MAX_CLUSTER: usize = 1 << 20;
 /// Recycled folio buffers kept for reuse.
@@ -1301,6 +1308,41 @@ impl Inner {
         }
     }
 
+    /// Writes back every folio of `folios` (in disk order) and returns the first error. A long
+    /// list is shared by up to `FLUSH_WORKERS` threads that take runs of `FLUSH_CHUNK` adjacent
+    /// folios each, so that the lower layer sees several writebacks at once (a copy-on-write
+    /// writeback waits for a read of the backing file) while each run stays sequential.
+    fn sync_folios(&self, folios: &[Arc<Folio>]) -> Option<BlockError> {
+        let chunks = folios.len().div_ceil(FLUSH_CHUNK);
+        let workers = chunks.min(FLUSH_WORKERS);
+        let next = AtomicUsize::new(0);
+        let first_error = Mutex::new(None);
+        let work = || loop {
+            let start = next.fetch_add(1, Ordering::Relaxed) * FLUSH_CHUNK;
+            let Some(chunk) = folios.get(start..(start + FLUSH_CHUNK).min(folios.len())) else {
+                break;
+            };
+            for f in chunk {
+                if let Err(e) = self.sync_folio(f) {
+                    lock(&first_error).get_or_insert(e);
+                }
+            }
+        };
+        if workers <= 1 {
+            work();
+        } else {
+            std::thread::scope(|s| {
+                for _ in 1..workers {
+                    s.spawn(work);
+                }
+                work();
+            });
+        }
+        first_error
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Writes back up to `max` dirty folios (round robin over the disk), skipping busy ones.
     /// Returns how many were written; an error only if none could be written.
     fn writeback_some(&self, max: usize) -> Result<usize> {
@@ -1345,12 +1387,7 @@ impl Inner {
 
     fn flush(&self) -> Result<()> {
         let accounted: Vec<Arc<Folio>> = lock(&self.dirty_list).values().cloned().collect();
-        let mut first_error = None;
-        for f in &accounted {
-            if let Err(e) = self.sync_folio(f) {
-                first_error.get_or_insert(e);
-            }
-        }
+        let first_error = self.sync_folios(&accounted);
         drop(accounted);
         if let Some(e) = first_error {
             return Err(e);

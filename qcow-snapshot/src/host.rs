@@ -30,6 +30,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 
+use crate::direct::{set_o_direct, DirectIo};
+
 /// Positional I/O on the file that holds a qcow2 image.
 #[allow(clippy::len_without_is_empty)]
 pub trait HostFile: Send + Sync {
@@ -43,6 +45,14 @@ pub trait HostFile: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Truncates or extends the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Moves the file's data path below the host page cache (O_DIRECT, see [`crate::direct`]).
+    /// Files that cannot do so say `Unsupported`.
+    fn enable_direct(&self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this image file cannot use O_DIRECT",
+        ))
+    }
 }
 
 /// A shared host file (so a test or a recording layer can keep a handle to it).
@@ -65,6 +75,10 @@ impl<T: HostFile + ?Sized> HostFile for std::sync::Arc<T> {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+
+    fn enable_direct(&self) -> io::Result<()> {
+        (**self).enable_direct()
     }
 }
 
@@ -89,18 +103,31 @@ impl<T: HostFile + ?Sized> HostFile for Box<T> {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
+
+    fn enable_direct(&self) -> io::Result<()> {
+        (**self).enable_direct()
+    }
 }
 
-/// A real file.
+/// A real file, buffered or (after [`HostFile::enable_direct`]) with O_DIRECT.
 #[derive(Debug)]
 pub struct FileHost {
     file: File,
+    direct: std::sync::OnceLock<DirectIo>,
 }
 
 impl FileHost {
     /// Wraps an open file.
     pub fn new(file: File) -> Self {
-        FileHost { file }
+        FileHost {
+            file,
+            direct: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Whether the file's I/O bypasses the host page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct.get().is_some()
     }
 
     /// The underlying file.
@@ -111,11 +138,17 @@ impl FileHost {
 
 impl HostFile for FileHost {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        blockdev::read_full_at(&self.file, buf, offset)
+        match self.direct.get() {
+            Some(d) => d.read_at(&self.file, buf, offset),
+            None => blockdev::read_full_at(&self.file, buf, offset),
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        match self.direct.get() {
+            Some(d) => d.write_at(&self.file, buf, offset),
+            None => self.file.write_all_at(buf, offset),
+        }
     }
 
     fn sync_data(&self) -> io::Result<()> {
@@ -129,6 +162,17 @@ impl HostFile for FileHost {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn enable_direct(&self) -> io::Result<()> {
+        if self.is_direct() {
+            return Ok(());
+        }
+        let d = DirectIo::for_file(&self.file);
+        set_o_direct(&self.file, true)?;
+        // Callers switch before any I/O of the image runs, so no request sees half a switch.
+        let _ = self.direct.set(d);
+        Ok(())
     }
 }
 
@@ -458,6 +502,10 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.change(Change::SetLen(len))
+    }
+
+    fn enable_direct(&self) -> io::Result<()> {
+        self.inner.enable_direct()
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`format`]: on-disk structures, no I/O.
 //! - [`host`]: the tiny [`HostFile`] trait all image-file I/O goes through.
+//! - [`direct`]: O_DIRECT reads and writes with alignment, bounce buffers and short completions.
 //! - [`image`]: [`QcowImage`], the engine, a [`blockdev::BlockDev`].
 //! - [`create`]: new v3 images. [`refcount`]: refcount layout and dirty-bit repair.
 //! - [`policy`]: which files a backing chain may name; format-less backing files are raw.
@@ -16,6 +17,7 @@ pub mod check;
 pub mod compress;
 pub mod convert;
 pub mod create;
+pub mod direct;
 pub mod error;
 pub mod format;
 pub mod host;

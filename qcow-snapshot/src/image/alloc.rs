@@ -345,50 +345,18 @@ impl Meta {
     /// each refcount block reachable from the header has a nonzero refcount reachable from it.
     /// An entry is never written outside the table the on-disk header names.
     pub(super) fn write_reftable_entries(&mut self, io: &dyn HostFile) -> Result<()> {
-        let on_disk_entries = u64::from(self.header.refcount_table_clusters) * (self.cs() / 8);
-        if self.reftable.len() as u64 != on_disk_entries {
-            return Err(corrupt(format!(
-                "in-memory refcount table has {} entries but the one on disk has {on_disk_entries}",
-                self.reftable.len()
-            )));
-        }
-        while !self.reftable_dirty.is_empty() {
-            let ready: Vec<usize> = self
-                .reftable_dirty
-                .iter()
-                .copied()
-                .filter(|&i| {
-                    let bo = self
-                        .reftable
-                        .get(i)
-                        .map_or(0, |&e| reftable_entry_offset(e));
-                    let counted_in = self.geo.refcount_table_index(bo) as usize;
-                    bo == 0 || counted_in == i || !self.reftable_dirty.contains(&counted_in)
-                })
-                .collect();
-            if ready.is_empty() {
-                return Err(corrupt(
-                    "new refcount blocks count each other in a cycle".into(),
-                ));
-            }
-            for &i in &ready {
-                if i as u64 >= on_disk_entries {
-                    return Err(corrupt(format!(
-                        "refcount table entry {i} is outside the on-disk table"
-                    )));
-                }
-                let e = self.reftable.get(i).copied().unwrap_or(0);
-                io.write_at(
-                    &e.to_be_bytes(),
-                    self.header.refcount_table_offset + i as u64 * 8,
-                )?;
+        let mut pending = self.reftable_dirty.clone();
+        loop {
+            let level = self.write_reftable_level(io, &mut pending)?;
+            if level.is_empty() {
+                return Ok(());
             }
             io.sync_data()?;
-            for i in ready {
+            for (i, _, _) in level {
+                pending.remove(&i);
                 self.reftable_dirty.remove(&i);
             }
         }
-        Ok(())
     }
 
     /// Writes all dirty metadata in dependency order. Guest data written before the call is
@@ -424,7 +392,9 @@ impl Meta {
     }
 
     pub(super) fn maybe_flush(&mut self, io: &dyn HostFile) -> Result<()> {
-        if self.dirty > self.dirty_cap {
+        // Skipped while a flush runs without the lock: it would write newer L2 tables that the
+        // flush's older copies could then overwrite (see the `flush` module).
+        if self.dirty > self.dirty_cap && !self.flushing {
             self.flush_meta(io, true)?;
         }
         Ok(())

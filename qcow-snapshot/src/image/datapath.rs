@@ -1,5 +1,5 @@
 //! The data path of [`QcowImage`]: reads (backing, compressed, subcluster), allocating writes
-//! with copy-on-write, write-zeroes/discard, flush and close.
+//! with copy-on-write, write-zeroes/discard and close (the flush is in `flush.rs`).
 //!
 //! Locking: each request holds `gate` shared from its mapping lookup until its data I/O is done,
 //! takes `meta` only for lookups and metadata updates and drops it for data I/O; requests that
@@ -651,22 +651,6 @@ impl QcowImage {
             pos += n;
         }
         self.write_zero_ranges(partial)
-    }
-
-    pub(super) fn flush_inner(&self) -> Result<()> {
-        let frees = {
-            let mut m = self.lock();
-            // Cleared before the sync so writes completing during it are synced next time.
-            let written = self.data_written.swap(false, Ordering::AcqRel);
-            m.flush_meta(&self.io, written)?;
-            std::mem::take(&mut m.pending_free)
-        };
-        if !frees.is_empty() {
-            // No request may still hold a mapping to a cluster that is about to become free.
-            let _excl = self.gate.write().unwrap_or_else(|e| e.into_inner());
-            self.lock().apply_frees(&self.io, frees)?;
-        }
-        Ok(())
     }
 
     /// Flushes everything, clears the dirty bit and stops accepting writes. Called by `Drop`

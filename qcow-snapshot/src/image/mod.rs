@@ -6,13 +6,17 @@
 //! - [`metadata`]: L1/L2 lookups and updates, [`Mapping`]/[`Extent`].
 //! - [`table_cache`]: the one LRU for L2 tables and refcount blocks.
 //! - [`alloc`]: refcounts, allocation, refcount-table growth and the metadata flush.
-//! - [`datapath`]: read/write/COW/zero/discard/flush/close of [`QcowImage`].
+//! - [`datapath`]: read/write/COW/zero/discard/close of [`QcowImage`].
+//! - [`flush`]: the flush, which plans under the metadata lock and syncs without it.
 //!
 //! # Locking model
 //! - `meta: Mutex<Meta>` guards all metadata: the L1 table, the L2-table and refcount-block
 //!   caches, the refcount table, the allocator and the set of guest clusters with an allocation
-//!   in flight. It is held only for lookups and metadata updates (and during flushes, which do
-//!   metadata I/O); guest data is read and written with the lock released.
+//!   in flight. It is held only for lookups, metadata updates and a flush's pwrites of
+//!   refcount blocks and refcount-table entries, never across a flush's fdatasync (see
+//!   [`flush`]); guest data is read and written with the lock released. (Exceptions: the
+//!   refcount-table growth, and the in-lock flush forced by the dirty-metadata bound.)
+//! - `flush_lock: Mutex<()>` serializes flushes; taken before `meta`, released before `gate`.
 //! - `alloc_done: Condvar` (with `meta`) wakes requests that wait for another request's
 //!   allocation of the same guest cluster: the first request allocates, the second waits and
 //!   then writes into the now-allocated cluster, so a cluster is never allocated twice and
@@ -39,6 +43,7 @@
 
 mod alloc;
 mod datapath;
+mod flush;
 mod header;
 mod metadata;
 mod table_cache;
@@ -87,6 +92,8 @@ struct Meta {
     pending_free: Vec<u64>,
     /// Guest clusters with an allocation in flight.
     inflight: HashSet<u64>,
+    /// A flush is between its plan and its end (see [`flush`]).
+    flushing: bool,
     tick: u64,
     dirty: usize,
     l2_cap: usize,
@@ -118,6 +125,8 @@ pub struct QcowImage {
     meta: Mutex<Meta>,
     alloc_done: Condvar,
     gate: RwLock<()>,
+    /// Serializes flushes (see [`flush`]); taken before `meta`.
+    flush_lock: Mutex<()>,
     corrupt: AtomicBool,
     closed: AtomicBool,
     zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
@@ -205,6 +214,7 @@ impl QcowImage {
             free_hint: cs,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
+            flushing: false,
             tick: 0,
             dirty: 0,
             l2_cap,
@@ -224,6 +234,7 @@ impl QcowImage {
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             gate: RwLock::new(()),
+            flush_lock: Mutex::new(()),
             corrupt: AtomicBool::new(
                 header.incompatible_features & incompat::CORRUPT != 0 && !read_only,
             ),
@@ -241,6 +252,13 @@ impl QcowImage {
         m.l2_cap = l2_tables.max(1);
         m.block_cap = refcount_blocks.max(1);
         m.dirty_cap = dirty.max(1);
+    }
+
+    /// Moves the image file's I/O below the host page cache (O_DIRECT; see [`crate::direct`]).
+    /// Call before serving requests. Fails (and changes nothing) where the file or its file
+    /// system cannot do direct I/O.
+    pub fn enable_direct(&self) -> io::Result<()> {
+        self.io.enable_direct()
     }
 
     /// The cluster geometry.
