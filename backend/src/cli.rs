@@ -121,6 +121,12 @@ pub struct ServeArgs {
     /// With --snapshot: create the overlay at PATH and keep it at exit.
     #[arg(long, value_name = "PATH", requires = "snapshot")]
     pub keep_overlay: Option<PathBuf>,
+    /// Crash journal: every write is recorded in this file (host page cache, not synced)
+    /// before it completes, and a daemon started after a crash replays what was not flushed
+    /// before it serves. Default: SOCKET.journal, except with --snapshot or --readonly;
+    /// `none` turns it off.
+    #[arg(long, value_name = "PATH|none")]
+    pub crash_journal: Option<PathBuf>,
     /// Memory for the folio cache (e.g. 64M, 1G).
     #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_size)]
     pub cache_size: u64,
@@ -184,6 +190,7 @@ impl ServeArgs {
             format: None,
             snapshot: false,
             keep_overlay: None,
+            crash_journal: None,
             cache_size: 256 << 20,
             dirty_limit: 64 << 20,
             folio_size: 64 << 10,
@@ -219,6 +226,21 @@ pub fn parse_block_size(s: &str) -> Result<u32, String> {
 
 impl ServeArgs {
     /// The in-flight bound per queue: `--max-inflight`, or the deprecated `--io-threads` + 1.
+    /// Where the crash journal lives, if there is one (see `--crash-journal`).
+    pub fn effective_crash_journal(&self) -> Option<PathBuf> {
+        match &self.crash_journal {
+            _ if self.readonly => None,
+            Some(p) if p.as_os_str() == "none" => None,
+            Some(p) => Some(p.clone()),
+            None if self.snapshot => None,
+            None => {
+                let mut p = self.socket.clone().into_os_string();
+                p.push(".journal");
+                Some(PathBuf::from(p))
+            }
+        }
+    }
+
     pub fn effective_max_inflight(&self) -> usize {
         match self.io_threads {
             Some(n) => n + 1,

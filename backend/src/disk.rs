@@ -1,7 +1,8 @@
 //! Which block device the daemon serves: the single place that turns `serve` arguments into the
 //! layer stack behind the virtio-blk front end.
 //!
-//! The stack, top to bottom: [`cache::FolioCache`] (write-back folio cache; in write-through mode
+//! The stack, top to bottom: the crash journal ([`crate::journal::Journal`], unless
+//! `--crash-journal none`, `--snapshot` or `--readonly`) → [`cache::FolioCache`] (write-back folio cache; in write-through mode
 //! every write is durable before it completes) → the image: a qcow2 overlay
 //! ([`qcow_snapshot::QcowImage`] with its read-only backing chain) or a raw file. With
 //! `--snapshot` a fresh qcow2 overlay is created over the image first (the image itself is only
@@ -172,6 +173,14 @@ pub enum OpenDiskError {
     /// The cache settings are invalid.
     #[error("invalid cache settings: {0}")]
     Cache(#[from] cache::NewCacheError),
+    /// The crash journal could not be opened or replayed.
+    #[error("crash journal {path}: {source}")]
+    Journal {
+        /// The journal path.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
 }
 
 /// Creates the `--snapshot` overlay over `args.image` and returns its path and whether it is kept.
@@ -269,14 +278,34 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
         ..CacheConfig::default()
     };
     let cache = FolioCache::new(dev, cfg)?;
+    // The crash journal sits below the probed-raw guard (a refused write is never journaled)
+    // and above the cache; it replays what a crashed daemon left before anything is served.
+    let journaled: Arc<dyn BlockDev> = match args.effective_crash_journal() {
+        Some(path) => {
+            let jerr = |source| OpenDiskError::Journal {
+                path: path.clone(),
+                source,
+            };
+            let id = crate::journal::Identity::of(&image).map_err(jerr)?;
+            let (j, _recovery) = crate::journal::Journal::open(
+                cache.clone(),
+                &path,
+                &id,
+                crate::journal::DEFAULT_SEGMENT,
+            )
+            .map_err(jerr)?;
+            Arc::new(j)
+        }
+        None => cache.clone(),
+    };
     let top: Arc<dyn BlockDev> = if probed == Some(Format::Raw) && !args.readonly {
         log::warn!("{}", crate::probe_guard::probed_raw_warning(&image));
         Arc::new(crate::probe_guard::ProbedRawGuard::new(
-            cache.clone(),
+            journaled,
             image.clone(),
         ))
     } else {
-        cache.clone()
+        journaled
     };
     let mode_policy = Arc::new(crate::live::ModePolicy::new(Arc::new(CacheSwitch(
         cache.clone(),

@@ -34,6 +34,7 @@ pub mod disk;
 pub mod image_cmd;
 pub mod img_size;
 pub mod inflight;
+pub mod journal;
 pub mod live;
 pub mod metrics;
 pub mod metrics_http;

@@ -234,11 +234,17 @@ impl VhostUserBlk {
             .and_then(|t| t.lock().unwrap_or_else(|e| e.into_inner()).clone());
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
+        // First pass since the ring started: resubmit what a previous backend left in flight,
+        // and signal the driver in any case: a backend that died (or stopped) after putting
+        // requests on the used ring may never have delivered their interrupt, and the driver,
+        // waiting for them, would never kick again. A spurious interrupt costs the driver one
+        // look at the used ring.
         let mut resubmitted = false;
-        if let Some(t) = &track {
-            if self.recover[thread_id].swap(false, Ordering::AcqRel) {
-                resubmitted = self.resubmit(&mut worker, queue, t, thread_id);
+        if self.recover[thread_id].swap(false, Ordering::AcqRel) {
+            if let Some(t) = &track {
+                self.resubmit(&mut worker, queue, t, thread_id);
             }
+            resubmitted = true;
         }
         let result = match self.runners.get(thread_id).and_then(Option::as_ref) {
             Some(runner) => {
@@ -377,15 +383,12 @@ impl VhostUserBackend for VhostUserBlk {
         let state = vring.get_ref();
         let size = state.get_queue().size();
         let part = region.and_then(|r| r.queue(index, size)).map(Arc::new);
-        let tracked = part.is_some();
         *track.lock().unwrap_or_else(|e| e.into_inner()) = part;
-        recover.store(tracked, Ordering::Release);
-        if tracked {
-            // Run a pass as soon as the ring is watched, even if the guest (waiting for the
-            // requests it has in flight) never kicks again.
-            if let Some(kick) = state.get_kick() {
-                crate::reconnect::kick(kick);
-            }
+        recover.store(true, Ordering::Release);
+        // Run a pass as soon as the ring is watched, even if the guest (waiting for the requests
+        // it has in flight) never kicks again.
+        if let Some(kick) = state.get_kick() {
+            crate::reconnect::kick(kick);
         }
         Ok(())
     }
