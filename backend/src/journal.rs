@@ -552,6 +552,7 @@ impl Journal {
         blockdev::check_range(offset, len, self.lower.size())?;
         let _range = self.lock_range(offset, len);
         let seg = self.append(kind, offset, len, data)?;
+        crate::reconnect::test_abort_point("executing");
         let r = op();
         self.done(seg);
         r

@@ -274,6 +274,7 @@ impl QueueInflight {
         let c = self.counter.fetch_add(1, Ordering::Relaxed);
         self.counter_of(head).store(c, Ordering::Release);
         self.inflight(head).store(1, Ordering::Release);
+        test_abort_point("popped");
     }
 
     /// Before the used element for `head` is written.
@@ -331,6 +332,29 @@ impl QueueInflight {
     }
 }
 
+/// Test hook: `SNAPBLK_TEST_ABORT_AT=STAGE:N` aborts the daemon (SIGABRT, like a SIGKILL: no
+/// unwinding, no flush) the `N`th time a request reaches `STAGE`: `popped` (marked in flight,
+/// not executed), `executed` (its disk operation returned, not yet on the used ring) or
+/// `published` (on the used ring, its in-flight mark not yet cleared). Used by
+/// tests/tests/reconnect_inflight.rs; unset in production (one relaxed load per request).
+pub fn test_abort_point(stage: &str) {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::OnceLock;
+    static SPEC: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("SNAPBLK_TEST_ABORT_AT").ok()?;
+        let (s, n) = v.split_once(':')?;
+        Some((s.to_string(), n.parse().ok()?))
+    });
+    if let Some((s, n)) = spec {
+        if s == stage && COUNT.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+            log::error!("test hook: aborting at stage {stage} (request {n})");
+            std::process::abort();
+        }
+    }
+}
+
 /// Adds a used element for `head` to `queue`, recording the completion in `track` around it
 /// (see the module documentation for the order).
 pub fn add_used_tracked<M: GuestMemory>(
@@ -340,10 +364,12 @@ pub fn add_used_tracked<M: GuestMemory>(
     len: u32,
     track: Option<&QueueInflight>,
 ) -> Result<(), virtio_queue::Error> {
+    test_abort_point("executed");
     if let Some(t) = track {
         t.completing(head);
     }
     queue.add_used(mem, head, len)?;
+    test_abort_point("published");
     if let Some(t) = track {
         t.completed(head, queue.next_used());
     }
