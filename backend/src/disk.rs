@@ -294,7 +294,15 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
                 crate::journal::DEFAULT_SEGMENT,
             )
             .map_err(jerr)?;
-            Arc::new(j)
+            let j = Arc::new(j);
+            // After a live snapshot the journal's records belong to the new top.
+            let weak = Arc::downgrade(&j);
+            chain.on_new_top(Box::new(move |p| {
+                if let Some(j) = weak.upgrade() {
+                    j.rebind(p);
+                }
+            }));
+            j
         }
         None => cache.clone(),
     };

@@ -402,6 +402,39 @@ impl Journal {
         Ok((j, recovery))
     }
 
+    /// Records that the image is now `top` (a live snapshot switched the top; called while
+    /// guest requests are paused). The records already in the journal were flushed into the
+    /// frozen image, which the new top shows through, so replaying them into the new top
+    /// changes nothing; later records belong to the new top. On failure writes are refused
+    /// from then on (a journal naming the wrong image would be refused at restart anyway).
+    pub fn rebind(&self, top: &Path) {
+        if self.refused.is_some() {
+            return;
+        }
+        let _one = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock_state();
+        let done = Identity::of(top).and_then(|id| {
+            self.file
+                .write_all_at(&encode_header(&id, random_uuid()), 0)
+                .map(|()| id)
+        });
+        match done {
+            Ok(id) => info!(
+                "crash journal {} now records writes of {}",
+                self.path.display(),
+                id.path
+            ),
+            Err(e) => {
+                error!(
+                    "crash journal {}: cannot record the new top {}: {e}; writes are refused",
+                    self.path.display(),
+                    top.display()
+                );
+                st.poisoned = true;
+            }
+        }
+    }
+
     /// The journal file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -327,3 +327,33 @@ fn a_write_racing_a_flush_stays_in_the_journal() {
         [vec![1; 512], vec![2; 512]].concat()
     );
 }
+
+/// A live snapshot makes a new file the top: the journal then belongs to it, so a daemon
+/// restarted on the new top replays, and one started on the frozen image refuses.
+#[test]
+fn after_a_live_snapshot_the_journal_belongs_to_the_new_top() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old.qcow2"), dir.path().join("new.qcow2"));
+    std::fs::write(&old, b"x").unwrap();
+    std::fs::write(&new, b"y").unwrap();
+    let (old_id, new_id) = (Identity::of(&old).unwrap(), Identity::of(&new).unwrap());
+    let path = dir.path().join("j");
+    let lower = Volatile::new(vec![0; SIZE]);
+    let (j, _) = open(lower.clone(), &path, &old_id, 1 << 20);
+    j.write_at(&[1; 512], 0).unwrap();
+    j.rebind(&new);
+    j.write_at(&[2; 512], 512).unwrap();
+    drop(j);
+    let (_j, rec) = open(Volatile::new(vec![0; SIZE]), &path, &old_id, 1 << 20);
+    assert!(
+        rec.refused.is_some(),
+        "the frozen image must not take the new top's writes"
+    );
+    let after = Volatile::new(lower.durable());
+    let (_j, rec) = open(after.clone(), &path, &new_id, 1 << 20);
+    assert_eq!(rec.replayed, 2);
+    assert_eq!(
+        read(&*after, 0, 1024),
+        [vec![1; 512], vec![2; 512]].concat()
+    );
+}
