@@ -45,6 +45,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -373,6 +374,15 @@ impl Journal {
             // A fresh journal: new header, both segments empty (generation 1 and 2 after any
             // earlier ones, so stale records never count).
             file.set_len(0)?;
+            // Allocate the whole file now: appends then never extend it (no size update per
+            // record) and never fail for lack of space. Where fallocate is not supported, a
+            // sparse file of the same size.
+            let total = FILE_HEADER + 2 * seg_len;
+            let total_off = libc::off_t::try_from(total).map_err(io::Error::other)?;
+            // SAFETY: fallocate on a descriptor we own, mode 0, a valid range.
+            if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, total_off) } != 0 {
+                file.set_len(total)?;
+            }
             file.write_all_at(&encode_header(identity, random_uuid()), 0)?;
         }
         let j = Journal {
@@ -517,12 +527,7 @@ impl Journal {
                 let header = encode_record_header(kind, seq, gen, offset, len, data);
                 // One record at a time (state lock held): no hole can precede an acknowledged
                 // record.
-                self.file.write_all_at(&header, at).map_err(io_err)?;
-                if !data.is_empty() {
-                    self.file
-                        .write_all_at(data, at + REC_HEADER as u64)
-                        .map_err(io_err)?;
-                }
+                pwritev_all(&self.file, &header, data, at).map_err(io_err)?;
                 st.next_seq += 1;
                 st.tail[seg] += rec_len;
                 st.pending[seg] += 1;
@@ -590,6 +595,44 @@ impl Journal {
         self.done(seg);
         r
     }
+}
+
+/// Writes `a` then `b` at `off` with as few `pwritev` calls as it takes.
+fn pwritev_all(file: &File, a: &[u8], b: &[u8], off: u64) -> io::Result<()> {
+    let total = a.len() + b.len();
+    let mut done = 0usize;
+    while done < total {
+        let (first, second) = if done < a.len() {
+            (&a[done..], b)
+        } else {
+            (&b[done - a.len()..], &b[..0])
+        };
+        let iov = [
+            libc::iovec {
+                iov_base: first.as_ptr() as *mut libc::c_void,
+                iov_len: first.len(),
+            },
+            libc::iovec {
+                iov_base: second.as_ptr() as *mut libc::c_void,
+                iov_len: second.len(),
+            },
+        ];
+        let at = libc::off_t::try_from(off + done as u64).map_err(io::Error::other)?;
+        // SAFETY: both iovecs describe live, readable slices; the descriptor is ours.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), 2, at) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
 }
 
 /// Reads up to `buf.len()` bytes at `off` (short at end of file).
