@@ -161,7 +161,7 @@ impl InflightRegion {
         }
         // SAFETY: sysconf has no memory-safety preconditions.
         let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        if msg.mmap_offset % page != 0 {
+        if !msg.mmap_offset.is_multiple_of(page) {
             return Err(bad(format!(
                 "inflight buffer offset {} is not page aligned",
                 msg.mmap_offset

@@ -82,6 +82,9 @@ pub enum SnapshotError {
     Failed(String),
 }
 
+/// What [`Chain::on_new_top`] registers.
+type NewTopHook = Box<dyn Fn(&Path) + Send>;
+
 struct ChainState {
     top: Top,
     /// Called once, at the first snapshot: the first top becomes a backing file and must be
@@ -89,7 +92,7 @@ struct ChainState {
     on_first_freeze: Option<Box<dyn FnOnce() + Send>>,
     /// Called at every snapshot with the new top's path, while guest requests are still paused
     /// (the crash journal records which image its records belong to).
-    on_new_top: Option<Box<dyn Fn(&Path) + Send>>,
+    on_new_top: Option<NewTopHook>,
 }
 
 /// The image chain under the cache, see the module documentation.
@@ -191,7 +194,7 @@ impl Chain {
 
     /// Registers `f`, called at every snapshot with the new top's path before guest requests
     /// resume.
-    pub fn on_new_top(&self, f: Box<dyn Fn(&Path) + Send>) {
+    pub fn on_new_top(&self, f: NewTopHook) {
         self.lock().on_new_top = Some(f);
     }
 

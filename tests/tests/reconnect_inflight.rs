@@ -325,7 +325,12 @@ fn die_at_and_recover(stage: &str, nth: usize) {
     }
     drop(fe);
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(second.child.id() as libc::pid_t, libc::SIGTERM) };
+    unsafe {
+        libc::kill(
+            libc::pid_t::try_from(second.child.id()).unwrap(),
+            libc::SIGTERM,
+        )
+    };
     let st = wait_exit(&mut second, Duration::from_secs(20));
     assert!(st.success(), "second daemon: {st}");
     let img = File::open(&image).unwrap();
