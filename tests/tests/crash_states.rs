@@ -123,6 +123,34 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// A 64 KiB write-back folio cache with 4 KiB folios and a busy flusher over `img`.
+fn small_writeback_cache(img: Arc<qcow_snapshot::QcowImage>) -> Arc<dyn BlockDev> {
+    let cfg = cache::CacheConfig {
+        folio_size: 4096,
+        cache_size: 64 << 10,
+        dirty_limit: 32 << 10,
+        writeback: true,
+        flusher_threads: 1,
+        writeback_interval: Duration::from_millis(2),
+        ..Default::default()
+    };
+    cache::FolioCache::new(img as Arc<dyn BlockDev>, cfg).expect("cache")
+}
+
+/// The overlay scenario of `round`.
+fn build_overlay(round: Round, disk_size: u64, dir: &std::path::Path, rng: &mut StdRng) -> Overlay {
+    Overlay::build(
+        dir,
+        round.kind,
+        disk_size,
+        round.cluster_size,
+        round.refcount_order,
+        round.extended_l2,
+        rng,
+    )
+    .expect("build overlay")
+}
+
 /// Runs one round; returns the number of states explored.
 fn run_round(
     round: Round,
@@ -140,29 +168,11 @@ fn run_round(
     } else {
         1 << 20
     };
-    let ov = Overlay::build(
-        dir.path(),
-        round.kind,
-        disk_size,
-        round.cluster_size,
-        round.refcount_order,
-        round.extended_l2,
-        &mut rng,
-    )
-    .expect("build overlay");
+    let ov = build_overlay(round, disk_size, dir.path(), &mut rng);
     let rec = Recorder::new(ov.fresh.clone());
     let img = Arc::new(ov.open(Box::new(rec.file())).expect("open fresh overlay"));
     let dev: Arc<dyn BlockDev> = if round.cached {
-        let cfg = cache::CacheConfig {
-            folio_size: 4096,
-            cache_size: 64 << 10,
-            dirty_limit: 32 << 10,
-            writeback: true,
-            flusher_threads: 1,
-            writeback_interval: Duration::from_millis(2),
-            ..Default::default()
-        };
-        cache::FolioCache::new(img.clone() as Arc<dyn BlockDev>, cfg).expect("cache")
+        small_writeback_cache(img.clone())
     } else {
         img.clone()
     };
@@ -492,30 +502,11 @@ fn run_daemon_kill_round(
     } else {
         1 << 20
     };
-    let ov = Overlay::build(
-        dir.path(),
-        round.kind,
-        disk_size,
-        round.cluster_size,
-        round.refcount_order,
-        round.extended_l2,
-        &mut rng,
-    )
-    .expect("build overlay");
+    let ov = build_overlay(round, disk_size, dir.path(), &mut rng);
     let rec = Recorder::new(ov.fresh.clone());
     rec.set_recording(false);
     let img = Arc::new(ov.open(Box::new(rec.file())).expect("open fresh overlay"));
-    let cfg = cache::CacheConfig {
-        folio_size: 4096,
-        cache_size: 64 << 10,
-        dirty_limit: 32 << 10,
-        writeback: true,
-        flusher_threads: 1,
-        writeback_interval: Duration::from_millis(2),
-        ..Default::default()
-    };
-    let cache: Arc<dyn BlockDev> =
-        cache::FolioCache::new(img.clone() as Arc<dyn BlockDev>, cfg).expect("cache");
+    let cache = small_writeback_cache(img.clone());
     let id = Identity {
         path: "crashsim-overlay".into(),
         dev: 0,
