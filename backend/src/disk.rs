@@ -344,8 +344,11 @@ mod tests {
     fn open_disk_serves_the_raw_file_with_its_size_and_mode() {
         let tmp = tempfile::NamedTempFile::new().unwrap();
         tmp.as_file().set_len(3 << 20).unwrap();
-        let mut args = ServeArgs::with_defaults(tmp.path().to_path_buf(), "unused".into());
+        let dir = tempfile::tempdir().unwrap();
+        // The crash journal defaults to SOCKET.journal: keep it in the temporary directory.
+        let mut args = ServeArgs::with_defaults(tmp.path().to_path_buf(), dir.path().join("s"));
         let disk = open_disk(&args).unwrap();
+        assert!(dir.path().join("s.journal").is_file(), "the crash journal is on by default");
         assert_eq!(disk.dev.size(), 3 << 20);
         assert!(!disk.dev.is_read_only());
         assert!(
