@@ -123,8 +123,9 @@ pub struct ServeArgs {
     pub keep_overlay: Option<PathBuf>,
     /// Crash journal: every write is recorded in this file (host page cache, not synced)
     /// before it completes, and a daemon started after a crash replays what was not flushed
-    /// before it serves. Default: SOCKET.journal, except with --snapshot or --readonly;
-    /// `none` turns it off.
+    /// before it serves. Default: SOCKET.journal, except with --readonly or a throwaway
+    /// --snapshot overlay (with --keep-overlay the journal belongs to the kept overlay: restart
+    /// with --image KEPT); `none` turns it off.
     #[arg(long, value_name = "PATH|none")]
     pub crash_journal: Option<PathBuf>,
     /// Memory for the folio cache (e.g. 64M, 1G).
@@ -232,7 +233,8 @@ impl ServeArgs {
             _ if self.readonly => None,
             Some(p) if p.as_os_str() == "none" => None,
             Some(p) => Some(p.clone()),
-            None if self.snapshot => None,
+            // A throwaway overlay dies with the daemon: nothing to replay into.
+            None if self.snapshot && self.keep_overlay.is_none() => None,
             None => {
                 let mut p = self.socket.clone().into_os_string();
                 p.push(".journal");
@@ -426,5 +428,27 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(serve_args(cli).effective_max_inflight(), 3);
+    }
+
+    #[test]
+    fn the_crash_journal_sits_next_to_the_socket_unless_nothing_could_be_replayed() {
+        let mut a = ServeArgs::with_defaults("img".into(), "/run/vm.sock".into());
+        assert_eq!(
+            a.effective_crash_journal(),
+            Some(PathBuf::from("/run/vm.sock.journal"))
+        );
+        a.crash_journal = Some("/var/j".into());
+        assert_eq!(a.effective_crash_journal(), Some(PathBuf::from("/var/j")));
+        a.crash_journal = Some("none".into());
+        assert_eq!(a.effective_crash_journal(), None);
+        a.crash_journal = None;
+        a.snapshot = true;
+        assert_eq!(a.effective_crash_journal(), None, "throwaway overlay");
+        a.keep_overlay = Some("kept.qcow2".into());
+        assert!(a.effective_crash_journal().is_some(), "kept overlay");
+        a.snapshot = false;
+        a.keep_overlay = None;
+        a.readonly = true;
+        assert_eq!(a.effective_crash_journal(), None);
     }
 }

@@ -348,7 +348,10 @@ mod tests {
         // The crash journal defaults to SOCKET.journal: keep it in the temporary directory.
         let mut args = ServeArgs::with_defaults(tmp.path().to_path_buf(), dir.path().join("s"));
         let disk = open_disk(&args).unwrap();
-        assert!(dir.path().join("s.journal").is_file(), "the crash journal is on by default");
+        assert!(
+            dir.path().join("s.journal").is_file(),
+            "the crash journal is on by default"
+        );
         assert_eq!(disk.dev.size(), 3 << 20);
         assert!(!disk.dev.is_read_only());
         assert!(

@@ -9,7 +9,8 @@
 //! read-back matches; and the final disk equals the disk of the same workload run without any
 //! kill (the workload's final content is fixed: each slot's last write is known).
 //!
-//! The default variant kills twice; `make soak` runs the long one (`#[ignore]`).
+//! The default variant crashes, upgrades and crashes again in one guest run; `make
+//! restart-soak` runs the long one (`#[ignore]`).
 //! Guest boots are serialized with `guest_lock()`; skipped without QEMU/kernel unless
 //! `SNAPBLK_REQUIRE_GUEST=1`.
 
@@ -66,15 +67,10 @@ exit $fail
     )
 }
 
-/// How the daemon is stopped and restarted during the run.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Restart {
-    Never,
-    /// SIGKILL this many times at random moments.
-    Kill(usize),
-    /// SIGTERM then a new daemon, this many times (the upgrade procedure).
-    Term(usize),
-}
+/// How the daemon is stopped and restarted during the run, in order: `true` is a SIGKILL at a
+/// random moment (a crash), `false` a SIGTERM (the upgrade procedure); each is followed by a
+/// new daemon on the same socket.
+type Restarts = &'static [bool];
 
 struct RunResult {
     image_md5: String,
@@ -87,7 +83,7 @@ fn run(
     test: &str,
     tag: &str,
     iters: usize,
-    restart: Restart,
+    plan: Restarts,
     seed: u64,
 ) -> RunResult {
     let logs = log_dir(test).expect("log dir");
@@ -115,12 +111,7 @@ fn run(
         .unwrap_or_else(|e| panic!("{tag}: {e}"));
     let mut rng = StdRng::seed_from_u64(seed);
     let mut restarts = 0;
-    let (times, kill) = match restart {
-        Restart::Never => (0, true),
-        Restart::Kill(n) => (n, true),
-        Restart::Term(n) => (n, false),
-    };
-    for _ in 0..times {
+    for &kill in plan {
         std::thread::sleep(Duration::from_millis(rng.random_range(500..3000)));
         if guest.log().contains("PHASE-DONE") {
             break;
@@ -181,7 +172,7 @@ fn run(
     }
 }
 
-fn compare_with_no_kill_run(test: &str, iters: usize, restart: Restart) {
+fn compare_with_no_kill_run(test: &str, iters: usize, plan: Restarts) {
     let Some(env) = guest_env_or_skip(test) else {
         return;
     };
@@ -191,43 +182,38 @@ fn compare_with_no_kill_run(test: &str, iters: usize, restart: Restart) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
     eprintln!("{test}: seed {seed} (SNAPBLK_RESTART_SEED)");
-    let reference = run(&env, test, "reference", iters, Restart::Never, seed);
-    let killed = run(&env, test, "restarted", iters, restart, seed);
-    assert!(killed.restarts > 0, "the workload ended before any restart");
+    let reference = run(&env, test, "reference", iters, &[], seed);
+    let restarted = run(&env, test, "restarted", iters, plan, seed);
+    assert_eq!(
+        restarted.restarts,
+        plan.len(),
+        "the workload ended before every planned restart happened; make it longer"
+    );
     assert_eq!(reference.guest_md5, reference.image_md5);
     assert_eq!(
-        killed.image_md5, reference.image_md5,
+        restarted.image_md5, reference.image_md5,
         "the disk after restarts differs from the same workload's disk without them"
     );
 }
 
+/// Default suite: a crash, an upgrade (SIGTERM and a new daemon) and another crash in one
+/// guest run, plus the no-kill reference run.
 #[test]
-fn guest_io_survives_daemon_sigkill_and_disk_equals_the_no_kill_run() {
+fn guest_io_survives_daemon_sigkill_and_upgrade_and_disk_equals_the_no_kill_run() {
     compare_with_no_kill_run(
-        "guest_io_survives_daemon_sigkill_and_disk_equals_the_no_kill_run",
+        "guest_io_survives_daemon_sigkill_and_upgrade_and_disk_equals_the_no_kill_run",
         24,
-        Restart::Kill(2),
+        &[true, false, true],
     );
 }
 
+/// `make restart-soak`: more iterations, more kills.
 #[test]
-fn guest_io_survives_sigterm_and_a_new_daemon_on_the_same_socket() {
-    let test = "guest_io_survives_sigterm_and_a_new_daemon_on_the_same_socket";
-    let Some(env) = guest_env_or_skip(test) else {
-        return;
-    };
-    let _serial = guest_lock();
-    let r = run(&env, test, "upgrade", 16, Restart::Term(1), 7);
-    assert_eq!(r.restarts, 1);
-}
-
-/// `make soak`: more iterations and more kills.
-#[test]
-#[ignore = "long: several minutes under TCG; make soak"]
+#[ignore = "long: several minutes under TCG; make restart-soak"]
 fn soak_guest_io_survives_many_daemon_sigkills() {
     compare_with_no_kill_run(
         "soak_guest_io_survives_many_daemon_sigkills",
         120,
-        Restart::Kill(8),
+        &[true, true, false, true, true, true, false, true, true, true],
     );
 }
