@@ -202,7 +202,7 @@ fn compare_with_no_kill_run(test: &str, iters: usize, plan: Restarts) {
 fn guest_io_survives_daemon_sigkill_and_upgrade_and_disk_equals_the_no_kill_run() {
     compare_with_no_kill_run(
         "guest_io_survives_daemon_sigkill_and_upgrade_and_disk_equals_the_no_kill_run",
-        24,
+        40,
         &[true, false, true],
     );
 }
