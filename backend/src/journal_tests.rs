@@ -18,6 +18,8 @@ struct Volatile {
     flushes: AtomicUsize,
     /// Called inside `write_at`, after the write reached `live` (the lower I/O).
     hook: Mutex<Option<Box<dyn FnMut() + Send>>>,
+    /// Called inside `flush`, after what was written before it became durable.
+    flush_hook: Mutex<Option<Box<dyn FnMut() + Send>>>,
 }
 
 impl Volatile {
@@ -27,6 +29,7 @@ impl Volatile {
             durable: Mutex::new(content),
             flushes: AtomicUsize::new(0),
             hook: Mutex::new(None),
+            flush_hook: Mutex::new(None),
         })
     }
     fn durable(&self) -> Vec<u8> {
@@ -52,6 +55,10 @@ impl BlockDev for Volatile {
     fn flush(&self) -> Result<()> {
         *self.durable.lock().unwrap() = self.live.snapshot();
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        let hook = self.flush_hook.lock().unwrap().take();
+        if let Some(mut h) = hook {
+            h();
+        }
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -266,61 +273,29 @@ fn overlapping_writes_reach_the_journal_and_the_lower_layer_in_the_same_order() 
 /// while the lower flush runs is kept (not trimmed with the old segment).
 #[test]
 fn a_write_racing_a_flush_stays_in_the_journal() {
-    struct SlowFlush {
-        inner: Arc<Volatile>,
-        in_flush: Mutex<Option<mpsc::Sender<()>>>,
-        release: Mutex<Option<mpsc::Receiver<()>>>,
-    }
-    impl BlockDev for SlowFlush {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn read_at(&self, b: &mut [u8], o: u64) -> Result<()> {
-            self.inner.read_at(b, o)
-        }
-        fn write_at(&self, b: &[u8], o: u64) -> Result<()> {
-            self.inner.write_at(b, o)
-        }
-        fn flush(&self) -> Result<()> {
-            // The flush covers what was written before it started.
-            let r = self.inner.flush();
-            if let Some(tx) = self.in_flush.lock().unwrap().take() {
-                tx.send(()).unwrap();
-                self.release.lock().unwrap().take().unwrap().recv().unwrap();
-            }
-            r
-        }
-        fn discard(&self, o: u64, l: u64) -> Result<()> {
-            self.inner.discard(o, l)
-        }
-        fn write_zeroes(&self, o: u64, l: u64, u: bool) -> Result<()> {
-            self.inner.write_zeroes(o, l, u)
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
-    let inner = Volatile::new(vec![0; SIZE]);
-    let (tx, rx) = mpsc::channel();
-    let (rtx, rrx) = mpsc::channel();
-    let lower = Arc::new(SlowFlush {
-        inner: inner.clone(),
-        in_flush: Mutex::new(Some(tx)),
-        release: Mutex::new(Some(rrx)),
-    });
-    let (j, _) = Journal::open(lower, &path, &ident(1), 1 << 20).unwrap();
+    let lower = Volatile::new(vec![0; SIZE]);
+    let (in_flush_tx, in_flush_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    *lower.flush_hook.lock().unwrap() = Some(Box::new(move || {
+        in_flush_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+    }));
+    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
     let j = Arc::new(j);
     j.write_at(&[1; 512], 0).unwrap();
     let f = {
         let j = Arc::clone(&j);
         std::thread::spawn(move || j.flush().unwrap())
     };
-    rx.recv().unwrap();
+    in_flush_rx.recv().unwrap();
     // Inside the lower flush: this write is not covered by it.
     j.write_at(&[2; 512], 512).unwrap();
-    rtx.send(()).unwrap();
+    release_tx.send(()).unwrap();
     f.join().unwrap();
     let j = Arc::try_unwrap(j).unwrap();
-    let (_j, after, rec) = crash_and_restart(j, &inner, &path, &ident(1));
+    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
     assert_eq!(rec.replayed, 1);
     assert_eq!(
         read(&*after, 0, 1024),
