@@ -304,7 +304,20 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
             }));
             j
         }
-        None => cache.clone(),
+        None => {
+            if args.readonly {
+                let mut p = args.socket.clone().into_os_string();
+                p.push(".journal");
+                let p = PathBuf::from(p);
+                if std::fs::metadata(&p).is_ok_and(|m| m.len() > 0) {
+                    log::warn!(
+                        "{} exists: if a crashed read-write daemon left writes in it, this read-only view does not show them until a read-write daemon replays it",
+                        p.display()
+                    );
+                }
+            }
+            cache.clone()
+        }
     };
     let top: Arc<dyn BlockDev> = if probed == Some(Format::Raw) && !args.readonly {
         log::warn!("{}", crate::probe_guard::probed_raw_warning(&image));
