@@ -415,10 +415,14 @@ mod tests {
         let base = dir.path().join("base.raw");
         std::fs::write(&base, vec![7; 1 << 20]).unwrap();
         let kept = dir.path().join("kept.qcow2");
-        let mut args = ServeArgs::with_defaults(base.clone(), "unused".into());
+        let mut args = ServeArgs::with_defaults(base.clone(), dir.path().join("s"));
         args.snapshot = true;
         args.keep_overlay = Some(kept.clone());
         let disk = open_disk(&args).unwrap();
+        assert!(
+            dir.path().join("s.journal").is_file(),
+            "a kept overlay has a crash journal"
+        );
         disk.dev.write_at(&[9; 512], 0).unwrap();
         drop(disk);
         let reopened = qcow_snapshot::open_image(&kept, None, true).unwrap();
