@@ -15,8 +15,10 @@
 //! one. A flush ([`BlockDev::flush`]) switches the active segment, waits until every request
 //! that wrote a record into the old one has finished its lower operation, flushes the stack
 //! below (data, qcow2 metadata, fdatasync) and then empties the old segment (its generation
-//! number is bumped, so its records no longer count). A writer that finds the active segment
-//! full runs such a flush itself.
+//! number is bumped, so its records no longer count). The request whose record fills the
+//! active segment past its half runs such a flush itself once it is complete (so the other
+//! segment is empty before writers need it), and a writer that finds the active segment full
+//! runs one before appending.
 //!
 //! What it does not cover, by design: a host crash. The page cache is gone then, and so is the
 //! journal's meaning: the file header records the boot id, and a journal written during another
@@ -503,7 +505,8 @@ impl Journal {
     }
 
     /// Appends a record; returns the segment it went to (whose `pending` count it holds).
-    fn append(&self, kind: Kind, offset: u64, len: u64, data: &[u8]) -> Result<usize> {
+    /// Also returns whether this record filled the segment past its half (time to trim).
+    fn append(&self, kind: Kind, offset: u64, len: u64, data: &[u8]) -> Result<(usize, bool)> {
         let rec_len = (REC_HEADER + data.len()) as u64;
         if rec_len > self.seg_len - SEG_HEADER {
             return Err(BlockError::Io(io::Error::other(format!(
@@ -529,13 +532,38 @@ impl Journal {
                 // record.
                 pwritev_all(&self.file, &header, data, at).map_err(io_err)?;
                 st.next_seq += 1;
+                let half = (self.seg_len - SEG_HEADER) / 2;
+                let crossed = st.tail[seg] < half && st.tail[seg] + rec_len >= half;
                 st.tail[seg] += rec_len;
                 st.pending[seg] += 1;
-                return Ok(seg);
+                return Ok((seg, crossed));
             }
             drop(st);
             // The active segment is full: flush, which empties it for later.
             self.flush_and_trim()?;
+        }
+    }
+
+    /// Trims now, from the request that filled the active segment past its half, so the
+    /// segment is empty again before writers fill the other one (otherwise every writer would
+    /// wait for the flush when both are full). Skipped if a flush is running anyway. The
+    /// request itself is complete; a failure here is the flush's (sticky, reported by the
+    /// guest's next FLUSH).
+    fn early_trim(&self) {
+        let running = match self.flush_lock.try_lock() {
+            Ok(g) => {
+                drop(g);
+                false
+            }
+            Err(_) => true,
+        };
+        if !running {
+            if let Err(e) = self.flush_and_trim() {
+                log::warn!(
+                    "crash journal {}: flush to trim it failed: {e}",
+                    self.path.display()
+                );
+            }
         }
     }
 
@@ -588,11 +616,15 @@ impl Journal {
     ) -> Result<()> {
         self.check_refused()?;
         blockdev::check_range(offset, len, self.lower.size())?;
-        let _range = self.lock_range(offset, len);
-        let seg = self.append(kind, offset, len, data)?;
+        let range = self.lock_range(offset, len);
+        let (seg, half_full) = self.append(kind, offset, len, data)?;
         crate::reconnect::test_abort_point("executing");
         let r = op();
         self.done(seg);
+        drop(range);
+        if half_full {
+            self.early_trim();
+        }
         r
     }
 }

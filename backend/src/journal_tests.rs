@@ -146,7 +146,7 @@ fn a_full_segment_forces_a_flush_and_nothing_acknowledged_is_lost() {
     );
     let want = read(&*lower, 0, SIZE);
     let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
-    assert!(rec.replayed > 0 && rec.replayed < 48);
+    assert!(rec.replayed < 48, "flushed records were trimmed");
     assert_eq!(read(&*after, 0, SIZE), want);
 }
 
@@ -331,4 +331,30 @@ fn after_a_live_snapshot_the_journal_belongs_to_the_new_top() {
         read(&*after, 0, 1024),
         [vec![1; 512], vec![2; 512]].concat()
     );
+}
+
+/// The request that fills the active segment past its half trims it (switch, flush, empty),
+/// so writers do not all wait when the segment is full.
+#[test]
+fn a_half_full_segment_is_trimmed_by_the_request_that_filled_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let lower = Volatile::new(vec![0; SIZE]);
+    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    // 7 records of 64 KiB + header stay under half of a 1 MiB segment, the 8th crosses it.
+    for i in 0..7u64 {
+        j.write_at(&[1; 65536], i * 65536).unwrap();
+    }
+    assert_eq!(lower.flushes.load(Ordering::SeqCst), 0);
+    j.write_at(&[2; 65536], 7 * 65536).unwrap();
+    assert_eq!(lower.flushes.load(Ordering::SeqCst), 1);
+    {
+        let st = j.lock_state();
+        assert_eq!(st.active, 1, "writers moved to the other segment");
+        assert_eq!(st.tail[0], 0, "the trimmed segment is empty");
+    }
+    let want = read(&*lower, 0, SIZE);
+    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(rec.replayed, 0);
+    assert_eq!(read(&*after, 0, SIZE), want);
 }
