@@ -29,17 +29,19 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Distinct 1 MiB patterns each writer cycles through.
 const PATTERNS: usize = 4;
 
-/// The guest script: two writers in parallel, `iters` iterations each. Writer `d` writes with
+/// The guest script: two writers in parallel, each for at least `iters` iterations and `secs`
+/// seconds. Writer `d` writes with
 /// O_DIRECT (64 KiB requests), writer `b` buffered with `conv=fsync`; after each write the
 /// writer reads the slot back with O_DIRECT and compares it with the pattern. Iteration `k`
-/// writes pattern `k % 4` into slot `k % 4`, so the final disk does not depend on timing.
-fn script(iters: usize) -> String {
+/// writes pattern `k % 4` into slot `k % 4`, so the final disk does not depend on timing or
+/// on the number of iterations (at least 4).
+fn script(iters: usize, secs: u64) -> String {
     format!(
         r#"
 fail=0
 writer() {{ # name bs oflag base_mib
     k=0
-    while [ $k -lt {iters} ]; do
+    while [ $k -lt {iters} ] || [ $(date +%s) -lt $end ]; do
         p=$((k % {PATTERNS}))
         off=$(( ($4 + p) * 1048576 ))
         if ! dd if=/pat/$1$p of=/dev/vda bs=$2 seek=$off oflag=$3,seek_bytes conv=notrunc$5 status=none; then
@@ -52,6 +54,7 @@ writer() {{ # name bs oflag base_mib
     done
     return 0
 }}
+end=$(( $(date +%s) + {secs} ))
 echo PHASE-WRITING
 ( writer d 65536 direct 8 "" ) & pd=$!
 ( writer b 1048576 seek_bytes 24 ",fsync" ) & pb=$!
@@ -83,6 +86,7 @@ fn run(
     test: &str,
     tag: &str,
     iters: usize,
+    secs: u64,
     plan: Restarts,
     seed: u64,
 ) -> RunResult {
@@ -90,7 +94,8 @@ fn run(
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("disk.raw");
     write_random_image(&image, DISK_BYTES, 0x5eed_1400).expect("image");
-    let mut cfg = GuestConfig::new(&format!("{tag}-guest"), &script(iters)).timeout(GUEST_TIMEOUT);
+    let mut cfg =
+        GuestConfig::new(&format!("{tag}-guest"), &script(iters, secs)).timeout(GUEST_TIMEOUT);
     let mut prng = StdRng::seed_from_u64(0x1400);
     for w in ["d", "b"] {
         for p in 0..PATTERNS {
@@ -182,8 +187,11 @@ fn compare_with_no_kill_run(test: &str, iters: usize, plan: Restarts) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
     eprintln!("{test}: seed {seed} (SNAPBLK_RESTART_SEED)");
-    let reference = run(&env, test, "reference", iters, &[], seed);
-    let restarted = run(&env, test, "restarted", iters, plan, seed);
+    // Long enough for every planned restart (at most 3 s apart plus a reconnect each) on a fast
+    // host; the slot contents do not depend on how many iterations run.
+    let secs = 6 + 5 * plan.len() as u64;
+    let reference = run(&env, test, "reference", iters, secs, &[], seed);
+    let restarted = run(&env, test, "restarted", iters, secs, plan, seed);
     assert_eq!(
         restarted.restarts,
         plan.len(),
@@ -202,7 +210,7 @@ fn compare_with_no_kill_run(test: &str, iters: usize, plan: Restarts) {
 fn guest_io_survives_daemon_sigkill_and_upgrade_and_disk_equals_the_no_kill_run() {
     compare_with_no_kill_run(
         "guest_io_survives_daemon_sigkill_and_upgrade_and_disk_equals_the_no_kill_run",
-        40,
+        24,
         &[true, false, true],
     );
 }
