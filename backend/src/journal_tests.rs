@@ -94,6 +94,32 @@ fn crash_and_restart(
     (j, after, rec)
 }
 
+/// A fresh journal (in a temporary directory) over a zeroed [`Volatile`] disk.
+fn fresh() -> (tempfile::TempDir, PathBuf, Arc<Volatile>, Journal) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let lower = Volatile::new(vec![0; SIZE]);
+    let (j, rec) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    assert_eq!(rec.replayed, 0);
+    assert!(rec.refused.is_none());
+    (dir, path, lower, j)
+}
+
+/// A hook that says it was reached, then waits until released.
+fn gate() -> (
+    Box<dyn FnMut() + Send>,
+    mpsc::Receiver<()>,
+    mpsc::Sender<()>,
+) {
+    let (reached_tx, reached_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let hook = Box::new(move || {
+        reached_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+    });
+    (hook, reached_rx, release_tx)
+}
+
 fn read(dev: &dyn BlockDev, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0; len];
     dev.read_at(&mut b, off).unwrap();
@@ -102,11 +128,7 @@ fn read(dev: &dyn BlockDev, off: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn every_acknowledged_write_survives_a_daemon_crash_through_replay() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let lower = Volatile::new(vec![0; SIZE]);
-    let (j, rec) = open(lower.clone(), &path, &ident(1), 1 << 20);
-    assert_eq!(rec.replayed, 0);
+    let (_dir, path, lower, j) = fresh();
     j.write_at(&[1; 4096], 0).unwrap();
     j.flush().unwrap();
     j.write_at(&[2; 512], 512).unwrap();
@@ -133,10 +155,7 @@ fn every_acknowledged_write_survives_a_daemon_crash_through_replay() {
 
 #[test]
 fn a_full_segment_forces_a_flush_and_nothing_acknowledged_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let lower = Volatile::new(vec![0; SIZE]);
-    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    let (_dir, path, lower, j) = fresh();
     for i in 0..48u64 {
         j.write_at(&[i as u8 + 1; 65536], i * 65536).unwrap();
     }
@@ -152,10 +171,7 @@ fn a_full_segment_forces_a_flush_and_nothing_acknowledged_is_lost() {
 
 #[test]
 fn a_journal_of_another_image_refuses_writes_and_keeps_its_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let lower = Volatile::new(vec![0; SIZE]);
-    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    let (_dir, path, lower, j) = fresh();
     j.write_at(&[7; 512], 0).unwrap();
     drop(j);
     let other = Volatile::new(vec![0; SIZE]);
@@ -177,10 +193,7 @@ fn a_journal_of_another_image_refuses_writes_and_keeps_its_records() {
 
 #[test]
 fn a_torn_journal_header_refuses_writes_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let lower = Volatile::new(vec![0; SIZE]);
-    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    let (_dir, path, _lower, j) = fresh();
     j.write_at(&[7; 512], 0).unwrap();
     drop(j);
     let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -196,10 +209,7 @@ fn a_torn_journal_header_refuses_writes_with_the_reason() {
 
 #[test]
 fn an_unfinished_record_at_the_tail_is_dropped_and_the_ones_before_replayed() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let lower = Volatile::new(vec![0; SIZE]);
-    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    let (_dir, path, _lower, j) = fresh();
     j.write_at(&[1; 512], 0).unwrap();
     j.write_at(&[2; 512], 512).unwrap();
     let tail = { j.lock_state().tail[0] };
@@ -231,17 +241,10 @@ fn an_unfinished_record_at_the_tail_is_dropped_and_the_ones_before_replayed() {
 /// equals the order the lower layer saw.
 #[test]
 fn overlapping_writes_reach_the_journal_and_the_lower_layer_in_the_same_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let lower = Volatile::new(vec![0; SIZE]);
-    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    let (_dir, path, lower, j) = fresh();
     let j = Arc::new(j);
-    let (in_lower_tx, in_lower_rx) = mpsc::channel::<()>();
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    *lower.hook.lock().unwrap() = Some(Box::new(move || {
-        in_lower_tx.send(()).unwrap();
-        release_rx.recv().unwrap();
-    }));
+    let (hook, in_lower_rx, release_tx) = gate();
+    *lower.hook.lock().unwrap() = Some(hook);
     let a = {
         let j = Arc::clone(&j);
         std::thread::spawn(move || j.write_at(&[0xaa; 4096], 0).unwrap())
@@ -273,16 +276,9 @@ fn overlapping_writes_reach_the_journal_and_the_lower_layer_in_the_same_order() 
 /// while the lower flush runs is kept (not trimmed with the old segment).
 #[test]
 fn a_write_racing_a_flush_stays_in_the_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let lower = Volatile::new(vec![0; SIZE]);
-    let (in_flush_tx, in_flush_rx) = mpsc::channel::<()>();
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    *lower.flush_hook.lock().unwrap() = Some(Box::new(move || {
-        in_flush_tx.send(()).unwrap();
-        release_rx.recv().unwrap();
-    }));
-    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    let (_dir, path, lower, j) = fresh();
+    let (hook, in_flush_rx, release_tx) = gate();
+    *lower.flush_hook.lock().unwrap() = Some(hook);
     let j = Arc::new(j);
     j.write_at(&[1; 512], 0).unwrap();
     let f = {
@@ -337,10 +333,7 @@ fn after_a_live_snapshot_the_journal_belongs_to_the_new_top() {
 /// so writers do not all wait when the segment is full.
 #[test]
 fn a_half_full_segment_is_trimmed_by_the_request_that_filled_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let lower = Volatile::new(vec![0; SIZE]);
-    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    let (_dir, path, lower, j) = fresh();
     // 7 records of 64 KiB + header stay under half of a 1 MiB segment, the 8th crosses it.
     for i in 0..7u64 {
         j.write_at(&[1; 65536], i * 65536).unwrap();
