@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SNAPBLK := target/release/snapblk
 
-.PHONY: all build deps guest run run-overlay test test-guest test-quick lint fmt clippy bench bench-nbd soak mutants fuzz installer-demo clean-build
+.PHONY: all build deps guest run run-overlay test test-guest test-quick lint fmt clippy bench bench-nbd soak restart-soak mutants fuzz installer-demo clean-build
 
 all: build
 
@@ -33,7 +33,7 @@ test: deps
 # Only the real-guest end-to-end tests, including the reference-peer (qemu-storage-daemon) runs.
 test-guest: deps build
 	bash scripts/build-guest.sh
-	SNAPBLK_REQUIRE_GUEST=1 $(CARGO) test --release -p snapblk-tests --test e2e_guest --test e2e_live_snapshot -- --include-ignored
+	SNAPBLK_REQUIRE_GUEST=1 $(CARGO) test --release -p snapblk-tests --test e2e_guest --test e2e_live_snapshot --test e2e_restart -- --include-ignored
 
 # Unit tests only (no guest, no qemu-img): fast inner loop.
 test-quick:
@@ -60,6 +60,12 @@ soak: deps
 	$(CARGO) build --release -p snapblk
 	SNAPBLK_FSX_SECS=$${SNAPBLK_FSX_SECS:-300} SNAPBLK_CRASH_STATES=$${SNAPBLK_CRASH_STATES:-50000} \
 		$(CARGO) test --release --workspace -- --ignored --nocapture
+
+# A guest writing through many SIGKILLs of snapblk (8 kills, 120 iterations; a few minutes of
+# TCG). The default suite runs the short variant (2 kills) and the SIGTERM upgrade.
+restart-soak: deps build
+	bash scripts/build-guest.sh
+	SNAPBLK_REQUIRE_GUEST=1 $(CARGO) test --release -p snapblk-tests --test e2e_restart -- --include-ignored --nocapture --test-threads 1
 
 # Mutation testing of the storage layers: every surviving mutant is a rule no test enforces.
 # One job and a per-mutant timeout keep it from hogging the machine; it is still slow (hours for

@@ -134,6 +134,13 @@ pub struct ServeArgs {
     /// With --snapshot: create the overlay at PATH and keep it at exit.
     #[arg(long, value_name = "PATH", requires = "snapshot")]
     pub keep_overlay: Option<PathBuf>,
+    /// Crash journal: every write is recorded in this file (host page cache, not synced)
+    /// before it completes, and a daemon started after a crash replays what was not flushed
+    /// before it serves. Default: SOCKET.journal, except with --readonly or a throwaway
+    /// --snapshot overlay (with --keep-overlay the journal belongs to the kept overlay: restart
+    /// with --image KEPT); `none` turns it off.
+    #[arg(long, value_name = "PATH|none")]
+    pub crash_journal: Option<PathBuf>,
     /// Memory for the folio cache (e.g. 64M, 1G).
     #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_size)]
     pub cache_size: u64,
@@ -210,6 +217,7 @@ impl ServeArgs {
             format: None,
             snapshot: false,
             keep_overlay: None,
+            crash_journal: None,
             cache_size: 256 << 20,
             dirty_limit: 64 << 20,
             folio_size: 64 << 10,
@@ -267,6 +275,22 @@ pub fn parse_block_size(s: &str) -> Result<u32, String> {
 
 impl ServeArgs {
     /// The in-flight bound per queue: `--max-inflight`, or the deprecated `--io-threads` + 1.
+    /// Where the crash journal lives, if there is one (see `--crash-journal`).
+    pub fn effective_crash_journal(&self) -> Option<PathBuf> {
+        match &self.crash_journal {
+            _ if self.readonly => None,
+            Some(p) if p.as_os_str() == "none" => None,
+            Some(p) => Some(p.clone()),
+            // A throwaway overlay dies with the daemon: nothing to replay into.
+            None if self.snapshot && self.keep_overlay.is_none() => None,
+            None => {
+                let mut p = self.socket.clone().into_os_string();
+                p.push(".journal");
+                Some(PathBuf::from(p))
+            }
+        }
+    }
+
     pub fn effective_max_inflight(&self) -> usize {
         match self.io_threads {
             Some(n) => n + 1,
@@ -465,5 +489,27 @@ mod tests {
         let on = serve_args(parse(&["--direct", "on"]).unwrap());
         assert_eq!(on.direct, DirectMode::On);
         assert!(parse(&["--direct", "yes"]).is_err());
+    }
+
+    #[test]
+    fn the_crash_journal_sits_next_to_the_socket_unless_nothing_could_be_replayed() {
+        let mut a = ServeArgs::with_defaults("img".into(), "/run/vm.sock".into());
+        assert_eq!(
+            a.effective_crash_journal(),
+            Some(PathBuf::from("/run/vm.sock.journal"))
+        );
+        a.crash_journal = Some("/var/j".into());
+        assert_eq!(a.effective_crash_journal(), Some(PathBuf::from("/var/j")));
+        a.crash_journal = Some("none".into());
+        assert_eq!(a.effective_crash_journal(), None);
+        a.crash_journal = None;
+        a.snapshot = true;
+        assert_eq!(a.effective_crash_journal(), None, "throwaway overlay");
+        a.keep_overlay = Some("kept.qcow2".into());
+        assert!(a.effective_crash_journal().is_some(), "kept overlay");
+        a.snapshot = false;
+        a.keep_overlay = None;
+        a.readonly = true;
+        assert_eq!(a.effective_crash_journal(), None);
     }
 }

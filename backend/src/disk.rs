@@ -1,7 +1,8 @@
 //! Which block device the daemon serves: the single place that turns `serve` arguments into the
 //! layer stack behind the virtio-blk front end.
 //!
-//! The stack, top to bottom: [`cache::FolioCache`] (write-back folio cache; in write-through mode
+//! The stack, top to bottom: the crash journal ([`crate::journal::Journal`], unless
+//! `--crash-journal none`, `--snapshot` or `--readonly`) → [`cache::FolioCache`] (write-back folio cache; in write-through mode
 //! every write is durable before it completes) → the image: a qcow2 overlay
 //! ([`qcow_snapshot::QcowImage`] with its read-only backing chain) or a raw file. With
 //! `--snapshot` a fresh qcow2 overlay is created over the image first (the image itself is only
@@ -197,6 +198,14 @@ pub enum OpenDiskError {
     /// The cache settings are invalid.
     #[error("invalid cache settings: {0}")]
     Cache(#[from] cache::NewCacheError),
+    /// The crash journal could not be opened or replayed.
+    #[error("crash journal {path}: {source}")]
+    Journal {
+        /// The journal path.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
 }
 
 /// Creates the `--snapshot` overlay over `args.image` and returns its path and whether it is kept.
@@ -309,14 +318,55 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
         ..CacheConfig::default()
     };
     let cache = FolioCache::new(dev, cfg)?;
+    // The crash journal sits below the probed-raw guard (a refused write is never journaled)
+    // and above the cache; it replays what a crashed daemon left before anything is served.
+    let journaled: Arc<dyn BlockDev> = match args.effective_crash_journal() {
+        Some(path) => {
+            let jerr = |source| OpenDiskError::Journal {
+                path: path.clone(),
+                source,
+            };
+            let id = crate::journal::Identity::of(&image).map_err(jerr)?;
+            let (j, _recovery) = crate::journal::Journal::open(
+                cache.clone(),
+                &path,
+                &id,
+                crate::journal::DEFAULT_SEGMENT,
+            )
+            .map_err(jerr)?;
+            let j = Arc::new(j);
+            // After a live snapshot the journal's records belong to the new top.
+            let weak = Arc::downgrade(&j);
+            chain.on_new_top(Box::new(move |p| {
+                if let Some(j) = weak.upgrade() {
+                    j.rebind(p);
+                }
+            }));
+            j
+        }
+        None => {
+            if args.readonly {
+                let mut p = args.socket.clone().into_os_string();
+                p.push(".journal");
+                let p = PathBuf::from(p);
+                if std::fs::metadata(&p).is_ok_and(|m| m.len() > 0) {
+                    log::warn!(
+                        "{} exists: if a crashed read-write daemon left writes in it, this read-only view does not show them until a read-write daemon replays it",
+                        p.display()
+                    );
+                }
+            }
+            cache.clone()
+        }
+    };
     let top: Arc<dyn BlockDev> = if probed == Some(Format::Raw) && !args.readonly {
         log::warn!("{}", crate::probe_guard::probed_raw_warning(&image));
         Arc::new(crate::probe_guard::ProbedRawGuard::new(
-            cache.clone(),
+            journaled,
             image.clone(),
         ))
     } else {
-        cache.clone()
+        journaled
     };
     let mode_policy = Arc::new(crate::live::ModePolicy::new(Arc::new(CacheSwitch(
         cache.clone(),
@@ -347,8 +397,14 @@ mod tests {
     fn open_disk_serves_the_raw_file_with_its_size_and_mode() {
         let tmp = tempfile::NamedTempFile::new().unwrap();
         tmp.as_file().set_len(3 << 20).unwrap();
-        let mut args = ServeArgs::with_defaults(tmp.path().to_path_buf(), "unused".into());
+        let dir = tempfile::tempdir().unwrap();
+        // The crash journal defaults to SOCKET.journal: keep it in the temporary directory.
+        let mut args = ServeArgs::with_defaults(tmp.path().to_path_buf(), dir.path().join("s"));
         let disk = open_disk(&args).unwrap();
+        assert!(
+            dir.path().join("s.journal").is_file(),
+            "the crash journal is on by default"
+        );
         assert_eq!(disk.dev.size(), 3 << 20);
         assert!(!disk.dev.is_read_only());
         assert!(
@@ -399,10 +455,14 @@ mod tests {
         let base = dir.path().join("base.raw");
         std::fs::write(&base, vec![7; 1 << 20]).unwrap();
         let kept = dir.path().join("kept.qcow2");
-        let mut args = ServeArgs::with_defaults(base.clone(), "unused".into());
+        let mut args = ServeArgs::with_defaults(base.clone(), dir.path().join("s"));
         args.snapshot = true;
         args.keep_overlay = Some(kept.clone());
         let disk = open_disk(&args).unwrap();
+        assert!(
+            dir.path().join("s.journal").is_file(),
+            "a kept overlay has a crash journal"
+        );
         disk.dev.write_at(&[9; 512], 0).unwrap();
         drop(disk);
         let reopened = qcow_snapshot::open_image(&kept, None, true).unwrap();

@@ -54,6 +54,22 @@ pub type OwnedChain = DescriptorChain<Arc<GuestMemoryMmap>>;
 pub trait UsedRing: Clone + Send + 'static {
     /// Adds `(head, len)` to the used ring and notifies the driver if it must be.
     fn complete(&self, mem: &GuestMemoryMmap, head: u16, len: u32);
+
+    /// Called for each chain right after it was popped, with the queue still locked (in-flight
+    /// tracking, [`crate::reconnect`]).
+    fn popped(&self, _head: u16) {}
+
+    /// Adds `(head, len)` to `queue`, which the caller holds locked, and reports whether the
+    /// driver must be notified.
+    fn complete_locked(
+        &self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> bool {
+        add_used_and_check(queue, mem, head, len)
+    }
 }
 
 /// Adds a used element to `queue` and reports whether the driver must be notified.
@@ -369,6 +385,7 @@ pub fn submit_queue<R: UsedRing>(
         check_avail_ring(queue, &**mem)?;
         popped_chains.clear();
         while let Some(chain) = queue.pop_descriptor_chain(Arc::clone(mem)) {
+            ring.popped(chain.head_index());
             popped_chains.push(chain);
         }
         let popped = popped_chains.len();
@@ -395,7 +412,7 @@ pub fn submit_queue<R: UsedRing>(
                 let len = worker.process_chain(&shared.dev, &**mem, job.chain);
                 let took = started.elapsed();
                 shared.record(took);
-                notify |= add_used_and_check(queue, mem, head, len);
+                notify |= ring.complete_locked(queue, mem, head, len);
                 if took.as_nanos() >= u128::from(shared.slow_ns) {
                     // It waited for the disk: the rest of the pass goes to the executors.
                     inline = false;

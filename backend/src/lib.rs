@@ -14,6 +14,8 @@
 //! - [`request`]: request parsing/execution over guest memory and the per-queue processing pass.
 //! - [`inflight`]: per-queue executors that keep the guest's queue depth in flight and complete
 //!   each request to the used ring as it finishes.
+//! - [`reconnect`]: in-flight tracking (INFLIGHT_SHMFD) so a restarted daemon resubmits the
+//!   requests a dead one left in flight.
 //! - [`vhu_blk`]: the vhost-user backend glue (one worker thread per queue).
 //! - [`sandbox`]: `--user` privilege drop and the seccomp allow-list of the serving daemon.
 //! - [`serve`]: daemon lifecycle (socket, reconnects, SIGTERM/SIGINT, final flush).
@@ -32,11 +34,13 @@ pub mod disk;
 pub mod image_cmd;
 pub mod img_size;
 pub mod inflight;
+pub mod journal;
 pub mod live;
 pub mod metrics;
 pub mod metrics_http;
 pub mod pause;
 pub mod probe_guard;
+pub mod reconnect;
 pub mod request;
 pub mod sandbox;
 pub mod serve;

@@ -701,6 +701,18 @@ pub fn process_queue<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
 ) -> Result<bool, ProcessQueueError> {
+    process_queue_tracked(dev, worker, queue, mem, None)
+}
+
+/// [`process_queue`] recording each chain's pop and completion in `track` (in-flight tracking
+/// for reconnection, [`crate::reconnect`]).
+pub fn process_queue_tracked<M: GuestMemory>(
+    dev: &BlkDevice,
+    worker: &mut RequestWorker,
+    queue: &mut Queue,
+    mem: &M,
+    track: Option<&crate::reconnect::QueueInflight>,
+) -> Result<bool, ProcessQueueError> {
     let event_idx = queue.event_idx_enabled();
     let mut completed = false;
     loop {
@@ -712,8 +724,11 @@ pub fn process_queue<M: GuestMemory>(
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             popped += 1;
             let head = chain.head_index();
+            if let Some(t) = track {
+                t.popped(head);
+            }
             let used_len = worker.process_chain(dev, mem, chain);
-            match queue.add_used(mem, head, used_len) {
+            match crate::reconnect::add_used_tracked(queue, mem, head, used_len, track) {
                 Ok(()) => completed = true,
                 Err(e) => error!("cannot return descriptor {head} to the used ring: {e}"),
             }

@@ -161,6 +161,9 @@ pub struct Server {
     disk: ServedDisk,
     cfg: Arc<DeviceConfig>,
     stop: StopHandle,
+    /// Backs the in-flight buffers handed to frontends (created before the sandbox forbids
+    /// `memfd_create`); `None` if it could not be created (tracking is then not offered).
+    inflight_file: Option<Arc<crate::reconnect::InflightFile>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -256,6 +259,13 @@ impl Server {
             disk,
             cfg: Arc::new(cfg),
             stop,
+            inflight_file: match crate::reconnect::InflightFile::create() {
+                Ok(f) => Some(Arc::new(f)),
+                Err(e) => {
+                    warn!("cannot create the in-flight tracking buffer ({e}): a restarted daemon will not resubmit requests in flight");
+                    None
+                }
+            },
         })
     }
 
@@ -316,7 +326,8 @@ impl Server {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let dev = Arc::new(BlkDevice::new(self.disk.clone(), self.cfg.clone()));
         let backend = Arc::new(
-            VhostUserBlk::new(dev, mem.clone()).map_err(|e| ServeError::Daemon(e.to_string()))?,
+            VhostUserBlk::with_inflight(dev, mem.clone(), self.inflight_file.clone())
+                .map_err(|e| ServeError::Daemon(e.to_string()))?,
         );
         let mut daemon =
             VhostUserDaemon::new(format!("snapblk-conn{id}"), Arc::clone(&backend), mem)

@@ -82,11 +82,17 @@ pub enum SnapshotError {
     Failed(String),
 }
 
+/// What [`Chain::on_new_top`] registers.
+type NewTopHook = Box<dyn Fn(&Path) + Send>;
+
 struct ChainState {
     top: Top,
     /// Called once, at the first snapshot: the first top becomes a backing file and must be
     /// kept (a throwaway `--snapshot` overlay is no longer thrown away).
     on_first_freeze: Option<Box<dyn FnOnce() + Send>>,
+    /// Called at every snapshot with the new top's path, while guest requests are still paused
+    /// (the crash journal records which image its records belong to).
+    on_new_top: Option<NewTopHook>,
 }
 
 /// The image chain under the cache, see the module documentation.
@@ -163,6 +169,7 @@ impl Chain {
                     qcow,
                 },
                 on_first_freeze: None,
+                on_new_top: None,
             }),
             read_only,
             retired_clusters: AtomicU64::new(0),
@@ -183,6 +190,12 @@ impl Chain {
     /// Runs `f` once, when the first snapshot freezes the first top.
     pub fn on_first_freeze(&self, f: Box<dyn FnOnce() + Send>) {
         self.lock().on_first_freeze = Some(f);
+    }
+
+    /// Registers `f`, called at every snapshot with the new top's path before guest requests
+    /// resume.
+    pub fn on_new_top(&self, f: NewTopHook) {
+        self.lock().on_new_top = Some(f);
     }
 
     /// The current top's path and format.
@@ -365,6 +378,9 @@ impl Chain {
         }
         drop(frozen);
         drop(sw);
+        if let Some(f) = &st.on_new_top {
+            f(&new_path);
+        }
         drop(paused);
         let pause = pause_start.elapsed();
         cleanup.disarm();

@@ -9,16 +9,27 @@
 //! [`QueueRunner`]: the pass only submits requests, the runner's executors complete them to the
 //! used ring (taking the vring lock briefly), and GET_VRING_BASE (`stop_vring`), a device reset
 //! and the end of the connection wait until the queue has no request in flight.
+//!
+//! In-flight tracking ([`crate::reconnect`]): the backend offers INFLIGHT_SHMFD; every pop and
+//! completion is recorded in the frontend's buffer under the vring lock ([`TrackedVring`]), and
+//! the first pass of a queue after it started resubmits what a previous backend left in flight
+//! (`vring_started` kicks the queue so that pass happens). The current buffer sits behind a
+//! mutex taken only to replace it or to clone a queue's handle.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, error, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -27,24 +38,74 @@ use vmm_sys_util::event::{
 
 use crate::device::BlkDevice;
 use crate::inflight::{add_used_and_check, submit_queue, QueueRunner, UsedRing};
-use crate::request::{process_queue, RequestWorker};
+use crate::reconnect::{
+    add_used_tracked, recover_queue, InflightFile, InflightRegion, QueueInflight,
+};
+use crate::request::{process_queue_tracked, RequestWorker};
 
 /// Guest memory as shared with the vhost-user handler.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// A vring with its queue's in-flight tracking (if the frontend gave a buffer).
+#[derive(Clone)]
+pub struct TrackedVring {
+    vring: VringRwLock,
+    track: Option<Arc<QueueInflight>>,
+}
+
+/// Adds the used element for `head` (recorded in `track`) and reports whether the driver must
+/// be notified.
+fn complete_tracked(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+    track: Option<&QueueInflight>,
+) -> bool {
+    match track {
+        None => add_used_and_check(queue, mem, head, len),
+        Some(t) => match add_used_tracked(queue, mem, head, len, Some(t)) {
+            Ok(()) => queue.needs_notification(mem).unwrap_or_else(|e| {
+                error!("cannot read the driver's event index: {e}");
+                true
+            }),
+            Err(e) => {
+                error!("cannot return descriptor {head} to the used ring: {e}");
+                false
+            }
+        },
+    }
+}
+
 /// Executors complete requests straight to the vring: the used element, then the driver's
 /// notification if it asked for one.
-impl UsedRing for VringRwLock {
+impl UsedRing for TrackedVring {
     fn complete(&self, mem: &GuestMemoryMmap, head: u16, len: u32) {
         let notify = {
-            let mut state = self.get_mut();
-            add_used_and_check(state.get_queue_mut(), mem, head, len)
+            let mut state = self.vring.get_mut();
+            complete_tracked(state.get_queue_mut(), mem, head, len, self.track.as_deref())
         };
         if notify {
-            if let Err(e) = self.signal_used_queue() {
+            if let Err(e) = self.vring.signal_used_queue() {
                 warn!("cannot signal the driver: {e}");
             }
         }
+    }
+
+    fn popped(&self, head: u16) {
+        if let Some(t) = &self.track {
+            t.popped(head);
+        }
+    }
+
+    fn complete_locked(
+        &self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> bool {
+        complete_tracked(queue, mem, head, len, self.track.as_deref())
     }
 }
 
@@ -55,8 +116,16 @@ pub struct VhostUserBlk {
     /// Request buffers of each queue thread (used for requests the thread runs itself).
     workers: Vec<Mutex<RequestWorker>>,
     /// Each queue's executors (none with `--max-inflight 1`: the queue thread runs everything).
-    runners: Vec<Option<QueueRunner<VringRwLock>>>,
+    runners: Vec<Option<QueueRunner<TrackedVring>>>,
     event_idx: AtomicBool,
+    /// Where GET_INFLIGHT_FD buffers come from (`None`: in-flight tracking is not offered).
+    inflight_file: Option<Arc<InflightFile>>,
+    /// The buffer of the last SET_INFLIGHT_FD.
+    inflight: Mutex<Option<Arc<InflightRegion>>>,
+    /// Each queue's part of it, set when the queue starts.
+    tracks: Vec<Mutex<Option<Arc<QueueInflight>>>>,
+    /// Queues whose next pass must first resubmit what was left in flight.
+    recover: Vec<AtomicBool>,
 }
 
 impl std::fmt::Debug for VhostUserBlk {
@@ -71,6 +140,15 @@ impl VhostUserBlk {
     /// A backend for `dev` whose queues read guest memory through `mem` (the same atomic the
     /// daemon is created with).
     pub fn new(dev: Arc<BlkDevice>, mem: GuestMemory) -> io::Result<Self> {
+        Self::with_inflight(dev, mem, None)
+    }
+
+    /// [`Self::new`] offering in-flight tracking (INFLIGHT_SHMFD) with buffers from `file`.
+    pub fn with_inflight(
+        dev: Arc<BlkDevice>,
+        mem: GuestMemory,
+        inflight_file: Option<Arc<InflightFile>>,
+    ) -> io::Result<Self> {
         let max_inflight = dev.config().max_inflight;
         let queues = dev.config().num_queues;
         let workers = (0..queues)
@@ -90,6 +168,10 @@ impl VhostUserBlk {
             workers,
             runners,
             event_idx: AtomicBool::new(false),
+            inflight_file,
+            inflight: Mutex::new(None),
+            tracks: (0..queues).map(|_| Mutex::new(None)).collect(),
+            recover: (0..queues).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -106,6 +188,38 @@ impl VhostUserBlk {
         &self.dev
     }
 
+    /// Executes again, on the queue thread and oldest first, every request a previous backend
+    /// left in flight on `queue`, and completes each to the used ring. Returns whether any was
+    /// completed (the driver is then signalled).
+    fn resubmit(
+        &self,
+        worker: &mut RequestWorker,
+        queue: &mut Queue,
+        track: &QueueInflight,
+        index: usize,
+    ) -> bool {
+        let mem = self.mem.memory().into_inner();
+        let heads = match recover_queue(queue, &*mem, track, index) {
+            Ok(h) => h,
+            Err(e) => {
+                error!("queue {index}: cannot read the used index to recover: {e}");
+                return false;
+            }
+        };
+        let mut any = false;
+        for head in heads {
+            let chain = DescriptorChain::new(
+                Arc::clone(&mem),
+                GuestAddress(queue.desc_table()),
+                queue.size(),
+                head,
+            );
+            let len = worker.process_chain(&self.dev, &*mem, chain);
+            any |= complete_tracked(queue, &mem, head, len, Some(track));
+        }
+        any
+    }
+
     /// Runs processing passes on `vring` with the worker of `thread_id`.
     fn process_vring(&self, vring: &VringRwLock, thread_id: usize) -> io::Result<()> {
         let Some(worker) = self.workers.get(thread_id) else {
@@ -114,23 +228,50 @@ impl VhostUserBlk {
             )));
         };
         let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
+        let track = self
+            .tracks
+            .get(thread_id)
+            .and_then(|t| t.lock().unwrap_or_else(|e| e.into_inner()).clone());
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
+        // First pass since the ring started: resubmit what a previous backend left in flight,
+        // and signal the driver in any case: a backend that died (or stopped) after putting
+        // requests on the used ring may never have delivered their interrupt, and the driver,
+        // waiting for them, would never kick again. A spurious interrupt costs the driver one
+        // look at the used ring.
+        let mut resubmitted = false;
+        if self.recover[thread_id].swap(false, Ordering::AcqRel) {
+            if let Some(t) = &track {
+                self.resubmit(&mut worker, queue, t, thread_id);
+            }
+            resubmitted = true;
+        }
         let result = match self.runners.get(thread_id).and_then(Option::as_ref) {
             Some(runner) => {
                 let mem = self.mem.memory().into_inner();
-                submit_queue(runner, &mut worker, vring, queue, &mem)
+                let ring = TrackedVring {
+                    vring: vring.clone(),
+                    track: track.clone(),
+                };
+                submit_queue(runner, &mut worker, &ring, queue, &mem)
             }
-            None => process_queue(&self.dev, &mut worker, queue, &*self.mem.memory()),
+            None => process_queue_tracked(
+                &self.dev,
+                &mut worker,
+                queue,
+                &*self.mem.memory(),
+                track.as_deref(),
+            ),
         };
-        let needs_signal = match result {
-            Ok(n) => n,
-            Err(e) => {
-                // A broken ring is the driver's fault: log it and keep the thread alive.
-                error!("queue {thread_id}: {e}");
-                true
-            }
-        };
+        let needs_signal = resubmitted
+            | match result {
+                Ok(n) => n,
+                Err(e) => {
+                    // A broken ring is the driver's fault: log it and keep the thread alive.
+                    error!("queue {thread_id}: {e}");
+                    true
+                }
+            };
         if needs_signal {
             if let Err(e) = state.signal_used_queue() {
                 warn!("queue {thread_id}: cannot signal the driver: {e}");
@@ -193,6 +334,63 @@ impl VhostUserBackend for VhostUserBlk {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | if self.inflight_file.is_some() {
+                VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            } else {
+                VhostUserProtocolFeatures::empty()
+            }
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let Some(file) = &self.inflight_file else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "in-flight tracking is not offered",
+            ));
+        };
+        // Drop our mapping of the previous buffer before its file is zeroed for the new one.
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let out = file.fresh(msg)?;
+        debug!(
+            "GET_INFLIGHT_FD: {} queues of {}, {} bytes",
+            msg.num_queues, msg.queue_size, out.0.mmap_size
+        );
+        Ok(out)
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::map(msg, &file).inspect_err(|e| {
+            error!("refusing the frontend's inflight buffer: {e}");
+        })?;
+        debug!(
+            "SET_INFLIGHT_FD: {} queues of {}, {} bytes",
+            msg.num_queues, msg.queue_size, msg.mmap_size
+        );
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = Some(region);
+        Ok(())
+    }
+
+    fn vring_started(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
+        let index = queue_index as usize;
+        let (Some(track), Some(recover)) = (self.tracks.get(index), self.recover.get(index)) else {
+            return Ok(());
+        };
+        let region = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let state = vring.get_ref();
+        let size = state.get_queue().size();
+        let part = region.and_then(|r| r.queue(index, size)).map(Arc::new);
+        *track.lock().unwrap_or_else(|e| e.into_inner()) = part;
+        recover.store(true, Ordering::Release);
+        // Run a pass as soon as the ring is watched, even if the guest (waiting for the requests
+        // it has in flight) never kicks again.
+        if let Some(kick) = state.get_kick() {
+            crate::reconnect::kick(kick);
+        }
+        Ok(())
     }
 
     fn reset_device(&self) {

@@ -37,7 +37,7 @@
 //!   drops the cached sectors in the range (zeroing partly covered ones) and unregisters.
 //! - Flush writes back every folio that was accounted when it started (waiting for in-flight
 //!   writebacks and retrying failed ones), then flushes the lower layer. A long list is written
-//!   back by up to `FLUSH_WORKERS` scoped threads, each taking runs of adjacent folios (the
+//!   back by up to `FLUSH_WORKERS` scoped threads, each taking whole runs of adjacent folios (the
 //!   writeback path is the same; folios are independent), so that copy-on-write writebacks that
 //!   wait for backing reads overlap. A failed writeback fails
 //!   the flush and stays dirty; a failed lower flush makes every later flush fail (the lower
@@ -88,8 +88,9 @@ const MAX_SHARDS: usize = 64;
 const WRITEBACK_BATCH: usize = 16;
 /// Most threads a flush writes back with (see `Inner::sync_folios`).
 const FLUSH_WORKERS: usize = 8;
-/// Adjacent folios a flush thread writes back in one go.
-const FLUSH_CHUNK: usize = 16;
+/// Runs of adjacent folios per extra flush thread (a short list is written back by the
+/// flushing thread alone).
+const FLUSH_MIN_RUNS: usize = 4;
 /// Largest writeback, in bytes, when consecutive folios are written back together.
 const MAX_CLUSTER: usize = 1 << 20;
 /// Recycled folio buffers kept for reuse.
@@ -1309,22 +1310,45 @@ impl Inner {
     }
 
     /// Writes back every folio of `folios` (in disk order) and returns the first error. A long
-    /// list is shared by up to `FLUSH_WORKERS` threads that take runs of `FLUSH_CHUNK` adjacent
-    /// folios each, so that the lower layer sees several writebacks at once (a copy-on-write
-    /// writeback waits for a read of the backing file) while each run stays sequential.
+    /// list is shared by up to `FLUSH_WORKERS` threads that take whole runs of adjacent folios
+    /// whose dirty data touches (at most `cluster_folios`, what one clustered writeback takes
+    /// along), so that the
+    /// lower layer sees several writebacks at once (a copy-on-write writeback waits for a read
+    /// of the backing file) while sequential dirty data still reaches it in one write: a run
+    /// never starts inside another thread's cluster.
     fn sync_folios(&self, folios: &[Arc<Folio>]) -> Option<BlockError> {
-        let chunks = folios.len().div_ceil(FLUSH_CHUNK);
-        let workers = chunks.min(FLUSH_WORKERS);
+        // Runs follow the clustering rule of `sync_folio` as it looks now (a dirty end meets a
+        // dirty beginning); that only decides who writes what, `sync_folio` re-checks.
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut open_end = false;
+        for (i, f) in folios.iter().enumerate() {
+            let (starts, ends) = {
+                let st = f.lock();
+                let n = f.sectors();
+                (st.dirty.get(0), st.dirty.get(n - 1))
+            };
+            match runs.last_mut() {
+                Some(r)
+                    if open_end
+                        && starts
+                        && r.len() < self.cluster_folios
+                        && folios[r.end - 1].index + 1 == f.index =>
+                {
+                    r.end = i + 1;
+                }
+                _ => runs.push(i..i + 1),
+            }
+            open_end = ends;
+        }
+        let workers = runs.len().div_ceil(FLUSH_MIN_RUNS).min(FLUSH_WORKERS);
         let next = AtomicUsize::new(0);
         let first_error = Mutex::new(None);
-        let work = || loop {
-            let start = next.fetch_add(1, Ordering::Relaxed) * FLUSH_CHUNK;
-            let Some(chunk) = folios.get(start..(start + FLUSH_CHUNK).min(folios.len())) else {
-                break;
-            };
-            for f in chunk {
-                if let Err(e) = self.sync_folio(f) {
-                    lock(&first_error).get_or_insert(e);
+        let work = || {
+            while let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                for f in &folios[run.clone()] {
+                    if let Err(e) = self.sync_folio(f) {
+                        lock(&first_error).get_or_insert(e);
+                    }
                 }
             }
         };

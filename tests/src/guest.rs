@@ -501,6 +501,8 @@ pub struct Daemon {
     socket: PathBuf,
     log_path: PathBuf,
     kind: DaemonKind,
+    /// How it was started (for [`Daemon::restart`]).
+    cfg: DaemonConfig,
     _dir: tempfile::TempDir,
 }
 
@@ -518,8 +520,67 @@ impl Daemon {
             .map_err(io_err("create socket dir"))?;
         let socket = dir.path().join("vu.sock");
         let log_path = log_dir.join(format!("{name}.log"));
-        let log =
-            File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
+        File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
+        let child = Self::spawn(cfg, &socket, &log_path)?;
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            log_path,
+            kind: cfg.kind,
+            cfg: cfg.clone(),
+            _dir: dir,
+        };
+        d.wait_for_socket(cfg.start_timeout)?;
+        Ok(d)
+    }
+
+    /// Stops the daemon (SIGKILL if `kill`, else SIGTERM and a clean exit) and starts a new
+    /// one with the same arguments on the same socket, appending to the same log; returns once
+    /// the new one listens. The "daemon crash" and "upgrade" cases of a frontend that
+    /// reconnects.
+    pub fn restart(&mut self, kill: bool) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            if kill {
+                let _ = child.kill();
+                let _ = child.wait();
+            } else {
+                send_signal(&child, libc::SIGTERM).map_err(io_err("SIGTERM daemon"))?;
+                match wait_timeout(&mut child, Duration::from_secs(60))
+                    .map_err(io_err("wait for daemon"))?
+                {
+                    Some(st) if st.success() => {}
+                    other => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(GuestError::StopDaemon {
+                            detail: format!("SIGTERM before restart: {other:?}"),
+                            log_tail: file_tail(&self.log_path),
+                        });
+                    }
+                }
+            }
+        }
+        // A killed daemon leaves its socket file: remove it, so waiting for the socket waits
+        // for the new daemon (which would replace a stale socket anyway).
+        let _ = fs::remove_file(&self.socket);
+        {
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(&self.log_path)
+                .map_err(io_err("reopen daemon log"))?;
+            let _ = writeln!(f, "=== test harness: daemon restarted (kill={kill}) ===");
+        }
+        self.child = Some(Self::spawn(&self.cfg, &self.socket, &self.log_path)?);
+        let limit = self.cfg.start_timeout;
+        self.wait_for_socket(limit)
+    }
+
+    fn spawn(cfg: &DaemonConfig, socket: &Path, log_path: &Path) -> Result<Child> {
+        let socket = socket.to_path_buf();
+        let log = OpenOptions::new()
+            .append(true)
+            .open(log_path)
+            .map_err(io_err(format!("open {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io_err("dup log fd"))?;
         let mut cmd = match cfg.kind {
             DaemonKind::Snapblk => {
@@ -566,18 +627,7 @@ impl Daemon {
             .stdout(log)
             .stderr(log2);
         die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(io_err(format!("spawn {:?}", cfg.kind)))?;
-        let mut d = Daemon {
-            child: Some(child),
-            socket,
-            log_path,
-            kind: cfg.kind,
-            _dir: dir,
-        };
-        d.wait_for_socket(cfg.start_timeout)?;
-        Ok(d)
+        cmd.spawn().map_err(io_err(format!("spawn {:?}", cfg.kind)))
     }
 
     fn wait_for_socket(&mut self, limit: Duration) -> Result<()> {
@@ -688,6 +738,8 @@ pub struct DiskAttach {
     pub socket: PathBuf,
     /// `num-queues` of the virtio device.
     pub num_queues: u16,
+    /// QEMU reconnects to the socket (every second) when the daemon goes away.
+    pub reconnect: bool,
 }
 
 /// How to run one guest (builder style).
@@ -730,6 +782,17 @@ impl GuestConfig {
         self.disks.push(DiskAttach {
             socket: socket.to_path_buf(),
             num_queues,
+            reconnect: false,
+        });
+        self
+    }
+    /// Adds a disk served on `socket` whose chardev reconnects (`reconnect=1`) when the daemon
+    /// dies or restarts.
+    pub fn disk_reconnecting(mut self, socket: &Path, num_queues: u16) -> Self {
+        self.disks.push(DiskAttach {
+            socket: socket.to_path_buf(),
+            num_queues,
+            reconnect: true,
         });
         self
     }
@@ -949,8 +1012,9 @@ impl GuestEnv {
         for (i, d) in cfg.disks.iter().enumerate() {
             cmd.arg("-chardev")
                 .arg(format!(
-                    "socket,id=vu{i},path={}",
-                    qemu_opt_escape(&d.socket)
+                    "socket,id=vu{i},path={}{}",
+                    qemu_opt_escape(&d.socket),
+                    if d.reconnect { ",reconnect=1" } else { "" }
                 ))
                 .arg("-device")
                 .arg(format!(
