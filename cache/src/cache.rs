@@ -1312,10 +1312,9 @@ impl Inner {
     /// Writes back every folio of `folios` (in disk order) and returns the first error. A long
     /// list is shared by up to `FLUSH_WORKERS` threads that take whole runs of adjacent folios
     /// whose dirty data touches (at most `cluster_folios`, what one clustered writeback takes
-    /// along), so that the
-    /// lower layer sees several writebacks at once (a copy-on-write writeback waits for a read
-    /// of the backing file) while sequential dirty data still reaches it in one write: a run
-    /// never starts inside another thread's cluster.
+    /// along), so that the lower layer sees several writebacks at once (a copy-on-write
+    /// writeback waits for a read of the backing file) while sequential dirty data still
+    /// reaches it in one write: a run never starts inside another thread's cluster.
     fn sync_folios(&self, folios: &[Arc<Folio>]) -> Option<BlockError> {
         // Runs follow the clustering rule of `sync_folio` as it looks now (a dirty end meets a
         // dirty beginning); that only decides who writes what, `sync_folio` re-checks.

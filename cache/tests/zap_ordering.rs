@@ -4,7 +4,8 @@
 //! surviving mutant for the other tests): a zap waits for writebacks already in flight before
 //! its lower operation, and a writeback that snapshots while a zap is registered is deferred.
 //! Also here: a zap that fails forgets the clean cached copies of its range (a surviving mutant
-//! of the focused `make mutants` run over the cache's writeback, zap and flush functions).
+//! of the focused `make mutants` run over the cache's writeback, zap and flush functions), and
+//! a flush or write-through write whose writeback a zap deferred waits for it (another one).
 
 mod common;
 
@@ -234,4 +235,44 @@ fn zap_hooks_name_the_first_folio_of_the_range() {
         .map(|&(_, f)| f)
         .collect();
     assert_eq!(zaps, vec![3, 5, 8]);
+}
+
+#[test]
+fn a_flush_or_write_through_write_deferred_by_a_zap_completes_only_after_its_writeback() {
+    // A writeback of a folio that overlaps a registered zap is deferred (see above); a flush and a
+    // write in write-through mode must then wait for the zap and write the folio back before they
+    // report success, or a FLUSH would be acknowledged with its data still only in the cache (a
+    // surviving mutant of `sync_folio`'s deferred arm). The zap covers other bytes of the folio.
+    for write_through in [false, true] {
+        let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+        let cache = cache_over(&lower, small_cfg(K4, 8, 4));
+        let data = pattern(5, 0, 512);
+        if !write_through {
+            cache.write_at(&data, 0).unwrap();
+        }
+        let (c, l, d) = (cache.clone(), lower.clone(), data.clone());
+        let request = Arc::new(Mutex::new(None));
+        let slot = request.clone();
+        // The zap's lower operation is done and it is still registered: run the request now.
+        lower.at(Io::Zap, 2048, 512, move || {
+            let t = thread::spawn(move || {
+                if write_through {
+                    c.set_writeback(false).unwrap();
+                    c.write_at(&d, 0).unwrap();
+                } else {
+                    c.flush().unwrap();
+                }
+                l.bytes(0, 512)
+            });
+            wait_until(|| t.is_finished(), Duration::from_millis(200));
+            *slot.lock().unwrap() = Some(t);
+        });
+        cache.discard(2048, 512).unwrap();
+        let below = request.lock().unwrap().take().unwrap().join().unwrap();
+        assert_eq!(
+            below, data,
+            "write_through={write_through}: the request reported success before the folio it \
+             covers was written back"
+        );
+    }
 }
