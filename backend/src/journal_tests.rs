@@ -429,11 +429,15 @@ fn a_writer_waits_for_the_background_trim_only_when_both_segments_are_full() {
     };
     std::thread::sleep(MUST_NOT);
     assert!(!blocked.is_finished(), "both segments are full");
-    assert_eq!(
-        j.lock_state().next_seq,
-        2 * PER_SEGMENT + 1,
-        "the waiting writer appended nothing"
-    );
+    {
+        let st = j.lock_state();
+        assert_eq!(
+            st.next_seq,
+            2 * PER_SEGMENT + 1,
+            "the waiting writer appended nothing"
+        );
+        assert_eq!(st.waits_for_room, 1);
+    }
     release.send(()).unwrap();
     blocked.join().unwrap();
     j.wait_trimmer_idle();
