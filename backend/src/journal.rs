@@ -771,13 +771,26 @@ impl Core {
                 }
                 st.trimming = true;
             }
-            if let Err(e) = self.flush_and_trim(false) {
-                error!(
+            // A panic below must not leave writers waiting for a trim that never comes.
+            let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.flush_and_trim(false)
+            }));
+            let mut st = self.lock_state();
+            match flushed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(
                     "crash journal {}: background flush failed: {e}; writes and flushes fail from now on, the records stay for the next daemon to replay",
                     self.path.display()
-                );
+                ),
+                Err(_) => {
+                    let why = format!(
+                        "crash journal {}: the background flush panicked",
+                        self.path.display()
+                    );
+                    error!("{why}; writes and flushes fail from now on");
+                    self.poison(&mut st, why);
+                }
             }
-            let mut st = self.lock_state();
             st.trimming = false;
             self.trimmed.notify_all();
         }

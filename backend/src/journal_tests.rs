@@ -573,3 +573,27 @@ fn a_live_snapshot_rebind_does_not_wait_for_a_background_trim() {
     assert_eq!(rec.replayed, 1);
     assert_eq!(read(&*after, 0, SIZE), want);
 }
+
+/// A panic inside the background flush poisons the journal instead of leaving writers waiting
+/// for room forever: writes and flushes fail, the records stay.
+#[test]
+fn a_panicking_background_flush_fails_later_requests_instead_of_hanging_them() {
+    let (_dir, path, lower, j) = fresh();
+    *lower.flush_hook.lock().unwrap() = Some(Box::new(|| panic!("injected panic in a flush")));
+    for i in 0..=PER_SEGMENT {
+        write_nth(&j, i);
+    }
+    j.wait_trimmer_idle();
+    assert!(j.lock_state().poisoned.is_some());
+    let j = Arc::new(j);
+    let j2 = Arc::clone(&j);
+    let (w, f) = must_finish("requests after the panic", move || {
+        (j2.write_at(&[1; 512], 0), j2.flush())
+    });
+    assert!(w.is_err() && f.is_err());
+    let want = read(&*lower, 0, SIZE);
+    let j = Arc::try_unwrap(j).unwrap();
+    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(rec.replayed, PER_SEGMENT as usize + 1);
+    assert_eq!(read(&*after, 0, SIZE), want);
+}
