@@ -763,7 +763,8 @@ impl Core {
         loop {
             {
                 let mut st = self.lock_state();
-                while !st.stop && !(st.sealed && st.poisoned.is_none()) {
+                let has_work = |st: &State| st.sealed && st.poisoned.is_none();
+                while !st.stop && !has_work(&st) {
                     st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 if st.stop {
