@@ -379,6 +379,27 @@ fn must_finish<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'st
         .unwrap_or_else(|_| panic!("{what} did not finish"))
 }
 
+/// Runs `f` on a thread that must still be blocked after `MUST_NOT`; returns its handle.
+fn blocked<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let t = std::thread::spawn(f);
+    std::thread::sleep(MUST_NOT);
+    assert!(!t.is_finished(), "{what} did not wait");
+    t
+}
+
+/// Crashes (see [`crash_and_restart`]) and checks the restarted daemon replayed `replayed`
+/// records and reads exactly what the lower layer showed before the crash.
+fn crash_and_check(j: Arc<Journal>, lower: &Volatile, path: &Path, replayed: u64, why: &str) {
+    let want = read(lower, 0, SIZE);
+    let j = Arc::try_unwrap(j).unwrap_or_else(|_| panic!("journal still shared"));
+    let (_j, after, rec) = crash_and_restart(j, lower, path, &ident(1));
+    assert_eq!(rec.replayed, replayed as usize, "{why}");
+    assert_eq!(read(&*after, 0, SIZE), want);
+}
+
 /// The trim drops the state lock before its lower flush: writers fill the other segment
 /// meanwhile without waiting for it, and the flush empties only the sealed segment (the records
 /// written during it stay in the journal).
@@ -403,14 +424,13 @@ fn writers_fill_the_other_segment_while_the_background_trim_is_in_its_lower_flus
         assert!(st.poisoned.is_none());
     }
     assert_eq!(lower.flushes.load(Ordering::SeqCst), 1);
-    let want = read(&*lower, 0, SIZE);
-    let j = Arc::try_unwrap(j).unwrap();
-    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
-    assert_eq!(
-        rec.replayed, PER_SEGMENT as usize,
-        "the records written during the flush were kept"
+    crash_and_check(
+        j,
+        &lower,
+        &path,
+        PER_SEGMENT,
+        "the records written during the flush were kept",
     );
-    assert_eq!(read(&*after, 0, SIZE), want);
 }
 
 /// Backpressure: with both segments full a writer waits (without appending) until the
@@ -423,12 +443,12 @@ fn a_writer_waits_for_the_background_trim_only_when_both_segments_are_full() {
     for i in PER_SEGMENT + 1..2 * PER_SEGMENT {
         write_nth(&j, i);
     }
-    let blocked = {
+    let writer = {
         let j = Arc::clone(&j);
-        std::thread::spawn(move || write_nth(&j, 2 * PER_SEGMENT))
+        blocked("both segments are full", move || {
+            write_nth(&j, 2 * PER_SEGMENT)
+        })
     };
-    std::thread::sleep(MUST_NOT);
-    assert!(!blocked.is_finished(), "both segments are full");
     {
         let st = j.lock_state();
         assert_eq!(
@@ -439,15 +459,11 @@ fn a_writer_waits_for_the_background_trim_only_when_both_segments_are_full() {
         assert_eq!(st.waits_for_room, 1);
     }
     release.send(()).unwrap();
-    blocked.join().unwrap();
+    writer.join().unwrap();
     j.wait_trimmer_idle();
     // The waiting writer sealed the second segment: the trimmer flushed it too.
     assert_eq!(lower.flushes.load(Ordering::SeqCst), 2);
-    let want = read(&*lower, 0, SIZE);
-    let j = Arc::try_unwrap(j).unwrap();
-    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
-    assert_eq!(rec.replayed, 1, "only the last record is unflushed");
-    assert_eq!(read(&*after, 0, SIZE), want);
+    crash_and_check(j, &lower, &path, 1, "only the last record is unflushed");
 }
 
 /// The trimmer holds the flush lock across its lower flush: a guest FLUSH arriving meanwhile
@@ -461,10 +477,10 @@ fn a_guest_flush_during_a_background_trim_covers_the_writes_made_meanwhile() {
     write_nth(&j, PER_SEGMENT + 1);
     let guest_flush = {
         let j = Arc::clone(&j);
-        std::thread::spawn(move || j.flush())
+        blocked("the guest's FLUSH behind the background flush", move || {
+            j.flush()
+        })
     };
-    std::thread::sleep(MUST_NOT);
-    assert!(!guest_flush.is_finished());
     release.send(()).unwrap();
     guest_flush.join().unwrap().unwrap();
     j.wait_trimmer_idle();
@@ -492,10 +508,10 @@ fn a_failed_background_flush_fails_the_next_guest_flush_and_keeps_every_record()
     let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
     let guest_flush = {
         let j = Arc::clone(&j);
-        std::thread::spawn(move || j.flush())
+        blocked("the guest's FLUSH behind the background flush", move || {
+            j.flush()
+        })
     };
-    std::thread::sleep(MUST_NOT);
-    assert!(!guest_flush.is_finished());
     release.send(()).unwrap();
     let err = guest_flush
         .join()
@@ -514,11 +530,7 @@ fn a_failed_background_flush_fails_the_next_guest_flush_and_keeps_every_record()
     assert!(j.flush().is_err(), "the failure is sticky");
     assert!(j.write_at(&[9; 512], 0).is_err());
     assert_eq!(lower.flushes.load(Ordering::SeqCst), 1);
-    let want = read(&*lower, 0, SIZE);
-    let j = Arc::try_unwrap(j).unwrap();
-    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
-    assert_eq!(rec.replayed, PER_SEGMENT as usize + 1);
-    assert_eq!(read(&*after, 0, SIZE), want);
+    crash_and_check(j, &lower, &path, PER_SEGMENT + 1, "every record stays");
 }
 
 /// Shutdown while the trimmer is inside its lower flush: dropping the journal waits for that
@@ -591,9 +603,5 @@ fn a_panicking_background_flush_fails_later_requests_instead_of_hanging_them() {
         (j2.write_at(&[1; 512], 0), j2.flush())
     });
     assert!(w.is_err() && f.is_err());
-    let want = read(&*lower, 0, SIZE);
-    let j = Arc::try_unwrap(j).unwrap();
-    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
-    assert_eq!(rec.replayed, PER_SEGMENT as usize + 1);
-    assert_eq!(read(&*after, 0, SIZE), want);
+    crash_and_check(j, &lower, &path, PER_SEGMENT + 1, "every record stays");
 }
