@@ -187,6 +187,9 @@ struct Core {
     stripes: Vec<Mutex<()>>,
     refused: Option<String>,
     refusal_logged: AtomicBool,
+    /// Test hook: run by the trimmer once it has work, before it takes `flush_lock`.
+    #[cfg(test)]
+    before_trim: Mutex<Option<Box<dyn FnMut() + Send>>>,
 }
 
 /// The crash-journal layer (see the module documentation).
@@ -472,6 +475,8 @@ impl Journal {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             refused,
             refusal_logged: AtomicBool::new(false),
+            #[cfg(test)]
+            before_trim: Mutex::new(None),
         });
         let mut trimmer = None;
         if core.refused.is_none() {
@@ -708,8 +713,25 @@ impl Core {
     /// writes stale data over a trimmed write. Fails, without flushing, once poisoned: after a
     /// failed flush a later one may succeed without the lost data (the kernel reports a
     /// writeback error once), so its records must never be trimmed.
+    ///
+    /// A guest FLUSH that finds a sealed segment the trimmer has not taken yet, and records in
+    /// the active one, runs a second round (seal the active one, flush, empty it): the journal
+    /// holds nothing older than a completed guest FLUSH, so a clean shutdown leaves it empty.
     fn flush_and_trim(&self, seal_active: bool) -> Result<()> {
         let _one = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let again = {
+            let st = self.lock_state();
+            seal_active && st.sealed && st.tail[st.active] > 0
+        };
+        self.flush_round(seal_active)?;
+        if again {
+            self.flush_round(true)?;
+        }
+        Ok(())
+    }
+
+    /// One round of [`Core::flush_and_trim`]; the caller holds `flush_lock`.
+    fn flush_round(&self, seal_active: bool) -> Result<()> {
         let mut st = self.lock_state();
         if let Some(why) = &st.poisoned {
             return Err(Self::poisoned_error(why));
@@ -771,6 +793,17 @@ impl Core {
                     return;
                 }
                 st.trimming = true;
+            }
+            #[cfg(test)]
+            {
+                let hook = self
+                    .before_trim
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(mut h) = hook {
+                    h();
+                }
             }
             // A panic below must not leave writers waiting for a trim that never comes.
             let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

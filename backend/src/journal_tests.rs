@@ -605,3 +605,45 @@ fn a_panicking_background_flush_fails_later_requests_instead_of_hanging_them() {
     assert!(w.is_err() && f.is_err());
     crash_and_check(j, &lower, &path, PER_SEGMENT + 1, "every record stays");
 }
+
+/// The trimmer drops the state lock between finding a sealed segment and taking the flush
+/// lock: a guest FLUSH that gets the flush lock there finds an older sealed segment and newer
+/// records in the active one. It must trim both (two rounds), so nothing older than the
+/// completed FLUSH stays in the journal; the trimmer then finds nothing left to flush.
+#[test]
+fn a_guest_flush_ahead_of_the_trimmer_leaves_nothing_older_than_itself_in_the_journal() {
+    let (_dir, path, lower, j) = fresh();
+    let (hook, trimmer_ready, release) = gate();
+    *j.core.before_trim.lock().unwrap() = Some(hook);
+    for i in 0..=PER_SEGMENT + 1 {
+        write_nth(&j, i);
+    }
+    trimmer_ready
+        .recv_timeout(MUST)
+        .expect("the trimmer has work");
+    {
+        let st = j.lock_state();
+        assert!(st.sealed && st.tail[st.active] > 0);
+    }
+    j.flush().unwrap();
+    assert_eq!(lower.flushes.load(Ordering::SeqCst), 2, "two rounds");
+    {
+        let st = j.lock_state();
+        assert!(!st.sealed);
+        assert_eq!(st.tail, [0, 0], "both segments are empty");
+    }
+    release.send(()).unwrap();
+    j.wait_trimmer_idle();
+    assert_eq!(
+        lower.flushes.load(Ordering::SeqCst),
+        2,
+        "the trimmer found nothing to flush"
+    );
+    crash_and_check(
+        Arc::new(j),
+        &lower,
+        &path,
+        0,
+        "a completed FLUSH leaves nothing",
+    );
+}
