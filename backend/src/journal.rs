@@ -19,8 +19,9 @@
 //! the sealed segment (its generation number is bumped, so its records no longer count).
 //! Writers keep appending to the active segment during that flush; a writer waits only when
 //! both segments are full (backpressure), never for the flush otherwise. A guest FLUSH
-//! ([`BlockDev::flush`]) seals the active segment too (if the other is empty), flushes below and
-//! empties the sealed segment, so the journal is short after every guest flush. Only the sealed
+//! ([`BlockDev::flush`]) seals the active segment too, flushes below and empties the sealed
+//! segment (twice if it found an older sealed segment the trimmer had not taken yet), so
+//! nothing older than a completed guest FLUSH stays in the journal. Only the sealed
 //! segment is emptied, and it always holds older records than the active one: what stays is
 //! newer than what was dropped, so a replay never writes stale data over a trimmed write.
 //!
