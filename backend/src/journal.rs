@@ -11,14 +11,25 @@
 //! qcow2 engine allocates and publishes what the dead one had only in memory), flushes, and only
 //! then serves ([`Journal::open`]).
 //!
-//! The journal is trimmed by flushes: the file has two segments; new records go to the active
-//! one. A flush ([`BlockDev::flush`]) switches the active segment, waits until every request
-//! that wrote a record into the old one has finished its lower operation, flushes the stack
-//! below (data, qcow2 metadata, fdatasync) and then empties the old segment (its generation
-//! number is bumped, so its records no longer count). The request whose record fills the
-//! active segment past its half runs such a flush itself once it is complete (so the other
-//! segment is empty before writers need it), and a writer that finds the active segment full
-//! runs one before appending.
+//! The journal is trimmed by flushes, in the background: the file has two segments; new
+//! records go to the active one. A record that does not fit the active segment *seals* it and
+//! moves the writers to the other one (if that is empty) and wakes the journal's trimmer thread,
+//! which waits until every request that wrote a record into the sealed segment has finished its
+//! lower operation, flushes the stack below (data, qcow2 metadata, fdatasync) and then empties
+//! the sealed segment (its generation number is bumped, so its records no longer count).
+//! Writers keep appending to the active segment during that flush; a writer waits only when
+//! both segments are full (backpressure), never for the flush otherwise. A guest FLUSH
+//! ([`BlockDev::flush`]) seals the active segment too, flushes below and empties the sealed
+//! segment (twice if it found an older sealed segment the trimmer had not taken yet), so
+//! nothing older than a completed guest FLUSH stays in the journal. Only the sealed
+//! segment is emptied, and it always holds older records than the active one: what stays is
+//! newer than what was dropped, so a replay never writes stale data over a trimmed write.
+//!
+//! Errors: a failed lower flush (in the background or a guest's) poisons the journal: nothing
+//! is trimmed any more (a later flush may succeed without the data the failed one lost, since
+//! the kernel reports a writeback error only once), every later write and FLUSH fails with EIO
+//! naming the first error, and the records stay for a restarted daemon to replay. So a failed
+//! background flush is never lost: the guest's next FLUSH reports it.
 //!
 //! What it does not cover, by design: a host crash. The page cache is gone then, and so is the
 //! journal's meaning: the file header records the boot id, and a journal written during another
@@ -37,13 +48,18 @@
 //! locks (64 KiB chunks hashed onto [`STRIPES`] mutexes, taken in index order); writes to
 //! different chunks run in parallel.
 //!
-//! Locking model: a request takes its stripe locks (ascending index), then the state mutex only
-//! while its record is appended (appends are one at a time, so no hole ever precedes an
-//! acknowledged record) and again to count its lower operation done. `flush_lock` serializes
-//! journal flushes; a flush takes no stripe lock and holds the state mutex only to switch
-//! segments, wait for the old one's requests and empty it (never across the lower flush). A
-//! writer that finds the segment full flushes while holding its stripe locks, which cannot
-//! deadlock since flushes take none.
+//! Locking model (top to bottom): stripe locks (ascending index), then `flush_lock`, then the
+//! state mutex. A request takes its stripe locks, then the state mutex only while its record is
+//! appended (appends are one at a time, so no hole ever precedes an acknowledged record) and
+//! again to count its lower operation done; it waits for room (both segments full) on a condvar
+//! of the state mutex while holding its stripe locks, which cannot deadlock since flushes take
+//! no stripe lock. `flush_lock` serializes flushes (the trimmer's and the guest's) and is held
+//! across the lower flush; the state mutex is held only to seal, to wait for the sealed
+//! segment's requests and to empty it, never across the lower flush (the state mutex is held
+//! across the `pwrite` of a record or segment header into the journal file only). The trimmer
+//! takes only `flush_lock` and the state mutex and calls only downward. [`Journal::rebind`]
+//! (a live snapshot, guest requests paused) takes only the state mutex, so it never waits for
+//! a background flush. Dropping the [`Journal`] stops the trimmer and joins it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -130,36 +146,65 @@ pub struct Recovery {
 }
 
 struct State {
+    /// The segment new records go to.
     active: usize,
+    /// The other segment holds records waiting for a flush (no record is appended to it until
+    /// the flush empties it). When false, the other segment is empty.
+    sealed: bool,
     /// Bytes used in each segment (after its header).
     tail: [u64; 2],
     /// Requests that appended a record to the segment and have not finished their lower op.
     pending: [usize; 2],
     generation: [u64; 2],
     next_seq: u64,
-    /// A lower flush failed: nothing can be trimmed any more.
-    poisoned: bool,
+    /// Why nothing can be trimmed any more (a lower flush failed, or the new top of a live
+    /// snapshot could not be recorded): writes and flushes fail from then on, and every record
+    /// stays for the next daemon to replay.
+    poisoned: Option<String>,
+    /// The trimmer is inside a flush it started.
+    trimming: bool,
+    /// Segments emptied, and times a writer found both segments full (logged at the end).
+    trims: u64,
+    waits_for_room: u64,
+    /// The journal is being dropped: the trimmer exits.
+    stop: bool,
 }
 
-/// The crash-journal layer (see the module documentation).
-pub struct Journal {
+/// The journal proper, shared by the [`Journal`] handle and its trimmer thread.
+struct Core {
     lower: Arc<dyn BlockDev>,
     file: File,
     path: PathBuf,
     seg_len: u64,
     state: Mutex<State>,
+    /// Signalled when a segment's `pending` count drops to zero.
     drained: Condvar,
+    /// Signalled when the trimmer has work (a sealed segment) or must stop.
+    work: Condvar,
+    /// Signalled when a flush ends (the sealed segment emptied, or the journal poisoned): the
+    /// writers waiting for room and [`Journal::wait_trimmer_idle`] re-check.
+    trimmed: Condvar,
     flush_lock: Mutex<()>,
     stripes: Vec<Mutex<()>>,
     refused: Option<String>,
     refusal_logged: AtomicBool,
+    /// Test hook: run by the trimmer once it has work, before it takes `flush_lock`.
+    #[cfg(test)]
+    before_trim: Mutex<Option<Box<dyn FnMut() + Send>>>,
+}
+
+/// The crash-journal layer (see the module documentation).
+pub struct Journal {
+    core: Arc<Core>,
+    /// The trimmer thread (none when writes are refused); joined on drop.
+    trimmer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Journal")
-            .field("path", &self.path)
-            .field("refused", &self.refused)
+            .field("path", &self.core.path)
+            .field("refused", &self.core.refused)
             .finish()
     }
 }
@@ -268,13 +313,15 @@ struct Record {
     data: Vec<u8>,
 }
 
-fn encode_record_header(
+/// A record's header; its checksum covers the first 40 header bytes and the data, whose CRC
+/// state `data_crc` the caller computed (outside the state lock).
+fn record_header(
     kind: Kind,
     seq: u64,
     gen: u64,
     offset: u64,
     len: u64,
-    data: &[u8],
+    data_crc: &crc32fast::Hasher,
 ) -> [u8; REC_HEADER] {
     let mut h = [0u8; REC_HEADER];
     h[0..4].copy_from_slice(&REC_MAGIC.to_le_bytes());
@@ -283,9 +330,26 @@ fn encode_record_header(
     h[16..24].copy_from_slice(&gen.to_le_bytes());
     h[24..32].copy_from_slice(&offset.to_le_bytes());
     h[32..40].copy_from_slice(&len.to_le_bytes());
-    let c = crc(&[&h[..40], data]);
-    h[40..44].copy_from_slice(&c.to_le_bytes());
+    let mut c = crc32fast::Hasher::new();
+    c.update(&h[..40]);
+    c.combine(data_crc);
+    h[40..44].copy_from_slice(&c.finalize().to_le_bytes());
     h
+}
+
+/// [`record_header`] for `data`.
+#[cfg(test)]
+fn encode_record_header(
+    kind: Kind,
+    seq: u64,
+    gen: u64,
+    offset: u64,
+    len: u64,
+    data: &[u8],
+) -> [u8; REC_HEADER] {
+    let mut d = crc32fast::Hasher::new();
+    d.update(data);
+    record_header(kind, seq, gen, offset, len, &d)
 }
 
 impl Journal {
@@ -387,31 +451,47 @@ impl Journal {
             }
             file.write_all_at(&encode_header(identity, random_uuid()), 0)?;
         }
-        let j = Journal {
+        let core = Arc::new(Core {
             lower,
             file,
             path: path.to_path_buf(),
             seg_len,
             state: Mutex::new(State {
                 active: 0,
+                sealed: false,
                 tail: [0; 2],
                 pending: [0; 2],
                 generation: [1, 1],
                 next_seq: 1,
-                poisoned: false,
+                poisoned: None,
+                trimming: false,
+                trims: 0,
+                waits_for_room: 0,
+                stop: false,
             }),
             drained: Condvar::new(),
+            work: Condvar::new(),
+            trimmed: Condvar::new(),
             flush_lock: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             refused,
             refusal_logged: AtomicBool::new(false),
-        };
-        if j.refused.is_none() {
+            #[cfg(test)]
+            before_trim: Mutex::new(None),
+        });
+        let mut trimmer = None;
+        if core.refused.is_none() {
             for seg in 0..2 {
-                j.write_segment_header(seg, 1)?;
+                core.write_segment_header(seg, 1)?;
             }
+            let c = Arc::clone(&core);
+            trimmer = Some(
+                std::thread::Builder::new()
+                    .name("snapblk-journal".into())
+                    .spawn(move || c.trimmer())?,
+            );
         }
-        Ok((j, recovery))
+        Ok((Journal { core, trimmer }, recovery))
     }
 
     /// Records that the image is now `top` (a live snapshot switched the top; called while
@@ -419,44 +499,95 @@ impl Journal {
     /// frozen image, which the new top shows through, so replaying them into the new top
     /// changes nothing; later records belong to the new top. On failure writes are refused
     /// from then on (a journal naming the wrong image would be refused at restart anyway).
+    ///
+    /// Takes only the state lock (not the flush lock): a background trim inside its lower
+    /// flush does not lengthen the snapshot's pause.
     pub fn rebind(&self, top: &Path) {
-        if self.refused.is_some() {
+        let c = &self.core;
+        if c.refused.is_some() {
             return;
         }
-        let _one = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut st = self.lock_state();
+        let mut st = c.lock_state();
         let done = Identity::of(top).and_then(|id| {
-            self.file
+            c.file
                 .write_all_at(&encode_header(&id, random_uuid()), 0)
                 .map(|()| id)
         });
         match done {
             Ok(id) => info!(
                 "crash journal {} now records writes of {}",
-                self.path.display(),
+                c.path.display(),
                 id.path
             ),
             Err(e) => {
-                error!(
-                    "crash journal {}: cannot record the new top {}: {e}; writes are refused",
-                    self.path.display(),
+                let why = format!(
+                    "crash journal {}: cannot record the new top {}: {e}",
+                    c.path.display(),
                     top.display()
                 );
-                st.poisoned = true;
+                error!("{why}; writes are refused");
+                c.poison(&mut st, why);
             }
         }
     }
 
     /// The journal file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.core.path
     }
 
     /// Why writes are refused, if they are.
     pub fn refused(&self) -> Option<&str> {
-        self.refused.as_deref()
+        self.core.refused.as_deref()
     }
 
+    /// Waits until the trimmer has nothing left to do (no sealed segment, or the journal is
+    /// poisoned) and is not inside a flush. For tests and benchmarks that want a settled state.
+    pub fn wait_trimmer_idle(&self) {
+        let c = &self.core;
+        let mut st = c.lock_state();
+        while st.trimming || (st.sealed && st.poisoned.is_none() && self.trimmer.is_some()) {
+            st = c.trimmed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    #[cfg(test)]
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.core.lock_state()
+    }
+}
+
+impl Drop for Journal {
+    /// Stops the trimmer and joins it. A trim it is running finishes first (its lower flush
+    /// cannot be interrupted); a sealed segment it has not started on is left to the next
+    /// daemon's replay (the daemon's final flush, which goes through [`BlockDev::flush`], has
+    /// emptied both segments before a clean shutdown gets here).
+    fn drop(&mut self) {
+        {
+            let mut st = self.core.lock_state();
+            st.stop = true;
+            self.core.work.notify_all();
+            if st.trims > 0 {
+                info!(
+                    "crash journal {}: {} segment(s) trimmed; writers waited for room {} time(s)",
+                    self.core.path.display(),
+                    st.trims,
+                    st.waits_for_room
+                );
+            }
+        }
+        if let Some(t) = self.trimmer.take() {
+            if t.join().is_err() {
+                error!(
+                    "crash journal {}: the trimmer thread panicked",
+                    self.core.path.display()
+                );
+            }
+        }
+    }
+}
+
+impl Core {
     fn seg_base(&self, seg: usize) -> u64 {
         FILE_HEADER + seg as u64 * self.seg_len
     }
@@ -472,6 +603,20 @@ impl Journal {
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Nothing is trimmed from now on; writers waiting for room and the idle waiters re-check.
+    fn poison(&self, st: &mut State, why: String) {
+        if st.poisoned.is_none() {
+            st.poisoned = Some(why);
+        }
+        self.trimmed.notify_all();
+    }
+
+    fn poisoned_error(why: &str) -> BlockError {
+        BlockError::Io(io::Error::other(format!(
+            "{why}; the crash journal keeps every record since (restart the daemon to replay them)"
+        )))
     }
 
     fn check_refused(&self) -> Result<()> {
@@ -505,8 +650,10 @@ impl Journal {
     }
 
     /// Appends a record; returns the segment it went to (whose `pending` count it holds).
-    /// Also returns whether this record filled the segment past its half (time to trim).
-    fn append(&self, kind: Kind, offset: u64, len: u64, data: &[u8]) -> Result<(usize, bool)> {
+    /// A record that does not fit the active segment seals it and moves the writers to the
+    /// other one if that is empty (waking the trimmer); if the other one is still sealed, the
+    /// writer waits until a flush empties it (backpressure: both segments are full).
+    fn append(&self, kind: Kind, offset: u64, len: u64, data: &[u8]) -> Result<usize> {
         let rec_len = (REC_HEADER + data.len()) as u64;
         if rec_len > self.seg_len - SEG_HEADER {
             return Err(BlockError::Io(io::Error::other(format!(
@@ -515,55 +662,39 @@ impl Journal {
                 self.seg_len
             ))));
         }
+        // The data's checksum does not depend on the position: computed before the lock.
+        let mut data_crc = crc32fast::Hasher::new();
+        data_crc.update(data);
+        let mut st = self.lock_state();
         loop {
-            let mut st = self.lock_state();
-            if st.poisoned {
-                return Err(BlockError::Io(io::Error::other(
-                    "a flush failed earlier: the crash journal cannot be trimmed",
-                )));
+            if let Some(why) = &st.poisoned {
+                return Err(Self::poisoned_error(why));
             }
             let seg = st.active;
             if SEG_HEADER + st.tail[seg] + rec_len <= self.seg_len {
                 let seq = st.next_seq;
                 let gen = st.generation[seg];
                 let at = self.seg_base(seg) + SEG_HEADER + st.tail[seg];
-                let header = encode_record_header(kind, seq, gen, offset, len, data);
+                let header = record_header(kind, seq, gen, offset, len, &data_crc);
                 // One record at a time (state lock held): no hole can precede an acknowledged
                 // record.
                 pwritev_all(&self.file, &header, data, at).map_err(io_err)?;
                 st.next_seq += 1;
-                let half = (self.seg_len - SEG_HEADER) / 2;
-                let crossed = st.tail[seg] < half && st.tail[seg] + rec_len >= half;
                 st.tail[seg] += rec_len;
                 st.pending[seg] += 1;
-                return Ok((seg, crossed));
+                return Ok(seg);
             }
-            drop(st);
-            // The active segment is full: flush, which empties it for later.
-            self.flush_and_trim()?;
-        }
-    }
-
-    /// Trims now, from the request that filled the active segment past its half, so the
-    /// segment is empty again before writers fill the other one (otherwise every writer would
-    /// wait for the flush when both are full). Skipped if a flush is running anyway. The
-    /// request itself is complete; a failure here is the flush's (sticky, reported by the
-    /// guest's next FLUSH).
-    fn early_trim(&self) {
-        let running = match self.flush_lock.try_lock() {
-            Ok(g) => {
-                drop(g);
-                false
+            if !st.sealed {
+                // The other segment is empty: it takes the records from now on, the trimmer
+                // flushes this one.
+                st.sealed = true;
+                st.active = 1 - seg;
+                self.work.notify_all();
+                continue;
             }
-            Err(_) => true,
-        };
-        if !running {
-            if let Err(e) = self.flush_and_trim() {
-                log::warn!(
-                    "crash journal {}: flush to trim it failed: {e}",
-                    self.path.display()
-                );
-            }
+            // Both segments are full: wait for the flush that empties the sealed one.
+            st.waits_for_room += 1;
+            st = self.trimmed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -575,35 +706,129 @@ impl Journal {
         }
     }
 
-    /// Switches segments, waits for the old one's requests, flushes below, empties the old one.
-    fn flush_and_trim(&self) -> Result<()> {
+    /// One flush of the stack below, which empties the sealed segment. With `seal_active` (a
+    /// guest FLUSH) the active segment is sealed first if the other one is empty, so the flush
+    /// trims everything written before it; without (the trimmer) nothing is flushed unless a
+    /// segment is sealed. Only the sealed segment is ever emptied, and it always holds the
+    /// older records: the records kept are newer than every record dropped, so a replay never
+    /// writes stale data over a trimmed write. Fails, without flushing, once poisoned: after a
+    /// failed flush a later one may succeed without the lost data (the kernel reports a
+    /// writeback error once), so its records must never be trimmed.
+    ///
+    /// A guest FLUSH that finds a sealed segment the trimmer has not taken yet, and records in
+    /// the active one, runs a second round (seal the active one, flush, empty it): the journal
+    /// holds nothing older than a completed guest FLUSH, so a clean shutdown leaves it empty.
+    fn flush_and_trim(&self, seal_active: bool) -> Result<()> {
         let _one = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let again = {
+            let st = self.lock_state();
+            seal_active && st.sealed && st.tail[st.active] > 0
+        };
+        self.flush_round(seal_active)?;
+        if again {
+            self.flush_round(true)?;
+        }
+        Ok(())
+    }
+
+    /// One round of [`Core::flush_and_trim`]; the caller holds `flush_lock`.
+    fn flush_round(&self, seal_active: bool) -> Result<()> {
         let mut st = self.lock_state();
-        let old = st.active;
-        // The other segment was emptied by the previous flush (flushes are serialized).
-        st.active = 1 - old;
-        while st.pending[old] > 0 {
+        if let Some(why) = &st.poisoned {
+            return Err(Self::poisoned_error(why));
+        }
+        if seal_active && !st.sealed && st.tail[st.active] > 0 {
+            st.sealed = true;
+            st.active = 1 - st.active;
+        }
+        if !seal_active && !st.sealed {
+            return Ok(());
+        }
+        let old = 1 - st.active;
+        let trim = st.sealed;
+        // Every request that appended to the sealed segment has reached the lower layer before
+        // the lower flush starts; new ones append to the active segment.
+        while trim && st.pending[old] > 0 {
             st = self.drained.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         drop(st);
-        if let Err(e) = self.lower.flush() {
-            let mut st = self.lock_state();
-            st.poisoned = true;
-            // Keep both segments' records (they are not durable).
-            st.active = old;
+        let flushed = self.lower.flush();
+        let mut st = self.lock_state();
+        if let Err(e) = flushed {
+            let why = format!("a flush below the crash journal failed: {e}");
+            self.poison(&mut st, why);
             return Err(e);
         }
-        let mut st = self.lock_state();
-        let gen = st.generation[old] + 1;
-        // Bumping the generation invalidates every record of the old segment at once.
-        if let Err(e) = self.write_segment_header(old, gen) {
-            st.poisoned = true;
-            st.active = old;
-            return Err(io_err(e));
+        if trim {
+            let gen = st.generation[old] + 1;
+            // Bumping the generation invalidates every record of the old segment at once.
+            if let Err(e) = self.write_segment_header(old, gen) {
+                let why = format!(
+                    "crash journal {}: cannot empty a flushed segment: {e}",
+                    self.path.display()
+                );
+                self.poison(&mut st, why);
+                return Err(io_err(e));
+            }
+            st.generation[old] = gen;
+            st.tail[old] = 0;
+            st.sealed = false;
+            st.trims += 1;
+            self.trimmed.notify_all();
         }
-        st.generation[old] = gen;
-        st.tail[old] = 0;
         Ok(())
+    }
+
+    /// The trimmer thread: flushes a sealed segment as soon as there is one, so writers keep
+    /// appending to the other segment meanwhile. A failed flush poisons the journal (see
+    /// [`Core::flush_and_trim`]); the guest's next FLUSH and every later write then fail.
+    fn trimmer(&self) {
+        loop {
+            {
+                let mut st = self.lock_state();
+                let has_work = |st: &State| st.sealed && st.poisoned.is_none();
+                while !st.stop && !has_work(&st) {
+                    st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.stop {
+                    return;
+                }
+                st.trimming = true;
+            }
+            #[cfg(test)]
+            {
+                let hook = self
+                    .before_trim
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(mut h) = hook {
+                    h();
+                }
+            }
+            // A panic below must not leave writers waiting for a trim that never comes.
+            let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.flush_and_trim(false)
+            }));
+            let mut st = self.lock_state();
+            match flushed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(
+                    "crash journal {}: background flush failed: {e}; writes and flushes fail from now on, the records stay for the next daemon to replay",
+                    self.path.display()
+                ),
+                Err(_) => {
+                    let why = format!(
+                        "crash journal {}: the background flush panicked",
+                        self.path.display()
+                    );
+                    error!("{why}; writes and flushes fail from now on");
+                    self.poison(&mut st, why);
+                }
+            }
+            st.trimming = false;
+            self.trimmed.notify_all();
+        }
     }
 
     fn journaled(
@@ -617,14 +842,11 @@ impl Journal {
         self.check_refused()?;
         blockdev::check_range(offset, len, self.lower.size())?;
         let range = self.lock_range(offset, len);
-        let (seg, half_full) = self.append(kind, offset, len, data)?;
+        let seg = self.append(kind, offset, len, data)?;
         crate::reconnect::test_abort_point("executing");
         let r = op();
         self.done(seg);
         drop(range);
-        if half_full {
-            self.early_trim();
-        }
         r
     }
 }
@@ -749,27 +971,29 @@ fn apply(dev: &dyn BlockDev, r: &Record) -> Result<()> {
 
 impl BlockDev for Journal {
     fn size(&self) -> u64 {
-        self.lower.size()
+        self.core.lower.size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.lower.read_at(buf, offset)
+        self.core.lower.read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.journaled(Kind::Write, offset, buf.len() as u64, buf, || {
-            self.lower.write_at(buf, offset)
+        let c = &self.core;
+        c.journaled(Kind::Write, offset, buf.len() as u64, buf, || {
+            c.lower.write_at(buf, offset)
         })
     }
 
     fn flush(&self) -> Result<()> {
-        self.check_refused()?;
-        self.flush_and_trim()
+        self.core.check_refused()?;
+        self.core.flush_and_trim(true)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.journaled(Kind::Discard, offset, len, &[], || {
-            self.lower.discard(offset, len)
+        let c = &self.core;
+        c.journaled(Kind::Discard, offset, len, &[], || {
+            c.lower.discard(offset, len)
         })
     }
 
@@ -779,13 +1003,14 @@ impl BlockDev for Journal {
         } else {
             Kind::Zeroes
         };
-        self.journaled(kind, offset, len, &[], || {
-            self.lower.write_zeroes(offset, len, unmap)
+        let c = &self.core;
+        c.journaled(kind, offset, len, &[], || {
+            c.lower.write_zeroes(offset, len, unmap)
         })
     }
 
     fn is_read_only(&self) -> bool {
-        self.lower.is_read_only()
+        self.core.lower.is_read_only()
     }
 }
 

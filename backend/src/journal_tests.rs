@@ -4,7 +4,7 @@
 
 use super::*;
 use blockdev::MemDisk;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -16,6 +16,8 @@ struct Volatile {
     live: MemDisk,
     durable: Mutex<Vec<u8>>,
     flushes: AtomicUsize,
+    /// `flush` fails (and makes nothing durable).
+    fail_flush: AtomicBool,
     /// Called inside `write_at`, after the write reached `live` (the lower I/O).
     hook: Mutex<Option<Box<dyn FnMut() + Send>>>,
     /// Called inside `flush`, after what was written before it became durable.
@@ -28,6 +30,7 @@ impl Volatile {
             live: MemDisk::from_vec(content.clone()),
             durable: Mutex::new(content),
             flushes: AtomicUsize::new(0),
+            fail_flush: AtomicBool::new(false),
             hook: Mutex::new(None),
             flush_hook: Mutex::new(None),
         })
@@ -53,11 +56,17 @@ impl BlockDev for Volatile {
         Ok(())
     }
     fn flush(&self) -> Result<()> {
-        *self.durable.lock().unwrap() = self.live.snapshot();
+        let fail = self.fail_flush.load(Ordering::SeqCst);
+        if !fail {
+            *self.durable.lock().unwrap() = self.live.snapshot();
+        }
         self.flushes.fetch_add(1, Ordering::SeqCst);
         let hook = self.flush_hook.lock().unwrap().take();
         if let Some(mut h) = hook {
             h();
+        }
+        if fail {
+            return Err(BlockError::Io(io::Error::other("injected writeback error")));
         }
         Ok(())
     }
@@ -329,25 +338,312 @@ fn after_a_live_snapshot_the_journal_belongs_to_the_new_top() {
     );
 }
 
-/// The request that fills the active segment past its half trims it (switch, flush, empty),
-/// so writers do not all wait when the segment is full.
-#[test]
-fn a_half_full_segment_is_trimmed_by_the_request_that_filled_it() {
-    let (_dir, path, lower, j) = fresh();
-    // 7 records of 64 KiB + header stay under half of a 1 MiB segment, the 8th crosses it.
-    for i in 0..7u64 {
-        j.write_at(&[1; 65536], i * 65536).unwrap();
+/// Records of 64 KiB that fit one 1 MiB segment (the next one seals it).
+const PER_SEGMENT: u64 = 15;
+/// How long a test waits for something that must happen.
+const MUST: Duration = Duration::from_secs(10);
+/// How long a test waits to see that something does not happen.
+const MUST_NOT: Duration = Duration::from_millis(150);
+
+/// Writes record `i` (64 KiB of byte `i + 1` at `i * 64 KiB`).
+fn write_nth(j: &Journal, i: u64) {
+    j.write_at(&[i as u8 + 1; 65536], i * 65536).unwrap();
+}
+
+/// Fills segment 0 and writes one more record, which seals it and wakes the trimmer; returns
+/// when the trimmer is parked inside its lower flush (the gate armed on `lower`'s flush).
+fn seal_first_segment_and_park_the_trimmer(
+    j: &Journal,
+    lower: &Volatile,
+) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (hook, in_flush_rx, release_tx) = gate();
+    *lower.flush_hook.lock().unwrap() = Some(hook);
+    for i in 0..=PER_SEGMENT {
+        write_nth(j, i);
     }
-    assert_eq!(lower.flushes.load(Ordering::SeqCst), 0);
-    j.write_at(&[2; 65536], 7 * 65536).unwrap();
-    assert_eq!(lower.flushes.load(Ordering::SeqCst), 1);
+    in_flush_rx
+        .recv_timeout(MUST)
+        .expect("the trimmer flushes the sealed segment");
     {
         let st = j.lock_state();
-        assert_eq!(st.active, 1, "writers moved to the other segment");
-        assert_eq!(st.tail[0], 0, "the trimmed segment is empty");
+        assert!(st.sealed && st.trimming && st.active == 1);
     }
-    let want = read(&*lower, 0, SIZE);
-    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
-    assert_eq!(rec.replayed, 0);
+    (in_flush_rx, release_tx)
+}
+
+/// Runs `f` on a thread; its result within `MUST`, or a panic saying `what`.
+fn must_finish<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(f()).unwrap());
+    rx.recv_timeout(MUST)
+        .unwrap_or_else(|_| panic!("{what} did not finish"))
+}
+
+/// Runs `f` on a thread that must still be blocked after `MUST_NOT`; returns its handle.
+fn blocked<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let t = std::thread::spawn(f);
+    std::thread::sleep(MUST_NOT);
+    assert!(!t.is_finished(), "{what} did not wait");
+    t
+}
+
+/// Crashes (see [`crash_and_restart`]) and checks the restarted daemon replayed `replayed`
+/// records and reads exactly what the lower layer showed before the crash.
+fn crash_and_check(j: Arc<Journal>, lower: &Volatile, path: &Path, replayed: u64, why: &str) {
+    let want = read(lower, 0, SIZE);
+    let j = Arc::try_unwrap(j).unwrap_or_else(|_| panic!("journal still shared"));
+    let (_j, after, rec) = crash_and_restart(j, lower, path, &ident(1));
+    assert_eq!(rec.replayed, replayed as usize, "{why}");
     assert_eq!(read(&*after, 0, SIZE), want);
+}
+
+/// The trim drops the state lock before its lower flush: writers fill the other segment
+/// meanwhile without waiting for it, and the flush empties only the sealed segment (the records
+/// written during it stay in the journal).
+#[test]
+fn writers_fill_the_other_segment_while_the_background_trim_is_in_its_lower_flush() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
+    let j2 = Arc::clone(&j);
+    must_finish("a write during the background flush", move || {
+        for i in PER_SEGMENT + 1..2 * PER_SEGMENT {
+            write_nth(&j2, i);
+        }
+    });
+    assert_eq!(lower.flushes.load(Ordering::SeqCst), 1);
+    release.send(()).unwrap();
+    j.wait_trimmer_idle();
+    {
+        let st = j.lock_state();
+        assert!(!st.sealed, "the sealed segment was emptied");
+        assert_eq!((st.active, st.tail[0]), (1, 0));
+        assert!(st.poisoned.is_none());
+    }
+    assert_eq!(lower.flushes.load(Ordering::SeqCst), 1);
+    crash_and_check(
+        j,
+        &lower,
+        &path,
+        PER_SEGMENT,
+        "the records written during the flush were kept",
+    );
+}
+
+/// Backpressure: with both segments full a writer waits (without appending) until the
+/// background flush empties the sealed one, then goes on.
+#[test]
+fn a_writer_waits_for_the_background_trim_only_when_both_segments_are_full() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
+    for i in PER_SEGMENT + 1..2 * PER_SEGMENT {
+        write_nth(&j, i);
+    }
+    let writer = {
+        let j = Arc::clone(&j);
+        blocked("both segments are full", move || {
+            write_nth(&j, 2 * PER_SEGMENT)
+        })
+    };
+    {
+        let st = j.lock_state();
+        assert_eq!(
+            st.next_seq,
+            2 * PER_SEGMENT + 1,
+            "the waiting writer appended nothing"
+        );
+        assert_eq!(st.waits_for_room, 1);
+    }
+    release.send(()).unwrap();
+    writer.join().unwrap();
+    j.wait_trimmer_idle();
+    // The waiting writer sealed the second segment: the trimmer flushed it too.
+    assert_eq!(lower.flushes.load(Ordering::SeqCst), 2);
+    crash_and_check(j, &lower, &path, 1, "only the last record is unflushed");
+}
+
+/// The trimmer holds the flush lock across its lower flush: a guest FLUSH arriving meanwhile
+/// waits, then flushes again, so the writes made during the background flush are durable when
+/// the guest's FLUSH completes.
+#[test]
+fn a_guest_flush_during_a_background_trim_covers_the_writes_made_meanwhile() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
+    write_nth(&j, PER_SEGMENT + 1);
+    let guest_flush = {
+        let j = Arc::clone(&j);
+        blocked("the guest's FLUSH behind the background flush", move || {
+            j.flush()
+        })
+    };
+    release.send(()).unwrap();
+    guest_flush.join().unwrap().unwrap();
+    j.wait_trimmer_idle();
+    assert_eq!(lower.flushes.load(Ordering::SeqCst), 2);
+    let want = read(&*lower, 0, SIZE);
+    assert_eq!(
+        lower.durable(),
+        want,
+        "the guest's FLUSH made everything durable"
+    );
+    let j = Arc::try_unwrap(j).unwrap();
+    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(rec.replayed, 0, "both segments were trimmed");
+    assert_eq!(read(&*after, 0, SIZE), want);
+}
+
+/// A background flush that fails is not lost: the guest's FLUSH waiting behind it fails (and
+/// does not retry the lower flush), later writes and flushes fail even if the lower layer
+/// recovers, and every record stays for the next daemon.
+#[test]
+fn a_failed_background_flush_fails_the_next_guest_flush_and_keeps_every_record() {
+    let (_dir, path, lower, j) = fresh();
+    lower.fail_flush.store(true, Ordering::SeqCst);
+    let j = Arc::new(j);
+    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
+    let guest_flush = {
+        let j = Arc::clone(&j);
+        blocked("the guest's FLUSH behind the background flush", move || {
+            j.flush()
+        })
+    };
+    release.send(()).unwrap();
+    let err = guest_flush
+        .join()
+        .unwrap()
+        .expect_err("the guest's FLUSH reports the background failure");
+    assert!(
+        err.to_string().contains("injected writeback error"),
+        "{err}"
+    );
+    assert_eq!(
+        lower.flushes.load(Ordering::SeqCst),
+        1,
+        "no flush is retried after a failure"
+    );
+    lower.fail_flush.store(false, Ordering::SeqCst);
+    assert!(j.flush().is_err(), "the failure is sticky");
+    assert!(j.write_at(&[9; 512], 0).is_err());
+    assert_eq!(lower.flushes.load(Ordering::SeqCst), 1);
+    crash_and_check(j, &lower, &path, PER_SEGMENT + 1, "every record stays");
+}
+
+/// Shutdown while the trimmer is inside its lower flush: dropping the journal waits for that
+/// flush to finish and joins the thread (nothing of the journal is left running).
+#[test]
+fn dropping_the_journal_while_the_trimmer_is_in_its_lower_flush_joins_it() {
+    let (_dir, path, lower, j) = fresh();
+    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
+    let dropper = std::thread::spawn(move || drop(j));
+    std::thread::sleep(MUST_NOT);
+    assert!(!dropper.is_finished(), "the drop waits for the flush");
+    release.send(()).unwrap();
+    dropper.join().unwrap();
+    assert_eq!(
+        Arc::strong_count(&lower),
+        1,
+        "the trimmer thread ended and released the stack"
+    );
+    let after = Volatile::new(lower.durable());
+    let (_j, rec) = open(after.clone(), &path, &ident(1), 1 << 20);
+    assert_eq!(
+        rec.replayed, 1,
+        "the finished trim emptied the sealed segment"
+    );
+    assert_eq!(read(&*after, 0, SIZE), read(&*lower, 0, SIZE));
+}
+
+/// A live snapshot re-binds the journal with guest requests paused: it must not wait for a
+/// background flush (which may be slow), and the records then belong to the new top.
+#[test]
+fn a_live_snapshot_rebind_does_not_wait_for_a_background_trim() {
+    let dir = tempfile::tempdir().unwrap();
+    let new = dir.path().join("new.qcow2");
+    std::fs::write(&new, b"y").unwrap();
+    let new_id = Identity::of(&new).unwrap();
+    let path = dir.path().join("j");
+    let lower = Volatile::new(vec![0; SIZE]);
+    let (j, _) = open(lower.clone(), &path, &ident(1), 1 << 20);
+    let j = Arc::new(j);
+    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
+    let j2 = Arc::clone(&j);
+    must_finish("the re-bind during a background flush", move || {
+        j2.rebind(&new)
+    });
+    release.send(()).unwrap();
+    j.wait_trimmer_idle();
+    let want = read(&*lower, 0, SIZE);
+    drop(Arc::try_unwrap(j).unwrap());
+    let after = Volatile::new(lower.durable());
+    let (_j, rec) = open(after.clone(), &path, &new_id, 1 << 20);
+    assert!(rec.refused.is_none());
+    assert_eq!(rec.replayed, 1);
+    assert_eq!(read(&*after, 0, SIZE), want);
+}
+
+/// A panic inside the background flush poisons the journal instead of leaving writers waiting
+/// for room forever: writes and flushes fail, the records stay.
+#[test]
+fn a_panicking_background_flush_fails_later_requests_instead_of_hanging_them() {
+    let (_dir, path, lower, j) = fresh();
+    *lower.flush_hook.lock().unwrap() = Some(Box::new(|| panic!("injected panic in a flush")));
+    for i in 0..=PER_SEGMENT {
+        write_nth(&j, i);
+    }
+    j.wait_trimmer_idle();
+    assert!(j.lock_state().poisoned.is_some());
+    let j = Arc::new(j);
+    let j2 = Arc::clone(&j);
+    let (w, f) = must_finish("requests after the panic", move || {
+        (j2.write_at(&[1; 512], 0), j2.flush())
+    });
+    assert!(w.is_err() && f.is_err());
+    crash_and_check(j, &lower, &path, PER_SEGMENT + 1, "every record stays");
+}
+
+/// The trimmer drops the state lock between finding a sealed segment and taking the flush
+/// lock: a guest FLUSH that gets the flush lock there finds an older sealed segment and newer
+/// records in the active one. It must trim both (two rounds), so nothing older than the
+/// completed FLUSH stays in the journal; the trimmer then finds nothing left to flush.
+#[test]
+fn a_guest_flush_ahead_of_the_trimmer_leaves_nothing_older_than_itself_in_the_journal() {
+    let (_dir, path, lower, j) = fresh();
+    let (hook, trimmer_ready, release) = gate();
+    *j.core.before_trim.lock().unwrap() = Some(hook);
+    for i in 0..=PER_SEGMENT + 1 {
+        write_nth(&j, i);
+    }
+    trimmer_ready
+        .recv_timeout(MUST)
+        .expect("the trimmer has work");
+    {
+        let st = j.lock_state();
+        assert!(st.sealed && st.tail[st.active] > 0);
+    }
+    j.flush().unwrap();
+    assert_eq!(lower.flushes.load(Ordering::SeqCst), 2, "two rounds");
+    {
+        let st = j.lock_state();
+        assert!(!st.sealed);
+        assert_eq!(st.tail, [0, 0], "both segments are empty");
+    }
+    release.send(()).unwrap();
+    j.wait_trimmer_idle();
+    assert_eq!(
+        lower.flushes.load(Ordering::SeqCst),
+        2,
+        "the trimmer found nothing to flush"
+    );
+    crash_and_check(
+        Arc::new(j),
+        &lower,
+        &path,
+        0,
+        "a completed FLUSH leaves nothing",
+    );
 }

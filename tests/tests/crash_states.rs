@@ -530,9 +530,13 @@ fn run_daemon_kill_round(
             .run(&journal, op)
             .unwrap_or_else(|e| panic!("{op:?} failed: {e}"));
         if states.len() < max_states && (rng.random_bool(0.25) || i + 1 == ops.len()) {
-            // The daemon dies here: what the host keeps is the files' current content.
+            // The daemon dies here: what the host keeps is the files' current content. The
+            // journal's trimmer may be flushing meanwhile, so the journal is read first: an
+            // image read later holds at least what the trimmed records held (a real kill
+            // freezes both at once).
             let journal_bytes = std::fs::read(&jpath).expect("read journal");
-            states.push((rec.current(), journal_bytes, driver.shadow.clone(), i));
+            let image = rec.current();
+            states.push((image, journal_bytes, driver.shadow.clone(), i));
         }
     }
     drop(journal);
