@@ -328,6 +328,9 @@ impl QcowImage {
         // Set only after the data writes returned: a flush that clears the flag earlier must
         // not cause a later flush to skip syncing them.
         self.data_written.store(true, Ordering::Release);
+        if data.is_ok() {
+            self.early_wb.wrote(buf.len() as u64);
+        }
 
         let mut blocked = Vec::new();
         let mut m = self.lock();
