@@ -118,7 +118,11 @@ impl EarlyWriteback {
             }
         }
         drop(thread);
-        let mut st = self.shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         st.kick = true;
         drop(st);
         self.shared.cv.notify_one();
