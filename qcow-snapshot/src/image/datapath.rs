@@ -54,6 +54,7 @@ enum Step {
 impl QcowImage {
     /// Reads guest bytes `[off, off+buf.len())` of the backing device (zeros past its end).
     pub(super) fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.early_wb.backing_read();
         let Some(b) = &self.backing else {
             buf.fill(0);
             return Ok(());

@@ -22,6 +22,15 @@
 //! (data, then refcounts, then L2, then L1, each step synced before the next is written) is
 //! about what is *written* after each of the flush's own syncs, which this does not change.
 //!
+//! When not: while the image reads from its backing chain (copy-on-write fills of standard
+//! clusters, guest reads of unallocated ones), those reads are what requests wait for, and
+//! background write bursts on the same device only queue in front of them; the writes then
+//! wait for the FLUSH as before, when the device is otherwise idle. Measured with 4 KiB into
+//! each cluster of a fresh overlay over a cold raw base: with extended L2 (no backing reads)
+//! early writeback about halved the final FLUSH; with standard clusters (a 60 KiB backing read
+//! per write) kicking anyway made the runs slower. So a kick is skipped when any backing read
+//! happened since the previous kick point.
+//!
 //! Why a thread: the sync takes as long as the device needs; no request may wait for it
 //! (requests never take `ReplayHost`'s sync mutex; a FLUSH that arrives meanwhile waits for it
 //! and then syncs once more, as two FLUSHes would).
@@ -31,7 +40,7 @@
 //! or join the thread. The thread is started on the first kick and holds only an `Arc` of the
 //! file; dropping [`EarlyWriteback`] stops and joins it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -57,8 +66,10 @@ struct Shared {
 /// The per-image early-writeback state (see the module documentation).
 pub(crate) struct EarlyWriteback {
     shared: Arc<Shared>,
-    /// Data bytes written since the last kick.
+    /// Data bytes written since the last kick point.
     unkicked: AtomicU64,
+    /// A read from the backing chain happened since the last kick point.
+    backing_reads: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
     enabled: bool,
 }
@@ -75,6 +86,7 @@ impl EarlyWriteback {
                 kicks: AtomicU64::new(0),
             }),
             unkicked: AtomicU64::new(0),
+            backing_reads: AtomicBool::new(false),
             thread: Mutex::new(None),
             enabled,
         }
@@ -88,7 +100,17 @@ impl EarlyWriteback {
         let before = self.unkicked.fetch_add(bytes, Ordering::Relaxed);
         if before < KICK_BYTES && before + bytes >= KICK_BYTES {
             self.unkicked.store(0, Ordering::Relaxed);
-            self.kick();
+            if !self.backing_reads.swap(false, Ordering::Relaxed) {
+                self.kick();
+            }
+        }
+    }
+
+    /// Notes a read from the backing chain: the next kick point is skipped.
+    pub(crate) fn backing_read(&self) {
+        // Load first: a store on every read would bounce the cache line between queues.
+        if self.enabled && !self.backing_reads.load(Ordering::Relaxed) {
+            self.backing_reads.store(true, Ordering::Relaxed);
         }
     }
 
