@@ -102,11 +102,20 @@ fn image_on(host: Arc<dyn HostFile>) -> QcowImage {
 
 /// The same over a raw `backing` device.
 fn image_over(host: Arc<dyn HostFile>, backing: Option<Arc<dyn BlockDev>>) -> QcowImage {
+    image_with(host, backing, false)
+}
+
+fn image_with(
+    host: Arc<dyn HostFile>,
+    backing: Option<Arc<dyn BlockDev>>,
+    extended_l2: bool,
+) -> QcowImage {
     create_on(
         &*host,
         &CreateOptions {
             size: 32 << 20,
             cluster_size: CS,
+            extended_l2,
             backing: backing
                 .as_ref()
                 .map(|_| ("base.raw".to_string(), Format::Raw)),
@@ -196,6 +205,19 @@ fn no_background_sync_while_writes_copy_from_the_backing_chain() {
     // Without backing reads kicks resume (the first kick point after the copying writes is
     // still skipped: they read since the previous one).
     fill(&img, 17, 4);
+    wait_for("a background sync", || img.early_writeback_kicks() >= 1);
+}
+
+#[test]
+fn subcluster_aligned_first_writes_over_a_backing_chain_still_kick() {
+    // With extended L2 entries a write of whole subclusters into a fresh cluster reads nothing
+    // from the backing chain (its empty head and tail fills must not count as reads).
+    let host = Arc::new(CachedHost::default());
+    let base: Arc<dyn BlockDev> = Arc::new(MemDisk::new(32 << 20));
+    let img = image_with(host.clone(), Some(base), true);
+    for c in 0..(32 << 20) / CS {
+        img.write_at(&vec![6; 32 << 10], c * CS).unwrap();
+    }
     wait_for("a background sync", || img.early_writeback_kicks() >= 1);
 }
 

@@ -54,7 +54,10 @@ enum Step {
 impl QcowImage {
     /// Reads guest bytes `[off, off+buf.len())` of the backing device (zeros past its end).
     pub(super) fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        self.early_wb.backing_read();
+        if !buf.is_empty() {
+            // (Subcluster writes ask for empty head and tail fills: those read nothing.)
+            self.early_wb.backing_read();
+        }
         let Some(b) = &self.backing else {
             buf.fill(0);
             return Ok(());
