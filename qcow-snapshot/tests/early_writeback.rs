@@ -7,8 +7,8 @@
 //! The test host keeps a current and a durable copy with "fsyncgate" semantics (a failed sync
 //! drops every write since the last good one), says it is page cached, and can run a hook right
 //! after a sync reached the file (on the background thread: the deterministic interleaving
-//! point). Locking model: one mutex around both copies; the hook is taken out of its own mutex
-//! before it runs.
+//! point). Locking model: the durable copy's mutex is held across a sync (syncs are serialized
+//! by the journal anyway); the hook is taken out of its own mutex before it runs.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,15 +22,11 @@ const MIB: usize = 1 << 20;
 
 type SyncHook = Box<dyn FnOnce() + Send>;
 
-#[derive(Default)]
-struct Files {
-    current: Vec<u8>,
-    durable: Vec<u8>,
-}
-
+/// A page-cached file: the current content in a [`MemHost`], the durable one beside it.
 #[derive(Default)]
 struct CachedHost {
-    files: Mutex<Files>,
+    file: MemHost,
+    durable: Mutex<Vec<u8>>,
     fail_syncs: AtomicU32,
     syncs: AtomicU32,
     after_sync: Mutex<Option<SyncHook>>,
@@ -38,40 +34,30 @@ struct CachedHost {
 
 impl CachedHost {
     fn durable(&self) -> Vec<u8> {
-        self.files.lock().unwrap().durable.clone()
+        self.durable.lock().unwrap().clone()
     }
 }
 
 impl HostFile for CachedHost {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let f = self.files.lock().unwrap();
-        buf.fill(0);
-        if let Some(avail) = f.current.get(offset as usize..) {
-            let n = avail.len().min(buf.len());
-            buf[..n].copy_from_slice(&avail[..n]);
-        }
-        Ok(())
+        self.file.read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let mut f = self.files.lock().unwrap();
-        let end = offset as usize + buf.len();
-        if f.current.len() < end {
-            f.current.resize(end, 0);
-        }
-        f.current[offset as usize..end].copy_from_slice(buf);
-        Ok(())
+        self.file.write_at(buf, offset)
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
         {
-            let mut f = self.files.lock().unwrap();
+            let mut durable = self.durable.lock().unwrap();
             if self.fail_syncs.load(Ordering::SeqCst) > 0 {
+                // fsyncgate: the unsynced pages are gone.
                 self.fail_syncs.fetch_sub(1, Ordering::SeqCst);
-                f.current = f.durable.clone();
+                self.file.set_len(0)?;
+                self.file.write_at(&durable, 0)?;
                 return Err(std::io::Error::from_raw_os_error(libc::EIO));
             }
-            f.durable = f.current.clone();
+            *durable = self.file.contents();
         }
         self.syncs.fetch_add(1, Ordering::SeqCst);
         let hook = self.after_sync.lock().unwrap().take();
@@ -82,12 +68,11 @@ impl HostFile for CachedHost {
     }
 
     fn len(&self) -> std::io::Result<u64> {
-        Ok(self.files.lock().unwrap().current.len() as u64)
+        self.file.len()
     }
 
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.files.lock().unwrap().current.resize(len as usize, 0);
-        Ok(())
+        self.file.set_len(len)
     }
 
     fn page_cached(&self) -> bool {
@@ -229,7 +214,8 @@ fn a_failed_background_sync_is_never_followed_by_a_flush_that_reports_success_fa
     let host = Arc::new(CachedHost::default());
     let img = image_on(host.clone());
     host.fail_syncs.store(2, Ordering::SeqCst);
-    fill(&img, 9, 7);
+    // 8 MiB: the last write reaches the kick point (later writes fail once it is poisoned).
+    fill(&img, 8, 7);
     wait_for("the failed background sync", || {
         host.fail_syncs.load(Ordering::SeqCst) == 0 && img.early_writeback_kicks() >= 1
     });
