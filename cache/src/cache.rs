@@ -113,9 +113,12 @@ thread_local! {
 
 /// Takes the thread's scratch buffer, grown to at least `len` bytes.
 fn take_buf(key: &'static std::thread::LocalKey<Cell<Vec<u8>>>, len: usize) -> Vec<u8> {
-    let mut v = key.with(Cell::take);
+    let v = key.with(Cell::take);
     if v.len() < len {
-        v.resize(len, 0);
+        // Scratch contents never matter: a fresh zeroed allocation (calloc) touches no page
+        // until it is used, where growing in place would zero all of it by hand (1 MiB for a
+        // writeback buffer, once per writing thread, including every flush worker).
+        return vec![0; len];
     }
     v
 }

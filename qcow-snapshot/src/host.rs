@@ -53,6 +53,12 @@ pub trait HostFile: Send + Sync {
             "this image file cannot use O_DIRECT",
         ))
     }
+    /// Whether completed writes sit in a host page cache until a sync (a buffered file):
+    /// then the image starts syncing written data early in the background (see
+    /// `image/early_writeback.rs`). Files without such a cache (O_DIRECT, memory) say no.
+    fn page_cached(&self) -> bool {
+        false
+    }
 }
 
 /// A shared host file (so a test or a recording layer can keep a handle to it).
@@ -80,6 +86,10 @@ impl<T: HostFile + ?Sized> HostFile for std::sync::Arc<T> {
     fn enable_direct(&self) -> io::Result<()> {
         (**self).enable_direct()
     }
+
+    fn page_cached(&self) -> bool {
+        (**self).page_cached()
+    }
 }
 
 /// An owned host file of any kind.
@@ -106,6 +116,10 @@ impl<T: HostFile + ?Sized> HostFile for Box<T> {
 
     fn enable_direct(&self) -> io::Result<()> {
         (**self).enable_direct()
+    }
+
+    fn page_cached(&self) -> bool {
+        (**self).page_cached()
     }
 }
 
@@ -173,6 +187,10 @@ impl HostFile for FileHost {
         // Callers switch before any I/O of the image runs, so no request sees half a switch.
         let _ = self.direct.set(d);
         Ok(())
+    }
+
+    fn page_cached(&self) -> bool {
+        !self.is_direct()
     }
 }
 
@@ -480,6 +498,10 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
             offset,
             data: buf.into(),
         })
+    }
+
+    fn page_cached(&self) -> bool {
+        self.inner.page_cached()
     }
 
     fn sync_data(&self) -> io::Result<()> {

@@ -54,6 +54,10 @@ enum Step {
 impl QcowImage {
     /// Reads guest bytes `[off, off+buf.len())` of the backing device (zeros past its end).
     pub(super) fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        if !buf.is_empty() {
+            // (Subcluster writes ask for empty head and tail fills: those read nothing.)
+            self.early_wb.backing_read();
+        }
         let Some(b) = &self.backing else {
             buf.fill(0);
             return Ok(());
@@ -328,6 +332,9 @@ impl QcowImage {
         // Set only after the data writes returned: a flush that clears the flag earlier must
         // not cause a later flush to skip syncing them.
         self.data_written.store(true, Ordering::Release);
+        if data.is_ok() {
+            self.early_wb.wrote(buf.len() as u64);
+        }
 
         let mut blocked = Vec::new();
         let mut m = self.lock();

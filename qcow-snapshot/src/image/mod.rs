@@ -43,6 +43,7 @@
 
 mod alloc;
 mod datapath;
+mod early_writeback;
 mod flush;
 mod header;
 mod metadata;
@@ -114,7 +115,9 @@ fn no_space(what: &str) -> BlockError {
 
 /// A qcow2 image as a block device.
 pub struct QcowImage {
-    io: ReplayHost<Box<dyn HostFile>>,
+    io: Arc<ReplayHost<Box<dyn HostFile>>>,
+    /// Starts the kernel's writeback of written data early (see [`early_writeback`]).
+    early_wb: early_writeback::EarlyWriteback,
     geo: Geometry,
     size: u64,
     version: u32,
@@ -222,7 +225,9 @@ impl QcowImage {
             dirty_cap,
             header: header.clone(),
         };
+        let io = Arc::new(io);
         Ok(QcowImage {
+            early_wb: early_writeback::EarlyWriteback::new(io.clone(), !read_only),
             io,
             geo,
             size: header.size,
@@ -285,6 +290,12 @@ impl QcowImage {
     /// was opened; statistics only.
     pub fn clusters_allocated(&self) -> u64 {
         self.clusters_allocated.load(Ordering::Relaxed)
+    }
+
+    /// How many times the kernel was asked to start writing the file's dirty pages early
+    /// (see `image/early_writeback.rs`); statistics and tests.
+    pub fn early_writeback_kicks(&self) -> u64 {
+        self.early_wb.kicks()
     }
 
     /// Whether an inconsistency was found (all I/O then fails with `BlockError::Corrupt`).

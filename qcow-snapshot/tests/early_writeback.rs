@@ -1,0 +1,287 @@
+//! Early writeback (`image/early_writeback.rs`): on a buffered image file a background thread
+//! syncs the file every 8 MiB of guest data. These tests pin what that may and may not change:
+//! it makes data durable earlier, it never turns a failed sync into a later false success
+//! (invariant 6), a write that lands while the background sync is inside the file's sync is
+//! durable after the next FLUSH, and files without a page cache never see it.
+//!
+//! The test host keeps a current and a durable copy with "fsyncgate" semantics (a failed sync
+//! drops every write since the last good one), says it is page cached, and can run a hook right
+//! after a sync reached the file (on the background thread: the deterministic interleaving
+//! point). Locking model: the durable copy's mutex is held across a sync (syncs are serialized
+//! by the journal anyway); the hook is taken out of its own mutex before it runs.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockdev::{BlockDev, MemDisk};
+use qcow_snapshot::{create_on, CreateOptions, Format, HostFile, MemHost, QcowImage};
+
+const CS: u64 = 64 << 10;
+const MIB: usize = 1 << 20;
+
+type SyncHook = Box<dyn FnOnce() + Send>;
+
+/// A page-cached file: the current content in a [`MemHost`], the durable one beside it.
+#[derive(Default)]
+struct CachedHost {
+    file: MemHost,
+    durable: Mutex<Vec<u8>>,
+    fail_syncs: AtomicU32,
+    syncs: AtomicU32,
+    after_sync: Mutex<Option<SyncHook>>,
+}
+
+impl CachedHost {
+    fn durable(&self) -> Vec<u8> {
+        self.durable.lock().unwrap().clone()
+    }
+}
+
+impl HostFile for CachedHost {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        {
+            let mut durable = self.durable.lock().unwrap();
+            if self.fail_syncs.load(Ordering::SeqCst) > 0 {
+                // fsyncgate: the unsynced pages are gone.
+                self.fail_syncs.fetch_sub(1, Ordering::SeqCst);
+                self.file.set_len(0)?;
+                self.file.write_at(&durable, 0)?;
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            *durable = self.file.contents();
+        }
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        let hook = self.after_sync.lock().unwrap().take();
+        if let Some(h) = hook {
+            h();
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn page_cached(&self) -> bool {
+        true
+    }
+}
+
+/// A fresh 32 MiB image with 64 KiB clusters on `host`.
+fn image_on(host: Arc<dyn HostFile>) -> QcowImage {
+    image_over(host, None)
+}
+
+/// The same over a raw `backing` device.
+fn image_over(host: Arc<dyn HostFile>, backing: Option<Arc<dyn BlockDev>>) -> QcowImage {
+    image_with(host, backing, false)
+}
+
+fn image_with(
+    host: Arc<dyn HostFile>,
+    backing: Option<Arc<dyn BlockDev>>,
+    extended_l2: bool,
+) -> QcowImage {
+    create_on(
+        &*host,
+        &CreateOptions {
+            size: 32 << 20,
+            cluster_size: CS,
+            extended_l2,
+            backing: backing
+                .as_ref()
+                .map(|_| ("base.raw".to_string(), Format::Raw)),
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    host.sync_data().unwrap();
+    QcowImage::open_with(Box::new(host), false, backing).unwrap()
+}
+
+/// Writes `mib` MiB of pattern `v` from offset 0, 1 MiB per request.
+fn fill(img: &QcowImage, mib: usize, v: u8) {
+    for i in 0..mib {
+        img.write_at(&vec![v; MIB], (i * MIB) as u64).unwrap();
+    }
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// What the image reads as when opened from `bytes` (the durable copy after a crash).
+fn read_durable(bytes: Vec<u8>, offset: u64, len: usize) -> Vec<u8> {
+    let img = QcowImage::open_with(Box::new(MemHost::new(bytes)), true, None).unwrap();
+    let mut buf = vec![0; len];
+    img.read_at(&mut buf, offset).unwrap();
+    buf
+}
+
+#[test]
+fn written_data_becomes_durable_in_the_background_before_any_flush() {
+    let host = Arc::new(CachedHost::default());
+    let img = image_on(host.clone());
+    let syncs_at_open = host.syncs.load(Ordering::SeqCst);
+    fill(&img, 9, 0xa5);
+    wait_for("a background sync", || img.early_writeback_kicks() >= 1);
+    assert!(host.syncs.load(Ordering::SeqCst) > syncs_at_open);
+    // The data clusters are durable (their mapping is not until a FLUSH writes the L2 table):
+    // the first 8 MiB of guest data sit somewhere in the durable file.
+    let durable = host.durable();
+    let pattern = durable
+        .chunks(CS as usize)
+        .filter(|c| c.iter().all(|&b| b == 0xa5));
+    assert!(pattern.count() as u64 >= (8 << 20) / CS);
+    img.flush().unwrap();
+    assert!(read_durable(host.durable(), 0, 9 * MIB)
+        .iter()
+        .all(|&b| b == 0xa5));
+}
+
+#[test]
+fn a_file_without_a_page_cache_never_gets_a_background_sync() {
+    let img = image_on(Arc::new(MemHost::default()));
+    fill(&img, 17, 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(img.early_writeback_kicks(), 0);
+}
+
+#[test]
+fn no_background_sync_while_writes_copy_from_the_backing_chain() {
+    // Each write covers a cluster but its first 4 KiB, so each allocation reads 4 KiB of the
+    // backing file: those reads are what the writes wait for, and background write bursts
+    // would only queue in front of them on the device.
+    let host = Arc::new(CachedHost::default());
+    let base: Arc<dyn BlockDev> = Arc::new(MemDisk::new(32 << 20));
+    let img = image_over(host.clone(), Some(base));
+    let syncs = host.syncs.load(Ordering::SeqCst);
+    let part = CS as usize - 4096;
+    for c in 0..(32 << 20) / CS {
+        img.write_at(&vec![2; part], c * CS + 4096).unwrap();
+    }
+    assert!(
+        (32 << 20) / CS * part as u64 > 2 * (8 << 20),
+        "too few bytes to reach a kick"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(img.early_writeback_kicks(), 0);
+    assert_eq!(host.syncs.load(Ordering::SeqCst), syncs);
+    // Without backing reads kicks resume (the first kick point after the copying writes is
+    // still skipped: they read since the previous one).
+    fill(&img, 17, 4);
+    wait_for("a background sync", || img.early_writeback_kicks() >= 1);
+}
+
+#[test]
+fn subcluster_aligned_first_writes_over_a_backing_chain_still_kick() {
+    // With extended L2 entries a write of whole subclusters into a fresh cluster reads nothing
+    // from the backing chain (its empty head and tail fills must not count as reads).
+    let host = Arc::new(CachedHost::default());
+    let base: Arc<dyn BlockDev> = Arc::new(MemDisk::new(32 << 20));
+    let img = image_with(host.clone(), Some(base), true);
+    for c in 0..(32 << 20) / CS {
+        img.write_at(&vec![6; 32 << 10], c * CS).unwrap();
+    }
+    wait_for("a background sync", || img.early_writeback_kicks() >= 1);
+}
+
+#[test]
+fn a_failed_background_sync_is_never_followed_by_a_flush_that_reports_success_falsely() {
+    // The background sync fails and so does the replay's sync: the image is poisoned, so the
+    // next FLUSH fails (had the error been swallowed, the kernel would not report it again and
+    // the FLUSH would succeed over lost pages).
+    let host = Arc::new(CachedHost::default());
+    let img = image_on(host.clone());
+    host.fail_syncs.store(2, Ordering::SeqCst);
+    // 8 MiB: the last write reaches the kick point (later writes fail once it is poisoned).
+    fill(&img, 8, 7);
+    wait_for("the failed background sync", || {
+        host.fail_syncs.load(Ordering::SeqCst) == 0 && img.early_writeback_kicks() >= 1
+    });
+    assert!(img.is_poisoned());
+    assert!(img.flush().is_err(), "a FLUSH succeeded after lost writes");
+}
+
+#[test]
+fn a_failed_background_sync_repaired_by_the_replay_loses_nothing() {
+    let host = Arc::new(CachedHost::default());
+    let img = image_on(host.clone());
+    host.fail_syncs.store(1, Ordering::SeqCst);
+    fill(&img, 9, 9);
+    wait_for("the background sync", || img.early_writeback_kicks() >= 1);
+    assert_eq!(host.fail_syncs.load(Ordering::SeqCst), 0, "no sync failed");
+    assert!(!img.is_poisoned());
+    img.flush().unwrap();
+    assert!(read_durable(host.durable(), 0, 9 * MIB)
+        .iter()
+        .all(|&b| b == 9));
+}
+
+#[test]
+fn a_write_landing_while_the_background_sync_is_inside_the_file_sync_is_durable_after_the_next_flush(
+) {
+    // Interleaving: right after the background sync reached the file (before ReplayHost
+    // retires its journal), a write allocating a new cluster and a FLUSH run to the end on
+    // another thread. The FLUSH waits for the background sync (one sync at a time) and then
+    // syncs itself; the write it covers must survive a crash right after it.
+    let host = Arc::new(CachedHost::default());
+    let img = Arc::new(image_on(host.clone()));
+    let racer = Arc::new(Mutex::new(None));
+    let (img2, slot) = (img.clone(), racer.clone());
+    let hook_thread = Arc::new(Mutex::new(None));
+    let on = hook_thread.clone();
+    *host.after_sync.lock().unwrap() = Some(Box::new(move || {
+        *on.lock().unwrap() = std::thread::current().name().map(str::to_owned);
+        let t = std::thread::spawn(move || {
+            img2.write_at(&vec![0x5a; 4096], 20 << 20).unwrap();
+            img2.flush()
+        });
+        // Give the racer time to block where it must (the FLUSH on the sync mutex).
+        let start = Instant::now();
+        while !t.is_finished() && start.elapsed() < Duration::from_millis(200) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *slot.lock().unwrap() = Some(t);
+    }));
+    fill(&img, 9, 3);
+    wait_for("the hooked background sync", || {
+        racer.lock().unwrap().is_some()
+    });
+    assert_eq!(
+        hook_thread.lock().unwrap().as_deref(),
+        Some("qcow-early-wb"),
+        "the hooked sync was not the background one"
+    );
+    let t = racer.lock().unwrap().take().unwrap();
+    t.join().unwrap().expect("the racing FLUSH succeeds");
+    let durable = host.durable();
+    assert_eq!(
+        read_durable(durable.clone(), 20 << 20, 4096),
+        vec![0x5a; 4096],
+        "a write covered by a successful FLUSH was not durable"
+    );
+    // Every write that completed before the racing FLUSH started is covered too: the hook ran
+    // after the 8th MiB was written.
+    assert!(read_durable(durable, 0, 8 * MIB).iter().all(|&b| b == 3));
+}
