@@ -249,6 +249,7 @@ mod tests {
         file: MemHost,
         durable: Mutex<Vec<u8>>,
         syncs: AtomicU64,
+        writes: AtomicU64,
         park: Mutex<Option<Park>>,
     }
 
@@ -258,6 +259,7 @@ mod tests {
         }
 
         fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
             self.file.write_at(buf, offset)
         }
 
@@ -286,15 +288,20 @@ mod tests {
     const CS: u64 = 4096;
 
     fn image() -> (Arc<ParkingHost>, Arc<QcowImage>) {
+        image_with(CS)
+    }
+
+    fn image_with(cluster_size: u64) -> (Arc<ParkingHost>, Arc<QcowImage>) {
         let host = Arc::new(ParkingHost {
             file: MemHost::default(),
             durable: Mutex::new(Vec::new()),
             syncs: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
             park: Mutex::new(None),
         });
         let opts = CreateOptions {
             size: 1 << 20,
-            cluster_size: CS,
+            cluster_size,
             ..CreateOptions::default()
         };
         create_on(&*host, &opts).unwrap();
@@ -368,5 +375,34 @@ mod tests {
                 report.messages
             );
         }
+    }
+
+    #[test]
+    fn a_flush_leaves_nothing_dirty_it_wrote_so_the_next_flush_writes_nothing() {
+        // 512-byte clusters with 16-bit refcounts: one refcount block counts 128 KiB of the
+        // file, so 512 KiB of data needs new refcount blocks and new refcount-table entries.
+        // A flush must mark what it wrote clean (when it still equals what was written), or
+        // every later flush would write and sync the same metadata again.
+        let (host, img) = image_with(512);
+        img.write_at(&vec![0xcc; 512 << 10], 0).unwrap();
+        img.flush().unwrap();
+        let (writes, syncs) = (
+            host.writes.load(Ordering::SeqCst),
+            host.syncs.load(Ordering::SeqCst),
+        );
+        img.flush().unwrap();
+        assert_eq!(
+            (
+                host.writes.load(Ordering::SeqCst) - writes,
+                host.syncs.load(Ordering::SeqCst) - syncs
+            ),
+            (0, 0),
+            "a flush with nothing new wrote or synced again"
+        );
+        let durable = MemHost::new(host.durable.lock().unwrap().clone());
+        let reopened = QcowImage::open_with(Box::new(durable), true, None).unwrap();
+        let mut b = vec![0u8; 512 << 10];
+        reopened.read_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 0xcc));
     }
 }
