@@ -69,7 +69,7 @@ restart-soak: deps build
 
 # Mutation testing of the storage layers: every surviving mutant is a rule no test enforces.
 # One job and a per-mutant timeout keep it from hogging the machine; it is still slow (hours for
-# all three crates), so narrow it: MUTANTS_ARGS='--file cache/src/cache.rs --re read_'.
+# all three crates), so narrow it: MUTANTS_ARGS='--file cache/src/cache/read.rs'.
 # Results land in mutants.out/ (missed.txt lists the survivors).
 MUTANTS_ARGS ?=
 MUTANTS_TIMEOUT ?= 300
