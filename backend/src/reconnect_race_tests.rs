@@ -53,6 +53,8 @@ struct GatedDisk {
     opened: Condvar,
     /// Sectors whose write returned.
     written: Mutex<HashSet<u64>>,
+    /// Writes per sector.
+    writes: Mutex<HashMap<u64, usize>>,
     done: Condvar,
 }
 
@@ -98,6 +100,7 @@ impl BlockDev for GatedDisk {
             .unwrap()
             .write_at(buf, offset)?;
         self.written.lock().unwrap().insert(sector);
+        *self.writes.lock().unwrap().entry(sector).or_default() += 1;
         self.done.notify_all();
         Ok(())
     }
@@ -193,6 +196,15 @@ impl Rig {
     /// `max_inflight` 1 serves the queue serially; more uses executors. The rings start at
     /// index `start` (both the driver's and the device's), e.g. near the 16-bit wrap.
     fn new(max_inflight: usize, start: u16) -> Rig {
+        Self::build(max_inflight, start, None)
+    }
+
+    /// A new daemon on the state a killed one left (`f`): its guest memory and buffer.
+    fn restarted(max_inflight: usize, f: &Frozen) -> Rig {
+        Self::build(max_inflight, f.start, Some(f))
+    }
+
+    fn build(max_inflight: usize, start: u16, from: Option<&Frozen>) -> Rig {
         let mem = guest_memory();
         let disk = GatedDisk::new();
         let mut cfg = DeviceConfig::new(1 << 20, 512, 1, QSIZE).unwrap();
@@ -208,18 +220,27 @@ impl Rig {
         let (desc, fd) = backend
             .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE))
             .unwrap();
+        if let Some(f) = from {
+            fd.write_all_at(&f.region, 0).unwrap();
+        }
         backend.set_inflight_fd(&desc, fd).unwrap();
         {
             let m = mem.memory();
-            m.write_obj(start.to_le(), GuestAddress(AVAIL + 2)).unwrap();
-            m.write_obj(start.to_le(), GuestAddress(USED + 2)).unwrap();
+            match from {
+                Some(f) => m.write_slice(&f.mem, GuestAddress(0)).unwrap(),
+                None => {
+                    m.write_obj(start.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+                    m.write_obj(start.to_le(), GuestAddress(USED + 2)).unwrap();
+                }
+            }
         }
+        let avail: u16 = mem.memory().read_obj(GuestAddress(AVAIL + 2)).unwrap();
         let rig = Rig {
             backend,
             vring: VringRwLock::new(mem.clone(), QSIZE).unwrap(),
             mem,
             disk,
-            guest: Arc::new(Mutex::new(start)),
+            guest: Arc::new(Mutex::new(avail)),
             start,
             frozen: Arc::default(),
             reached: Arc::default(),
@@ -232,6 +253,9 @@ impl Rig {
         rig.vring.set_queue_size(QSIZE);
         rig.vring.set_queue_info(DESC, AVAIL, USED).unwrap();
         rig.vring.set_queue_ready(true);
+        // What QEMU restores as the base after losing a backend: the used index.
+        let used: u16 = rig.mem.memory().read_obj(GuestAddress(USED + 2)).unwrap();
+        rig.vring.set_queue_next_avail(used);
         rig.backend.vring_started(0, &rig.vring).unwrap();
         rig
     }
@@ -497,4 +521,68 @@ fn reconnect_every_instant_of_serial_completions_resubmits_exactly_the_unpublish
     rig.pass(true);
     let n = rig.check_every_instant();
     assert!(n >= 4 * 5, "only {n} instants frozen");
+}
+
+fn used_index(m: &GuestMemoryMmap) -> u16 {
+    m.read_obj(GuestAddress(USED + 2)).unwrap()
+}
+
+/// A daemon killed with requests popped and executing, one completed but not on the used ring
+/// (or on it with its mark not cleared, its head already reused by the guest), and a head the
+/// guest reused after a visible completion: the restarted daemon (the real resubmission and
+/// pop paths) completes every request the driver has not seen complete exactly once, and
+/// writes each of them once.
+#[test]
+fn reconnect_a_restarted_daemon_completes_popped_unpublished_and_reused_heads_once_each() {
+    let rig = Rig::new(4, 65533);
+    for id in [0u64, 1, 4] {
+        rig.disk.gate(id);
+    }
+    for id in 0..3u64 {
+        rig.submit(id as u16, id);
+    }
+    rig.pass(false);
+    rig.wait_completed(2);
+    // The driver saw head 2 complete and reuses it.
+    rig.submit(2, 4);
+    rig.pass(false);
+    rig.disk.open(1);
+    rig.wait_completed(1);
+    let frozen = rig.frozen.lock().unwrap();
+    let at = |stage: Stage, head: u16| {
+        frozen
+            .iter()
+            .find(|f| f.stage == stage && f.head == head)
+            .unwrap()
+    };
+    // (a) Killed while 1's completion is half recorded (not visible): 0 and 4 are executing.
+    // (b) Killed after 1 reached the used ring, before its mark was cleared; the driver, having
+    //     seen it, reuses head 1 for request 6 before the new daemon starts.
+    for (f, reuse) in [
+        (at(Stage::Completing, 1), false),
+        (at(Stage::Published, 1), true),
+    ] {
+        let new = Rig::restarted(4, f);
+        let before = used_index(&new.mem.memory());
+        new.submit(5, 5);
+        let mut expect = vec![0u64, 4, 5];
+        if reuse {
+            new.submit(1, 6);
+            expect.push(6);
+        } else {
+            expect.push(1);
+        }
+        new.pass(false);
+        new.backend.wait_idle();
+        let m = new.mem.memory();
+        let mut got = ring_ids(&m, before, used_index(&m), |pos| {
+            m.read_obj::<u32>(GuestAddress(USED + 4 + 8 * pos)).unwrap() as u16
+        });
+        got.sort_unstable();
+        expect.sort_unstable();
+        assert_eq!(got, expect, "killed after {:?} of head 1", f.stage);
+        let writes = new.disk.writes.lock().unwrap().clone();
+        let once: HashMap<u64, usize> = expect.iter().map(|&id| (id, 1)).collect();
+        assert_eq!(writes, once, "killed after {:?} of head 1", f.stage);
+    }
 }
