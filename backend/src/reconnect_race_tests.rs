@@ -586,3 +586,39 @@ fn reconnect_a_restarted_daemon_completes_popped_unpublished_and_reused_heads_on
         assert_eq!(writes, once, "killed after {:?} of head 1", f.stage);
     }
 }
+
+/// A hostile or stale buffer (marks on heads the driver has not made available, equal and huge
+/// counters): no panic, nothing resubmitted, and the ring keeps serving new requests once.
+#[test]
+fn reconnect_a_buffer_marking_more_chains_than_the_driver_has_outstanding_resubmits_nothing() {
+    let rig = Rig::new(1, 65535);
+    rig.submit(0, 0);
+    rig.pass(true);
+    let mut f = {
+        let frozen = rig.frozen.lock().unwrap();
+        let last = frozen.last().unwrap();
+        Frozen {
+            start: last.start,
+            stage: last.stage,
+            head: last.head,
+            region: last.region.clone(),
+            mem: snapshot_mem(&rig.mem.memory()),
+        }
+    };
+    for (head, counter) in [(0usize, 7u64), (3, 7), (9, u64::MAX)] {
+        f.region[16 + 16 * head] = 1;
+        f.region[16 + 16 * head + 8..16 + 16 * head + 16].copy_from_slice(&counter.to_le_bytes());
+    }
+    let new = Rig::restarted(1, &f);
+    let before = used_index(&new.mem.memory());
+    new.pass(true);
+    assert_eq!(used_index(&new.mem.memory()), before, "something was resubmitted");
+    new.submit(4, 4);
+    new.pass(true);
+    let m = new.mem.memory();
+    let got = ring_ids(&m, before, used_index(&m), |pos| {
+        m.read_obj::<u32>(GuestAddress(USED + 4 + 8 * pos)).unwrap() as u16
+    });
+    assert_eq!(got, vec![4]);
+    assert_eq!(*new.disk.writes.lock().unwrap(), HashMap::from([(4u64, 1usize)]));
+}
