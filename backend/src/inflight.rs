@@ -213,7 +213,11 @@ impl<R: UsedRing> QueueRunner<R> {
     /// inline) or slow (`false`: they go to the executors).
     #[cfg(test)]
     pub fn set_speed_for_test(&self, fast: bool) {
-        let ns = if fast { 0 } else { self.shared.slow_ns.saturating_mul(2) };
+        let ns = if fast {
+            0
+        } else {
+            self.shared.slow_ns.saturating_mul(2)
+        };
         self.shared.avg_ns.store(ns, Ordering::Relaxed);
     }
 

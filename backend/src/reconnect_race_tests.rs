@@ -84,7 +84,12 @@ impl BlockDev for GatedDisk {
         1 << 20
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
-        self.inner.lock().unwrap().as_ref().unwrap().read_at(buf, offset)
+        self.inner
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
         let sector = offset / 512;
@@ -108,7 +113,12 @@ impl BlockDev for GatedDisk {
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
-        self.inner.lock().unwrap().as_ref().unwrap().discard(offset, len)
+        self.inner
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .discard(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> blockdev::Result<()> {
         self.inner
@@ -329,8 +339,11 @@ impl Rig {
             .unwrap();
         let d0 = SplitDescriptor::new(slot, 16 + 512, F_NEXT, head + HEADS);
         let d1 = SplitDescriptor::new(slot + 0x300, 1, F_WRITE, 0);
-        m.write_obj(RawDescriptor::from(d0), GuestAddress(DESC + 16 * u64::from(head)))
-            .unwrap();
+        m.write_obj(
+            RawDescriptor::from(d0),
+            GuestAddress(DESC + 16 * u64::from(head)),
+        )
+        .unwrap();
         m.write_obj(
             RawDescriptor::from(d1),
             GuestAddress(DESC + 16 * u64::from(head + HEADS)),
@@ -391,9 +404,7 @@ fn new_daemon_runs(f: &Frozen) -> (Vec<u64>, Vec<u64>) {
     let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     m.write_slice(&f.mem, GuestAddress(0)).unwrap();
     let file = InflightFile::create().unwrap();
-    let (desc, fd) = file
-        .fresh(&VhostUserInflight::new(0, 0, 1, QSIZE))
-        .unwrap();
+    let (desc, fd) = file.fresh(&VhostUserInflight::new(0, 0, 1, QSIZE)).unwrap();
     fd.write_all_at(&f.region, 0).unwrap();
     let region = InflightRegion::map(&desc, &fd).unwrap();
     let track = region.queue(0, QSIZE).unwrap();
@@ -426,7 +437,8 @@ fn check_recovery_of(f: &Frozen) {
     // fewer requests than the ring holds, so the avail and used entries since `start` name
     // every request made available and every completion the driver can see.
     let mut expected = ring_ids(&m, f.start, avail, |pos| {
-        m.read_obj::<u16>(GuestAddress(AVAIL + 4 + 2 * pos)).unwrap()
+        m.read_obj::<u16>(GuestAddress(AVAIL + 4 + 2 * pos))
+            .unwrap()
     });
     let done: HashSet<u64> = ring_ids(&m, f.start, used, |pos| {
         m.read_obj::<u32>(GuestAddress(USED + 4 + 8 * pos)).unwrap() as u16
@@ -459,7 +471,8 @@ fn ring_ids(m: &GuestMemoryMmap, start: u16, end: u16, head_at: impl Fn(u64) -> 
 /// 16-bit wrap of the ring indexes). One executor is released while an inline completion is
 /// half recorded and must wait for it.
 #[test]
-fn reconnect_every_instant_of_racing_executor_and_inline_completions_resubmits_exactly_the_unpublished() {
+fn reconnect_every_instant_of_racing_executor_and_inline_completions_resubmits_exactly_the_unpublished(
+) {
     let rig = Arc::new(Rig::new(4, 65532));
     for id in 0..4u64 {
         rig.disk.gate(id);
@@ -503,7 +516,10 @@ fn reconnect_every_instant_of_racing_executor_and_inline_completions_resubmits_e
     let used: u16 = rig.mem.memory().read_obj(GuestAddress(USED + 2)).unwrap();
     assert_eq!(used, 65532u16.wrapping_add(6));
     let who = rig.completers.lock().unwrap().clone();
-    assert!(!who[&4].contains("-io") && !who[&5].contains("-io"), "{who:?}");
+    assert!(
+        !who[&4].contains("-io") && !who[&5].contains("-io"),
+        "{who:?}"
+    );
     assert!((0..4).all(|h| who[&h].contains("-io")), "{who:?}");
     let n = rig.check_every_instant();
     assert!(n >= 6 * 5, "only {n} instants frozen");
@@ -612,7 +628,11 @@ fn reconnect_a_buffer_marking_more_chains_than_the_driver_has_outstanding_resubm
     let new = Rig::restarted(1, &f);
     let before = used_index(&new.mem.memory());
     new.pass(true);
-    assert_eq!(used_index(&new.mem.memory()), before, "something was resubmitted");
+    assert_eq!(
+        used_index(&new.mem.memory()),
+        before,
+        "something was resubmitted"
+    );
     new.submit(4, 4);
     new.pass(true);
     let m = new.mem.memory();
@@ -620,5 +640,8 @@ fn reconnect_a_buffer_marking_more_chains_than_the_driver_has_outstanding_resubm
         m.read_obj::<u32>(GuestAddress(USED + 4 + 8 * pos)).unwrap() as u16
     });
     assert_eq!(got, vec![4]);
-    assert_eq!(*new.disk.writes.lock().unwrap(), HashMap::from([(4u64, 1usize)]));
+    assert_eq!(
+        *new.disk.writes.lock().unwrap(),
+        HashMap::from([(4u64, 1usize)])
+    );
 }
