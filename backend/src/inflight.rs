@@ -209,6 +209,18 @@ impl<R: UsedRing> QueueRunner<R> {
         self.max_inflight
     }
 
+    /// Test hook: makes the runner believe requests are fast (`true`: the pass runs them
+    /// inline) or slow (`false`: they go to the executors).
+    #[cfg(test)]
+    pub fn set_speed_for_test(&self, fast: bool) {
+        let ns = if fast {
+            0
+        } else {
+            self.shared.slow_ns.saturating_mul(2)
+        };
+        self.shared.avg_ns.store(ns, Ordering::Relaxed);
+    }
+
     /// Requests submitted and not yet on the used ring.
     pub fn inflight(&self) -> usize {
         self.shared.lock().inflight

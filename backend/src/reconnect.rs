@@ -50,7 +50,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use log::{info, warn};
+use log::{error, info, warn};
 use vhost::vhost_user::message::VhostUserInflight;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
@@ -127,13 +127,49 @@ impl InflightFile {
 }
 
 /// A frontend's in-flight buffer, mapped shared.
-#[derive(Debug)]
 pub struct InflightRegion {
     ptr: NonNull<u8>,
     len: usize,
     num_queues: u16,
     queue_size: u16,
+    /// Test hook called after every store to the buffer (see [`Stage`]).
+    #[cfg(test)]
+    hook: std::sync::OnceLock<TestHook>,
 }
+
+impl std::fmt::Debug for InflightRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InflightRegion")
+            .field("len", &self.len)
+            .field("num_queues", &self.num_queues)
+            .field("queue_size", &self.queue_size)
+            .finish()
+    }
+}
+
+/// The points of the protocol after which a test hook runs: each follows one store to the
+/// buffer (or to the used ring), so together they are every state a SIGKILL can leave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// `counter` of the popped chain stored, not yet marked.
+    Counted,
+    /// Marked in flight.
+    Popped,
+    /// `last_batch_head` stored, used element not yet written.
+    Completing,
+    /// Used element and used index written (visible to the driver), mark not yet cleared.
+    Published,
+    /// Mark cleared, `used_idx` not yet stored.
+    Cleared,
+    /// `used_idx` stored: the completion is fully recorded.
+    Completed,
+    /// Recovery cleared the mark of `last_batch_head`, `used_idx` not yet reconciled.
+    Reconciled,
+}
+
+/// A test hook: the queue's handle, the stage just reached and the head concerned.
+#[cfg(test)]
+pub type TestHook = Box<dyn Fn(&QueueInflight, Stage, u16) + Send + Sync>;
 
 // SAFETY: the mapping is plain shared memory accessed only through atomics; each queue's part is
 // used by one thread at a time (under its vring lock).
@@ -201,7 +237,24 @@ impl InflightRegion {
             len,
             num_queues: msg.num_queues,
             queue_size: msg.queue_size,
+            #[cfg(test)]
+            hook: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Installs the test hook (once per region).
+    #[cfg(test)]
+    pub fn set_test_hook(&self, hook: TestHook) {
+        assert!(self.hook.set(hook).is_ok(), "test hook already set");
+    }
+
+    /// A copy of the whole buffer, as a frontend would keep it after the daemon died here.
+    #[cfg(test)]
+    pub fn snapshot(&self) -> Vec<u8> {
+        (0..self.len)
+            // SAFETY: in bounds of the mapping; a volatile byte read of shared memory.
+            .map(|i| unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(i)) })
+            .collect()
     }
 
     /// The handle of queue `index` whose ring has `ring_size` entries, or `None` if the buffer
@@ -247,6 +300,21 @@ impl QueueInflight {
         unsafe { &*self.region.ptr.as_ptr().add(self.offset + off).cast::<T>() }
     }
 
+    /// Runs the test hook, if any, at `stage` (nothing outside tests).
+    #[inline]
+    fn hook(&self, _stage: Stage, _head: u16) {
+        #[cfg(test)]
+        if let Some(h) = self.region.hook.get() {
+            h(self, _stage, _head);
+        }
+    }
+
+    /// The buffer this handle is a part of.
+    #[cfg(test)]
+    pub fn region(&self) -> &Arc<InflightRegion> {
+        &self.region
+    }
+
     fn version(&self) -> &AtomicU16 {
         self.at(8)
     }
@@ -273,7 +341,9 @@ impl QueueInflight {
         }
         let c = self.counter.fetch_add(1, Ordering::Relaxed);
         self.counter_of(head).store(c, Ordering::Release);
+        self.hook(Stage::Counted, head);
         self.inflight(head).store(1, Ordering::Release);
+        self.hook(Stage::Popped, head);
         test_abort_point("popped");
     }
 
@@ -281,6 +351,7 @@ impl QueueInflight {
     pub fn completing(&self, head: u16) {
         if head < self.desc_num {
             self.last_batch_head().store(head, Ordering::Release);
+            self.hook(Stage::Completing, head);
         }
     }
 
@@ -288,8 +359,19 @@ impl QueueInflight {
     pub fn completed(&self, head: u16, used_idx: u16) {
         if head < self.desc_num {
             self.inflight(head).store(0, Ordering::Release);
+            self.hook(Stage::Cleared, head);
         }
         self.used_idx().store(used_idx, Ordering::Release);
+        self.hook(Stage::Completed, head);
+    }
+
+    /// Clears the marks of `heads` (a buffer found not to describe its ring).
+    pub fn forget(&self, heads: &[u16]) {
+        for &head in heads {
+            if head < self.desc_num {
+                self.inflight(head).store(0, Ordering::Release);
+            }
+        }
     }
 
     /// Reconciles the buffer with `guest_used_idx` (the used index in guest memory) and returns
@@ -309,6 +391,7 @@ impl QueueInflight {
             let head = self.last_batch_head().load(Ordering::Acquire);
             if head < self.desc_num {
                 self.inflight(head).store(0, Ordering::Release);
+                self.hook(Stage::Reconciled, head);
             }
             self.used_idx().store(guest_used_idx, Ordering::Release);
         }
@@ -369,6 +452,9 @@ pub fn add_used_tracked<M: GuestMemory>(
         t.completing(head);
     }
     queue.add_used(mem, head, len)?;
+    if let Some(t) = track {
+        t.hook(Stage::Published, head);
+    }
     test_abort_point("published");
     if let Some(t) = track {
         t.completed(head, queue.next_used());
@@ -385,7 +471,24 @@ pub fn recover_queue<M: GuestMemory>(
     queue_index: usize,
 ) -> Result<Vec<u16>, virtio_queue::Error> {
     let used = queue.used_idx(mem, Ordering::Acquire)?.0;
+    let avail = queue.avail_idx(mem, Ordering::Acquire)?.0;
     let heads = track.recover(used, queue.size());
+    // Every chain in flight was taken from the available ring and is not on the used ring: a
+    // buffer marking more chains than the driver has outstanding is not this ring's (a
+    // frontend's bug, or a buffer from before a reset). Nothing it says can be trusted, and
+    // running a chain twice is worse than not running it: resubmit none, resume after the
+    // driver's last request.
+    let outstanding = avail.wrapping_sub(used);
+    if heads.len() > usize::from(outstanding) {
+        error!(
+            "queue {queue_index}: the inflight buffer marks {} request(s) in flight but the driver has only {outstanding} outstanding; ignoring the buffer and skipping those {outstanding}",
+            heads.len()
+        );
+        track.forget(&heads);
+        queue.set_next_avail(avail);
+        queue.set_next_used(used);
+        return Ok(Vec::new());
+    }
     let n = u16::try_from(heads.len()).unwrap_or(u16::MAX);
     queue.set_next_avail(used.wrapping_add(n));
     queue.set_next_used(used);

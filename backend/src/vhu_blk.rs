@@ -361,6 +361,8 @@ impl VhostUserBackend for VhostUserBlk {
     fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
         let region = InflightRegion::map(msg, &file).inspect_err(|e| {
             error!("refusing the frontend's inflight buffer: {e}");
+            // The frontend no longer keeps the previous buffer: never track into it.
+            *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = None;
         })?;
         debug!(
             "SET_INFLIGHT_FD: {} queues of {}, {} bytes",
@@ -382,7 +384,20 @@ impl VhostUserBackend for VhostUserBlk {
             .clone();
         let state = vring.get_ref();
         let size = state.get_queue().size();
-        let part = region.and_then(|r| r.queue(index, size)).map(Arc::new);
+        let part = match region {
+            None => None,
+            Some(r) => {
+                let part = r.queue(index, size).map(Arc::new);
+                if part.is_none() {
+                    // Serving untracked would lose this queue's requests at the next restart
+                    // without a word.
+                    error!(
+                        "queue {index}: the frontend's inflight buffer has no part for a ring of {size}; its requests are not tracked across a restart"
+                    );
+                }
+                part
+            }
+        };
         *track.lock().unwrap_or_else(|e| e.into_inner()) = part;
         recover.store(true, Ordering::Release);
         // Run a pass as soon as the ring is watched, even if the guest (waiting for the requests
@@ -472,6 +487,10 @@ impl VhostUserBackend for VhostUserBlk {
         self.process_vring(vring, thread_id)
     }
 }
+
+#[cfg(test)]
+#[path = "reconnect_race_tests.rs"]
+mod reconnect_race_tests;
 
 #[cfg(test)]
 mod tests {
