@@ -25,11 +25,17 @@
 //! segment is emptied, and it always holds older records than the active one: what stays is
 //! newer than what was dropped, so a replay never writes stale data over a trimmed write.
 //!
-//! Errors: a failed lower flush (in the background or a guest's) poisons the journal: nothing
-//! is trimmed any more (a later flush may succeed without the data the failed one lost, since
-//! the kernel reports a writeback error only once), every later write and FLUSH fails with EIO
-//! naming the first error, and the records stay for a restarted daemon to replay. So a failed
-//! background flush is never lost: the guest's next FLUSH reports it.
+//! Errors: a failed flush below (in the background or a guest's) trims nothing: its records
+//! stay, the guest's FLUSH reports the error, and the trimmer does not retry on its own. The
+//! next guest FLUSH flushes below again and trims only if that succeeds. That is truthful
+//! because the layers below keep a lost write lost: the folio cache fails every flush after a
+//! failed flush of *its* lower layer (the kernel reports a writeback error only once), and the
+//! qcow2 engine's `ReplayHost` replays or poisons after a failed `fdatasync`; what can succeed
+//! on a retry is a flush whose writeback could not be done (an unreachable NBD base, a
+//! transient EIO on a write), whose data the cache still holds dirty. While a flush has
+//! failed, a writer that finds both segments full fails with EIO rather than wait for a trim
+//! that only a successful FLUSH can bring. A panic in the background flush poisons the
+//! journal: writes and flushes fail from then on and the records stay for the next daemon.
 //!
 //! What it does not cover, by design: a host crash. The page cache is gone then, and so is the
 //! journal's meaning: the file header records the boot id, and a journal written during another
@@ -161,6 +167,9 @@ struct State {
     /// snapshot could not be recorded): writes and flushes fail from then on, and every record
     /// stays for the next daemon to replay.
     poisoned: Option<String>,
+    /// The last flush below failed (cleared by the next one that succeeds): the trimmer waits
+    /// for a guest FLUSH, and writers that find both segments full fail instead of waiting.
+    flush_failed: Option<String>,
     /// The trimmer is inside a flush it started.
     trimming: bool,
     /// Segments emptied, and times a writer found both segments full (logged at the end).
@@ -464,6 +473,7 @@ impl Journal {
                 generation: [1, 1],
                 next_seq: 1,
                 poisoned: None,
+                flush_failed: None,
                 trimming: false,
                 trims: 0,
                 waits_for_room: 0,
@@ -546,7 +556,12 @@ impl Journal {
     pub fn wait_trimmer_idle(&self) {
         let c = &self.core;
         let mut st = c.lock_state();
-        while st.trimming || (st.sealed && st.poisoned.is_none() && self.trimmer.is_some()) {
+        while st.trimming
+            || (st.sealed
+                && st.poisoned.is_none()
+                && st.flush_failed.is_none()
+                && self.trimmer.is_some())
+        {
             st = c.trimmed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -692,7 +707,13 @@ impl Core {
                 self.work.notify_all();
                 continue;
             }
-            // Both segments are full: wait for the flush that empties the sealed one.
+            // Both segments are full: wait for the flush that empties the sealed one, unless
+            // the last one failed (only a successful guest FLUSH can make room then).
+            if let Some(why) = &st.flush_failed {
+                return Err(BlockError::Io(io::Error::other(format!(
+                    "the crash journal is full and {why}; a successful FLUSH empties it"
+                ))));
+            }
             st.waits_for_room += 1;
             st = self.trimmed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
@@ -711,9 +732,8 @@ impl Core {
     /// trims everything written before it; without (the trimmer) nothing is flushed unless a
     /// segment is sealed. Only the sealed segment is ever emptied, and it always holds the
     /// older records: the records kept are newer than every record dropped, so a replay never
-    /// writes stale data over a trimmed write. Fails, without flushing, once poisoned: after a
-    /// failed flush a later one may succeed without the lost data (the kernel reports a
-    /// writeback error once), so its records must never be trimmed.
+    /// writes stale data over a trimmed write. A failed flush below trims nothing (see the
+    /// module documentation on errors); once poisoned, it fails without flushing.
     ///
     /// A guest FLUSH that finds a sealed segment the trimmer has not taken yet, and records in
     /// the active one, runs a second round (seal the active one, flush, empty it): the journal
@@ -755,10 +775,12 @@ impl Core {
         let flushed = self.lower.flush();
         let mut st = self.lock_state();
         if let Err(e) = flushed {
-            let why = format!("a flush below the crash journal failed: {e}");
-            self.poison(&mut st, why);
+            // Nothing is trimmed; the records stay until a flush below succeeds.
+            st.flush_failed = Some(format!("a flush below the crash journal failed: {e}"));
+            self.trimmed.notify_all();
             return Err(e);
         }
+        st.flush_failed = None;
         if trim {
             let gen = st.generation[old] + 1;
             // Bumping the generation invalidates every record of the old segment at once.
@@ -780,13 +802,14 @@ impl Core {
     }
 
     /// The trimmer thread: flushes a sealed segment as soon as there is one, so writers keep
-    /// appending to the other segment meanwhile. A failed flush poisons the journal (see
-    /// [`Core::flush_and_trim`]); the guest's next FLUSH and every later write then fail.
+    /// appending to the other segment meanwhile. After a failed flush it waits until a guest
+    /// FLUSH succeeds (see [`Core::flush_and_trim`]); a panic poisons the journal.
     fn trimmer(&self) {
         loop {
             {
                 let mut st = self.lock_state();
-                let has_work = |st: &State| st.sealed && st.poisoned.is_none();
+                let has_work =
+                    |st: &State| st.sealed && st.poisoned.is_none() && st.flush_failed.is_none();
                 while !st.stop && !has_work(&st) {
                     st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
@@ -814,7 +837,7 @@ impl Core {
             match flushed {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => error!(
-                    "crash journal {}: background flush failed: {e}; writes and flushes fail from now on, the records stay for the next daemon to replay",
+                    "crash journal {}: background flush failed: {e}; its records stay until a guest FLUSH succeeds",
                     self.path.display()
                 ),
                 Err(_) => {
