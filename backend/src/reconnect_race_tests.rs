@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use blockdev::{BlockDev, MemDisk};
@@ -71,11 +71,18 @@ impl GatedDisk {
         self.gated.lock().unwrap().remove(&sector);
         self.opened.notify_all();
     }
+    /// Waits (bounded: a lost request fails the test instead of hanging it) until the write
+    /// of `sector` reached the disk.
     fn wait_written(&self, sector: u64) {
-        let mut w = self.written.lock().unwrap();
-        while !w.contains(&sector) {
-            w = self.done.wait(w).unwrap();
-        }
+        let w = self.written.lock().unwrap();
+        let (w, _) = self
+            .done
+            .wait_timeout_while(w, Duration::from_secs(30), |w| !w.contains(&sector))
+            .unwrap();
+        assert!(
+            w.contains(&sector),
+            "the write of sector {sector} never ran"
+        );
     }
 }
 
@@ -131,6 +138,7 @@ impl BlockDev for GatedDisk {
 }
 
 /// The state a SIGKILL at one hook point leaves: the buffer and guest memory.
+#[derive(Clone)]
 struct Frozen {
     /// The ring index the run started at.
     start: u16,
@@ -293,12 +301,18 @@ impl Rig {
                     // Never panic in a hook (it may run under the vring lock, on an
                     // executor): record the violation, the test checks the list.
                     if half.fetch_add(1, Ordering::SeqCst) != 0 {
-                        violations.lock().unwrap().push(format!(
-                            "two completions of one queue half-recorded at once (head {head})"
-                        ));
+                        violations
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(format!(
+                                "two completions of one queue half-recorded at once (head {head})"
+                            ));
                     }
                     let name = std::thread::current().name().unwrap_or("").to_string();
-                    completers.lock().unwrap().insert(head, name);
+                    completers
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(head, name);
                 }
                 Stage::Completed => {
                     half.fetch_sub(1, Ordering::SeqCst);
@@ -306,18 +320,29 @@ impl Rig {
                 _ => {}
             }
             {
-                let _g = guest.lock().unwrap();
-                frozen.lock().unwrap().push(Frozen {
-                    start,
-                    stage,
-                    head,
-                    region: q.region().snapshot(),
-                    mem: snapshot_mem(&mem.memory()),
-                });
+                let _g = guest.lock().unwrap_or_else(PoisonError::into_inner);
+                frozen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(Frozen {
+                        start,
+                        stage,
+                        head,
+                        region: q.region().snapshot(),
+                        mem: snapshot_mem(&mem.memory()),
+                    });
             }
-            reached.seen.lock().unwrap().push((stage, head));
+            reached
+                .seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((stage, head));
             reached.cv.notify_all();
-            if let Some(a) = action.lock().unwrap().as_ref() {
+            if let Some(a) = action
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+            {
                 a(stage, head);
             }
         }));
@@ -370,6 +395,20 @@ impl Rig {
             self.reached
                 .wait(Stage::Completed, head, Duration::from_secs(30)),
             "head {head} never completed"
+        );
+    }
+
+    /// Waits (bounded, like `wait_completed`) until no request of the device is in flight.
+    fn wait_idle(&self) {
+        let backend = Arc::clone(&self.backend);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            backend.wait_idle();
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+            "requests still in flight after 30 s"
         );
     }
 
@@ -512,7 +551,7 @@ fn reconnect_every_instant_of_racing_executor_and_inline_completions_resubmits_e
     rig.pass(true);
     rig.disk.open(1);
     rig.wait_completed(1);
-    rig.backend.wait_idle();
+    rig.wait_idle();
     let used: u16 = rig.mem.memory().read_obj(GuestAddress(USED + 2)).unwrap();
     assert_eq!(used, 65532u16.wrapping_add(6));
     let who = rig.completers.lock().unwrap().clone();
@@ -564,12 +603,15 @@ fn reconnect_a_restarted_daemon_completes_popped_unpublished_and_reused_heads_on
     rig.pass(false);
     rig.disk.open(1);
     rig.wait_completed(1);
-    let frozen = rig.frozen.lock().unwrap();
+    // Copies, so that a failed assertion below poisons no lock the old daemon's hooks take.
     let at = |stage: Stage, head: u16| {
-        frozen
+        rig.frozen
+            .lock()
+            .unwrap()
             .iter()
             .find(|f| f.stage == stage && f.head == head)
             .unwrap()
+            .clone()
     };
     // (a) Killed while 1's completion is half recorded (not visible): 0 and 4 are executing.
     // (b) Killed after 1 reached the used ring, before its mark was cleared; the driver, having
@@ -578,7 +620,7 @@ fn reconnect_a_restarted_daemon_completes_popped_unpublished_and_reused_heads_on
         (at(Stage::Completing, 1), false),
         (at(Stage::Published, 1), true),
     ] {
-        let new = Rig::restarted(4, f);
+        let new = Rig::restarted(4, &f);
         let before = used_index(&new.mem.memory());
         new.submit(5, 5);
         let mut expect = vec![0u64, 4, 5];
@@ -589,7 +631,7 @@ fn reconnect_a_restarted_daemon_completes_popped_unpublished_and_reused_heads_on
             expect.push(1);
         }
         new.pass(false);
-        new.backend.wait_idle();
+        new.wait_idle();
         let m = new.mem.memory();
         let mut got = ring_ids(&m, before, used_index(&m), |pos| {
             m.read_obj::<u32>(GuestAddress(USED + 4 + 8 * pos)).unwrap() as u16
