@@ -77,6 +77,18 @@ pub enum DirectMode {
     Off,
 }
 
+/// How a queue's reads reach the host files (`--aio`, as qemu-storage-daemon's `aio=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AioMode {
+    /// Reads that miss the folio cache go on a per-queue io_uring, straight into guest
+    /// buffers; everything else takes the I/O threads. Falls back to `threads` with a warning
+    /// where io_uring is unavailable.
+    #[value(name = "io_uring")]
+    IoUring,
+    /// Every request on the queue's I/O threads (synchronous system calls).
+    Threads,
+}
+
 /// Arguments of `snapblk serve`.
 #[derive(Clone, Debug, Args)]
 pub struct ServeArgs {
@@ -111,6 +123,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT, value_name = "N",
           value_parser = parse_max_inflight)]
     pub max_inflight: usize,
+    /// How reads that miss the cache reach the disk: a per-queue io_uring, or I/O threads.
+    /// `--max-inflight 1` serves each queue serially whatever this says.
+    #[arg(long, value_enum, default_value_t = AioMode::IoUring, value_name = "io_uring|threads")]
+    pub aio: AioMode,
     /// O_DIRECT for a writable qcow2 image below the folio cache (on), or the host page cache
     /// (off). Where the file system cannot do O_DIRECT the daemon warns and stays buffered.
     #[arg(long, value_enum, default_value_t = DirectMode::Off, value_name = "on|off")]
@@ -211,6 +227,7 @@ impl ServeArgs {
             logical_block_size: 512,
             cache: CacheMode::Writeback,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            aio: AioMode::IoUring,
             direct: DirectMode::Off,
             io_threads: None,
             socket_mode: 0o600,

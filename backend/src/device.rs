@@ -84,6 +84,9 @@ pub struct DeviceConfig {
     /// Host-side tuning, not shown to the driver: requests of one queue executing at once (1: the
     /// queue thread executes them one by one; above 1: executor threads, see `inflight`).
     pub max_inflight: usize,
+    /// Host-side: reads that miss the cache go on a per-queue io_uring (`--aio io_uring`; only
+    /// with `max_inflight` above 1, see `uring`).
+    pub io_uring: bool,
 }
 
 impl DeviceConfig {
@@ -144,6 +147,7 @@ impl DeviceConfig {
             max_write_zeroes_sectors: DEFAULT_MAX_WRITE_ZEROES_SECTORS,
             max_write_zeroes_seg: DEFAULT_MAX_DISCARD_SEGMENTS,
             max_inflight: 1,
+            io_uring: true,
         })
     }
 
@@ -158,6 +162,7 @@ impl DeviceConfig {
         cfg.read_only = args.readonly || disk.is_read_only();
         cfg.writeback_default = args.cache == CacheMode::Writeback;
         cfg.max_inflight = args.effective_max_inflight();
+        cfg.io_uring = args.aio == crate::cli::AioMode::IoUring;
         if let Some(serial) = &args.serial {
             cfg.set_serial(serial.as_bytes());
         }

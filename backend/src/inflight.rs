@@ -44,6 +44,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::device::BlkDevice;
 use crate::request::{check_avail_ring, ProcessQueueError, RequestWorker};
+use crate::uring::UringReads;
 
 /// A descriptor chain that owns its view of guest memory, so it can move to another thread with
 /// that memory (a memory table update while it is in flight does not unmap its buffers).
@@ -54,6 +55,14 @@ pub type OwnedChain = DescriptorChain<Arc<GuestMemoryMmap>>;
 pub trait UsedRing: Clone + Send + 'static {
     /// Adds `(head, len)` to the used ring and notifies the driver if it must be.
     fn complete(&self, mem: &GuestMemoryMmap, head: u16, len: u32);
+
+    /// Adds every `(memory, head, len)` of `done` to the used ring and notifies the driver
+    /// once if it must be (the io_uring path completes reads in batches).
+    fn complete_many(&self, done: &[(Arc<GuestMemoryMmap>, u16, u32)]) {
+        for (mem, head, len) in done {
+            self.complete(mem, *head, *len);
+        }
+    }
 
     /// Called for each chain right after it was popped, with the queue still locked (in-flight
     /// tracking, [`crate::reconnect`]).
@@ -145,6 +154,8 @@ pub struct QueueRunner<R: UsedRing> {
     max_inflight: usize,
     name: String,
     handles: Mutex<Vec<JoinHandle<()>>>,
+    /// The io_uring read path of the queue, if on and available ([`crate::uring`]).
+    uring: Option<UringReads<R>>,
 }
 
 impl<R: UsedRing> std::fmt::Debug for QueueRunner<R> {
@@ -201,7 +212,37 @@ impl<R: UsedRing> QueueRunner<R> {
             max_inflight: max_inflight.max(1),
             name: name.to_string(),
             handles: Mutex::new(Vec::new()),
+            uring: None,
         }
+    }
+
+    /// The same runner with the io_uring read path ([`crate::uring`]) when `on` and the kernel
+    /// allows it; otherwise (with a warning if it was asked for) every request takes the
+    /// executors. Called before the first request.
+    pub fn with_uring(self, on: bool) -> Self {
+        let entries = UringReads::<R>::entries_for(self.max_inflight);
+        self.with_uring_entries(on, entries)
+    }
+
+    /// [`Self::with_uring`] with a ring of `entries` (0 makes the ring fail: the fallback).
+    pub(crate) fn with_uring_entries(mut self, on: bool, entries: u32) -> Self {
+        self.uring = None;
+        if on {
+            let dev = Arc::clone(&self.shared.dev);
+            match UringReads::new(dev, self.shared.queue, self.max_inflight, entries) {
+                Ok(u) => self.uring = Some(u),
+                Err(e) => warn!(
+                    "{}: io_uring is not available ({e}); reads take the I/O threads",
+                    self.name
+                ),
+            }
+        }
+        self
+    }
+
+    /// The io_uring read path, if the queue has one.
+    pub fn uring(&self) -> Option<&UringReads<R>> {
+        self.uring.as_ref()
     }
 
     /// The bound on requests executing at once.
@@ -233,6 +274,9 @@ impl<R: UsedRing> QueueRunner<R> {
 
     /// Blocks until every submitted request is on the used ring.
     pub fn wait_idle(&self) {
+        if let Some(u) = &self.uring {
+            u.wait_idle();
+        }
         let mut st = self.shared.lock();
         while st.inflight > 0 {
             st = self
@@ -404,7 +448,18 @@ pub fn submit_queue<R: UsedRing>(
         let shared = &runner.shared;
         let mut inline =
             popped > 0 && (shared.requests_are_fast() || (popped == 1 && runner.inflight() == 0));
-        for chain in popped_chains.drain(..) {
+        for mut chain in popped_chains.drain(..) {
+            if let Some(u) = &runner.uring {
+                match u.try_submit(worker, ring, mem, chain) {
+                    Ok(None) => continue,
+                    Ok(Some(done)) => {
+                        let (_, m, head, len) = u.finish(done);
+                        notify |= ring.complete_locked(queue, &m, head, len);
+                        continue;
+                    }
+                    Err(c) => chain = c,
+                }
+            }
             let job = if inline {
                 Some(Job {
                     ring: ring.clone(),
@@ -429,6 +484,14 @@ pub fn submit_queue<R: UsedRing>(
                     // It waited for the disk: the rest of the pass goes to the executors.
                     inline = false;
                 }
+            }
+        }
+        if let Some(u) = &runner.uring {
+            // One system call for the pass's reads, then whatever has completed already.
+            u.submit();
+            for done in u.collect() {
+                let (r, m, head, len) = u.finish(done);
+                notify |= r.complete_locked(queue, &m, head, len);
             }
         }
         if !event_idx || !queue.enable_notification(&**mem)? {

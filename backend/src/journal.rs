@@ -1001,6 +1001,10 @@ impl BlockDev for Journal {
         self.core.lower.read_at(buf, offset)
     }
 
+    fn plan_read(&self, offset: u64, len: u64) -> Option<blockdev::ReadPlan> {
+        self.core.lower.plan_read(offset, len)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let c = &self.core;
         c.journaled(Kind::Write, offset, buf.len() as u64, buf, || {

@@ -45,5 +45,6 @@ pub mod request;
 pub mod sandbox;
 pub mod serve;
 pub mod snapshot;
+pub mod uring;
 pub mod vhu_blk;
 pub mod virtio_blk;

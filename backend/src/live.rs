@@ -171,6 +171,17 @@ impl Live {
         }
     }
 
+    /// Enters the pause gate only (a request whose I/O outlives the call that submits it
+    /// leaves the gate once it is submitted; see `crate::uring`).
+    pub fn enter_gate(&self) -> crate::pause::Entered<'_> {
+        self.gate.enter()
+    }
+
+    /// The request statistics.
+    pub fn request_metrics(&self) -> &RequestMetrics {
+        &self.metrics
+    }
+
     /// Records which frontend connection is being served (`None`: nobody).
     pub fn set_frontend(&self, connection: Option<u64>) {
         self.frontend

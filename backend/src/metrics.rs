@@ -314,6 +314,52 @@ impl RequestMetrics {
     }
 }
 
+/// A request's timer that is not tied to a borrow of the statistics (a read in flight on
+/// io_uring, completed from another call): [`RequestMetrics::finish_detached`] records it.
+#[derive(Debug)]
+pub struct DetachedTimer {
+    queue: usize,
+    start: Instant,
+}
+
+impl RequestMetrics {
+    /// Like [`Self::begin`], for a request that completes later ([`DetachedTimer`]).
+    pub fn begin_detached(&self, queue: usize) -> DetachedTimer {
+        let t = self.begin(queue);
+        let d = DetachedTimer {
+            queue: t.queue,
+            start: t.start,
+        };
+        std::mem::forget(t);
+        d
+    }
+
+    /// Forgets a request started with [`Self::begin_detached`] without recording it (it is
+    /// executed again, and recorded, another way).
+    pub fn abandon_detached(&self, t: DetachedTimer) {
+        self.queues[t.queue]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Records a request started with [`Self::begin_detached`].
+    pub fn finish_detached(
+        &self,
+        t: DetachedTimer,
+        op: Op,
+        bytes: u64,
+        error: Option<&ExecuteRequestError>,
+    ) {
+        RequestTimer {
+            metrics: self,
+            queue: t.queue,
+            start: t.start,
+            done: false,
+        }
+        .finish(op, bytes, error);
+    }
+}
+
 impl RequestTimer<'_> {
     /// Records the request: its type, the bytes it moved (data, or the range of a discard or
     /// write-zeroes) and its error, if any.

@@ -142,6 +142,10 @@ impl BlockDev for ProbedRawGuard {
         self.inner.read_at(buf, offset)
     }
 
+    fn plan_read(&self, offset: u64, len: u64) -> Option<blockdev::ReadPlan> {
+        self.inner.plan_read(offset, len)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         self.guarded(

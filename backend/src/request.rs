@@ -185,6 +185,19 @@ struct CollectedChain {
     error: Option<ExecuteRequestError>,
 }
 
+/// A read request parsed for the io_uring path ([`RequestWorker::prepare_read`]).
+#[derive(Debug)]
+pub(crate) struct PreparedRead {
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Data bytes (the status byte excluded).
+    pub len: u64,
+    /// The device-writable data pieces, in order, `len` bytes in all.
+    pub data: Vec<(GuestAddress, usize)>,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
 /// Per-queue-thread request executor holding reusable buffers, so the data path does not allocate
 /// once the buffers have grown to the working size.
 #[derive(Debug, Default)]
@@ -392,6 +405,59 @@ impl RequestWorker {
             self.buf.shrink_to_fit();
         }
         u32::try_from(used).unwrap_or(u32::MAX)
+    }
+
+    /// Parses `chain` for the io_uring read path ([`crate::uring`]): `Some` only for a
+    /// well-formed IN request (header alone in the driver-readable part, at least one data byte,
+    /// aligned, in range, a device-writable status byte). Anything else, valid or not, gets
+    /// `None` and goes through [`Self::process_chain`], which reports what is wrong with it.
+    pub(crate) fn prepare_read<M, D>(
+        &mut self,
+        dev: &BlkDevice,
+        mem: &M,
+        chain: DescriptorChain<D>,
+    ) -> Option<PreparedRead>
+    where
+        M: GuestMemory,
+        D: std::ops::Deref<Target = M>,
+    {
+        let CollectedChain {
+            layout,
+            last,
+            error,
+        } = self.collect(chain);
+        let (Some((last, true)), None) = (last, error) else {
+            return None;
+        };
+        if layout.readable_len != RequestHeader::SIZE as u64 || layout.writable_len < 2 {
+            return None;
+        }
+        let mut hdr = [0u8; RequestHeader::SIZE];
+        gather(mem, &self.segs[..layout.readable], 0, &mut hdr).ok()?;
+        let hdr = RequestHeader::from_bytes(&hdr);
+        if hdr.request_type != VIRTIO_BLK_T_IN {
+            return None;
+        }
+        let len = layout.writable_len - 1;
+        let offset = Self::check_io(
+            dev,
+            hdr.sector,
+            len,
+            u64::from(dev.config().logical_block_size),
+        )
+        .ok()?;
+        let mut data = Vec::with_capacity(self.segs.len() - layout.readable);
+        walk_segments(&self.segs[layout.readable..], 0, len as usize, |addr, r| {
+            data.push((addr, r.len()));
+            Ok(())
+        })
+        .ok()?;
+        Some(PreparedRead {
+            offset,
+            len,
+            data,
+            status: last.addr.checked_add(u64::from(last.len) - 1)?,
+        })
     }
 
     /// Collects the non-empty descriptors of `chain` into `self.segs`.

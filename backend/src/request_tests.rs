@@ -1362,3 +1362,6 @@ fn stop_vring_returns_only_when_no_request_of_the_queue_is_in_flight() {
         );
     }
 }
+
+#[path = "uring_tests.rs"]
+mod uring_tests;

@@ -36,12 +36,12 @@
 //! `/sys/devices/system/cpu/online` when it sizes its arenas; the latter is settled before the
 //! filter with `mallopt(M_ARENA_MAX)`) and copes with the failure.
 //!
-//! io_uring caveat: the three io_uring calls are allowed for the coming io_uring data path, but
-//! seccomp does not see the operations a ring executes (an IORING_OP_OPENAT or IORING_OP_SOCKET
-//! submitted through a ring bypasses this filter). When the data path moves to io_uring, its rings
-//! must be created before [`enter`] with `IORING_SETUP_R_DISABLED`, restricted with
-//! `IORING_REGISTER_RESTRICTIONS` to the data opcodes (read, write, fsync, fallocate), and
-//! `io_uring_setup` then dropped from [`ALLOWED`]; until then no code path uses a ring.
+//! io_uring: seccomp does not see the operations a ring executes (an IORING_OP_OPENAT or
+//! IORING_OP_SOCKET submitted through a ring would bypass this filter). The read path's rings
+//! (`crate::uring`, one per queue, made when a frontend connects) are therefore created
+//! disabled, restricted with IORING_REGISTER_RESTRICTIONS to IORING_OP_READV, and only then
+//! enabled; after that the kernel refuses every other opcode and every further registration
+//! on them. `io_uring_setup` itself stays allowed (a connection after start-up needs it).
 //!
 //! In `kill` mode a call outside the list raises SIGSYS; the handler writes one line naming the
 //! system call (number and name) and the thread to stderr and ends the process with exit status

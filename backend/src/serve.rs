@@ -31,6 +31,7 @@ use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::cli::ServeArgs;
@@ -332,6 +333,17 @@ impl Server {
         let mut daemon =
             VhostUserDaemon::new(format!("snapblk-conn{id}"), Arc::clone(&backend), mem)
                 .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        // Each queue thread watches its queue's io_uring completions next to its kick.
+        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.uring_event_fd(q) {
+                let event = u64::from(backend.uring_event());
+                if let Err(e) = handler.register_listener(fd, EventSet::IN, event) {
+                    return Err(ServeError::Daemon(format!(
+                        "queue {q}: cannot watch its io_uring: {e}"
+                    )));
+                }
+            }
+        }
         if let Err(e) = daemon.start(&mut self.listener) {
             warn!("connection {id}: accept failed: {e}");
             return Ok(());

@@ -92,6 +92,22 @@ impl UsedRing for TrackedVring {
         }
     }
 
+    fn complete_many(&self, done: &[(Arc<GuestMemoryMmap>, u16, u32)]) {
+        let mut notify = false;
+        {
+            let mut state = self.vring.get_mut();
+            let queue = state.get_queue_mut();
+            for (mem, head, len) in done {
+                notify |= complete_tracked(queue, mem, *head, *len, self.track.as_deref());
+            }
+        }
+        if notify {
+            if let Err(e) = self.vring.signal_used_queue() {
+                warn!("cannot signal the driver: {e}");
+            }
+        }
+    }
+
     fn popped(&self, head: u16) {
         if let Some(t) = &self.track {
             t.popped(head);
@@ -159,6 +175,7 @@ impl VhostUserBlk {
                 (max_inflight > 1).then(|| {
                     QueueRunner::new(Arc::clone(&dev), max_inflight, &format!("snapblk-q{q}"))
                         .for_queue(usize::from(q))
+                        .with_uring(dev.config().io_uring)
                 })
             })
             .collect();
@@ -181,6 +198,22 @@ impl VhostUserBlk {
         for r in self.runners.iter().flatten() {
             r.wait_idle();
         }
+    }
+
+    /// The device event (epoll data) of a queue thread's io_uring completions: the first
+    /// value after the queues and the exit event.
+    pub fn uring_event(&self) -> u16 {
+        self.dev.config().num_queues + 1
+    }
+
+    /// The eventfd of queue `queue`'s io_uring completions, if it has a ring: the queue's
+    /// worker thread must watch it (as [`Self::uring_event`]).
+    pub fn uring_event_fd(&self, queue: usize) -> Option<i32> {
+        self.runners
+            .get(queue)?
+            .as_ref()?
+            .uring()
+            .map(|u| u.event_fd())
     }
 
     /// The device model.
@@ -477,6 +510,15 @@ impl VhostUserBackend for VhostUserBlk {
         crate::sandbox::test_trigger_forbidden_syscall();
         if !evset.contains(EventSet::IN) {
             warn!("queue thread {thread_id}: unexpected events {evset:?}");
+            return Ok(());
+        }
+        if device_event == self.uring_event() {
+            // Reads of this thread's queue completed on its io_uring.
+            if let Some(Some(r)) = self.runners.get(thread_id) {
+                if let Some(u) = r.uring() {
+                    u.complete_ready();
+                }
+            }
             return Ok(());
         }
         let Some(vring) = vrings.get(usize::from(device_event)) else {

@@ -8,13 +8,16 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::{check_range, open_file, read_full_at, BlockDev, BlockError, Result};
+use crate::{
+    check_range, open_file, read_full_at, BlockDev, BlockError, PlanSource, ReadPlan, Result,
+};
 
 /// A raw image file.
 #[derive(Debug)]
 pub struct RawFile {
-    file: File,
+    file: Arc<File>,
     size: u64,
     read_only: bool,
 }
@@ -30,7 +33,7 @@ impl RawFile {
     pub fn from_file(file: File, read_only: bool) -> io::Result<Self> {
         let size = file_size(&file)?;
         Ok(RawFile {
-            file,
+            file: Arc::new(file),
             size,
             read_only,
         })
@@ -97,6 +100,17 @@ impl BlockDev for RawFile {
         check_range(offset, buf.len() as u64, self.size)?;
         read_full_at(&self.file, buf, offset)?;
         Ok(())
+    }
+
+    fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
+        check_range(offset, len, self.size).ok()?;
+        Some(ReadPlan::one(
+            len,
+            PlanSource::File {
+                file: Arc::clone(&self.file),
+                offset,
+            },
+        ))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 mod file;
 pub mod lock;
@@ -79,6 +79,85 @@ pub trait BlockDev: Send + Sync {
     /// Whether write-type operations are refused.
     fn is_read_only(&self) -> bool {
         false
+    }
+    /// Where the bytes of `[offset, offset + len)` are, for a caller that reads them itself with
+    /// asynchronous I/O (the io_uring read path). `None` (the default) means "use `read_at`":
+    /// a layer answers only when every byte comes from a file range that nothing but a write of
+    /// the same guest range changes, or reads as zeros. See [`ReadPlan`] for the contract.
+    fn plan_read(&self, _offset: u64, _len: u64) -> Option<ReadPlan> {
+        None
+    }
+}
+
+/// Where one stretch of a planned read comes from.
+#[derive(Debug, Clone)]
+pub enum PlanSource {
+    /// Reads as zeros.
+    Zero,
+    /// The bytes of `file` from `offset` (a full read: the range lies inside the file).
+    File { file: Arc<File>, offset: u64 },
+}
+
+/// The answer of [`BlockDev::plan_read`]: consecutive pieces covering the range in order.
+///
+/// Contract: executing the plan at any later time returns what `read_at` returned when the plan
+/// was made, except where a write-type request of the same guest range that did not complete
+/// before the read was submitted changed it meanwhile (a read and a write in flight together
+/// may see either). So a plan never names storage that can be reused for another guest range
+/// while the plan exists (the overlay's own data clusters are not planned for that reason), and
+/// holding the plan keeps its files open.
+#[derive(Debug, Clone, Default)]
+pub struct ReadPlan {
+    /// `(length, source)` pieces, in guest order.
+    pub pieces: Vec<(u64, PlanSource)>,
+}
+
+impl ReadPlan {
+    /// A plan of one piece.
+    pub fn one(len: u64, source: PlanSource) -> Self {
+        ReadPlan {
+            pieces: vec![(len, source)],
+        }
+    }
+
+    /// Appends `plan`, merging its first piece with the last one when they continue each other
+    /// (zeros after zeros, or the next bytes of the same file).
+    pub fn append(&mut self, plan: ReadPlan) {
+        for (len, src) in plan.pieces {
+            if let Some((last_len, last)) = self.pieces.last_mut() {
+                let merged = match (&*last, &src) {
+                    (PlanSource::Zero, PlanSource::Zero) => true,
+                    (
+                        PlanSource::File {
+                            file: a,
+                            offset: oa,
+                            ..
+                        },
+                        PlanSource::File {
+                            file: b,
+                            offset: ob,
+                            ..
+                        },
+                    ) => Arc::ptr_eq(a, b) && oa.checked_add(*last_len) == Some(*ob),
+                    _ => false,
+                };
+                if merged {
+                    *last_len += len;
+                    continue;
+                }
+            }
+            self.pieces.push((len, src));
+        }
+    }
+
+    /// Total length of the pieces.
+    pub fn len(&self) -> u64 {
+        self.pieces.iter().map(|(n, _)| n).sum()
+    }
+
+    /// Whether the plan covers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::{BlockDev, BlockError, Result};
+use crate::{BlockDev, BlockError, ReadPlan, Result};
 
 /// A [`BlockDev`] forwarding to a lower device that can be swapped at run time.
 pub struct SwitchDev {
@@ -122,6 +122,13 @@ impl BlockDev for SwitchDev {
 
     fn is_read_only(&self) -> bool {
         self.get().is_read_only()
+    }
+
+    fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
+        // The plan holds the files it names open: a later replacement cannot close them under
+        // a read in flight, and the replaced device's data does not change (it becomes the new
+        // device's read-only backing).
+        self.get().plan_read(offset, len)
     }
 }
 

@@ -89,7 +89,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use blockdev::{check_range, BlockDev, BlockError, Result};
+use blockdev::{check_range, BlockDev, BlockError, ReadPlan, Result};
 
 use crate::folio::{Folio, FolioState};
 use crate::{CacheConfig, CacheHooks, HookPoint, NewCacheError};
@@ -481,6 +481,10 @@ impl BlockDev for FolioCache {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.inner.read_at(buf, offset)
+    }
+
+    fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
+        self.inner.plan_read(offset, len)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

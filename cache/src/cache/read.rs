@@ -21,6 +21,25 @@ impl Inner {
         Ok(())
     }
 
+    /// A read the caller executes below the cache itself (`BlockDev::plan_read`, the io_uring
+    /// read path): planned only while no folio of the range is cached, after any zap of the
+    /// range in flight (monotonic reads, below). A write completed before this call is then in
+    /// no folio, so it was written back before its folio could leave the map, and the lower
+    /// layer's plan sees it. Writes that race with the plan were not complete when the read was
+    /// submitted, so the read may or may not see them. Such reads do not populate the cache.
+    pub(super) fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
+        check_range(offset, len, self.size).ok()?;
+        if len == 0 {
+            return None;
+        }
+        self.wait_zaps_before_read(offset, offset + len);
+        if !self.cached_in_range(offset, offset + len).is_empty() {
+            return None;
+        }
+        self.hook(HookPoint::ReadPlanned, offset >> self.folio_shift);
+        self.lower.plan_read(offset, len)
+    }
+
     /// Monotonic reads: a read never starts while a zap (or bypassing write) of its range is in
     /// flight. Such a zap has changed the lower layer before it drops the cached sectors of its
     /// range, so in between, a read served from below sees its result while a read served from

@@ -76,6 +76,43 @@ impl QcowImage {
         Ok(())
     }
 
+    /// The plan of a read (`BlockDev::plan_read`), made while holding `gate` shared like a read:
+    /// only when every extent reads as zeros or comes from the backing chain (which plans its
+    /// own part; past its end the range reads as zeros). The image's own data clusters are
+    /// never planned: the read executes after `gate` is released, and a flush may then free
+    /// and reuse such a cluster for another guest cluster, or a replay after a failed sync
+    /// rewrite it. Backing images are read-only, so their bytes stay where the plan says.
+    pub(super) fn plan_read_inner(&self, offset: u64, len: u64) -> Option<ReadPlan> {
+        let extents = self.lock().map(&self.io, offset, len).ok()?;
+        let mut plan = ReadPlan::default();
+        for e in extents {
+            match e.mapping {
+                Mapping::Zero => plan.append(ReadPlan::one(e.len, PlanSource::Zero)),
+                Mapping::Unallocated => plan.append(self.plan_backing(e.offset, e.len)?),
+                Mapping::Data(_) | Mapping::Compressed(_) => return None,
+            }
+        }
+        Some(plan)
+    }
+
+    /// [`Self::plan_read_inner`] of guest bytes `[off, off + len)` of the backing device.
+    fn plan_backing(&self, off: u64, len: u64) -> Option<ReadPlan> {
+        self.early_wb.backing_read();
+        let Some(b) = &self.backing else {
+            return Some(ReadPlan::one(len, PlanSource::Zero));
+        };
+        let avail = b.size().saturating_sub(off).min(len);
+        let mut plan = if avail > 0 {
+            b.plan_read(off, avail)?
+        } else {
+            ReadPlan::default()
+        };
+        if avail < len {
+            plan.append(ReadPlan::one(len - avail, PlanSource::Zero));
+        }
+        Some(plan)
+    }
+
     pub(super) fn decompressed(&self, d: CompressedDescriptor) -> Result<Arc<Vec<u8>>> {
         let key = d.host_offset;
         if let Some((k, data)) = &*self.zcache.lock().unwrap_or_else(|e| e.into_inner()) {

@@ -54,7 +54,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
-use blockdev::{check_range, BlockDev, BlockError, Result};
+use blockdev::{check_range, BlockDev, BlockError, PlanSource, ReadPlan, Result};
 
 use crate::compress::decompress;
 use crate::error::OpenImageError;
@@ -384,6 +384,16 @@ impl BlockDev for QcowImage {
         let r = self.read_inner(buf, offset);
         drop(_g);
         self.finish(r)
+    }
+
+    fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
+        self.check_usable().ok()?;
+        check_range(offset, len, self.size).ok()?;
+        if len == 0 {
+            return None;
+        }
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        self.plan_read_inner(offset, len)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

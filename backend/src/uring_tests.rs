@@ -1,0 +1,378 @@
+//! The io_uring read path ([`crate::uring`]) over real files and real rings: reads land in the
+//! guest's buffers from the planned files, complete as they finish, and every failed or short
+//! completion is executed again through the synchronous path, which reports its own result.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::Mutex;
+
+use blockdev::{PlanSource, ReadPlan};
+
+use super::*;
+
+/// What [`PlannedDisk::plan_read`] answers for a range starting at a byte offset.
+type PlanFn = dyn Fn(u64, u64) -> Option<ReadPlan> + Send + Sync;
+
+/// A disk whose synchronous reads come from `sync` and whose read plans come from the test.
+struct PlannedDisk {
+    sync: MemDisk,
+    plan: Box<PlanFn>,
+    sync_reads: AtomicUsize,
+}
+
+impl BlockDev for PlannedDisk {
+    fn size(&self) -> u64 {
+        self.sync.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+        self.sync_reads.fetch_add(1, Ordering::SeqCst);
+        self.sync.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
+        self.sync.write_at(buf, offset)
+    }
+    fn flush(&self) -> blockdev::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.sync.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> blockdev::Result<()> {
+        self.sync.write_zeroes(offset, len, unmap)
+    }
+    fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
+        (self.plan)(offset, len)
+    }
+}
+
+/// A temporary file holding `data`.
+fn file_with(data: &[u8]) -> Arc<File> {
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(data).unwrap();
+    Arc::new(f)
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(seed) ^ seed)
+        .collect()
+}
+
+struct Rig {
+    mem: Arc<GuestMemoryMmap>,
+    disk: Arc<PlannedDisk>,
+    runner: crate::inflight::QueueRunner<TestRing>,
+}
+
+impl Rig {
+    /// A queue runner with the io_uring path over a disk whose synchronous content is `sync`
+    /// (byte values) and whose plans `plan` gives.
+    fn new(sync: u8, plan: Box<PlanFn>) -> Rig {
+        Self::with_entries(sync, plan, None)
+    }
+
+    /// [`Self::new`] with a ring of `entries`.
+    fn with_entries(sync: u8, plan: Box<PlanFn>, entries: Option<u32>) -> Rig {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let disk = Arc::new(PlannedDisk {
+            sync: MemDisk::from_vec(vec![sync; DISK_SIZE]),
+            plan,
+            sync_reads: AtomicUsize::new(0),
+        });
+        let dev = BlkDevice::new(
+            ServedDisk::plain(disk.clone()),
+            Arc::new(DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap()),
+        );
+        dev.set_acked_features(dev.config().features());
+        let runner = crate::inflight::QueueRunner::new(Arc::new(dev), 8, "uring-test");
+        let entries =
+            entries.unwrap_or_else(|| crate::uring::UringReads::<TestRing>::entries_for(8));
+        let runner = runner.with_uring_entries(true, entries);
+        Rig {
+            mem: Arc::new(mem),
+            disk,
+            runner,
+        }
+    }
+
+    /// Offers `chains` on a fresh ring and runs one pass of the queue thread over it.
+    fn pass(&self, chains: &[Vec<(u64, u32, u16)>]) -> TestRing {
+        let ring = TestRing::new(queue_with_chains(&self.mem, chains, 0));
+        ring.pass(&self.runner, &mut RequestWorker::new(), &self.mem);
+        ring
+    }
+
+    fn uring(&self) -> &crate::uring::UringReads<TestRing> {
+        self.runner.uring().expect("io_uring is available here")
+    }
+
+    fn guest(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    fn status(&self, i: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(STATUS + i)).unwrap()
+    }
+}
+
+/// A read of `len` bytes at `sector` whose data is split over descriptors of `split` bytes
+/// (the rest in a last one), header at `HDR + 64 * i`, data at `DATA + 0x10000 * i`.
+fn read_chain(
+    mem: &GuestMemoryMmap,
+    i: u64,
+    sector: u64,
+    len: u32,
+    split: &[u32],
+) -> Vec<(u64, u32, u16)> {
+    let hdr = RequestHeader {
+        request_type: VIRTIO_BLK_T_IN,
+        reserved: 0,
+        sector,
+    };
+    mem.write_slice(&hdr.to_bytes(), GuestAddress(HDR + 64 * i))
+        .unwrap();
+    mem.write_slice(&vec![0xee; len as usize], GuestAddress(DATA + 0x10000 * i))
+        .unwrap();
+    let mut descs = vec![(HDR + 64 * i, 16, 0)];
+    let mut at = 0u32;
+    for &n in split
+        .iter()
+        .chain(std::iter::once(&(len - split.iter().sum::<u32>())))
+    {
+        descs.push((DATA + 0x10000 * i + u64::from(at), n, F_WRITE));
+        at += n;
+    }
+    descs.push((STATUS + i, 1, F_WRITE));
+    descs
+}
+
+#[test]
+fn uring_read_goes_from_the_planned_file_into_the_guest_buffers_with_zero_pieces_filled() {
+    let content = pattern(3, 8192);
+    let file = file_with(&content);
+    let plan_file = Arc::clone(&file);
+    // 2 KiB from the file at byte 100, then 1 KiB of zeros, then 1 KiB from byte 5000: pieces
+    // that do not line up with the guest's descriptors (3000 + 1096 bytes).
+    let rig = Rig::new(
+        0x55,
+        Box::new(move |_, len| {
+            assert_eq!(len, 4096);
+            let f = |offset| PlanSource::File {
+                file: Arc::clone(&plan_file),
+                offset,
+            };
+            Some(ReadPlan {
+                pieces: vec![(2048, f(100)), (1024, PlanSource::Zero), (1024, f(5000))],
+            })
+        }),
+    );
+    rig.pass(&[read_chain(&rig.mem, 0, 0, 4096, &[3000])]);
+    rig.runner.wait_idle();
+    let mut want = content[100..2148].to_vec();
+    want.extend_from_slice(&[0; 1024]);
+    want.extend_from_slice(&content[5000..6024]);
+    assert_eq!(rig.guest(DATA, 4096), want);
+    assert_eq!(rig.status(0), VIRTIO_BLK_S_OK);
+    assert_eq!(used_idx(&rig.mem), 1);
+    assert_eq!(used_elem(&rig.mem, 0), (0, 4097));
+    assert_eq!(
+        rig.disk.sync_reads.load(Ordering::SeqCst),
+        0,
+        "not read through read_at"
+    );
+}
+
+#[test]
+fn uring_short_read_is_executed_again_through_the_synchronous_path() {
+    // The planned file ends 1 KiB into the read: the ring returns 1024 of 4096 bytes.
+    let file = file_with(&pattern(5, 1024));
+    let rig = Rig::new(
+        0x66,
+        Box::new(move |_, len| {
+            Some(ReadPlan::one(
+                len,
+                PlanSource::File {
+                    file: Arc::clone(&file),
+                    offset: 0,
+                },
+            ))
+        }),
+    );
+    rig.pass(&[read_chain(&rig.mem, 0, 8, 4096, &[])]);
+    rig.runner.wait_idle();
+    assert_eq!(
+        rig.guest(DATA, 4096),
+        vec![0x66; 4096],
+        "the synchronous path's bytes"
+    );
+    assert_eq!(rig.status(0), VIRTIO_BLK_S_OK);
+    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn uring_failed_read_reports_the_error_of_the_synchronous_path() {
+    // A write-only descriptor: the ring's read fails (EBADF); the synchronous read then fails
+    // too (past the end of the disk's content is not reachable here, so make it fail below).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wo");
+    std::fs::write(&path, vec![1u8; 8192]).unwrap();
+    let wo = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+    struct Failing(PlannedDisk);
+    impl BlockDev for Failing {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> blockdev::Result<()> {
+            self.0.sync_reads.fetch_add(1, Ordering::SeqCst);
+            Err(blockdev::BlockError::Io(std::io::Error::from_raw_os_error(
+                libc::EIO,
+            )))
+        }
+        fn write_at(&self, b: &[u8], o: u64) -> blockdev::Result<()> {
+            self.0.write_at(b, o)
+        }
+        fn flush(&self) -> blockdev::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, o: u64, l: u64) -> blockdev::Result<()> {
+            self.0.discard(o, l)
+        }
+        fn write_zeroes(&self, o: u64, l: u64, u: bool) -> blockdev::Result<()> {
+            self.0.write_zeroes(o, l, u)
+        }
+        fn plan_read(&self, o: u64, l: u64) -> Option<ReadPlan> {
+            self.0.plan_read(o, l)
+        }
+    }
+    let disk = Arc::new(Failing(PlannedDisk {
+        sync: MemDisk::new(DISK_SIZE),
+        plan: Box::new(move |offset, len| {
+            Some(ReadPlan::one(
+                len,
+                PlanSource::File {
+                    file: Arc::clone(&wo),
+                    offset,
+                },
+            ))
+        }),
+        sync_reads: AtomicUsize::new(0),
+    }));
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+    let dev = BlkDevice::new(
+        ServedDisk::plain(disk.clone()),
+        Arc::new(DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap()),
+    );
+    dev.set_acked_features(dev.config().features());
+    let runner = crate::inflight::QueueRunner::new(Arc::new(dev), 8, "uring-test").with_uring(true);
+    assert!(runner.uring().is_some());
+    let chain = read_chain(&mem, 0, 0, 4096, &[]);
+    let ring = TestRing::new(queue_with_chains(&mem, &[chain], 0));
+    ring.pass(&runner, &mut RequestWorker::new(), &mem);
+    runner.wait_idle();
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(used_idx(&mem), 1);
+    assert_eq!(
+        disk.0.sync_reads.load(Ordering::SeqCst),
+        1,
+        "executed again once"
+    );
+}
+
+#[test]
+fn uring_reads_complete_as_they_finish_and_wait_idle_waits_for_the_last_one() {
+    // Request 0 reads from a pipe, which answers only when the test writes to it; request 1
+    // reads a regular file and must complete first. Stopping the queue then waits for 0.
+    let (rx, tx) = std::io::pipe().unwrap();
+    let pipe = Arc::new(File::from(std::os::fd::OwnedFd::from(rx)));
+    let file = file_with(&pattern(9, 8192));
+    let rig = Rig::new(
+        0x77,
+        Box::new(move |offset, len| {
+            let file = if offset == 0 {
+                Arc::clone(&pipe)
+            } else {
+                Arc::clone(&file)
+            };
+            Some(ReadPlan::one(len, PlanSource::File { file, offset: 0 }))
+        }),
+    );
+    let chains = [
+        read_chain(&rig.mem, 0, 0, 4096, &[]),
+        read_chain(&rig.mem, 1, 8, 4096, &[]),
+    ];
+    // The pipe is written when the test says so, or when it fails (the sender is dropped), so
+    // that a failure cannot leave the runner waiting for the pipe forever.
+    let (go, went) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let _ = went.recv();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut tx = tx;
+        tx.write_all(&[0x42; 4096]).unwrap();
+    });
+    let _ring = rig.pass(&chains);
+    wait_until("the file read completes", || {
+        rig.uring().complete_ready();
+        used_idx(&rig.mem) == 1
+    });
+    // Heads: request 0 is descriptors 0-2, request 1 starts at descriptor 3.
+    assert_eq!(
+        used_elem(&rig.mem, 0),
+        (3, 4097),
+        "the file read completes first"
+    );
+    assert_eq!(rig.uring().inflight(), 1);
+    go.send(()).unwrap();
+    let waited = std::time::Instant::now();
+    rig.runner.wait_idle();
+    assert!(waited.elapsed() >= std::time::Duration::from_millis(40));
+    writer.join().unwrap();
+    assert_eq!(used_idx(&rig.mem), 2);
+    assert_eq!(used_elem(&rig.mem, 1), (0, 4097));
+    assert_eq!(rig.guest(DATA, 4096), vec![0x42; 4096]);
+    assert_eq!(rig.guest(DATA + 0x10000, 4096), pattern(9, 4096));
+    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_queue_whose_ring_cannot_be_created_serves_reads_on_the_executors() {
+    let file = file_with(&pattern(1, 8192));
+    let plans = Arc::new(Mutex::new(0usize));
+    let counted = Arc::clone(&plans);
+    // A ring of 0 entries: io_uring_setup refuses it, as an old kernel or a filter would.
+    let rig = Rig::with_entries(
+        0x33,
+        Box::new(move |offset, len| {
+            *counted.lock().unwrap() += 1;
+            Some(ReadPlan::one(
+                len,
+                PlanSource::File {
+                    file: Arc::clone(&file),
+                    offset,
+                },
+            ))
+        }),
+        Some(0),
+    );
+    assert!(rig.runner.uring().is_none());
+    let chains: Vec<_> = (0..4)
+        .map(|i| read_chain(&rig.mem, i, 8 * i, 4096, &[]))
+        .collect();
+    rig.pass(&chains);
+    rig.runner.wait_idle();
+    assert_eq!(used_idx(&rig.mem), 4);
+    for i in 0..4 {
+        assert_eq!(rig.status(i), VIRTIO_BLK_S_OK);
+        assert_eq!(rig.guest(DATA + 0x10000 * i, 4096), vec![0x33; 4096]);
+    }
+    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 4);
+    assert_eq!(
+        *plans.lock().unwrap(),
+        0,
+        "no plan asked for without a ring"
+    );
+}

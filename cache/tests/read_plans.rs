@@ -1,0 +1,134 @@
+//! Planned reads (`BlockDev::plan_read`, executed later by the io_uring read path with no lock
+//! held): the cache plans a read below itself only while no folio of its range is cached and no
+//! zap of it is in flight, so a plan made after a write completed never misses that write. The
+//! deterministic tests run the racing request exactly between the cache's check and the lower
+//! layer's plan (`HookPoint::ReadPlanned`), and exactly inside a zap (`BeforeLowerZap`).
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+
+use blockdev::{BlockDev, PlanSource, RawFile, ReadPlan};
+use cache::{FolioCache, HookPoint};
+use common::{gate, pattern, small_cfg, OnceHook};
+
+const K4: u64 = 4096;
+
+/// A cache over a writable raw file holding `pattern(1, ..)`, with `hook` installed.
+fn cache_over_file(hook: Arc<OnceHook>) -> (tempfile::TempDir, Arc<FolioCache>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    std::fs::write(&path, pattern(1, 0, 64 << 10)).unwrap();
+    let lower: Arc<dyn BlockDev> = Arc::new(RawFile::open(&path, false).unwrap());
+    let cache = FolioCache::with_hooks(lower, small_cfg(K4, 8, 4), hook).unwrap();
+    (dir, cache)
+}
+
+/// The bytes `plan` names, read the way the io_uring path reads them.
+fn execute(plan: &ReadPlan) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (len, src) in &plan.pieces {
+        let mut buf = vec![0u8; *len as usize];
+        if let PlanSource::File { file, offset } = src {
+            file.read_exact_at(&mut buf, *offset).unwrap();
+        }
+        out.extend_from_slice(&buf);
+    }
+    out
+}
+
+#[test]
+fn a_read_is_planned_below_the_cache_only_while_no_folio_of_its_range_is_cached() {
+    let (_dir, cache) = cache_over_file(OnceHook::new(HookPoint::ReadPlanned, u64::MAX));
+    let plan = cache
+        .plan_read(0, 2 * K4)
+        .expect("nothing cached: planned below");
+    assert_eq!(execute(&plan), pattern(1, 0, 2 * K4 as usize));
+    // A dirty folio, then the same folio clean after its writeback: the cache serves it.
+    cache.write_at(&[0xaa; 512], K4 + 512).unwrap();
+    assert!(cache.plan_read(K4, K4).is_none());
+    assert!(cache.plan_read(0, 2 * K4).is_none(), "a range touching it");
+    cache.flush().unwrap();
+    assert!(cache.plan_read(K4 + 1024, 512).is_none());
+    // A clean folio filled by a read counts too.
+    let mut b = vec![0u8; 512];
+    cache.read_at(&mut b, 4 * K4).unwrap();
+    assert!(cache.plan_read(4 * K4, K4).is_none());
+    // Untouched folios are still planned.
+    assert!(cache.plan_read(2 * K4, 2 * K4).is_some());
+    assert!(cache.plan_read(0, 0).is_none());
+    assert!(cache.plan_read(60 << 10, 8 << 10).is_none(), "out of range");
+}
+
+#[test]
+fn a_write_completing_between_the_cache_check_and_the_lower_plan_is_either_seen_or_concurrent() {
+    // The write lands (and is written back to the file) right after the cache found no folio:
+    // it did not complete before the read was submitted, so the plan may return the old bytes
+    // or the new ones, sector by sector never anything else; and every plan made after it
+    // completed sees it.
+    for writeback in [false, true] {
+        let hook = OnceHook::new(HookPoint::ReadPlanned, 0);
+        let (_dir, cache) = cache_over_file(hook.clone());
+        let c = cache.clone();
+        hook.arm(move || {
+            c.write_at(&[0xcd; 4096], 0).unwrap();
+            if writeback {
+                c.flush().unwrap();
+            }
+        });
+        let plan = cache.plan_read(0, K4).expect("planned");
+        assert!(hook.fired());
+        let got = execute(&plan);
+        let old = pattern(1, 0, K4 as usize);
+        for (i, s) in got.chunks(512).enumerate() {
+            let o = &old[i * 512..(i + 1) * 512];
+            assert!(
+                s == o || s == [0xcd; 512],
+                "sector {i}: neither the old nor the racing bytes (writeback {writeback})"
+            );
+        }
+        assert!(
+            cache.plan_read(0, K4).is_none(),
+            "a plan after the write completed must leave it to the cache"
+        );
+        let mut b = vec![0u8; 4096];
+        cache.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, vec![0xcd; 4096]);
+    }
+}
+
+#[test]
+fn a_plan_of_a_range_with_a_zap_in_flight_waits_until_the_zap_is_done() {
+    // A discard is parked after registering, before it reaches the file. A read planned now
+    // must not name the file's old bytes (the discard completes before the plan returns, and
+    // a read served from the cache afterwards would see zeros: time would run backwards).
+    let hook = OnceHook::new(HookPoint::BeforeLowerZap, 0);
+    let (_dir, cache) = cache_over_file(hook.clone());
+    let (park, reached, go) = gate();
+    hook.arm(park);
+    let c = cache.clone();
+    let zap = std::thread::spawn(move || c.discard(0, K4).unwrap());
+    reached.recv().unwrap();
+    let (done_tx, done_rx) = channel();
+    let c = cache.clone();
+    let planner = std::thread::spawn(move || {
+        let plan = c.plan_read(0, K4);
+        done_tx.send(()).unwrap();
+        plan
+    });
+    assert!(
+        done_rx
+            .recv_timeout(std::time::Duration::from_millis(100))
+            .is_err(),
+        "planned while the discard of its range was in flight"
+    );
+    go.send(()).unwrap();
+    zap.join().unwrap();
+    let plan = planner
+        .join()
+        .unwrap()
+        .expect("planned once the discard is done");
+    assert_eq!(execute(&plan), vec![0; K4 as usize]);
+}
