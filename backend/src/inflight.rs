@@ -230,7 +230,10 @@ impl<R: UsedRing> QueueRunner<R> {
         if on {
             let dev = Arc::clone(&self.shared.dev);
             match UringReads::new(dev, self.shared.queue, self.max_inflight, entries) {
-                Ok(u) => self.uring = Some(u),
+                Ok(u) => {
+                    log::info!("{}: reads that miss the cache go on io_uring", self.name);
+                    self.uring = Some(u);
+                }
                 Err(e) => warn!(
                     "{}: io_uring is not available ({e}); reads take the I/O threads",
                     self.name
