@@ -22,6 +22,11 @@
 //! A request on an executor that never slept counts with its CPU time, not its wall-clock time
 //! (which preemption by the other executors inflates; see `executor_cost`).
 //!
+//! With `--aio io_uring` the same estimate decides which reads go on the queue's io_uring
+//! ([`crate::uring`]) instead of an executor: those of a pass that hands off (requests are
+//! slow); a ring read feeds the estimate with its time on the ring, or zero when it completed
+//! at its submission (the host page cache had it).
+//!
 //! Stopping a queue (GET_VRING_BASE), resetting the device or closing the connection first waits
 //! for the queue's requests in flight ([`QueueRunner::wait_idle`]): the frontend then reads a used
 //! ring that no executor touches any more.
@@ -229,7 +234,9 @@ impl<R: UsedRing> QueueRunner<R> {
         self.uring = None;
         if on {
             let dev = Arc::clone(&self.shared.dev);
-            match UringReads::new(dev, self.shared.queue, self.max_inflight, entries) {
+            let shared = Arc::clone(&self.shared);
+            let record = Box::new(move |d| shared.record(d));
+            match UringReads::new(dev, self.shared.queue, self.max_inflight, entries, record) {
                 Ok(u) => {
                     log::info!("{}: reads that miss the cache go on io_uring", self.name);
                     self.uring = Some(u);
@@ -452,7 +459,11 @@ pub fn submit_queue<R: UsedRing>(
         let mut inline =
             popped > 0 && (shared.requests_are_fast() || (popped == 1 && runner.inflight() == 0));
         for mut chain in popped_chains.drain(..) {
-            if let Some(u) = &runner.uring {
+            // Reads go on the ring while requests wait for the disk; while they are fast (the
+            // folio cache or the host page cache has them) they take the inline path, whose
+            // misses fill the folio cache, so that re-reads are served from it.
+            let slow = !inline || !shared.requests_are_fast();
+            if let Some(u) = runner.uring.as_ref().filter(|_| slow) {
                 match u.try_submit(worker, ring, mem, chain) {
                     Ok(None) => continue,
                     Ok(Some(done)) => {
@@ -491,8 +502,7 @@ pub fn submit_queue<R: UsedRing>(
         }
         if let Some(u) = &runner.uring {
             // One system call for the pass's reads, then whatever has completed already.
-            u.submit();
-            for done in u.collect() {
+            for done in u.end_pass() {
                 let (r, m, head, len) = u.finish(done);
                 notify |= r.complete_locked(queue, &m, head, len);
             }

@@ -13,6 +13,13 @@
 //! [`crate::inflight`], and so does a read when the ring is full or the bound of in-flight
 //! reads (`--max-inflight`) is reached.
 //!
+//! Which reads take the ring follows the runner's speed estimate ([`crate::inflight`]): while
+//! requests wait for the disk (the estimate is slow, or the pass has already met a slow one)
+//! reads go on the ring; while they are fast they run on the queue thread through the stack,
+//! whose misses fill the folio cache, so a working set that fits in memory ends up served from
+//! it. A ring read counts as fast when it completed within the system call that submitted it
+//! (the host page cache had it), otherwise with its time on the ring.
+//!
 //! The pass submits all its reads with one `io_uring_enter`. Completions raise the ring's
 //! eventfd, which the queue's worker thread watches next to the kick (`handle_event`), and are
 //! also collected at the end of every pass; each request goes to the used ring the moment its
@@ -82,6 +89,9 @@ struct Pending<R> {
     /// Where each piece comes from; keeps the files open while the kernel reads them.
     plan: ReadPlan,
     timer: DetachedTimer,
+    /// When it was put on the ring, and the submission (`Engine::epoch`) that carries it.
+    pushed: std::time::Instant,
+    epoch: u64,
 }
 
 // SAFETY: the raw pointers in `iovecs` point into guest memory mapped by `mem`, which the
@@ -91,6 +101,8 @@ unsafe impl<R: Send> Send for Pending<R> {}
 /// A read whose pieces have all completed, to finish with the ring unlocked.
 pub struct Finished<R> {
     p: Pending<R>,
+    /// It completed within the system call that submitted it (host page-cache hits).
+    at_submit: bool,
 }
 
 struct Engine<R> {
@@ -101,6 +113,8 @@ struct Engine<R> {
     pending: usize,
     /// Entries pushed and not yet submitted.
     unsubmitted: usize,
+    /// Submissions made so far.
+    epoch: u64,
 }
 
 /// The io_uring read path of one virtqueue.
@@ -112,6 +126,10 @@ pub struct UringReads<R: UsedRing> {
     max_inflight: usize,
     /// Executes reads whose ring attempt failed (rare; only the thread finishing them uses it).
     fallback: Mutex<RequestWorker>,
+    /// Where each finished read's cost goes (the runner's moving average, see
+    /// [`crate::inflight`]): zero for a read that completed at its submission (the host page
+    /// cache had it), else its time on the ring.
+    record: Box<dyn Fn(std::time::Duration) + Send + Sync>,
 }
 
 impl<R: UsedRing> std::fmt::Debug for UringReads<R> {
@@ -148,6 +166,7 @@ impl<R: UsedRing> UringReads<R> {
         queue: usize,
         max_inflight: usize,
         entries: u32,
+        record: Box<dyn Fn(std::time::Duration) + Send + Sync>,
     ) -> io::Result<Self> {
         let max_inflight = max_inflight.max(1);
         let event = EventFd::new(EFD_NONBLOCK)?;
@@ -159,12 +178,14 @@ impl<R: UsedRing> UringReads<R> {
                 free: Vec::new(),
                 pending: 0,
                 unsubmitted: 0,
+                epoch: 0,
             }),
             event,
             dev,
             queue,
             max_inflight,
             fallback: Mutex::new(RequestWorker::for_queue(queue)),
+            record,
         })
     }
 
@@ -228,9 +249,14 @@ impl<R: UsedRing> UringReads<R> {
             failed: false,
             plan,
             timer: self.dev.live().request_metrics().begin_detached(self.queue),
+            pushed: std::time::Instant::now(),
+            epoch: 0,
         };
         if files == 0 {
-            return Ok(Some(Finished { p: make(chain) }));
+            return Ok(Some(Finished {
+                p: make(chain),
+                at_submit: true,
+            }));
         }
         let mut e = self.lock();
         if !e.make_room(files) {
@@ -240,24 +266,42 @@ impl<R: UsedRing> UringReads<R> {
         Ok(None)
     }
 
-    /// Submits what the pass put on the ring (one system call for all of it).
-    pub fn submit(&self) {
+    /// Ends a processing pass: submits what it put on the ring (one system call for all of
+    /// it) and returns the reads that have completed already. Reads of pages in the host page
+    /// cache complete during the submission itself, so the ring's eventfd is kept quiet while
+    /// the pass runs and only armed when the pass leaves reads in flight: then every later
+    /// completion wakes the queue thread, and one posted before the arming is collected here.
+    pub fn end_pass(&self) -> Vec<Finished<R>> {
         let mut e = self.lock();
-        if e.unsubmitted == 0 {
-            return;
+        e.ring.completion().disable_eventfd();
+        let mut submitted = false;
+        if e.unsubmitted > 0 {
+            match e.ring.submit() {
+                Ok(_) => {
+                    e.unsubmitted = 0;
+                    submitted = true;
+                }
+                // EBUSY/EAGAIN: the kernel takes them with the next call.
+                Err(err) => warn!("queue {}: io_uring submit: {err}", self.queue),
+            }
         }
-        match e.ring.submit() {
-            Ok(_) => e.unsubmitted = 0,
-            // EBUSY/EAGAIN: the kernel takes them with the next call.
-            Err(err) => warn!("queue {}: io_uring submit: {err}", self.queue),
+        let mut done = e.harvest(submitted);
+        if e.pending > 0 {
+            let _ = self.event.read();
+            e.ring.completion().enable_eventfd();
+            done.extend(e.harvest(false));
         }
+        if submitted {
+            e.epoch += 1;
+        }
+        done
     }
 
     /// The reads whose last piece has completed, without waiting.
     pub fn collect(&self) -> Vec<Finished<R>> {
         let _ = self.event.read();
         let mut e = self.lock();
-        e.harvest()
+        e.harvest(false)
     }
 
     /// Finishes `done`: its status (or, if a piece failed, its execution through the
@@ -265,6 +309,11 @@ impl<R: UsedRing> UringReads<R> {
     /// length)`.
     pub fn finish(&self, done: Finished<R>) -> (R, Arc<GuestMemoryMmap>, u16, u32) {
         let p = done.p;
+        (self.record)(if done.at_submit {
+            std::time::Duration::ZERO
+        } else {
+            p.pushed.elapsed()
+        });
         let metrics = self.dev.live().request_metrics();
         let used = if p.failed {
             metrics.abandon_detached(p.timer);
@@ -318,7 +367,7 @@ impl<R: UsedRing> UringReads<R> {
                     }
                 }
                 e.unsubmitted = 0;
-                e.harvest()
+                e.harvest(false)
             };
             self.complete_batch(done);
         }
@@ -382,13 +431,18 @@ impl<R> Engine<R> {
         let pushed = unsafe { self.ring.submission().push_multiple(&entries) };
         debug_assert!(pushed.is_ok(), "make_room said the entries fit");
         let n = entries.len();
+        let mut p = p;
+        p.epoch = self.epoch;
         self.slots[slot] = Some(p);
         self.pending += 1;
         self.unsubmitted += n;
     }
 
     /// Takes the completions the kernel has posted; returns the requests they finished.
-    fn harvest(&mut self) -> Vec<Finished<R>> {
+    /// `just_submitted`: called right after the submission of epoch `self.epoch`, so the reads
+    /// it carried that are done completed within that system call.
+    fn harvest(&mut self, just_submitted: bool) -> Vec<Finished<R>> {
+        let epoch = self.epoch;
         let mut out = Vec::new();
         let cqes: Vec<(u64, i32)> = self
             .ring
@@ -423,7 +477,8 @@ impl<R> Engine<R> {
                 if let Some(p) = self.slots[slot].take() {
                     self.free.push(slot);
                     self.pending -= 1;
-                    out.push(Finished { p });
+                    let at_submit = just_submitted && p.epoch == epoch;
+                    out.push(Finished { p, at_submit });
                 }
             }
         }
