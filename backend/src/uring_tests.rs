@@ -52,6 +52,17 @@ fn file_with(data: &[u8]) -> Arc<File> {
     Arc::new(f)
 }
 
+/// The plan of a read of `[offset, offset + len)` from the same bytes of `file`.
+fn file_plan(file: &Arc<File>, offset: u64, len: u64) -> Option<ReadPlan> {
+    Some(ReadPlan::one(
+        len,
+        PlanSource::File {
+            file: Arc::clone(file),
+            offset,
+        },
+    ))
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(seed) ^ seed)
@@ -188,18 +199,7 @@ fn uring_read_goes_from_the_planned_file_into_the_guest_buffers_with_zero_pieces
 fn uring_short_read_is_executed_again_through_the_synchronous_path() {
     // The planned file ends 1 KiB into the read: the ring returns 1024 of 4096 bytes.
     let file = file_with(&pattern(5, 1024));
-    let rig = Rig::new(
-        0x66,
-        Box::new(move |_, len| {
-            Some(ReadPlan::one(
-                len,
-                PlanSource::File {
-                    file: Arc::clone(&file),
-                    offset: 0,
-                },
-            ))
-        }),
-    );
+    let rig = Rig::new(0x66, Box::new(move |_, len| file_plan(&file, 0, len)));
     rig.pass(&[read_chain(&rig.mem, 0, 8, 4096, &[])]);
     rig.runner.wait_idle();
     assert_eq!(
@@ -248,15 +248,7 @@ fn uring_failed_read_reports_the_error_of_the_synchronous_path() {
     }
     let disk = Arc::new(Failing(PlannedDisk {
         sync: MemDisk::new(DISK_SIZE),
-        plan: Box::new(move |offset, len| {
-            Some(ReadPlan::one(
-                len,
-                PlanSource::File {
-                    file: Arc::clone(&wo),
-                    offset,
-                },
-            ))
-        }),
+        plan: Box::new(move |offset, len| file_plan(&wo, offset, len)),
         sync_reads: AtomicUsize::new(0),
     }));
     let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
@@ -348,13 +340,7 @@ fn a_queue_whose_ring_cannot_be_created_serves_reads_on_the_executors() {
         0x33,
         Box::new(move |offset, len| {
             *counted.lock().unwrap() += 1;
-            Some(ReadPlan::one(
-                len,
-                PlanSource::File {
-                    file: Arc::clone(&file),
-                    offset,
-                },
-            ))
+            file_plan(&file, offset, len)
         }),
         Some(0),
     );
@@ -385,15 +371,7 @@ fn reads_the_host_page_cache_answers_at_submission_move_the_queue_to_the_folio_c
     let file = file_with(&pattern(2, 64 << 10));
     let rig = Rig::new(
         0x44,
-        Box::new(move |offset, len| {
-            Some(ReadPlan::one(
-                len,
-                PlanSource::File {
-                    file: Arc::clone(&file),
-                    offset,
-                },
-            ))
-        }),
+        Box::new(move |offset, len| file_plan(&file, offset, len)),
     );
     let chains: Vec<_> = (0..8)
         .map(|i| read_chain(&rig.mem, i, 8 * i, 4096, &[]))

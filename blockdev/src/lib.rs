@@ -159,6 +159,20 @@ impl ReadPlan {
     pub fn is_empty(&self) -> bool {
         self.pieces.is_empty()
     }
+
+    /// Executes the plan with positional reads (what the io_uring path does asynchronously):
+    /// the planned bytes, [`Self::len`] of them.
+    pub fn read_all(&self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(usize::try_from(self.len()).unwrap_or(0));
+        for (len, src) in &self.pieces {
+            let start = out.len();
+            out.resize(start + usize::try_from(*len).unwrap_or(0), 0);
+            if let PlanSource::File { file, offset } = src {
+                file.read_exact_at(&mut out[start..], *offset)?;
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a device of `size` bytes, without overflow.

@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::sync::mpsc::channel;
 use std::sync::Arc;
 
-use blockdev::{BlockDev, PlanSource, RawFile, ReadPlan};
+use blockdev::{BlockDev, RawFile};
 use cache::{FolioCache, HookPoint};
 use common::{gate, pattern, small_cfg, OnceHook};
 
@@ -26,26 +25,13 @@ fn cache_over_file(hook: Arc<OnceHook>) -> (tempfile::TempDir, Arc<FolioCache>) 
     (dir, cache)
 }
 
-/// The bytes `plan` names, read the way the io_uring path reads them.
-fn execute(plan: &ReadPlan) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (len, src) in &plan.pieces {
-        let mut buf = vec![0u8; *len as usize];
-        if let PlanSource::File { file, offset } = src {
-            file.read_exact_at(&mut buf, *offset).unwrap();
-        }
-        out.extend_from_slice(&buf);
-    }
-    out
-}
-
 #[test]
 fn a_read_is_planned_below_the_cache_only_while_no_folio_of_its_range_is_cached() {
     let (_dir, cache) = cache_over_file(OnceHook::new(HookPoint::ReadPlanned, u64::MAX));
     let plan = cache
         .plan_read(0, 2 * K4)
         .expect("nothing cached: planned below");
-    assert_eq!(execute(&plan), pattern(1, 0, 2 * K4 as usize));
+    assert_eq!(plan.read_all().unwrap(), pattern(1, 0, 2 * K4 as usize));
     // A dirty folio, then the same folio clean after its writeback: the cache serves it.
     cache.write_at(&[0xaa; 512], K4 + 512).unwrap();
     assert!(cache.plan_read(K4, K4).is_none());
@@ -80,7 +66,7 @@ fn a_write_completing_between_the_cache_check_and_the_lower_plan_is_either_seen_
         });
         let plan = cache.plan_read(0, K4).expect("planned");
         assert!(hook.fired());
-        let got = execute(&plan);
+        let got = plan.read_all().unwrap();
         let old = pattern(1, 0, K4 as usize);
         for (i, s) in got.chunks(512).enumerate() {
             let o = &old[i * 512..(i + 1) * 512];
@@ -130,5 +116,5 @@ fn a_plan_of_a_range_with_a_zap_in_flight_waits_until_the_zap_is_done() {
         .join()
         .unwrap()
         .expect("planned once the discard is done");
-    assert_eq!(execute(&plan), vec![0; K4 as usize]);
+    assert_eq!(plan.read_all().unwrap(), vec![0; K4 as usize]);
 }

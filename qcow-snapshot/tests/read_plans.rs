@@ -13,20 +13,6 @@ use qcow_snapshot::{create_on, CreateOptions, Format, MemHost, QcowImage};
 const CS: u64 = 65536;
 const SIZE: u64 = 16 * CS;
 
-/// The bytes a plan names, read the way the io_uring path reads them.
-fn execute(plan: &blockdev::ReadPlan) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let mut out = Vec::new();
-    for (len, src) in &plan.pieces {
-        let mut buf = vec![0u8; *len as usize];
-        if let PlanSource::File { file, offset } = src {
-            file.read_exact_at(&mut buf, *offset).unwrap();
-        }
-        out.extend_from_slice(&buf);
-    }
-    out
-}
-
 #[test]
 fn an_overlay_plans_its_backing_and_zeros_and_never_its_own_clusters() {
     let dir = tmp();
@@ -53,7 +39,7 @@ fn an_overlay_plans_its_backing_and_zeros_and_never_its_own_clusters() {
     assert_eq!(plan.pieces.len(), 2, "{plan:?}");
     let mut want = base_data[(CS / 2) as usize..].to_vec();
     want.resize((SIZE - CS / 2) as usize, 0);
-    assert_same(&execute(&plan), &want, "planned bytes");
+    assert_same(&plan.read_all().unwrap(), &want, "planned bytes");
 
     // Written (allocated in the overlay): never planned, nor any range that touches it, before
     // and after the flush that could free and reuse clusters.
