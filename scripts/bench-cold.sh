@@ -99,6 +99,18 @@ SIDES+=(device)
 
 trap stop_daemon EXIT
 
+# Waits (at most 30 s) until no block device has written anything for a second: the device's
+# write workload leaves writeback and discards behind that would land in the next side's run.
+quiesce() {
+    local before after i
+    for ((i = 0; i < 30; i++)); do
+        before="$(awk '{w += $10} END {print w}' /proc/diskstats)"
+        sleep 1
+        after="$(awk '{w += $10} END {print w}' /proc/diskstats)"
+        [[ "$before" != "$after" ]] || return 0
+    done
+}
+
 # daemon_cmd SIDE IMAGE SOCKET QUEUES -> CMD. IMAGE "null" is qsd's null-co driver.
 daemon_cmd() {
     local side="$1" img="$2" sock="$3" nq="$4" aio direct exp
@@ -235,7 +247,7 @@ run_one() {
         # it in the background; let that finish here, not inside the next side's timed run.
         sync
         fstrim "$COLD" >/dev/null 2>&1 || true
-        sleep 2
+        quiesce
     else
         if [[ "$w" == hot-* && "$side" == qsd-* ]]; then
             # The protocol limit: qemu-storage-daemon's null-co driver (run once, as the first
@@ -271,10 +283,14 @@ k=0
 for w in "${WORKLOADS[@]}"; do
     [[ "$w" =~ $BENCH_COLD_FILTER ]] || continue
     for ((rep = 0; rep < BENCH_COLD_REPEAT; rep++)); do
-        # Rotate the order of the sides from one run to the next.
+        # Rotate the order of the sides from one run to the next, and reverse it every other
+        # run: a rotation alone keeps who follows whom, and the side that always ran right
+        # after the device's 1 GiB write paid for its aftermath in every run.
         n=${#SIDES[@]}
         for ((s = 0; s < n; s++)); do
-            run_one "$w" "${SIDES[$(((s + k) % n))]}" "$rep"
+            local_i=$(((s + k) % n))
+            ((k % 2 == 0)) || local_i=$(((n - 1 - s + k) % n))
+            run_one "$w" "${SIDES[$local_i]}" "$rep"
         done
         k=$((k + 1))
     done
