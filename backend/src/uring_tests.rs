@@ -84,6 +84,11 @@ impl Rig {
 
     /// [`Self::new`] with a ring of `entries`.
     fn with_entries(sync: u8, plan: Box<PlanFn>, entries: Option<u32>) -> Rig {
+        Self::build(sync, plan, entries, 8)
+    }
+
+    /// [`Self::with_entries`] with `--max-inflight max_inflight`.
+    fn build(sync: u8, plan: Box<PlanFn>, entries: Option<u32>, max_inflight: usize) -> Rig {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let disk = Arc::new(PlannedDisk {
             sync: MemDisk::from_vec(vec![sync; DISK_SIZE]),
@@ -95,9 +100,9 @@ impl Rig {
             Arc::new(DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap()),
         );
         dev.set_acked_features(dev.config().features());
-        let runner = crate::inflight::QueueRunner::new(Arc::new(dev), 8, "uring-test");
-        let entries =
-            entries.unwrap_or_else(|| crate::uring::UringReads::<TestRing>::entries_for(8));
+        let runner = crate::inflight::QueueRunner::new(Arc::new(dev), max_inflight, "uring-test");
+        let entries = entries
+            .unwrap_or_else(|| crate::uring::UringReads::<TestRing>::entries_for(max_inflight));
         let runner = runner.with_uring_entries(true, entries);
         Rig {
             mem: Arc::new(mem),
@@ -398,4 +403,82 @@ fn reads_the_host_page_cache_answers_at_submission_move_the_queue_to_the_folio_c
     for i in 0..8 {
         assert_eq!(rig.status(i), VIRTIO_BLK_S_OK);
     }
+}
+
+/// Whether `fd` becomes readable within `ms` milliseconds.
+fn readable_within(fd: i32, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd that outlives the call.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}
+
+#[test]
+fn a_read_a_pass_leaves_in_flight_wakes_the_queue_thread_when_it_completes() {
+    // The pass ends with the read still in flight (a pipe nobody has written yet): the ring's
+    // eventfd, which the queue thread sleeps on, must fire when the read completes and not
+    // before, or the guest would wait for a completion nobody collects.
+    let (rx, tx) = std::io::pipe().unwrap();
+    let pipe = Arc::new(File::from(std::os::fd::OwnedFd::from(rx)));
+    let rig = Rig::new(0x11, Box::new(move |_, len| file_plan(&pipe, 0, len)));
+    let (go, went) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let _ = went.recv();
+        let mut tx = tx;
+        tx.write_all(&[0x5a; 4096]).unwrap();
+    });
+    let _ring = rig.pass(&[read_chain(&rig.mem, 0, 0, 4096, &[])]);
+    let fd = rig.uring().event_fd();
+    assert_eq!(rig.uring().inflight(), 1);
+    assert!(
+        !readable_within(fd, 100),
+        "the eventfd fired with nothing completed"
+    );
+    go.send(()).unwrap();
+    assert!(
+        readable_within(fd, 5000),
+        "a completion did not wake the queue thread"
+    );
+    rig.uring().complete_ready();
+    assert_eq!(used_idx(&rig.mem), 1);
+    assert_eq!(rig.guest(DATA, 4096), vec![0x5a; 4096]);
+    writer.join().unwrap();
+}
+
+#[test]
+fn the_ring_holds_at_most_max_inflight_reads_and_the_rest_take_the_executors() {
+    // Five reads of a pipe nobody has written yet, with `--max-inflight 3`: three wait on the
+    // ring, the other two are executed on the executors (from the disk's synchronous bytes).
+    let (rx, tx) = std::io::pipe().unwrap();
+    let pipe = Arc::new(File::from(std::os::fd::OwnedFd::from(rx)));
+    let rig = Rig::build(
+        0x22,
+        Box::new(move |_, len| file_plan(&pipe, 0, len)),
+        None,
+        3,
+    );
+    let (go, went) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let _ = went.recv();
+        let mut tx = tx;
+        tx.write_all(&[0x5a; 3 * 4096]).unwrap();
+    });
+    let chains: Vec<_> = (0..5)
+        .map(|i| read_chain(&rig.mem, i, 8 * i, 4096, &[]))
+        .collect();
+    let _ring = rig.pass(&chains);
+    wait_until("the two reads beyond the bound complete", || {
+        rig.disk.sync_reads.load(Ordering::SeqCst) == 2 && used_idx(&rig.mem) == 2
+    });
+    assert_eq!(rig.uring().inflight(), 3);
+    go.send(()).unwrap();
+    rig.runner.wait_idle();
+    assert_eq!(used_idx(&rig.mem), 5);
+    for i in 0..5 {
+        assert_eq!(rig.status(i), VIRTIO_BLK_S_OK);
+    }
+    writer.join().unwrap();
 }
