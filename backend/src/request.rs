@@ -419,8 +419,20 @@ impl RequestWorker {
     ) -> Option<PreparedRead>
     where
         M: GuestMemory,
-        D: std::ops::Deref<Target = M>,
+        D: std::ops::Deref<Target = M> + Clone,
     {
+        // Most requests a pass sees are not reads: when the header starts the first descriptor
+        // (the usual framing), its type decides before the whole chain is collected.
+        if let Some(first) = chain.clone().next() {
+            let mut t = [0u8; 4];
+            if !first.is_write_only()
+                && first.len() >= 4
+                && mem.read_slice(&mut t, first.addr()).is_ok()
+                && u32::from_le_bytes(t) != VIRTIO_BLK_T_IN
+            {
+                return None;
+            }
+        }
         let CollectedChain {
             layout,
             last,

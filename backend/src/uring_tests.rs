@@ -18,6 +18,8 @@ struct PlannedDisk {
     sync: MemDisk,
     plan: Box<PlanFn>,
     sync_reads: AtomicUsize,
+    /// Synchronous reads fail with EIO.
+    sync_fails: std::sync::atomic::AtomicBool,
 }
 
 impl BlockDev for PlannedDisk {
@@ -26,6 +28,11 @@ impl BlockDev for PlannedDisk {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
         self.sync_reads.fetch_add(1, Ordering::SeqCst);
+        if self.sync_fails.load(Ordering::SeqCst) {
+            return Err(blockdev::BlockError::Io(std::io::Error::from_raw_os_error(
+                libc::EIO,
+            )));
+        }
         self.sync.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
@@ -94,6 +101,7 @@ impl Rig {
             sync: MemDisk::from_vec(vec![sync; DISK_SIZE]),
             plan,
             sync_reads: AtomicUsize::new(0),
+            sync_fails: std::sync::atomic::AtomicBool::new(false),
         });
         let dev = BlkDevice::new(
             ServedDisk::plain(disk.clone()),
@@ -218,63 +226,21 @@ fn uring_short_read_is_executed_again_through_the_synchronous_path() {
 
 #[test]
 fn uring_failed_read_reports_the_error_of_the_synchronous_path() {
-    // A write-only descriptor: the ring's read fails (EBADF); the synchronous read then fails
-    // too (past the end of the disk's content is not reachable here, so make it fail below).
+    // A write-only descriptor: the ring's read fails (EBADF); the synchronous read, which the
+    // request is executed again with, fails too (EIO).
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wo");
     std::fs::write(&path, vec![1u8; 8192]).unwrap();
     let wo = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
-    struct Failing(PlannedDisk);
-    impl BlockDev for Failing {
-        fn size(&self) -> u64 {
-            self.0.size()
-        }
-        fn read_at(&self, _: &mut [u8], _: u64) -> blockdev::Result<()> {
-            self.0.sync_reads.fetch_add(1, Ordering::SeqCst);
-            Err(blockdev::BlockError::Io(std::io::Error::from_raw_os_error(
-                libc::EIO,
-            )))
-        }
-        fn write_at(&self, b: &[u8], o: u64) -> blockdev::Result<()> {
-            self.0.write_at(b, o)
-        }
-        fn flush(&self) -> blockdev::Result<()> {
-            Ok(())
-        }
-        fn discard(&self, o: u64, l: u64) -> blockdev::Result<()> {
-            self.0.discard(o, l)
-        }
-        fn write_zeroes(&self, o: u64, l: u64, u: bool) -> blockdev::Result<()> {
-            self.0.write_zeroes(o, l, u)
-        }
-        fn plan_read(&self, o: u64, l: u64) -> Option<ReadPlan> {
-            self.0.plan_read(o, l)
-        }
-    }
-    let disk = Arc::new(Failing(PlannedDisk {
-        sync: MemDisk::new(DISK_SIZE),
-        plan: Box::new(move |offset, len| file_plan(&wo, offset, len)),
-        sync_reads: AtomicUsize::new(0),
-    }));
-    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
-    let dev = BlkDevice::new(
-        ServedDisk::plain(disk.clone()),
-        Arc::new(DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap()),
-    );
-    dev.set_acked_features(dev.config().features());
-    let runner = crate::inflight::QueueRunner::new(Arc::new(dev), 8, "uring-test").with_uring(true);
-    assert!(runner.uring().is_some());
-    let chain = read_chain(&mem, 0, 0, 4096, &[]);
-    let ring = TestRing::new(queue_with_chains(&mem, &[chain], 0));
-    ring.pass(&runner, &mut RequestWorker::new(), &mem);
-    runner.wait_idle();
+    let rig = Rig::new(0, Box::new(move |offset, len| file_plan(&wo, offset, len)));
+    rig.disk.sync_fails.store(true, Ordering::SeqCst);
+    assert!(rig.runner.uring().is_some());
+    rig.pass(&[read_chain(&rig.mem, 0, 0, 4096, &[])]);
+    rig.runner.wait_idle();
+    assert_eq!(rig.status(0), VIRTIO_BLK_S_IOERR);
+    assert_eq!(used_idx(&rig.mem), 1);
     assert_eq!(
-        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
-        VIRTIO_BLK_S_IOERR
-    );
-    assert_eq!(used_idx(&mem), 1);
-    assert_eq!(
-        disk.0.sync_reads.load(Ordering::SeqCst),
+        rig.disk.sync_reads.load(Ordering::SeqCst),
         1,
         "executed again once"
     );

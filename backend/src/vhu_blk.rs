@@ -77,13 +77,13 @@ fn complete_tracked(
     }
 }
 
-/// Executors complete requests straight to the vring: the used element, then the driver's
-/// notification if it asked for one.
-impl UsedRing for TrackedVring {
-    fn complete(&self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+impl TrackedVring {
+    /// Runs `add` (which adds used elements and reports whether the driver must be notified)
+    /// under the vring lock, then notifies the driver if it must be.
+    fn publish(&self, add: impl FnOnce(&mut Queue, Option<&QueueInflight>) -> bool) {
         let notify = {
             let mut state = self.vring.get_mut();
-            complete_tracked(state.get_queue_mut(), mem, head, len, self.track.as_deref())
+            add(state.get_queue_mut(), self.track.as_deref())
         };
         if notify {
             if let Err(e) = self.vring.signal_used_queue() {
@@ -91,21 +91,21 @@ impl UsedRing for TrackedVring {
             }
         }
     }
+}
+
+/// Executors complete requests straight to the vring: the used element, then the driver's
+/// notification if it asked for one.
+impl UsedRing for TrackedVring {
+    fn complete(&self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+        self.publish(|queue, track| complete_tracked(queue, mem, head, len, track));
+    }
 
     fn complete_many(&self, done: &[(Arc<GuestMemoryMmap>, u16, u32)]) {
-        let mut notify = false;
-        {
-            let mut state = self.vring.get_mut();
-            let queue = state.get_queue_mut();
-            for (mem, head, len) in done {
-                notify |= complete_tracked(queue, mem, *head, *len, self.track.as_deref());
-            }
-        }
-        if notify {
-            if let Err(e) = self.vring.signal_used_queue() {
-                warn!("cannot signal the driver: {e}");
-            }
-        }
+        self.publish(|queue, track| {
+            done.iter().fold(false, |notify, (mem, head, len)| {
+                complete_tracked(queue, mem, *head, *len, track) | notify
+            })
+        });
     }
 
     fn popped(&self, head: u16) {
