@@ -6,7 +6,10 @@
 //!
 //! [`ReplayHost`] sits between the engine and its file and deals with failed `fdatasync`s: it
 //! keeps every write since the last successful sync, replays them when a sync fails, and poisons
-//! the file (every later write and sync fails with EIO) when it cannot prove durability.
+//! the file (every later write and sync fails with EIO) when it cannot prove durability. On an
+//! O_DIRECT file ([`HostFile::failed_sync_drops_writes`] says no) there is nothing to replay:
+//! each write reached the device or failed by itself, so writes pass through uncopied and a
+//! failed sync is reported as it is and retried by the next one.
 //!
 //! Locking model: implementations take `&self` and must be safe to call from several threads at
 //! once. `FileHost` relies on positional I/O (no shared cursor); `MemHost` uses one `RwLock`.
@@ -59,6 +62,13 @@ pub trait HostFile: Send + Sync {
     fn page_cached(&self) -> bool {
         false
     }
+    /// Whether a failed `sync_data` may have dropped writes that had reported success (a
+    /// buffered file: Linux marks the pages it could not write clean). With O_DIRECT each write
+    /// reaches the device before it returns, or reports its own error, so a failed sync loses
+    /// nothing a later sync could not make durable; such a file says no.
+    fn failed_sync_drops_writes(&self) -> bool {
+        true
+    }
 }
 
 /// A shared host file (so a test or a recording layer can keep a handle to it).
@@ -90,6 +100,10 @@ impl<T: HostFile + ?Sized> HostFile for std::sync::Arc<T> {
     fn page_cached(&self) -> bool {
         (**self).page_cached()
     }
+
+    fn failed_sync_drops_writes(&self) -> bool {
+        (**self).failed_sync_drops_writes()
+    }
 }
 
 /// An owned host file of any kind.
@@ -120,6 +134,10 @@ impl<T: HostFile + ?Sized> HostFile for Box<T> {
 
     fn page_cached(&self) -> bool {
         (**self).page_cached()
+    }
+
+    fn failed_sync_drops_writes(&self) -> bool {
+        (**self).failed_sync_drops_writes()
     }
 }
 
@@ -190,6 +208,10 @@ impl HostFile for FileHost {
     }
 
     fn page_cached(&self) -> bool {
+        !self.is_direct()
+    }
+
+    fn failed_sync_drops_writes(&self) -> bool {
         !self.is_direct()
     }
 }
@@ -309,6 +331,11 @@ struct Journal {
 }
 
 impl Journal {
+    /// Nothing to replay: no change kept and none dropped since the last good sync.
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.dropped_through.is_none()
+    }
+
     fn push(&mut self, change: Change) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -451,6 +478,15 @@ impl<H: HostFile> ReplayHost<H> {
         result
     }
 
+    /// A change of a file whose failed sync drops nothing (O_DIRECT): nothing will be replayed,
+    /// so it is neither copied nor ordered against overlapping changes (the layers above order
+    /// those, [`crate::direct::DirectIo`] its read-modify-writes).
+    fn unjournaled(&self, op: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        op()
+    }
+
     /// After a failed sync: rewrite every change since the last good sync and sync again.
     fn recover(&self, err: io::Error) -> io::Result<()> {
         // Exclusive: every write that reached the file has been journaled.
@@ -494,6 +530,9 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.inner.failed_sync_drops_writes() {
+            return self.unjournaled(|| self.inner.write_at(buf, offset));
+        }
         self.change(Change::Write {
             offset,
             data: buf.into(),
@@ -502,6 +541,11 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
 
     fn page_cached(&self) -> bool {
         self.inner.page_cached()
+    }
+
+    fn failed_sync_drops_writes(&self) -> bool {
+        // A failed sync is replayed or poisons: it never silently drops a write.
+        false
     }
 
     fn sync_data(&self) -> io::Result<()> {
@@ -513,6 +557,10 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
                 self.journal().retire(start);
                 Ok(())
             }
+            // A file whose failed sync drops nothing (O_DIRECT) reports the error and stays
+            // usable: a later sync that succeeds is true (QEMU's file-posix does the same). What
+            // was journaled before the file switched to O_DIRECT is still replayed.
+            Err(e) if !self.inner.failed_sync_drops_writes() && self.journal().is_empty() => Err(e),
             Err(e) => self.recover(e),
         }
     }
@@ -523,6 +571,9 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        if !self.inner.failed_sync_drops_writes() {
+            return self.unjournaled(|| self.inner.set_len(len));
+        }
         self.change(Change::SetLen(len))
     }
 
@@ -761,6 +812,131 @@ mod tests {
         f.failures_left.store(1, Ordering::SeqCst);
         h.sync_data().unwrap();
         assert_eq!(durable(&h).first(), Some(&2));
+    }
+
+    /// An O_DIRECT-like file: a failed sync keeps every write (nothing sat in a page cache).
+    #[derive(Default)]
+    struct DirectLikeFile {
+        inner: LossyFile,
+        sync_failures_left: std::sync::atomic::AtomicU32,
+        syncs: std::sync::atomic::AtomicU32,
+    }
+
+    impl HostFile for DirectLikeFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+
+        fn sync_data(&self) -> io::Result<()> {
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            if self.sync_failures_left.load(Ordering::SeqCst) > 0 {
+                self.sync_failures_left.fetch_sub(1, Ordering::SeqCst);
+                return Err(eio());
+            }
+            self.inner.sync_data()
+        }
+
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+
+        fn failed_sync_drops_writes(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn on_a_direct_file_writes_are_not_copied_and_a_failed_sync_fails_without_poisoning() {
+        let f = std::sync::Arc::new(DirectLikeFile::default());
+        let h = ReplayHost::new(f.clone());
+        h.write_at(&[1, 2, 3, 4], 0).unwrap();
+        h.set_len(6).unwrap();
+        assert!(h.journal().changes.is_empty(), "a direct write was copied");
+        assert_eq!(h.journal().bytes, 0);
+        f.sync_failures_left.store(1, Ordering::SeqCst);
+        // The failure is reported once, as it is: no replay (one sync only), no poison.
+        assert_eq!(h.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(f.syncs.load(Ordering::SeqCst), 1);
+        assert!(!h.is_poisoned());
+        // The file keeps serving, and the next good sync makes the writes durable.
+        h.write_at(&[9], 5).unwrap();
+        h.sync_data().unwrap();
+        assert_eq!(f.inner.state.lock().unwrap().1, [1, 2, 3, 4, 0, 9]);
+    }
+
+    #[test]
+    fn a_change_journaled_before_the_file_went_direct_is_still_replayed() {
+        // The file turns direct after one buffered write (ReplayHost asks at every call).
+        struct Switching {
+            lossy: LossyFile,
+            direct: AtomicBool,
+        }
+        impl HostFile for Switching {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                self.lossy.read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                self.lossy.write_at(buf, offset)
+            }
+            fn sync_data(&self) -> io::Result<()> {
+                self.lossy.sync_data()
+            }
+            fn len(&self) -> io::Result<u64> {
+                self.lossy.len()
+            }
+            fn set_len(&self, len: u64) -> io::Result<()> {
+                self.lossy.set_len(len)
+            }
+            fn failed_sync_drops_writes(&self) -> bool {
+                !self.direct.load(Ordering::SeqCst)
+            }
+        }
+        let f = std::sync::Arc::new(Switching {
+            lossy: LossyFile::default(),
+            direct: AtomicBool::new(false),
+        });
+        let h = ReplayHost::new(f.clone());
+        h.write_at(&[5, 5], 0).unwrap();
+        f.direct.store(true, Ordering::SeqCst);
+        f.lossy.failures_left.store(1, Ordering::SeqCst);
+        h.sync_data().unwrap();
+        assert_eq!(f.lossy.state.lock().unwrap().1, [5, 5]);
+    }
+
+    #[test]
+    fn a_file_host_says_a_failed_sync_drops_writes_until_it_is_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f.img"))
+            .unwrap();
+        let h = ReplayHost::new(FileHost::new(file));
+        assert!(h.inner.failed_sync_drops_writes());
+        h.write_at(&[1; 4096], 0).unwrap();
+        assert_eq!(h.journal().bytes, 4096);
+        h.sync_data().unwrap();
+        if let Err(e) = h.enable_direct() {
+            // tmpfs and a few others refuse O_DIRECT; the buffered half above still ran.
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+            return;
+        }
+        assert!(!h.inner.failed_sync_drops_writes());
+        h.write_at(&[2; 4096], 4096).unwrap();
+        assert_eq!(h.journal().bytes, 0, "a direct write was journaled");
+        let mut b = [0u8; 4096];
+        h.read_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [2; 4096]);
     }
 
     #[test]
