@@ -1001,6 +1001,10 @@ impl BlockDev for Journal {
         self.core.lower.read_at(buf, offset)
     }
 
+    fn read_into(&self, dst: &dyn blockdev::ReadSink, offset: u64) -> Result<()> {
+        self.core.lower.read_into(dst, offset)
+    }
+
     fn plan_read(&self, offset: u64, len: u64) -> Option<blockdev::ReadPlan> {
         self.core.lower.plan_read(offset, len)
     }

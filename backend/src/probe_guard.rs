@@ -142,6 +142,10 @@ impl BlockDev for ProbedRawGuard {
         self.inner.read_at(buf, offset)
     }
 
+    fn read_into(&self, dst: &dyn blockdev::ReadSink, offset: u64) -> Result<()> {
+        self.inner.read_into(dst, offset)
+    }
+
     fn plan_read(&self, offset: u64, len: u64) -> Option<blockdev::ReadPlan> {
         self.inner.plan_read(offset, len)
     }

@@ -15,7 +15,9 @@
 //! Locking model: a [`RequestWorker`] belongs to exactly one queue thread (it holds that thread's
 //! reusable buffers); the [`BlkDevice`] it executes on is shared and lock-free.
 
-use blockdev::{check_range, BlockError};
+use std::cell::RefCell;
+
+use blockdev::{check_range, BlockError, ReadSink};
 use log::{debug, error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
@@ -278,6 +280,37 @@ fn scatter<M: GuestMemory>(
     walk_segments(segs, skip, src.len(), |addr, r| {
         mem.write_slice(&src[r], addr)
     })
+}
+
+/// `len` bytes of a read's device-writable buffers, from `skip` bytes in, as the destination of
+/// [`blockdev::BlockDev::read_into`]: the layer that holds the bytes (a folio-cache hit) copies
+/// them straight into guest memory, with no buffer of the request in between. The first
+/// guest-memory error is kept, so that the request reports it as such and not as a disk error.
+struct GuestSink<'a, M: GuestMemory> {
+    mem: &'a M,
+    segs: &'a [Segment],
+    skip: u64,
+    len: usize,
+    error: RefCell<Option<GuestMemoryError>>,
+}
+
+impl<M: GuestMemory> ReadSink for GuestSink<'_, M> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn fill(&self, at: usize, src: &[u8]) -> std::io::Result<()> {
+        if at.checked_add(src.len()).is_none_or(|end| end > self.len) {
+            return Err(std::io::Error::other(
+                "read piece past the request's buffers",
+            ));
+        }
+        scatter(self.mem, self.segs, self.skip + at as u64, src).map_err(|e| {
+            let msg = format!("guest memory: {e}");
+            self.error.borrow_mut().get_or_insert(e);
+            std::io::Error::other(msg)
+        })
+    }
 }
 
 /// The discard/write-zeroes segments in `raw` (whole segments only; the caller checked the length).
@@ -619,11 +652,19 @@ impl RequestWorker {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(CHUNK_BYTES as u64) as usize;
-            let buf = bounce(&mut self.buf, n);
-            dev.disk()
-                .read_at(buf, offset + done)
-                .map_err(ExecuteRequestError::disk("read"))?;
-            scatter(mem, writable, done, buf)?;
+            let sink = GuestSink {
+                mem,
+                segs: writable,
+                skip: done,
+                len: n,
+                error: RefCell::new(None),
+            };
+            if let Err(e) = dev.disk().read_into(&sink, offset + done) {
+                return Err(match sink.error.into_inner() {
+                    Some(g) => g.into(),
+                    None => ExecuteRequestError::disk("read")(e),
+                });
+            }
             done += n as u64;
             self.written = done;
         }

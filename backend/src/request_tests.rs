@@ -153,6 +153,68 @@ fn read_copies_disk_bytes_into_guest_and_reports_data_plus_status_length() {
 }
 
 #[test]
+fn a_read_served_by_folio_cache_hits_lands_in_every_descriptor_and_a_bad_one_is_ioerr() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let content: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
+    let lower: Arc<dyn BlockDev> = Arc::new(MemDisk::from_vec(content.clone()));
+    let cfg = cache::CacheConfig {
+        folio_size: 4096,
+        ..cache::CacheConfig::default()
+    };
+    let cache = cache::FolioCache::new(lower, cfg).unwrap();
+    let dev_cfg = DeviceConfig::new(DISK_SIZE as u64, 512, 1, 16).unwrap();
+    let dev = BlkDevice::new(
+        ServedDisk::plain(cache.clone() as Arc<dyn BlockDev>),
+        Arc::new(dev_cfg),
+    );
+    dev.set_acked_features(dev.config().features());
+    let mut worker = RequestWorker::new();
+    let mut run = |descs: &[(u64, u32, u16)]| {
+        mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        mem.write_slice(&[0xaa; 8192], GuestAddress(DATA)).unwrap();
+        let h = RequestHeader {
+            request_type: VIRTIO_BLK_T_IN,
+            reserved: 0,
+            sector: 7,
+        };
+        mem.write_slice(&h.to_bytes(), GuestAddress(HDR)).unwrap();
+        let mq = MockSplitQueue::new(&mem, 16);
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|&(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f, 0)))
+            .collect();
+        let chain = mq.build_desc_chain(&raw).unwrap();
+        let used = worker.process_chain(&dev, &mem, chain);
+        (used, mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
+    };
+    // 5 KiB from sector 7: three folios, split over three descriptors at other boundaries.
+    let descs = [
+        (HDR, 16, 0),
+        (DATA, 1000, F_WRITE),
+        (DATA + 1000, 3000, F_WRITE),
+        (DATA + 4000, 1120, F_WRITE),
+        status_desc(),
+    ];
+    for round in ["fills the folios", "is served from them"] {
+        let (used, status) = run(&descs);
+        assert_eq!((used, status), (5120 + 1, VIRTIO_BLK_S_OK), "{round}");
+        let mut got = vec![0u8; 5120];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, content[3584..3584 + 5120], "the read that {round}");
+    }
+    assert!(cache.stats().read_hits >= 3, "{:?}", cache.stats());
+    // A hit whose last descriptor runs past guest memory: IOERR, no panic.
+    let (used, status) = run(&[
+        (HDR, 16, 0),
+        (DATA, 4096, F_WRITE),
+        (MEM_SIZE as u64 - 512, 1024, F_WRITE),
+        status_desc(),
+    ]);
+    assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    assert!(used >= 1);
+}
+
+#[test]
 fn write_lands_on_disk_whatever_the_descriptor_framing() {
     let mut h = Harness::new();
     // Header and the first data bytes share a descriptor; the header itself is split in two.

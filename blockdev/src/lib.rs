@@ -87,6 +87,67 @@ pub trait BlockDev: Send + Sync {
     fn plan_read(&self, _offset: u64, _len: u64) -> Option<ReadPlan> {
         None
     }
+    /// Reads `dst.len()` bytes at `offset` into `dst`, a destination in pieces (a guest's
+    /// buffers). A layer that holds the bytes in memory (the folio cache) copies them there
+    /// directly; the default reads into a buffer of the calling thread with `read_at` and
+    /// copies that. Layers that only pass a read down forward this too, so the copy happens
+    /// once, where the bytes are.
+    fn read_into(&self, dst: &dyn ReadSink, offset: u64) -> Result<()> {
+        with_bounce(dst.len(), |buf| {
+            self.read_at(buf, offset)?;
+            dst.fill(0, buf).map_err(BlockError::Io)
+        })
+    }
+}
+
+/// The destination of [`BlockDev::read_into`]: bytes the caller does not hold as one slice of
+/// its own memory (guest memory, reached through its descriptors).
+pub trait ReadSink {
+    /// How many bytes the read fills.
+    fn len(&self) -> usize;
+    /// Whether the read is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `src` to the destination's bytes `[at, at + src.len())`.
+    fn fill(&self, at: usize, src: &[u8]) -> io::Result<()>;
+}
+
+/// A plain slice is a destination too (tests, callers with a buffer of their own).
+impl ReadSink for std::cell::RefCell<&mut [u8]> {
+    fn len(&self) -> usize {
+        self.borrow().len()
+    }
+
+    fn fill(&self, at: usize, src: &[u8]) -> io::Result<()> {
+        let mut b = self.borrow_mut();
+        let dst = at
+            .checked_add(src.len())
+            .and_then(|end| b.get_mut(at..end))
+            .ok_or_else(|| io::Error::other("read sink range out of bounds"))?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+thread_local! {
+    static BOUNCE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on a buffer of `n` bytes owned by the calling thread (kept for its next call, so
+/// a request path allocates once). Reentrant: a nested call gets a buffer of its own.
+pub fn with_bounce<T>(n: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    let mut buf = BOUNCE.with(std::cell::Cell::take);
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    let out = f(&mut buf[..n]);
+    BOUNCE.with(|c| {
+        // Keep the larger of a nested call's buffer and this one.
+        let other = c.take();
+        c.set(if other.len() > buf.len() { other } else { buf });
+    });
+    out
 }
 
 /// Where one stretch of a planned read comes from.
@@ -281,6 +342,41 @@ mod tests {
         assert!(check_range(0, 10, 10).is_ok());
         assert!(check_range(1, 10, 10).is_err());
         assert!(check_range(u64::MAX, 2, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn read_into_by_default_reads_like_read_at_and_refuses_a_piece_past_the_sink() {
+        let d = MemDisk::from_vec((0..=255u8).cycle().take(8192).collect());
+        let mut got = vec![0u8; 1000];
+        d.read_into(&std::cell::RefCell::new(&mut got[..]), 300)
+            .unwrap();
+        let mut want = vec![0u8; 1000];
+        d.read_at(&mut want, 300).unwrap();
+        assert_eq!(got, want);
+        let mut small = [0u8; 4];
+        let sink = std::cell::RefCell::new(&mut small[..]);
+        assert!(sink.fill(2, &[1, 2, 3]).is_err());
+        assert!(sink.fill(usize::MAX, &[1]).is_err());
+    }
+
+    #[test]
+    fn a_nested_bounce_buffer_is_its_own_and_the_larger_one_is_kept() {
+        with_bounce(16, |outer| {
+            outer.fill(7);
+            with_bounce(64, |inner| {
+                assert_eq!(inner.len(), 64);
+                inner.fill(9);
+            });
+            assert!(
+                outer.iter().all(|&b| b == 7),
+                "a nested call reused the outer buffer"
+            );
+        });
+        BOUNCE.with(|c| {
+            let kept = c.take();
+            assert!(kept.len() >= 64);
+            c.set(kept);
+        });
     }
 
     #[test]

@@ -104,6 +104,10 @@ impl BlockDev for SwitchDev {
         self.get().read_at(buf, offset)
     }
 
+    fn read_into(&self, dst: &dyn crate::ReadSink, offset: u64) -> Result<()> {
+        self.get().read_into(dst, offset)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.get().write_at(buf, offset)
     }

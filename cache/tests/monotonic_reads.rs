@@ -17,7 +17,7 @@ use std::thread;
 
 use blockdev::BlockDev;
 use cache::{CacheConfig, CacheHooks, FolioCache, HookPoint};
-use common::{gate, pattern, read, small_cfg, FaultyDisk, Io};
+use common::{gate, pattern, read, read_into, small_cfg, FaultyDisk, Io};
 
 const K4: u64 = 4096;
 const SECTOR: usize = 512;
@@ -57,11 +57,13 @@ impl Racer {
     }
 }
 
-/// What the last read does: read the one sector (through the folio) or the whole range
-/// (bypassing the cache, overlaying its uptodate sectors).
+/// What the last read does: read the one sector (through the folio), the same through
+/// `read_into` (the request path's read into guest memory, which copies a hit straight from
+/// the folio), or the whole range (bypassing the cache, overlaying its uptodate sectors).
 #[derive(Debug, Clone, Copy)]
 enum LastRead {
     Small,
+    SmallInto,
     Large,
 }
 
@@ -147,6 +149,7 @@ fn no_read_goes_back_in_time(racer: Racer, last: LastRead) {
     let r2 = thread::spawn(move || {
         let got = match last {
             LastRead::Small => read(&*c, hot, SECTOR),
+            LastRead::SmallInto => read_into(&*c, hot, SECTOR),
             LastRead::Large => read(&*c, 0, LARGE)[at..at + SECTOR].to_vec(),
         };
         tx.send(Event::Done(got.clone())).unwrap();
@@ -156,7 +159,7 @@ fn no_read_goes_back_in_time(racer: Racer, last: LastRead) {
         Event::Done(got) => got,
         Event::Waiting(folio) => {
             let first = match last {
-                LastRead::Small => hot / K4,
+                LastRead::Small | LastRead::SmallInto => hot / K4,
                 LastRead::Large => 0,
             };
             assert_eq!(folio, first, "the hook names the read's first folio");
@@ -194,4 +197,11 @@ fn reads_after_a_read_that_saw_a_discard_never_see_older_cached_bytes() {
 fn reads_after_a_read_that_saw_write_zeroes_never_see_older_cached_bytes() {
     no_read_goes_back_in_time(Racer::WriteZeroes, LastRead::Small);
     no_read_goes_back_in_time(Racer::WriteZeroes, LastRead::Large);
+}
+
+#[test]
+fn a_cache_hit_copied_straight_into_guest_memory_never_goes_back_in_time() {
+    no_read_goes_back_in_time(Racer::LargeWrite, LastRead::SmallInto);
+    no_read_goes_back_in_time(Racer::Discard, LastRead::SmallInto);
+    no_read_goes_back_in_time(Racer::WriteZeroes, LastRead::SmallInto);
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use blockdev::BlockDev;
 use cache::CacheConfig;
-use common::{cache_over, pattern, read, small_cfg, FaultyDisk};
+use common::{cache_over, pattern, read, read_into, small_cfg, FaultyDisk};
 
 const K4: u64 = 4096;
 const SECTOR: usize = 512;
@@ -25,6 +25,11 @@ enum Racer {
 }
 
 const RACERS: [Racer; 3] = [Racer::Discard, Racer::WriteZeroes, Racer::LargeWrite];
+
+/// The two ways a read enters the cache: into a buffer (`read_at`) and into a destination in
+/// pieces (`read_into`, which copies hits straight from the folio).
+type ReadFn = fn(&dyn BlockDev, u64, usize) -> Vec<u8>;
+const READS: [ReadFn; 2] = [read, read_into];
 const LARGE: usize = 8 * K4 as usize;
 
 impl Racer {
@@ -59,6 +64,19 @@ fn bypass_cfg() -> CacheConfig {
 /// must see, in that sector, the dirty write or the racer's bytes - never the old lower bytes -
 /// and the old bytes everywhere else.
 fn read_racing(cfg: CacheConfig, racer: Racer, hot: u64, read_off: u64, read_len: usize) {
+    for read_fn in READS {
+        read_racing_with(read_fn, cfg.clone(), racer, hot, read_off, read_len);
+    }
+}
+
+fn read_racing_with(
+    read_fn: ReadFn,
+    cfg: CacheConfig,
+    racer: Racer,
+    hot: u64,
+    read_off: u64,
+    read_len: usize,
+) {
     let old = pattern(1, 0, 64 << 10);
     let lower = FaultyDisk::new(old.clone());
     let cache = cache_over(&lower, cfg);
@@ -66,7 +84,7 @@ fn read_racing(cfg: CacheConfig, racer: Racer, hot: u64, read_off: u64, read_len
     cache.write_at(&new, hot).unwrap();
     let c = cache.clone();
     lower.after_read(read_off, read_len as u64, move || racer.run(&*c, hot));
-    let got = read(&*cache, read_off, read_len);
+    let got = read_fn(&*cache, read_off, read_len);
     assert!(
         lower.after_read_fired(),
         "{racer:?}: the read never reached the lower layer"

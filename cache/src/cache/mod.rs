@@ -89,7 +89,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use blockdev::{check_range, BlockDev, BlockError, ReadPlan, Result};
+use blockdev::{check_range, with_bounce, BlockDev, BlockError, ReadPlan, ReadSink, Result};
 
 use crate::folio::{Folio, FolioState};
 use crate::{CacheConfig, CacheHooks, HookPoint, NewCacheError};
@@ -485,6 +485,10 @@ impl BlockDev for FolioCache {
 
     fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
         self.inner.plan_read(offset, len)
+    }
+
+    fn read_into(&self, dst: &dyn blockdev::ReadSink, offset: u64) -> Result<()> {
+        self.inner.read_into(dst, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

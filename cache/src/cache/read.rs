@@ -21,6 +21,62 @@ impl Inner {
         Ok(())
     }
 
+    /// [`Self::read_at`] into a destination in pieces (guest memory): a folio that holds the
+    /// whole piece uptodate is copied straight from its memory to the destination (one copy);
+    /// any other piece is read exactly as `read_at` reads it, into a buffer, and copied from
+    /// there. Same order and invariants as `read_at`: zaps of the range are waited for first,
+    /// and a hit copies under the folio lock, as `read_segment`'s hit does.
+    pub(super) fn read_into(&self, dst: &dyn ReadSink, offset: u64) -> Result<()> {
+        let len = dst.len();
+        check_range(offset, len as u64, self.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.bypass_threshold > 0 && len as u64 >= self.bypass_threshold {
+            return with_bounce(len, |buf| {
+                self.read_at(buf, offset)?;
+                dst.fill(0, buf).map_err(BlockError::Io)
+            });
+        }
+        self.wait_zaps_before_read(offset, offset + len as u64);
+        let mut done = 0;
+        for (index, a, n) in self.segments(offset, len) {
+            if !self.fill_from_folio(index, a, n, dst, done)? {
+                with_bounce(n, |buf| {
+                    self.read_segment(index, a, buf)?;
+                    dst.fill(done, buf).map_err(BlockError::Io)
+                })?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies folio `index`'s bytes `[a, a + n)` to `dst` at `at` if the folio is cached and
+    /// uptodate over them; `false` (nothing copied) otherwise.
+    fn fill_from_folio(
+        &self,
+        index: u64,
+        a: usize,
+        n: usize,
+        dst: &dyn ReadSink,
+        at: usize,
+    ) -> Result<bool> {
+        let Some(f) = self.lookup(index) else {
+            return Ok(false);
+        };
+        let st = f.lock();
+        let (sa, sb) = f.sector_span(a, a + n);
+        if st.evicted || !st.uptodate.all(sa, sb) {
+            return Ok(false);
+        }
+        dst.fill(at, &st.data[a..a + n]).map_err(BlockError::Io)?;
+        drop(st);
+        f.touch();
+        self.counters.read_hits.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// A read the caller executes below the cache itself (`BlockDev::plan_read`, the io_uring
     /// read path): planned only while no folio of the range is cached, after any zap of the
     /// range in flight (monotonic reads, below). A write completed before this call is then in

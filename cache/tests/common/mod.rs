@@ -283,6 +283,15 @@ pub fn read(dev: &dyn BlockDev, offset: u64, len: usize) -> Vec<u8> {
     b
 }
 
+/// [`read`] through `BlockDev::read_into` (the request path's read into guest memory).
+#[allow(dead_code)]
+pub fn read_into(dev: &dyn BlockDev, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    dev.read_into(&std::cell::RefCell::new(&mut b[..]), offset)
+        .unwrap();
+    b
+}
+
 /// Hooks that run a closure once, the first time `point` is reached for `folio`.
 pub struct OnceHook {
     point: HookPoint,
