@@ -17,7 +17,7 @@
 
 use std::cell::RefCell;
 
-use blockdev::{check_range, BlockError, ReadSink};
+use blockdev::{check_range, AlignedBuf, BlockError, ReadSink};
 use log::{debug, error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
@@ -205,7 +205,9 @@ pub(crate) struct PreparedRead {
 #[derive(Debug, Default)]
 pub struct RequestWorker {
     segs: Vec<Segment>,
-    buf: Vec<u8>,
+    /// The request's bounce buffer, aligned for direct I/O (an O_DIRECT image takes a large
+    /// write that bypasses the cache straight from it).
+    buf: AlignedBuf,
     /// Bytes written to the device-writable part of the current chain, status excluded.
     written: u64,
     /// The queue this worker serves (the metrics label).
@@ -215,9 +217,9 @@ pub struct RequestWorker {
     bytes: u64,
 }
 
-fn bounce(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+fn bounce(buf: &mut AlignedBuf, n: usize) -> &mut [u8] {
     if buf.len() < n {
-        buf.resize(n, 0);
+        *buf = AlignedBuf::zeroed(n);
     }
     &mut buf[..n]
 }
@@ -434,8 +436,7 @@ impl RequestWorker {
             Err(e) => error!("request {head}: cannot write status byte: {e}"),
         }
         if self.buf.len() > CHUNK_BYTES {
-            self.buf.truncate(CHUNK_BYTES);
-            self.buf.shrink_to_fit();
+            self.buf = AlignedBuf::new();
         }
         u32::try_from(used).unwrap_or(u32::MAX)
     }

@@ -21,9 +21,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+mod aligned;
 mod file;
 pub mod lock;
 mod switch;
+pub use aligned::{AlignedBuf, IO_ALIGN};
 pub use file::{file_size, RawFile};
 pub use switch::{SwitchDev, SwitchGuard};
 
@@ -131,16 +133,14 @@ impl ReadSink for std::cell::RefCell<&mut [u8]> {
 }
 
 thread_local! {
-    static BOUNCE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static BOUNCE: std::cell::Cell<AlignedBuf> = const { std::cell::Cell::new(AlignedBuf::new()) };
 }
 
 /// Runs `f` on a buffer of `n` bytes owned by the calling thread (kept for its next call, so
-/// a request path allocates once). Reentrant: a nested call gets a buffer of its own.
+/// a request path allocates once; aligned for direct I/O, see [`AlignedBuf`]). Reentrant: a
+/// nested call gets a buffer of its own.
 pub fn with_bounce<T>(n: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
-    let mut buf = BOUNCE.with(std::cell::Cell::take);
-    if buf.len() < n {
-        buf.resize(n, 0);
-    }
+    let mut buf = BOUNCE.with(std::cell::Cell::take).at_least(n);
     let out = f(&mut buf[..n]);
     BOUNCE.with(|c| {
         // Keep the larger of a nested call's buffer and this one.

@@ -89,7 +89,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use blockdev::{check_range, with_bounce, BlockDev, BlockError, ReadPlan, ReadSink, Result};
+use blockdev::{
+    check_range, with_bounce, AlignedBuf, BlockDev, BlockError, ReadPlan, ReadSink, Result,
+};
 
 use crate::folio::{Folio, FolioState};
 use crate::{CacheConfig, CacheHooks, HookPoint, NewCacheError};
@@ -116,23 +118,24 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 thread_local! {
     /// Reusable buffer for fills (taken out while in use, so re-entrant calls just allocate).
-    static FILL_BUF: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// Aligned for direct I/O, like `WB_BUF`: an O_DIRECT image below reads and writes them
+    /// without a bounce copy.
+    static FILL_BUF: Cell<AlignedBuf> = const { Cell::new(AlignedBuf::new()) };
     /// Reusable buffer for writeback snapshots.
-    static WB_BUF: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    static WB_BUF: Cell<AlignedBuf> = const { Cell::new(AlignedBuf::new()) };
     /// Reusable list of dirty sector runs.
     static WB_RUNS: Cell<Vec<(usize, usize, usize)>> = const { Cell::new(Vec::new()) };
 }
 
 /// Takes the thread's scratch buffer, grown to at least `len` bytes.
-pub(super) fn take_buf(key: &'static std::thread::LocalKey<Cell<Vec<u8>>>, len: usize) -> Vec<u8> {
-    let v = key.with(Cell::take);
-    if v.len() < len {
-        // Scratch contents never matter: a fresh zeroed allocation (calloc) touches no page
-        // until it is used, where growing in place would zero all of it by hand (1 MiB for a
-        // writeback buffer, once per writing thread, including every flush worker).
-        return vec![0; len];
-    }
-    v
+pub(super) fn take_buf(
+    key: &'static std::thread::LocalKey<Cell<AlignedBuf>>,
+    len: usize,
+) -> AlignedBuf {
+    // Scratch contents never matter: a fresh zeroed allocation touches no page until it is
+    // used, where growing in place would zero all of it by hand (1 MiB for a writeback
+    // buffer, once per writing thread, including every flush worker).
+    key.with(Cell::take).at_least(len)
 }
 
 /// A hasher for folio numbers (Fibonacci hashing; keys are not attacker-chosen hash-flood
