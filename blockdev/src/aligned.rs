@@ -22,6 +22,8 @@ pub const IO_ALIGN: usize = 4096;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Alignment of the allocation (at least [`IO_ALIGN`], a power of two).
+    align: usize,
 }
 
 // SAFETY: an `AlignedBuf` owns its allocation exclusively, like a `Vec<u8>`.
@@ -35,20 +37,28 @@ impl AlignedBuf {
         AlignedBuf {
             ptr: NonNull::dangling(),
             len: 0,
+            align: IO_ALIGN,
         }
     }
 
     /// A buffer of `len` zero bytes. Fresh pages come zeroed from the allocator (calloc-like):
     /// nothing is touched until used.
     pub fn zeroed(len: usize) -> Self {
+        Self::zeroed_aligned(len, IO_ALIGN)
+    }
+
+    /// [`Self::zeroed`] with its start aligned to `align` too (rounded up to a power of two;
+    /// never less than [`IO_ALIGN`]).
+    pub fn zeroed_aligned(len: usize, align: usize) -> Self {
+        let align = align.max(IO_ALIGN).next_power_of_two();
         if len == 0 {
             return Self::new();
         }
-        let layout = Self::layout(len);
+        let layout = Self::layout(len, align);
         // SAFETY: `layout` has a non-zero size.
         let p = unsafe { alloc_zeroed(layout) };
         match NonNull::new(p) {
-            Some(ptr) => AlignedBuf { ptr, len },
+            Some(ptr) => AlignedBuf { ptr, len, align },
             None => handle_alloc_error(layout),
         }
     }
@@ -63,8 +73,8 @@ impl AlignedBuf {
         }
     }
 
-    fn layout(len: usize) -> Layout {
-        match Layout::from_size_align(len, IO_ALIGN) {
+    fn layout(len: usize, align: usize) -> Layout {
+        match Layout::from_size_align(len, align) {
             Ok(l) => l,
             // Only a length near usize::MAX fails; no allocation of that size can succeed.
             Err(_) => handle_alloc_error(Layout::new::<[u8; IO_ALIGN]>()),
@@ -82,7 +92,7 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.len > 0 {
             // SAFETY: allocated by `zeroed` with this very layout.
-            unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+            unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len, self.align)) };
         }
     }
 }
@@ -135,6 +145,8 @@ mod tests {
         let b = b.at_least(8193);
         assert_eq!(b.len(), 8193);
         assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
+        let big = AlignedBuf::zeroed_aligned(100, 3 * IO_ALIGN);
+        assert_eq!(big.as_ptr() as usize % (4 * IO_ALIGN), 0);
         assert!(AlignedBuf::new().is_empty());
         assert!(AlignedBuf::zeroed(0).is_empty());
     }

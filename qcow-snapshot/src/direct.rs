@@ -6,8 +6,10 @@
 //! `STATX_DIOALIGN`, or 4096 when the kernel does not say).
 //! - An aligned request on aligned memory goes straight between the caller's buffer and the
 //!   device (zero copy).
-//! - Anything else goes through an aligned bounce buffer. A write that covers a block only
-//!   partly first reads that block (read-modify-write).
+//! - Anything else goes through a bounce buffer aligned to a page (ext4 takes its inode lock
+//!   exclusively, and waits for all direct I/O in flight, for a write whose memory is not
+//!   aligned to its block size, even when the device would accept it). A write that covers a
+//!   block only partly first reads that block (read-modify-write).
 //! - Short completions are continued: a read that stops inside the file is retried from its
 //!   last aligned position; a short read at the end of the file reads zeros past it (like
 //!   [`blockdev::read_full_at`]); a short write is continued from its last aligned position.
@@ -24,6 +26,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, MutexGuard};
+
+use blockdev::AlignedBuf;
 
 /// Positional I/O on a file, one system call per method (so tests can inject short and failed
 /// completions below [`DirectIo`]).
@@ -60,25 +64,6 @@ pub struct DirectIo {
     /// Memory alignment (a power of two).
     mem: usize,
     stripes: Box<[Mutex<()>]>,
-}
-
-/// A zeroed buffer of `len` bytes whose start is aligned to `align`.
-struct Aligned {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize, align: usize) -> Aligned {
-        let raw = vec![0u8; len + align];
-        let start = raw.as_ptr().align_offset(align);
-        Aligned { raw, start, len }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
 }
 
 fn eio() -> io::Error {
@@ -209,10 +194,10 @@ impl DirectIo {
         }
         let start = offset - offset % self.block;
         let end = (offset + buf.len() as u64).next_multiple_of(self.block);
-        let mut b = Aligned::new((end - start) as usize, self.mem);
-        self.read_aligned(f, b.bytes(), start)?;
+        let mut b = AlignedBuf::zeroed_aligned((end - start) as usize, self.mem);
+        self.read_aligned(f, &mut b, start)?;
         let s = (offset - start) as usize;
-        buf.copy_from_slice(&b.bytes()[s..s + buf.len()]);
+        buf.copy_from_slice(&b[s..s + buf.len()]);
         Ok(())
     }
 
@@ -247,9 +232,9 @@ impl DirectIo {
             .iter()
             .map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner()))
             .collect();
-        let mut b = Aligned::new((end - start) as usize, self.mem);
+        let mut b = AlignedBuf::zeroed_aligned((end - start) as usize, self.mem);
         let bs = self.block as usize;
-        let bytes = b.bytes();
+        let bytes = &mut b[..];
         if head_partial {
             self.read_aligned(f, &mut bytes[..bs], start)?;
         }

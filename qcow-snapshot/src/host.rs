@@ -29,8 +29,9 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::direct::{set_o_direct, DirectIo};
@@ -69,6 +70,11 @@ pub trait HostFile: Send + Sync {
     fn failed_sync_drops_writes(&self) -> bool {
         true
     }
+    /// Gives back space the file grew ahead of its writes (an O_DIRECT [`FileHost`]), so that
+    /// a cleanly closed image is as long as its writes made it. Called by a clean close.
+    fn release_growth(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A shared host file (so a test or a recording layer can keep a handle to it).
@@ -103,6 +109,10 @@ impl<T: HostFile + ?Sized> HostFile for std::sync::Arc<T> {
 
     fn failed_sync_drops_writes(&self) -> bool {
         (**self).failed_sync_drops_writes()
+    }
+
+    fn release_growth(&self) -> io::Result<()> {
+        (**self).release_growth()
     }
 }
 
@@ -139,13 +149,47 @@ impl<T: HostFile + ?Sized> HostFile for Box<T> {
     fn failed_sync_drops_writes(&self) -> bool {
         (**self).failed_sync_drops_writes()
     }
+
+    fn release_growth(&self) -> io::Result<()> {
+        (**self).release_growth()
+    }
 }
 
+/// Bytes an O_DIRECT file grows ahead of a write past its end (see [`FileHost`]).
+pub const GROW_AHEAD: u64 = 64 << 20;
+
 /// A real file, buffered or (after [`HostFile::enable_direct`]) with O_DIRECT.
+///
+/// With O_DIRECT the file grows ahead of its writes: a write past the end first extends the
+/// file by [`GROW_AHEAD`] with `fallocate`. On ext4 (and others) a direct write that
+/// allocates blocks takes the inode lock exclusively and so runs alone, one at a time: the
+/// writebacks of a fresh overlay would queue behind each other (about 5,000 4 KiB writes a
+/// second here, whatever the number of threads). Into blocks already allocated, aligned
+/// direct writes run in parallel. QEMU's `preallocate` filter does the same. A clean close
+/// ([`HostFile::release_growth`]) truncates the file to the end of what was written, so the
+/// image is as long as buffered writes would have left it; a crash leaves the grown tail
+/// (zeros no metadata points at: qemu-img check finds nothing to report).
 #[derive(Debug)]
 pub struct FileHost {
     file: File,
     direct: std::sync::OnceLock<DirectIo>,
+    growth: Growth,
+}
+
+/// The grow-ahead state of an O_DIRECT [`FileHost`].
+#[derive(Debug, Default)]
+struct Growth {
+    /// The file is at least this long (0: not known yet); writes below it allocate nothing new.
+    grown_to: AtomicU64,
+    /// End of what was written (or set by `set_len`), block-aligned, or the length at the
+    /// switch to O_DIRECT if larger: where a clean close cuts the file.
+    written_to: AtomicU64,
+    /// Whether the file was ever grown ahead (only then does a close truncate it).
+    grew: AtomicBool,
+    /// `fallocate` failed once (unsupported, or no space): stop trying.
+    off: AtomicBool,
+    /// Serializes growing.
+    lock: Mutex<()>,
 }
 
 impl FileHost {
@@ -154,6 +198,44 @@ impl FileHost {
         FileHost {
             file,
             direct: std::sync::OnceLock::new(),
+            growth: Growth::default(),
+        }
+    }
+
+    /// Makes sure `[.., end)` lies inside the file before a direct write: extends the file by
+    /// [`GROW_AHEAD`] past `end` if it is shorter. Failing to grow is not an error (the write
+    /// then allocates its own blocks, and reports ENOSPC itself).
+    fn grow_for(&self, end: u64) {
+        let g = &self.growth;
+        if end <= g.grown_to.load(Ordering::Acquire) || g.off.load(Ordering::Relaxed) {
+            return;
+        }
+        let _one = g.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if end <= g.grown_to.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(len) = blockdev::file_size(&self.file) else {
+            return;
+        };
+        if end <= len {
+            g.grown_to.store(len, Ordering::Release);
+            return;
+        }
+        let to = end.saturating_add(GROW_AHEAD).next_multiple_of(1 << 20);
+        let (Ok(from), Ok(n)) = (i64::try_from(len), i64::try_from(to - len)) else {
+            return;
+        };
+        // SAFETY: fallocate on a valid fd with plain integer arguments.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, from, n) };
+        if r == 0 {
+            g.grew.store(true, Ordering::Release);
+            g.grown_to.store(to, Ordering::Release);
+        } else {
+            log::debug!(
+                "cannot grow the image file ahead of its writes: {}",
+                io::Error::last_os_error()
+            );
+            g.off.store(true, Ordering::Relaxed);
         }
     }
 
@@ -178,7 +260,16 @@ impl HostFile for FileHost {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match self.direct.get() {
-            Some(d) => d.write_at(&self.file, buf, offset),
+            Some(d) => {
+                let end = offset.saturating_add(buf.len() as u64);
+                self.grow_for(end);
+                d.write_at(&self.file, buf, offset)?;
+                // Direct writes cover whole blocks: the file reaches the block's end.
+                self.growth
+                    .written_to
+                    .fetch_max(end.next_multiple_of(d.block()), Ordering::AcqRel);
+                Ok(())
+            }
             None => self.file.write_all_at(buf, offset),
         }
     }
@@ -193,7 +284,27 @@ impl HostFile for FileHost {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+        let g = &self.growth;
+        let _one = g.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.file.set_len(len)?;
+        g.written_to.store(len, Ordering::Release);
+        g.grown_to.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn release_growth(&self) -> io::Result<()> {
+        let g = &self.growth;
+        let _one = g.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.grew.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let keep = g.written_to.load(Ordering::Acquire);
+        if blockdev::file_size(&self.file)? > keep {
+            self.file.set_len(keep)?;
+        }
+        g.grown_to.store(keep, Ordering::Release);
+        g.grew.store(false, Ordering::Release);
+        Ok(())
     }
 
     fn enable_direct(&self) -> io::Result<()> {
@@ -201,6 +312,9 @@ impl HostFile for FileHost {
             return Ok(());
         }
         let d = DirectIo::for_file(&self.file);
+        self.growth
+            .written_to
+            .fetch_max(blockdev::file_size(&self.file)?, Ordering::AcqRel);
         set_o_direct(&self.file, true)?;
         // Callers switch before any I/O of the image runs, so no request sees half a switch.
         let _ = self.direct.set(d);
@@ -579,6 +693,11 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
 
     fn enable_direct(&self) -> io::Result<()> {
         self.inner.enable_direct()
+    }
+
+    fn release_growth(&self) -> io::Result<()> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        self.inner.release_growth()
     }
 }
 

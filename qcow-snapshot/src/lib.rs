@@ -35,6 +35,6 @@ pub use api::{
 };
 pub use create::{create, create_on, CreateOptions};
 pub use error::{CreateImageError, ImageOpError, OpenImageError};
-pub use host::{FileHost, HostFile, MemHost};
+pub use host::{FileHost, HostFile, MemHost, GROW_AHEAD};
 pub use image::{BackingSpec, Extent, ImageHeader, Mapping, QcowImage};
 pub use policy::{BackingPolicy, PolicyError};

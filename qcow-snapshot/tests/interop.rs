@@ -498,3 +498,81 @@ fn images_with_an_external_data_file_are_refused_with_the_reason_and_the_data_fi
         assert_eq!(std::fs::read(&data).unwrap(), before, "{opts}");
     }
 }
+
+/// An O_DIRECT image grows its file ahead of the writes (parallel direct writes need the
+/// blocks allocated), closes at the length buffered writes leave, and a crash that leaves the
+/// grown tail behind leaves an image qemu-img checks clean and reads the same.
+#[test]
+fn a_direct_image_grows_ahead_while_open_and_closes_at_the_length_buffered_writes_leave() {
+    for extended_l2 in [false, true] {
+        let dir = tmp();
+        let size = 256u64 << 20;
+        let make = |name: &str| {
+            let img = p(dir.path(), name);
+            create(
+                &img,
+                &CreateOptions {
+                    size,
+                    extended_l2,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            img
+        };
+        let (buffered, direct, live) = (make("b.qcow2"), make("d.qcow2"), make("c.qcow2"));
+        let crashed = p(dir.path(), "crashed.qcow2");
+        let mut shadow = vec![0u8; size as usize];
+        let len = |img: &Path| std::fs::metadata(img).unwrap().len();
+        {
+            let b = open_qcow2(&buffered, false).unwrap();
+            let d = open_qcow2(&direct, false).unwrap();
+            if let Err(e) = d.enable_direct() {
+                // tmpfs and a few others refuse O_DIRECT: nothing to grow there.
+                assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+                return;
+            }
+            let mut other = shadow.clone();
+            scatter_writes(&b, &mut shadow, 65536, 7);
+            scatter_writes(&d, &mut other, 65536, 7);
+            let far = random_bytes(9, 4096);
+            for dev in [&b as &dyn BlockDev, &d] {
+                dev.write_at(&far, 100 << 20).unwrap();
+                dev.flush().unwrap();
+            }
+            shadow[100 << 20..(100 << 20) + 4096].copy_from_slice(&far);
+            assert!(
+                len(&direct) >= len(&buffered) + qcow_snapshot::GROW_AHEAD / 2,
+                "the direct image did not grow ahead ({} against {})",
+                len(&direct),
+                len(&buffered)
+            );
+            assert_same(&read_all(&d), &shadow, "direct image while open");
+        }
+        assert_eq!(len(&direct), len(&buffered), "extended_l2={extended_l2}");
+        let raw = p(dir.path(), "want.raw");
+        std::fs::write(&raw, &shadow).unwrap();
+        qemu_check(&direct);
+        qemu_compare(&direct, &raw);
+        // A crash after a flush (the file as it is then, copied while the image is open): the
+        // grown tail stays; the image is still clean and whole.
+        let c = open_qcow2(&live, false).unwrap();
+        c.enable_direct().unwrap();
+        let mut third = vec![0u8; size as usize];
+        scatter_writes(&c, &mut third, 65536, 7);
+        c.write_at(&shadow[100 << 20..(100 << 20) + 4096], 100 << 20)
+            .unwrap();
+        c.flush().unwrap();
+        std::fs::copy(&live, &crashed).unwrap();
+        drop(c);
+        assert!(len(&crashed) > len(&buffered));
+        qemu_check(&crashed);
+        qemu_compare(&crashed, &raw);
+        let reopened = open_qcow2(&crashed, false).unwrap();
+        assert_same(&read_all(&reopened), &shadow, "reopened after the crash");
+        // The first write after reopening lands past the tail, and a clean close keeps it.
+        reopened.write_at(&[7u8; 4096], 0).unwrap();
+        drop(reopened);
+        qemu_check(&crashed);
+    }
+}

@@ -479,8 +479,9 @@ impl QcowImage {
                         }
                         self.io.write_at(slice(guest, tot), target)?;
                         i = j;
-                    } else if let Some(w) = sub {
-                        let mut b = vec![0u8; (w.end - w.start) as usize];
+                    } else if let Some(w) = sub.filter(|w| w.start != guest || w.end != guest + len)
+                    {
+                        let mut b = blockdev::AlignedBuf::zeroed((w.end - w.start) as usize);
                         let head = (guest - w.start) as usize;
                         self.subcluster_fill(w.bitmap, w.start, &mut b[..head])?;
                         b[head..head + len as usize].copy_from_slice(slice(guest, len));
@@ -489,8 +490,15 @@ impl QcowImage {
                         self.io
                             .write_at(&b, target + self.geo.offset_in_cluster(w.start))?;
                         i += 1;
+                    } else if sub.is_some() {
+                        // Whole subclusters: written from the caller's buffer (aligned memory
+                        // stays aligned for an O_DIRECT file), nothing to fill around them.
+                        let at = target + self.geo.offset_in_cluster(guest);
+                        self.io.write_at(slice(guest, len), at)?;
+                        i += 1;
                     } else {
-                        let mut cbuf = vec![0u8; cs as usize];
+                        // Aligned: an O_DIRECT file takes it as it is.
+                        let mut cbuf = blockdev::AlignedBuf::zeroed(cs as usize);
                         self.old_content(gc, fill, &mut cbuf)?;
                         let in_off = self.geo.offset_in_cluster(guest) as usize;
                         cbuf[in_off..in_off + len as usize].copy_from_slice(slice(guest, len));
@@ -716,6 +724,11 @@ impl QcowImage {
             self.io
                 .write_at(&v.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64)?;
             self.io.sync_data()?;
+        }
+        // An O_DIRECT file grown ahead of its writes goes back to what they wrote (nothing
+        // points past it; a failure only leaves zeros at the end).
+        if let Err(e) = self.io.release_growth() {
+            log::warn!("cannot give back the space the image grew ahead of its writes: {e}");
         }
         Ok(())
     }
