@@ -208,21 +208,30 @@ impl Inner {
 
     /// Writes back up to `max` dirty folios (round robin over the disk), skipping busy ones.
     /// Returns how many were written; an error only if none could be written.
+    ///
+    /// The cursor moves past the batch as it is taken, so that threads calling this at once
+    /// (the flusher, writers throttled by the dirty budget) take different folios and their
+    /// writebacks run in parallel: with an O_DIRECT image each writeback waits for the device,
+    /// and callers that all took the same first folio would find it busy and only wait.
     pub(super) fn writeback_some(&self, max: usize) -> Result<usize> {
         let batch: Vec<Arc<Folio>> = {
             let list = lock(&self.dirty_list);
             let cursor = self.wb_cursor.load(Ordering::Relaxed);
-            list.range(cursor..)
+            let batch: Vec<Arc<Folio>> = list
+                .range(cursor..)
                 .chain(list.range(..cursor))
                 .take(max)
                 .map(|(_, f)| f.clone())
-                .collect()
+                .collect();
+            if let Some(last) = batch.last() {
+                self.wb_cursor
+                    .store(last.index.wrapping_add(1), Ordering::Relaxed);
+            }
+            batch
         };
         let mut written = 0;
         let mut error = None;
         for f in &batch {
-            self.wb_cursor
-                .store(f.index.wrapping_add(1), Ordering::Relaxed);
             match self.writeback_folio(f, false) {
                 Ok(WbOutcome::Written) => written += 1,
                 Ok(_) => {}
