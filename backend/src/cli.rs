@@ -73,9 +73,16 @@ pub enum CacheMode {
 pub enum DirectMode {
     /// O_DIRECT below the folio cache for a writable qcow2 top (backing files stay buffered).
     On,
+    /// Large aligned writes (at least `LARGE_DIRECT_MIN`) of a writable qcow2 top with
+    /// O_DIRECT, everything else through the host page cache.
+    Large,
     /// Buffered I/O through the host page cache.
     Off,
 }
+
+/// The smallest write `--direct large` sends with O_DIRECT: what bypasses the folio cache
+/// (its default bypass threshold) and what clustered writebacks of sequential data reach.
+pub const LARGE_DIRECT_MIN: usize = 256 << 10;
 
 /// How a queue's reads reach the host files (`--aio`, as qemu-storage-daemon's `aio=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -127,9 +134,11 @@ pub struct ServeArgs {
     /// `--max-inflight 1` serves each queue serially whatever this says.
     #[arg(long, value_enum, default_value_t = AioMode::IoUring, value_name = "io_uring|threads")]
     pub aio: AioMode,
-    /// O_DIRECT for a writable qcow2 image below the folio cache (on), or the host page cache
-    /// (off). Where the file system cannot do O_DIRECT the daemon warns and stays buffered.
-    #[arg(long, value_enum, default_value_t = DirectMode::Off, value_name = "on|off")]
+    /// O_DIRECT for a writable qcow2 image below the folio cache (on), for its large aligned
+    /// writes only (large: writes of 256 KiB and more skip the host page cache and are not
+    /// copied for replay), or the host page cache (off). Where the file system cannot do
+    /// O_DIRECT the daemon warns and stays buffered.
+    #[arg(long, value_enum, default_value_t = DirectMode::Large, value_name = "on|large|off")]
     pub direct: DirectMode,
     /// Deprecated: `--io-threads N` means `--max-inflight N+1`.
     #[arg(long, value_name = "N", value_parser = parse_io_threads, hide = true,
@@ -228,7 +237,7 @@ impl ServeArgs {
             cache: CacheMode::Writeback,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             aio: AioMode::IoUring,
-            direct: DirectMode::Off,
+            direct: DirectMode::Large,
             io_threads: None,
             socket_mode: 0o600,
             format: None,

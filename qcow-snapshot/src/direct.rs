@@ -118,6 +118,11 @@ impl DirectIo {
         self.block
     }
 
+    /// Whether `buf` at `offset` goes to the file as it is (no bounce buffer).
+    pub fn takes_as_is(&self, buf: &[u8], offset: u64) -> bool {
+        self.aligned(buf, offset)
+    }
+
     fn aligned(&self, buf: &[u8], offset: u64) -> bool {
         offset.is_multiple_of(self.block)
             && (buf.len() as u64).is_multiple_of(self.block)

@@ -266,6 +266,13 @@ impl QcowImage {
         self.io.enable_direct()
     }
 
+    /// Lets the (buffered) image file write requests of at least `min` bytes that are aligned
+    /// for direct I/O with O_DIRECT (see [`HostFile::enable_direct_large`]). Call before
+    /// serving requests.
+    pub fn enable_direct_large(&self, min: usize) -> io::Result<()> {
+        self.io.enable_direct_large(min)
+    }
+
     /// The cluster geometry.
     pub fn geometry(&self) -> Geometry {
         self.geo

@@ -1,0 +1,430 @@
+//! [`ReplayHost`]: a host file that survives a failed `fdatasync` honestly. It keeps every write
+//! since the last successful sync, replays them when a sync fails, and poisons the file (every
+//! later write and sync fails with EIO) when it cannot prove durability. On an O_DIRECT file
+//! ([`HostFile::failed_sync_drops_writes`] says no) there is nothing to replay: each write
+//! reached the device or failed by itself, so writes pass through uncopied and a failed sync is
+//! reported as it is and retried by the next one. On a buffered file whose large aligned writes
+//! go with O_DIRECT ([`HostFile::writes_directly`]) those are not copied either; once one is in
+//! the file, the kept older writes lose the bytes it covers, so a replay never puts them back
+//! over it.
+//!
+//! Locking model: reads and writes hold `io` shared (writes while they write and journal); a
+//! failed sync holds it exclusively while it replays, so no read sees the file half-replayed;
+//! `syncs` serializes syncs; `journal` is a leaf lock (its condvar `landed` is where a change
+//! waits for the overlapping changes issued before it).
+//!
+//! Replay ordering: two overlapping changes are never in flight at once. A change takes a ticket
+//! in the journal before it touches the file and waits until every change with an earlier
+//! ticket that overlaps it has reached the file *and* been journaled; it is journaled before the
+//! next overlapping one may start. So for every byte, the journal order of the changes that wrote
+//! it is the order in which they reached the file, and replaying the journal in order rebuilds
+//! exactly the content readers saw. (Concurrent overlapping `pwrite`s have no order at all - with
+//! O_DIRECT they may even interleave page by page - so serializing them is the only way a replay
+//! can be exact.) `set_len` overlaps everything; a direct write takes its ticket like any change.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+
+use super::HostFile;
+
+/// Most bytes of unsynced writes a [`ReplayHost`] keeps for replay. Past this, a failed sync
+/// poisons the file instead of replaying (like QEMU's file-posix does after any failure).
+pub const REPLAY_LIMIT_BYTES: usize = 64 << 20;
+
+/// One journaled file change.
+#[derive(Debug)]
+pub(super) enum Change {
+    Write { offset: u64, data: Box<[u8]> },
+    SetLen(u64),
+}
+
+impl Change {
+    /// The file bytes `[start, end)` the change may alter (`set_len`: all of them).
+    fn span(&self) -> (u64, u64) {
+        match self {
+            Change::Write { offset, data } => (*offset, offset.saturating_add(data.len() as u64)),
+            Change::SetLen(_) => (0, u64::MAX),
+        }
+    }
+}
+
+/// A change between its ticket and its journal entry (it may be in the file already).
+#[derive(Debug)]
+struct InFlight {
+    ticket: u64,
+    start: u64,
+    end: u64,
+}
+
+/// The changes since the last successful sync, numbered in the order they were journaled (which,
+/// for overlapping changes, is the order they reached the file), plus the changes in flight.
+#[derive(Debug, Default)]
+pub(super) struct Journal {
+    pub(super) changes: VecDeque<(u64, Change)>,
+    pub(super) bytes: usize,
+    next_seq: u64,
+    /// Changes up to this sequence number were not kept (the limit was reached).
+    pub(super) dropped_through: Option<u64>,
+    /// Changes that took a ticket and are not journaled yet, in ticket order.
+    in_flight: Vec<InFlight>,
+    next_ticket: u64,
+}
+
+impl Journal {
+    /// Nothing to replay: no change kept and none dropped since the last good sync.
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.dropped_through.is_none()
+    }
+
+    /// Whether a `set_len` is kept: replaying it could cut off bytes only the file holds.
+    fn has_set_len(&self) -> bool {
+        self.changes
+            .iter()
+            .any(|(_, c)| matches!(c, Change::SetLen(_)))
+    }
+
+    /// Removes the bytes `[start, end)` from every kept write: a newer write that the file
+    /// holds without a journal copy (a direct write) covers them, so a replay must not put the
+    /// older bytes back over it. A kept write split in two keeps its sequence number.
+    fn clip(&mut self, start: u64, end: u64) {
+        if !self.changes.iter().any(|(_, c)| {
+            let (a, b) = c.span();
+            matches!(c, Change::Write { .. }) && a < end && start < b
+        }) {
+            return;
+        }
+        let old = std::mem::take(&mut self.changes);
+        for (seq, c) in old {
+            let Change::Write { offset, data } = c else {
+                self.changes.push_back((seq, c));
+                continue;
+            };
+            let (a, b) = (offset, offset.saturating_add(data.len() as u64));
+            if b <= start || end <= a {
+                self.changes
+                    .push_back((seq, Change::Write { offset, data }));
+                continue;
+            }
+            self.bytes -= data.len();
+            if a < start {
+                let keep: Box<[u8]> = data[..(start - a) as usize].into();
+                self.bytes += keep.len();
+                self.changes.push_back((
+                    seq,
+                    Change::Write {
+                        offset: a,
+                        data: keep,
+                    },
+                ));
+            }
+            if end < b {
+                let keep: Box<[u8]> = data[(end - a) as usize..].into();
+                self.bytes += keep.len();
+                self.changes.push_back((
+                    seq,
+                    Change::Write {
+                        offset: end,
+                        data: keep,
+                    },
+                ));
+            }
+        }
+    }
+
+    fn push(&mut self, change: Change) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let len = match &change {
+            Change::Write { data, .. } => data.len(),
+            Change::SetLen(_) => 0,
+        };
+        if self.dropped_through.is_some() || self.bytes + len > REPLAY_LIMIT_BYTES {
+            // Keeping only part of the changes could replay an incomplete state: drop all.
+            self.changes.clear();
+            self.bytes = 0;
+            self.dropped_through = Some(seq);
+            return;
+        }
+        self.bytes += len;
+        self.changes.push_back((seq, change));
+    }
+
+    /// Whether a change issued earlier than `ticket` and overlapping `[start, end)` is in flight.
+    fn earlier_overlap(&self, ticket: u64, start: u64, end: u64) -> bool {
+        self.in_flight
+            .iter()
+            .take_while(|c| c.ticket < ticket)
+            .any(|c| c.start < end && start < c.end)
+    }
+
+    fn land(&mut self, ticket: u64) {
+        self.in_flight.retain(|c| c.ticket != ticket);
+    }
+
+    /// Forgets the changes numbered below `seq` (a sync that started after them succeeded).
+    fn retire(&mut self, seq: u64) {
+        while let Some((s, c)) = self.changes.front() {
+            if *s >= seq {
+                break;
+            }
+            if let Change::Write { data, .. } = c {
+                self.bytes -= data.len();
+            }
+            self.changes.pop_front();
+        }
+        if self.dropped_through.is_some_and(|d| d < seq) {
+            self.dropped_through = None;
+        }
+    }
+}
+
+/// A host file that survives a failed `fdatasync` honestly.
+///
+/// On Linux a failed `fdatasync` may drop the dirty pages it could not write and report the
+/// error only once; the next `fdatasync` then succeeds although the data is gone ("fsyncgate").
+/// `ReplayHost` therefore keeps a copy of every write since the last successful sync (up to
+/// [`REPLAY_LIMIT_BYTES`]). When a sync fails it rewrites them all, in order, and syncs again:
+/// if that succeeds, everything really is durable and the sync reports success. Otherwise (the
+/// second sync fails too, a replayed write fails, or the journal was over its limit) the file
+/// is poisoned: every later write, `set_len` and sync fails with EIO, so nothing can claim
+/// durability or write metadata that points at possibly lost data. Reads keep working.
+#[derive(Debug)]
+pub struct ReplayHost<H: HostFile> {
+    pub(super) inner: H,
+    io: RwLock<()>,
+    syncs: Mutex<()>,
+    journal: Mutex<Journal>,
+    /// Signalled whenever an in-flight change is journaled or abandoned.
+    landed: Condvar,
+    poisoned: AtomicBool,
+}
+
+pub(super) fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+impl<H: HostFile> ReplayHost<H> {
+    /// Wraps `inner`; nothing is journaled yet.
+    pub fn new(inner: H) -> Self {
+        ReplayHost {
+            inner,
+            io: RwLock::new(()),
+            syncs: Mutex::new(()),
+            journal: Mutex::new(Journal::default()),
+            landed: Condvar::new(),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a sync failure could not be repaired: durability can no longer be promised.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    pub(super) fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_poisoned(&self) -> io::Result<()> {
+        if self.is_poisoned() {
+            return Err(eio());
+        }
+        Ok(())
+    }
+
+    fn poison(&self, why: &str) -> io::Error {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "image file sync failed and durability cannot be restored ({why}); every later \
+                 write and flush fails with EIO"
+            );
+        }
+        eio()
+    }
+
+    /// Applies `change` to the file and journals it, after every overlapping change issued
+    /// earlier has been applied and journaled (see the module documentation).
+    fn change(&self, change: Change) -> io::Result<()> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        let (start, end) = change.span();
+        let ticket = self.take_ticket(start, end);
+        let result = match &change {
+            Change::Write { offset, data } => self.inner.write_at(data, *offset),
+            Change::SetLen(len) => self.inner.set_len(*len),
+        };
+        self.land(ticket, |j| {
+            if result.is_ok() {
+                j.push(change);
+            }
+        });
+        result
+    }
+
+    /// A write the file takes with O_DIRECT although it is buffered
+    /// ([`HostFile::writes_directly`]): ordered like every change, but not copied. Once it is
+    /// in the file, the older kept writes lose the bytes it covers, so that a replay after a
+    /// failed sync cannot put them back over it. While a `set_len` is kept (whose replay
+    /// could cut the file below this write), the write is kept as a copy instead.
+    fn direct_change(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        let end = offset.saturating_add(buf.len() as u64);
+        let ticket = self.take_ticket(offset, end);
+        let result = self.inner.write_at(buf, offset);
+        self.land(ticket, |j| {
+            if result.is_ok() {
+                if j.has_set_len() {
+                    j.push(Change::Write {
+                        offset,
+                        data: buf.into(),
+                    });
+                } else {
+                    j.clip(offset, end);
+                }
+            }
+        });
+        result
+    }
+
+    /// Takes a ticket for a change of `[start, end)` and waits until no change with an earlier
+    /// ticket overlapping it is in flight.
+    fn take_ticket(&self, start: u64, end: u64) -> u64 {
+        let mut j = self.journal();
+        let ticket = j.next_ticket;
+        j.next_ticket += 1;
+        j.in_flight.push(InFlight { ticket, start, end });
+        while j.earlier_overlap(ticket, start, end) {
+            j = self.landed.wait(j).unwrap_or_else(|e| e.into_inner());
+        }
+        ticket
+    }
+
+    /// Records the outcome of the change holding `ticket` (`journal`) and lets the changes
+    /// waiting for it go.
+    fn land(&self, ticket: u64, journal: impl FnOnce(&mut Journal)) {
+        {
+            let mut j = self.journal();
+            journal(&mut j);
+            j.land(ticket);
+        }
+        self.landed.notify_all();
+    }
+
+    /// A change of a file whose failed sync drops nothing (O_DIRECT): nothing will be replayed,
+    /// so it is neither copied nor ordered against overlapping changes (the layers above order
+    /// those, [`crate::direct::DirectIo`] its read-modify-writes).
+    fn unjournaled(&self, op: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        op()
+    }
+
+    /// After a failed sync: rewrite every change since the last good sync and sync again.
+    fn recover(&self, err: io::Error) -> io::Result<()> {
+        // Exclusive: every write that reached the file has been journaled.
+        let _excl = self.io.write().unwrap_or_else(|e| e.into_inner());
+        let mut j = self.journal();
+        if j.dropped_through.is_some() {
+            return Err(self.poison(&format!(
+                "{err}; more than {REPLAY_LIMIT_BYTES} bytes were unsynced, too many to replay"
+            )));
+        }
+        log::warn!(
+            "image file sync failed ({err}); rewriting {} changes since the last good sync",
+            j.changes.len()
+        );
+        for (_, c) in &j.changes {
+            let r = match c {
+                Change::Write { offset, data } => self.inner.write_at(data, *offset),
+                Change::SetLen(len) => self.inner.set_len(*len),
+            };
+            if let Err(e) = r {
+                return Err(self.poison(&format!("{err}; replaying a write failed: {e}")));
+            }
+        }
+        match self.inner.sync_data() {
+            Ok(()) => {
+                let next = j.next_seq;
+                j.retire(next);
+                Ok(())
+            }
+            Err(e) => Err(self.poison(&format!("{err}; the sync after the replay failed: {e}"))),
+        }
+    }
+}
+
+impl<H: HostFile> HostFile for ReplayHost<H> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Shared with writes, excluded by a replay: a replay rewrites older changes before the
+        // newer ones over them, so a read in the middle of it could see the past.
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.inner.failed_sync_drops_writes() {
+            return self.unjournaled(|| self.inner.write_at(buf, offset));
+        }
+        if self.inner.writes_directly(buf, offset) {
+            return self.direct_change(buf, offset);
+        }
+        self.change(Change::Write {
+            offset,
+            data: buf.into(),
+        })
+    }
+
+    fn page_cached(&self) -> bool {
+        self.inner.page_cached()
+    }
+
+    fn failed_sync_drops_writes(&self) -> bool {
+        // A failed sync is replayed or poisons: it never silently drops a write.
+        false
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let _one = self.syncs.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        let start = self.journal().next_seq;
+        match self.inner.sync_data() {
+            Ok(()) => {
+                self.journal().retire(start);
+                Ok(())
+            }
+            // A file whose failed sync drops nothing (O_DIRECT) reports the error and stays
+            // usable: a later sync that succeeds is true (QEMU's file-posix does the same). What
+            // was journaled before the file switched to O_DIRECT is still replayed.
+            Err(e) if !self.inner.failed_sync_drops_writes() && self.journal().is_empty() => Err(e),
+            Err(e) => self.recover(e),
+        }
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        self.inner.len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if !self.inner.failed_sync_drops_writes() {
+            return self.unjournaled(|| self.inner.set_len(len));
+        }
+        self.change(Change::SetLen(len))
+    }
+
+    fn enable_direct(&self) -> io::Result<()> {
+        self.inner.enable_direct()
+    }
+
+    fn release_growth(&self) -> io::Result<()> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        self.inner.release_growth()
+    }
+
+    fn enable_direct_large(&self, min: usize) -> io::Result<()> {
+        self.inner.enable_direct_large(min)
+    }
+}

@@ -1,0 +1,639 @@
+//! Tests of the host files: the replay journal against a file with Linux "fsyncgate"
+//! semantics, O_DIRECT files, and buffered files that write large requests directly.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use super::replay::{eio, Change};
+use super::*;
+
+/// A file with Linux "fsyncgate" semantics: a failed sync drops the unsynced writes.
+#[derive(Default)]
+struct LossyFile {
+    state: Mutex<(Vec<u8>, Vec<u8>)>,
+    failures_left: std::sync::atomic::AtomicU32,
+}
+
+impl HostFile for LossyFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        MemHost::new(self.state.lock().unwrap().0.clone()).read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        let m = MemHost::new(std::mem::take(&mut st.0));
+        m.write_at(buf, offset)?;
+        st.0 = m.contents();
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        if self.failures_left.load(Ordering::SeqCst) > 0 {
+            self.failures_left.fetch_sub(1, Ordering::SeqCst);
+            st.0 = st.1.clone();
+            return Err(eio());
+        }
+        st.1 = st.0.clone();
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state.lock().unwrap().0.len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.state.lock().unwrap().0.resize(len as usize, 0);
+        Ok(())
+    }
+}
+
+fn durable(h: &ReplayHost<std::sync::Arc<LossyFile>>) -> Vec<u8> {
+    h.inner.state.lock().unwrap().1.clone()
+}
+
+#[test]
+fn one_failed_sync_that_drops_writes_is_repaired_by_replaying_them() {
+    let f = std::sync::Arc::new(LossyFile::default());
+    let h = ReplayHost::new(f.clone());
+    h.write_at(&[1, 2], 0).unwrap();
+    h.sync_data().unwrap();
+    h.write_at(&[3], 1).unwrap();
+    h.write_at(&[4, 5], 2).unwrap();
+    f.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert!(!h.is_poisoned());
+    assert_eq!(durable(&h), [1, 3, 4, 5]);
+    // The journal was retired: a later failure only replays later writes.
+    h.write_at(&[6], 0).unwrap();
+    f.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert_eq!(durable(&h), [6, 3, 4, 5]);
+}
+
+/// A host file that runs a closure once, right after the first write that reaches the file
+/// once armed (the write is in the file; its caller has not returned yet).
+struct AfterWriteHook {
+    inner: std::sync::Arc<LossyFile>,
+    hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl HostFile for AfterWriteHook {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)?;
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(f) = hook {
+            f();
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn replay_after_a_failed_sync_keeps_overlapping_writes_in_file_order() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let f = Arc::new(LossyFile::default());
+    let file = Arc::new(AfterWriteHook {
+        inner: f.clone(),
+        hook: Mutex::new(None),
+    });
+    let h = Arc::new(ReplayHost::new(file.clone()));
+    h.write_at(&[0; 8], 0).unwrap();
+    h.sync_data().unwrap();
+    let b_thread = Arc::new(Mutex::new(None));
+    let (h2, slot) = (h.clone(), b_thread.clone());
+    *file.hook.lock().unwrap() = Some(Box::new(move || {
+        // Write A is in the file and not yet journaled. Write B overlaps it from another
+        // thread: it must either reach the file after A and be journaled after A, or wait.
+        let b = std::thread::spawn(move || h2.write_at(&[2; 4], 2));
+        let start = Instant::now();
+        while !b.is_finished() && start.elapsed() < Duration::from_millis(200) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *slot.lock().unwrap() = Some(b);
+    }));
+    h.write_at(&[1; 8], 0).unwrap();
+    let b = b_thread.lock().unwrap().take().unwrap();
+    b.join().unwrap().unwrap();
+    let mut seen = [0u8; 8];
+    h.read_at(&mut seen, 0).unwrap();
+    assert_eq!(seen, [1, 1, 2, 2, 2, 2, 1, 1]);
+    // The sync fails and drops both writes; the replay must rebuild what readers saw.
+    f.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert_eq!(
+        f.state.lock().unwrap().1,
+        seen,
+        "the replay reordered two overlapping writes"
+    );
+}
+
+#[test]
+fn a_read_during_a_replay_never_sees_an_older_write_replayed_before_a_newer_one() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let f = Arc::new(LossyFile::default());
+    let file = Arc::new(AfterWriteHook {
+        inner: f.clone(),
+        hook: Mutex::new(None),
+    });
+    let h = Arc::new(ReplayHost::new(file.clone()));
+    h.write_at(&[1; 4], 0).unwrap();
+    h.write_at(&[2; 4], 0).unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let (h2, slot) = (h.clone(), seen.clone());
+    // Runs after the replay rewrote the older write and before it rewrites the newer one.
+    *file.hook.lock().unwrap() = Some(Box::new(move || {
+        let reader = std::thread::spawn(move || {
+            let mut b = [0u8; 4];
+            h2.read_at(&mut b, 0).unwrap();
+            b
+        });
+        let start = Instant::now();
+        while !reader.is_finished() && start.elapsed() < Duration::from_millis(100) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *slot.lock().unwrap() = Some(reader);
+    }));
+    f.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    let reader = seen
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the replay wrote nothing");
+    assert_eq!(
+        reader.join().unwrap(),
+        [2; 4],
+        "a read saw the file half-replayed"
+    );
+}
+
+#[test]
+fn a_sync_failing_again_after_the_replay_poisons_writes_and_syncs_but_not_reads() {
+    let f = std::sync::Arc::new(LossyFile::default());
+    let h = ReplayHost::new(f.clone());
+    h.write_at(&[7; 4], 0).unwrap();
+    f.failures_left.store(2, Ordering::SeqCst);
+    let e = h.sync_data().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    assert!(h.is_poisoned());
+    // The file would now sync fine, but the lost write must never be reported durable.
+    assert_eq!(h.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        h.write_at(&[1], 0).unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
+    assert!(h.set_len(0).is_err());
+    let mut b = [9u8; 2];
+    h.read_at(&mut b, 0).unwrap();
+    assert_eq!(durable(&h), Vec::<u8>::new());
+}
+
+#[test]
+fn unsynced_writes_beyond_the_journal_limit_poison_on_a_failed_sync() {
+    let f = std::sync::Arc::new(LossyFile::default());
+    let h = ReplayHost::new(f.clone());
+    let big = vec![1u8; REPLAY_LIMIT_BYTES / 2 + 1];
+    h.write_at(&big, 0).unwrap();
+    h.write_at(&big, big.len() as u64).unwrap();
+    assert!(h.journal().dropped_through.is_some());
+    assert_eq!(h.journal().bytes, 0);
+    f.failures_left.store(1, Ordering::SeqCst);
+    assert!(h.sync_data().is_err());
+    assert!(h.is_poisoned());
+}
+
+#[test]
+fn a_successful_sync_forgets_the_journal_including_an_overflow() {
+    let f = std::sync::Arc::new(LossyFile::default());
+    let h = ReplayHost::new(f.clone());
+    let big = vec![1u8; REPLAY_LIMIT_BYTES + 1];
+    h.write_at(&big, 0).unwrap();
+    h.sync_data().unwrap();
+    assert!(h.journal().dropped_through.is_none());
+    h.write_at(&[2], 0).unwrap();
+    f.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert_eq!(durable(&h).first(), Some(&2));
+}
+
+/// An O_DIRECT-like file: a failed sync keeps every write (nothing sat in a page cache).
+#[derive(Default)]
+struct DirectLikeFile {
+    inner: LossyFile,
+    sync_failures_left: std::sync::atomic::AtomicU32,
+    syncs: std::sync::atomic::AtomicU32,
+}
+
+impl HostFile for DirectLikeFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        if self.sync_failures_left.load(Ordering::SeqCst) > 0 {
+            self.sync_failures_left.fetch_sub(1, Ordering::SeqCst);
+            return Err(eio());
+        }
+        self.inner.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn failed_sync_drops_writes(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn on_a_direct_file_writes_are_not_copied_and_a_failed_sync_fails_without_poisoning() {
+    let f = std::sync::Arc::new(DirectLikeFile::default());
+    let h = ReplayHost::new(f.clone());
+    h.write_at(&[1, 2, 3, 4], 0).unwrap();
+    h.set_len(6).unwrap();
+    assert!(h.journal().changes.is_empty(), "a direct write was copied");
+    assert_eq!(h.journal().bytes, 0);
+    f.sync_failures_left.store(1, Ordering::SeqCst);
+    // The failure is reported once, as it is: no replay (one sync only), no poison.
+    assert_eq!(h.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(f.syncs.load(Ordering::SeqCst), 1);
+    assert!(!h.is_poisoned());
+    // The file keeps serving, and the next good sync makes the writes durable.
+    h.write_at(&[9], 5).unwrap();
+    h.sync_data().unwrap();
+    assert_eq!(f.inner.state.lock().unwrap().1, [1, 2, 3, 4, 0, 9]);
+}
+
+#[test]
+fn a_change_journaled_before_the_file_went_direct_is_still_replayed() {
+    // The file turns direct after one buffered write (ReplayHost asks at every call).
+    struct Switching {
+        lossy: LossyFile,
+        direct: AtomicBool,
+    }
+    impl HostFile for Switching {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.lossy.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.lossy.write_at(buf, offset)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.lossy.sync_data()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.lossy.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.lossy.set_len(len)
+        }
+        fn failed_sync_drops_writes(&self) -> bool {
+            !self.direct.load(Ordering::SeqCst)
+        }
+    }
+    let f = std::sync::Arc::new(Switching {
+        lossy: LossyFile::default(),
+        direct: AtomicBool::new(false),
+    });
+    let h = ReplayHost::new(f.clone());
+    h.write_at(&[5, 5], 0).unwrap();
+    f.direct.store(true, Ordering::SeqCst);
+    f.lossy.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert_eq!(f.lossy.state.lock().unwrap().1, [5, 5]);
+}
+
+#[test]
+fn a_file_host_says_a_failed_sync_drops_writes_until_it_is_direct() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("f.img"))
+        .unwrap();
+    let h = ReplayHost::new(FileHost::new(file));
+    assert!(h.inner.failed_sync_drops_writes());
+    h.write_at(&[1; 4096], 0).unwrap();
+    assert_eq!(h.journal().bytes, 4096);
+    h.sync_data().unwrap();
+    if let Err(e) = h.enable_direct() {
+        // tmpfs and a few others refuse O_DIRECT; the buffered half above still ran.
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        return;
+    }
+    assert!(!h.inner.failed_sync_drops_writes());
+    h.write_at(&[2; 4096], 4096).unwrap();
+    assert_eq!(h.journal().bytes, 0, "a direct write was journaled");
+    let mut b = [0u8; 4096];
+    h.read_at(&mut b, 4096).unwrap();
+    assert_eq!(b, [2; 4096]);
+}
+
+/// A buffered file with Linux "fsyncgate" semantics that writes requests of 4 bytes and more
+/// directly: those reach the durable state at once, a failed sync drops only the others.
+#[derive(Default)]
+struct SplitFile {
+    lossy: LossyFile,
+}
+
+impl HostFile for SplitFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.lossy.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.lossy.write_at(buf, offset)?;
+        if self.writes_directly(buf, offset) {
+            let mut st = self.lossy.state.lock().unwrap();
+            let m = MemHost::new(std::mem::take(&mut st.1));
+            m.write_at(buf, offset)?;
+            st.1 = m.contents();
+        }
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.lossy.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.lossy.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.lossy.set_len(len)
+    }
+    fn writes_directly(&self, buf: &[u8], _offset: u64) -> bool {
+        buf.len() >= 4
+    }
+}
+
+#[test]
+fn a_replay_never_puts_an_older_write_back_over_a_newer_direct_one() {
+    let f = std::sync::Arc::new(SplitFile::default());
+    let h = ReplayHost::new(f.clone());
+    h.write_at(&[0; 8], 0).unwrap();
+    h.sync_data().unwrap();
+    // Buffered, kept for replay (2-byte pieces), then a direct write over its middle.
+    for at in (0..8).step_by(2) {
+        h.write_at(&[1, 1], at).unwrap();
+    }
+    h.write_at(&[2; 4], 2).unwrap();
+    assert_eq!(
+        h.journal().bytes,
+        4,
+        "the direct write was copied, or not clipped"
+    );
+    f.lossy.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert_eq!(
+        f.lossy.state.lock().unwrap().1,
+        [1, 1, 2, 2, 2, 2, 1, 1],
+        "the replay wrote older bytes over the direct write"
+    );
+}
+
+/// A [`SplitFile`] that runs a closure once, right after the first buffered write (or with
+/// `after_direct`, direct write) that reaches it once armed (in the file, not landed yet).
+#[derive(Default)]
+struct HookedSplit {
+    split: SplitFile,
+    after_direct: bool,
+    hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl HostFile for HookedSplit {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.split.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.split.write_at(buf, offset)?;
+        if self.split.writes_directly(buf, offset) == self.after_direct {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(f) = hook {
+                f();
+            }
+        }
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.split.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.split.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.split.set_len(len)
+    }
+    fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
+        self.split.writes_directly(buf, offset)
+    }
+}
+
+#[test]
+fn a_direct_write_racing_an_older_buffered_one_waits_until_it_is_journaled() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let f = Arc::new(HookedSplit::default());
+    let h = Arc::new(ReplayHost::new(f.clone()));
+    h.write_at(&[0; 8], 0).unwrap();
+    h.sync_data().unwrap();
+    let slot = Arc::new(Mutex::new(None));
+    let (h2, s2) = (h.clone(), slot.clone());
+    // The buffered write is in the file, not journaled: the direct write over it from
+    // another thread must wait until it is (else its clip misses it, and a replay puts
+    // the older bytes back over the direct ones).
+    *f.hook.lock().unwrap() = Some(Box::new(move || {
+        let d = std::thread::spawn(move || h2.write_at(&[2; 4], 0));
+        let start = Instant::now();
+        while !d.is_finished() && start.elapsed() < Duration::from_millis(200) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *s2.lock().unwrap() = Some(d);
+    }));
+    h.write_at(&[1, 1], 2).unwrap();
+    let d = slot.lock().unwrap().take().expect("the hook did not run");
+    d.join().unwrap().unwrap();
+    let mut seen = [0u8; 8];
+    h.read_at(&mut seen, 0).unwrap();
+    assert_eq!(seen, [2, 2, 2, 2, 0, 0, 0, 0]);
+    f.split.lossy.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert_eq!(
+        f.split.lossy.state.lock().unwrap().1,
+        seen,
+        "the replay put an older buffered write back over a direct one"
+    );
+}
+
+#[test]
+fn a_buffered_write_racing_an_older_direct_one_reaches_the_file_after_it() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let f = Arc::new(HookedSplit {
+        after_direct: true,
+        ..HookedSplit::default()
+    });
+    let h = Arc::new(ReplayHost::new(f.clone()));
+    h.write_at(&[0; 8], 0).unwrap();
+    h.sync_data().unwrap();
+    let slot = Arc::new(Mutex::new(None));
+    let (h2, s2) = (h.clone(), slot.clone());
+    // The direct write is in the file and has not landed: a buffered write over it must
+    // wait, so that it is on top in the file and in the journal alike.
+    *f.hook.lock().unwrap() = Some(Box::new(move || {
+        let b = std::thread::spawn(move || h2.write_at(&[1, 1], 2));
+        let start = Instant::now();
+        while !b.is_finished() && start.elapsed() < Duration::from_millis(200) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *s2.lock().unwrap() = Some(b);
+    }));
+    h.write_at(&[2; 4], 0).unwrap();
+    let b = slot.lock().unwrap().take().expect("the hook did not run");
+    b.join().unwrap().unwrap();
+    let mut seen = [0u8; 8];
+    h.read_at(&mut seen, 0).unwrap();
+    assert_eq!(seen, [2, 2, 1, 1, 0, 0, 0, 0]);
+    f.split.lossy.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert_eq!(
+        f.split.lossy.state.lock().unwrap().1,
+        seen,
+        "the replay lost a buffered write that readers saw on top of a direct one"
+    );
+}
+
+#[test]
+fn a_direct_write_splits_an_older_kept_write_it_covers_the_middle_of() {
+    let f = std::sync::Arc::new(SplitFile::default());
+    let h = ReplayHost::new(f.clone());
+    h.write_at(&[0; 12], 0).unwrap();
+    h.sync_data().unwrap();
+    // A 12-byte write is direct too: a buffered one is built from 3-byte pieces.
+    for at in (0..12).step_by(3) {
+        h.write_at(&[at as u8 + 10; 3], at).unwrap();
+    }
+    h.write_at(&[9; 5], 4).unwrap();
+    {
+        let j = h.journal();
+        let kept: Vec<(u64, usize)> = j
+            .changes
+            .iter()
+            .map(|(_, c)| match c {
+                Change::Write { offset, data } => (*offset, data.len()),
+                Change::SetLen(l) => (*l, usize::MAX),
+            })
+            .collect();
+        assert_eq!(kept, [(0, 3), (3, 1), (9, 3)]);
+        assert_eq!(j.bytes, 7);
+    }
+    f.lossy.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert_eq!(
+        f.lossy.state.lock().unwrap().1,
+        [10, 10, 10, 13, 9, 9, 9, 9, 9, 19, 19, 19]
+    );
+}
+
+#[test]
+fn while_a_set_len_is_kept_a_direct_write_is_kept_as_a_copy() {
+    let f = std::sync::Arc::new(SplitFile::default());
+    let h = ReplayHost::new(f.clone());
+    h.set_len(4).unwrap();
+    h.write_at(&[5; 8], 8).unwrap();
+    assert_eq!(h.journal().bytes, 8);
+    f.lossy.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    // The replayed set_len cut the file to 4 bytes; the copy put the write back.
+    assert_eq!(
+        f.lossy.state.lock().unwrap().1,
+        [0, 0, 0, 0, 0, 0, 0, 0, 5, 5, 5, 5, 5, 5, 5, 5]
+    );
+}
+
+#[test]
+fn a_buffered_file_writes_large_aligned_requests_directly_and_reads_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("f.img"))
+        .unwrap();
+    let h = ReplayHost::new(FileHost::new(file));
+    if let Err(e) = h.enable_direct_large(8192) {
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        return;
+    }
+    let mut big = blockdev::AlignedBuf::zeroed(16384);
+    big.fill(1);
+    // Buffered first (too small, then unaligned memory), then direct over it.
+    h.write_at(&big[..4096], 0).unwrap();
+    h.write_at(&[1; 16384], 4096).unwrap();
+    assert!(!h.inner.writes_directly(&big[..4096], 0));
+    assert_eq!(h.journal().bytes, 4096 + 16384);
+    big.fill(2);
+    assert!(h.inner.writes_directly(&big, 0));
+    h.write_at(&big, 0).unwrap();
+    assert_eq!(
+        h.journal().bytes,
+        4096,
+        "the direct write was copied or not clipped"
+    );
+    let mut back = vec![0u8; 20480];
+    h.read_at(&mut back, 0).unwrap();
+    assert!(
+        back[..16384].iter().all(|&b| b == 2),
+        "a buffered read saw stale pages"
+    );
+    assert!(back[16384..].iter().all(|&b| b == 1));
+    // A direct write past the end grows the file ahead; a clean close gives it back.
+    h.write_at(&big, 1 << 20).unwrap();
+    assert!(h.len().unwrap() >= (1 << 20) + GROW_AHEAD);
+    h.release_growth().unwrap();
+    assert_eq!(h.len().unwrap(), (1 << 20) + 16384);
+    h.sync_data().unwrap();
+}
+
+#[test]
+fn mem_host_reads_zeros_past_end_and_grows_on_write() {
+    let h = MemHost::default();
+    h.write_at(&[1, 2, 3], 10).unwrap();
+    assert_eq!(h.len().unwrap(), 13);
+    let mut b = [9u8; 6];
+    h.read_at(&mut b, 9).unwrap();
+    assert_eq!(b, [0, 1, 2, 3, 0, 0]);
+    assert!(h.write_at(&[1], u64::MAX).is_err());
+    h.set_len(4).unwrap();
+    assert_eq!(h.len().unwrap(), 4);
+}
