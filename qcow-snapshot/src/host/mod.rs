@@ -178,10 +178,11 @@ impl<T: HostFile + ?Sized> HostFile for Box<T> {
 /// Bytes an O_DIRECT file grows ahead of a write past its end (see [`FileHost`]).
 pub const GROW_AHEAD: u64 = 64 << 20;
 
-/// A real file, buffered or (after [`HostFile::enable_direct`]) with O_DIRECT.
+/// A real file, buffered or (after [`HostFile::enable_direct`]) with O_DIRECT, or buffered with
+/// its large aligned writes direct (after [`HostFile::enable_direct_large`]).
 ///
-/// With O_DIRECT the file grows ahead of its writes: a write past the end first extends the
-/// file by [`GROW_AHEAD`] with `fallocate`. On ext4 (and others) a direct write that
+/// With O_DIRECT the file grows ahead of its writes: a direct write past the end first extends
+/// the file by [`GROW_AHEAD`] with `fallocate`. On ext4 (and others) a direct write that
 /// allocates blocks takes the inode lock exclusively and so runs alone, one at a time: the
 /// writebacks of a fresh overlay would queue behind each other (about 5,000 4 KiB writes a
 /// second here, whatever the number of threads). Into blocks already allocated, aligned
@@ -194,12 +195,13 @@ pub struct FileHost {
     file: File,
     direct: std::sync::OnceLock<DirectIo>,
     /// A second, O_DIRECT descriptor of the same file for large writes while `file` stays
-    /// buffered ([`HostFile::enable_direct_large`]), and the smallest write it takes.
-    large: std::sync::OnceLock<(File, DirectIo, usize)>,
+    /// buffered ([`HostFile::enable_direct_large`]), the smallest write it takes, and the
+    /// granularity its writes must be aligned to (the page size, see `large_route`).
+    large: std::sync::OnceLock<(File, DirectIo, usize, u64)>,
     growth: Growth,
 }
 
-/// The grow-ahead state of an O_DIRECT [`FileHost`].
+/// The grow-ahead state of a [`FileHost`] whose writes (all, or the large ones) go direct.
 #[derive(Debug, Default)]
 struct Growth {
     /// The file is at least this long (0: not known yet); writes below it allocate nothing new.
@@ -227,11 +229,19 @@ impl FileHost {
     }
 
     /// The O_DIRECT descriptor and alignment a buffered file writes `buf` at `offset` with, if
-    /// it does (large enough, aligned in offset, length and memory).
+    /// it does: large enough, aligned in memory for direct I/O, and covering whole pages. Whole
+    /// pages because the kernel drops the cached pages a direct write covers after it, and
+    /// cannot drop one that a buffered write into its other half dirtied meanwhile: that page
+    /// would keep the old bytes of the direct half for later buffered reads. No buffered write
+    /// shares a page with a direct one in flight (`ReplayHost` orders overlapping changes).
     fn large_route(&self, buf: &[u8], offset: u64) -> Option<(&File, &DirectIo)> {
-        let (f, d, min) = self.large.get()?;
-        (self.direct.get().is_none() && buf.len() >= *min && d.takes_as_is(buf, offset))
-            .then_some((f, d))
+        let (f, d, min, page) = self.large.get()?;
+        (self.direct.get().is_none()
+            && buf.len() >= *min
+            && offset.is_multiple_of(*page)
+            && (buf.len() as u64).is_multiple_of(*page)
+            && d.takes_as_is(buf, offset))
+        .then_some((f, d))
     }
 
     /// Makes sure `[.., end)` lies inside the file before a direct write: extends the file by
@@ -335,7 +345,10 @@ impl HostFile for FileHost {
         self.growth
             .written_to
             .fetch_max(blockdev::file_size(&self.file)?, Ordering::AcqRel);
-        let _ = self.large.set((f, d, min.max(1)));
+        // SAFETY: sysconf has no memory effects.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let page = page.max(d.block()).max(512).next_power_of_two();
+        let _ = self.large.set((f, d, min.max(1), page));
         Ok(())
     }
 

@@ -604,6 +604,10 @@ fn a_buffered_file_writes_large_aligned_requests_directly_and_reads_them_back() 
     assert_eq!(h.journal().bytes, 4096 + 16384);
     big.fill(2);
     assert!(h.inner.writes_directly(&big, 0));
+    // Sector-aligned but not covering whole pages: buffered (the kernel could not drop a page
+    // a buffered write into its other half dirtied).
+    assert!(!h.inner.writes_directly(&big[..8192 + 512], 0));
+    assert!(!h.inner.writes_directly(&big[..8192], 512));
     h.write_at(&big, 0).unwrap();
     assert_eq!(
         h.journal().bytes,
