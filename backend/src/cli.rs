@@ -505,15 +505,20 @@ mod tests {
     }
 
     #[test]
-    fn direct_is_off_unless_asked_and_takes_only_on_or_off() {
+    fn direct_is_large_unless_asked_and_takes_only_large_on_or_off() {
         let parse = |extra: &[&str]| {
             let mut v = vec!["snapblk", "serve", "--image", "a", "--socket", "s"];
             v.extend_from_slice(extra);
             Cli::try_parse_from(v)
         };
-        assert_eq!(serve_args(parse(&[]).unwrap()).direct, DirectMode::Off);
-        let on = serve_args(parse(&["--direct", "on"]).unwrap());
-        assert_eq!(on.direct, DirectMode::On);
+        assert_eq!(serve_args(parse(&[]).unwrap()).direct, DirectMode::Large);
+        for (arg, mode) in [
+            ("on", DirectMode::On),
+            ("off", DirectMode::Off),
+            ("large", DirectMode::Large),
+        ] {
+            assert_eq!(serve_args(parse(&["--direct", arg]).unwrap()).direct, mode);
+        }
         assert!(parse(&["--direct", "yes"]).is_err());
     }
 

@@ -10,7 +10,7 @@
 //!
 //! Locking model: none; an `AlignedBuf` is owned like a `Vec<u8>`.
 
-use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::alloc::{handle_alloc_error, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
@@ -20,10 +20,11 @@ pub const IO_ALIGN: usize = 4096;
 
 /// A zero-initialised byte buffer whose start is aligned to [`IO_ALIGN`].
 pub struct AlignedBuf {
+    /// What `calloc` returned (`None` for an empty buffer).
+    raw: Option<NonNull<u8>>,
+    /// The aligned start inside it.
     ptr: NonNull<u8>,
     len: usize,
-    /// Alignment of the allocation (at least [`IO_ALIGN`], a power of two).
-    align: usize,
 }
 
 // SAFETY: an `AlignedBuf` owns its allocation exclusively, like a `Vec<u8>`.
@@ -35,14 +36,15 @@ impl AlignedBuf {
     /// An empty buffer (no allocation).
     pub const fn new() -> Self {
         AlignedBuf {
+            raw: None,
             ptr: NonNull::dangling(),
             len: 0,
-            align: IO_ALIGN,
         }
     }
 
-    /// A buffer of `len` zero bytes. Fresh pages come zeroed from the allocator (calloc-like):
-    /// nothing is touched until used.
+    /// A buffer of `len` zero bytes. Allocated with `calloc` and aligned inside: a large one
+    /// comes as fresh pages the kernel zeroes on first touch, so nothing is written until it is
+    /// used (a scratch buffer of 1 MiB per flush thread would otherwise be zeroed by hand).
     pub fn zeroed(len: usize) -> Self {
         Self::zeroed_aligned(len, IO_ALIGN)
     }
@@ -54,12 +56,21 @@ impl AlignedBuf {
         if len == 0 {
             return Self::new();
         }
-        let layout = Self::layout(len, align);
-        // SAFETY: `layout` has a non-zero size.
-        let p = unsafe { alloc_zeroed(layout) };
-        match NonNull::new(p) {
-            Some(ptr) => AlignedBuf { ptr, len, align },
-            None => handle_alloc_error(layout),
+        let Some(total) = len.checked_add(align) else {
+            handle_alloc_error(Layout::new::<[u8; IO_ALIGN]>());
+        };
+        // SAFETY: calloc with a non-zero size; the result is checked for null.
+        let raw = unsafe { libc::calloc(1, total) }.cast::<u8>();
+        let Some(raw) = NonNull::new(raw) else {
+            handle_alloc_error(Layout::from_size_align(total, 1).unwrap_or(Layout::new::<u8>()));
+        };
+        let off = raw.as_ptr().align_offset(align);
+        // SAFETY: `off < align`, so `raw + off .. raw + off + len` lies inside the allocation.
+        let ptr = unsafe { raw.add(off) };
+        AlignedBuf {
+            raw: Some(raw),
+            ptr,
+            len,
         }
     }
 
@@ -72,14 +83,6 @@ impl AlignedBuf {
             Self::zeroed(len)
         }
     }
-
-    fn layout(len: usize, align: usize) -> Layout {
-        match Layout::from_size_align(len, align) {
-            Ok(l) => l,
-            // Only a length near usize::MAX fails; no allocation of that size can succeed.
-            Err(_) => handle_alloc_error(Layout::new::<[u8; IO_ALIGN]>()),
-        }
-    }
 }
 
 impl Default for AlignedBuf {
@@ -90,9 +93,9 @@ impl Default for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: allocated by `zeroed` with this very layout.
-            unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len, self.align)) };
+        if let Some(raw) = self.raw {
+            // SAFETY: `raw` came from calloc and is freed once.
+            unsafe { libc::free(raw.as_ptr().cast()) };
         }
     }
 }
