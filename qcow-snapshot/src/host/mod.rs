@@ -81,99 +81,61 @@ pub trait HostFile: Send + Sync {
     }
 }
 
-/// A shared host file (so a test or a recording layer can keep a handle to it).
-impl<T: HostFile + ?Sized> HostFile for std::sync::Arc<T> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
+/// Implements [`HostFile`] for a pointer type by forwarding every method to what it points at:
+/// `Arc` (a test or a recording layer keeps a handle to the file) and `Box` (an owned host file
+/// of any kind).
+macro_rules! forward_host_file {
+    ($($ptr:ident)::+) => {
+        impl<T: HostFile + ?Sized> HostFile for $($ptr)::+<T> {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                (**self).read_at(buf, offset)
+            }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_at(buf, offset)
+            }
 
-    fn sync_data(&self) -> io::Result<()> {
-        (**self).sync_data()
-    }
+            fn sync_data(&self) -> io::Result<()> {
+                (**self).sync_data()
+            }
 
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
+            fn len(&self) -> io::Result<u64> {
+                (**self).len()
+            }
 
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
+            fn set_len(&self, len: u64) -> io::Result<()> {
+                (**self).set_len(len)
+            }
 
-    fn enable_direct(&self) -> io::Result<()> {
-        (**self).enable_direct()
-    }
+            fn enable_direct(&self) -> io::Result<()> {
+                (**self).enable_direct()
+            }
 
-    fn page_cached(&self) -> bool {
-        (**self).page_cached()
-    }
+            fn page_cached(&self) -> bool {
+                (**self).page_cached()
+            }
 
-    fn failed_sync_drops_writes(&self) -> bool {
-        (**self).failed_sync_drops_writes()
-    }
+            fn failed_sync_drops_writes(&self) -> bool {
+                (**self).failed_sync_drops_writes()
+            }
 
-    fn release_growth(&self) -> io::Result<()> {
-        (**self).release_growth()
-    }
+            fn release_growth(&self) -> io::Result<()> {
+                (**self).release_growth()
+            }
 
-    fn enable_direct_large(&self, min: usize) -> io::Result<()> {
-        (**self).enable_direct_large(min)
-    }
+            fn enable_direct_large(&self, min: usize) -> io::Result<()> {
+                (**self).enable_direct_large(min)
+            }
 
-    fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
-        (**self).writes_directly(buf, offset)
-    }
+            fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
+                (**self).writes_directly(buf, offset)
+            }
+        }
+    };
 }
 
-/// An owned host file of any kind.
-impl<T: HostFile + ?Sized> HostFile for Box<T> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-
-    fn sync_data(&self) -> io::Result<()> {
-        (**self).sync_data()
-    }
-
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
-
-    fn enable_direct(&self) -> io::Result<()> {
-        (**self).enable_direct()
-    }
-
-    fn page_cached(&self) -> bool {
-        (**self).page_cached()
-    }
-
-    fn failed_sync_drops_writes(&self) -> bool {
-        (**self).failed_sync_drops_writes()
-    }
-
-    fn release_growth(&self) -> io::Result<()> {
-        (**self).release_growth()
-    }
-
-    fn enable_direct_large(&self, min: usize) -> io::Result<()> {
-        (**self).enable_direct_large(min)
-    }
-
-    fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
-        (**self).writes_directly(buf, offset)
-    }
-}
+forward_host_file!(std::sync::Arc);
+forward_host_file!(Box);
 
 /// Bytes an O_DIRECT file grows ahead of a write past its end (see [`FileHost`]).
 pub const GROW_AHEAD: u64 = 64 << 20;
