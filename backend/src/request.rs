@@ -30,6 +30,11 @@ use crate::virtio_blk::*;
 /// split into several `read_at`/`write_at` calls of this size.
 pub const CHUNK_BYTES: usize = 4 << 20;
 
+/// Largest read that goes to the disk as a [`blockdev::ReadSink`] over guest memory (a
+/// folio-cache hit is then copied straight into the guest's buffers); a larger one reads into
+/// the request's buffer, as the cache reads it past its folios anyway (its bypass threshold).
+const READ_INTO_MAX: usize = 256 << 10;
+
 /// Longest descriptor chain accepted (an indirect table may hold up to 65535 entries).
 pub const MAX_CHAIN_DESCRIPTORS: usize = 4096;
 
@@ -653,6 +658,18 @@ impl RequestWorker {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(CHUNK_BYTES as u64) as usize;
+            if n > READ_INTO_MAX {
+                // Large: the cache bypasses itself for it, through a buffer either way; the
+                // request's own (page-aligned, reused) buffer keeps the thread's small.
+                let buf = bounce(&mut self.buf, n);
+                dev.disk()
+                    .read_at(buf, offset + done)
+                    .map_err(ExecuteRequestError::disk("read"))?;
+                scatter(mem, writable, done, buf)?;
+                done += n as u64;
+                self.written = done;
+                continue;
+            }
             let sink = GuestSink {
                 mem,
                 segs: writable,

@@ -132,6 +132,9 @@ impl ReadSink for std::cell::RefCell<&mut [u8]> {
     }
 }
 
+/// Largest buffer [`with_bounce`] keeps per thread.
+const BOUNCE_KEEP: usize = 1 << 20;
+
 thread_local! {
     static BOUNCE: std::cell::Cell<AlignedBuf> = const { std::cell::Cell::new(AlignedBuf::new()) };
 }
@@ -143,9 +146,13 @@ pub fn with_bounce<T>(n: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     let mut buf = BOUNCE.with(std::cell::Cell::take).at_least(n);
     let out = f(&mut buf[..n]);
     BOUNCE.with(|c| {
-        // Keep the larger of a nested call's buffer and this one.
+        // Keep the larger of a nested call's buffer and this one, unless it is large: a
+        // thread does not keep more than `BOUNCE_KEEP` bytes for the next call.
         let other = c.take();
-        c.set(if other.len() > buf.len() { other } else { buf });
+        let keep = if other.len() > buf.len() { other } else { buf };
+        if keep.len() <= BOUNCE_KEEP {
+            c.set(keep);
+        }
     });
     out
 }
@@ -375,6 +382,13 @@ mod tests {
         BOUNCE.with(|c| {
             let kept = c.take();
             assert!(kept.len() >= 64);
+            c.set(kept);
+        });
+        // A buffer past the bound is not kept for the next call.
+        with_bounce(BOUNCE_KEEP + 1, |b| b.fill(1));
+        BOUNCE.with(|c| {
+            let kept = c.take();
+            assert!(kept.len() <= BOUNCE_KEEP, "kept {} bytes", kept.len());
             c.set(kept);
         });
     }
