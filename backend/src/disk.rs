@@ -317,6 +317,7 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
             crate::cli::DirectMode::Large => enable_direct_large(&chain, &image),
             crate::cli::DirectMode::Off => {}
         }
+        chain.set_direct(args.direct);
     }
     if let Some(g) = &guard {
         let g = Arc::downgrade(g);

@@ -108,6 +108,9 @@ pub struct Chain {
     retired_clusters: AtomicU64,
     snapshots: AtomicU64,
     last_pause_ns: AtomicU64,
+    /// How a new writable top reaches its file (`--direct`): a live snapshot's new overlay, or
+    /// the old top reopened after a failed switch, gets what the first top got.
+    direct: Mutex<crate::cli::DirectMode>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -175,7 +178,32 @@ impl Chain {
             retired_clusters: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
             last_pause_ns: AtomicU64::new(0),
+            direct: Mutex::new(crate::cli::DirectMode::Off),
         })
+    }
+
+    /// Records the `--direct` mode the top was opened with, for the tops live snapshots make.
+    pub fn set_direct(&self, mode: crate::cli::DirectMode) {
+        *self.direct.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+    }
+
+    /// Puts a new writable top's file in the chain's `--direct` mode (it stays buffered, with
+    /// a line in the log, where that is impossible).
+    fn apply_direct(&self, host: &FileHost, path: &Path) {
+        use crate::cli::DirectMode;
+        use qcow_snapshot::HostFile;
+        let mode = *self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        let r = match mode {
+            DirectMode::On => host.enable_direct(),
+            DirectMode::Large => host.enable_direct_large(crate::cli::LARGE_DIRECT_MIN),
+            DirectMode::Off => Ok(()),
+        };
+        if let Err(e) = r {
+            log::warn!(
+                "{}: stays in the host page cache ({mode:?} asked for; {e})",
+                path.display()
+            );
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, ChainState> {
@@ -323,6 +351,7 @@ impl Chain {
         let new_host = FileHost::new(new_file);
         qcow_snapshot::create_on(&new_host, &opts)
             .map_err(|e| SnapshotError::Failed(io_msg("cannot create", overlay, e)))?;
+        self.apply_direct(&new_host, overlay);
         let new_path = std::fs::canonicalize(overlay)
             .map_err(|e| SnapshotError::Failed(io_msg("cannot resolve", overlay, e)))?;
         // The new top is this process's from now on: lock it as a served overlay.
@@ -352,7 +381,9 @@ impl Chain {
             Err((msg, closed)) => {
                 if let Some(q) = &old.qcow {
                     if closed {
-                        match reopen_rw(q, rollback_file) {
+                        let host = FileHost::new(rollback_file);
+                        self.apply_direct(&host, &old.path);
+                        match reopen_rw(q, host) {
                             Ok(img) => {
                                 let img = Arc::new(img);
                                 if sw.replace(img.clone()).is_ok() {
@@ -491,8 +522,8 @@ fn reopen_locked(path: &Path, read_only: bool) -> Result<File, SnapshotError> {
 }
 
 /// Reopens a closed qcow2 top read-write over its backing chain.
-fn reopen_rw(old: &QcowImage, file: File) -> Result<QcowImage, OpenImageError> {
-    QcowImage::open_with(Box::new(FileHost::new(file)), false, old.backing().cloned())
+fn reopen_rw(old: &QcowImage, host: FileHost) -> Result<QcowImage, OpenImageError> {
+    QcowImage::open_with(Box::new(host), false, old.backing().cloned())
 }
 
 /// Removes a half-made overlay file unless disarmed.
@@ -583,6 +614,46 @@ mod tests {
         assert_eq!(read(reopened.as_ref(), 8192, 4096), vec![2; 4096]);
         let info = qcow_snapshot::info(&top).unwrap();
         assert!(!info.dirty, "the frozen image was not closed cleanly");
+    }
+
+    #[test]
+    fn a_live_snapshot_top_writes_its_large_requests_the_way_the_first_top_did() {
+        use crate::cli::DirectMode;
+        for (mode, grows) in [(DirectMode::Large, true), (DirectMode::Off, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (chain, cache, _top) = setup(dir.path());
+            chain.set_direct(mode);
+            let overlay = dir.path().join("new.qcow2");
+            chain
+                .snapshot(&overlay, cache.as_ref(), &|| 0, &PauseGate::new())
+                .unwrap();
+            // A 1 MiB aligned write into the new top: its clusters are appended to the file,
+            // with O_DIRECT in `large` mode, which grows the file ahead of the write.
+            let mut big = blockdev::AlignedBuf::zeroed(1 << 20);
+            big.fill(7);
+            chain.device().write_at(&big, 1 << 20).unwrap();
+            let len = std::fs::metadata(&overlay).unwrap().len();
+            if std::fs::File::open(&overlay)
+                .is_ok_and(|f| qcow_snapshot::direct::set_o_direct(&f, true).is_err())
+            {
+                // tmpfs and a few others refuse O_DIRECT: the top stayed buffered.
+                assert!(len < qcow_snapshot::GROW_AHEAD, "{mode:?}");
+                continue;
+            }
+            assert_eq!(
+                len >= qcow_snapshot::GROW_AHEAD,
+                grows,
+                "{mode:?}: new top is {len} bytes"
+            );
+            assert_eq!(read(chain.device().as_ref(), 1 << 20, 4096), vec![7; 4096]);
+            drop(cache);
+            drop(chain);
+            // Closed cleanly: the grown tail is given back.
+            assert!(
+                std::fs::metadata(&overlay).unwrap().len() < (4 << 20),
+                "{mode:?}"
+            );
+        }
     }
 
     #[test]
