@@ -273,14 +273,22 @@ fn a_base_qemu_io_holds_blocks_commit_into_it_only_while_qemu_io_runs() {
     let dir = tempfile::tempdir().unwrap();
     let (base, ov) = overlay(dir.path());
     // qemu-io holds the base read-write while it waits for commands on stdin.
-    let mut qio = Command::new("qemu-io")
-        .args(["-f", "raw", s(&base)])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io");
+    let spawn = || {
+        Command::new("qemu-io")
+            .args(["-f", "raw", s(&base)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-io")
+    };
+    let mut qio = spawn();
     wait_until("qemu-io", || {
+        // A probe that holds the base's reader lock at the instant qemu-io opens it makes
+        // qemu-io exit ("Failed to get write lock"): start it again then.
+        if qio.try_wait().ok().flatten().is_some() {
+            qio = spawn();
+        }
         !snapblk(&["checksum", s(&base)]).status.success()
     });
     // commit writes the base: refused, naming the base as the backing file of the overlay.
