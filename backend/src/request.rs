@@ -666,22 +666,20 @@ impl RequestWorker {
                     .read_at(buf, offset + done)
                     .map_err(ExecuteRequestError::disk("read"))?;
                 scatter(mem, writable, done, buf)?;
-                done += n as u64;
-                self.written = done;
-                continue;
-            }
-            let sink = GuestSink {
-                mem,
-                segs: writable,
-                skip: done,
-                len: n,
-                error: RefCell::new(None),
-            };
-            if let Err(e) = dev.disk().read_into(&sink, offset + done) {
-                return Err(match sink.error.into_inner() {
-                    Some(g) => g.into(),
-                    None => ExecuteRequestError::disk("read")(e),
-                });
+            } else {
+                let sink = GuestSink {
+                    mem,
+                    segs: writable,
+                    skip: done,
+                    len: n,
+                    error: RefCell::new(None),
+                };
+                if let Err(e) = dev.disk().read_into(&sink, offset + done) {
+                    return Err(match sink.error.into_inner() {
+                        Some(g) => g.into(),
+                        None => ExecuteRequestError::disk("read")(e),
+                    });
+                }
             }
             done += n as u64;
             self.written = done;

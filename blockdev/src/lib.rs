@@ -95,10 +95,7 @@ pub trait BlockDev: Send + Sync {
     /// copies that. Layers that only pass a read down forward this too, so the copy happens
     /// once, where the bytes are.
     fn read_into(&self, dst: &dyn ReadSink, offset: u64) -> Result<()> {
-        with_bounce(dst.len(), |buf| {
-            self.read_at(buf, offset)?;
-            dst.fill(0, buf).map_err(BlockError::Io)
-        })
+        read_via_bounce(dst, 0, dst.len(), |buf| self.read_at(buf, offset))
     }
 }
 
@@ -157,6 +154,20 @@ pub fn with_bounce<T>(n: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     out
 }
 
+/// Fills `dst`'s bytes `[at, at + n)` with what `read` puts into a buffer of the calling
+/// thread ([`with_bounce`]): the path of a read that cannot copy straight into `dst`.
+pub fn read_via_bounce(
+    dst: &dyn ReadSink,
+    at: usize,
+    n: usize,
+    read: impl FnOnce(&mut [u8]) -> Result<()>,
+) -> Result<()> {
+    with_bounce(n, |buf| {
+        read(buf)?;
+        dst.fill(at, buf).map_err(BlockError::Io)
+    })
+}
+
 /// Where one stretch of a planned read comes from.
 #[derive(Debug, Clone)]
 pub enum PlanSource {
@@ -199,12 +210,10 @@ impl ReadPlan {
                         PlanSource::File {
                             file: a,
                             offset: oa,
-                            ..
                         },
                         PlanSource::File {
                             file: b,
                             offset: ob,
-                            ..
                         },
                     ) => Arc::ptr_eq(a, b) && oa.checked_add(*last_len) == Some(*ob),
                     _ => false,

@@ -118,12 +118,9 @@ impl DirectIo {
         self.block
     }
 
-    /// Whether `buf` at `offset` goes to the file as it is (no bounce buffer).
+    /// Whether `buf` at `offset` goes to the file as it is (aligned offset, length and
+    /// memory: no bounce buffer).
     pub fn takes_as_is(&self, buf: &[u8], offset: u64) -> bool {
-        self.aligned(buf, offset)
-    }
-
-    fn aligned(&self, buf: &[u8], offset: u64) -> bool {
         offset.is_multiple_of(self.block)
             && (buf.len() as u64).is_multiple_of(self.block)
             && (buf.as_ptr() as usize).is_multiple_of(self.mem)
@@ -194,7 +191,7 @@ impl DirectIo {
         if buf.is_empty() {
             return Ok(());
         }
-        if self.aligned(buf, offset) {
+        if self.takes_as_is(buf, offset) {
             return self.read_aligned(f, buf, offset);
         }
         let start = offset - offset % self.block;
@@ -211,7 +208,7 @@ impl DirectIo {
         if buf.is_empty() {
             return Ok(());
         }
-        if self.aligned(buf, offset) {
+        if self.takes_as_is(buf, offset) {
             return self.write_aligned(f, buf, offset);
         }
         let end_byte = offset + buf.len() as u64;

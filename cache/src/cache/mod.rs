@@ -90,7 +90,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use blockdev::{
-    check_range, with_bounce, AlignedBuf, BlockDev, BlockError, ReadPlan, ReadSink, Result,
+    check_range, read_via_bounce, AlignedBuf, BlockDev, BlockError, ReadPlan, ReadSink, Result,
 };
 
 use crate::folio::{Folio, FolioState};
@@ -490,7 +490,7 @@ impl BlockDev for FolioCache {
         self.inner.plan_read(offset, len)
     }
 
-    fn read_into(&self, dst: &dyn blockdev::ReadSink, offset: u64) -> Result<()> {
+    fn read_into(&self, dst: &dyn ReadSink, offset: u64) -> Result<()> {
         self.inner.read_into(dst, offset)
     }
 

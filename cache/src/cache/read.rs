@@ -33,19 +33,13 @@ impl Inner {
             return Ok(());
         }
         if self.bypass_threshold > 0 && len as u64 >= self.bypass_threshold {
-            return with_bounce(len, |buf| {
-                self.read_at(buf, offset)?;
-                dst.fill(0, buf).map_err(BlockError::Io)
-            });
+            return read_via_bounce(dst, 0, len, |buf| self.read_at(buf, offset));
         }
         self.wait_zaps_before_read(offset, offset + len as u64);
         let mut done = 0;
         for (index, a, n) in self.segments(offset, len) {
             if !self.fill_from_folio(index, a, n, dst, done)? {
-                with_bounce(n, |buf| {
-                    self.read_segment(index, a, buf)?;
-                    dst.fill(done, buf).map_err(BlockError::Io)
-                })?;
+                read_via_bounce(dst, done, n, |buf| self.read_segment(index, a, buf))?;
             }
             done += n;
         }

@@ -8,6 +8,41 @@ use std::sync::Mutex;
 use super::replay::{eio, Change};
 use super::*;
 
+/// The methods a test wrapper passes unchanged to its field `$f`.
+macro_rules! forward {
+    ($f:ident: $($m:ident),+) => { $(forward!(@ $f $m);)+ };
+    (@ $f:ident read_at) => {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.$f.read_at(buf, offset)
+        }
+    };
+    (@ $f:ident write_at) => {
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.$f.write_at(buf, offset)
+        }
+    };
+    (@ $f:ident sync_data) => {
+        fn sync_data(&self) -> io::Result<()> {
+            self.$f.sync_data()
+        }
+    };
+    (@ $f:ident len) => {
+        fn len(&self) -> io::Result<u64> {
+            self.$f.len()
+        }
+    };
+    (@ $f:ident set_len) => {
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.$f.set_len(len)
+        }
+    };
+    (@ $f:ident writes_directly) => {
+        fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
+            self.$f.writes_directly(buf, offset)
+        }
+    };
+}
+
 /// A file with Linux "fsyncgate" semantics: a failed sync drops the unsynced writes.
 #[derive(Default)]
 struct LossyFile {
@@ -80,10 +115,7 @@ struct AfterWriteHook {
 }
 
 impl HostFile for AfterWriteHook {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-
+    forward!(inner: read_at, sync_data, len, set_len);
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.inner.write_at(buf, offset)?;
         let hook = self.hook.lock().unwrap().take();
@@ -91,18 +123,6 @@ impl HostFile for AfterWriteHook {
             f();
         }
         Ok(())
-    }
-
-    fn sync_data(&self) -> io::Result<()> {
-        self.inner.sync_data()
-    }
-
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
     }
 }
 
@@ -245,14 +265,7 @@ struct DirectLikeFile {
 }
 
 impl HostFile for DirectLikeFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-
+    forward!(inner: read_at, write_at, len, set_len);
     fn sync_data(&self) -> io::Result<()> {
         self.syncs.fetch_add(1, Ordering::SeqCst);
         if self.sync_failures_left.load(Ordering::SeqCst) > 0 {
@@ -260,14 +273,6 @@ impl HostFile for DirectLikeFile {
             return Err(eio());
         }
         self.inner.sync_data()
-    }
-
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
     }
 
     fn failed_sync_drops_writes(&self) -> bool {
@@ -302,21 +307,7 @@ fn a_change_journaled_before_the_file_went_direct_is_still_replayed() {
         direct: AtomicBool,
     }
     impl HostFile for Switching {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            self.lossy.read_at(buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-            self.lossy.write_at(buf, offset)
-        }
-        fn sync_data(&self) -> io::Result<()> {
-            self.lossy.sync_data()
-        }
-        fn len(&self) -> io::Result<u64> {
-            self.lossy.len()
-        }
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            self.lossy.set_len(len)
-        }
+        forward!(lossy: read_at, write_at, sync_data, len, set_len);
         fn failed_sync_drops_writes(&self) -> bool {
             !self.direct.load(Ordering::SeqCst)
         }
@@ -369,9 +360,7 @@ struct SplitFile {
 }
 
 impl HostFile for SplitFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.lossy.read_at(buf, offset)
-    }
+    forward!(lossy: read_at, sync_data, len, set_len);
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.lossy.write_at(buf, offset)?;
         if self.writes_directly(buf, offset) {
@@ -381,15 +370,6 @@ impl HostFile for SplitFile {
             st.1 = m.contents();
         }
         Ok(())
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.lossy.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.lossy.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.lossy.set_len(len)
     }
     fn writes_directly(&self, buf: &[u8], _offset: u64) -> bool {
         buf.len() >= 4
@@ -431,9 +411,7 @@ struct HookedSplit {
 }
 
 impl HostFile for HookedSplit {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.split.read_at(buf, offset)
-    }
+    forward!(split: read_at, sync_data, len, set_len, writes_directly);
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.split.write_at(buf, offset)?;
         if self.split.writes_directly(buf, offset) == self.after_direct {
@@ -443,18 +421,6 @@ impl HostFile for HookedSplit {
             }
         }
         Ok(())
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.split.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.split.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.split.set_len(len)
-    }
-    fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
-        self.split.writes_directly(buf, offset)
     }
 }
 

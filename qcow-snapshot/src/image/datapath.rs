@@ -479,22 +479,21 @@ impl QcowImage {
                         }
                         self.io.write_at(slice(guest, tot), target)?;
                         i = j;
-                    } else if let Some(w) = sub.filter(|w| w.start != guest || w.end != guest + len)
-                    {
-                        let mut b = blockdev::AlignedBuf::zeroed((w.end - w.start) as usize);
-                        let head = (guest - w.start) as usize;
-                        self.subcluster_fill(w.bitmap, w.start, &mut b[..head])?;
-                        b[head..head + len as usize].copy_from_slice(slice(guest, len));
-                        let tail = guest + len;
-                        self.subcluster_fill(w.bitmap, tail, &mut b[head + len as usize..])?;
-                        self.io
-                            .write_at(&b, target + self.geo.offset_in_cluster(w.start))?;
-                        i += 1;
-                    } else if sub.is_some() {
-                        // Whole subclusters: written from the caller's buffer (aligned memory
-                        // stays aligned for an O_DIRECT file), nothing to fill around them.
-                        let at = target + self.geo.offset_in_cluster(guest);
-                        self.io.write_at(slice(guest, len), at)?;
+                    } else if let Some(w) = sub {
+                        let at = target + self.geo.offset_in_cluster(w.start);
+                        if w.start == guest && w.end == guest + len {
+                            // Whole subclusters: written from the caller's buffer (aligned
+                            // memory stays aligned for an O_DIRECT file), nothing to fill.
+                            self.io.write_at(slice(guest, len), at)?;
+                        } else {
+                            let mut b = blockdev::AlignedBuf::zeroed((w.end - w.start) as usize);
+                            let head = (guest - w.start) as usize;
+                            self.subcluster_fill(w.bitmap, w.start, &mut b[..head])?;
+                            b[head..head + len as usize].copy_from_slice(slice(guest, len));
+                            let tail = guest + len;
+                            self.subcluster_fill(w.bitmap, tail, &mut b[head + len as usize..])?;
+                            self.io.write_at(&b, at)?;
+                        }
                         i += 1;
                     } else {
                         // Aligned: an O_DIRECT file takes it as it is.
