@@ -424,48 +424,21 @@ impl HostFile for HookedSplit {
     }
 }
 
-#[test]
-fn a_direct_write_racing_an_older_buffered_one_waits_until_it_is_journaled() {
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-    let f = Arc::new(HookedSplit::default());
-    let h = Arc::new(ReplayHost::new(f.clone()));
-    h.write_at(&[0; 8], 0).unwrap();
-    h.sync_data().unwrap();
-    let slot = Arc::new(Mutex::new(None));
-    let (h2, s2) = (h.clone(), slot.clone());
-    // The buffered write is in the file, not journaled: the direct write over it from
-    // another thread must wait until it is (else its clip misses it, and a replay puts
-    // the older bytes back over the direct ones).
-    *f.hook.lock().unwrap() = Some(Box::new(move || {
-        let d = std::thread::spawn(move || h2.write_at(&[2; 4], 0));
-        let start = Instant::now();
-        while !d.is_finished() && start.elapsed() < Duration::from_millis(200) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        *s2.lock().unwrap() = Some(d);
-    }));
-    h.write_at(&[1, 1], 2).unwrap();
-    let d = slot.lock().unwrap().take().expect("the hook did not run");
-    d.join().unwrap().unwrap();
-    let mut seen = [0u8; 8];
-    h.read_at(&mut seen, 0).unwrap();
-    assert_eq!(seen, [2, 2, 2, 2, 0, 0, 0, 0]);
-    f.split.lossy.failures_left.store(1, Ordering::SeqCst);
-    h.sync_data().unwrap();
-    assert_eq!(
-        f.split.lossy.state.lock().unwrap().1,
-        seen,
-        "the replay put an older buffered write back over a direct one"
-    );
-}
-
-#[test]
-fn a_buffered_write_racing_an_older_direct_one_reaches_the_file_after_it() {
+/// Writes `first` through a [`ReplayHost`] over a [`HookedSplit`] whose hook (after a direct
+/// write with `after_direct`, else after a buffered one) runs `racer`'s write from another
+/// thread while `first` is in the file and has not landed, waiting up to 200 ms for it. Then
+/// checks what readers see, and that a replay after a failed sync rebuilds exactly that.
+fn race_while_in_the_file(
+    after_direct: bool,
+    first: (&[u8], u64),
+    racer: (&'static [u8], u64),
+    seen_want: [u8; 8],
+    replay_msg: &str,
+) {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
     let f = Arc::new(HookedSplit {
-        after_direct: true,
+        after_direct,
         ..HookedSplit::default()
     });
     let h = Arc::new(ReplayHost::new(f.clone()));
@@ -473,28 +446,49 @@ fn a_buffered_write_racing_an_older_direct_one_reaches_the_file_after_it() {
     h.sync_data().unwrap();
     let slot = Arc::new(Mutex::new(None));
     let (h2, s2) = (h.clone(), slot.clone());
-    // The direct write is in the file and has not landed: a buffered write over it must
-    // wait, so that it is on top in the file and in the journal alike.
     *f.hook.lock().unwrap() = Some(Box::new(move || {
-        let b = std::thread::spawn(move || h2.write_at(&[1, 1], 2));
+        let r = std::thread::spawn(move || h2.write_at(racer.0, racer.1));
         let start = Instant::now();
-        while !b.is_finished() && start.elapsed() < Duration::from_millis(200) {
+        while !r.is_finished() && start.elapsed() < Duration::from_millis(200) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        *s2.lock().unwrap() = Some(b);
+        *s2.lock().unwrap() = Some(r);
     }));
-    h.write_at(&[2; 4], 0).unwrap();
-    let b = slot.lock().unwrap().take().expect("the hook did not run");
-    b.join().unwrap().unwrap();
+    h.write_at(first.0, first.1).unwrap();
+    let r = slot.lock().unwrap().take().expect("the hook did not run");
+    r.join().unwrap().unwrap();
     let mut seen = [0u8; 8];
     h.read_at(&mut seen, 0).unwrap();
-    assert_eq!(seen, [2, 2, 1, 1, 0, 0, 0, 0]);
+    assert_eq!(seen, seen_want);
     f.split.lossy.failures_left.store(1, Ordering::SeqCst);
     h.sync_data().unwrap();
-    assert_eq!(
-        f.split.lossy.state.lock().unwrap().1,
-        seen,
-        "the replay lost a buffered write that readers saw on top of a direct one"
+    assert_eq!(f.split.lossy.state.lock().unwrap().1, seen, "{replay_msg}");
+}
+
+#[test]
+fn a_direct_write_racing_an_older_buffered_one_waits_until_it_is_journaled() {
+    // The buffered write is in the file, not journaled: the direct write over it from another
+    // thread must wait until it is (else its clip misses it, and a replay puts the older
+    // bytes back over the direct ones).
+    race_while_in_the_file(
+        false,
+        (&[1, 1], 2),
+        (&[2; 4], 0),
+        [2, 2, 2, 2, 0, 0, 0, 0],
+        "the replay put an older buffered write back over a direct one",
+    );
+}
+
+#[test]
+fn a_buffered_write_racing_an_older_direct_one_reaches_the_file_after_it() {
+    // The direct write is in the file and has not landed: a buffered write over it must wait,
+    // so that it is on top in the file and in the journal alike.
+    race_while_in_the_file(
+        true,
+        (&[2; 4], 0),
+        (&[1, 1], 2),
+        [2, 2, 1, 1, 0, 0, 0, 0],
+        "the replay lost a buffered write that readers saw on top of a direct one",
     );
 }
 
