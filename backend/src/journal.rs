@@ -4,9 +4,11 @@
 //! metadata held in memory until the next flush; a dead process loses both. [`Journal`] is the
 //! layer just below the top of the stack (below the probed-raw guard, above the cache): before a
 //! write, discard or write-zeroes goes down, its record (kind, offset, length, data, sequence
-//! number, CRC) is written to the journal file with `pwrite`. The file's pages are in the host
-//! page cache as soon as `pwrite` returns, and the page cache outlives the process, so the
-//! request completes to the guest only when its record would survive a SIGKILL. A daemon started
+//! number, CRC) is copied into the journal file through a shared mapping of it ([`Mapping`];
+//! `pwritev` where the file's space cannot be allocated). Either way the record is in the
+//! file's pages in the host page cache when the copy returns, and the page cache outlives the
+//! process, so the request completes to the guest only when its record would survive a
+//! SIGKILL. The file is `flock`ed: one daemon per journal. A daemon started
 //! later on the same image replays the records into the image (through the whole stack, so the
 //! qcow2 engine allocates and publishes what the dead one had only in memory), flushes, and only
 //! then serves ([`Journal::open`]).
@@ -62,7 +64,7 @@
 //! no stripe lock. `flush_lock` serializes flushes (the trimmer's and the guest's) and is held
 //! across the lower flush; the state mutex is held only to seal, to wait for the sealed
 //! segment's requests and to empty it, never across the lower flush (the state mutex is held
-//! across the `pwrite` of a record or segment header into the journal file only). The trimmer
+//! across the copy of a record or the write of a segment header into the journal file only). The trimmer
 //! takes only `flush_lock` and the state mutex and calls only downward. [`Journal::rebind`]
 //! (a live snapshot, guest requests paused) takes only the state mutex, so it never waits for
 //! a background flush. Dropping the [`Journal`] stops the trimmer and joins it.
@@ -197,6 +199,9 @@ struct Core {
     stripes: Vec<Mutex<()>>,
     refused: Option<String>,
     refusal_logged: AtomicBool,
+    /// The file mapped shared, when its space is allocated (see [`Mapping`]); `None` when
+    /// it could not be (records are then written with `pwritev`) or writes are refused.
+    map: Option<Mapping>,
     /// Test hook: run by the trimmer once it has work, before it takes `flush_lock`.
     #[cfg(test)]
     before_trim: Mutex<Option<Box<dyn FnMut() + Send>>>,
@@ -361,6 +366,78 @@ fn encode_record_header(
     record_header(kind, seq, gen, offset, len, &d)
 }
 
+/// The journal file mapped shared (`MAP_SHARED`): a record is a memory copy into the file's
+/// page-cache pages, which survive the process as a `pwrite`'s would, without a system call or
+/// the inode lock (a page pays one write fault the first time it is written after the kernel
+/// wrote it out). Only a file whose whole space is allocated is mapped, and its pages are
+/// faulted in when it is opened (`MADV_POPULATE_READ`: clean, reclaimable pages; no disk I/O
+/// for the unwritten extents of a fresh journal), so an append never allocates blocks: a
+/// SIGBUS could come only from a page the kernel evicted and then failed to read back, or from
+/// another process truncating the file (the journal is `flock`ed against a second daemon).
+/// Trimmed segments keep their pages: the kernel writes each dirty page out at most once per
+/// writeback interval, whatever the number of records that went through it.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; appends write disjoint ranges under the state
+// lock, and nothing reads through it.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(file: &File, len: u64) -> io::Result<Self> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        // SAFETY: a fresh shared mapping of a descriptor we own; checked for failure below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // Fault every page in now. Best effort: before Linux 5.14 (no MADV_POPULATE_READ)
+        // appends fault their pages in themselves.
+        // SAFETY: the whole of the mapping just made.
+        unsafe {
+            libc::madvise(p, len, libc::MADV_POPULATE_READ);
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    /// Copies `a` then `b` to `at`.
+    fn copy(&self, at: u64, a: &[u8], b: &[u8]) {
+        let at = usize::try_from(at).unwrap_or(usize::MAX);
+        assert!(
+            at <= self.len && a.len() + b.len() <= self.len - at,
+            "a journal record outside the mapping"
+        );
+        // SAFETY: the destination range is inside the mapping (checked above) and not
+        // borrowed by anything; the sources are live slices that cannot overlap it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(a.as_ptr(), self.ptr.add(at), a.len());
+            std::ptr::copy_nonoverlapping(b.as_ptr(), self.ptr.add(at + a.len()), b.len());
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
 impl Journal {
     /// Opens (or creates) the journal at `path` for the image `identity` over `lower`, replays
     /// what a previous daemon left in it, flushes, and empties it. A journal that cannot be
@@ -372,6 +449,18 @@ impl Journal {
         identity: &Identity,
         seg_len: u64,
     ) -> io::Result<(Self, Recovery)> {
+        Self::open_with(lower, path, identity, seg_len, true)
+    }
+
+    /// [`Journal::open`]; without `map` records are always written with `pwritev` (the path
+    /// taken where the file's space cannot be allocated).
+    fn open_with(
+        lower: Arc<dyn BlockDev>,
+        path: &Path,
+        identity: &Identity,
+        seg_len: u64,
+        map: bool,
+    ) -> io::Result<(Self, Recovery)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -380,10 +469,25 @@ impl Journal {
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
+        // One daemon per journal: a second one (another image served on the same socket
+        // path) would empty it under the first one's feet.
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                io::Error::other(format!(
+                    "crash journal {} is in use by another process (another daemon on the same socket path?)",
+                    path.display()
+                ))
+            } else {
+                e
+            });
+        }
         let seg_len = seg_len.max(1 << 20);
         let mut recovery = Recovery::default();
         let len = file.metadata()?.len();
         let mut refused = None;
+        let mut allocated = false;
         if len > 0 {
             let mut hb = vec![0u8; FILE_HEADER as usize];
             let n = read_upto(&file, &mut hb, 0)?;
@@ -455,12 +559,30 @@ impl Journal {
             let total = FILE_HEADER + 2 * seg_len;
             let total_off = libc::off_t::try_from(total).map_err(io::Error::other)?;
             // SAFETY: fallocate on a descriptor we own, mode 0, a valid range.
-            if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, total_off) } != 0 {
+            allocated = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, total_off) } == 0;
+            if !allocated {
                 file.set_len(total)?;
             }
             file.write_all_at(&encode_header(identity, random_uuid()), 0)?;
         }
+        // Appends copy into a shared mapping of the file, only where its space is allocated
+        // (a write fault on a hole could need space the file system no longer has: SIGBUS).
+        let map = if allocated && map {
+            match Mapping::new(&file, FILE_HEADER + 2 * seg_len) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    info!(
+                        "crash journal {}: not mapped ({e}); records are written with pwritev",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let core = Arc::new(Core {
+            map,
             lower,
             file,
             path: path.to_path_buf(),
@@ -693,7 +815,10 @@ impl Core {
                 let header = record_header(kind, seq, gen, offset, len, &data_crc);
                 // One record at a time (state lock held): no hole can precede an acknowledged
                 // record.
-                pwritev_all(&self.file, &header, data, at).map_err(io_err)?;
+                match &self.map {
+                    Some(m) => m.copy(at, &header, data),
+                    None => pwritev_all(&self.file, &header, data, at).map_err(io_err)?,
+                }
                 st.next_seq += 1;
                 st.tail[seg] += rec_len;
                 st.pending[seg] += 1;

@@ -138,6 +138,61 @@ fn read(dev: &dyn BlockDev, off: u64, len: usize) -> Vec<u8> {
 #[test]
 fn every_acknowledged_write_survives_a_daemon_crash_through_replay() {
     let (_dir, path, lower, j) = fresh();
+    assert!(
+        j.core.map.is_some(),
+        "the journal file is mapped where its space can be allocated"
+    );
+    acknowledged_writes_survive_a_crash(path, lower, j);
+}
+
+#[test]
+fn records_written_with_pwritev_survive_a_daemon_crash_like_mapped_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let lower = Volatile::new(vec![0; SIZE]);
+    let (j, _) = Journal::open_with(lower.clone(), &path, &ident(1), 1 << 20, false).unwrap();
+    assert!(j.core.map.is_none());
+    acknowledged_writes_survive_a_crash(path, lower, j);
+}
+
+/// A record is in the file (the host page cache, which outlives a killed process) as soon as
+/// its write returns, while the daemon still runs: what a SIGKILL at that moment leaves.
+#[test]
+fn a_record_is_in_the_journal_file_when_its_write_returns() {
+    let (_dir, path, _lower, j) = fresh();
+    j.write_at(&[7; 4096], 8192).unwrap();
+    j.write_zeroes(65536, 512, false).unwrap();
+    let other = File::open(&path).unwrap();
+    let records = scan(&other, 1 << 20).unwrap();
+    assert_eq!(
+        records.len(),
+        2,
+        "both records, read through another descriptor"
+    );
+    assert_eq!((records[0].offset, records[0].kind), (8192, Kind::Write));
+    assert_eq!(records[0].data, vec![7; 4096]);
+    assert_eq!((records[1].offset, records[1].kind), (65536, Kind::Zeroes));
+    drop(j);
+}
+
+/// A second daemon on the same journal (another image served on the same socket path) is
+/// refused: it would empty the journal of the first one, or replay its records elsewhere.
+#[test]
+fn a_journal_in_use_by_another_daemon_cannot_be_opened() {
+    let (_dir, path, lower, j) = fresh();
+    j.write_at(&[1; 512], 0).unwrap();
+    let e = Journal::open(Volatile::new(vec![0; SIZE]), &path, &ident(2), 1 << 20).unwrap_err();
+    assert!(e.to_string().contains("in use by another process"), "{e}");
+    // The first daemon's record is untouched, and its journal keeps working.
+    j.write_at(&[2; 512], 512).unwrap();
+    let (_j2, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(rec.replayed, 2);
+    assert_eq!(read(&*after, 0, 1024), [[1u8; 512], [2u8; 512]].concat());
+}
+
+/// The body of the crash tests above: unflushed writes of every kind are replayed after a
+/// crash, flushed ones are not, and a second crash replays nothing.
+fn acknowledged_writes_survive_a_crash(path: PathBuf, lower: Arc<Volatile>, j: Journal) {
     j.write_at(&[1; 4096], 0).unwrap();
     j.flush().unwrap();
     j.write_at(&[2; 512], 512).unwrap();
@@ -324,11 +379,12 @@ fn after_a_live_snapshot_the_journal_belongs_to_the_new_top() {
     j.rebind(&new);
     j.write_at(&[2; 512], 512).unwrap();
     drop(j);
-    let (_j, rec) = open(Volatile::new(vec![0; SIZE]), &path, &old_id, 1 << 20);
+    let (refusing, rec) = open(Volatile::new(vec![0; SIZE]), &path, &old_id, 1 << 20);
     assert!(
         rec.refused.is_some(),
         "the frozen image must not take the new top's writes"
     );
+    drop(refusing);
     let after = Volatile::new(lower.durable());
     let (_j, rec) = open(after.clone(), &path, &new_id, 1 << 20);
     assert_eq!(rec.replayed, 2);
