@@ -475,10 +475,9 @@ impl Journal {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
             return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                io::Error::other(format!(
-                    "crash journal {} is in use by another process (another daemon on the same socket path?)",
-                    path.display()
-                ))
+                io::Error::other(
+                    "in use by another process (another daemon on the same socket path?)",
+                )
             } else {
                 e
             });

@@ -18,6 +18,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -142,6 +143,9 @@ pub struct VhostUserBlk {
     tracks: Vec<Mutex<Option<Arc<QueueInflight>>>>,
     /// Queues whose next pass must first resubmit what was left in flight.
     recover: Vec<AtomicBool>,
+    /// Passes notify the driver mid-way ([`crate::inflight::SIGNAL_EVERY`]): only with fewer
+    /// queue threads than CPUs, so that a core is left for the driver to run on meanwhile.
+    mid_pass_signals: bool,
 }
 
 impl std::fmt::Debug for VhostUserBlk {
@@ -189,6 +193,8 @@ impl VhostUserBlk {
             inflight: Mutex::new(None),
             tracks: (0..queues).map(|_| Mutex::new(None)).collect(),
             recover: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+            mid_pass_signals: std::thread::available_parallelism()
+                .is_ok_and(|cpus| usize::from(queues) < cpus.get()),
         })
     }
 
@@ -266,6 +272,7 @@ impl VhostUserBlk {
             .get(thread_id)
             .and_then(|t| t.lock().unwrap_or_else(|e| e.into_inner()).clone());
         let mut state = vring.get_mut();
+        let call = CallFd::of(state.get_call());
         let queue = state.get_queue_mut();
         // First pass since the ring started: resubmit what a previous backend left in flight,
         // and signal the driver in any case: a backend that died (or stopped) after putting
@@ -286,7 +293,10 @@ impl VhostUserBlk {
                     vring: vring.clone(),
                     track: track.clone(),
                 };
-                submit_queue(runner, &mut worker, &ring, queue, &mem)
+                let mid_pass = self.mid_pass_signals;
+                submit_queue(runner, &mut worker, &ring, queue, &mem, &mut || {
+                    mid_pass && call.notify()
+                })
             }
             None => process_queue_tracked(
                 &self.dev,
@@ -311,6 +321,30 @@ impl VhostUserBlk {
             }
         }
         Ok(())
+    }
+}
+
+/// The driver's call eventfd of a vring, for signalling it while the queue itself is borrowed
+/// (a pass notifies mid-way, [`crate::inflight::SIGNAL_EVERY`]). Taken from the vring state
+/// whose lock the pass holds: SET_VRING_CALL replaces (and closes) the eventfd only under that
+/// lock, so the descriptor stays open for as long as the pass runs.
+struct CallFd(Option<RawFd>);
+
+impl CallFd {
+    fn of(call: &Option<EventNotifier>) -> Self {
+        CallFd(call.as_ref().map(AsRawFd::as_raw_fd))
+    }
+
+    /// Signals the driver; false if that failed (or there is no eventfd).
+    fn notify(&self) -> bool {
+        let Some(fd) = self.0 else {
+            return false;
+        };
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an eventfd that stays open while the caller holds the vring lock (see above);
+        // the buffer is 8 readable bytes.
+        let n = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+        n == 8
     }
 }
 
