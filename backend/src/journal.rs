@@ -78,6 +78,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use blockdev::{BlockDev, BlockError, Result};
+
+use crate::shared_map::SharedMap;
 use log::{error, info};
 
 /// File header magic and the segment/record magics.
@@ -376,10 +378,7 @@ fn encode_record_header(
 /// another process truncating the file (the journal is `flock`ed against a second daemon).
 /// Trimmed segments keep their pages: the kernel writes each dirty page out at most once per
 /// writeback interval, whatever the number of records that went through it.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
+struct Mapping(SharedMap);
 
 // SAFETY: the mapping is plain shared memory; appends write disjoint ranges under the state
 // lock, and nothing reads through it.
@@ -390,50 +389,30 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     fn new(file: &File, len: u64) -> io::Result<Self> {
         let len = usize::try_from(len).map_err(io::Error::other)?;
-        // SAFETY: a fresh shared mapping of a descriptor we own; checked for failure below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let map = SharedMap::new(file, 0, len)?;
         // Fault every page in now. Best effort: before Linux 5.14 (no MADV_POPULATE_READ)
         // appends fault their pages in themselves.
         // SAFETY: the whole of the mapping just made.
         unsafe {
-            libc::madvise(p, len, libc::MADV_POPULATE_READ);
+            libc::madvise(map.as_ptr().cast(), len, libc::MADV_POPULATE_READ);
         }
-        Ok(Mapping { ptr: p.cast(), len })
+        Ok(Mapping(map))
     }
 
     /// Copies `a` then `b` to `at`.
     fn copy(&self, at: u64, a: &[u8], b: &[u8]) {
         let at = usize::try_from(at).unwrap_or(usize::MAX);
+        let len = self.0.len();
         assert!(
-            at <= self.len && a.len() + b.len() <= self.len - at,
+            at <= len && a.len() + b.len() <= len - at,
             "a journal record outside the mapping"
         );
+        let dst = self.0.as_ptr();
         // SAFETY: the destination range is inside the mapping (checked above) and not
         // borrowed by anything; the sources are live slices that cannot overlap it.
         unsafe {
-            std::ptr::copy_nonoverlapping(a.as_ptr(), self.ptr.add(at), a.len());
-            std::ptr::copy_nonoverlapping(b.as_ptr(), self.ptr.add(at + a.len()), b.len());
-        }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, unmapped once.
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
+            std::ptr::copy_nonoverlapping(a.as_ptr(), dst.add(at), a.len());
+            std::ptr::copy_nonoverlapping(b.as_ptr(), dst.add(at + a.len()), b.len());
         }
     }
 }
@@ -452,14 +431,14 @@ impl Journal {
         Self::open_with(lower, path, identity, seg_len, true)
     }
 
-    /// [`Journal::open`]; without `map` records are always written with `pwritev` (the path
-    /// taken where the file's space cannot be allocated).
+    /// [`Journal::open`]; without `may_map` records are always written with `pwritev` (the
+    /// path taken where the file's space cannot be allocated).
     fn open_with(
         lower: Arc<dyn BlockDev>,
         path: &Path,
         identity: &Identity,
         seg_len: u64,
-        map: bool,
+        may_map: bool,
     ) -> io::Result<(Self, Recovery)> {
         let file = OpenOptions::new()
             .read(true)
@@ -566,7 +545,7 @@ impl Journal {
         }
         // Appends copy into a shared mapping of the file, only where its space is allocated
         // (a write fault on a hole could need space the file system no longer has: SIGBUS).
-        let map = if allocated && map {
+        let map = if allocated && may_map {
             match Mapping::new(&file, FILE_HEADER + 2 * seg_len) {
                 Ok(m) => Some(m),
                 Err(e) => {

@@ -44,6 +44,7 @@ pub mod reconnect;
 pub mod request;
 pub mod sandbox;
 pub mod serve;
+mod shared_map;
 pub mod snapshot;
 pub mod uring;
 pub mod vhu_blk;

@@ -46,11 +46,12 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use log::{error, info, warn};
+
+use crate::shared_map::SharedMap;
 use vhost::vhost_user::message::VhostUserInflight;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
@@ -128,8 +129,7 @@ impl InflightFile {
 
 /// A frontend's in-flight buffer, mapped shared.
 pub struct InflightRegion {
-    ptr: NonNull<u8>,
-    len: usize,
+    map: SharedMap,
     num_queues: u16,
     queue_size: u16,
     /// Test hook called after every store to the buffer (see [`Stage`]).
@@ -140,7 +140,7 @@ pub struct InflightRegion {
 impl std::fmt::Debug for InflightRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InflightRegion")
-            .field("len", &self.len)
+            .field("len", &self.map.len())
             .field("num_queues", &self.num_queues)
             .field("queue_size", &self.queue_size)
             .finish()
@@ -215,26 +215,10 @@ impl InflightRegion {
             )));
         }
         let len = usize::try_from(msg.mmap_size).map_err(|e| bad(e.to_string()))?;
-        let offset = libc::off_t::try_from(msg.mmap_offset).map_err(|e| bad(e.to_string()))?;
-        // SAFETY: a fresh shared mapping of a range checked to lie inside the file; the kernel
-        // picks the address.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| bad("null mapping".into()))?;
+        // A range checked above to lie inside the file.
+        let map = SharedMap::new(file, msg.mmap_offset, len)?;
         Ok(Arc::new(InflightRegion {
-            ptr,
-            len,
+            map,
             num_queues: msg.num_queues,
             queue_size: msg.queue_size,
             #[cfg(test)]
@@ -251,9 +235,9 @@ impl InflightRegion {
     /// A copy of the whole buffer, as a frontend would keep it after the daemon died here.
     #[cfg(test)]
     pub fn snapshot(&self) -> Vec<u8> {
-        (0..self.len)
+        (0..self.map.len())
             // SAFETY: in bounds of the mapping; a volatile byte read of shared memory.
-            .map(|i| unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(i)) })
+            .map(|i| unsafe { std::ptr::read_volatile(self.map.as_ptr().add(i)) })
             .collect()
     }
 
@@ -273,13 +257,6 @@ impl InflightRegion {
     }
 }
 
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` is the mapping made in `map`, unmapped exactly once here.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
 /// One queue's part of the in-flight buffer.
 #[derive(Debug)]
 pub struct QueueInflight {
@@ -293,11 +270,14 @@ pub struct QueueInflight {
 impl QueueInflight {
     fn at<T>(&self, off: usize) -> &T {
         let end = self.offset + off + std::mem::size_of::<T>();
-        assert!(end <= self.region.len, "inflight field outside the mapping");
+        assert!(
+            end <= self.region.map.len(),
+            "inflight field outside the mapping"
+        );
         // SAFETY: in bounds of the mapping (checked above), naturally aligned (the mapping is
         // page aligned, each queue part 64-byte aligned, every field at a multiple of its size),
         // and only ever accessed through atomics of this type.
-        unsafe { &*self.region.ptr.as_ptr().add(self.offset + off).cast::<T>() }
+        unsafe { &*self.region.map.as_ptr().add(self.offset + off).cast::<T>() }
     }
 
     /// Runs the test hook, if any, at `stage` (nothing outside tests).
