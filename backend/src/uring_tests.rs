@@ -172,6 +172,15 @@ fn read_chain(
     descs
 }
 
+/// A 4 KiB read at `sector` in two descriptors: the header, and one for the data (at
+/// `DATA + 0x10000 * i`) followed by the status byte, so that eight fit the test queue.
+fn compact_read_chain(mem: &GuestMemoryMmap, i: u64, sector: u64) -> Vec<(u64, u32, u16)> {
+    let mut c = read_chain(mem, i, sector, 4096, &[]);
+    c.truncate(1);
+    c.push((DATA + 0x10000 * i, 4097, F_WRITE));
+    c
+}
+
 #[test]
 fn uring_read_goes_from_the_planned_file_into_the_guest_buffers_with_zero_pieces_filled() {
     let content = pattern(3, 8192);
@@ -345,7 +354,7 @@ fn reads_the_host_page_cache_answers_at_submission_move_the_queue_to_the_folio_c
         Box::new(move |offset, len| file_plan(&file, offset, len)),
     );
     let chains: Vec<_> = (0..8)
-        .map(|i| read_chain(&rig.mem, i, 8 * i, 4096, &[]))
+        .map(|i| compact_read_chain(&rig.mem, i, 8 * i))
         .collect();
     rig.pass(&chains);
     rig.runner.wait_idle();
@@ -358,16 +367,26 @@ fn reads_the_host_page_cache_answers_at_submission_move_the_queue_to_the_folio_c
         rig.guest(DATA + 0x10000 * 3, 4096),
         pattern(2, 16384)[12288..]
     );
+    // Eight hits weigh less than a slow read: a cold queue whose pass meets a few pages the
+    // host page cache holds stays on the ring (the queue thread would otherwise stop for the
+    // next miss).
+    rig.pass(&chains);
+    rig.runner.wait_idle();
+    assert_eq!(
+        rig.disk.sync_reads.load(Ordering::SeqCst),
+        0,
+        "second pass still on the ring after eight hits"
+    );
     rig.pass(&chains);
     rig.runner.wait_idle();
     // (A request that happens to take longer than the slow threshold hands the rest of the
     // pass back to the ring, so only the first one is certain to run inline.)
     assert!(
         rig.disk.sync_reads.load(Ordering::SeqCst) >= 1,
-        "second pass on the queue thread"
+        "third pass on the queue thread"
     );
     for i in 0..8 {
-        assert_eq!(rig.status(i), VIRTIO_BLK_S_OK);
+        assert_eq!(rig.guest(DATA + 0x10000 * i + 4096, 1), [VIRTIO_BLK_S_OK]);
     }
 }
 
@@ -447,4 +466,56 @@ fn the_ring_holds_at_most_max_inflight_reads_and_the_rest_take_the_executors() {
         assert_eq!(rig.status(i), VIRTIO_BLK_S_OK);
     }
     writer.join().unwrap();
+}
+
+#[test]
+fn a_deep_pass_hands_its_first_reads_to_the_kernel_before_it_ends() {
+    // A file the host page cache holds: a read the kernel receives completes within the
+    // submission, straight into the guest buffer. While a pass puts `SUBMIT_EVERY` reads on
+    // the ring, none reaches the kernel until the group is complete, and then all of them do,
+    // before the pass ends.
+    let file = file_with(&pattern(6, 64 << 10));
+    let rig = Rig::build(
+        0x55,
+        Box::new(move |offset, len| file_plan(&file, offset, len)),
+        None,
+        64,
+    );
+    let n = crate::uring::SUBMIT_EVERY as u64;
+    let data = |i: u64| DATA + 0x10000 * i;
+    let chains: Vec<_> = (0..n)
+        .map(|i| compact_read_chain(&rig.mem, i, 8 * i))
+        .collect();
+    let ring = TestRing::new(queue_with_chains(&rig.mem, &chains, 0));
+    let mut worker = RequestWorker::new();
+    // Popped up front: the queue's lock is not held while the test asserts (a failure would
+    // poison it for the ring's completions at the end).
+    let popped: Vec<_> = {
+        let mut q = ring.queue.lock().unwrap();
+        (0..n)
+            .map(|_| q.pop_descriptor_chain(Arc::clone(&rig.mem)).unwrap())
+            .collect()
+    };
+    let u = rig.uring();
+    let expect = |i: u64| pattern(6, 4096 * (i as usize + 1))[4096 * i as usize..].to_vec();
+    for (i, chain) in (0..n).zip(popped) {
+        let submitted = u.try_submit(&mut worker, &ring, &rig.mem, chain);
+        assert!(matches!(submitted, Ok(None)), "read {i} goes on the ring");
+        if i + 1 < n {
+            assert_eq!(rig.guest(data(0), 4096), vec![0xee; 4096], "after {i}");
+        }
+    }
+    for i in 0..n {
+        assert_eq!(rig.guest(data(i), 4096), expect(i), "read {i} is done");
+    }
+    let done = u.end_pass();
+    assert_eq!(done.len(), n as usize, "all completed at their submission");
+    for d in done {
+        let (r, m, head, len) = u.finish(d);
+        crate::inflight::UsedRing::complete(&r, &m, head, len);
+    }
+    assert_eq!(used_idx(&rig.mem), n as u16);
+    for i in 0..n {
+        assert_eq!(rig.guest(data(i) + 4096, 1), vec![VIRTIO_BLK_S_OK]);
+    }
 }

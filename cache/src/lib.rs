@@ -176,8 +176,8 @@ pub enum HookPoint {
     /// A read found a discard/write-zeroes or bypassing write of its range in flight and is
     /// about to wait for it to end.
     ReadWaitsForZap,
-    /// A planned read (`BlockDev::plan_read`) found no folio of its range cached and is about
-    /// to ask the lower layer for its plan.
+    /// A planned read (`BlockDev::plan_read`) found no cached folio holding a sector of its
+    /// range and is about to ask the lower layer for its plan.
     ReadPlanned,
 }
 

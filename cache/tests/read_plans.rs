@@ -1,6 +1,7 @@
 //! Planned reads (`BlockDev::plan_read`, executed later by the io_uring read path with no lock
-//! held): the cache plans a read below itself only while no folio of its range is cached and no
-//! zap of it is in flight, so a plan made after a write completed never misses that write. The
+//! held): the cache plans a read below itself only while no cached folio holds any sector of
+//! its range and no zap of it is in flight, so a plan made after a write completed never misses
+//! that write. The
 //! deterministic tests run the racing request exactly between the cache's check and the lower
 //! layer's plan (`HookPoint::ReadPlanned`), and exactly inside a zap (`BeforeLowerZap`).
 
@@ -15,29 +16,41 @@ use common::{gate, pattern, small_cfg, OnceHook};
 
 const K4: u64 = 4096;
 
-/// A cache over a writable raw file holding `pattern(1, ..)`, with `hook` installed.
+/// A cache of 4 KiB folios over a writable raw file holding `pattern(1, ..)`, with `hook`
+/// installed.
 fn cache_over_file(hook: Arc<OnceHook>) -> (tempfile::TempDir, Arc<FolioCache>) {
+    cache_over_file_with(hook, K4)
+}
+
+/// [`cache_over_file`] with folios of `folio` bytes (a 128 KiB file).
+fn cache_over_file_with(hook: Arc<OnceHook>, folio: u64) -> (tempfile::TempDir, Arc<FolioCache>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
-    std::fs::write(&path, pattern(1, 0, 64 << 10)).unwrap();
+    std::fs::write(&path, pattern(1, 0, 128 << 10)).unwrap();
     let lower: Arc<dyn BlockDev> = Arc::new(RawFile::open(&path, false).unwrap());
-    let cache = FolioCache::with_hooks(lower, small_cfg(K4, 8, 4), hook).unwrap();
+    let cache = FolioCache::with_hooks(lower, small_cfg(folio, 8, 4), hook).unwrap();
     (dir, cache)
 }
 
 #[test]
-fn a_read_is_planned_below_the_cache_only_while_no_folio_of_its_range_is_cached() {
+fn a_read_is_planned_below_the_cache_only_while_no_folio_holds_a_sector_of_its_range() {
     let (_dir, cache) = cache_over_file(OnceHook::new(HookPoint::ReadPlanned, u64::MAX));
     let plan = cache
         .plan_read(0, 2 * K4)
         .expect("nothing cached: planned below");
     assert_eq!(plan.read_all().unwrap(), pattern(1, 0, 2 * K4 as usize));
-    // A dirty folio, then the same folio clean after its writeback: the cache serves it.
+    // A dirty sector, then the same sector clean after its writeback: the cache serves it.
     cache.write_at(&[0xaa; 512], K4 + 512).unwrap();
     assert!(cache.plan_read(K4, K4).is_none());
     assert!(cache.plan_read(0, 2 * K4).is_none(), "a range touching it");
     cache.flush().unwrap();
-    assert!(cache.plan_read(K4 + 1024, 512).is_none());
+    assert!(cache.plan_read(K4 + 512, 512).is_none());
+    assert!(cache.plan_read(K4, 1024).is_none(), "a range touching it");
+    // The folio's other sectors are in the file only.
+    let plan = cache
+        .plan_read(K4 + 1024, 512)
+        .expect("a sector the cache lacks");
+    assert_eq!(plan.read_all().unwrap(), pattern(1, K4 + 1024, 512));
     // A clean folio filled by a read counts too.
     let mut b = vec![0u8; 512];
     cache.read_at(&mut b, 4 * K4).unwrap();
@@ -45,7 +58,60 @@ fn a_read_is_planned_below_the_cache_only_while_no_folio_of_its_range_is_cached(
     // Untouched folios are still planned.
     assert!(cache.plan_read(2 * K4, 2 * K4).is_some());
     assert!(cache.plan_read(0, 0).is_none());
-    assert!(cache.plan_read(60 << 10, 8 << 10).is_none(), "out of range");
+    assert!(
+        cache.plan_read(124 << 10, 8 << 10).is_none(),
+        "out of range"
+    );
+}
+
+#[test]
+fn a_large_folio_that_a_small_read_filled_does_not_keep_its_other_sectors_from_the_plan() {
+    // 64 KiB folios: a 4 KiB read caches 4 KiB of its folio. The rest of the folio is planned
+    // below (the io_uring path, not a synchronous read); the filled part, and a part a write
+    // completed into (dirty, then clean after its writeback), stay with the cache.
+    let k64 = 64 << 10;
+    let (_dir, cache) = cache_over_file_with(OnceHook::new(HookPoint::ReadPlanned, u64::MAX), k64);
+    let mut b = vec![0u8; K4 as usize];
+    cache.read_at(&mut b, K4).unwrap();
+    assert_eq!(b, pattern(1, K4, K4 as usize));
+    assert!(cache.plan_read(K4, K4).is_none(), "the filled part");
+    assert!(cache.plan_read(0, 2 * K4).is_none(), "a range touching it");
+    assert!(
+        cache.plan_read(2 * K4 - 512, 1024).is_none(),
+        "its last sector"
+    );
+    let plan = cache
+        .plan_read(2 * K4, 4 * K4)
+        .expect("the folio's other sectors");
+    assert_eq!(
+        plan.read_all().unwrap(),
+        pattern(1, 2 * K4, 4 * K4 as usize)
+    );
+    cache.write_at(&[0x5c; 4096], 8 * K4).unwrap();
+    assert!(
+        cache.plan_read(8 * K4, K4).is_none(),
+        "a completed write, dirty"
+    );
+    cache.flush().unwrap();
+    assert!(
+        cache.plan_read(8 * K4, K4).is_none(),
+        "a completed write, clean"
+    );
+    assert!(
+        cache.plan_read(6 * K4, 4 * K4).is_none(),
+        "a range touching it"
+    );
+    let plan = cache.plan_read(12 * K4, 4 * K4).expect("still the file's");
+    assert_eq!(
+        plan.read_all().unwrap(),
+        pattern(1, 12 * K4, 4 * K4 as usize)
+    );
+    // A plan spanning two folios, one of them untouched.
+    let plan = cache.plan_read(k64 - K4, 2 * K4).expect("across folios");
+    assert_eq!(
+        plan.read_all().unwrap(),
+        pattern(1, k64 - K4, 2 * K4 as usize)
+    );
 }
 
 #[test]
@@ -53,10 +119,18 @@ fn a_write_completing_between_the_cache_check_and_the_lower_plan_is_either_seen_
     // The write lands (and is written back to the file) right after the cache found no folio:
     // it did not complete before the read was submitted, so the plan may return the old bytes
     // or the new ones, sector by sector never anything else; and every plan made after it
-    // completed sees it.
-    for writeback in [false, true] {
+    // completed sees it. The same with the read's folio already cached for other sectors
+    // (a 64 KiB folio a read of its second half filled).
+    for (writeback, prefilled) in [(false, false), (true, false), (false, true), (true, true)] {
         let hook = OnceHook::new(HookPoint::ReadPlanned, 0);
-        let (_dir, cache) = cache_over_file(hook.clone());
+        let (_dir, cache) = if prefilled {
+            let (dir, cache) = cache_over_file_with(hook.clone(), 64 << 10);
+            let mut b = vec![0u8; 32 << 10];
+            cache.read_at(&mut b, 32 << 10).unwrap();
+            (dir, cache)
+        } else {
+            cache_over_file(hook.clone())
+        };
         let c = cache.clone();
         hook.arm(move || {
             c.write_at(&[0xcd; 4096], 0).unwrap();
@@ -72,7 +146,8 @@ fn a_write_completing_between_the_cache_check_and_the_lower_plan_is_either_seen_
             let o = &old[i * 512..(i + 1) * 512];
             assert!(
                 s == o || s == [0xcd; 512],
-                "sector {i}: neither the old nor the racing bytes (writeback {writeback})"
+                "sector {i}: neither the old nor the racing bytes (writeback {writeback}, \
+                 prefilled {prefilled})"
             );
         }
         assert!(

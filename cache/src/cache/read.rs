@@ -72,19 +72,30 @@ impl Inner {
     }
 
     /// A read the caller executes below the cache itself (`BlockDev::plan_read`, the io_uring
-    /// read path): planned only while no folio of the range is cached, after any zap of the
-    /// range in flight (monotonic reads, below). A write completed before this call is then in
-    /// no folio, so it was written back before its folio could leave the map, and the lower
-    /// layer's plan sees it. Writes that race with the plan were not complete when the read was
-    /// submitted, so the read may or may not see them. Such reads do not populate the cache.
+    /// read path): planned only while no cached folio holds any sector of the range uptodate,
+    /// after any zap of the range in flight (monotonic reads, below). A write that completed
+    /// through the cache left its sectors uptodate in their folio, and they stay so until the
+    /// folio leaves the map (after its writeback) or a zap has changed the lower layer under
+    /// them; so a write completed before this call is in the lower layer, whose plan sees it.
+    /// A folio that only holds other sectors (one filled by a read elsewhere in it) does not
+    /// send the read through the cache. Writes that race with the plan were not complete when
+    /// the read was submitted, so the read may or may not see them. Such reads do not populate
+    /// the cache.
     pub(super) fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
         check_range(offset, len, self.size).ok()?;
         if len == 0 {
             return None;
         }
-        self.wait_zaps_before_read(offset, offset + len);
-        if !self.cached_in_range(offset, offset + len).is_empty() {
-            return None;
+        let end = offset + len;
+        self.wait_zaps_before_read(offset, end);
+        for f in self.cached_in_range(offset, end) {
+            let st = f.lock();
+            let a = (offset.max(f.start) - f.start) as usize;
+            let b = (end.min(f.start + f.len as u64) - f.start) as usize;
+            let (sa, sb) = f.sector_span(a, b);
+            if st.evicted || st.uptodate.find(sa, sb, true).is_some() {
+                return None;
+            }
         }
         self.hook(HookPoint::ReadPlanned, offset >> self.folio_shift);
         self.lower.plan_read(offset, len)
