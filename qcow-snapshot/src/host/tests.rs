@@ -590,6 +590,65 @@ fn a_buffered_file_writes_large_aligned_requests_directly_and_reads_them_back() 
 }
 
 #[test]
+fn buffered_writes_past_the_end_grow_the_file_ahead_once_large_writes_go_direct() {
+    // Buffered writes into preallocated blocks skip the file system's delayed allocation: with
+    // large writes direct (the default), a buffered write past the end grows the file too, and
+    // a clean close cuts it back to the end of what was written. A plain buffered file (the
+    // `--direct off` mode) does not grow.
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join(name))
+            .unwrap()
+    };
+    let plain = FileHost::new(open("plain.img"));
+    plain.write_at(&[3; 4096], 65536).unwrap();
+    assert_eq!(
+        plain.len().unwrap(),
+        65536 + 4096,
+        "a plain buffered file grew"
+    );
+    let h = ReplayHost::new(FileHost::new(open("f.img")));
+    if let Err(e) = h.enable_direct_large(256 << 10) {
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        return;
+    }
+    h.write_at(&[7; 4096], 65536).unwrap();
+    let grown = h.len().unwrap();
+    assert!(
+        grown >= 65536 + 4096 + GROW_AHEAD,
+        "not grown ahead: {grown}"
+    );
+    h.write_at(&[8; 100], 2 << 20).unwrap();
+    assert_eq!(
+        h.len().unwrap(),
+        grown,
+        "a write inside the grown part grows nothing"
+    );
+    let mut back = vec![1u8; 8192];
+    h.read_at(&mut back, 61440).unwrap();
+    assert!(
+        back[..4096].iter().all(|&b| b == 0),
+        "the hole before the write"
+    );
+    assert!(back[4096..].iter().all(|&b| b == 7));
+    h.sync_data().unwrap();
+    h.release_growth().unwrap();
+    assert_eq!(
+        h.len().unwrap(),
+        (2 << 20) + 100,
+        "cut back to the buffered writes' end"
+    );
+    let mut tail = [0u8; 100];
+    h.read_at(&mut tail, 2 << 20).unwrap();
+    assert_eq!(tail, [8; 100]);
+}
+
+#[test]
 fn mem_host_reads_zeros_past_end_and_grows_on_write() {
     let h = MemHost::default();
     h.write_at(&[1, 2, 3], 10).unwrap();

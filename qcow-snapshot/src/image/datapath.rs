@@ -724,7 +724,7 @@ impl QcowImage {
                 .write_at(&v.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64)?;
             self.io.sync_data()?;
         }
-        // An O_DIRECT file grown ahead of its writes goes back to what they wrote (nothing
+        // A file grown ahead of its writes goes back to what they wrote (nothing
         // points past it; a failure only leaves zeros at the end).
         if let Err(e) = self.io.release_growth() {
             log::warn!("cannot give back the space the image grew ahead of its writes: {e}");
