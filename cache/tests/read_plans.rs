@@ -112,6 +112,28 @@ fn a_large_folio_that_a_small_read_filled_does_not_keep_its_other_sectors_from_t
         plan.read_all().unwrap(),
         pattern(1, k64 - K4, 2 * K4 as usize)
     );
+    // The same rules inside a folio that does not start the disk: its filled middle stays with
+    // the cache, the sectors before and after it go below.
+    cache.read_at(&mut b, k64 + 8 * K4).unwrap();
+    assert!(
+        cache.plan_read(k64 + 8 * K4, K4).is_none(),
+        "the filled middle"
+    );
+    assert!(
+        cache.plan_read(k64 + 7 * K4, 2 * K4).is_none(),
+        "a range touching it"
+    );
+    let plan = cache
+        .plan_read(k64 + K4, K4)
+        .expect("before the filled part");
+    assert_eq!(plan.read_all().unwrap(), pattern(1, k64 + K4, K4 as usize));
+    let plan = cache
+        .plan_read(k64 + 12 * K4, K4)
+        .expect("after the filled part");
+    assert_eq!(
+        plan.read_all().unwrap(),
+        pattern(1, k64 + 12 * K4, K4 as usize)
+    );
 }
 
 #[test]
@@ -120,28 +142,29 @@ fn a_write_completing_between_the_cache_check_and_the_lower_plan_is_either_seen_
     // it did not complete before the read was submitted, so the plan may return the old bytes
     // or the new ones, sector by sector never anything else; and every plan made after it
     // completed sees it. The same with the read's folio already cached for other sectors
-    // (a 64 KiB folio a read of its second half filled).
+    // (a 64 KiB folio, the disk's second, a read of whose second half filled it).
     for (writeback, prefilled) in [(false, false), (true, false), (false, true), (true, true)] {
-        let hook = OnceHook::new(HookPoint::ReadPlanned, 0);
+        let (at, folio) = if prefilled { (64 << 10, 1) } else { (0, 0) };
+        let hook = OnceHook::new(HookPoint::ReadPlanned, folio);
         let (_dir, cache) = if prefilled {
             let (dir, cache) = cache_over_file_with(hook.clone(), 64 << 10);
             let mut b = vec![0u8; 32 << 10];
-            cache.read_at(&mut b, 32 << 10).unwrap();
+            cache.read_at(&mut b, at + (32 << 10)).unwrap();
             (dir, cache)
         } else {
             cache_over_file(hook.clone())
         };
         let c = cache.clone();
         hook.arm(move || {
-            c.write_at(&[0xcd; 4096], 0).unwrap();
+            c.write_at(&[0xcd; 4096], at).unwrap();
             if writeback {
                 c.flush().unwrap();
             }
         });
-        let plan = cache.plan_read(0, K4).expect("planned");
+        let plan = cache.plan_read(at, K4).expect("planned");
         assert!(hook.fired());
         let got = plan.read_all().unwrap();
-        let old = pattern(1, 0, K4 as usize);
+        let old = pattern(1, at, K4 as usize);
         for (i, s) in got.chunks(512).enumerate() {
             let o = &old[i * 512..(i + 1) * 512];
             assert!(
@@ -151,11 +174,11 @@ fn a_write_completing_between_the_cache_check_and_the_lower_plan_is_either_seen_
             );
         }
         assert!(
-            cache.plan_read(0, K4).is_none(),
+            cache.plan_read(at, K4).is_none(),
             "a plan after the write completed must leave it to the cache"
         );
         let mut b = vec![0u8; 4096];
-        cache.read_at(&mut b, 0).unwrap();
+        cache.read_at(&mut b, at).unwrap();
         assert_eq!(b, vec![0xcd; 4096]);
     }
 }
