@@ -24,11 +24,11 @@
 //! end), so that the disk starts on the first reads of a deep pass while the queue thread is
 //! still planning the others. Completions raise the ring's eventfd, which the queue's worker
 //! thread watches next to the kick (`handle_event`), and are also collected at the end of
-//! every pass; each request goes to the used ring the moment its
-//! last piece completes, in any order. A failed or short piece (EIO, EOF, a truncated file)
-//! does not fail the request: it is executed again through the synchronous path
-//! ([`RequestWorker::process_chain`]), which retries the read and reports its error exactly as
-//! for every other request. Reads change no state, so executing one twice is harmless.
+//! every pass; each request goes to the used ring the moment its last piece completes, in any
+//! order. A failed or short piece (EIO, EOF, a truncated file) does not fail the request: it
+//! is executed again through the synchronous path ([`RequestWorker::process_chain`]), which
+//! retries the read and reports its error exactly as for every other request. Reads change no
+//! state, so executing one twice is harmless.
 //!
 //! The pause gate (live snapshots) is held while a read is planned and submitted, not while it
 //! is in flight: a plan names only read-only backing files and zeros, which a snapshot does not
@@ -123,8 +123,11 @@ struct Engine<R> {
     unsubmitted: usize,
     /// Submissions made so far.
     epoch: u64,
-    /// Reads that completed within a submission made during the pass, for [`UringReads::end_pass`].
+    /// Reads that completed within a submission made during the pass, for
+    /// [`UringReads::end_pass`].
     ready: Vec<Finished<R>>,
+    /// The queue (for log messages).
+    queue: usize,
 }
 
 /// The io_uring read path of one virtqueue.
@@ -190,6 +193,7 @@ impl<R: UsedRing> UringReads<R> {
                 unsubmitted: 0,
                 epoch: 0,
                 ready: Vec::new(),
+                queue,
             }),
             event,
             dev,
@@ -282,10 +286,10 @@ impl<R: UsedRing> UringReads<R> {
 
     /// Ends a processing pass: submits what it put on the ring since its last submission and
     /// returns the reads that have completed already (within the pass's submissions or
-    /// after). Reads of pages in the host page
-    /// cache complete during the submission itself, so the ring's eventfd is kept quiet while
-    /// the pass runs and only armed when the pass leaves reads in flight: then every later
-    /// completion wakes the queue thread, and one posted before the arming is collected here.
+    /// after). Reads of pages in the host page cache complete during the submission itself,
+    /// so the ring's eventfd is disarmed here and armed again only when the pass leaves reads
+    /// in flight: then every later completion wakes the queue thread, and one posted before
+    /// the arming is collected here.
     pub fn end_pass(&self) -> Vec<Finished<R>> {
         let mut e = self.lock();
         e.ring.completion().disable_eventfd();
@@ -399,7 +403,7 @@ impl<R> Engine<R> {
                 self.epoch += 1;
             }
             // EBUSY/EAGAIN: the kernel takes them with the next call.
-            Err(err) => warn!("io_uring submit: {err}"),
+            Err(err) => warn!("queue {}: io_uring submit: {err}", self.queue),
         }
     }
 

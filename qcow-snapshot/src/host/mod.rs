@@ -61,8 +61,8 @@ pub trait HostFile: Send + Sync {
         true
     }
     /// Gives back space the file grew ahead of its writes (a [`FileHost`] whose writes, all or
-    /// the large ones, go direct), so that
-    /// a cleanly closed image is as long as its writes made it. Called by a clean close.
+    /// the large ones, go direct), so that a cleanly closed image is as long as its writes
+    /// made it. Called by a clean close.
     fn release_growth(&self) -> io::Result<()> {
         Ok(())
     }

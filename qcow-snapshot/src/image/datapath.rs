@@ -14,9 +14,9 @@ use super::*;
 
 thread_local! {
     /// The thread's buffer for the cluster (or subclusters) a copy-on-write assembles, reused
-    /// across writes. A fresh 64 KiB `calloc` per write made the allocator give pages back
-    /// and take them again (page faults, zeroing, TLB shootdowns between the writing threads)
-    /// and copy-on-write first writes ran at half speed in some runs.
+    /// across writes: a fresh 64 KiB `calloc` per write cost zeroing, page faults and TLB
+    /// shootdowns between the writing threads (about 2% of the samples of a copy-on-write
+    /// run).
     static COW_BUF: Cell<AlignedBuf> = const { Cell::new(AlignedBuf::new()) };
 }
 
