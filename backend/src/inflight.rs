@@ -561,7 +561,7 @@ pub fn submit_queue<R: UsedRing>(
             }
         }
         if let Some(u) = &runner.uring {
-            // One system call for the pass's reads, then whatever has completed already.
+            // The pass's reads not submitted yet, then whatever has completed already.
             for done in u.end_pass() {
                 let (r, m, head, len) = u.finish(done);
                 let needed = r.complete_locked(queue, &m, head, len);

@@ -64,10 +64,11 @@
 //! no stripe lock. `flush_lock` serializes flushes (the trimmer's and the guest's) and is held
 //! across the lower flush; the state mutex is held only to seal, to wait for the sealed
 //! segment's requests and to empty it, never across the lower flush (the state mutex is held
-//! across the copy of a record or the write of a segment header into the journal file only). The trimmer
-//! takes only `flush_lock` and the state mutex and calls only downward. [`Journal::rebind`]
-//! (a live snapshot, guest requests paused) takes only the state mutex, so it never waits for
-//! a background flush. Dropping the [`Journal`] stops the trimmer and joins it.
+//! across the copy of a record or the write of a segment header into the journal file only).
+//! The trimmer takes only `flush_lock` and the state mutex and calls only downward.
+//! [`Journal::rebind`] (a live snapshot, guest requests paused) takes only the state mutex, so
+//! it never waits for a background flush. Dropping the [`Journal`] stops the trimmer and joins
+//! it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -78,9 +79,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use blockdev::{BlockDev, BlockError, Result};
+use log::{error, info};
 
 use crate::shared_map::SharedMap;
-use log::{error, info};
 
 /// File header magic and the segment/record magics.
 const FILE_MAGIC: &[u8; 8] = b"SNBLKJNL";

@@ -50,11 +50,11 @@ use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use log::{error, info, warn};
-
-use crate::shared_map::SharedMap;
 use vhost::vhost_user::message::VhostUserInflight;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
+
+use crate::shared_map::SharedMap;
 
 /// Version written into a queue's header the first time the backend uses it.
 const INFLIGHT_VERSION: u16 = 1;
