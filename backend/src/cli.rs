@@ -88,11 +88,13 @@ pub const LARGE_DIRECT_MIN: usize = 256 << 10;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum AioMode {
     /// Reads that miss the folio cache go on a per-queue io_uring, straight into guest
-    /// buffers; everything else takes the I/O threads. Falls back to `threads` with a warning
-    /// where io_uring is unavailable.
+    /// buffers; everything else takes the I/O threads. The cache's batched writebacks into an
+    /// O_DIRECT image (`--direct on`) go on io_uring too, all of a batch in flight at once.
+    /// Falls back to `threads` with a warning where io_uring is unavailable.
     #[value(name = "io_uring")]
     IoUring,
-    /// Every request on the queue's I/O threads (synchronous system calls).
+    /// Every request on the queue's I/O threads (synchronous system calls), and writebacks one
+    /// `pwrite` at a time.
     Threads,
 }
 

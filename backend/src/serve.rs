@@ -417,6 +417,10 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
     // Block the signals before opening the disk starts the cache's writeback threads and before
     // the first connection spawns queue threads.
     block_stop_signals()?;
+    if args.aio == crate::cli::AioMode::Threads {
+        // No io_uring anywhere: batched writebacks of an O_DIRECT image go one `pwrite` at a time.
+        qcow_snapshot::host::disable_write_rings();
+    }
     let server = Server::bind(args)?;
     // Dropped after `run`: their threads are joined before the disk's last handle goes away.
     let _control = match &args.control_socket {

@@ -72,6 +72,12 @@ pub trait BlockDev: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Writes every `(buf, offset)` of `writes`, as [`BlockDev::write_at`] would, one result
+    /// per write in order. No two of them overlap; they may reach the device in any order and
+    /// at once (a qcow2 image on an O_DIRECT file puts their data in flight together).
+    fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
+        writes.iter().map(|&(b, o)| self.write_at(b, o)).collect()
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
     /// Deallocates a range; it reads back as zeros afterwards.

@@ -34,7 +34,14 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(bin: &Path, image: &Path, dir: &Path, tag: &str, queues: usize) -> Daemon {
+    fn start(
+        bin: &Path,
+        image: &Path,
+        dir: &Path,
+        tag: &str,
+        queues: usize,
+        extra: &[&str],
+    ) -> Daemon {
         let socket = dir.join(format!("{tag}.sock"));
         let log = dir.join(format!("{tag}.log"));
         let log_file = fs::File::create(&log).expect("daemon log");
@@ -46,6 +53,7 @@ impl Daemon {
             .arg(&socket)
             .args(["--cache", "writeback"])
             .args(["--num-queues", &queues.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
@@ -231,6 +239,19 @@ fn expectation(initial: &[u8], log: &ClientLog) -> Expectation {
 enum Kind {
     Raw,
     Qcow2Overlay,
+    /// A qcow2 overlay served with `--direct on`: the cache's writebacks go down in batches on
+    /// io_uring, straight to the device.
+    Qcow2OverlayDirect,
+}
+
+impl Kind {
+    /// The extra `serve` arguments of the kind.
+    fn serve_args(self) -> &'static [&'static str] {
+        match self {
+            Kind::Qcow2OverlayDirect => &["--direct", "on", "--aio", "io_uring"],
+            _ => &[],
+        }
+    }
 }
 
 /// One kill: start the daemon on `image` with `queues` queues, run one workload thread per
@@ -243,8 +264,16 @@ fn run_and_kill(
     seed: u64,
     round: usize,
     queues: usize,
+    kind: Kind,
 ) -> Option<ClientLog> {
-    let mut daemon = Daemon::start(bin, image, dir, &format!("serve{round}"), queues);
+    let mut daemon = Daemon::start(
+        bin,
+        image,
+        dir,
+        &format!("serve{round}"),
+        queues,
+        kind.serve_args(),
+    );
     let client = daemon.connect(queues);
     if client.capacity() != DISK {
         eprintln!(
@@ -286,7 +315,7 @@ fn run_and_kill(
 /// Reads the whole disk through a fresh daemon on `image` and stops it with SIGTERM; also says
 /// whether it exited with status 0.
 fn read_through_daemon(bin: &Path, image: &Path, dir: &Path, tag: &str) -> (Vec<u8>, bool) {
-    let daemon = Daemon::start(bin, image, dir, tag, 1);
+    let daemon = Daemon::start(bin, image, dir, tag, 1, &[]);
     let client = daemon.connect(1);
     let mut got = vec![0u8; DISK as usize];
     for (i, chunk) in got.chunks_mut(1 << 20).enumerate() {
@@ -327,7 +356,7 @@ fn crash_rounds(kind: Kind, queues: usize, rounds: usize, test: &str) {
     fs::write(&base_path, &base).expect("base");
     let image = match kind {
         Kind::Raw => base_path.clone(),
-        Kind::Qcow2Overlay => {
+        Kind::Qcow2Overlay | Kind::Qcow2OverlayDirect => {
             let p = dir.path().join("overlay.qcow2");
             let opts = qcow_snapshot::CreateOptions {
                 size: DISK,
@@ -348,6 +377,7 @@ fn crash_rounds(kind: Kind, queues: usize, rounds: usize, test: &str) {
             seed.wrapping_add(round as u64),
             round,
             queues,
+            kind,
         ) else {
             if std::env::var_os("SNAPBLK_REQUIRE_QCOW2_SERVE").is_some() {
                 panic!("snapblk serve cannot serve a qcow2 overlay");
@@ -361,7 +391,7 @@ fn crash_rounds(kind: Kind, queues: usize, rounds: usize, test: &str) {
             log.events.len(),
             log.flushes
         );
-        if kind == Kind::Qcow2Overlay {
+        if kind != Kind::Raw {
             // The crashed image as the daemon left it: consistent, maybe leaky.
             let (code, report) =
                 snapblk_check(&image).unwrap_or_else(|e| panic!("{what}: snapblk check: {e}"));
@@ -409,7 +439,7 @@ fn crash_rounds(kind: Kind, queues: usize, rounds: usize, test: &str) {
             read_through_daemon(&bin, &image, dir.path(), &format!("restart{round}"));
         exp.verify(&got)
             .unwrap_or_else(|e| panic!("{what}: read through a restarted daemon: {e}"));
-        if kind == Kind::Qcow2Overlay && qemu {
+        if kind != Kind::Raw && qemu {
             // After a clean exit (SIGTERM handled) the image must be clean; otherwise (the
             // daemon died of the signal) leaks are allowed, corruption never.
             let (qcode, text) = qemu_img_check(&image).expect("qemu-img");
@@ -437,6 +467,11 @@ fn sigkill_of_the_daemon_keeps_every_flushed_write_on_a_raw_image() {
 #[test]
 fn sigkill_of_the_daemon_keeps_every_flushed_write_and_a_consistent_qcow2_overlay() {
     crash_rounds(Kind::Qcow2Overlay, 1, 3, "sigkill_qcow2");
+}
+
+#[test]
+fn sigkill_of_a_daemon_writing_back_in_batches_on_io_uring_keeps_every_flushed_write() {
+    crash_rounds(Kind::Qcow2OverlayDirect, 1, 3, "sigkill_qcow2_direct");
 }
 
 /// Two queues, each writing its own half of the disk and flushing on its own queue: a flush on

@@ -126,7 +126,9 @@ impl Inner {
     pub(super) fn relieve_pressure(&self) -> Result<()> {
         self.counters.throttled.fetch_add(1, Ordering::Relaxed);
         self.kick_flusher();
-        if self.dirty_folios.load(Ordering::Acquire) > 0 && self.writeback_some(1)? > 0 {
+        if self.dirty_folios.load(Ordering::Acquire) > 0
+            && self.writeback_some(WRITEBACK_BATCH)? > 0
+        {
             return Ok(());
         }
         let g = lock(&self.budget_lock);

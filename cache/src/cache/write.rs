@@ -142,7 +142,7 @@ impl Inner {
             st.dirty.set(sa, sb);
             drop(st);
             f.touch();
-            // Every `WRITEBACK_BATCH` folios that become dirty wake the flusher, so their data
+            // Every `KICK_EVERY` folios that become dirty wake the flusher, so their data
             // starts down to the lower layer in the background while the guest keeps writing: a
             // later FLUSH then finds less left to write back (and the lower layer has had time
             // to start its own writeback) instead of doing all of it serially on its own path.
@@ -152,7 +152,7 @@ impl Inner {
                     .newly_dirtied
                     .fetch_add(1, Ordering::Relaxed)
                     .wrapping_add(1)
-                    .is_multiple_of(WRITEBACK_BATCH);
+                    .is_multiple_of(KICK_EVERY);
             if eager || self.dirty_folios.load(Ordering::Relaxed) * 2 >= self.max_dirty {
                 self.kick_flusher();
             }

@@ -21,11 +21,38 @@ impl Inner {
             return Ok(WbOutcome::Clean);
         }
         let mut buf = take_buf(&WB_BUF, self.folio_size * self.cluster_folios);
-        // (member number, first sector, end sector) of every dirty run, in disk order.
         let mut runs = WB_RUNS.with(Cell::take);
         runs.clear();
+        let members = self.snapshot_group(f, st, &mut buf, &mut runs);
+        let end = members.last().map_or(f.start, |g| g.start + g.len as u64);
+        let outcome = if self.zap_overlaps(f.start, end) {
+            Ok(WbOutcome::Deferred)
+        } else {
+            self.run_ranges(&members, &runs)
+                .into_iter()
+                .try_for_each(|(a, b)| self.lower.write_at(&buf[a..b], f.start + a as u64))
+                .map(|()| WbOutcome::Written)
+        };
+        self.finish_group(&members, &runs, &outcome);
+        WB_BUF.with(|c| c.set(buf));
+        WB_RUNS.with(|c| c.set(runs));
+        outcome
+    }
+
+    /// Snapshots the dirty sectors of `f` (locked as `st`, dirty, not under writeback) into
+    /// `buf` (a folio's room per member), and those of the following folios that join its
+    /// writeback (see [`Self::writeback_folio`]); marks them all under writeback and records
+    /// their dirty runs in `runs`. Returns the members, `f` first.
+    fn snapshot_group(
+        &self,
+        f: &Arc<Folio>,
+        mut st: MutexGuard<'_, FolioState>,
+        buf: &mut [u8],
+        runs: &mut Vec<(usize, usize, usize)>,
+    ) -> Vec<Arc<Folio>> {
+        // (member number, first sector, end sector) of every dirty run, in disk order.
         let mut members: Vec<Arc<Folio>> = Vec::with_capacity(1);
-        let mut open_end = snapshot_dirty(f, &mut st, 0, &mut buf, &mut runs);
+        let mut open_end = snapshot_dirty(f, &mut st, 0, buf, runs);
         members.push(f.clone());
         drop(st);
         while open_end && members.len() < self.cluster_folios {
@@ -41,27 +68,28 @@ impl Inner {
                 &mut gs,
                 members.len(),
                 &mut buf[members.len() * self.folio_size..],
-                &mut runs,
+                runs,
             );
             drop(gs);
             members.push(g);
         }
-
         self.hook(HookPoint::AfterWritebackSnapshot, f.index);
-        let end = members.last().map_or(f.start, |g| g.start + g.len as u64);
-        let outcome = if self.zap_overlaps(f.start, end) {
-            Ok(WbOutcome::Deferred)
-        } else {
-            self.write_runs(&members, &buf, &runs)
-                .map(|()| WbOutcome::Written)
-        };
+        members
+    }
 
+    /// Ends the writeback of `members` with `outcome`: a snapshot that did not reach the lower
+    /// layer makes its sectors dirty again (the cache holds them or newer bytes, since nothing
+    /// drops sectors under writeback). Wakes the waiters and counts.
+    fn finish_group(
+        &self,
+        members: &[Arc<Folio>],
+        runs: &[(usize, usize, usize)],
+        outcome: &Result<WbOutcome>,
+    ) {
         for (m, g) in members.iter().enumerate() {
             let mut gs = g.lock();
             gs.writeback = false;
             if !matches!(outcome, Ok(WbOutcome::Written)) {
-                // The snapshot did not reach the lower layer: its sectors are dirty again (the
-                // cache holds them or newer bytes, since nothing drops sectors under writeback).
                 for &(_, s, e) in runs.iter().filter(|r| r.0 == m) {
                     gs.dirty.set(s, e);
                 }
@@ -70,17 +98,15 @@ impl Inner {
             drop(gs);
             g.cv.notify_all();
         }
-        let wb_bytes: usize = runs
-            .iter()
-            .filter_map(|&(m, s, e)| {
-                let g = members.get(m)?;
-                Some(g.sector_bytes(e - 1).1 - g.sector_bytes(s).0)
-            })
-            .sum();
-        WB_BUF.with(|c| c.set(buf));
-        WB_RUNS.with(|c| c.set(runs));
-        match &outcome {
+        match outcome {
             Ok(WbOutcome::Written) => {
+                let wb_bytes: usize = runs
+                    .iter()
+                    .filter_map(|&(m, s, e)| {
+                        let g = members.get(m)?;
+                        Some(g.sector_bytes(e - 1).1 - g.sector_bytes(s).0)
+                    })
+                    .sum();
                 self.counters
                     .writebacks
                     .fetch_add(members.len() as u64, Ordering::Relaxed);
@@ -94,49 +120,118 @@ impl Inner {
                     .fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "cache writeback of folios {}..={} failed: {e}",
-                    f.index,
-                    f.index + members.len() as u64 - 1
+                    members.first().map_or(0, |f| f.index),
+                    members.last().map_or(0, |f| f.index)
                 );
             }
             _ => {}
         }
-        outcome
     }
 
-    /// Writes the snapshot runs (`buf` starts at disk offset `start`, one folio per member),
-    /// merging runs that touch into one lower write.
-    pub(super) fn write_runs(
+    /// The byte ranges (in a snapshot buffer with a folio's room per member) that the runs of
+    /// a group's writeback write; runs that touch are merged into one lower write.
+    fn run_ranges(
         &self,
         members: &[Arc<Folio>],
-        buf: &[u8],
         runs: &[(usize, usize, usize)],
-    ) -> Result<()> {
-        let Some(start) = members.first().map(|f| f.start) else {
-            return Ok(());
-        };
-        let byte_range = |&(m, s, e): &(usize, usize, usize)| {
+    ) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::with_capacity(1);
+        for &(m, s, e) in runs {
             let base = m * self.folio_size;
             let (x, y) = members
                 .get(m)
                 .map_or((0, 0), |g| (g.sector_bytes(s).0, g.sector_bytes(e - 1).1));
-            (base + x, base + y)
-        };
-        let mut pending: Option<(usize, usize)> = None;
-        for r in runs {
-            let (x, y) = byte_range(r);
-            pending = match pending {
-                Some((a, b)) if b == x => Some((a, y)),
-                Some((a, b)) => {
-                    self.lower.write_at(&buf[a..b], start + a as u64)?;
-                    Some((x, y))
+            match out.last_mut() {
+                Some(last) if last.1 == base + x => last.1 = base + y,
+                _ => out.push((base + x, base + y)),
+            }
+        }
+        out
+    }
+
+    /// Writes back the dirty folios of `folios` that no writeback has taken (each clustered
+    /// with its followers as [`Self::writeback_folio`] does), with all their lower writes in one
+    /// [`BlockDev::write_batch`]: on an O_DIRECT image they are in flight together. Folios under
+    /// writeback are skipped; the ones a zap overlaps stay dirty. Returns how many folios were
+    /// written, and the first folio and error of every group that failed.
+    ///
+    /// The snapshots share one arena: a batch takes folios while a whole cluster's room is
+    /// left in it (the rest wait for the next call).
+    pub(super) fn writeback_batch(&self, folios: &[Arc<Folio>]) -> (usize, Vec<(u64, BlockError)>) {
+        let room = self.folio_size * self.cluster_folios;
+        // Room for a whole batch of the flusher's single-folio groups plus one cluster, within
+        // bounds (a batch that fills it leaves the rest of its folios for the next call).
+        let want = (WRITEBACK_BATCH * self.folio_size + room).clamp(BATCH_ARENA, MAX_ARENA);
+        let popped = lock(&self.wb_arenas).pop();
+        // A fresh arena is zeroed by the allocator and touches no page until used.
+        let mut arena = popped.unwrap_or_default().at_least(want.max(room));
+        let mut runs = WB_RUNS.with(Cell::take);
+        runs.clear();
+        // (members, arena offset, end of its runs in `runs`) of each group.
+        let mut groups: Vec<(Vec<Arc<Folio>>, usize, usize)> = Vec::new();
+        let mut used = 0usize;
+        for f in folios {
+            if used + room > arena.len() {
+                break;
+            }
+            let st = f.lock();
+            if st.writeback || st.dirty.is_empty() {
+                continue;
+            }
+            let first_run = runs.len();
+            let members = self.snapshot_group(f, st, &mut arena[used..used + room], &mut runs);
+            let end = members.last().map_or(f.start, |g| g.start + g.len as u64);
+            if self.zap_overlaps(f.start, end) {
+                let mine: Vec<(usize, usize, usize)> = runs.drain(first_run..).collect();
+                self.finish_group(&members, &mine, &Ok(WbOutcome::Deferred));
+                continue;
+            }
+            let at = used;
+            used = (used + members.len() * self.folio_size).next_multiple_of(4096);
+            groups.push((members, at, runs.len()));
+        }
+        let mut writes: Vec<(&[u8], u64)> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
+        let mut run_start = 0;
+        for (gi, (members, at, run_end)) in groups.iter().enumerate() {
+            let start = members.first().map_or(0, |f| f.start);
+            for (a, b) in self.run_ranges(members, &runs[run_start..*run_end]) {
+                writes.push((&arena[at + a..at + b], start + a as u64));
+                owner.push(gi);
+            }
+            run_start = *run_end;
+        }
+        let mut outcomes: Vec<Result<WbOutcome>> =
+            groups.iter().map(|_| Ok(WbOutcome::Written)).collect();
+        if !writes.is_empty() {
+            for (k, r) in self.lower.write_batch(&writes).into_iter().enumerate() {
+                if let (Err(e), Some(&gi)) = (r, owner.get(k)) {
+                    if let Some(o @ Ok(_)) = outcomes.get_mut(gi) {
+                        *o = Err(e);
+                    }
                 }
-                None => Some((x, y)),
-            };
+            }
         }
-        if let Some((a, b)) = pending {
-            self.lower.write_at(&buf[a..b], start + a as u64)?;
+        drop(writes);
+        let mut written = 0;
+        let mut failed = Vec::new();
+        let mut run_start = 0;
+        for ((members, _, run_end), outcome) in groups.iter().zip(outcomes) {
+            self.finish_group(members, &runs[run_start..*run_end], &outcome);
+            run_start = *run_end;
+            match outcome {
+                Ok(_) => written += members.len(),
+                Err(e) => failed.push((members.first().map_or(0, |f| f.index), e)),
+            }
         }
-        Ok(())
+        {
+            let mut kept = lock(&self.wb_arenas);
+            if kept.len() < KEPT_ARENAS {
+                kept.push(arena);
+            }
+        }
+        WB_RUNS.with(|c| c.set(runs));
+        (written, failed)
     }
 
     /// Writes back everything dirty in `f` as of now, waiting out zaps and in-flight writebacks.
@@ -150,11 +245,13 @@ impl Inner {
     }
 
     /// Writes back every folio of `folios` (in disk order) and returns the first error. A long
-    /// list is shared by up to `FLUSH_WORKERS` threads that take whole runs of adjacent folios
-    /// whose dirty data touches (at most `cluster_folios`, what one clustered writeback takes
-    /// along), so that the lower layer sees several writebacks at once (a copy-on-write
-    /// writeback waits for a read of the backing file) while sequential dirty data still
-    /// reaches it in one write: a run never starts inside another thread's cluster.
+    /// list is shared by up to `FLUSH_WORKERS` threads that take chunks of whole runs of
+    /// adjacent folios whose dirty data touches (a run is at most `cluster_folios`, what one
+    /// clustered writeback takes along) and write each chunk back in one batch, so that the
+    /// lower layer sees several writebacks at once (a copy-on-write writeback waits for a read
+    /// of the backing file; an O_DIRECT image has a batch in flight together) while sequential
+    /// dirty data still reaches it in one write: a run never starts inside another thread's
+    /// cluster.
     pub(super) fn sync_folios(&self, folios: &[Arc<Folio>]) -> Option<BlockError> {
         // Runs follow the clustering rule of `sync_folio` as it looks now (a dirty end meets a
         // dirty beginning); that only decides who writes what, `sync_folio` re-checks.
@@ -180,15 +277,37 @@ impl Inner {
             open_end = ends;
         }
         let workers = runs.len().div_ceil(FLUSH_MIN_RUNS).min(FLUSH_WORKERS);
+        // Chunks small enough that every worker gets some (copy-on-write writebacks of one
+        // batch read their backing data one after another), at most `FLUSH_CHUNK_RUNS`.
+        let chunk_runs = runs
+            .len()
+            .div_ceil(workers.max(1))
+            .clamp(1, FLUSH_CHUNK_RUNS);
         let next = AtomicUsize::new(0);
         let first_error = Mutex::new(None);
-        let work = || {
-            while let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) {
-                for f in &folios[run.clone()] {
-                    if let Err(e) = self.sync_folio(f) {
-                        lock(&first_error).get_or_insert(e);
-                    }
+        let work = || loop {
+            // A chunk of runs: their writebacks go down in one batch, then each folio is
+            // synced (what the batch skipped or was dirtied since); a folio whose batched
+            // writeback failed has reported its error.
+            let first = next.fetch_add(chunk_runs, Ordering::Relaxed);
+            let Some(chunk) = runs.get(first..(first + chunk_runs).min(runs.len())) else {
+                break;
+            };
+            let (Some(a), Some(b)) = (chunk.first(), chunk.last()) else {
+                break;
+            };
+            let span = &folios[a.start..b.end];
+            let (_, failed) = self.writeback_batch(span);
+            for f in span {
+                if failed.iter().any(|(i, _)| *i == f.index) {
+                    continue;
                 }
+                if let Err(e) = self.sync_folio(f) {
+                    lock(&first_error).get_or_insert(e);
+                }
+            }
+            if let Some((_, e)) = failed.into_iter().next() {
+                lock(&first_error).get_or_insert(e);
             }
         };
         if workers <= 1 {
@@ -229,19 +348,9 @@ impl Inner {
             }
             batch
         };
-        let mut written = 0;
-        let mut error = None;
-        for f in &batch {
-            match self.writeback_folio(f, false) {
-                Ok(WbOutcome::Written) => written += 1,
-                Ok(_) => {}
-                Err(e) => {
-                    error.get_or_insert(e);
-                }
-            }
-        }
-        match error {
-            Some(e) if written == 0 => Err(e),
+        let (written, failed) = self.writeback_batch(&batch);
+        match failed.into_iter().next() {
+            Some((_, e)) if written == 0 => Err(e),
             _ => Ok(written),
         }
     }

@@ -55,6 +55,8 @@ pub struct FaultyDisk {
     after_io: Mutex<Option<AfterIo>>,
     pub flushes: AtomicU64,
     pub reads: AtomicU64,
+    /// The number of writes of every `write_batch` call, in order.
+    batches: Mutex<Vec<usize>>,
 }
 
 impl std::fmt::Debug for FaultyDisk {
@@ -87,6 +89,7 @@ impl FaultyDisk {
             after_io: Mutex::new(None),
             flushes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
+            batches: Mutex::new(Vec::new()),
         })
     }
 
@@ -177,6 +180,11 @@ impl FaultyDisk {
             .collect()
     }
 
+    /// The number of writes of every batch handed down so far.
+    pub fn batches(&self) -> Vec<usize> {
+        self.batches.lock().unwrap().clone()
+    }
+
     pub fn clear_events(&self) {
         self.log.lock().unwrap().clear();
     }
@@ -222,6 +230,11 @@ impl BlockDev for FaultyDisk {
             return Err(eio());
         }
         Ok(())
+    }
+
+    fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
+        self.batches.lock().unwrap().push(writes.len());
+        writes.iter().map(|&(b, o)| self.write_at(b, o)).collect()
     }
 
     fn flush(&self) -> Result<()> {

@@ -20,10 +20,12 @@ use std::sync::{Mutex, RwLock};
 
 use crate::direct::{set_o_direct, DirectIo};
 
+mod batch;
 mod replay;
 #[cfg(test)]
 mod tests;
 
+pub use batch::disable_write_rings;
 pub use replay::{ReplayHost, REPLAY_LIMIT_BYTES};
 
 /// Positional I/O on the file that holds a qcow2 image.
@@ -33,6 +35,12 @@ pub trait HostFile: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, extending the file if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes every `(buf, offset)` of `writes`, as [`HostFile::write_at`] would, one result per
+    /// write in order. No two of them overlap; they may reach the file in any order and at
+    /// once (an O_DIRECT [`FileHost`] puts them on an io_uring together).
+    fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+        writes.iter().map(|&(b, o)| self.write_at(b, o)).collect()
+    }
     /// Makes every completed write durable.
     fn sync_data(&self) -> io::Result<()>;
     /// Current length of the file.
@@ -94,6 +102,10 @@ macro_rules! forward_host_file {
 
             fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
                 (**self).write_at(buf, offset)
+            }
+
+            fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+                (**self).write_batch(writes)
             }
 
             fn sync_data(&self) -> io::Result<()> {
@@ -166,6 +178,8 @@ pub struct FileHost {
     /// granularity its writes must be aligned to (the page size, see `large_route`).
     large: std::sync::OnceLock<(File, DirectIo, usize, u64)>,
     growth: Growth,
+    /// Rings for batches of direct writes ([`HostFile::write_batch`]).
+    rings: batch::WriteRings,
 }
 
 /// The grow-ahead state of a [`FileHost`] whose writes (all, or the large ones) go direct.
@@ -192,7 +206,18 @@ impl FileHost {
             direct: std::sync::OnceLock::new(),
             large: std::sync::OnceLock::new(),
             growth: Growth::default(),
+            rings: batch::WriteRings::default(),
         }
+    }
+
+    /// Writes batches one `pwrite` at a time, never on a ring (tests of that fallback).
+    pub fn disable_write_rings(&self) {
+        self.rings.disable();
+    }
+
+    /// How many writes of batches completed on an io_uring so far.
+    pub fn ring_writes(&self) -> u64 {
+        self.rings.completed()
     }
 
     /// The O_DIRECT descriptor and alignment a buffered file writes `buf` at `offset` with, if
@@ -294,6 +319,48 @@ impl HostFile for FileHost {
                 Ok(())
             }
         }
+    }
+
+    fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+        let Some(d) = self.direct.get() else {
+            return writes.iter().map(|&(b, o)| self.write_at(b, o)).collect();
+        };
+        if writes.len() < 2 {
+            return writes.iter().map(|&(b, o)| self.write_at(b, o)).collect();
+        }
+        let end = writes
+            .iter()
+            .map(|&(b, o)| o.saturating_add(b.len() as u64))
+            .max()
+            .unwrap_or(0);
+        self.grow_for(end);
+        // What the file takes as it is goes on a ring together; the rest (unaligned, read-
+        // modify-write of its end blocks) one at a time.
+        let (ring, single): (Vec<usize>, Vec<usize>) =
+            (0..writes.len()).partition(|&i| d.takes_as_is(writes[i].0, writes[i].1));
+        let mut results: Vec<io::Result<()>> = (0..writes.len()).map(|_| Ok(())).collect();
+        let on_ring: Vec<(&[u8], u64)> = ring.iter().map(|&i| writes[i]).collect();
+        for (i, r) in
+            ring.iter().zip(
+                self.rings
+                    .write(d, &self.file, self.file.as_raw_fd(), &on_ring),
+            )
+        {
+            results[*i] = r;
+        }
+        for i in single {
+            let (b, o) = writes[i];
+            results[i] = d.write_at(&self.file, b, o);
+        }
+        for (r, &(b, o)) in results.iter().zip(writes) {
+            if r.is_ok() {
+                let end = o.saturating_add(b.len() as u64);
+                self.growth
+                    .written_to
+                    .fetch_max(end.next_multiple_of(d.block()), Ordering::AcqRel);
+            }
+        }
+        results
     }
 
     fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {

@@ -377,6 +377,18 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
         })
     }
 
+    fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+        if self.inner.failed_sync_drops_writes() {
+            // Kept for replay, ordered against overlapping changes: one at a time.
+            return writes.iter().map(|&(b, o)| self.write_at(b, o)).collect();
+        }
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        if self.is_poisoned() {
+            return writes.iter().map(|_| Err(eio())).collect();
+        }
+        self.inner.write_batch(writes)
+    }
+
     fn page_cached(&self) -> bool {
         self.inner.page_cached()
     }

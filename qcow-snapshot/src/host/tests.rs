@@ -660,3 +660,147 @@ fn mem_host_reads_zeros_past_end_and_grows_on_write() {
     h.set_len(4).unwrap();
     assert_eq!(h.len().unwrap(), 4);
 }
+
+/// An O_DIRECT [`FileHost`] in `dir` (rings off when asked), or `None` where the file system
+/// refuses O_DIRECT (tmpfs and a few others).
+fn direct_file_host(dir: &tempfile::TempDir, name: &str, rings: bool) -> Option<FileHost> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join(name))
+        .unwrap();
+    let h = FileHost::new(f);
+    if !rings {
+        h.disable_write_rings();
+    }
+    match h.enable_direct() {
+        Ok(()) => Some(h),
+        Err(e) => {
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_batch_of_direct_writes_lands_as_its_writes_one_by_one_would_on_a_ring_or_without() {
+    // Aligned writes go on the ring together, unaligned ones (read-modify-write of their end
+    // blocks) one at a time; with the rings off, all go one at a time. Either way the file
+    // reads back as the writes made it, and a replay journal above copies none of them.
+    let dir = tempfile::tempdir().unwrap();
+    for rings in [true, false] {
+        let Some(fh) = direct_file_host(&dir, &format!("batch-{rings}.img"), rings) else {
+            return;
+        };
+        let h = std::sync::Arc::new(fh);
+        let replay = ReplayHost::new(h.clone());
+        let mut model = vec![0u8; 4 << 20];
+        let mut bufs: Vec<(blockdev::AlignedBuf, u64)> = Vec::new();
+        for i in 0..40u64 {
+            let (len, off) = match i % 4 {
+                0 | 1 => (4096usize, i * 65536),
+                2 => (65536, i * 65536),
+                _ => (1000, i * 65536 + 300),
+            };
+            let mut b = blockdev::AlignedBuf::zeroed_aligned(len, 4096);
+            b.fill(i as u8 + 1);
+            model[off as usize..off as usize + len].fill(i as u8 + 1);
+            bufs.push((b, off));
+        }
+        let writes: Vec<(&[u8], u64)> = bufs.iter().map(|(b, o)| (&b[..], *o)).collect();
+        let results = replay.write_batch(&writes);
+        assert_eq!(results.len(), writes.len());
+        for (i, r) in results.into_iter().enumerate() {
+            r.unwrap_or_else(|e| panic!("write {i} failed: {e}"));
+        }
+        let aligned = writes.iter().filter(|(b, _)| b.len() % 4096 == 0).count() as u64;
+        assert_eq!(
+            h.ring_writes(),
+            if rings { aligned } else { 0 },
+            "rings={rings}: the aligned writes did not (or did) go on the ring"
+        );
+        assert!(
+            replay.journal().changes.is_empty(),
+            "a direct write was copied"
+        );
+        let mut back = vec![0u8; model.len()];
+        replay.read_at(&mut back, 0).unwrap();
+        assert!(
+            back == model,
+            "rings={rings}: the file differs from the writes"
+        );
+    }
+}
+
+#[test]
+fn a_failed_write_of_a_batch_reports_its_own_error_and_the_others_land() {
+    // An offset past what a file may hold fails on the ring (and with `pwrite`) with its own
+    // errno; the writes around it in the same batch land.
+    let dir = tempfile::tempdir().unwrap();
+    for rings in [true, false] {
+        let Some(h) = direct_file_host(&dir, &format!("fail-{rings}.img"), rings) else {
+            return;
+        };
+        let mut good = blockdev::AlignedBuf::zeroed_aligned(4096, 4096);
+        good.fill(0x5a);
+        let writes: Vec<(&[u8], u64)> =
+            vec![(&good[..], 0), (&good[..], 1 << 62), (&good[..], 8192)];
+        let results = h.write_batch(&writes);
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        let e = results[1]
+            .as_ref()
+            .expect_err("a write past the file size limit succeeded");
+        assert!(
+            matches!(e.raw_os_error(), Some(libc::EFBIG | libc::EINVAL)),
+            "rings={rings}: {e}"
+        );
+        let mut back = blockdev::AlignedBuf::zeroed_aligned(12288, 4096);
+        h.read_at(&mut back, 0).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0x5a));
+        assert!(back[4096..8192].iter().all(|&b| b == 0));
+        assert!(back[8192..].iter().all(|&b| b == 0x5a));
+    }
+}
+
+#[test]
+fn a_short_or_interrupted_ring_write_is_finished_with_pwrites_and_a_failed_one_keeps_its_errno() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("short.img"))
+        .unwrap();
+    let d = crate::direct::DirectIo::with_alignment(512, 512);
+    let mut buf = blockdev::AlignedBuf::zeroed_aligned(8192, 4096);
+    buf.fill(7);
+    let read = |off: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        blockdev::read_full_at(&f, &mut b, off).unwrap();
+        b
+    };
+    // The kernel reports 4096 of 8192 bytes written: the rest follows at the right place, and
+    // what it reported written is not written again (here the file never got it: zeros stay).
+    super::batch::finish(&d, &f, &buf, 65536, 4096).unwrap();
+    assert_eq!(read(65536, 4096), vec![0; 4096]);
+    assert_eq!(read(69632, 4096), vec![7; 4096]);
+    // A count that ends inside a block is rounded down to the block: that block is rewritten.
+    super::batch::finish(&d, &f, &buf, 131072, 4096 + 100).unwrap();
+    assert_eq!(read(131072, 4096), vec![0; 4096]);
+    assert_eq!(read(135168, 4096), vec![7; 4096]);
+    // Interrupted, or nothing written: the whole write is done with pwrite.
+    super::batch::finish(&d, &f, &buf, 0, -libc::EINTR).unwrap();
+    assert_eq!(read(0, 8192), vec![7; 8192]);
+    super::batch::finish(&d, &f, &buf, 16384, 0).unwrap();
+    assert_eq!(read(16384, 8192), vec![7; 8192]);
+    // A failure is that write's error, and writes nothing.
+    let e = super::batch::finish(&d, &f, &buf, 32768, -libc::ENOSPC).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+    assert_eq!(read(32768, 8192), vec![0; 8192]);
+    // Complete: nothing more is written.
+    super::batch::finish(&d, &f, &buf, 200_000 * 512, 8192).unwrap();
+    assert_eq!(blockdev::file_size(&f).unwrap(), 139264);
+}

@@ -268,11 +268,44 @@ impl QcowImage {
     /// One pass of a write: plan under the lock, write data unlocked, publish under the lock.
     /// Returns the ranges that another request was allocating.
     pub(super) fn write_pass(&self, buf: &[u8], offset: u64) -> Result<Vec<(u64, u64)>> {
+        let steps = {
+            let mut m = self.lock();
+            let planned = self.plan_pass(&mut m, buf.len() as u64, offset);
+            if planned.is_err() {
+                drop(m);
+                self.alloc_done.notify_all();
+            }
+            planned?
+        };
+        let data = self.write_data(buf, offset, &steps, None);
+        self.wrote_data(&data, buf.len() as u64);
+        let mut m = self.lock();
+        let r = self
+            .publish_pass(&mut m, &steps, data)
+            .and_then(|blocked| m.maybe_flush(&self.io).map(|()| blocked));
+        drop(m);
+        self.alloc_done.notify_all();
+        r
+    }
+
+    /// Notes that data writes returned (`data`: their outcome, `bytes` written).
+    fn wrote_data(&self, data: &Result<()>, bytes: u64) {
+        // Set only after the data writes returned: a flush that clears the flag earlier must
+        // not cause a later flush to skip syncing them.
+        self.data_written.store(true, Ordering::Release);
+        if data.is_ok() {
+            self.early_wb.wrote(bytes);
+        }
+    }
+
+    /// The plan of a write of `len` bytes at `offset` (under the metadata lock): the clusters
+    /// it allocates are marked in flight and get their host clusters. On an error nothing stays
+    /// marked (the caller wakes the waiters).
+    fn plan_pass(&self, m: &mut Meta, len: u64, offset: u64) -> Result<Vec<Step>> {
         let cs = self.geo.cluster_size();
-        let end = offset + buf.len() as u64;
+        let end = offset + len;
         let mut steps: Vec<Step> = Vec::new();
         {
-            let mut m = self.lock();
             let mut pos = offset;
             let mut fresh = 0u64;
             let plan = (|| -> Result<()> {
@@ -285,9 +318,7 @@ impl QcowImage {
                     } else {
                         let e = m.entry(&self.io, gc)?;
                         let step = match e {
-                            _ if self.geo.extended_l2 => {
-                                self.plan_subclusters(&mut m, gc, pos, n)?
-                            }
+                            _ if self.geo.extended_l2 => self.plan_subclusters(m, gc, pos, n)?,
                             L2Entry::Normal { host, copied: true } => Step::Direct {
                                 host: host + in_off,
                                 guest: pos,
@@ -380,28 +411,29 @@ impl QcowImage {
                         m.inflight.remove(gc);
                     }
                 }
-                drop(m);
-                self.alloc_done.notify_all();
                 return Err(e);
             }
         }
+        Ok(steps)
+    }
 
-        let data = self.write_data(buf, offset, &steps);
-        // Set only after the data writes returned: a flush that clears the flag earlier must
-        // not cause a later flush to skip syncing them.
-        self.data_written.store(true, Ordering::Release);
-        if data.is_ok() {
-            self.early_wb.wrote(buf.len() as u64);
-        }
-
+    /// Publishes a planned write whose data writes ended with `data` (under the metadata lock):
+    /// the L2 entries of its allocations, or, on an error, the release of clusters nothing
+    /// references. Clears its in-flight marks (the caller wakes the waiters) and returns the
+    /// ranges another request was allocating.
+    fn publish_pass(
+        &self,
+        m: &mut Meta,
+        steps: &[Step],
+        data: Result<()>,
+    ) -> Result<Vec<(u64, u64)>> {
         let mut blocked = Vec::new();
-        let mut m = self.lock();
         // How many allocations got their L2 entry: those clusters are referenced now and must
         // never be freed by the undo below, even if a later entry of the same write fails.
         let mut published = 0usize;
         let publish = (|| -> Result<()> {
             data?;
-            for s in &steps {
+            for s in steps {
                 if let Step::Alloc {
                     gc, target, sub, ..
                 } = *s
@@ -422,7 +454,7 @@ impl QcowImage {
         })();
         let mut undo = Vec::new();
         let mut alloc_no = 0usize;
-        for s in &steps {
+        for s in steps {
             match *s {
                 Step::Alloc {
                     gc, target, fresh, ..
@@ -441,13 +473,28 @@ impl QcowImage {
         if !undo.is_empty() {
             let _ = m.apply_frees(&self.io, undo);
         }
-        let r = publish.and_then(|()| m.maybe_flush(&self.io));
-        drop(m);
-        self.alloc_done.notify_all();
-        r.map(|()| blocked)
+        publish.map(|()| blocked)
     }
 
-    fn write_data(&self, buf: &[u8], offset: u64, steps: &[Step]) -> Result<()> {
+    /// Writes the data of a planned write. With `defer`, the writes that come straight from
+    /// `buf` are not issued but added to it (the caller writes them, all of a batch at once);
+    /// the ones that assemble a copy-on-write buffer are written here.
+    fn write_data<'a>(
+        &self,
+        buf: &'a [u8],
+        offset: u64,
+        steps: &[Step],
+        mut defer: Option<&mut Vec<(&'a [u8], u64)>>,
+    ) -> Result<()> {
+        let mut write = |b: &'a [u8], at: u64| -> Result<()> {
+            match defer.as_deref_mut() {
+                Some(d) => {
+                    d.push((b, at));
+                    Ok(())
+                }
+                None => Ok(self.io.write_at(b, at)?),
+            }
+        };
         let cs = self.geo.cluster_size();
         let slice = |guest: u64, len: u64| {
             let s = (guest - offset) as usize;
@@ -471,7 +518,7 @@ impl QcowImage {
                         tot += l2;
                         j += 1;
                     }
-                    self.io.write_at(slice(guest, tot), host)?;
+                    write(slice(guest, tot), host)?;
                     i = j;
                 }
                 Step::Alloc {
@@ -498,14 +545,14 @@ impl QcowImage {
                             tot += l2;
                             j += 1;
                         }
-                        self.io.write_at(slice(guest, tot), target)?;
+                        write(slice(guest, tot), target)?;
                         i = j;
                     } else if let Some(w) = sub {
                         let at = target + self.geo.offset_in_cluster(w.start);
                         if w.start == guest && w.end == guest + len {
                             // Whole subclusters: written from the caller's buffer (aligned
                             // memory stays aligned for an O_DIRECT file), nothing to fill.
-                            self.io.write_at(slice(guest, len), at)?;
+                            write(slice(guest, len), at)?;
                         } else {
                             with_cow_buf((w.end - w.start) as usize, |b| -> Result<()> {
                                 let head = (guest - w.start) as usize;
@@ -554,6 +601,86 @@ impl QcowImage {
             m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
         }
         m
+    }
+
+    /// Writes every `(buf, offset)` of `writes` (none overlapping another), one result each:
+    /// all are planned under one hold of the metadata lock, the data of all of them goes down
+    /// in one host batch ([`HostFile::write_batch`]: on an O_DIRECT file, all in flight at once),
+    /// and all are published under one more hold. Copy-on-write assembly is written as it is
+    /// made; parts another request was allocating are written afterwards, one at a time.
+    pub(super) fn write_batch_inner(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
+        let plans: Vec<Result<Vec<Step>>> = {
+            let mut m = self.lock();
+            writes
+                .iter()
+                .map(|&(b, o)| self.plan_pass(&mut m, b.len() as u64, o))
+                .collect()
+        };
+        // Each write's data outcome; the host writes deferred to the batch and whose they are.
+        let mut data: Vec<Result<()>> = Vec::with_capacity(writes.len());
+        let mut host: Vec<(&[u8], u64)> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
+        for (i, (&(b, o), plan)) in writes.iter().zip(&plans).enumerate() {
+            let r = match plan {
+                Ok(steps) => {
+                    let before = host.len();
+                    let r = self.write_data(b, o, steps, Some(&mut host));
+                    // A write whose copy-on-write part failed issues nothing more.
+                    host.truncate(if r.is_ok() { host.len() } else { before });
+                    owner.resize(host.len(), i);
+                    r
+                }
+                Err(_) => Ok(()),
+            };
+            data.push(r);
+        }
+        if !host.is_empty() {
+            for (k, r) in self.io.write_batch(&host).into_iter().enumerate() {
+                if let (Err(e), Some(&i)) = (r, owner.get(k)) {
+                    if let Some(d @ Ok(())) = data.get_mut(i) {
+                        *d = Err(e.into());
+                    }
+                }
+            }
+        }
+        let ok_bytes: u64 = writes
+            .iter()
+            .zip(&plans)
+            .zip(&data)
+            .filter(|((_, p), d)| p.is_ok() && d.is_ok())
+            .map(|((w, _), _)| w.0.len() as u64)
+            .sum();
+        self.wrote_data(&Ok(()), ok_bytes);
+        let mut results: Vec<Result<Vec<(u64, u64)>>> = Vec::with_capacity(writes.len());
+        {
+            let mut m = self.lock();
+            for (plan, d) in plans.into_iter().zip(data) {
+                results.push(match plan {
+                    Ok(steps) => self.publish_pass(&mut m, &steps, d),
+                    Err(e) => Err(e),
+                });
+            }
+            if let Err(e) = m.maybe_flush(&self.io) {
+                // As for a single write: the write that pushed metadata out reports its error
+                // (here every write of the batch that succeeded so far).
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(same_error(&e));
+                }
+            }
+        }
+        self.alloc_done.notify_all();
+        results
+            .into_iter()
+            .zip(writes)
+            .map(|(r, &(b, o))| {
+                for (boff, blen) in r? {
+                    drop(self.wait_inflight(self.lock(), boff, blen));
+                    let s = (boff - o) as usize;
+                    self.write_inner(&b[s..s + blen as usize], boff)?;
+                }
+                Ok(())
+            })
+            .collect()
     }
 
     pub(super) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -799,5 +926,23 @@ impl QcowImage {
             .and_then(|()| self.flush_inner())
             .and_then(|()| self.flush_inner());
         self.finish(r)
+    }
+}
+
+/// A copy of `e` (the same errno, kind or message) for a second write that reports it.
+pub(super) fn same_error(e: &BlockError) -> BlockError {
+    match e {
+        BlockError::Io(io) => BlockError::Io(match io.raw_os_error() {
+            Some(n) => std::io::Error::from_raw_os_error(n),
+            None => std::io::Error::new(io.kind(), io.to_string()),
+        }),
+        BlockError::OutOfRange { offset, len, size } => BlockError::OutOfRange {
+            offset: *offset,
+            len: *len,
+            size: *size,
+        },
+        BlockError::ReadOnly => BlockError::ReadOnly,
+        BlockError::Corrupt(m) => BlockError::Corrupt(m.clone()),
+        BlockError::Unsupported(w) => BlockError::Unsupported(w),
     }
 }
