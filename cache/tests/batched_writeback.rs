@@ -125,11 +125,7 @@ fn writers_throttled_by_the_dirty_budget_write_back_a_batch_and_lose_nothing() {
     // A dirty budget of 4 folios and no flusher: writers past the budget write back batches
     // themselves (more than one folio per batch), and every byte reaches the lower layer.
     let lower = FaultyDisk::new(vec![0; 64 * K4 as usize]);
-    let cfg = CacheConfig {
-        flusher_threads: 0,
-        ..small_cfg(K4, 64, 4)
-    };
-    let cache = cache_over(&lower, cfg);
+    let cache = cache_over(&lower, small_cfg(K4, 64, 4));
     for i in (0..64u64).step_by(2) {
         cache.write_at(&pattern(3, i * K4, 1024), i * K4).unwrap();
     }
@@ -255,11 +251,7 @@ fn a_throttled_write_goes_on_when_its_batch_wrote_something_and_fails_when_none_
     // every writeback fails, a throttled write can make no room and reports the error (it
     // neither hangs nor loses the older dirty data); after the disk heals everything lands.
     let lower = FaultyDisk::new(vec![0; 64 * K4 as usize]);
-    let cfg = CacheConfig {
-        flusher_threads: 0,
-        ..small_cfg(K4, 64, 4)
-    };
-    let cache = cache_over(&lower, cfg);
+    let cache = cache_over(&lower, small_cfg(K4, 64, 4));
     for i in [0u64, 2, 4, 6] {
         cache.write_at(&[0x10 | i as u8; 512], i * K4).unwrap();
     }

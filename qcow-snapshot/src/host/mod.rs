@@ -322,12 +322,10 @@ impl HostFile for FileHost {
     }
 
     fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
-        let Some(d) = self.direct.get() else {
+        // Buffered, or nothing to put in flight together: one write after another.
+        let Some(d) = self.direct.get().filter(|_| writes.len() >= 2) else {
             return writes.iter().map(|&(b, o)| self.write_at(b, o)).collect();
         };
-        if writes.len() < 2 {
-            return writes.iter().map(|&(b, o)| self.write_at(b, o)).collect();
-        }
         let end = writes
             .iter()
             .map(|&(b, o)| o.saturating_add(b.len() as u64))

@@ -88,6 +88,17 @@ fn durable(h: &ReplayHost<std::sync::Arc<LossyFile>>) -> Vec<u8> {
     h.inner.state.lock().unwrap().1.clone()
 }
 
+/// A new, empty file `name` in `dir`, open for reading and writing.
+fn new_file(dir: &tempfile::TempDir, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join(name))
+        .unwrap()
+}
+
 #[test]
 fn one_failed_sync_that_drops_writes_is_repaired_by_replaying_them() {
     let f = std::sync::Arc::new(LossyFile::default());
@@ -327,13 +338,7 @@ fn a_change_journaled_before_the_file_went_direct_is_still_replayed() {
 #[test]
 fn a_file_host_says_a_failed_sync_drops_writes_until_it_is_direct() {
     let dir = tempfile::tempdir().unwrap();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("f.img"))
-        .unwrap();
+    let file = new_file(&dir, "f.img");
     let h = ReplayHost::new(FileHost::new(file));
     assert!(h.inner.failed_sync_drops_writes());
     h.write_at(&[1; 4096], 0).unwrap();
@@ -543,13 +548,7 @@ fn while_a_set_len_is_kept_a_direct_write_is_kept_as_a_copy() {
 #[test]
 fn a_buffered_file_writes_large_aligned_requests_directly_and_reads_them_back() {
     let dir = tempfile::tempdir().unwrap();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("f.img"))
-        .unwrap();
+    let file = new_file(&dir, "f.img");
     let h = ReplayHost::new(FileHost::new(file));
     if let Err(e) = h.enable_direct_large(8192) {
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
@@ -596,15 +595,7 @@ fn buffered_writes_past_the_end_grow_the_file_ahead_once_large_writes_go_direct(
     // a clean close cuts it back to the end of what was written. A plain buffered file (the
     // `--direct off` mode) does not grow.
     let dir = tempfile::tempdir().unwrap();
-    let open = |name: &str| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join(name))
-            .unwrap()
-    };
+    let open = |name: &str| new_file(&dir, name);
     let plain = FileHost::new(open("plain.img"));
     plain.write_at(&[3; 4096], 65536).unwrap();
     assert_eq!(
@@ -664,14 +655,7 @@ fn mem_host_reads_zeros_past_end_and_grows_on_write() {
 /// An O_DIRECT [`FileHost`] in `dir` (rings off when asked), or `None` where the file system
 /// refuses O_DIRECT (tmpfs and a few others).
 fn direct_file_host(dir: &tempfile::TempDir, name: &str, rings: bool) -> Option<FileHost> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join(name))
-        .unwrap();
-    let h = FileHost::new(f);
+    let h = FileHost::new(new_file(dir, name));
     if !rings {
         h.disable_write_rings();
     }
@@ -767,13 +751,7 @@ fn a_failed_write_of_a_batch_reports_its_own_error_and_the_others_land() {
 #[test]
 fn a_short_or_interrupted_ring_write_is_finished_with_pwrites_and_a_failed_one_keeps_its_errno() {
     let dir = tempfile::tempdir().unwrap();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("short.img"))
-        .unwrap();
+    let f = new_file(&dir, "short.img");
     let d = crate::direct::DirectIo::with_alignment(512, 512);
     let mut buf = blockdev::AlignedBuf::zeroed_aligned(8192, 4096);
     buf.fill(7);

@@ -278,7 +278,7 @@ impl QcowImage {
             planned?
         };
         let data = self.write_data(buf, offset, &steps, None);
-        self.wrote_data(&data, buf.len() as u64);
+        self.wrote_data(if data.is_ok() { buf.len() as u64 } else { 0 });
         let mut m = self.lock();
         let r = self
             .publish_pass(&mut m, &steps, data)
@@ -288,12 +288,12 @@ impl QcowImage {
         r
     }
 
-    /// Notes that data writes returned (`data`: their outcome, `bytes` written).
-    fn wrote_data(&self, data: &Result<()>, bytes: u64) {
+    /// Notes that data writes returned, `bytes` of them successfully.
+    fn wrote_data(&self, bytes: u64) {
         // Set only after the data writes returned: a flush that clears the flag earlier must
         // not cause a later flush to skip syncing them.
         self.data_written.store(true, Ordering::Release);
-        if data.is_ok() {
+        if bytes > 0 {
             self.early_wb.wrote(bytes);
         }
     }
@@ -650,7 +650,7 @@ impl QcowImage {
             .filter(|((_, p), d)| p.is_ok() && d.is_ok())
             .map(|((w, _), _)| w.0.len() as u64)
             .sum();
-        self.wrote_data(&Ok(()), ok_bytes);
+        self.wrote_data(ok_bytes);
         let mut results: Vec<Result<Vec<(u64, u64)>>> = Vec::with_capacity(writes.len());
         {
             let mut m = self.lock();
