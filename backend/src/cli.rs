@@ -71,6 +71,12 @@ pub enum CacheMode {
 /// Whether the image file's I/O bypasses the host page cache (`--direct`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DirectMode {
+    /// `on` for a writable qcow2 top with extended L2 entries, `large` for any other: what
+    /// measured faster for each (BENCHMARKS.md). With subclusters a first write copies nothing
+    /// from the base, so writebacks are small writes that O_DIRECT puts on the device together;
+    /// with standard L2 entries each first write assembles a whole cluster around a read of the
+    /// base, which the host page cache absorbs better.
+    Auto,
     /// O_DIRECT below the folio cache for a writable qcow2 top (backing files stay buffered).
     On,
     /// Large aligned writes (at least `LARGE_DIRECT_MIN`) of a writable qcow2 top with
@@ -78,6 +84,18 @@ pub enum DirectMode {
     Large,
     /// Buffered I/O through the host page cache.
     Off,
+}
+
+impl DirectMode {
+    /// The mode a writable qcow2 top gets: `Auto` decided by its L2 entries, the others as
+    /// they are.
+    pub fn for_top(self, extended_l2: bool) -> DirectMode {
+        match self {
+            DirectMode::Auto if extended_l2 => DirectMode::On,
+            DirectMode::Auto => DirectMode::Large,
+            m => m,
+        }
+    }
 }
 
 /// The smallest write `--direct large` sends with O_DIRECT: what bypasses the folio cache
@@ -138,9 +156,10 @@ pub struct ServeArgs {
     pub aio: AioMode,
     /// O_DIRECT for a writable qcow2 image below the folio cache (on), for its large aligned
     /// writes only (large: writes of 256 KiB and more skip the host page cache and are not
-    /// copied for replay), or the host page cache (off). Where the file system cannot do
-    /// O_DIRECT the daemon warns and stays buffered.
-    #[arg(long, value_enum, default_value_t = DirectMode::Large, value_name = "on|large|off")]
+    /// copied for replay), or the host page cache (off); auto: on for an image with extended
+    /// L2 entries (the `--snapshot` overlay's kind), large for the others. Where the file
+    /// system cannot do O_DIRECT the daemon stays buffered (a warning when `on` was asked for).
+    #[arg(long, value_enum, default_value_t = DirectMode::Auto, value_name = "auto|on|large|off")]
     pub direct: DirectMode,
     /// Deprecated: `--io-threads N` means `--max-inflight N+1`.
     #[arg(long, value_name = "N", value_parser = parse_io_threads, hide = true,
@@ -239,7 +258,7 @@ impl ServeArgs {
             cache: CacheMode::Writeback,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             aio: AioMode::IoUring,
-            direct: DirectMode::Large,
+            direct: DirectMode::Auto,
             io_threads: None,
             socket_mode: 0o600,
             format: None,
@@ -507,14 +526,15 @@ mod tests {
     }
 
     #[test]
-    fn direct_is_large_unless_asked_and_takes_only_large_on_or_off() {
+    fn direct_is_auto_unless_asked_and_takes_only_auto_large_on_or_off() {
         let parse = |extra: &[&str]| {
             let mut v = vec!["snapblk", "serve", "--image", "a", "--socket", "s"];
             v.extend_from_slice(extra);
             Cli::try_parse_from(v)
         };
-        assert_eq!(serve_args(parse(&[]).unwrap()).direct, DirectMode::Large);
+        assert_eq!(serve_args(parse(&[]).unwrap()).direct, DirectMode::Auto);
         for (arg, mode) in [
+            ("auto", DirectMode::Auto),
             ("on", DirectMode::On),
             ("off", DirectMode::Off),
             ("large", DirectMode::Large),
@@ -522,6 +542,16 @@ mod tests {
             assert_eq!(serve_args(parse(&["--direct", arg]).unwrap()).direct, mode);
         }
         assert!(parse(&["--direct", "yes"]).is_err());
+    }
+
+    #[test]
+    fn auto_direct_is_on_for_extended_l2_tops_and_large_for_the_others() {
+        assert_eq!(DirectMode::Auto.for_top(true), DirectMode::On);
+        assert_eq!(DirectMode::Auto.for_top(false), DirectMode::Large);
+        for m in [DirectMode::On, DirectMode::Large, DirectMode::Off] {
+            assert_eq!(m.for_top(true), m);
+            assert_eq!(m.for_top(false), m);
+        }
     }
 
     #[test]

@@ -21,16 +21,21 @@ use blockdev::BlockDev;
 use cache::{CacheConfig, FolioCache};
 use qcow_snapshot::{CreateOptions, Format};
 
-use crate::cli::{CacheMode, ServeArgs};
+use crate::cli::{CacheMode, DirectMode, ServeArgs};
 
-/// Puts the qcow2 top of `chain` on O_DIRECT (`--direct on`); a file that cannot do it stays
-/// buffered with a warning.
-fn enable_direct(chain: &crate::snapshot::Chain, image: &std::path::Path) {
+/// Puts the qcow2 top of `chain` on O_DIRECT (`--direct on`, or `auto` on an image with
+/// extended L2 entries); a file that cannot do it stays buffered, with a warning when `on` was
+/// asked for.
+fn enable_direct(chain: &crate::snapshot::Chain, image: &std::path::Path, asked: bool) {
     match chain.top_qcow() {
         Some(q) => match q.enable_direct() {
             Ok(()) => log::info!("{}: O_DIRECT below the folio cache", image.display()),
-            Err(e) => log::warn!(
+            Err(e) if asked => log::warn!(
                 "{}: O_DIRECT unavailable ({e}); using the host page cache",
+                image.display()
+            ),
+            Err(e) => log::info!(
+                "{}: stays in the host page cache (no O_DIRECT: {e})",
                 image.display()
             ),
         },
@@ -41,8 +46,20 @@ fn enable_direct(chain: &crate::snapshot::Chain, image: &std::path::Path) {
     }
 }
 
+/// Puts the writable top of `chain` in `mode` (`--direct`; `auto` decided by the top's L2
+/// entries) and records `mode` for the tops live snapshots make.
+fn set_up_direct(chain: &crate::snapshot::Chain, image: &std::path::Path, mode: DirectMode) {
+    let extended_l2 = chain.top_qcow().is_some_and(|q| q.geometry().extended_l2);
+    match mode.for_top(extended_l2) {
+        DirectMode::On => enable_direct(chain, image, mode == DirectMode::On),
+        DirectMode::Large => enable_direct_large(chain, image),
+        DirectMode::Off | DirectMode::Auto => {}
+    }
+    chain.set_direct(mode);
+}
+
 /// Lets the qcow2 top of `chain` write large aligned requests with O_DIRECT (`--direct large`,
-/// the default); where it cannot, everything stays buffered (logged, not warned: nothing was
+/// or `auto` on an image with standard L2 entries); where it cannot, everything stays buffered (logged, not warned: nothing was
 /// asked for explicitly).
 fn enable_direct_large(chain: &crate::snapshot::Chain, image: &std::path::Path) {
     if let Some(q) = chain.top_qcow() {
@@ -312,12 +329,7 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
     let chain = crate::snapshot::Chain::open(&image, format.or(probed), args.readonly, &policy)
         .map_err(open_err)?;
     if !args.readonly {
-        match args.direct {
-            crate::cli::DirectMode::On => enable_direct(&chain, &image),
-            crate::cli::DirectMode::Large => enable_direct_large(&chain, &image),
-            crate::cli::DirectMode::Off => {}
-        }
-        chain.set_direct(args.direct);
+        set_up_direct(&chain, &image, args.direct);
     }
     if let Some(g) = &guard {
         let g = Arc::downgrade(g);
@@ -490,6 +502,45 @@ mod tests {
         assert!(b[..512].iter().all(|&x| x == 9));
         assert!(b[512..].iter().all(|&x| x == 7));
         assert!(std::fs::read(&base).unwrap().iter().all(|&x| x == 7));
+    }
+
+    #[test]
+    fn auto_direct_puts_an_extended_l2_top_below_the_page_cache_and_a_standard_one_above() {
+        let dir = tempfile::tempdir().unwrap();
+        let direct_ok = {
+            let probe = dir.path().join("probe");
+            let f = std::fs::File::create(&probe).unwrap();
+            qcow_snapshot::direct::set_o_direct(&f, true).is_ok()
+        };
+        for (extended_l2, mode, below) in [
+            (true, DirectMode::Auto, true),
+            (false, DirectMode::Auto, false),
+            (false, DirectMode::On, true),
+            (true, DirectMode::Large, false),
+            (true, DirectMode::Off, false),
+        ] {
+            let img = dir.path().join(format!("{extended_l2}-{mode:?}.qcow2"));
+            let opts = CreateOptions {
+                size: 4 << 20,
+                extended_l2,
+                ..CreateOptions::default()
+            };
+            qcow_snapshot::create(&img, &opts).unwrap();
+            let chain = crate::snapshot::Chain::open(
+                &img,
+                Some(Format::Qcow2),
+                false,
+                &qcow_snapshot::BackingPolicy::default(),
+            )
+            .unwrap();
+            set_up_direct(&chain, &img, mode);
+            let top = chain.top_qcow().unwrap();
+            assert_eq!(
+                top.page_cached(),
+                !(below && direct_ok),
+                "extended_l2={extended_l2} {mode:?}"
+            );
+        }
     }
 
     #[test]

@@ -187,16 +187,20 @@ impl Chain {
         *self.direct.lock().unwrap_or_else(|e| e.into_inner()) = mode;
     }
 
-    /// Puts a new writable top's file in the chain's `--direct` mode (it stays buffered, with
-    /// a line in the log, where that is impossible).
-    fn apply_direct(&self, host: &FileHost, path: &Path) {
+    /// Puts a new writable top's file in the chain's `--direct` mode, `auto` decided by the
+    /// top's L2 entries (it stays buffered, with a line in the log, where that is impossible).
+    fn apply_direct(&self, host: &FileHost, path: &Path, extended_l2: bool) {
         use crate::cli::DirectMode;
         use qcow_snapshot::HostFile;
-        let mode = *self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        let mode = self
+            .direct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .for_top(extended_l2);
         let r = match mode {
             DirectMode::On => host.enable_direct(),
             DirectMode::Large => host.enable_direct_large(crate::cli::LARGE_DIRECT_MIN),
-            DirectMode::Off => Ok(()),
+            DirectMode::Off | DirectMode::Auto => Ok(()),
         };
         if let Err(e) = r {
             log::warn!(
@@ -343,15 +347,23 @@ impl Chain {
             .open(overlay)
             .map_err(|e| SnapshotError::Refused(io_msg("cannot create", overlay, e)))?;
         let cleanup = RemoveOnDrop(Some(overlay.to_path_buf()));
+        // The new overlay keeps the old top's kind of L2 entries: a first write into it
+        // copies nothing from the chain below when the old top's did not.
+        let extended_l2 = st
+            .top
+            .qcow
+            .as_ref()
+            .is_some_and(|q| q.geometry().extended_l2);
         let opts = CreateOptions {
             size: upper.size(),
             backing: Some((backing_name, st.top.format)),
+            extended_l2,
             ..CreateOptions::default()
         };
         let new_host = FileHost::new(new_file);
         qcow_snapshot::create_on(&new_host, &opts)
             .map_err(|e| SnapshotError::Failed(io_msg("cannot create", overlay, e)))?;
-        self.apply_direct(&new_host, overlay);
+        self.apply_direct(&new_host, overlay, extended_l2);
         let new_path = std::fs::canonicalize(overlay)
             .map_err(|e| SnapshotError::Failed(io_msg("cannot resolve", overlay, e)))?;
         // The new top is this process's from now on: lock it as a served overlay.
@@ -382,7 +394,7 @@ impl Chain {
                 if let Some(q) = &old.qcow {
                     if closed {
                         let host = FileHost::new(rollback_file);
-                        self.apply_direct(&host, &old.path);
+                        self.apply_direct(&host, &old.path, q.geometry().extended_l2);
                         match reopen_rw(q, host) {
                             Ok(img) => {
                                 let img = Arc::new(img);
@@ -552,11 +564,16 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn setup(dir: &Path) -> (Arc<Chain>, Arc<FolioCache>, PathBuf) {
+        setup_with(dir, false)
+    }
+
+    fn setup_with(dir: &Path, extended_l2: bool) -> (Arc<Chain>, Arc<FolioCache>, PathBuf) {
         let top = dir.join("top.qcow2");
         qcow_snapshot::create(
             &top,
             &CreateOptions {
                 size: 4 << 20,
+                extended_l2,
                 ..CreateOptions::default()
             },
         )
@@ -653,6 +670,37 @@ mod tests {
                 std::fs::metadata(&overlay).unwrap().len() < (4 << 20),
                 "{mode:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_live_snapshot_top_keeps_the_old_tops_l2_entries_and_auto_decides_by_them() {
+        use crate::cli::DirectMode;
+        for extended_l2 in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let direct_ok = std::fs::File::create(dir.path().join("probe"))
+                .is_ok_and(|f| qcow_snapshot::direct::set_o_direct(&f, true).is_ok());
+            let (chain, cache, _top) = setup_with(dir.path(), extended_l2);
+            chain.set_direct(DirectMode::Auto);
+            let overlay = dir.path().join("new.qcow2");
+            chain
+                .snapshot(&overlay, cache.as_ref(), &|| 0, &PauseGate::new())
+                .unwrap();
+            let new_top = chain.top_qcow().unwrap();
+            assert_eq!(new_top.geometry().extended_l2, extended_l2);
+            assert_eq!(
+                new_top.page_cached(),
+                !(extended_l2 && direct_ok),
+                "extended_l2={extended_l2}"
+            );
+            cache.write_at(&[4; 4096], 4096).unwrap();
+            cache.flush().unwrap();
+            assert_eq!(read(cache.as_ref(), 4096, 4096), vec![4; 4096]);
+            drop(new_top);
+            drop(cache);
+            drop(chain);
+            let info = qcow_snapshot::info(&overlay).unwrap();
+            assert!(!info.dirty, "the new top was not closed cleanly");
         }
     }
 

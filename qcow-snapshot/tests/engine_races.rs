@@ -538,7 +538,9 @@ fn a_batch_write_is_invisible_until_published_and_a_racing_write_into_its_cluste
         let writer_waited = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (img2, img3) = (img.clone(), img.clone());
         let (rslot, wslot, waited) = (reader.clone(), writer.clone(), writer_waited.clone());
-        let first_len = if extended_l2 { 4096 } else { cs as usize };
+        // Without subclusters the two clusters the batch copies on write are next to each
+        // other in the file and go down as one write.
+        let first_len = if extended_l2 { 4096 } else { 2 * cs as usize };
         host.after(Io::Write, None, Some(first_len), move || {
             race(&rslot, move || read(&*img2, 0, 4096));
             race(&wslot, move || img3.write_at(&[0xcc; 4096], 8192).unwrap());

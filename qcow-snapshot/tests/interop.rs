@@ -582,8 +582,10 @@ fn batches_of_writes_into_a_direct_overlay_check_and_compare_like_the_same_write
     // Batches (what the cache's writeback hands down) into an O_DIRECT overlay over a raw base:
     // whole subclusters, copy-on-write of partly covered clusters or subclusters, two writes
     // into one fresh cluster, in-place overwrites of allocated clusters, unaligned writes. The
-    // image reads back as the writes made it, and qemu-img finds it clean and equal.
-    for extended_l2 in [false, true] {
+    // image reads back as the writes made it, and qemu-img finds it clean and equal. Also on a
+    // buffered overlay whose large writes go direct (`--direct large`), where a batch's merged
+    // copy-on-write clusters are such a write.
+    for (extended_l2, large) in [(false, false), (true, false), (false, true)] {
         let dir = tmp();
         let cs = 65536u64;
         let size = 8u64 << 20;
@@ -602,12 +604,17 @@ fn batches_of_writes_into_a_direct_overlay_check_and_compare_like_the_same_write
         )
         .unwrap();
         let q = open_qcow2(&img, false).unwrap();
-        if let Err(e) = q.enable_direct() {
+        let direct = if large {
+            q.enable_direct_large(256 << 10)
+        } else {
+            q.enable_direct()
+        };
+        if let Err(e) = direct {
             assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
             return;
         }
         let mut shadow = base.clone();
-        let shapes: [(u64, usize); 8] = [
+        let shapes: [(u64, usize); 12] = [
             (0, 4096),                 // one subcluster pair at a cluster's start
             (cs + 8192, 4096),         // inside a fresh cluster
             (cs + 32768, 4096),        // a second write into the same fresh cluster
@@ -616,6 +623,12 @@ fn batches_of_writes_into_a_direct_overlay_check_and_compare_like_the_same_write
             (7 * cs - 512, 1024),      // across a cluster boundary
             (9 * cs, 3 * cs as usize), // several whole clusters
             (size - 4096, 4096),       // the end of the disk
+            // Four fresh clusters in a row (copied on write without subclusters: with the
+            // one before them, 320 KiB go down as one write, direct in `large` mode too).
+            (40 * cs + 512, 4096),
+            (41 * cs + 512, 4096),
+            (42 * cs + 512, 4096),
+            (43 * cs + 512, 4096),
         ];
         for round in 0..2u64 {
             let bufs: Vec<(blockdev::AlignedBuf, u64)> = shapes

@@ -29,6 +29,69 @@ fn with_cow_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     out
 }
 
+/// The most copy-on-write assembly one batch keeps for writing together (see [`CowArena`]);
+/// what does not fit is written as it is made.
+pub const COW_ARENA_MAX: usize = 8 << 20;
+/// Copy-on-write arenas kept for the next batches (memory a batch touched stays mapped: fresh
+/// pages each batch would be faulted in again).
+const KEPT_COW_ARENAS: usize = 8;
+static COW_ARENAS: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// The copy-on-write clusters (or subcluster runs) of one batch, assembled one after another
+/// in one aligned buffer, so that all go down with the batch and clusters that are next to
+/// each other in the file go down as one write.
+struct CowArena {
+    buf: AlignedBuf,
+    used: usize,
+}
+
+impl CowArena {
+    fn take(len: usize) -> CowArena {
+        let buf = COW_ARENAS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+            .at_least(len);
+        CowArena { buf, used: 0 }
+    }
+
+    /// `len` more bytes, or `None` when the arena is full.
+    fn claim(&mut self, len: usize) -> Option<std::ops::Range<usize>> {
+        let end = self
+            .used
+            .checked_add(len)
+            .filter(|&e| e <= self.buf.len())?;
+        let r = self.used..end;
+        self.used = end;
+        Some(r)
+    }
+}
+
+impl Drop for CowArena {
+    fn drop(&mut self) {
+        let mut kept = COW_ARENAS.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < KEPT_COW_ARENAS {
+            kept.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// Where a host write a batch defers takes its bytes from.
+#[derive(Debug, Clone)]
+enum Src<'a> {
+    /// The caller's buffer.
+    Caller(&'a [u8]),
+    /// This range of the batch's [`CowArena`].
+    Arena(std::ops::Range<usize>),
+}
+
+/// The host writes of a batch, made while its writes are assembled and issued together after.
+struct Deferred<'a> {
+    writes: Vec<(Src<'a>, u64)>,
+    arena: Option<CowArena>,
+}
+
 /// Where the bytes of an allocating write's uncovered part come from.
 #[derive(Debug, Clone, Copy)]
 enum Fill {
@@ -478,23 +541,15 @@ impl QcowImage {
 
     /// Writes the data of a planned write. With `defer`, the writes that come straight from
     /// `buf` are not issued but added to it (the caller writes them, all of a batch at once);
-    /// the ones that assemble a copy-on-write buffer are written here.
+    /// the ones that assemble a copy-on-write buffer go to its arena while it has room, and
+    /// are written here when it has none.
     fn write_data<'a>(
         &self,
         buf: &'a [u8],
         offset: u64,
         steps: &[Step],
-        mut defer: Option<&mut Vec<(&'a [u8], u64)>>,
+        mut defer: Option<&mut Deferred<'a>>,
     ) -> Result<()> {
-        let mut write = |b: &'a [u8], at: u64| -> Result<()> {
-            match defer.as_deref_mut() {
-                Some(d) => {
-                    d.push((b, at));
-                    Ok(())
-                }
-                None => Ok(self.io.write_at(b, at)?),
-            }
-        };
         let cs = self.geo.cluster_size();
         let slice = |guest: u64, len: u64| {
             let s = (guest - offset) as usize;
@@ -518,7 +573,7 @@ impl QcowImage {
                         tot += l2;
                         j += 1;
                     }
-                    write(slice(guest, tot), host)?;
+                    self.write_or_defer(&mut defer, slice(guest, tot), host)?;
                     i = j;
                 }
                 Step::Alloc {
@@ -545,36 +600,31 @@ impl QcowImage {
                             tot += l2;
                             j += 1;
                         }
-                        write(slice(guest, tot), target)?;
+                        self.write_or_defer(&mut defer, slice(guest, tot), target)?;
                         i = j;
                     } else if let Some(w) = sub {
                         let at = target + self.geo.offset_in_cluster(w.start);
                         if w.start == guest && w.end == guest + len {
                             // Whole subclusters: written from the caller's buffer (aligned
                             // memory stays aligned for an O_DIRECT file), nothing to fill.
-                            write(slice(guest, len), at)?;
+                            self.write_or_defer(&mut defer, slice(guest, len), at)?;
                         } else {
-                            with_cow_buf((w.end - w.start) as usize, |b| -> Result<()> {
+                            self.assemble((w.end - w.start) as usize, at, &mut defer, |b| {
                                 let head = (guest - w.start) as usize;
                                 self.subcluster_fill(w.bitmap, w.start, &mut b[..head])?;
                                 b[head..head + len as usize].copy_from_slice(slice(guest, len));
                                 let tail = guest + len;
-                                self.subcluster_fill(
-                                    w.bitmap,
-                                    tail,
-                                    &mut b[head + len as usize..],
-                                )?;
-                                Ok(self.io.write_at(b, at)?)
+                                self.subcluster_fill(w.bitmap, tail, &mut b[head + len as usize..])
                             })?;
                         }
                         i += 1;
                     } else {
                         // Aligned: an O_DIRECT file takes it as it is.
-                        with_cow_buf(cs as usize, |cbuf| -> Result<()> {
+                        self.assemble(cs as usize, target, &mut defer, |cbuf| {
                             self.old_content(gc, fill, cbuf)?;
                             let in_off = self.geo.offset_in_cluster(guest) as usize;
                             cbuf[in_off..in_off + len as usize].copy_from_slice(slice(guest, len));
-                            Ok(self.io.write_at(cbuf, target)?)
+                            Ok(())
                         })?;
                         i += 1;
                     }
@@ -583,6 +633,65 @@ impl QcowImage {
             }
         }
         Ok(())
+    }
+
+    /// Writes `b` at `at` now, or adds it to the batch's writes.
+    fn write_or_defer<'a>(
+        &self,
+        defer: &mut Option<&mut Deferred<'a>>,
+        b: &'a [u8],
+        at: u64,
+    ) -> Result<()> {
+        match defer {
+            Some(d) => {
+                d.writes.push((Src::Caller(b), at));
+                Ok(())
+            }
+            None => Ok(self.io.write_at(b, at)?),
+        }
+    }
+
+    /// Assembles `len` bytes of copy-on-write with `make` and writes them at `at`: in the
+    /// batch's arena, written with the batch, while it has room; else in the thread's buffer,
+    /// written now.
+    fn assemble(
+        &self,
+        len: usize,
+        at: u64,
+        defer: &mut Option<&mut Deferred<'_>>,
+        make: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(d) = defer.as_deref_mut() {
+            if let Some(a) = d.arena.as_mut() {
+                if let Some(r) = a.claim(len) {
+                    make(&mut a.buf[r.clone()])?;
+                    d.writes.push((Src::Arena(r), at));
+                    return Ok(());
+                }
+            }
+        }
+        with_cow_buf(len, |b| -> Result<()> {
+            make(b)?;
+            Ok(self.io.write_at(b, at)?)
+        })
+    }
+
+    /// How much copy-on-write assembly `steps` make (what a batch's arena needs for them).
+    fn cow_bytes(&self, steps: &[Step]) -> usize {
+        let cs = self.geo.cluster_size();
+        steps
+            .iter()
+            .map(|s| match *s {
+                Step::Alloc {
+                    len, sub, guest, ..
+                } if len != cs => match sub {
+                    Some(w) if w.start == guest && w.end == guest + len => 0,
+                    Some(w) => (w.end - w.start) as usize,
+                    None => cs as usize,
+                },
+                _ => 0,
+            })
+            .sum()
     }
 
     /// Waits until no cluster of `[off, off+len)` has an allocation in flight.
@@ -606,8 +715,10 @@ impl QcowImage {
     /// Writes every `(buf, offset)` of `writes` (none overlapping another), one result each:
     /// all are planned under one hold of the metadata lock, the data of all of them goes down
     /// in one host batch ([`HostFile::write_batch`]: on an O_DIRECT file, all in flight at once),
-    /// and all are published under one more hold. Copy-on-write assembly is written as it is
-    /// made; parts another request was allocating are written afterwards, one at a time.
+    /// and all are published under one more hold. Copy-on-write clusters are assembled in one
+    /// arena (up to [`COW_ARENA_MAX`]) and go down with the batch, clusters next to each other
+    /// in the file and in the arena as one write; parts another request was allocating are
+    /// written afterwards, one at a time.
     pub(super) fn write_batch_inner(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
         let plans: Vec<Result<Vec<Step>>> = {
             let mut m = self.lock();
@@ -616,33 +727,67 @@ impl QcowImage {
                 .map(|&(b, o)| self.plan_pass(&mut m, b.len() as u64, o))
                 .collect()
         };
-        // Each write's data outcome; the host writes deferred to the batch and whose they are.
+        let cow: usize = plans.iter().flatten().map(|p| self.cow_bytes(p)).sum();
+        let mut deferred = Deferred {
+            writes: Vec::new(),
+            arena: (cow > 0).then(|| CowArena::take(cow.min(COW_ARENA_MAX))),
+        };
+        // Each write's data outcome, and whose each deferred host write is.
         let mut data: Vec<Result<()>> = Vec::with_capacity(writes.len());
-        let mut host: Vec<(&[u8], u64)> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();
         for (i, (&(b, o), plan)) in writes.iter().zip(&plans).enumerate() {
             let r = match plan {
                 Ok(steps) => {
-                    let before = host.len();
-                    let r = self.write_data(b, o, steps, Some(&mut host));
+                    let before = deferred.writes.len();
+                    let r = self.write_data(b, o, steps, Some(&mut deferred));
                     // A write whose copy-on-write part failed issues nothing more.
-                    host.truncate(if r.is_ok() { host.len() } else { before });
-                    owner.resize(host.len(), i);
+                    if r.is_err() {
+                        deferred.writes.truncate(before);
+                    }
+                    owner.resize(deferred.writes.len(), i);
                     r
                 }
                 Err(_) => Ok(()),
             };
             data.push(r);
         }
+        // Arena pieces next to each other in the file and in the arena go as one write (their
+        // owners share its outcome).
+        let mut merged: Vec<(Src<'_>, u64, std::ops::Range<usize>)> = Vec::new();
+        for (k, (src, at)) in deferred.writes.iter().enumerate() {
+            let last = merged.last_mut();
+            if let (Some((Src::Arena(r0), at0, owners)), Src::Arena(r)) = (last, src) {
+                if r0.end == r.start && *at0 + r0.len() as u64 == *at {
+                    r0.end = r.end;
+                    owners.end = owner[k] + 1;
+                    continue;
+                }
+            }
+            merged.push((src.clone(), *at, owner[k]..owner[k] + 1));
+        }
+        let arena: &[u8] = deferred.arena.as_ref().map_or(&[], |a| &a.buf);
+        let host: Vec<(&[u8], u64)> = merged
+            .iter()
+            .map(|(src, at, _)| match src {
+                Src::Caller(b) => (*b, *at),
+                Src::Arena(r) => (&arena[r.clone()], *at),
+            })
+            .collect();
         if !host.is_empty() {
             for (k, r) in self.io.write_batch(&host).into_iter().enumerate() {
-                if let (Err(e), Some(&i)) = (r, owner.get(k)) {
+                let (Err(e), Some((_, _, owners))) = (r, merged.get(k)) else {
+                    continue;
+                };
+                let e = BlockError::from(e);
+                for i in owners.clone() {
                     if let Some(d @ Ok(())) = data.get_mut(i) {
-                        *d = Err(e.into());
+                        *d = Err(same_error(&e));
                     }
                 }
             }
         }
+        drop(host);
+        drop(deferred);
         let ok_bytes: u64 = writes
             .iter()
             .zip(&plans)

@@ -68,6 +68,7 @@ use crate::format::{
 use crate::host::{HostFile, ReplayHost};
 use crate::refcount::rebuild_refcounts;
 
+pub use datapath::COW_ARENA_MAX;
 pub use header::{BackingSpec, ImageHeader};
 pub use metadata::{Extent, Mapping};
 use table_cache::{get_or_load, CachedBlock, CachedL2};
@@ -271,6 +272,12 @@ impl QcowImage {
     /// serving requests.
     pub fn enable_direct_large(&self, min: usize) -> io::Result<()> {
         self.io.enable_direct_large(min)
+    }
+
+    /// Whether the image file's data goes through the host page cache (no with O_DIRECT,
+    /// see [`QcowImage::enable_direct`]).
+    pub fn page_cached(&self) -> bool {
+        self.io.page_cached()
     }
 
     /// The cluster geometry.

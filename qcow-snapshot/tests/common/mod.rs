@@ -213,6 +213,8 @@ pub enum Op {
 struct CrashState {
     current: Vec<u8>,
     log: Vec<Op>,
+    /// Writes of this length fail with EIO (and change nothing).
+    fail_len: Option<usize>,
 }
 
 /// An in-memory host file that records every write and sync, so tests can rebuild the durable
@@ -241,6 +243,11 @@ impl CrashHost {
             s.log.push(Op::Sync);
         }
         h
+    }
+
+    /// From now on writes of `len` bytes fail with EIO and change nothing (`None`: none fail).
+    pub fn fail_writes_of(&self, len: Option<usize>) {
+        self.state.lock().unwrap().fail_len = len;
     }
 
     /// A copy of the log.
@@ -283,6 +290,9 @@ impl qcow_snapshot::HostFile for CrashHost {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         let mut s = self.state.lock().unwrap();
+        if s.fail_len == Some(buf.len()) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
         apply(&mut s.current, offset, buf);
         s.log.push(Op::Write {
             off: offset,
