@@ -50,10 +50,27 @@ fn enable_direct(chain: &crate::snapshot::Chain, image: &std::path::Path, asked:
 /// entries) and records `mode` for the tops live snapshots make.
 fn set_up_direct(chain: &crate::snapshot::Chain, image: &std::path::Path, mode: DirectMode) {
     let extended_l2 = chain.top_qcow().is_some_and(|q| q.geometry().extended_l2);
-    match mode.for_top(extended_l2) {
+    let resolved = mode.for_top(extended_l2);
+    match resolved {
         DirectMode::On => enable_direct(chain, image, mode == DirectMode::On),
         DirectMode::Large => enable_direct_large(chain, image),
         DirectMode::Off | DirectMode::Auto => {}
+    }
+    if resolved != DirectMode::Off {
+        // Copy-on-write fills of the cache's writeback batches read a raw base with O_DIRECT.
+        if let Some(q) = chain.top_qcow().filter(|q| q.backing().is_some()) {
+            match q.enable_direct_backing() {
+                Ok(()) => log::info!(
+                    "{}: copy-on-write fills read the backing file with O_DIRECT",
+                    image.display()
+                ),
+                Err(e) => log::info!(
+                    "{}: copy-on-write fills read the backing file through the host page \
+                     cache ({e})",
+                    image.display()
+                ),
+            }
+        }
     }
     chain.set_direct(mode);
 }

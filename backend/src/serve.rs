@@ -418,8 +418,9 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
     // the first connection spawns queue threads.
     block_stop_signals()?;
     if args.aio == crate::cli::AioMode::Threads {
-        // No io_uring anywhere: batched writebacks of an O_DIRECT image go one `pwrite` at a time.
-        qcow_snapshot::host::disable_write_rings();
+        // No io_uring anywhere: batched writebacks of an O_DIRECT image go one `pwrite` at a
+        // time, and copy-on-write fills from a direct backing file one `pread` at a time.
+        qcow_snapshot::host::disable_rings();
     }
     let server = Server::bind(args)?;
     // Dropped after `run`: their threads are joined before the disk's last handle goes away.

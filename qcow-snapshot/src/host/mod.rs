@@ -14,7 +14,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
@@ -25,7 +24,8 @@ mod replay;
 #[cfg(test)]
 mod tests;
 
-pub use batch::disable_write_rings;
+pub use batch::disable_rings;
+pub(crate) use batch::Rings;
 pub use replay::{ReplayHost, REPLAY_LIMIT_BYTES};
 
 /// Positional I/O on the file that holds a qcow2 image.
@@ -179,7 +179,7 @@ pub struct FileHost {
     large: std::sync::OnceLock<(File, DirectIo, usize, u64)>,
     growth: Growth,
     /// Rings for batches of direct writes ([`HostFile::write_batch`]).
-    rings: batch::WriteRings,
+    rings: batch::Rings,
 }
 
 /// The grow-ahead state of a [`FileHost`] whose writes (all, or the large ones) go direct.
@@ -206,7 +206,7 @@ impl FileHost {
             direct: std::sync::OnceLock::new(),
             large: std::sync::OnceLock::new(),
             growth: Growth::default(),
-            rings: batch::WriteRings::default(),
+            rings: batch::Rings::for_writes(),
         }
     }
 
@@ -369,14 +369,7 @@ impl HostFile for FileHost {
         if self.large.get().is_some() || self.is_direct() {
             return Ok(());
         }
-        // A new open file description of the same file (flags are per description, so a dup
-        // would turn O_DIRECT on for the buffered descriptor too).
-        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-            .open(&path)?;
+        let f = crate::direct::reopen_direct(&self.file, true)?;
         let d = DirectIo::for_file(&f);
         self.growth
             .written_to

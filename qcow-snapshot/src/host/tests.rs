@@ -782,3 +782,35 @@ fn a_short_or_interrupted_ring_write_is_finished_with_pwrites_and_a_failed_one_k
     super::batch::finish(&d, &f, &buf, 200_000 * 512, 8192).unwrap();
     assert_eq!(blockdev::file_size(&f).unwrap(), 139264);
 }
+
+#[test]
+fn a_short_or_interrupted_ring_read_is_finished_with_preads_and_a_failed_one_keeps_its_errno() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = new_file(&dir, "short-read.img");
+    let data: Vec<u8> = (0..40960u32).map(|i| (i % 251) as u8 + 1).collect();
+    std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).unwrap();
+    let d = crate::direct::DirectIo::with_alignment(512, 512);
+    let mut buf = blockdev::AlignedBuf::zeroed_aligned(8192, 4096);
+    // The kernel reports 4096 of 8192 bytes read: the rest is read at the right place, and
+    // what it reported read is kept (here the ring never filled it: zeros stay).
+    super::batch::finish_read(&d, &f, &mut buf, 8192, 4096).unwrap();
+    assert_eq!(&buf[..4096], &[0; 4096][..]);
+    assert_eq!(&buf[4096..], &data[12288..16384]);
+    // A count that ends inside a block is rounded down to the block: that block is read again.
+    buf.fill(0);
+    super::batch::finish_read(&d, &f, &mut buf, 0, 4096 + 100).unwrap();
+    assert_eq!(&buf[..4096], &[0; 4096][..]);
+    assert_eq!(&buf[4096..], &data[4096..8192]);
+    // Interrupted, or nothing read: the whole read is done with pread.
+    super::batch::finish_read(&d, &f, &mut buf, 16384, -libc::EINTR).unwrap();
+    assert_eq!(&buf[..], &data[16384..24576]);
+    buf.fill(0);
+    super::batch::finish_read(&d, &f, &mut buf, 24576, 0).unwrap();
+    assert_eq!(&buf[..], &data[24576..32768]);
+    // Past the end of the file: zeros.
+    super::batch::finish_read(&d, &f, &mut buf, 36864, 4096).unwrap();
+    assert_eq!(&buf[4096..], &[0; 4096][..]);
+    // A failure is that read's error.
+    let e = super::batch::finish_read(&d, &f, &mut buf, 0, -libc::EIO).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+}

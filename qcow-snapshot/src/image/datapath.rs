@@ -10,6 +10,7 @@ use std::cell::Cell;
 
 use blockdev::AlignedBuf;
 
+use super::batch::{Deferred, Src};
 use super::*;
 
 thread_local! {
@@ -29,72 +30,9 @@ fn with_cow_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     out
 }
 
-/// The most copy-on-write assembly one batch keeps for writing together (see [`CowArena`]);
-/// what does not fit is written as it is made.
-pub const COW_ARENA_MAX: usize = 8 << 20;
-/// Copy-on-write arenas kept for the next batches (memory a batch touched stays mapped: fresh
-/// pages each batch would be faulted in again).
-const KEPT_COW_ARENAS: usize = 8;
-static COW_ARENAS: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
-
-/// The copy-on-write clusters (or subcluster runs) of one batch, assembled one after another
-/// in one aligned buffer, so that all go down with the batch and clusters that are next to
-/// each other in the file go down as one write.
-struct CowArena {
-    buf: AlignedBuf,
-    used: usize,
-}
-
-impl CowArena {
-    fn take(len: usize) -> CowArena {
-        let buf = COW_ARENAS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default()
-            .at_least(len);
-        CowArena { buf, used: 0 }
-    }
-
-    /// `len` more bytes, or `None` when the arena is full.
-    fn claim(&mut self, len: usize) -> Option<std::ops::Range<usize>> {
-        let end = self
-            .used
-            .checked_add(len)
-            .filter(|&e| e <= self.buf.len())?;
-        let r = self.used..end;
-        self.used = end;
-        Some(r)
-    }
-}
-
-impl Drop for CowArena {
-    fn drop(&mut self) {
-        let mut kept = COW_ARENAS.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.len() < KEPT_COW_ARENAS {
-            kept.push(std::mem::take(&mut self.buf));
-        }
-    }
-}
-
-/// Where a host write a batch defers takes its bytes from.
-#[derive(Debug, Clone)]
-enum Src<'a> {
-    /// The caller's buffer.
-    Caller(&'a [u8]),
-    /// This range of the batch's [`CowArena`].
-    Arena(std::ops::Range<usize>),
-}
-
-/// The host writes of a batch, made while its writes are assembled and issued together after.
-struct Deferred<'a> {
-    writes: Vec<(Src<'a>, u64)>,
-    arena: Option<CowArena>,
-}
-
 /// Where the bytes of an allocating write's uncovered part come from.
 #[derive(Debug, Clone, Copy)]
-enum Fill {
+pub(super) enum Fill {
     Backing,
     Zero,
     Compressed(CompressedDescriptor),
@@ -107,9 +45,9 @@ enum Fill {
 /// touches: guest bytes `[start, end)` (the write widened to subcluster boundaries at ends that
 /// are not allocated yet) go to the same offsets of the host cluster.
 #[derive(Debug, Clone, Copy)]
-struct SubWrite {
-    start: u64,
-    end: u64,
+pub(super) struct SubWrite {
+    pub(super) start: u64,
+    pub(super) end: u64,
     /// Allocation-half mask of the subclusters written.
     mask: u64,
     /// The entry's bitmap when the write was planned (stable: the cluster is in flight).
@@ -117,7 +55,7 @@ struct SubWrite {
 }
 
 #[derive(Debug)]
-enum Step {
+pub(super) enum Step {
     /// Write in place at this host offset.
     Direct { host: u64, guest: u64, len: u64 },
     /// Allocate guest cluster `gc` at `target`, filling what the write does not cover (the
@@ -234,7 +172,7 @@ impl QcowImage {
     }
 
     /// The guest-visible content of cluster `gc` before this write (`out` is one cluster).
-    fn old_content(&self, gc: u64, fill: Fill, out: &mut [u8]) -> Result<()> {
+    pub(super) fn old_content(&self, gc: u64, fill: Fill, out: &mut [u8]) -> Result<()> {
         let start = gc << self.geo.cluster_bits;
         let visible = self.size.saturating_sub(start).min(out.len() as u64) as usize;
         out[visible..].fill(0);
@@ -352,7 +290,7 @@ impl QcowImage {
     }
 
     /// Notes that data writes returned, `bytes` of them successfully.
-    fn wrote_data(&self, bytes: u64) {
+    pub(super) fn wrote_data(&self, bytes: u64) {
         // Set only after the data writes returned: a flush that clears the flag earlier must
         // not cause a later flush to skip syncing them.
         self.data_written.store(true, Ordering::Release);
@@ -364,7 +302,7 @@ impl QcowImage {
     /// The plan of a write of `len` bytes at `offset` (under the metadata lock): the clusters
     /// it allocates are marked in flight and get their host clusters. On an error nothing stays
     /// marked (the caller wakes the waiters).
-    fn plan_pass(&self, m: &mut Meta, len: u64, offset: u64) -> Result<Vec<Step>> {
+    pub(super) fn plan_pass(&self, m: &mut Meta, len: u64, offset: u64) -> Result<Vec<Step>> {
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let mut steps: Vec<Step> = Vec::new();
@@ -484,7 +422,7 @@ impl QcowImage {
     /// the L2 entries of its allocations, or, on an error, the release of clusters nothing
     /// references. Clears its in-flight marks (the caller wakes the waiters) and returns the
     /// ranges another request was allocating.
-    fn publish_pass(
+    pub(super) fn publish_pass(
         &self,
         m: &mut Meta,
         steps: &[Step],
@@ -543,7 +481,7 @@ impl QcowImage {
     /// `buf` are not issued but added to it (the caller writes them, all of a batch at once);
     /// the ones that assemble a copy-on-write buffer go to its arena while it has room, and
     /// are written here when it has none.
-    fn write_data<'a>(
+    pub(super) fn write_data<'a>(
         &self,
         buf: &'a [u8],
         offset: u64,
@@ -618,6 +556,15 @@ impl QcowImage {
                             })?;
                         }
                         i += 1;
+                    } else if self.defer_fill(
+                        &mut defer,
+                        gc,
+                        fill,
+                        target,
+                        slice(guest, len),
+                        guest,
+                    ) {
+                        i += 1;
                     } else {
                         // Aligned: an O_DIRECT file takes it as it is.
                         self.assemble(cs as usize, target, &mut defer, |cbuf| {
@@ -636,7 +583,7 @@ impl QcowImage {
     }
 
     /// Writes `b` at `at` now, or adds it to the batch's writes.
-    fn write_or_defer<'a>(
+    pub(super) fn write_or_defer<'a>(
         &self,
         defer: &mut Option<&mut Deferred<'a>>,
         b: &'a [u8],
@@ -654,7 +601,7 @@ impl QcowImage {
     /// Assembles `len` bytes of copy-on-write with `make` and writes them at `at`: in the
     /// batch's arena, written with the batch, while it has room; else in the thread's buffer,
     /// written now.
-    fn assemble(
+    pub(super) fn assemble(
         &self,
         len: usize,
         at: u64,
@@ -676,24 +623,6 @@ impl QcowImage {
         })
     }
 
-    /// How much copy-on-write assembly `steps` make (what a batch's arena needs for them).
-    fn cow_bytes(&self, steps: &[Step]) -> usize {
-        let cs = self.geo.cluster_size();
-        steps
-            .iter()
-            .map(|s| match *s {
-                Step::Alloc {
-                    len, sub, guest, ..
-                } if len != cs => match sub {
-                    Some(w) if w.start == guest && w.end == guest + len => 0,
-                    Some(w) => (w.end - w.start) as usize,
-                    None => cs as usize,
-                },
-                _ => 0,
-            })
-            .sum()
-    }
-
     /// Waits until no cluster of `[off, off+len)` has an allocation in flight.
     pub(super) fn wait_inflight<'a>(
         &'a self,
@@ -710,122 +639,6 @@ impl QcowImage {
             m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
         }
         m
-    }
-
-    /// Writes every `(buf, offset)` of `writes` (none overlapping another), one result each:
-    /// all are planned under one hold of the metadata lock, the data of all of them goes down
-    /// in one host batch ([`HostFile::write_batch`]: on an O_DIRECT file, all in flight at once),
-    /// and all are published under one more hold. Copy-on-write clusters are assembled in one
-    /// arena (up to [`COW_ARENA_MAX`]) and go down with the batch, clusters next to each other
-    /// in the file and in the arena as one write; parts another request was allocating are
-    /// written afterwards, one at a time.
-    pub(super) fn write_batch_inner(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
-        let plans: Vec<Result<Vec<Step>>> = {
-            let mut m = self.lock();
-            writes
-                .iter()
-                .map(|&(b, o)| self.plan_pass(&mut m, b.len() as u64, o))
-                .collect()
-        };
-        let cow: usize = plans.iter().flatten().map(|p| self.cow_bytes(p)).sum();
-        let mut deferred = Deferred {
-            writes: Vec::new(),
-            arena: (cow > 0).then(|| CowArena::take(cow.min(COW_ARENA_MAX))),
-        };
-        // Each write's data outcome, and whose each deferred host write is.
-        let mut data: Vec<Result<()>> = Vec::with_capacity(writes.len());
-        let mut owner: Vec<usize> = Vec::new();
-        for (i, (&(b, o), plan)) in writes.iter().zip(&plans).enumerate() {
-            let r = match plan {
-                Ok(steps) => {
-                    let before = deferred.writes.len();
-                    let r = self.write_data(b, o, steps, Some(&mut deferred));
-                    // A write whose copy-on-write part failed issues nothing more.
-                    if r.is_err() {
-                        deferred.writes.truncate(before);
-                    }
-                    owner.resize(deferred.writes.len(), i);
-                    r
-                }
-                Err(_) => Ok(()),
-            };
-            data.push(r);
-        }
-        // Arena pieces next to each other in the file and in the arena go as one write (their
-        // owners share its outcome).
-        let mut merged: Vec<(Src<'_>, u64, std::ops::Range<usize>)> = Vec::new();
-        for (k, (src, at)) in deferred.writes.iter().enumerate() {
-            let last = merged.last_mut();
-            if let (Some((Src::Arena(r0), at0, owners)), Src::Arena(r)) = (last, src) {
-                if r0.end == r.start && *at0 + r0.len() as u64 == *at {
-                    r0.end = r.end;
-                    owners.end = owner[k] + 1;
-                    continue;
-                }
-            }
-            merged.push((src.clone(), *at, owner[k]..owner[k] + 1));
-        }
-        let arena: &[u8] = deferred.arena.as_ref().map_or(&[], |a| &a.buf);
-        let host: Vec<(&[u8], u64)> = merged
-            .iter()
-            .map(|(src, at, _)| match src {
-                Src::Caller(b) => (*b, *at),
-                Src::Arena(r) => (&arena[r.clone()], *at),
-            })
-            .collect();
-        if !host.is_empty() {
-            for (k, r) in self.io.write_batch(&host).into_iter().enumerate() {
-                let (Err(e), Some((_, _, owners))) = (r, merged.get(k)) else {
-                    continue;
-                };
-                let e = BlockError::from(e);
-                for i in owners.clone() {
-                    if let Some(d @ Ok(())) = data.get_mut(i) {
-                        *d = Err(same_error(&e));
-                    }
-                }
-            }
-        }
-        drop(host);
-        drop(deferred);
-        let ok_bytes: u64 = writes
-            .iter()
-            .zip(&plans)
-            .zip(&data)
-            .filter(|((_, p), d)| p.is_ok() && d.is_ok())
-            .map(|((w, _), _)| w.0.len() as u64)
-            .sum();
-        self.wrote_data(ok_bytes);
-        let mut results: Vec<Result<Vec<(u64, u64)>>> = Vec::with_capacity(writes.len());
-        {
-            let mut m = self.lock();
-            for (plan, d) in plans.into_iter().zip(data) {
-                results.push(match plan {
-                    Ok(steps) => self.publish_pass(&mut m, &steps, d),
-                    Err(e) => Err(e),
-                });
-            }
-            if let Err(e) = m.maybe_flush(&self.io) {
-                // As for a single write: the write that pushed metadata out reports its error
-                // (here every write of the batch that succeeded so far).
-                for r in results.iter_mut().filter(|r| r.is_ok()) {
-                    *r = Err(same_error(&e));
-                }
-            }
-        }
-        self.alloc_done.notify_all();
-        results
-            .into_iter()
-            .zip(writes)
-            .map(|(r, &(b, o))| {
-                for (boff, blen) in r? {
-                    drop(self.wait_inflight(self.lock(), boff, blen));
-                    let s = (boff - o) as usize;
-                    self.write_inner(&b[s..s + blen as usize], boff)?;
-                }
-                Ok(())
-            })
-            .collect()
     }
 
     pub(super) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {

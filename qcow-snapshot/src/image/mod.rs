@@ -7,6 +7,8 @@
 //! - [`table_cache`]: the one LRU for L2 tables and refcount blocks.
 //! - [`alloc`]: refcounts, allocation, refcount-table growth and the metadata flush.
 //! - [`datapath`]: read/write/COW/zero/discard/close of [`QcowImage`].
+//! - [`batch`]: batches of writes (the cache's writebacks): one plan, the copy-on-write
+//!   clusters assembled in one arena and filled from an O_DIRECT raw base on a ring, one publish.
 //! - [`flush`]: the flush, which plans under the metadata lock and syncs without it.
 //!
 //! # Locking model
@@ -42,6 +44,7 @@
 //! an internal flush.
 
 mod alloc;
+mod batch;
 mod datapath;
 mod early_writeback;
 mod flush;
@@ -68,7 +71,7 @@ use crate::format::{
 use crate::host::{HostFile, ReplayHost};
 use crate::refcount::rebuild_refcounts;
 
-pub use datapath::COW_ARENA_MAX;
+pub use batch::COW_ARENA_MAX;
 pub use header::{BackingSpec, ImageHeader};
 pub use metadata::{Extent, Mapping};
 use table_cache::{get_or_load, CachedBlock, CachedL2};
@@ -138,6 +141,9 @@ pub struct QcowImage {
     data_written: AtomicBool,
     /// Data clusters allocated by guest writes since open (statistics only).
     clusters_allocated: AtomicU64,
+    /// The raw backing file with O_DIRECT, for batches' copy-on-write fills
+    /// ([`QcowImage::enable_direct_backing`]).
+    direct_backing: std::sync::OnceLock<batch::DirectBacking>,
 }
 
 impl std::fmt::Debug for QcowImage {
@@ -248,6 +254,7 @@ impl QcowImage {
             zcache: Mutex::new(None),
             data_written: AtomicBool::new(false),
             clusters_allocated: AtomicU64::new(0),
+            direct_backing: std::sync::OnceLock::new(),
         })
     }
 
@@ -272,6 +279,38 @@ impl QcowImage {
     /// serving requests.
     pub fn enable_direct_large(&self, min: usize) -> io::Result<()> {
         self.io.enable_direct_large(min)
+    }
+
+    /// Fills the copy-on-write clusters of write batches (the cache's writebacks) from the
+    /// backing file with O_DIRECT, all of a batch's fills in flight at once on an io_uring,
+    /// straight into the batch's buffer: the host page cache is not filled with base data
+    /// that is about to be copied into this image, and the daemon copies none of it. Only a
+    /// raw backing file directly below can (a second descriptor of it is opened now: call
+    /// before serving requests, before a sandbox forbids opening files). Fails, changing
+    /// nothing, for any other backing or where the file system cannot do direct I/O.
+    pub fn enable_direct_backing(&self) -> io::Result<()> {
+        let unsupported = |why: &str| io::Error::new(io::ErrorKind::Unsupported, why.to_string());
+        let b = self
+            .backing
+            .as_ref()
+            .ok_or_else(|| unsupported("the image has no backing file"))?;
+        let probe = b.size().min(self.geo.cluster_size());
+        let plan = b.plan_read(0, probe);
+        let file = match plan.as_ref().map(|p| p.pieces.as_slice()) {
+            Some([(_, blockdev::PlanSource::File { file, offset: 0 })]) => file.clone(),
+            _ => return Err(unsupported("the backing file is not a raw file")),
+        };
+        let direct = crate::direct::reopen_direct(&file, false)?;
+        let db = batch::DirectBacking::new(file, Box::new(direct));
+        // A second call keeps the first descriptor.
+        let _ = self.direct_backing.set(db);
+        Ok(())
+    }
+
+    /// How many copy-on-write fills of batches were read from the backing file on an
+    /// io_uring so far ([`QcowImage::enable_direct_backing`]).
+    pub fn backing_ring_reads(&self) -> u64 {
+        self.direct_backing.get().map_or(0, |d| d.ring_reads())
     }
 
     /// Whether the image file's data goes through the host page cache (no with O_DIRECT,
