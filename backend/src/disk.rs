@@ -56,8 +56,9 @@ fn set_up_direct(chain: &crate::snapshot::Chain, image: &std::path::Path, mode: 
         DirectMode::Large => enable_direct_large(chain, image),
         DirectMode::Off | DirectMode::Auto => {}
     }
-    if resolved != DirectMode::Off {
-        // Copy-on-write fills of the cache's writeback batches read a raw base with O_DIRECT.
+    if resolved != DirectMode::Off && !extended_l2 {
+        // Copy-on-write fills of the cache's writeback batches read a raw base with O_DIRECT
+        // (with extended L2 entries a first write fills nothing from the base).
         if let Some(q) = chain.top_qcow().filter(|q| q.backing().is_some()) {
             match q.enable_direct_backing() {
                 Ok(()) => log::info!(

@@ -192,21 +192,41 @@ impl Chain {
     fn apply_direct(&self, host: &FileHost, path: &Path, extended_l2: bool) {
         use crate::cli::DirectMode;
         use qcow_snapshot::HostFile;
-        let mode = self
-            .direct
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .for_top(extended_l2);
+        let asked = *self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        let mode = asked.for_top(extended_l2);
         let r = match mode {
             DirectMode::On => host.enable_direct(),
             DirectMode::Large => host.enable_direct_large(crate::cli::LARGE_DIRECT_MIN),
             DirectMode::Off | DirectMode::Auto => Ok(()),
         };
-        if let Err(e) = r {
-            log::warn!(
+        match r {
+            Ok(()) => {}
+            // Asked for by name: a warning; chosen by `auto`: a line in the log, as at start.
+            Err(e) if asked == mode => log::warn!(
                 "{}: stays in the host page cache ({mode:?} asked for; {e})",
                 path.display()
-            );
+            ),
+            Err(e) => log::info!(
+                "{}: stays in the host page cache (no O_DIRECT: {e})",
+                path.display()
+            ),
+        }
+    }
+
+    /// Lets a reopened writable top fill copy-on-write clusters from a raw base with O_DIRECT,
+    /// as the first top did (not with `--direct off`, nor with extended L2 entries, where
+    /// first writes fill nothing from the base).
+    fn apply_direct_backing(&self, img: &QcowImage) {
+        let extended_l2 = img.geometry().extended_l2;
+        let mode = self
+            .direct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .for_top(extended_l2);
+        if mode != crate::cli::DirectMode::Off && !extended_l2 && img.backing().is_some() {
+            if let Err(e) = img.enable_direct_backing() {
+                log::info!("copy-on-write fills read the backing file buffered ({e})");
+            }
         }
     }
 
@@ -397,6 +417,7 @@ impl Chain {
                         self.apply_direct(&host, &old.path, q.geometry().extended_l2);
                         match reopen_rw(q, host) {
                             Ok(img) => {
+                                self.apply_direct_backing(&img);
                                 let img = Arc::new(img);
                                 if sw.replace(img.clone()).is_ok() {
                                     *self.current_qcow.lock().unwrap_or_else(|e| e.into_inner()) =

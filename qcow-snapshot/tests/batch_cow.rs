@@ -193,3 +193,22 @@ fn a_batch_whose_copy_on_write_outgrows_its_arena_writes_the_rest_as_it_goes() {
     }
     batch_and_check(&host, img, &mut shadow, &[]);
 }
+
+#[test]
+fn a_failed_merged_write_does_not_fail_a_write_between_its_pieces_that_it_did_not_carry() {
+    // A and C are copied on write into clusters next to each other and merged into one write;
+    // B, between them in the batch, goes into A's cluster, which A is allocating: it has no
+    // piece in the merged write and is written after the batch, alone. The merged write fails:
+    // A and C report it, B does not, and B's bytes are on the disk.
+    let (host, img, base) = overlay(1 << 20, false);
+    host.fail_writes_of(Some(2 * CS as usize));
+    let (a, b, c) = (vec![0xaa; 4096], vec![0xbb; 4096], vec![0xcc; 4096]);
+    let results = img.write_batch(&[(&a[..], 0), (&b[..], 32768), (&c[..], CS)]);
+    assert!(results[0].is_err() && results[2].is_err(), "{results:?}");
+    results[1]
+        .as_ref()
+        .unwrap_or_else(|e| panic!("B failed with the merged write it was not in: {e}"));
+    let mut want = base[..2 * CS as usize].to_vec();
+    want[32768..36864].fill(0xbb);
+    assert!(read(&img, 0, 2 * CS as usize) == want);
+}

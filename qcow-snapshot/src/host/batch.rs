@@ -246,7 +246,7 @@ impl Rings {
         let on_ring: Vec<usize> = (0..reads.len())
             .filter(|&k| d.takes_as_is(reads[k].0, reads[k].1))
             .collect();
-        if let Some(mut ring) = self.take().filter(|_| !on_ring.is_empty()) {
+        if let Some(mut ring) = (!on_ring.is_empty()).then(|| self.take()).flatten() {
             // The kernel fills the buffers through these pointers while the slices stay
             // untouched; each is looked at again only after its completion.
             let targets: Vec<(*mut u8, u32, u64)> = on_ring

@@ -340,19 +340,22 @@ impl QcowImage {
                 owner.retain(|&i| !failed[i]);
             }
         }
-        // Arena pieces next to each other in the file and in the arena go as one write (their
-        // owners share its outcome).
-        let mut merged: Vec<(Src<'_>, u64, std::ops::Range<usize>)> = Vec::new();
+        // Arena pieces next to each other in the file and in the arena go as one write; the
+        // writes whose pieces it carries (only those: a write between two of them may have
+        // none in it) share its outcome.
+        let mut merged: Vec<(Src<'_>, u64, Vec<usize>)> = Vec::new();
         for (k, (src, at)) in deferred.writes.iter().enumerate() {
             let last = merged.last_mut();
             if let (Some((Src::Arena(r0), at0, owners)), Src::Arena(r)) = (last, src) {
                 if r0.end == r.start && *at0 + r0.len() as u64 == *at {
                     r0.end = r.end;
-                    owners.end = owner[k] + 1;
+                    if owners.last() != Some(&owner[k]) {
+                        owners.push(owner[k]);
+                    }
                     continue;
                 }
             }
-            merged.push((src.clone(), *at, owner[k]..owner[k] + 1));
+            merged.push((src.clone(), *at, vec![owner[k]]));
         }
         let arena: &[u8] = deferred.arena.as_ref().map_or(&[], |a| &a.buf);
         let host: Vec<(&[u8], u64)> = merged
@@ -368,7 +371,7 @@ impl QcowImage {
                     continue;
                 };
                 let e = BlockError::from(e);
-                for i in owners.clone() {
+                for &i in owners {
                     if let Some(d @ Ok(())) = data.get_mut(i) {
                         *d = Err(same_error(&e));
                     }

@@ -301,6 +301,11 @@ impl QcowImage {
             _ => return Err(unsupported("the backing file is not a raw file")),
         };
         let direct = crate::direct::reopen_direct(&file, false)?;
+        // Some file systems open with O_DIRECT and then refuse the reads: try one first.
+        let d = crate::direct::DirectIo::for_file(&direct);
+        let mut probe_buf = blockdev::AlignedBuf::zeroed(d.block().max(4096) as usize);
+        let n = probe_buf.len().min(probe as usize);
+        d.read_at(&direct, &mut probe_buf[..n], 0)?;
         let db = batch::DirectBacking::new(file, Box::new(direct));
         // A second call keeps the first descriptor.
         let _ = self.direct_backing.set(db);
