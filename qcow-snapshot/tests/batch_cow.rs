@@ -52,16 +52,26 @@ fn read(img: &QcowImage, off: u64, len: usize) -> Vec<u8> {
     b
 }
 
-/// Runs `writes` as one batch, checks each succeeded and that the image reads as `shadow` with
-/// the writes applied, then that it reads the same after a flush and a reopen.
-fn batch_and_check(host: &CrashHost, img: QcowImage, shadow: &mut [u8], writes: &[(Vec<u8>, u64)]) {
+/// Runs `writes` as one batch; each must succeed.
+fn write_all(img: &QcowImage, writes: &[(Vec<u8>, u64)]) {
     let batch: Vec<(&[u8], u64)> = writes.iter().map(|(b, o)| (&b[..], *o)).collect();
     for (i, r) in img.write_batch(&batch).into_iter().enumerate() {
         r.unwrap_or_else(|e| panic!("write {i}: {e}"));
     }
+}
+
+/// `shadow` with `writes` applied.
+fn apply(shadow: &mut [u8], writes: &[(Vec<u8>, u64)]) {
     for (b, o) in writes {
         shadow[*o as usize..*o as usize + b.len()].copy_from_slice(b);
     }
+}
+
+/// Runs `writes` as one batch, checks each succeeded and that the image reads as `shadow` with
+/// the writes applied, then that it reads the same after a flush and a reopen.
+fn batch_and_check(host: &CrashHost, img: QcowImage, shadow: &mut [u8], writes: &[(Vec<u8>, u64)]) {
+    write_all(&img, writes);
+    apply(shadow, writes);
     let size = shadow.len();
     assert!(
         read(&img, 0, size) == shadow,
@@ -92,15 +102,10 @@ fn copy_on_writes_of_a_batch_into_clusters_next_to_each_other_in_the_file_go_dow
     let writes: Vec<(Vec<u8>, u64)> = (0..8u64)
         .map(|i| (vec![0xa0 + i as u8; 4096], i * 3 * CS + i * 4096))
         .collect();
-    let batch: Vec<(&[u8], u64)> = writes.iter().map(|(b, o)| (&b[..], *o)).collect();
-    for r in img.write_batch(&batch) {
-        r.unwrap();
-    }
+    write_all(&img, &writes);
     assert_eq!(write_lens(&host, from), vec![8 * CS as usize]);
     let mut shadow = base;
-    for (b, o) in &writes {
-        shadow[*o as usize..*o as usize + b.len()].copy_from_slice(b);
-    }
+    apply(&mut shadow, &writes);
     batch_and_check(&host, img, &mut shadow, &[]);
 }
 
@@ -179,18 +184,13 @@ fn a_batch_whose_copy_on_write_outgrows_its_arena_writes_the_rest_as_it_goes() {
     let writes: Vec<(Vec<u8>, u64)> = (0..n as u64)
         .map(|i| (vec![(i % 200) as u8 + 1; 4096], i * CS + 512))
         .collect();
-    let batch: Vec<(&[u8], u64)> = writes.iter().map(|(b, o)| (&b[..], *o)).collect();
-    for r in img.write_batch(&batch) {
-        r.unwrap();
-    }
+    write_all(&img, &writes);
     assert_eq!(
         write_lens(&host, from),
         vec![CS as usize, CS as usize, fit * CS as usize]
     );
     let mut shadow = base;
-    for (b, o) in &writes {
-        shadow[*o as usize..*o as usize + b.len()].copy_from_slice(b);
-    }
+    apply(&mut shadow, &writes);
     batch_and_check(&host, img, &mut shadow, &[]);
 }
 

@@ -590,19 +590,7 @@ fn batches_of_writes_into_a_direct_overlay_check_and_compare_like_the_same_write
         let cs = 65536u64;
         let size = 8u64 << 20;
         let base = random_bytes(3, size as usize);
-        std::fs::write(p(dir.path(), "base.raw"), &base).unwrap();
-        let img = p(dir.path(), "o.qcow2");
-        create(
-            &img,
-            &CreateOptions {
-                size,
-                cluster_size: cs,
-                extended_l2,
-                backing: Some(("base.raw".into(), Format::Raw)),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let img = overlay_over_raw(dir.path(), &base, size, extended_l2);
         let q = open_qcow2(&img, false).unwrap();
         let direct = if large {
             q.enable_direct_large(256 << 10)
@@ -643,20 +631,9 @@ fn batches_of_writes_into_a_direct_overlay_check_and_compare_like_the_same_write
                 })
                 .collect();
             let writes: Vec<(&[u8], u64)> = bufs.iter().map(|(b, o)| (&b[..], *o)).collect();
-            for (i, r) in q.write_batch(&writes).into_iter().enumerate() {
-                r.unwrap_or_else(|e| panic!("round {round} write {i}: {e}"));
-            }
-            for (b, o) in &writes {
-                shadow[*o as usize..*o as usize + b.len()].copy_from_slice(b);
-            }
-            assert_same(&read_all(&q), &shadow, &format!("round {round}"));
+            batch_round(&q, &writes, &mut shadow, round);
         }
-        q.flush().unwrap();
-        drop(q);
-        let raw = p(dir.path(), "want.raw");
-        std::fs::write(&raw, &shadow).unwrap();
-        qemu_check(&img);
-        qemu_compare(&img, &raw);
+        close_and_compare(q, dir.path(), &img, &shadow);
     }
 }
 
@@ -671,18 +648,7 @@ fn copy_on_write_fills_of_batches_read_a_raw_base_with_o_direct_and_compare_equa
     let cs = 65536u64;
     let size = 4u64 << 20;
     let base = random_bytes(5, (1 << 20) + 1000);
-    std::fs::write(p(dir.path(), "base.raw"), &base).unwrap();
-    let img = p(dir.path(), "o.qcow2");
-    create(
-        &img,
-        &CreateOptions {
-            size,
-            cluster_size: cs,
-            backing: Some(("base.raw".into(), Format::Raw)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = overlay_over_raw(dir.path(), &base, size, false);
     let q = open_qcow2(&img, false).unwrap();
     if let Err(e) = q.enable_direct_backing() {
         // tmpfs and a few others refuse O_DIRECT.
@@ -705,19 +671,55 @@ fn copy_on_write_fills_of_batches_read_a_raw_base_with_o_direct_and_compare_equa
             })
             .collect();
         let writes: Vec<(&[u8], u64)> = bufs.iter().map(|(b, o)| (&b[..], *o)).collect();
-        for (i, r) in q.write_batch(&writes).into_iter().enumerate() {
-            r.unwrap_or_else(|e| panic!("round {round} write {i}: {e}"));
-        }
-        for (b, o) in &writes {
-            shadow[*o as usize..*o as usize + b.len()].copy_from_slice(b);
-        }
-        assert_same(&read_all(&q), &shadow, &format!("round {round}"));
+        batch_round(&q, &writes, &mut shadow, round);
     }
     assert!(q.backing_ring_reads() > 0, "no fill was read on a ring");
+    close_and_compare(q, dir.path(), &img, &shadow);
+}
+
+/// `dir/o.qcow2`: a fresh overlay of `size` bytes (64 KiB clusters, subclusters with
+/// `extended_l2`) over `dir/base.raw` holding `base`.
+fn overlay_over_raw(dir: &Path, base: &[u8], size: u64, extended_l2: bool) -> PathBuf {
+    std::fs::write(p(dir, "base.raw"), base).unwrap();
+    let img = p(dir, "o.qcow2");
+    create(
+        &img,
+        &CreateOptions {
+            size,
+            cluster_size: 65536,
+            extended_l2,
+            backing: Some(("base.raw".into(), Format::Raw)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img
+}
+
+/// Writes `writes` as one batch into `q`, each must succeed, and checks that `q` reads as
+/// `shadow` with them applied.
+fn batch_round(
+    q: &qcow_snapshot::QcowImage,
+    writes: &[(&[u8], u64)],
+    shadow: &mut [u8],
+    round: u64,
+) {
+    for (i, r) in q.write_batch(writes).into_iter().enumerate() {
+        r.unwrap_or_else(|e| panic!("round {round} write {i}: {e}"));
+    }
+    for (b, o) in writes {
+        shadow[*o as usize..*o as usize + b.len()].copy_from_slice(b);
+    }
+    assert_same(&read_all(q), shadow, &format!("round {round}"));
+}
+
+/// Flushes and closes `q` (the image at `img`), then has qemu-img check it and compare it
+/// with `shadow`.
+fn close_and_compare(q: qcow_snapshot::QcowImage, dir: &Path, img: &Path, shadow: &[u8]) {
     q.flush().unwrap();
     drop(q);
-    let raw = p(dir.path(), "want.raw");
-    std::fs::write(&raw, &shadow).unwrap();
-    qemu_check(&img);
-    qemu_compare(&img, &raw);
+    let raw = p(dir, "want.raw");
+    std::fs::write(&raw, shadow).unwrap();
+    qemu_check(img);
+    qemu_compare(img, &raw);
 }

@@ -286,8 +286,26 @@ impl Rings {
     }
 }
 
-/// The outcome of a ring write of `buf` at `off` that completed with `res` (bytes written, or a
-/// negated errno): a short or interrupted write is finished with `pwrite`s.
+/// The outcome of a ring I/O of `len` bytes that completed with `res` (bytes done, or a negated
+/// errno): complete; short, then `rest(n)` does the rest from `n`, the last whole block the
+/// kernel reports done (it moves whole blocks); interrupted, then `rest(0)` does it all again;
+/// failed, with its errno.
+fn completion(
+    d: &DirectIo,
+    len: usize,
+    res: i32,
+    rest: impl FnOnce(usize) -> io::Result<()>,
+) -> io::Result<()> {
+    match usize::try_from(res) {
+        Ok(n) if n >= len => Ok(()),
+        Ok(n) => rest(n - n % usize::try_from(d.block()).unwrap_or(1).max(1)),
+        Err(_) if matches!(-res, libc::EINTR | libc::EAGAIN) => rest(0),
+        Err(_) => Err(io::Error::from_raw_os_error(-res)),
+    }
+}
+
+/// The outcome of a ring write of `buf` at `off` that completed with `res`: a short or
+/// interrupted write is finished with `pwrite`s.
 pub(super) fn finish(
     d: &DirectIo,
     f: &dyn PosIo,
@@ -295,21 +313,13 @@ pub(super) fn finish(
     off: u64,
     res: i32,
 ) -> io::Result<()> {
-    match usize::try_from(res) {
-        Ok(n) if n >= buf.len() => Ok(()),
-        Ok(n) => {
-            // The kernel writes whole blocks; what it reports written is written.
-            let n = n - n % usize::try_from(d.block()).unwrap_or(1).max(1);
-            d.write_at(f, &buf[n..], off + n as u64)
-        }
-        Err(_) if matches!(-res, libc::EINTR | libc::EAGAIN) => d.write_at(f, buf, off),
-        Err(_) => Err(io::Error::from_raw_os_error(-res)),
-    }
+    completion(d, buf.len(), res, |n| {
+        d.write_at(f, &buf[n..], off + n as u64)
+    })
 }
 
-/// The outcome of a ring read into `buf` at `off` that completed with `res` (bytes read, or a
-/// negated errno): a short read is continued from its last whole block with `pread`s (zeros
-/// past the end of the file), an interrupted one read again.
+/// The outcome of a ring read into `buf` at `off` that completed with `res`: a short or
+/// interrupted read is finished with `pread`s (zeros past the end of the file).
 pub(super) fn finish_read(
     d: &DirectIo,
     f: &dyn PosIo,
@@ -317,13 +327,6 @@ pub(super) fn finish_read(
     off: u64,
     res: i32,
 ) -> io::Result<()> {
-    match usize::try_from(res) {
-        Ok(n) if n >= buf.len() => Ok(()),
-        Ok(n) => {
-            let n = n - n % usize::try_from(d.block()).unwrap_or(1).max(1);
-            d.read_at(f, &mut buf[n..], off + n as u64)
-        }
-        Err(_) if matches!(-res, libc::EINTR | libc::EAGAIN) => d.read_at(f, buf, off),
-        Err(_) => Err(io::Error::from_raw_os_error(-res)),
-    }
+    let len = buf.len();
+    completion(d, len, res, |n| d.read_at(f, &mut buf[n..], off + n as u64))
 }
