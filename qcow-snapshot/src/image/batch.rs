@@ -580,6 +580,107 @@ mod tests {
         assert!(read(&img, 0, CS as usize) == want);
     }
 
+    /// A backing device whose first half is one raw file and second half another (as a chain
+    /// could plan it): its plans name either file.
+    struct TwoFiles {
+        a: Arc<std::fs::File>,
+        b: Arc<std::fs::File>,
+        half: u64,
+    }
+
+    impl BlockDev for TwoFiles {
+        fn size(&self) -> u64 {
+            2 * self.half
+        }
+
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+            let (f, at) = if offset < self.half {
+                (&self.a, offset)
+            } else {
+                (&self.b, offset - self.half)
+            };
+            Ok(blockdev::read_full_at(f, buf, at)?)
+        }
+
+        fn plan_read(&self, offset: u64, len: u64) -> Option<blockdev::ReadPlan> {
+            let (file, at) = if offset + len <= self.half {
+                (self.a.clone(), offset)
+            } else if offset >= self.half {
+                (self.b.clone(), offset - self.half)
+            } else {
+                return None;
+            };
+            Some(blockdev::ReadPlan::one(
+                len,
+                PlanSource::File { file, offset: at },
+            ))
+        }
+
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> blockdev::Result<()> {
+            Err(BlockError::ReadOnly)
+        }
+
+        fn flush(&self) -> blockdev::Result<()> {
+            Ok(())
+        }
+
+        fn discard(&self, _offset: u64, _len: u64) -> blockdev::Result<()> {
+            Err(BlockError::ReadOnly)
+        }
+
+        fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> blockdev::Result<()> {
+            Err(BlockError::ReadOnly)
+        }
+
+        fn is_read_only(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_fill_the_plan_maps_to_another_file_than_the_direct_one_is_read_from_that_file() {
+        // The direct descriptor is of file A; a cluster whose plan names file B is read the
+        // usual way, from B, not through A's descriptor at B's offset.
+        let dir = tempfile::tempdir().unwrap();
+        let half = 4 * CS;
+        let (pa, pb) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+        std::fs::write(&pa, vec![0x0a; half as usize]).unwrap();
+        std::fs::write(&pb, vec![0x0b; half as usize]).unwrap();
+        let two = TwoFiles {
+            a: Arc::new(std::fs::File::open(&pa).unwrap()),
+            b: Arc::new(std::fs::File::open(&pb).unwrap()),
+            half,
+        };
+        let buffered = two.a.clone();
+        let host = MemHost::default();
+        let opts = CreateOptions {
+            size: 2 * half,
+            cluster_size: CS,
+            backing: Some(("base.raw".into(), Format::Raw)),
+            ..CreateOptions::default()
+        };
+        create_on(&host, &opts).unwrap();
+        let img = QcowImage::open_with(Box::new(host), false, Some(Arc::new(two))).unwrap();
+        let db = DirectBacking::with_io(
+            buffered,
+            Box::new(std::fs::File::open(&pa).unwrap()),
+            DirectIo::with_alignment(512, 512),
+        );
+        assert!(img.direct_backing.set(db).is_ok());
+        let w = vec![0xff; 4096];
+        let results = img.write_batch(&[(&w[..], 0), (&w[..], half + CS)]);
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let mut want = vec![0x0a; CS as usize];
+        want[..4096].fill(0xff);
+        assert!(read(&img, 0, CS as usize) == want, "the fill from file A");
+        want.fill(0x0b);
+        want[..4096].fill(0xff);
+        assert!(
+            read(&img, half + CS, CS as usize) == want,
+            "the fill from file B was read from file A"
+        );
+    }
+
     #[test]
     fn a_failed_fill_from_the_backing_file_fails_its_write_alone_and_publishes_nothing_of_it() {
         // Three copy-on-write clusters of one batch fill from the backing file; the fill of the
