@@ -125,13 +125,15 @@ fn a_batch_reads_back_whatever_it_mixes_and_merges_only_what_is_next_to_each_oth
             .as_ref()
             .unwrap();
         shadow[10 * CS as usize..11 * CS as usize].fill(0x11);
-        let shapes: [(u64, usize); 9] = [
+        let shapes: [(u64, usize); 11] = [
             (100, 3000),               // partial subclusters at a cluster's start
             (CS + 5000, 1000),         // partial subclusters inside the next cluster
             (2 * CS + 8192, 4096),     // whole subclusters (copy-on-write without)
             (3 * CS - 512, 1024),      // across a cluster boundary
             (5 * CS, CS as usize),     // a whole cluster
             (6 * CS + 7, 9),           // a few bytes
+            (7 * CS, 3000),            // a subcluster's start, not its end
+            (8 * CS + 1000, 3096),     // a subcluster's end, not its start
             (10 * CS + 4096, 4096),    // in place
             (11 * CS + 60000, 8000),   // across into a fresh cluster
             (size - 4096 + 100, 3996), // the end of the disk
@@ -141,7 +143,15 @@ fn a_batch_reads_back_whatever_it_mixes_and_merges_only_what_is_next_to_each_oth
             .enumerate()
             .map(|(i, &(off, len))| (vec![0x30 + i as u8; len], off))
             .collect();
-        batch_and_check(&host, img, &mut shadow, &writes);
+        write_all(&img, &writes);
+        // The arena was sized for all of the batch's copy-on-write.
+        assert_eq!(
+            img.batch_cow_written_alone(),
+            0,
+            "extended_l2={extended_l2}"
+        );
+        apply(&mut shadow, &writes);
+        batch_and_check(&host, img, &mut shadow, &[]);
     }
 }
 
@@ -189,6 +199,7 @@ fn a_batch_whose_copy_on_write_outgrows_its_arena_writes_the_rest_as_it_goes() {
         write_lens(&host, from),
         vec![CS as usize, CS as usize, fit * CS as usize]
     );
+    assert_eq!(img.batch_cow_written_alone(), 2);
     let mut shadow = base;
     apply(&mut shadow, &writes);
     batch_and_check(&host, img, &mut shadow, &[]);

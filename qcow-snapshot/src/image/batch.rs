@@ -31,6 +31,8 @@ static COW_ARENAS: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec
 pub(super) struct CowArena {
     pub(super) buf: AlignedBuf,
     used: usize,
+    /// What the batch asked for (a buffer from the pool may be larger).
+    cap: usize,
 }
 
 impl CowArena {
@@ -41,7 +43,11 @@ impl CowArena {
             .pop()
             .unwrap_or_default()
             .at_least(len);
-        CowArena { buf, used: 0 }
+        CowArena {
+            buf,
+            used: 0,
+            cap: len,
+        }
     }
 
     /// `len` more bytes, or `None` when the arena is full.
@@ -49,7 +55,7 @@ impl CowArena {
         let end = self
             .used
             .checked_add(len)
-            .filter(|&e| e <= self.buf.len())?;
+            .filter(|&e| e <= self.cap.min(self.buf.len()))?;
         let r = self.used..end;
         self.used = end;
         Some(r)

@@ -616,6 +616,7 @@ impl QcowImage {
                     return Ok(());
                 }
             }
+            self.cow_alone.fetch_add(1, Ordering::Relaxed);
         }
         with_cow_buf(len, |b| -> Result<()> {
             make(b)?;

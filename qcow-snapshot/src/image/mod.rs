@@ -141,6 +141,9 @@ pub struct QcowImage {
     data_written: AtomicBool,
     /// Data clusters allocated by guest writes since open (statistics only).
     clusters_allocated: AtomicU64,
+    /// Copy-on-write pieces of batches written as they were assembled, their batch's arena
+    /// full (statistics only).
+    cow_alone: AtomicU64,
     /// The raw backing file with O_DIRECT, for batches' copy-on-write fills
     /// ([`QcowImage::enable_direct_backing`]).
     direct_backing: std::sync::OnceLock<batch::DirectBacking>,
@@ -254,6 +257,7 @@ impl QcowImage {
             zcache: Mutex::new(None),
             data_written: AtomicBool::new(false),
             clusters_allocated: AtomicU64::new(0),
+            cow_alone: AtomicU64::new(0),
             direct_backing: std::sync::OnceLock::new(),
         })
     }
@@ -348,6 +352,12 @@ impl QcowImage {
     /// was opened; statistics only.
     pub fn clusters_allocated(&self) -> u64 {
         self.clusters_allocated.load(Ordering::Relaxed)
+    }
+
+    /// How many copy-on-write pieces of write batches did not fit their batch's arena and were
+    /// written as they were assembled, instead of with the batch (see [`COW_ARENA_MAX`]).
+    pub fn batch_cow_written_alone(&self) -> u64 {
+        self.cow_alone.load(Ordering::Relaxed)
     }
 
     /// How many times the kernel was asked to start writing the file's dirty pages early
