@@ -77,8 +77,8 @@ fn set_up_direct(chain: &crate::snapshot::Chain, image: &std::path::Path, mode: 
 }
 
 /// Lets the qcow2 top of `chain` write large aligned requests with O_DIRECT (`--direct large`,
-/// or `auto` on an image with standard L2 entries); where it cannot, everything stays buffered (logged, not warned: nothing was
-/// asked for explicitly).
+/// or `auto` on an image with standard L2 entries); where it cannot, everything stays buffered
+/// (logged, not warned: nothing was asked for explicitly).
 fn enable_direct_large(chain: &crate::snapshot::Chain, image: &std::path::Path) {
     if let Some(q) = chain.top_qcow() {
         if let Err(e) = q.enable_direct_large(crate::cli::LARGE_DIRECT_MIN) {
@@ -558,6 +558,52 @@ mod tests {
                 !(below && direct_ok),
                 "extended_l2={extended_l2} {mode:?}"
             );
+        }
+    }
+
+    #[test]
+    fn copy_on_write_fills_read_a_raw_base_directly_unless_direct_is_off_or_l2_is_extended() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0x5a; 1 << 20]).unwrap();
+        let direct_ok = std::fs::File::open(&base)
+            .is_ok_and(|f| qcow_snapshot::direct::reopen_direct(&f, false).is_ok());
+        for (extended_l2, mode, direct_fills) in [
+            (false, DirectMode::Auto, true),
+            (false, DirectMode::On, true),
+            (false, DirectMode::Off, false),
+            (true, DirectMode::Auto, false),
+        ] {
+            let img = dir.path().join(format!("{extended_l2}-{mode:?}.qcow2"));
+            let opts = CreateOptions {
+                size: 1 << 20,
+                extended_l2,
+                backing: Some((base.to_str().unwrap().to_string(), Format::Raw)),
+                ..CreateOptions::default()
+            };
+            qcow_snapshot::create(&img, &opts).unwrap();
+            let chain = crate::snapshot::Chain::open(
+                &img,
+                Some(Format::Qcow2),
+                false,
+                &qcow_snapshot::BackingPolicy::default(),
+            )
+            .unwrap();
+            set_up_direct(&chain, &img, mode);
+            let top = chain.top_qcow().unwrap();
+            // A batch of two first writes of 512 bytes (copy-on-write in either kind of image).
+            let w = [7u8; 512];
+            for r in top.write_batch(&[(&w[..], 0), (&w[..], 65536 + 512)]) {
+                r.unwrap();
+            }
+            assert_eq!(
+                top.backing_ring_reads() > 0,
+                direct_fills && direct_ok,
+                "extended_l2={extended_l2} {mode:?}"
+            );
+            let mut b = [0u8; 1024];
+            top.read_at(&mut b, 65536).unwrap();
+            assert!(b[..512].iter().all(|&x| x == 0x5a) && b[512..].iter().all(|&x| x == 7));
         }
     }
 
