@@ -522,6 +522,27 @@ mod tests {
         assert!(std::fs::read(&base).unwrap().iter().all(|&x| x == 7));
     }
 
+    /// A qcow2 image made with `opts` in `dir`, opened as a chain's top and set up for
+    /// `--direct mode`.
+    fn top_set_up(
+        dir: &std::path::Path,
+        opts: &CreateOptions,
+        mode: DirectMode,
+    ) -> (crate::snapshot::Chain, Arc<qcow_snapshot::QcowImage>) {
+        let img = dir.join(format!("{}-{mode:?}.qcow2", opts.extended_l2));
+        qcow_snapshot::create(&img, opts).unwrap();
+        let chain = crate::snapshot::Chain::open(
+            &img,
+            Some(Format::Qcow2),
+            false,
+            &qcow_snapshot::BackingPolicy::default(),
+        )
+        .unwrap();
+        set_up_direct(&chain, &img, mode);
+        let top = chain.top_qcow().unwrap();
+        (chain, top)
+    }
+
     #[test]
     fn auto_direct_puts_an_extended_l2_top_below_the_page_cache_and_a_standard_one_above() {
         let dir = tempfile::tempdir().unwrap();
@@ -537,22 +558,12 @@ mod tests {
             (true, DirectMode::Large, false),
             (true, DirectMode::Off, false),
         ] {
-            let img = dir.path().join(format!("{extended_l2}-{mode:?}.qcow2"));
             let opts = CreateOptions {
                 size: 4 << 20,
                 extended_l2,
                 ..CreateOptions::default()
             };
-            qcow_snapshot::create(&img, &opts).unwrap();
-            let chain = crate::snapshot::Chain::open(
-                &img,
-                Some(Format::Qcow2),
-                false,
-                &qcow_snapshot::BackingPolicy::default(),
-            )
-            .unwrap();
-            set_up_direct(&chain, &img, mode);
-            let top = chain.top_qcow().unwrap();
+            let (_chain, top) = top_set_up(dir.path(), &opts, mode);
             assert_eq!(
                 top.page_cached(),
                 !(below && direct_ok),
@@ -574,23 +585,13 @@ mod tests {
             (false, DirectMode::Off, false),
             (true, DirectMode::Auto, false),
         ] {
-            let img = dir.path().join(format!("{extended_l2}-{mode:?}.qcow2"));
             let opts = CreateOptions {
                 size: 1 << 20,
                 extended_l2,
                 backing: Some((base.to_str().unwrap().to_string(), Format::Raw)),
                 ..CreateOptions::default()
             };
-            qcow_snapshot::create(&img, &opts).unwrap();
-            let chain = crate::snapshot::Chain::open(
-                &img,
-                Some(Format::Qcow2),
-                false,
-                &qcow_snapshot::BackingPolicy::default(),
-            )
-            .unwrap();
-            set_up_direct(&chain, &img, mode);
-            let top = chain.top_qcow().unwrap();
+            let (_chain, top) = top_set_up(dir.path(), &opts, mode);
             // A batch of two first writes of 512 bytes (copy-on-write in either kind of image).
             let w = [7u8; 512];
             for r in top.write_batch(&[(&w[..], 0), (&w[..], 65536 + 512)]) {
