@@ -49,7 +49,8 @@ fn enable_direct(chain: &crate::snapshot::Chain, image: &std::path::Path, asked:
 /// Puts the writable top of `chain` in `mode` (`--direct`; `auto` decided by the top's L2
 /// entries) and records `mode` for the tops live snapshots make.
 fn set_up_direct(chain: &crate::snapshot::Chain, image: &std::path::Path, mode: DirectMode) {
-    let extended_l2 = chain.top_qcow().is_some_and(|q| q.geometry().extended_l2);
+    let top = chain.top_qcow();
+    let extended_l2 = top.as_ref().is_some_and(|q| q.geometry().extended_l2);
     let resolved = mode.for_top(extended_l2);
     match resolved {
         DirectMode::On => enable_direct(chain, image, mode == DirectMode::On),
@@ -59,7 +60,7 @@ fn set_up_direct(chain: &crate::snapshot::Chain, image: &std::path::Path, mode: 
     if resolved != DirectMode::Off && !extended_l2 {
         // Copy-on-write fills of the cache's writeback batches read a raw base with O_DIRECT
         // (with extended L2 entries a first write fills nothing from the base).
-        if let Some(q) = chain.top_qcow().filter(|q| q.backing().is_some()) {
+        if let Some(q) = top.filter(|q| q.backing().is_some()) {
             match q.enable_direct_backing() {
                 Ok(()) => log::info!(
                     "{}: copy-on-write fills read the backing file with O_DIRECT",

@@ -195,9 +195,10 @@ impl Rings {
         }
     }
 
-    /// Writes every `(buf, offset)` of `writes` (each aligned as `d` takes it as is, none
-    /// overlapping another) to `fd` (the O_DIRECT descriptor `f` stands for), all in flight
-    /// at once. One result per write, in order; returns when every write has completed.
+    /// Writes every `(buf, offset)` of `writes` (none overlapping another) to `fd` (the
+    /// O_DIRECT descriptor `f` stands for), all in flight at once; what `d` does not take as
+    /// it is (unaligned: a read-modify-write of its end blocks) is written alone. One result
+    /// per write, in order; returns when every write has completed.
     pub(crate) fn write(
         &self,
         d: &DirectIo,
@@ -205,26 +206,29 @@ impl Rings {
         fd: RawFd,
         writes: &[(&[u8], u64)],
     ) -> Vec<io::Result<()>> {
-        let Some(mut ring) = self.take() else {
-            return writes.iter().map(|&(b, o)| d.write_at(f, b, o)).collect();
-        };
         let mut results: Vec<Option<io::Result<()>>> = (0..writes.len()).map(|_| None).collect();
-        self.run(
-            &mut ring,
-            writes.len(),
-            |k| {
-                let (buf, off) = writes[k];
-                let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-                opcode::Write::new(types::Fd(fd), buf.as_ptr(), len)
-                    .offset(off)
-                    .build()
-            },
-            |k, res| {
-                let (buf, off) = writes[k];
-                results[k] = Some(finish(d, f, buf, off, res));
-            },
-        );
-        self.give_back(ring);
+        let on_ring: Vec<usize> = (0..writes.len())
+            .filter(|&k| d.takes_as_is(writes[k].0, writes[k].1))
+            .collect();
+        if let Some(mut ring) = (!on_ring.is_empty()).then(|| self.take()).flatten() {
+            self.run(
+                &mut ring,
+                on_ring.len(),
+                |j| {
+                    let (buf, off) = writes[on_ring[j]];
+                    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+                    opcode::Write::new(types::Fd(fd), buf.as_ptr(), len)
+                        .offset(off)
+                        .build()
+                },
+                |j, res| {
+                    let k = on_ring[j];
+                    let (buf, off) = writes[k];
+                    results[k] = Some(finish(d, f, buf, off, res));
+                },
+            );
+            self.give_back(ring);
+        }
         results
             .into_iter()
             .zip(writes)

@@ -332,24 +332,10 @@ impl HostFile for FileHost {
             .max()
             .unwrap_or(0);
         self.grow_for(end);
-        // What the file takes as it is goes on a ring together; the rest (unaligned, read-
-        // modify-write of its end blocks) one at a time.
-        let (ring, single): (Vec<usize>, Vec<usize>) =
-            (0..writes.len()).partition(|&i| d.takes_as_is(writes[i].0, writes[i].1));
-        let mut results: Vec<io::Result<()>> = (0..writes.len()).map(|_| Ok(())).collect();
-        let on_ring: Vec<(&[u8], u64)> = ring.iter().map(|&i| writes[i]).collect();
-        for (i, r) in
-            ring.iter().zip(
-                self.rings
-                    .write(d, &self.file, self.file.as_raw_fd(), &on_ring),
-            )
-        {
-            results[*i] = r;
-        }
-        for i in single {
-            let (b, o) = writes[i];
-            results[i] = d.write_at(&self.file, b, o);
-        }
+        // What the file takes as it is goes on a ring together, the rest one at a time.
+        let results = self
+            .rings
+            .write(d, &self.file, self.file.as_raw_fd(), writes);
         for (r, &(b, o)) in results.iter().zip(writes) {
             if r.is_ok() {
                 let end = o.saturating_add(b.len() as u64);

@@ -193,13 +193,12 @@ impl QcowImage {
     /// backing file (all reads of the O_DIRECT descriptor in flight at once, straight into
     /// the arena; a cluster the plan does not map to that file alone is read the usual way),
     /// zeros past the disk's end, then its write's bytes over it. One result per fill.
-    fn fill_from_backing(&self, arena: &mut [u8], fills: &[PendingFill<'_>]) -> Vec<Result<()>> {
-        let Some(db) = self.direct_backing.get() else {
-            return fills
-                .iter()
-                .map(|_| Err(BlockError::Io(io::Error::other("no direct backing file"))))
-                .collect();
-        };
+    fn fill_from_backing(
+        &self,
+        db: &DirectBacking,
+        arena: &mut [u8],
+        fills: &[PendingFill<'_>],
+    ) -> Vec<Result<()>> {
         let cs = self.geo.cluster_size();
         let bsize = self.backing.as_ref().map_or(0, |b| b.size());
         // The arena split into the fills' clusters (claimed in order, never overlapping).
@@ -214,8 +213,9 @@ impl QcowImage {
             at = f.range.end;
         }
         let mut results: Vec<Result<()>> = Vec::with_capacity(fills.len());
-        let mut ring: Vec<(usize, u64, usize)> = Vec::new();
-        for (k, (f, b)) in fills.iter().zip(slices.iter_mut()).enumerate() {
+        // Per fill, the offset and length it reads through the direct descriptor, if it does.
+        let mut direct: Vec<Option<(u64, usize)>> = Vec::with_capacity(fills.len());
+        for (f, b) in fills.iter().zip(slices.iter_mut()) {
             let visible = self.size.saturating_sub(f.start).min(cs) as usize;
             let avail = bsize.saturating_sub(f.start).min(visible as u64) as usize;
             b[avail..].fill(0);
@@ -228,25 +228,26 @@ impl QcowImage {
                     if Arc::ptr_eq(file, &db.buffered) =>
                 {
                     self.early_wb.backing_read();
-                    ring.push((k, *offset, avail));
+                    direct.push(Some((*offset, avail)));
                     results.push(Ok(()));
                 }
-                _ => results.push(self.read_backing(&mut b[..visible], f.start)),
-            }
-        }
-        if !ring.is_empty() {
-            let mut reads: Vec<(&mut [u8], u64)> = Vec::with_capacity(ring.len());
-            let mut which: Vec<usize> = Vec::with_capacity(ring.len());
-            for (k, b) in slices.iter_mut().enumerate() {
-                if let Some(&(_, off, avail)) = ring.iter().find(|r| r.0 == k) {
-                    reads.push((&mut b[..avail], off));
-                    which.push(k);
+                _ => {
+                    direct.push(None);
+                    results.push(self.read_backing(&mut b[..visible], f.start));
                 }
             }
-            for (k, r) in which
-                .into_iter()
-                .zip(db.rings.read(&db.d, &*db.file, db.fd, &mut reads))
-            {
+        }
+        let mut reads: Vec<(&mut [u8], u64)> = Vec::new();
+        let mut which: Vec<usize> = Vec::new();
+        for (k, (b, d)) in slices.iter_mut().zip(&direct).enumerate() {
+            if let Some((off, avail)) = *d {
+                reads.push((&mut b[..avail], off));
+                which.push(k);
+            }
+        }
+        if !reads.is_empty() {
+            let done = db.rings.read(&db.d, &*db.file, db.fd, &mut reads);
+            for (k, r) in which.into_iter().zip(done) {
                 if let Err(e) = r {
                     results[k] = Err(BlockError::Io(e));
                 }
@@ -319,12 +320,17 @@ impl QcowImage {
             };
             data.push(r);
         }
-        if !deferred.fills.is_empty() {
+        // (Fills are deferred only with a direct backing file.)
+        if let Some(db) = self
+            .direct_backing
+            .get()
+            .filter(|_| !deferred.fills.is_empty())
+        {
             let arena = deferred
                 .arena
                 .as_mut()
                 .map_or(&mut [][..], |a| &mut a.buf[..]);
-            let filled = self.fill_from_backing(arena, &deferred.fills);
+            let filled = self.fill_from_backing(db, arena, &deferred.fills);
             // A write whose fill failed reports it and issues nothing.
             let mut failed = vec![false; writes.len()];
             for (f, r) in deferred.fills.iter().zip(filled) {
