@@ -30,6 +30,9 @@ struct CachedHost {
     fail_syncs: AtomicU32,
     syncs: AtomicU32,
     after_sync: Mutex<Option<SyncHook>>,
+    /// Writes of at least this many bytes go to the device with O_DIRECT (0: none do), as a
+    /// buffered file's large writes do with `--direct large`.
+    direct_min: usize,
 }
 
 impl CachedHost {
@@ -77,6 +80,10 @@ impl HostFile for CachedHost {
 
     fn page_cached(&self) -> bool {
         true
+    }
+
+    fn writes_directly(&self, buf: &[u8], _offset: u64) -> bool {
+        self.direct_min > 0 && buf.len() >= self.direct_min
     }
 }
 
@@ -284,4 +291,39 @@ fn a_write_landing_while_the_background_sync_is_inside_the_file_sync_is_durable_
     // Every write that completed before the racing FLUSH started is covered too: the hook ran
     // after the 8th MiB was written.
     assert!(read_durable(durable, 0, 8 * MIB).iter().all(|&b| b == 3));
+}
+
+#[test]
+fn writes_that_go_direct_never_kick_a_background_sync() {
+    // A large write that goes to the device with O_DIRECT leaves nothing in the page cache; a
+    // background sync for it would only flush the device's cache and hold the file system's
+    // journal while writers grow the file. Buffered writes on the same file still kick.
+    let host = Arc::new(CachedHost {
+        direct_min: 256 << 10,
+        ..CachedHost::default()
+    });
+    let img = image_on(host.clone());
+    fill(&img, 17, 3);
+    let big = vec![5u8; MIB];
+    let batch: Vec<(&[u8], u64)> = (17..25).map(|i| (&big[..], (i * MIB) as u64)).collect();
+    assert!(img.write_batch(&batch).iter().all(Result::is_ok));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(img.early_writeback_kicks(), 0);
+    // 64 KiB writes stay buffered: 8 MiB of them reach a kick point.
+    for c in 0..(8 * MIB as u64) / CS {
+        img.write_at(&vec![8; CS as usize], c * CS).unwrap();
+    }
+    wait_for("a background sync", || img.early_writeback_kicks() >= 1);
+}
+
+#[test]
+fn batched_buffered_writes_kick_a_background_sync() {
+    let host = Arc::new(CachedHost::default());
+    let img = image_on(host.clone());
+    let data = vec![0x3cu8; CS as usize];
+    let batch: Vec<(&[u8], u64)> = (0..(9 * MIB as u64) / CS)
+        .map(|c| (&data[..], c * CS))
+        .collect();
+    assert!(img.write_batch(&batch).iter().all(Result::is_ok));
+    wait_for("a background sync", || img.early_writeback_kicks() >= 1);
 }

@@ -237,25 +237,43 @@ impl FileHost {
     }
 
     /// Makes sure `[.., end)` lies inside the file before a direct write: extends the file by
-    /// [`GROW_AHEAD`] past `end` if it is shorter. Failing to grow is not an error (the write
-    /// then allocates its own blocks, and reports ENOSPC itself).
+    /// [`GROW_AHEAD`] past `end` once `end` comes within half of that of the file's end.
+    /// Failing to grow is not an error (the write then allocates its own blocks, and reports
+    /// ENOSPC itself).
+    ///
+    /// Growing early keeps the writers going: `fallocate` waits for ext4's journal, which a
+    /// concurrent `fdatasync` (a flush, the crash journal's trim) holds for milliseconds. A
+    /// writer whose range already lies inside the file only tries the grow lock and goes on
+    /// if another writer is growing; only a writer past the end waits for the growth.
     fn grow_for(&self, end: u64) {
         let g = &self.growth;
-        if end <= g.grown_to.load(Ordering::Acquire) || g.off.load(Ordering::Relaxed) {
+        let early = |grown: u64| end.saturating_add(GROW_AHEAD / 2) <= grown;
+        if early(g.grown_to.load(Ordering::Acquire)) || g.off.load(Ordering::Relaxed) {
             return;
         }
-        let _one = g.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if end <= g.grown_to.load(Ordering::Acquire) {
+        let _one = if end <= g.grown_to.load(Ordering::Acquire) {
+            match g.lock.try_lock() {
+                Ok(l) => l,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            }
+        } else {
+            g.lock.lock().unwrap_or_else(|e| e.into_inner())
+        };
+        if early(g.grown_to.load(Ordering::Acquire)) {
             return;
         }
         let Ok(len) = blockdev::file_size(&self.file) else {
             return;
         };
-        if end <= len {
+        if early(len) {
             g.grown_to.store(len, Ordering::Release);
             return;
         }
-        let to = end.saturating_add(GROW_AHEAD).next_multiple_of(1 << 20);
+        let to = end
+            .max(len)
+            .saturating_add(GROW_AHEAD)
+            .next_multiple_of(1 << 20);
         let (Ok(from), Ok(n)) = (i64::try_from(len), i64::try_from(to - len)) else {
             return;
         };

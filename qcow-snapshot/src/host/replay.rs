@@ -393,6 +393,10 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
         self.inner.page_cached()
     }
 
+    fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
+        self.inner.writes_directly(buf, offset)
+    }
+
     fn failed_sync_drops_writes(&self) -> bool {
         // A failed sync is replayed or poisons: it never silently drops a write.
         false

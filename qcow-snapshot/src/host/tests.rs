@@ -640,6 +640,70 @@ fn buffered_writes_past_the_end_grow_the_file_ahead_once_large_writes_go_direct(
 }
 
 #[test]
+fn the_file_grows_again_before_its_writes_reach_the_end_and_a_writer_inside_never_waits() {
+    // Growth starts once a write comes within half of GROW_AHEAD of the file's end, so the
+    // writers after it still find allocated blocks; a writer whose range lies inside the file
+    // does not wait while another grows it (fallocate waits for the file system's journal,
+    // which a concurrent fdatasync holds), and one past the end does.
+    let dir = tempfile::tempdir().unwrap();
+    let h = FileHost::new(new_file(&dir, "g.img"));
+    if let Err(e) = h.enable_direct_large(256 << 10) {
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        return;
+    }
+    h.write_at(&[1; 4096], 0).unwrap();
+    let grown = h.len().unwrap();
+    assert!(grown >= GROW_AHEAD, "not grown ahead: {grown}");
+    // Well inside the first half: nothing grows.
+    h.write_at(&[2; 4096], grown - GROW_AHEAD / 2 - 8192)
+        .unwrap();
+    assert_eq!(
+        h.len().unwrap(),
+        grown,
+        "grew with half the space still ahead"
+    );
+    // Another grower holds the lock: a write inside the file but in its last half goes on
+    // without growing; a write past the end waits for the lock and then grows.
+    let held = h.growth.lock.lock().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            h.write_at(&[3; 4096], grown - 8192).unwrap();
+            tx.send("inside").unwrap();
+            h.write_at(&[4; 4096], grown + 4096).unwrap();
+            tx.send("past").unwrap();
+        });
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok("inside"),
+            "a write inside the file waited for another's growth"
+        );
+        assert_eq!(h.len().unwrap(), grown);
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(100))
+                .is_err(),
+            "a write past the end went on while the file was being grown"
+        );
+        drop(held);
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok("past")
+        );
+    });
+    let regrown = h.len().unwrap();
+    assert!(
+        regrown >= grown + 8192 + GROW_AHEAD,
+        "not grown ahead of the write past the end: {regrown}"
+    );
+    // The next write into the last half of the space grows it again, with no wait.
+    h.write_at(&[5; 4096], regrown - 8192).unwrap();
+    assert!(h.len().unwrap() >= regrown + GROW_AHEAD / 2);
+    let mut back = [0u8; 4096];
+    h.read_at(&mut back, grown + 4096).unwrap();
+    assert_eq!(back, [4; 4096]);
+}
+
+#[test]
 fn mem_host_reads_zeros_past_end_and_grows_on_write() {
     let h = MemHost::default();
     h.write_at(&[1, 2, 3], 10).unwrap();

@@ -378,7 +378,14 @@ impl QcowImage {
             })
             .collect();
         if !host.is_empty() {
+            let buffered: Vec<bool> = host
+                .iter()
+                .map(|&(b, at)| !self.io.writes_directly(b, at))
+                .collect();
             for (k, r) in self.io.write_batch(&host).into_iter().enumerate() {
+                if r.is_ok() {
+                    self.wrote_host(host[k].0.len(), buffered[k]);
+                }
                 let (Err(e), Some((_, _, owners))) = (r, merged.get(k)) else {
                     continue;
                 };
@@ -392,14 +399,7 @@ impl QcowImage {
         }
         drop(host);
         drop(deferred);
-        let ok_bytes: u64 = writes
-            .iter()
-            .zip(&plans)
-            .zip(&data)
-            .filter(|((_, p), d)| p.is_ok() && d.is_ok())
-            .map(|((w, _), _)| w.0.len() as u64)
-            .sum();
-        self.wrote_data(ok_bytes);
+        self.wrote_data();
         let mut results: Vec<Result<Vec<(u64, u64)>>> = Vec::with_capacity(writes.len());
         {
             let mut m = self.lock();

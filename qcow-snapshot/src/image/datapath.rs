@@ -279,7 +279,7 @@ impl QcowImage {
             planned?
         };
         let data = self.write_data(buf, offset, &steps, None);
-        self.wrote_data(if data.is_ok() { buf.len() as u64 } else { 0 });
+        self.wrote_data();
         let mut m = self.lock();
         let r = self
             .publish_pass(&mut m, &steps, data)
@@ -289,13 +289,29 @@ impl QcowImage {
         r
     }
 
-    /// Notes that data writes returned, `bytes` of them successfully.
-    pub(super) fn wrote_data(&self, bytes: u64) {
+    /// Notes that data writes returned.
+    pub(super) fn wrote_data(&self) {
         // Set only after the data writes returned: a flush that clears the flag earlier must
         // not cause a later flush to skip syncing them.
         self.data_written.store(true, Ordering::Release);
-        if bytes > 0 {
-            self.early_wb.wrote(bytes);
+    }
+
+    /// Writes guest data (or an assembled cluster) `b` at host offset `at`, counting it toward
+    /// early writeback when it lands in the host page cache.
+    pub(super) fn write_host(&self, b: &[u8], at: u64) -> Result<()> {
+        let buffered = !self.io.writes_directly(b, at);
+        self.io.write_at(b, at)?;
+        self.wrote_host(b.len(), buffered);
+        Ok(())
+    }
+
+    /// Counts a successful data write of `len` bytes toward early writeback if it was
+    /// `buffered`: a write that went to the device with O_DIRECT left nothing in the host page
+    /// cache to push out, and a background sync for it would only flush the device's cache
+    /// and hold ext4's journal while the writers grow the file (see `early_writeback.rs`).
+    pub(super) fn wrote_host(&self, len: usize, buffered: bool) {
+        if buffered {
+            self.early_wb.wrote(len as u64);
         }
     }
 
@@ -594,7 +610,7 @@ impl QcowImage {
                 d.writes.push((Src::Caller(b), at));
                 Ok(())
             }
-            None => Ok(self.io.write_at(b, at)?),
+            None => self.write_host(b, at),
         }
     }
 
@@ -620,7 +636,7 @@ impl QcowImage {
         }
         with_cow_buf(len, |b| -> Result<()> {
             make(b)?;
-            Ok(self.io.write_at(b, at)?)
+            self.write_host(b, at)
         })
     }
 
