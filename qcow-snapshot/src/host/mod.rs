@@ -237,17 +237,26 @@ impl FileHost {
     }
 
     /// Makes sure `[.., end)` lies inside the file before a direct write: extends the file by
-    /// [`GROW_AHEAD`] past `end` once `end` comes within half of that of the file's end.
-    /// Failing to grow is not an error (the write then allocates its own blocks, and reports
-    /// ENOSPC itself).
+    /// [`GROW_AHEAD`] past `end` when `end` is past the file's end, and, once the file was
+    /// grown, already when `end` comes within half of that of the end. Failing to grow is not
+    /// an error (the write then allocates its own blocks, and reports ENOSPC itself).
     ///
     /// Growing early keeps the writers going: `fallocate` waits for ext4's journal, which a
     /// concurrent `fdatasync` (a flush, the crash journal's trim) holds for milliseconds. A
     /// writer whose range already lies inside the file only tries the grow lock and goes on
-    /// if another writer is growing; only a writer past the end waits for the growth.
+    /// if another writer is growing; only a writer past the end waits for the growth. Before
+    /// the first growth, and after a clean close gave it back, writes inside the file (the
+    /// header, tables of a small image) grow nothing.
     fn grow_for(&self, end: u64) {
         let g = &self.growth;
-        let early = |grown: u64| end.saturating_add(GROW_AHEAD / 2) <= grown;
+        let early = |grown: u64| {
+            let margin = if g.grew.load(Ordering::Acquire) {
+                GROW_AHEAD / 2
+            } else {
+                0
+            };
+            end.saturating_add(margin) <= grown
+        };
         if early(g.grown_to.load(Ordering::Acquire)) || g.off.load(Ordering::Relaxed) {
             return;
         }

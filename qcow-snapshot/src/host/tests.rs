@@ -707,6 +707,17 @@ fn the_file_grows_again_before_its_writes_reach_the_end_and_a_writer_inside_neve
     h.growth.off.store(true, Ordering::Relaxed);
     h.write_at(&[6; 4096], third + 4096).unwrap();
     assert_eq!(h.len().unwrap(), third + 8192, "grew after growing failed");
+    // A clean close gives the growth back; a write inside the file after it (the header's
+    // dirty bit) grows nothing.
+    h.growth.off.store(false, Ordering::Relaxed);
+    h.release_growth().unwrap();
+    let closed = h.len().unwrap();
+    h.write_at(&[9; 4096], closed - 4096).unwrap();
+    assert_eq!(
+        h.len().unwrap(),
+        closed,
+        "a write inside the file grew it after the close"
+    );
     let mut back = [0u8; 4096];
     h.read_at(&mut back, grown + 4096).unwrap();
     assert_eq!(back, [4; 4096]);
