@@ -1,25 +1,66 @@
 //! The raw-file layer: a virtual disk that is a plain host file (or block device), byte for byte.
 //!
+//! Random reads without read-ahead: a read-only raw file (a base image) keeps a second open
+//! file description of itself advised `POSIX_FADV_RANDOM`, and reads that are short and do not
+//! continue a recent read (within [`SEQUENTIAL_GAP`] after where one of the last
+//! [`STREAMS`] reads ended) go through it. The kernel's read-ahead state is per description:
+//! on the one description, each cold 4 KiB random read also read its neighbours (5.9 KiB of
+//! device reads per read measured, against 4.3 with the advice; cold 4 KiB reads at queue depth
+//! 32 on one queue: 65.8-77.5k against 86.7-89.7k IOPS), while sequential and large reads keep
+//! the first description and its read-ahead. Both descriptions share the page cache, so what
+//! one reads the other finds. Where the second one cannot be opened (no `/proc`, a block
+//! device, a sandbox that refuses `open`) every read takes the first.
+//!
 //! Locking model: none. Positional `pread`/`pwrite` are thread-safe on a shared descriptor, so
-//! requests from every queue go straight to the kernel in parallel.
+//! requests from every queue go straight to the kernel in parallel; the recent reads' ends are
+//! relaxed atomics (a heuristic: a race only picks the other descriptor for one read).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::{
     check_range, open_file, read_full_at, BlockDev, BlockError, PlanSource, ReadPlan, Result,
 };
 
+/// Reads of at least this many bytes always take the file's first description (read-ahead
+/// costs them little, and sequential scans read in large pieces).
+pub const RANDOM_READ_MAX: u64 = 64 << 10;
+/// How many recent reads' ends are kept to recognise sequential streams.
+pub const STREAMS: usize = 8;
+/// A read starting at most this far after where a recent read ended continues it (strided
+/// patterns such as copy-on-write fills that skip the part a guest wrote).
+pub const SEQUENTIAL_GAP: u64 = 64 << 10;
+
 /// A raw image file.
 #[derive(Debug)]
 pub struct RawFile {
     file: Arc<File>,
+    /// The same file advised `POSIX_FADV_RANDOM`, for random reads (see the module
+    /// documentation); only for a read-only regular file.
+    random: Option<Arc<File>>,
+    /// Where recent reads ended (`u64::MAX`: free), and the slot the next new stream takes.
+    ends: [AtomicU64; STREAMS],
+    next: AtomicUsize,
     size: u64,
     read_only: bool,
+}
+
+/// A second open file description of `file` (through `/proc/self/fd`: advice is per
+/// description, a dup would share it) advised `POSIX_FADV_RANDOM`; `None` for anything but a
+/// regular file, or where it cannot be opened or advised.
+fn random_twin(file: &File) -> Option<Arc<File>> {
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let twin = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    // SAFETY: posix_fadvise on a descriptor we own, with plain integer arguments.
+    let r = unsafe { libc::posix_fadvise(twin.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    (r == 0).then(|| Arc::new(twin))
 }
 
 impl RawFile {
@@ -32,8 +73,12 @@ impl RawFile {
     /// Wraps an open file.
     pub fn from_file(file: File, read_only: bool) -> io::Result<Self> {
         let size = file_size(&file)?;
+        let random = if read_only { random_twin(&file) } else { None };
         Ok(RawFile {
             file: Arc::new(file),
+            random,
+            ends: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
+            next: AtomicUsize::new(0),
             size,
             read_only,
         })
@@ -42,6 +87,39 @@ impl RawFile {
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Whether reads can go through a second description advised `POSIX_FADV_RANDOM`.
+    pub fn has_random_reads(&self) -> bool {
+        self.random.is_some()
+    }
+
+    /// The description a read of `len` bytes at `offset` goes through, noting where it ends:
+    /// the random one for a short read that continues no recent read, else the first.
+    fn for_read(&self, offset: u64, len: u64) -> &Arc<File> {
+        let Some(random) = &self.random else {
+            return &self.file;
+        };
+        let end = offset.saturating_add(len);
+        let continues = self.ends.iter().find(|e| {
+            let e = e.load(Ordering::Relaxed);
+            e != u64::MAX && offset >= e && offset - e <= SEQUENTIAL_GAP
+        });
+        match continues {
+            Some(slot) => {
+                slot.store(end, Ordering::Relaxed);
+                &self.file
+            }
+            None => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % STREAMS;
+                self.ends[i].store(end, Ordering::Relaxed);
+                if len < RANDOM_READ_MAX {
+                    random
+                } else {
+                    &self.file
+                }
+            }
+        }
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -98,7 +176,7 @@ impl BlockDev for RawFile {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
-        read_full_at(&self.file, buf, offset)?;
+        read_full_at(self.for_read(offset, buf.len() as u64), buf, offset)?;
         Ok(())
     }
 
@@ -107,7 +185,7 @@ impl BlockDev for RawFile {
         Some(ReadPlan::one(
             len,
             PlanSource::File {
-                file: Arc::clone(&self.file),
+                file: Arc::clone(self.for_read(offset, len)),
                 offset,
             },
         ))
@@ -182,6 +260,63 @@ mod tests {
         assert!(b[8192..8704].iter().all(|&x| x == 0));
         assert!(b[8704..12288].iter().all(|&x| x == 0xaa));
         dev.flush().unwrap();
+    }
+
+    /// Reads that continue no recent read and are short go through the second description
+    /// (the same file, advised random), sequential, strided and large ones through the first;
+    /// a writable file has only the first.
+    #[test]
+    fn short_random_reads_of_a_read_only_file_skip_read_ahead_and_streams_keep_it() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(tmp.path(), &data).unwrap();
+        let writable = RawFile::open(tmp.path(), false).unwrap();
+        assert!(!writable.has_random_reads());
+        drop(writable);
+        let dev = RawFile::open(tmp.path(), true).unwrap();
+        assert!(
+            dev.has_random_reads(),
+            "no second description on a regular file"
+        );
+        let planned = |off: u64, len: u64| -> Arc<File> {
+            match &dev.plan_read(off, len).unwrap().pieces[..] {
+                [(_, PlanSource::File { file, offset })] => {
+                    assert_eq!(*offset, off);
+                    file.clone()
+                }
+                other => panic!("unexpected plan {other:?}"),
+            }
+        };
+        let first = |f: &Arc<File>| std::ptr::eq(&**f, dev.file());
+        let r = planned(1 << 20, 4096);
+        assert!(
+            !first(&r),
+            "a random 4 KiB read took the read-ahead description"
+        );
+        let (a, b) = (r.metadata().unwrap(), dev.file().metadata().unwrap());
+        assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()), "not the same file");
+        let mut back = vec![0u8; 4096];
+        r.read_exact_at(&mut back, 1 << 20).unwrap();
+        assert_eq!(back, data[1 << 20..(1 << 20) + 4096]);
+        // The next 4 KiB continue it; so does a read after a gap of a written part.
+        assert!(first(&planned((1 << 20) + 4096, 4096)));
+        assert!(first(&planned((1 << 20) + 12288, 61440)));
+        // Far from every recent read: random again; a large read is never.
+        assert!(!first(&planned(3 << 20, 4096)));
+        assert!(first(&planned(2 << 20, RANDOM_READ_MAX)));
+        // STREAMS interleaved streams each keep their read-ahead.
+        let starts: Vec<u64> = (0..STREAMS as u64).map(|i| i * (400 << 10)).collect();
+        for s in &starts {
+            planned(*s, 4096);
+        }
+        for s in &starts {
+            assert!(first(&planned(s + 4096, 4096)), "stream at {s} lost");
+        }
+        // read_at takes the same way and reads the same bytes.
+        let mut b2 = vec![0u8; 8192];
+        dev.read_at(&mut b2, 3 << 20).unwrap();
+        assert_eq!(b2, data[3 << 20..(3 << 20) + 8192]);
     }
 
     #[test]

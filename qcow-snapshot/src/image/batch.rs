@@ -103,12 +103,21 @@ pub(super) struct PendingFill<'a> {
     write: usize,
 }
 
+/// Device and inode of `file` (`None` if it cannot be asked).
+fn file_id(file: &std::fs::File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// A raw backing file read with O_DIRECT for the copy-on-write fills of batches (see
 /// [`QcowImage::enable_direct_backing`]).
 pub(super) struct DirectBacking {
-    /// The backing file's own (buffered) descriptor: a read plan naming it is read through
-    /// `file` instead.
+    /// The backing file's own (buffered) descriptor: a read plan naming it, or another
+    /// description of the same file (a raw base plans random reads through one advised
+    /// `POSIX_FADV_RANDOM`), is read through `file` instead.
     buffered: Arc<std::fs::File>,
+    /// Device and inode of `buffered`.
+    id: Option<(u64, u64)>,
     file: Box<dyn crate::direct::PosIo>,
     fd: std::os::fd::RawFd,
     d: crate::direct::DirectIo,
@@ -122,12 +131,18 @@ impl DirectBacking {
         let d = crate::direct::DirectIo::for_file(&file);
         let fd = file.as_raw_fd();
         DirectBacking {
+            id: file_id(&buffered),
             buffered,
             file,
             fd,
             d,
             rings: crate::host::Rings::for_reads(),
         }
+    }
+
+    /// Whether a read plan naming `file` reads the backing file (see `buffered`).
+    fn reads(&self, file: &Arc<std::fs::File>) -> bool {
+        Arc::ptr_eq(file, &self.buffered) || (self.id.is_some() && file_id(file) == self.id)
     }
 
     /// How many fills were read on a ring so far.
@@ -146,6 +161,7 @@ impl DirectBacking {
         let rings = crate::host::Rings::for_reads();
         rings.disable();
         DirectBacking {
+            id: file_id(&buffered),
             buffered,
             file,
             fd: -1,
@@ -224,9 +240,7 @@ impl QcowImage {
                 .as_ref()
                 .and_then(|x| x.plan_read(f.start, avail as u64));
             match plan.as_ref().map(|p| p.pieces.as_slice()) {
-                Some([(_, PlanSource::File { file, offset })])
-                    if Arc::ptr_eq(file, &db.buffered) =>
-                {
+                Some([(_, PlanSource::File { file, offset })]) if db.reads(file) => {
                     self.early_wb.backing_read();
                     direct.push(Some((*offset, avail)));
                     results.push(Ok(()));
@@ -499,6 +513,37 @@ mod tests {
         let db = DirectBacking::with_io(buffered, reads(&path), DirectIo::with_alignment(512, 512));
         assert!(img.direct_backing.set(db).is_ok());
         (Arc::new(img), base)
+    }
+
+    #[test]
+    fn fills_planned_through_any_description_of_the_backing_file_read_it_directly() {
+        // A raw base plans short random reads through a second description of itself (advised
+        // random) and the others through its first: both are the backing file; another file
+        // is not.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.raw");
+        std::fs::write(&path, vec![1u8; 4 << 20]).unwrap();
+        let raw = RawFile::open(&path, true).unwrap();
+        let planned = |off: u64, len: u64| match raw.plan_read(off, len).unwrap().pieces.first() {
+            Some((_, PlanSource::File { file, .. })) => file.clone(),
+            other => panic!("a raw file plans {other:?}"),
+        };
+        let random = planned(2 << 20, 4096);
+        let streamed = planned((2 << 20) + 4096, 4096);
+        assert!(
+            !Arc::ptr_eq(&random, &streamed) || !raw.has_random_reads(),
+            "one description for both"
+        );
+        let db = DirectBacking::with_io(
+            streamed.clone(),
+            Box::new(std::fs::File::open(&path).unwrap()),
+            DirectIo::with_alignment(512, 512),
+        );
+        assert!(db.reads(&streamed));
+        assert!(db.reads(&random));
+        let other = dir.path().join("other.raw");
+        std::fs::write(&other, vec![1u8; 4096]).unwrap();
+        assert!(!db.reads(&Arc::new(std::fs::File::open(&other).unwrap())));
     }
 
     fn read(img: &QcowImage, off: u64, len: usize) -> Vec<u8> {
