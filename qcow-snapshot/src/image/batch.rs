@@ -118,6 +118,9 @@ pub(super) struct DirectBacking {
     buffered: Arc<std::fs::File>,
     /// Device and inode of `buffered`.
     id: Option<(u64, u64)>,
+    /// The other description of the backing file once a plan named it, so that later fills
+    /// compare pointers instead of asking the kernel for its inode each time.
+    twin: std::sync::OnceLock<Arc<std::fs::File>>,
     file: Box<dyn crate::direct::PosIo>,
     fd: std::os::fd::RawFd,
     d: crate::direct::DirectIo,
@@ -132,6 +135,7 @@ impl DirectBacking {
         let fd = file.as_raw_fd();
         DirectBacking {
             id: file_id(&buffered),
+            twin: std::sync::OnceLock::new(),
             buffered,
             file,
             fd,
@@ -142,7 +146,16 @@ impl DirectBacking {
 
     /// Whether a read plan naming `file` reads the backing file (see `buffered`).
     fn reads(&self, file: &Arc<std::fs::File>) -> bool {
-        Arc::ptr_eq(file, &self.buffered) || (self.id.is_some() && file_id(file) == self.id)
+        if Arc::ptr_eq(file, &self.buffered)
+            || self.twin.get().is_some_and(|t| Arc::ptr_eq(file, t))
+        {
+            return true;
+        }
+        let same = self.id.is_some() && file_id(file) == self.id;
+        if same {
+            let _ = self.twin.set(file.clone());
+        }
+        same
     }
 
     /// How many fills were read on a ring so far.
@@ -162,6 +175,7 @@ impl DirectBacking {
         rings.disable();
         DirectBacking {
             id: file_id(&buffered),
+            twin: std::sync::OnceLock::new(),
             buffered,
             file,
             fd: -1,
