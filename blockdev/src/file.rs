@@ -9,7 +9,9 @@
 //! 32 on one queue: 65.8-77.5k against 86.7-89.7k IOPS), while sequential and large reads keep
 //! the first description and its read-ahead. Both descriptions share the page cache, so what
 //! one reads the other finds. Where the second one cannot be opened (no `/proc`, a block
-//! device, a sandbox that refuses `open`) every read takes the first.
+//! device, a sandbox that refuses `open`) every read takes the first, and so does every read
+//! after one through the second failed (that read is retried through the first and the
+//! failure logged once): the second description is a speed-up, never a new way to fail.
 //!
 //! Locking model: none. Positional `pread`/`pwrite` are thread-safe on a shared descriptor, so
 //! requests from every queue go straight to the kernel in parallel; the recent reads' ends are
@@ -20,7 +22,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::{
@@ -43,6 +45,8 @@ pub struct RawFile {
     /// The same file advised `POSIX_FADV_RANDOM`, for random reads (see the module
     /// documentation); only for a read-only regular file.
     random: Option<Arc<File>>,
+    /// Set once a read through `random` failed: from then on every read takes `file`.
+    random_failed: AtomicBool,
     /// Where recent reads ended (`u64::MAX`: free), and the slot the next new stream takes.
     ends: [AtomicU64; STREAMS],
     next: AtomicUsize,
@@ -77,6 +81,7 @@ impl RawFile {
         Ok(RawFile {
             file: Arc::new(file),
             random,
+            random_failed: AtomicBool::new(false),
             ends: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
             next: AtomicUsize::new(0),
             size,
@@ -91,13 +96,13 @@ impl RawFile {
 
     /// Whether reads can go through a second description advised `POSIX_FADV_RANDOM`.
     pub fn has_random_reads(&self) -> bool {
-        self.random.is_some()
+        self.random.is_some() && !self.random_failed.load(Ordering::Relaxed)
     }
 
     /// The description a read of `len` bytes at `offset` goes through, noting where it ends:
     /// the random one for a short read that continues no recent read, else the first.
     fn for_read(&self, offset: u64, len: u64) -> &Arc<File> {
-        let Some(random) = &self.random else {
+        let Some(random) = self.random.as_ref().filter(|_| self.has_random_reads()) else {
             return &self.file;
         };
         let end = offset.saturating_add(len);
@@ -176,7 +181,21 @@ impl BlockDev for RawFile {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
-        read_full_at(self.for_read(offset, buf.len() as u64), buf, offset)?;
+        let file = self.for_read(offset, buf.len() as u64);
+        match read_full_at(file, buf, offset) {
+            Err(e) if !Arc::ptr_eq(file, &self.file) => {
+                if !self.random_failed.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "a read of {} bytes at {offset} through the raw file's random-access \
+                         description failed ({e}); every read takes its first description \
+                         from now",
+                        buf.len()
+                    );
+                }
+                read_full_at(&self.file, buf, offset)?;
+            }
+            r => r?,
+        }
         Ok(())
     }
 
@@ -317,6 +336,38 @@ mod tests {
         let mut b2 = vec![0u8; 8192];
         dev.read_at(&mut b2, 3 << 20).unwrap();
         assert_eq!(b2, data[3 << 20..(3 << 20) + 8192]);
+    }
+
+    /// A read through the second description that fails is read again through the first and
+    /// returns the file's bytes; from then on reads and plans take only the first.
+    #[test]
+    fn a_failing_random_description_falls_back_to_the_first_for_good() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+        std::fs::write(tmp.path(), &data).unwrap();
+        let mut dev = RawFile::open(tmp.path(), true).unwrap();
+        // A write-only description of the same file: every read through it fails (EBADF).
+        let write_only = std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp.path())
+            .unwrap();
+        dev.random = Some(Arc::new(write_only));
+        assert!(dev.has_random_reads());
+        let mut b = vec![0u8; 4096];
+        dev.read_at(&mut b, 512 << 10).unwrap();
+        assert_eq!(b, data[512 << 10..(512 << 10) + 4096]);
+        assert!(
+            !dev.has_random_reads(),
+            "the failing description stays in use"
+        );
+        match &dev.plan_read(100 << 10, 4096).unwrap().pieces[..] {
+            [(_, PlanSource::File { file, .. })] => {
+                assert!(std::ptr::eq(&**file, dev.file()), "planned through it");
+            }
+            other => panic!("unexpected plan {other:?}"),
+        }
+        dev.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, data[..4096]);
     }
 
     #[test]

@@ -339,7 +339,8 @@ fn allow_backing_confines_the_chain_to_its_trees() {
     );
     let c = d.connect();
     let mut b = vec![0u8; 4096];
-    c.read(0, 0, &mut b).unwrap();
+    c.read(0, 0, &mut b)
+        .unwrap_or_else(|e| panic!("read: {e}\n--- daemon log ---\n{}", d.log()));
     assert!(b.iter().all(|&x| x == 0x22));
     drop(c);
     assert!(d.stop().0.success());
