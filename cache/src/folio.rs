@@ -40,6 +40,9 @@ pub(crate) struct Folio {
     pub(crate) state: Mutex<FolioState>,
     pub(crate) cv: Condvar,
     pub(crate) referenced: AtomicBool,
+    /// A copy of `FolioState::writeback`, written under the state lock and read without it: a
+    /// hint for choosing writeback batches (whoever writes back checks the state itself).
+    pub(crate) in_writeback: AtomicBool,
 }
 
 impl Folio {
@@ -68,6 +71,7 @@ impl Folio {
             }),
             cv: Condvar::new(),
             referenced: AtomicBool::new(true),
+            in_writeback: AtomicBool::new(false),
         }
     }
 

@@ -287,3 +287,59 @@ fn a_throttled_write_goes_on_when_its_batch_wrote_something_and_fails_when_none_
         );
     }
 }
+
+#[test]
+fn a_throttled_writer_passes_over_folios_in_flight_and_writes_back_others_at_once() {
+    // A dirty budget of 128 folios, no flusher. Writer A's batch (folios 0..63, the first 64
+    // after the writeback cursor) stalls at its lower write. Once the cursor has moved past
+    // every other dirty folio and wraps around to A's, the next throttled writer must pass
+    // over A's folios and write back the others on its first attempt, not take a batch of
+    // folios in flight, write nothing and wait.
+    let lower = FaultyDisk::new(vec![0; 1024 * K4 as usize]);
+    let cache = cache_over(&lower, small_cfg(K4, 1024, 128));
+    let dirty = |i: u64| cache.write_at(&[i as u8 | 1; 512], i * K4).unwrap();
+    for i in (0..64).chain(100..164) {
+        dirty(i);
+    }
+    assert_eq!(cache.stats().dirty_folios, 128, "the budget is not spent");
+    let (release, held) = channel::<()>();
+    let (entered, at_disk) = channel::<()>();
+    lower.at(Io::WriteStart, 0, 512, move || {
+        entered.send(()).unwrap();
+        let _ = held.recv_timeout(Duration::from_secs(20));
+    });
+    let a = {
+        let c = cache.clone();
+        std::thread::spawn(move || c.write_at(&[0x5a; 512], 500 * K4).unwrap())
+    };
+    at_disk
+        .recv_timeout(Duration::from_secs(5))
+        .expect("writer A did not write back");
+    // B, throttled too, writes back 100..163 (the cursor is past A's batch) and goes on.
+    dirty(70);
+    // Dirty again what B wrote back: 0..63 are in flight, 70 and 100..162 are not, and the
+    // cursor (past 163) wraps around to A's folios first.
+    for i in 100..163 {
+        dirty(i);
+    }
+    assert_eq!(cache.stats().dirty_folios, 128);
+    let before = cache.stats().throttled;
+    dirty(71);
+    assert_eq!(
+        cache.stats().throttled - before,
+        1,
+        "the writer took a batch of folios in flight and had to try again"
+    );
+    release.send(()).unwrap();
+    a.join().unwrap();
+    cache.flush().unwrap();
+    assert_eq!(cache.stats().dirty_folios, 0);
+    for i in (0..64).chain([70, 71]).chain(100..164) {
+        assert_eq!(
+            lower.bytes(i * K4, 512),
+            vec![i as u8 | 1; 512],
+            "folio {i}"
+        );
+    }
+    assert_eq!(lower.bytes(500 * K4, 512), vec![0x5a; 512]);
+}

@@ -89,6 +89,7 @@ impl Inner {
         for (m, g) in members.iter().enumerate() {
             let mut gs = g.lock();
             gs.writeback = false;
+            g.in_writeback.store(false, Ordering::Relaxed);
             if !matches!(outcome, Ok(WbOutcome::Written)) {
                 for &(_, s, e) in runs.iter().filter(|r| r.0 == m) {
                     gs.dirty.set(s, e);
@@ -336,9 +337,14 @@ impl Inner {
         let batch: Vec<Arc<Folio>> = {
             let list = lock(&self.dirty_list);
             let cursor = self.wb_cursor.load(Ordering::Relaxed);
+            // Folios another writeback has in flight are passed over here, not taken and
+            // skipped by the batch: while the list is mostly in flight, a batch of them would
+            // write nothing and its caller would only wait. (A hint read without the folio's
+            // lock, which the dirty list's holder may not wait for: the batch checks again.)
             let batch: Vec<Arc<Folio>> = list
                 .range(cursor..)
                 .chain(list.range(..cursor))
+                .filter(|(_, f)| !f.in_writeback.load(Ordering::Relaxed))
                 .take(max)
                 .map(|(_, f)| f.clone())
                 .collect();
@@ -401,5 +407,6 @@ pub(super) fn snapshot_dirty(
     }
     st.dirty.clear(0, n);
     st.writeback = true;
+    f.in_writeback.store(true, Ordering::Relaxed);
     open_end
 }
