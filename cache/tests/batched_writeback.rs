@@ -330,6 +330,11 @@ fn a_throttled_writer_passes_over_folios_in_flight_and_writes_back_others_at_onc
         1,
         "the writer took a batch of folios in flight and had to try again"
     );
+    assert_eq!(
+        lower.batches().last(),
+        Some(&64),
+        "the writer's batch was not 70 and 100..162, all folios dirty and not in flight"
+    );
     release.send(()).unwrap();
     a.join().unwrap();
     cache.flush().unwrap();
