@@ -510,8 +510,12 @@ p("- Peak RSS: snapblk's includes its own folio cache (`--cache-size`, 256 MiB b
 p("- The COW workload writes one 4 KiB block into each 64 KiB cluster of an empty overlay and stops "
   "when every cluster has been written once (16384 writes per GiB of disk), so its window can be "
   "shorter than the others; raise `BENCH_IMAGE_SIZE` to lengthen it.")
-p("- All I/O stays in the host page cache (the working set fits in memory), so these figures measure "
-  "the daemons' per-request overhead and their flush paths, not the disk.")
+p("- The working set fits in memory: qemu-storage-daemon (cache.direct=off) keeps all of it in the "
+  "host page cache, and so do snapblk's reads. snapblk's defaults do not keep its writes there: "
+  "the crash journal (on unless `--crash-journal none`) records every write and flushes the whole "
+  "stack to the device to trim each 64 MiB segment, and writebacks of 256 KiB and more go to the "
+  "device with O_DIRECT (`--direct auto`). So write streams that never FLUSH are paced by the "
+  "device on snapblk's side and by memory on qemu-storage-daemon's.")
 if os.path.exists(E["COLD_MD"]):
     p("")
     p(open(E["COLD_MD"]).read().rstrip())
