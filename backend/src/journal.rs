@@ -17,8 +17,13 @@
 //! records go to the active one. A record that does not fit the active segment *seals* it and
 //! moves the writers to the other one (if that is empty) and wakes the journal's trimmer thread,
 //! which waits until every request that wrote a record into the sealed segment has finished its
-//! lower operation, flushes the stack below (data, qcow2 metadata, fdatasync) and then empties
-//! the sealed segment (its generation number is bumped, so its records no longer count).
+//! lower operation, writes the stack below back ([`BlockDev::write_back`]) and then empties the
+//! sealed segment (its generation number is bumped, so its records no longer count). A
+//! background trim needs the sealed records' writes to outlive the daemon, not a host crash
+//! (after which the journal is discarded anyway, see below): over a raw image that is the
+//! cache's writeback into the host page cache, without an `fdatasync`, so a stream of writes
+//! that never FLUSHes is not paced by the device; over qcow2 it is a whole flush (data,
+//! metadata in its order, `fdatasync`s), which keeps the image consistent across a host crash.
 //! Writers keep appending to the active segment during that flush; a writer waits only when
 //! both segments are full (backpressure), never for the flush otherwise. A guest FLUSH
 //! ([`BlockDev::flush`]) seals the active segment too, flushes below and empties the sealed
@@ -876,7 +881,14 @@ impl Core {
             st = self.drained.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         drop(st);
-        let flushed = self.lower.flush();
+        // A background trim needs only the sealed records' writes to outlive the daemon (a
+        // journal is discarded after a host crash: see the module documentation); a guest
+        // FLUSH makes them durable.
+        let flushed = if seal_active {
+            self.lower.flush()
+        } else {
+            self.lower.write_back()
+        };
         let mut st = self.lock_state();
         if let Err(e) = flushed {
             // Nothing is trimmed; the records stay until a flush below succeeds.

@@ -22,6 +22,10 @@ struct Volatile {
     hook: Mutex<Option<Box<dyn FnMut() + Send>>>,
     /// Called inside `flush`, after what was written before it became durable.
     flush_hook: Mutex<Option<Box<dyn FnMut() + Send>>>,
+    /// `write_back` is free (a raw file: completed writes are with the kernel already) instead
+    /// of the default, a flush; `write_backs` counts its calls then.
+    free_write_back: AtomicBool,
+    write_backs: AtomicUsize,
 }
 
 impl Volatile {
@@ -33,6 +37,8 @@ impl Volatile {
             fail_flush: AtomicBool::new(false),
             hook: Mutex::new(None),
             flush_hook: Mutex::new(None),
+            free_write_back: AtomicBool::new(false),
+            write_backs: AtomicUsize::new(0),
         })
     }
     fn durable(&self) -> Vec<u8> {
@@ -68,6 +74,13 @@ impl BlockDev for Volatile {
         if fail {
             return Err(BlockError::Io(io::Error::other("injected writeback error")));
         }
+        Ok(())
+    }
+    fn write_back(&self) -> Result<()> {
+        if !self.free_write_back.load(Ordering::SeqCst) {
+            return self.flush();
+        }
+        self.write_backs.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -215,6 +228,42 @@ fn acknowledged_writes_survive_a_crash(path: PathBuf, lower: Arc<Volatile>, j: J
     // And the journal is empty again: another crash replays nothing.
     let (_j3, _a, rec) = crash_and_restart(j2, &after, &path, &ident(1));
     assert_eq!(rec.replayed, 0);
+}
+
+/// Over a layer whose completed writes are with the kernel (a raw file), a segment that fills
+/// is trimmed by writing back, not by a flush: no `fdatasync` while writes stream without a
+/// FLUSH, nothing acknowledged lost when the daemon dies (the kernel keeps what the lower layer
+/// holds, and the records not trimmed are replayed), and a guest FLUSH still flushes.
+#[test]
+fn a_background_trim_writes_back_below_and_only_a_guest_flush_flushes() {
+    let (_dir, path, lower, j) = fresh();
+    lower.free_write_back.store(true, Ordering::SeqCst);
+    let flushes = lower.flushes.load(Ordering::SeqCst);
+    for i in 0..48u64 {
+        j.write_at(&[i as u8 + 1; 65536], i * 65536).unwrap();
+    }
+    assert!(
+        lower.write_backs.load(Ordering::SeqCst) >= 2,
+        "segments of 1 MiB must have been written back"
+    );
+    assert_eq!(
+        lower.flushes.load(Ordering::SeqCst),
+        flushes,
+        "a background trim flushed"
+    );
+    let want = read(&*lower, 0, SIZE);
+    // The daemon dies; the host (and what the lower layer handed it) lives on.
+    drop(j);
+    let after = Volatile::new(lower.live.snapshot());
+    let (j, rec) = open(after.clone(), &path, &ident(1), 1 << 20);
+    assert!(rec.replayed < 48, "written-back records were trimmed");
+    assert_eq!(read(&*after, 0, SIZE), want);
+    after.free_write_back.store(true, Ordering::SeqCst);
+    j.write_at(&[0xee; 4096], 0).unwrap();
+    let flushes = after.flushes.load(Ordering::SeqCst);
+    j.flush().unwrap();
+    assert_eq!(after.flushes.load(Ordering::SeqCst), flushes + 1);
+    assert_eq!(after.durable()[..4096], [0xee; 4096]);
 }
 
 #[test]

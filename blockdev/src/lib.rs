@@ -80,6 +80,17 @@ pub trait BlockDev: Send + Sync {
     }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// Makes every completed write survive the end of this process (a daemon crash), not
+    /// necessarily a crash of the host: its bytes are with the kernel or below, where a
+    /// restarted daemon reads them. The crash journal's background trims need no more. The
+    /// default is [`BlockDev::flush`], which is more than that; a layer whose completed
+    /// writes are with the kernel already (a raw file written with `pwrite`) does nothing,
+    /// and one that holds writes in its own memory writes them down first. A layer whose
+    /// on-disk state must stay consistent across a host crash (qcow2 metadata, written in
+    /// order with syncs between) keeps the default.
+    fn write_back(&self) -> Result<()> {
+        self.flush()
+    }
     /// Deallocates a range; it reads back as zeros afterwards.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Zeroes a range. With `unmap` the layer may deallocate it instead of writing zeros.

@@ -120,6 +120,10 @@ impl BlockDev for SwitchDev {
         self.get().flush()
     }
 
+    fn write_back(&self) -> Result<()> {
+        self.get().write_back()
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.get().discard(offset, len)
     }

@@ -348,3 +348,45 @@ fn a_throttled_writer_passes_over_folios_in_flight_and_writes_back_others_at_onc
     }
     assert_eq!(lower.bytes(500 * K4, 512), vec![0x5a; 512]);
 }
+
+#[test]
+fn write_back_writes_every_dirty_folio_down_without_a_flush_and_fails_after_a_failed_flush() {
+    // What the crash journal's background trim asks of the cache: every completed write handed
+    // to the lower layer (which, for a raw file, is the kernel), no fdatasync.
+    let lower = FaultyDisk::new(vec![0; 64 * K4 as usize]);
+    let cache = cache_over(&lower, small_cfg(K4, 64, 64));
+    for i in (0..64u64).step_by(4) {
+        cache
+            .write_at(&pattern(i as u8, i * K4, 512), i * K4)
+            .unwrap();
+    }
+    lower.clear_events();
+    cache.write_back().unwrap();
+    let events = lower.events();
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Flush)),
+        "the write-back flushed the lower layer"
+    );
+    assert!(
+        matches!(events.last(), Some(Event::WriteBack)),
+        "the lower layer was not written back after the data: {:?}",
+        events.last()
+    );
+    for i in (0..64u64).step_by(4) {
+        assert_eq!(
+            lower.bytes(i * K4, 512),
+            pattern(i as u8, i * K4, 512),
+            "folio {i}"
+        );
+    }
+    assert_eq!(cache.stats().dirty_folios, 0);
+    // After a failed flush below, what that flush lost is not with the kernel any more: a
+    // write-back fails as every later flush does.
+    cache.write_at(&[7; 512], 0).unwrap();
+    lower.fail_flushes(true);
+    cache.flush().expect_err("the failed flush below was not reported");
+    lower.fail_flushes(false);
+    cache
+        .write_back()
+        .expect_err("a write-back after a failed flush below succeeded");
+}

@@ -526,6 +526,10 @@ impl BlockDev for FolioCache {
         self.inner.flush()
     }
 
+    fn write_back(&self) -> Result<()> {
+        self.inner.write_back()
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.inner.zap(offset, len, ZapKind::Discard)
     }

@@ -361,26 +361,45 @@ impl Inner {
         }
     }
 
-    pub(super) fn lower_flush(&self) -> Result<()> {
+    /// The error of every flush (and write-back) after a flush of the lower layer failed.
+    fn earlier_lower_flush_failed(&self) -> Result<()> {
         if self.lower_flush_failed.load(Ordering::SeqCst) {
             return Err(BlockError::Io(std::io::Error::other(
                 "an earlier flush of the lower layer failed; written data may have been lost",
             )));
         }
+        Ok(())
+    }
+
+    pub(super) fn lower_flush(&self) -> Result<()> {
+        self.earlier_lower_flush_failed()?;
         self.lower
             .flush()
             .inspect_err(|_| self.lower_flush_failed.store(true, Ordering::SeqCst))
     }
 
-    pub(super) fn flush(&self) -> Result<()> {
+    /// Writes back every dirty folio; the first error, if any.
+    fn write_back_dirty(&self) -> Result<()> {
         let accounted: Vec<Arc<Folio>> = lock(&self.dirty_list).values().cloned().collect();
-        let first_error = self.sync_folios(&accounted);
-        drop(accounted);
-        if let Some(e) = first_error {
-            return Err(e);
+        match self.sync_folios(&accounted) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
+    }
+
+    pub(super) fn flush(&self) -> Result<()> {
+        self.write_back_dirty()?;
         self.hook(HookPoint::BeforeLowerFlush, 0);
         self.lower_flush()
+    }
+
+    /// [`BlockDev::write_back`]: every dirty folio written down, then the lower layer's
+    /// write-back, no flush. After a failed flush of the lower layer it fails like a flush
+    /// (what that flush lost is not with the kernel any more).
+    pub(super) fn write_back(&self) -> Result<()> {
+        self.earlier_lower_flush_failed()?;
+        self.write_back_dirty()?;
+        self.lower.write_back()
     }
 }
 

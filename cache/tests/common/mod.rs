@@ -19,6 +19,8 @@ use cache::{CacheConfig, CacheHooks, FolioCache, HookPoint};
 pub enum Event {
     Write { offset: u64, data: Vec<u8> },
     Flush,
+    /// `BlockDev::write_back`: free, like a raw file's (its writes are with the kernel).
+    WriteBack,
     Zap { offset: u64, len: u64 },
 }
 
@@ -243,6 +245,11 @@ impl BlockDev for FaultyDisk {
         }
         self.flushes.fetch_add(1, Ordering::SeqCst);
         self.log.lock().unwrap().push(Event::Flush);
+        Ok(())
+    }
+
+    fn write_back(&self) -> Result<()> {
+        self.log.lock().unwrap().push(Event::WriteBack);
         Ok(())
     }
 
