@@ -384,7 +384,9 @@ fn write_back_writes_every_dirty_folio_down_without_a_flush_and_fails_after_a_fa
     // write-back fails as every later flush does.
     cache.write_at(&[7; 512], 0).unwrap();
     lower.fail_flushes(true);
-    cache.flush().expect_err("the failed flush below was not reported");
+    cache
+        .flush()
+        .expect_err("the failed flush below was not reported");
     lower.fail_flushes(false);
     cache
         .write_back()

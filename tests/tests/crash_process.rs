@@ -511,3 +511,63 @@ fn expectation_from_a_client_log_allows_only_flushed_or_later_data() {
     img[..512].fill(0);
     assert!(exp.verify(&img).is_err(), "zeros where a flushed write was");
 }
+
+/// Acknowledged writes that never saw a FLUSH survive a SIGKILL of the daemon on a raw image
+/// after the crash journal trimmed segments of them in the background. Those trims write the
+/// cache back into the host page cache without an `fdatasync` (a raw file's writes are with
+/// the kernel once written back), so what they dropped from the journal must be in the image
+/// file that the next daemon reads.
+#[test]
+fn sigkill_after_background_trims_on_a_raw_image_keeps_every_acknowledged_write() {
+    let bin = match snapblk_tests::guest::snapblk_binary() {
+        Ok(b) => b,
+        Err(e) => panic!("no snapblk binary: {e}"),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size: u64 = 192 << 20;
+    let image = dir.path().join("disk.raw");
+    fs::File::create(&image)
+        .and_then(|f| f.set_len(size))
+        .expect("image");
+    let journal = dir.path().join("disk.journal");
+    let jarg = journal.to_str().expect("utf-8 path");
+    let extra = ["--format", "raw", "--crash-journal", jarg];
+    let mut d = Daemon::start(&bin, &image, dir.path(), "a", 1, &extra);
+    let c = d.connect(1);
+    // 160 MiB of 64 KiB writes (cached: below the bypass size), no FLUSH: more than the
+    // journal's two 64 MiB segments, so at least one was trimmed in the background.
+    let chunk = 64 << 10;
+    let fill = |i: u64| -> Vec<u8> {
+        (0..chunk)
+            .map(|k| (i.wrapping_mul(131) ^ (k as u64 / 512)) as u8 | 1)
+            .collect()
+    };
+    let n = (160u64 << 20) / chunk as u64;
+    for i in 0..n {
+        c.write(0, i * chunk as u64, &fill(i)).expect("write");
+    }
+    drop(c);
+    d.kill9();
+    let log = d.log_text();
+    drop(d);
+    let d = Daemon::start(&bin, &image, dir.path(), "b", 1, &extra);
+    let c = d.connect(1);
+    let mut back = vec![0u8; chunk];
+    for i in 0..n {
+        c.read(0, i * chunk as u64, &mut back).expect("read");
+        assert!(
+            back == fill(i),
+            "64 KiB block {i} lost after the SIGKILL\n--- first daemon ---\n{log}\n--- second ---\n{}",
+            d.log_text()
+        );
+    }
+    let tail = c.read(0, n * chunk as u64, &mut back);
+    assert!(tail.is_ok() && back.iter().all(|&b| b == 0));
+    drop(c);
+    let second = d.log_text();
+    assert!(d.stop() == Some(0), "{second}");
+    assert!(
+        second.contains("replayed"),
+        "the second daemon did not replay the journal: {second}"
+    );
+}

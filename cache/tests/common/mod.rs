@@ -17,11 +17,17 @@ use cache::{CacheConfig, CacheHooks, FolioCache, HookPoint};
 /// One request that reached the lower layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Write { offset: u64, data: Vec<u8> },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     Flush,
     /// `BlockDev::write_back`: free, like a raw file's (its writes are with the kernel).
     WriteBack,
-    Zap { offset: u64, len: u64 },
+    Zap {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// Which lower request an after-I/O hook waits for.
