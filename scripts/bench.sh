@@ -512,8 +512,9 @@ p("- The COW workload writes one 4 KiB block into each 64 KiB cluster of an empt
   "shorter than the others; raise `BENCH_IMAGE_SIZE` to lengthen it.")
 p("- The working set fits in memory: qemu-storage-daemon (cache.direct=off) keeps all of it in the "
   "host page cache, and so do snapblk's reads. snapblk's defaults do not keep its writes there: "
-  "the crash journal (on unless `--crash-journal none`) records every write and flushes the whole "
-  "stack to the device to trim each 64 MiB segment, and writebacks of 256 KiB and more go to the "
+  "the crash journal (on unless `--crash-journal none`) records every write and, over a qcow2 image, "
+  "flushes the whole stack to the device to trim each 64 MiB segment (over a raw image it writes "
+  "the cache back into the host page cache), and writebacks of 256 KiB and more go to the "
   "device with O_DIRECT (`--direct auto`). So write streams that never FLUSH are paced by the "
   "device on snapblk's side and by memory on qemu-storage-daemon's.")
 if os.path.exists(E["COLD_MD"]):
