@@ -102,7 +102,11 @@ impl RawFile {
     /// The description a read of `len` bytes at `offset` goes through, noting where it ends:
     /// the random one for a short read that continues no recent read, else the first.
     fn for_read(&self, offset: u64, len: u64) -> &Arc<File> {
-        let Some(random) = self.random.as_ref().filter(|_| self.has_random_reads()) else {
+        let Some(random) = self
+            .random
+            .as_ref()
+            .filter(|_| !self.random_failed.load(Ordering::Relaxed))
+        else {
             return &self.file;
         };
         let end = offset.saturating_add(len);

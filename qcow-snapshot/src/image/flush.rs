@@ -74,15 +74,13 @@ impl Meta {
         }
     }
 
-    /// Writes the dirty refcount blocks as they are now; returns whether any was written.
-    fn write_blocks_now(&mut self, io: &dyn HostFile) -> Result<bool> {
-        let mut wrote = false;
+    /// Writes the dirty refcount blocks as they are now.
+    fn write_blocks_now(&mut self, io: &dyn HostFile) -> Result<()> {
         for (&off, b) in self.blocks.iter_mut().filter(|(_, b)| b.dirty) {
             io.write_at(&b.data, off)?;
             b.dirty = false;
-            wrote = true;
         }
-        Ok(wrote)
+        Ok(())
     }
 
     /// Writes the entries of `pending` (still dirty) whose block is counted by an entry that is
