@@ -22,8 +22,10 @@
 //! background trim needs the sealed records' writes to outlive the daemon, not a host crash
 //! (after which the journal is discarded anyway, see below): over a raw image that is the
 //! cache's writeback into the host page cache, without an `fdatasync`, so a stream of writes
-//! that never FLUSHes is not paced by the device; over qcow2 it is a whole flush (data,
-//! metadata in its order, `fdatasync`s), which keeps the image consistent across a host crash.
+//! that never FLUSHes is not paced by the device; over qcow2 the dirty metadata goes into the
+//! file too, in its crash-consistent order, with an `fdatasync` only where that order needs one
+//! (data and refcounts before the L2 tables that name them, L2 tables before new L1 entries),
+//! and none when no metadata changed (writes into allocated clusters).
 //! Writers keep appending to the active segment during that flush; a writer waits only when
 //! both segments are full (backpressure), never for the flush otherwise. A guest FLUSH
 //! ([`BlockDev::flush`]) seals the active segment too, flushes below and empties the sealed

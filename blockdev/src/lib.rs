@@ -86,8 +86,8 @@ pub trait BlockDev: Send + Sync {
     /// default is [`BlockDev::flush`], which is more than that; a layer whose completed
     /// writes are with the kernel already (a raw file written with `pwrite`) does nothing,
     /// and one that holds writes in its own memory writes them down first. A layer whose
-    /// on-disk state must stay consistent across a host crash (qcow2 metadata, written in
-    /// order with syncs between) keeps the default.
+    /// on-disk state must stay consistent across a host crash (qcow2 metadata) writes it in
+    /// that order, with the syncs the order needs and none that only make it durable.
     fn write_back(&self) -> Result<()> {
         self.flush()
     }

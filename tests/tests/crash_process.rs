@@ -519,19 +519,42 @@ fn expectation_from_a_client_log_allows_only_flushed_or_later_data() {
 /// file that the next daemon reads.
 #[test]
 fn sigkill_after_background_trims_on_a_raw_image_keeps_every_acknowledged_write() {
+    sigkill_after_background_trims(false);
+}
+
+/// The same over a fresh qcow2 image: every write allocates, and a trim puts the new L2 tables
+/// and L1 entries into the file in their crash-consistent order with only the syncs that order
+/// needs (not a whole flush), so the next daemon must find every cluster named.
+#[test]
+fn sigkill_after_background_trims_on_a_fresh_qcow2_image_keeps_every_acknowledged_write() {
+    sigkill_after_background_trims(true);
+}
+
+fn sigkill_after_background_trims(qcow2: bool) {
     let bin = match snapblk_tests::guest::snapblk_binary() {
         Ok(b) => b,
         Err(e) => panic!("no snapblk binary: {e}"),
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let size: u64 = 192 << 20;
-    let image = dir.path().join("disk.raw");
-    fs::File::create(&image)
-        .and_then(|f| f.set_len(size))
-        .expect("image");
+    let (image, format) = if qcow2 {
+        let p = dir.path().join("disk.qcow2");
+        let opts = qcow_snapshot::CreateOptions {
+            size,
+            ..Default::default()
+        };
+        qcow_snapshot::create(&p, &opts).expect("create image");
+        (p, "qcow2")
+    } else {
+        let p = dir.path().join("disk.raw");
+        fs::File::create(&p)
+            .and_then(|f| f.set_len(size))
+            .expect("image");
+        (p, "raw")
+    };
     let journal = dir.path().join("disk.journal");
     let jarg = journal.to_str().expect("utf-8 path");
-    let extra = ["--format", "raw", "--crash-journal", jarg];
+    let extra = ["--format", format, "--crash-journal", jarg];
     let mut d = Daemon::start(&bin, &image, dir.path(), "a", 1, &extra);
     let c = d.connect(1);
     // 160 MiB of 64 KiB writes (cached: below the bypass size), no FLUSH: more than the
@@ -570,4 +593,8 @@ fn sigkill_after_background_trims_on_a_raw_image_keeps_every_acknowledged_write(
         second.contains("replayed"),
         "the second daemon did not replay the journal: {second}"
     );
+    if qcow2 && have_qemu_img() {
+        let (code, text) = qemu_img_check(&image).expect("qemu-img check");
+        assert_eq!(code, 0, "qemu-img check after the restart: {text}");
+    }
 }

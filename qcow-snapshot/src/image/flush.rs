@@ -25,10 +25,36 @@
 //!   `data_written` is set again. A failed sync was repaired by [`ReplayHost`] or poisoned the
 //!   file, so a flush that reports success is true.
 //!
+//! # Write-back: the same plan, fewer syncs
+//! [`QcowImage::write_back_inner`] ([`BlockDev::write_back`], the crash journal's background
+//! trims) makes every completed write survive the end of the process, not a host crash: what
+//! a restarted daemon reads from the file must name every cluster written, so the dirty L2
+//! tables and L1 entries go into the file, but need not be durable. It carries out the plan
+//! with the syncs that order it and without those that only make it durable: data and
+//! refcount blocks, sync, refcount-table levels (each synced: a block must be reachable before
+//! anything names its clusters), L2 tables, and only if L1 entries are dirty a sync before
+//! they are written (an L1 entry may reach the disk at any moment after its write, and must
+//! never name an L2 table that is not durable). So at every instant the file on disk is one
+//! a flush could have left, the host may crash at any point and the image stays consistent,
+//! with no cluster named before its data and counts are durable. With no metadata dirty (writes
+//! into allocated clusters) it syncs nothing: the data is with the kernel already. It applies
+//! no frees (the L2 tables that stopped naming those clusters are not durable) and leaves
+//! `data_written` set, so the next flush syncs what it wrote even if nothing is dirty then.
+//!
 //! Lock order: `flush_lock` -> `meta`; `flush_lock` is released before the frees take `gate`
 //! exclusively, and no request takes `flush_lock` while holding `gate` or `meta`.
 
 use super::*;
+
+/// How far [`QcowImage::carry_out`] takes a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Depth {
+    /// Everything durable, frees applied: [`BlockDev::flush`].
+    Durable,
+    /// Everything in the file in an order that stays consistent across a host crash, not
+    /// necessarily durable: [`BlockDev::write_back`].
+    InFile,
+}
 
 /// What one flush writes, taken under `meta` at its start.
 struct FlushPlan {
@@ -51,9 +77,11 @@ impl Meta {
             + self.blocks.values().filter(|b| b.dirty).count();
     }
 
-    fn take_plan(&mut self, data_written: bool) -> FlushPlan {
+    fn take_plan(&mut self, data_written: bool, depth: Depth) -> FlushPlan {
         let meta_dirty =
             self.dirty > 0 || !self.l1_dirty.is_empty() || !self.reftable_dirty.is_empty();
+        // Written data is with the kernel already; only a flush needs to sync it.
+        let data_work = data_written && depth == Depth::Durable;
         let l2 = self
             .l2
             .iter()
@@ -69,8 +97,12 @@ impl Meta {
             l2,
             l1,
             reftable: self.reftable_dirty.clone(),
-            frees: std::mem::take(&mut self.pending_free),
-            work: meta_dirty || data_written,
+            // Applied only once the L2 tables that stopped naming them are durable.
+            frees: match depth {
+                Depth::Durable => std::mem::take(&mut self.pending_free),
+                Depth::InFile => Vec::new(),
+            },
+            work: meta_dirty || data_work,
         }
     }
 
@@ -138,20 +170,39 @@ impl QcowImage {
     /// Writes all metadata dirty at the call and syncs it in dependency order, with `meta`
     /// released during every sync; then applies the frees the flush made safe.
     pub(super) fn flush_inner(&self) -> Result<()> {
+        self.carry_out(Depth::Durable)
+    }
+
+    /// Writes all metadata dirty at the call into the file in dependency order, syncing only
+    /// where the order needs it (see the module documentation).
+    pub(super) fn write_back_inner(&self) -> Result<()> {
+        self.carry_out(Depth::InFile)
+    }
+
+    fn carry_out(&self, depth: Depth) -> Result<()> {
         let one = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         let plan = {
             let mut m = self.lock();
-            // Cleared at the plan so writes completing during the flush are synced next time.
-            let written = self.data_written.swap(false, Ordering::AcqRel);
-            let plan = m.take_plan(written);
+            // A flush clears it at the plan so writes completing during the flush are synced
+            // next time; a write-back leaves it for the next flush.
+            let written = match depth {
+                Depth::Durable => self.data_written.swap(false, Ordering::AcqRel),
+                Depth::InFile => self.data_written.load(Ordering::Acquire),
+            };
+            let plan = m.take_plan(written, depth);
             m.flushing = true;
             plan
         };
         let r = if plan.work {
-            self.run_plan(&plan)
+            self.run_plan(&plan, depth)
         } else {
             Ok(())
         };
+        if plan.work && depth == Depth::InFile {
+            // What it wrote is not durable yet: the next flush must sync even if nothing is
+            // dirty by then.
+            self.data_written.store(true, Ordering::Release);
+        }
         let frees = {
             let mut m = self.lock();
             m.flushing = false;
@@ -190,7 +241,10 @@ impl QcowImage {
     }
 
     /// The stages of a flush; `meta` is held only for the writes that must see current state.
-    fn run_plan(&self, plan: &FlushPlan) -> Result<()> {
+    /// At [`Depth::InFile`] the syncs after the L2 tables (unless L1 entries follow) and after
+    /// the L1 entries are left out.
+    fn run_plan(&self, plan: &FlushPlan, depth: Depth) -> Result<()> {
+        let durable = depth == Depth::Durable;
         // Guest data written before the plan (which the planned L2 tables may name) and the
         // refcount blocks that count its clusters become durable with one sync: neither needs
         // the other on disk first (a count durable before its data, or data before its count,
@@ -218,7 +272,9 @@ impl QcowImage {
             for (off, entries) in &plan.l2 {
                 self.io.write_at(&table_to_bytes(entries), *off)?;
             }
-            self.io.sync_data()?;
+            if durable || !plan.l1.is_empty() {
+                self.io.sync_data()?;
+            }
         }
         if !plan.l1.is_empty() {
             let l1_table = self.lock().header.l1_table_offset;
@@ -226,7 +282,9 @@ impl QcowImage {
                 self.io
                     .write_at(&v.to_be_bytes(), l1_table + i as u64 * 8)?;
             }
-            self.io.sync_data()?;
+            if durable {
+                self.io.sync_data()?;
+            }
         }
         Ok(())
     }
@@ -319,9 +377,135 @@ mod tests {
         b
     }
 
+    /// Opens `bytes` as the image and reads guest cluster `gc`.
+    fn cluster_of(bytes: Vec<u8>, gc: u64) -> Vec<u8> {
+        let img = QcowImage::open_with(Box::new(MemHost::new(bytes)), true, None).unwrap();
+        let mut b = vec![0u8; CS as usize];
+        img.read_at(&mut b, gc * CS).unwrap();
+        b
+    }
+
+    /// What a restarted process would read: the file as written, durable or not.
+    fn written_cluster(host: &ParkingHost, gc: u64) -> Vec<u8> {
+        cluster_of(host.file.contents(), gc)
+    }
+
+    /// `qemu-img check`'s verdict on what is durable in `host`: (corruptions, leaks).
+    fn durable_check(host: &ParkingHost) -> (u64, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("durable.qcow2");
+        std::fs::write(&path, &*host.durable.lock().unwrap()).unwrap();
+        let report = crate::check::check(&path, None).unwrap();
+        (report.corruptions as u64, report.leaks as u64)
+    }
+
+    /// (syncs, writes) of the host since `before`.
+    fn counts(host: &ParkingHost, before: (u64, u64)) -> (u64, u64) {
+        (
+            host.syncs.load(Ordering::SeqCst) - before.0,
+            host.writes.load(Ordering::SeqCst) - before.1,
+        )
+    }
+
+    fn now(host: &ParkingHost) -> (u64, u64) {
+        (
+            host.syncs.load(Ordering::SeqCst),
+            host.writes.load(Ordering::SeqCst),
+        )
+    }
+
     /// Syncs of a flush after one allocating write into a fresh image: data with its refcount
     /// block, L2 table, L1 entry.
     const FLUSH_SYNCS: u64 = 3;
+
+    #[test]
+    fn a_write_back_into_allocated_clusters_neither_writes_nor_syncs_and_the_flush_still_syncs() {
+        // The crash journal trims by write-back; over an image whose clusters are allocated
+        // the data is with the kernel once written, so a trim must not cost a device flush.
+        let (host, img) = image();
+        img.write_at(&[0xaa; CS as usize], 0).unwrap();
+        img.flush().unwrap();
+        img.write_at(&[0xbb; CS as usize], 0).unwrap();
+        let before = now(&host);
+        img.write_back().unwrap();
+        assert_eq!(counts(&host, before), (0, 0));
+        assert_eq!(written_cluster(&host, 0), vec![0xbb; CS as usize]);
+        // The write-back did not make the data durable, and left the next flush its sync.
+        assert_eq!(durable_cluster(&host, 0), vec![0xaa; CS as usize]);
+        img.flush().unwrap();
+        assert_eq!(counts(&host, before).0, 1);
+        assert_eq!(durable_cluster(&host, 0), vec![0xbb; CS as usize]);
+    }
+
+    #[test]
+    fn a_write_back_puts_new_metadata_in_the_file_with_only_the_syncs_its_order_needs() {
+        // A fresh image: the first write allocates a data cluster and an L2 table whose L1
+        // entry is new, so the L2 table must be durable before the L1 entry is written (one
+        // sync for data and refcounts, one before the L1 entry, none after it).
+        let (host, img) = image();
+        img.flush().unwrap();
+        img.write_at(&[0xaa; CS as usize], 0).unwrap();
+        let before = now(&host);
+        img.write_back().unwrap();
+        assert_eq!(counts(&host, before).0, FLUSH_SYNCS - 1);
+        assert_eq!(written_cluster(&host, 0), vec![0xaa; CS as usize]);
+        // Every durable state it passed through is consistent: at worst clusters counted that
+        // nothing durable names yet (leaks).
+        assert_eq!(durable_check(&host).0, 0);
+        // A second cluster under the same L2 table: one sync (data and refcounts), then the
+        // L2 table goes into the file unsynced.
+        img.write_at(&[0xbb; CS as usize], 3 * CS).unwrap();
+        let before = now(&host);
+        img.write_back().unwrap();
+        assert_eq!(counts(&host, before).0, 1);
+        assert_eq!(written_cluster(&host, 3), vec![0xbb; CS as usize]);
+        assert_eq!(durable_cluster(&host, 3), vec![0u8; CS as usize]);
+        assert_eq!(durable_check(&host).0, 0);
+        // The flush after it syncs what the write-back left in the file, and writes nothing
+        // again (the write-back cleaned what it wrote).
+        let before = now(&host);
+        img.flush().unwrap();
+        assert_eq!(counts(&host, before), (1, 0));
+        assert_eq!(durable_cluster(&host, 0), vec![0xaa; CS as usize]);
+        assert_eq!(durable_cluster(&host, 3), vec![0xbb; CS as usize]);
+        assert_eq!(durable_check(&host), (0, 0));
+    }
+
+    #[test]
+    fn a_flush_after_a_write_back_of_metadata_alone_still_syncs_it() {
+        // Zeroing an allocated cluster writes no data, only its L2 entry; once a write-back
+        // has put that entry in the file nothing is dirty, and the next flush must still sync.
+        let (host, img) = image();
+        img.write_at(&[0xaa; CS as usize], 2 * CS).unwrap();
+        img.flush().unwrap();
+        img.write_zeroes(2 * CS, CS, false).unwrap();
+        img.write_back().unwrap();
+        assert_eq!(written_cluster(&host, 2), vec![0u8; CS as usize]);
+        img.flush().unwrap();
+        assert_eq!(durable_cluster(&host, 2), vec![0u8; CS as usize]);
+    }
+
+    #[test]
+    fn a_write_back_applies_no_free_before_the_l2_table_that_dropped_it_is_durable() {
+        // Discarding an allocated cluster frees it once no durable L2 table names it; a
+        // write-back leaves that L2 table unsynced, so the refcount must not drop yet: a
+        // crash would otherwise leave a durable table naming a cluster counted free.
+        let (host, img) = image();
+        img.write_at(&[0xaa; CS as usize], CS).unwrap();
+        img.flush().unwrap();
+        img.discard(CS, CS).unwrap();
+        img.write_back().unwrap();
+        let durable = host.durable.lock().unwrap().clone();
+        let written = host.file.contents();
+        // The durable file still names the cluster, and counts it.
+        assert_eq!(cluster_of(durable, 1), vec![0xaa; CS as usize]);
+        assert_eq!(durable_check(&host), (0, 0));
+        // What a restarted process reads has the discard; at worst a leak until the flush.
+        assert_eq!(cluster_of(written, 1), vec![0u8; CS as usize]);
+        img.flush().unwrap();
+        img.flush().unwrap();
+        assert_eq!(durable_check(&host), (0, 0));
+    }
 
     #[test]
     fn a_flush_makes_data_and_its_refcount_block_durable_with_one_sync() {

@@ -137,7 +137,8 @@ pub struct QcowImage {
     corrupt: AtomicBool,
     closed: AtomicBool,
     zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
-    /// Guest data was written since the last flush started.
+    /// Guest data (or, by a write-back, metadata) was written since the last flush started
+    /// and is not durable yet.
     data_written: AtomicBool,
     /// Data clusters allocated by guest writes since open (statistics only).
     clusters_allocated: AtomicU64,
@@ -516,6 +517,20 @@ impl BlockDev for QcowImage {
         }
         self.check_writable()?;
         let r = self.flush_inner();
+        self.finish(r)
+    }
+
+    fn write_back(&self) -> Result<()> {
+        // The same gates as a flush: what a failed sync lost may not be reported as safe.
+        if self.read_only {
+            return Ok(());
+        }
+        self.check_durable()?;
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.check_writable()?;
+        let r = self.write_back_inner();
         self.finish(r)
     }
 

@@ -19,6 +19,10 @@ pub enum GuestOp {
     Discard { offset: u64, len: u64 },
     /// Flush.
     Flush,
+    /// Write-back ([`BlockDev::write_back`], what the crash journal's trims call): every
+    /// acknowledged write must be in the file afterwards, durable or not; nothing becomes
+    /// flushed.
+    WriteBack,
 }
 
 /// Fills `buf` with a pattern derived from `seed` and the absolute guest offset of each sector,
@@ -49,14 +53,14 @@ pub struct WorkloadSpec {
     pub cluster_size: u64,
     /// Number of requests (flushes included).
     pub ops: usize,
-    /// Probability weights: write, write-zeroes, discard, flush.
-    pub weights: [u32; 4],
+    /// Probability weights: write, write-zeroes, discard, flush, write-back.
+    pub weights: [u32; 5],
     /// Largest request, in bytes.
     pub max_len: u64,
 }
 
 /// A random workload: writes (sub-cluster, cluster-aligned, cross-cluster), write-zeroes,
-/// discards and flushes, always ending with a flush.
+/// discards, flushes and write-backs, always ending with a flush.
 pub fn random_workload(spec: &WorkloadSpec, rng: &mut StdRng) -> Vec<GuestOp> {
     let sectors = spec.disk_size / GUEST_SECTOR;
     let total: u32 = spec.weights.iter().sum();
@@ -85,7 +89,8 @@ pub fn random_workload(spec: &WorkloadSpec, rng: &mut StdRng) -> Vec<GuestOp> {
                 unmap: rng.random_bool(0.5),
             },
             2 => GuestOp::Discard { offset, len },
-            _ => GuestOp::Flush,
+            3 => GuestOp::Flush,
+            _ => GuestOp::WriteBack,
         });
     }
     ops.push(GuestOp::Flush);
@@ -225,6 +230,7 @@ impl Driver {
                 }
                 r
             }
+            GuestOp::WriteBack => dev.write_back(),
         };
         self.ops.push(OpRecord {
             op: op.clone(),
@@ -294,6 +300,15 @@ impl Driver {
                 "live image differs from the shadow in {nbad} sector(s): {}",
                 first.join("; ")
             ))
+        }
+    }
+
+    /// What the image must show when every acknowledged request landed (the file as written,
+    /// after a write-back): the live shadow, with failed requests' sectors uncertain.
+    pub fn expectation_acknowledged(&self) -> Expectation {
+        Expectation {
+            flushed: Arc::new(self.shadow.clone()),
+            later: self.failed.clone(),
         }
     }
 
@@ -414,7 +429,7 @@ pub fn op_range(op: &GuestOp) -> Option<(u64, u64)> {
         GuestOp::Write { offset, len, .. }
         | GuestOp::WriteZeroes { offset, len, .. }
         | GuestOp::Discard { offset, len } => Some((offset, len)),
-        GuestOp::Flush => None,
+        GuestOp::Flush | GuestOp::WriteBack => None,
     }
 }
 
