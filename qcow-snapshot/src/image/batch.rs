@@ -76,6 +76,9 @@ impl Drop for CowArena {
 pub(super) enum Src<'a> {
     /// The caller's buffer.
     Caller(&'a [u8]),
+    /// The caller's buffer, over clusters the image already has (not counted toward early
+    /// writeback).
+    InPlace(&'a [u8]),
     /// This range of the batch's [`CowArena`].
     Arena(std::ops::Range<usize>),
 }
@@ -401,18 +404,21 @@ impl QcowImage {
         let host: Vec<(&[u8], u64)> = merged
             .iter()
             .map(|(src, at, _)| match src {
-                Src::Caller(b) => (*b, *at),
+                Src::Caller(b) | Src::InPlace(b) => (*b, *at),
                 Src::Arena(r) => (&arena[r.clone()], *at),
             })
             .collect();
         if !host.is_empty() {
-            let buffered: Vec<bool> = host
+            let counted: Vec<bool> = host
                 .iter()
-                .map(|&(b, at)| !self.io.writes_directly(b, at))
+                .zip(&merged)
+                .map(|(&(b, at), (src, _, _))| {
+                    !self.io.writes_directly(b, at) && !matches!(src, Src::InPlace(_))
+                })
                 .collect();
             for (k, r) in self.io.write_batch(&host).into_iter().enumerate() {
                 if r.is_ok() {
-                    self.wrote_host(host[k].0.len(), buffered[k]);
+                    self.wrote_host(host[k].0.len(), counted[k]);
                 }
                 let (Err(e), Some((_, _, owners))) = (r, merged.get(k)) else {
                     continue;

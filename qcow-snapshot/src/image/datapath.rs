@@ -297,20 +297,23 @@ impl QcowImage {
     }
 
     /// Writes guest data (or an assembled cluster) `b` at host offset `at`, counting it toward
-    /// early writeback when it lands in the host page cache.
-    pub(super) fn write_host(&self, b: &[u8], at: u64) -> Result<()> {
+    /// early writeback when it lands in the host page cache and is not `in_place` (see
+    /// [`QcowImage::wrote_host`]).
+    pub(super) fn write_host(&self, b: &[u8], at: u64, in_place: bool) -> Result<()> {
         let buffered = !self.io.writes_directly(b, at);
         self.io.write_at(b, at)?;
-        self.wrote_host(b.len(), buffered);
+        self.wrote_host(b.len(), buffered && !in_place);
         Ok(())
     }
 
-    /// Counts a successful data write of `len` bytes toward early writeback if it was
-    /// `buffered`: a write that went to the device with O_DIRECT left nothing in the host page
-    /// cache to push out, and a background sync for it would only flush the device's cache
-    /// and hold ext4's journal while the writers grow the file (see `early_writeback.rs`).
-    pub(super) fn wrote_host(&self, len: usize, buffered: bool) {
-        if buffered {
+    /// Counts a successful data write of `len` bytes toward early writeback if `counted`: it
+    /// was buffered (a write that went to the device with O_DIRECT left nothing in the host
+    /// page cache to push out, and a background sync for it would only flush the device's
+    /// cache and hold ext4's journal while the writers grow the file) and it allocated (a
+    /// rewrite of allocated clusters is what the page cache absorbs, as for a raw image; see
+    /// `early_writeback.rs`).
+    pub(super) fn wrote_host(&self, len: usize, counted: bool) {
+        if counted {
             self.early_wb.wrote(len as u64);
         }
     }
@@ -527,7 +530,7 @@ impl QcowImage {
                         tot += l2;
                         j += 1;
                     }
-                    self.write_or_defer(&mut defer, slice(guest, tot), host)?;
+                    self.write_or_defer(&mut defer, slice(guest, tot), host, true)?;
                     i = j;
                 }
                 Step::Alloc {
@@ -554,14 +557,14 @@ impl QcowImage {
                             tot += l2;
                             j += 1;
                         }
-                        self.write_or_defer(&mut defer, slice(guest, tot), target)?;
+                        self.write_or_defer(&mut defer, slice(guest, tot), target, false)?;
                         i = j;
                     } else if let Some(w) = sub {
                         let at = target + self.geo.offset_in_cluster(w.start);
                         if w.start == guest && w.end == guest + len {
                             // Whole subclusters: written from the caller's buffer (aligned
                             // memory stays aligned for an O_DIRECT file), nothing to fill.
-                            self.write_or_defer(&mut defer, slice(guest, len), at)?;
+                            self.write_or_defer(&mut defer, slice(guest, len), at, false)?;
                         } else {
                             self.assemble((w.end - w.start) as usize, at, &mut defer, |b| {
                                 let head = (guest - w.start) as usize;
@@ -598,19 +601,26 @@ impl QcowImage {
         Ok(())
     }
 
-    /// Writes `b` at `at` now, or adds it to the batch's writes.
+    /// Writes `b` at `at` now, or adds it to the batch's writes; `in_place` for a write over
+    /// clusters (or subclusters) the image already has.
     pub(super) fn write_or_defer<'a>(
         &self,
         defer: &mut Option<&mut Deferred<'a>>,
         b: &'a [u8],
         at: u64,
+        in_place: bool,
     ) -> Result<()> {
         match defer {
             Some(d) => {
-                d.writes.push((Src::Caller(b), at));
+                let src = if in_place {
+                    Src::InPlace(b)
+                } else {
+                    Src::Caller(b)
+                };
+                d.writes.push((src, at));
                 Ok(())
             }
-            None => self.write_host(b, at),
+            None => self.write_host(b, at, in_place),
         }
     }
 
@@ -636,7 +646,7 @@ impl QcowImage {
         }
         with_cow_buf(len, |b| -> Result<()> {
             make(b)?;
-            self.write_host(b, at)
+            self.write_host(b, at, false)
         })
     }
 
