@@ -511,12 +511,13 @@ p("- The COW workload writes one 4 KiB block into each 64 KiB cluster of an empt
   "when every cluster has been written once (16384 writes per GiB of disk), so its window can be "
   "shorter than the others; raise `BENCH_IMAGE_SIZE` to lengthen it.")
 p("- The working set fits in memory: qemu-storage-daemon (cache.direct=off) keeps all of it in the "
-  "host page cache, and so do snapblk's reads. snapblk's defaults do not keep its writes there: "
-  "the crash journal (on unless `--crash-journal none`) records every write and, over a qcow2 image, "
-  "flushes the whole stack to the device to trim each 64 MiB segment (over a raw image it writes "
-  "the cache back into the host page cache), and writebacks of 256 KiB and more go to the "
-  "device with O_DIRECT (`--direct auto`). So write streams that never FLUSH are paced by the "
-  "device on snapblk's side and by memory on qemu-storage-daemon's.")
+  "host page cache, and so do snapblk's reads. snapblk's writes mostly stay there too: the crash "
+  "journal (on unless `--crash-journal none`) records every write and trims each 64 MiB segment "
+  "by writing the cache back into the image file (over qcow2 with the metadata, syncing only "
+  "where its crash-consistent order needs it: not at all for the allocated `qcow2` image). But "
+  "writebacks of 256 KiB and more into a qcow2 image go to the device with O_DIRECT (`--direct "
+  "auto`), so sequential write streams that never FLUSH are paced by the device on snapblk's "
+  "side and by memory on qemu-storage-daemon's.")
 if os.path.exists(E["COLD_MD"]):
     p("")
     p(open(E["COLD_MD"]).read().rstrip())

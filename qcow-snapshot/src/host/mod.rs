@@ -88,6 +88,14 @@ pub trait HostFile: Send + Sync {
     fn writes_directly(&self, _buf: &[u8], _offset: u64) -> bool {
         false
     }
+    /// Writes all of `buf` at `offset` like [`HostFile::write_at`], except that a file whose
+    /// large requests go with O_DIRECT ([`HostFile::enable_direct_large`]) writes this one
+    /// through the host page cache whatever its size: a rewrite in place, which the page cache
+    /// absorbs as it does every write of a raw image. A file whose every write goes direct
+    /// writes it direct.
+    fn write_cached_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
 }
 
 /// Implements [`HostFile`] for a pointer type by forwarding every method to what it points at:
@@ -142,6 +150,10 @@ macro_rules! forward_host_file {
 
             fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
                 (**self).writes_directly(buf, offset)
+            }
+
+            fn write_cached_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_cached_at(buf, offset)
             }
         }
     };
@@ -300,6 +312,22 @@ impl FileHost {
         }
     }
 
+    /// A write through the host page cache (the file is not all direct).
+    fn write_buffered(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset.saturating_add(buf.len() as u64);
+        let grows = self.large.get().is_some();
+        if grows {
+            // Into preallocated blocks (see the type's documentation).
+            self.grow_for(end);
+        }
+        self.file.write_all_at(buf, offset)?;
+        if grows {
+            // Where a clean close cuts the file: the buffered writes' end counts too.
+            self.growth.written_to.fetch_max(end, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
     /// Whether the file's I/O bypasses the host page cache.
     pub fn is_direct(&self) -> bool {
         self.direct.get().is_some()
@@ -332,20 +360,15 @@ impl HostFile for FileHost {
                     .fetch_max(end.next_multiple_of(d.block()), Ordering::AcqRel);
                 Ok(())
             }
-            None => {
-                let grows = self.large.get().is_some();
-                if grows {
-                    // Into preallocated blocks (see the type's documentation).
-                    self.grow_for(end);
-                }
-                self.file.write_all_at(buf, offset)?;
-                if grows {
-                    // Where a clean close cuts the file: the buffered writes' end counts too.
-                    self.growth.written_to.fetch_max(end, Ordering::AcqRel);
-                }
-                Ok(())
-            }
+            None => self.write_buffered(buf, offset),
         }
+    }
+
+    fn write_cached_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.is_direct() {
+            return self.write_at(buf, offset);
+        }
+        self.write_buffered(buf, offset)
     }
 
     fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {

@@ -252,7 +252,9 @@ impl<H: HostFile> ReplayHost<H> {
         let (start, end) = change.span();
         let ticket = self.take_ticket(start, end);
         let result = match &change {
-            Change::Write { offset, data } => self.inner.write_at(data, *offset),
+            // Kept as a copy, so buffered whatever its size (the caller found that
+            // `write_at` would not route it around the page cache, or asked for the cache).
+            Change::Write { offset, data } => self.inner.write_cached_at(data, *offset),
             Change::SetLen(len) => self.inner.set_len(*len),
         };
         self.land(ticket, |j| {
@@ -395,6 +397,17 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
 
     fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
         self.inner.writes_directly(buf, offset)
+    }
+
+    fn write_cached_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.inner.failed_sync_drops_writes() {
+            return self.unjournaled(|| self.inner.write_cached_at(buf, offset));
+        }
+        // Through the page cache: a failed sync may drop it, so it is kept for replay.
+        self.change(Change::Write {
+            offset,
+            data: buf.into(),
+        })
     }
 
     fn failed_sync_drops_writes(&self) -> bool {

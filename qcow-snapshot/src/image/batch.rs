@@ -409,14 +409,20 @@ impl QcowImage {
             })
             .collect();
         if !host.is_empty() {
+            let in_place: Vec<bool> = merged
+                .iter()
+                .map(|(src, _, _)| matches!(src, Src::InPlace(_)))
+                .collect();
             let counted: Vec<bool> = host
                 .iter()
-                .zip(&merged)
-                .map(|(&(b, at), (src, _, _))| {
-                    !self.io.writes_directly(b, at) && !matches!(src, Src::InPlace(_))
-                })
+                .zip(&in_place)
+                .map(|(&(b, at), &in_place)| !in_place && !self.io.writes_directly(b, at))
                 .collect();
-            for (k, r) in self.io.write_batch(&host).into_iter().enumerate() {
+            for (k, r) in self
+                .write_host_batch(&host, &in_place)
+                .into_iter()
+                .enumerate()
+            {
                 if r.is_ok() {
                     self.wrote_host(host[k].0.len(), counted[k]);
                 }

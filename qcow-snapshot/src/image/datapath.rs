@@ -299,11 +299,57 @@ impl QcowImage {
     /// Writes guest data (or an assembled cluster) `b` at host offset `at`, counting it toward
     /// early writeback when it lands in the host page cache and is not `in_place` (see
     /// [`QcowImage::wrote_host`]).
+    ///
+    /// A write `in_place` goes through the host page cache under `--direct large` whatever
+    /// its size ([`HostFile::write_cached_at`]): rewrites of allocated clusters are absorbed
+    /// there as a raw image's writes are; writes that allocate (an installer filling a fresh
+    /// overlay) take the large-write route to the device.
     pub(super) fn write_host(&self, b: &[u8], at: u64, in_place: bool) -> Result<()> {
+        if in_place {
+            self.io.write_cached_at(b, at)?;
+            return Ok(());
+        }
         let buffered = !self.io.writes_directly(b, at);
         self.io.write_at(b, at)?;
-        self.wrote_host(b.len(), buffered && !in_place);
+        self.wrote_host(b.len(), buffered);
         Ok(())
+    }
+
+    /// The host writes of a batch, as [`HostFile::write_batch`] puts them in flight, except
+    /// that the ones `in_place` that the file would route around its page cache go through
+    /// it, one at a time (see [`QcowImage::write_host`]).
+    pub(super) fn write_host_batch(
+        &self,
+        host: &[(&[u8], u64)],
+        in_place: &[bool],
+    ) -> Vec<io::Result<()>> {
+        let cached: Vec<bool> = host
+            .iter()
+            .zip(in_place)
+            .map(|(&(b, at), &p)| p && self.io.writes_directly(b, at))
+            .collect();
+        if !cached.iter().any(|&c| c) {
+            return self.io.write_batch(host);
+        }
+        let rest: Vec<(&[u8], u64)> = host
+            .iter()
+            .zip(&cached)
+            .filter(|(_, &c)| !c)
+            .map(|(&w, _)| w)
+            .collect();
+        let mut rest_results = self.io.write_batch(&rest).into_iter();
+        host.iter()
+            .zip(&cached)
+            .map(|(&(b, at), &c)| {
+                if c {
+                    self.io.write_cached_at(b, at)
+                } else {
+                    rest_results
+                        .next()
+                        .unwrap_or_else(|| Err(io::Error::other("missing result")))
+                }
+            })
+            .collect()
     }
 
     /// Counts a successful data write of `len` bytes toward early writeback if `counted`: it

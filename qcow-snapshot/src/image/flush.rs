@@ -35,8 +35,8 @@
 //! anything names its clusters), L2 tables, and only if L1 entries are dirty a sync before
 //! they are written (an L1 entry may reach the disk at any moment after its write, and must
 //! never name an L2 table that is not durable). So at every instant the file on disk is one
-//! a flush could have left, the host may crash at any point and the image stays consistent,
-//! with no cluster named before its data and counts are durable. With no metadata dirty (writes
+//! a flush could have left: the host may crash at any point and the image stays consistent,
+//! no cluster named before its data and its count are durable. With no metadata dirty (writes
 //! into allocated clusters) it syncs nothing: the data is with the kernel already. It applies
 //! no frees (the L2 tables that stopped naming those clusters are not durable) and leaves
 //! `data_written` set, so the next flush syncs what it wrote even if nothing is dirty then.
