@@ -155,6 +155,35 @@ pub enum ProcessQueueError {
     Stalled,
 }
 
+/// Tells a stalled available ring from a driver that published chains during a pass. With
+/// EVENT_IDX a pass re-checks the ring when it re-enables notifications, and loops when the
+/// driver's index has moved; the driver does not kick for what it published while they were
+/// off, so the pass must take it. A round that popped nothing is normal (a kick for chains an
+/// earlier round took, or chains published after the round's last pop and before the
+/// re-check); only a round that pops nothing right after a re-check saw chains means a ring
+/// that announces chains that cannot be popped (a corrupt ring), which ends the pass rather
+/// than spin.
+#[derive(Debug, Default)]
+pub(crate) struct StallCheck {
+    announced: bool,
+}
+
+impl StallCheck {
+    /// A round of pops took `popped` chains.
+    pub(crate) fn popped(&mut self, popped: usize) -> Result<(), ProcessQueueError> {
+        if self.announced && popped == 0 {
+            return Err(ProcessQueueError::Stalled);
+        }
+        self.announced = false;
+        Ok(())
+    }
+
+    /// The re-check found chains announced: the next round must pop some.
+    pub(crate) fn announced(&mut self) {
+        self.announced = true;
+    }
+}
+
 /// Checks the available ring before a processing pass. A corrupt ring (an index more than the
 /// queue size ahead of ours) makes popping find nothing while `enable_notification` keeps
 /// reporting work: without this check a hostile driver could make the queue thread spin forever.
@@ -850,6 +879,7 @@ pub fn process_queue_tracked<M: GuestMemory>(
 ) -> Result<bool, ProcessQueueError> {
     let event_idx = queue.event_idx_enabled();
     let mut completed = false;
+    let mut stall = StallCheck::default();
     loop {
         if event_idx {
             queue.disable_notification(mem)?;
@@ -868,12 +898,11 @@ pub fn process_queue_tracked<M: GuestMemory>(
                 Err(e) => error!("cannot return descriptor {head} to the used ring: {e}"),
             }
         }
+        stall.popped(popped)?;
         if !event_idx || !queue.enable_notification(mem)? {
             break;
         }
-        if popped == 0 {
-            return Err(ProcessQueueError::Stalled);
-        }
+        stall.announced();
     }
     if !completed {
         return Ok(false);
