@@ -748,11 +748,17 @@ fn queue_with_chains(
         GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE)),
     )
     .unwrap();
+    ready_queue(AVAIL)
+}
+
+/// A ready split queue of size 16 with the test's descriptor table and used ring and its avail
+/// ring at `avail`.
+fn ready_queue(avail: u64) -> Queue {
     let mut q = Queue::new(QSIZE).unwrap();
     q.set_size(QSIZE);
     q.try_set_desc_table_address(GuestAddress(DESC_TABLE))
         .unwrap();
-    q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
     q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
     q.set_ready(true);
     q
@@ -1548,13 +1554,7 @@ fn a_ring_announcing_a_chain_it_cannot_hold_ends_the_pass_on_both_paths() {
     std::thread::spawn(move || {
         let ring_at = MEM_SIZE as u64 - 4;
         let unpoppable = |mem: &GuestMemoryMmap| {
-            let mut q = Queue::new(QSIZE).unwrap();
-            q.set_size(QSIZE);
-            q.try_set_desc_table_address(GuestAddress(DESC_TABLE))
-                .unwrap();
-            q.try_set_avail_ring_address(GuestAddress(ring_at)).unwrap();
-            q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-            q.set_ready(true);
+            let mut q = ready_queue(ring_at);
             q.set_event_idx(true);
             mem.write_obj(0u16, GuestAddress(ring_at)).unwrap();
             mem.write_obj(1u16.to_le(), GuestAddress(ring_at + 2))

@@ -411,6 +411,22 @@ impl QcowImage {
         Ok(())
     }
 
+    /// The gate of a flush or write-back: `Ok(false)` when there is nothing to do (read-only,
+    /// or closed with durability intact), an error when durability was lost or writes are
+    /// refused.
+    fn flush_gate(&self) -> Result<bool> {
+        if self.read_only {
+            return Ok(false);
+        }
+        // A closed image has nothing unflushed, unless durability was lost before.
+        self.check_durable()?;
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.check_writable()?;
+        Ok(true)
+    }
+
     /// Whether a failed sync of the image file could not be repaired: every later write,
     /// flush and close then fails with EIO (reads still work).
     pub fn is_poisoned(&self) -> bool {
@@ -507,29 +523,18 @@ impl BlockDev for QcowImage {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if !self.flush_gate()? {
             return Ok(());
         }
-        // A closed image has nothing unflushed, unless durability was lost before.
-        self.check_durable()?;
-        if self.closed.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        self.check_writable()?;
         let r = self.flush_inner();
         self.finish(r)
     }
 
     fn write_back(&self) -> Result<()> {
-        // The same gates as a flush: what a failed sync lost may not be reported as safe.
-        if self.read_only {
+        // The same gate as a flush: what a failed sync lost may not be reported as safe.
+        if !self.flush_gate()? {
             return Ok(());
         }
-        self.check_durable()?;
-        if self.closed.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        self.check_writable()?;
         let r = self.write_back_inner();
         self.finish(r)
     }
