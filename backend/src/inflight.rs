@@ -49,8 +49,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::device::BlkDevice;
-use crate::request::StallCheck;
-use crate::request::{check_avail_ring, ProcessQueueError, RequestWorker};
+use crate::request::{check_avail_ring, ProcessQueueError, RequestWorker, StallCheck};
 use crate::uring::UringReads;
 
 /// A descriptor chain that owns its view of guest memory, so it can move to another thread with
