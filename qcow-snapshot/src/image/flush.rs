@@ -493,8 +493,16 @@ mod tests {
         let (host, img) = image();
         img.write_at(&[0xaa; CS as usize], CS).unwrap();
         img.flush().unwrap();
+        let cluster = match img.lock().entry(&img.io, 1).unwrap() {
+            L2Entry::Normal { host, .. } => host,
+            e => panic!("guest cluster 1 is not allocated: {e:?}"),
+        };
+        let count = |img: &QcowImage| img.lock().refcount(&img.io, cluster).unwrap();
         img.discard(CS, CS).unwrap();
         img.write_back().unwrap();
+        // Still counted (so not reusable) after the write-back; free once flushes made the
+        // L2 table durable.
+        assert_eq!(count(&img), 1, "a write-back applied a free");
         let durable = host.durable.lock().unwrap().clone();
         let written = host.file.contents();
         // The durable file still names the cluster, and counts it.
@@ -503,6 +511,7 @@ mod tests {
         // What a restarted process reads has the discard; at worst a leak until the flush.
         assert_eq!(cluster_of(written, 1), vec![0u8; CS as usize]);
         img.flush().unwrap();
+        assert_eq!(count(&img), 0);
         img.flush().unwrap();
         assert_eq!(durable_check(&host), (0, 0));
     }
