@@ -96,17 +96,20 @@ impl RawFile {
 
     /// Whether reads can go through a second description advised `POSIX_FADV_RANDOM`.
     pub fn has_random_reads(&self) -> bool {
-        self.random.is_some() && !self.random_failed.load(Ordering::Relaxed)
+        self.random_reads().is_some()
+    }
+
+    /// The random-access description, unless there is none or a read through it failed.
+    fn random_reads(&self) -> Option<&Arc<File>> {
+        self.random
+            .as_ref()
+            .filter(|_| !self.random_failed.load(Ordering::Relaxed))
     }
 
     /// The description a read of `len` bytes at `offset` goes through, noting where it ends:
     /// the random one for a short read that continues no recent read, else the first.
     fn for_read(&self, offset: u64, len: u64) -> &Arc<File> {
-        let Some(random) = self
-            .random
-            .as_ref()
-            .filter(|_| !self.random_failed.load(Ordering::Relaxed))
-        else {
+        let Some(random) = self.random_reads() else {
             return &self.file;
         };
         let end = offset.saturating_add(len);

@@ -103,6 +103,17 @@ impl HostFile for CachedHost {
     }
 }
 
+/// A fresh image on a page-cached host whose writes of 256 KiB and more go direct, as a
+/// buffered file's do with `--direct large`.
+fn large_direct_image() -> (Arc<CachedHost>, QcowImage) {
+    let host = Arc::new(CachedHost {
+        direct_min: 256 << 10,
+        ..CachedHost::default()
+    });
+    let img = image_on(host.clone());
+    (host, img)
+}
+
 /// A fresh 32 MiB image with 64 KiB clusters on `host`.
 fn image_on(host: Arc<dyn HostFile>) -> QcowImage {
     image_over(host, None)
@@ -328,11 +339,7 @@ fn writes_that_go_direct_never_kick_a_background_sync() {
     // A large write that goes to the device with O_DIRECT leaves nothing in the page cache; a
     // background sync for it would only flush the device's cache and hold the file system's
     // journal while writers grow the file. Buffered writes on the same file still kick.
-    let host = Arc::new(CachedHost {
-        direct_min: 256 << 10,
-        ..CachedHost::default()
-    });
-    let img = image_on(host.clone());
+    let (_, img) = large_direct_image();
     fill(&img, 9, 3);
     let big = vec![5u8; MIB];
     let batch: Vec<(&[u8], u64)> = (9..17).map(|i| (&big[..], (i * MIB) as u64)).collect();
@@ -393,11 +400,7 @@ fn large_rewrites_in_place_stay_in_the_page_cache_and_large_allocating_writes_go
     // `--direct large`: a 1 MiB write that allocates goes to the device with O_DIRECT (an
     // installer filling a fresh overlay); the same write over clusters the image has goes
     // through the page cache, as a raw image's writes do, alone or batched.
-    let host = Arc::new(CachedHost {
-        direct_min: 256 << 10,
-        ..CachedHost::default()
-    });
-    let img = image_on(host.clone());
+    let (host, img) = large_direct_image();
     fill(&img, 4, 1);
     assert_eq!(host.direct_bytes.load(Ordering::SeqCst), 4 << 20);
     assert_eq!(host.kept_cached_bytes.load(Ordering::SeqCst), 0);
@@ -427,11 +430,7 @@ fn a_failed_sync_after_large_rewrites_in_place_replays_them() {
     // A rewrite kept in the page cache can be dropped by a failed sync (unlike a direct
     // write, which reported its own outcome), so the image keeps it for the replay: the
     // FLUSH after the failed sync makes it durable.
-    let host = Arc::new(CachedHost {
-        direct_min: 256 << 10,
-        ..CachedHost::default()
-    });
-    let img = image_on(host.clone());
+    let (host, img) = large_direct_image();
     fill(&img, 2, 1);
     img.flush().unwrap();
     fill(&img, 2, 9);

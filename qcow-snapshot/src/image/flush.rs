@@ -80,8 +80,6 @@ impl Meta {
     fn take_plan(&mut self, data_written: bool, depth: Depth) -> FlushPlan {
         let meta_dirty =
             self.dirty > 0 || !self.l1_dirty.is_empty() || !self.reftable_dirty.is_empty();
-        // Written data is with the kernel already; only a flush needs to sync it.
-        let data_work = data_written && depth == Depth::Durable;
         let l2 = self
             .l2
             .iter()
@@ -102,7 +100,7 @@ impl Meta {
                 Depth::Durable => std::mem::take(&mut self.pending_free),
                 Depth::InFile => Vec::new(),
             },
-            work: meta_dirty || data_work,
+            work: meta_dirty || data_written,
         }
     }
 
@@ -184,11 +182,10 @@ impl QcowImage {
         let plan = {
             let mut m = self.lock();
             // A flush clears it at the plan so writes completing during the flush are synced
-            // next time; a write-back leaves it for the next flush.
-            let written = match depth {
-                Depth::Durable => self.data_written.swap(false, Ordering::AcqRel),
-                Depth::InFile => self.data_written.load(Ordering::Acquire),
-            };
+            // next time; a write-back syncs no data for its own sake (it is with the kernel
+            // already) and leaves the flag to the next flush.
+            let written =
+                depth == Depth::Durable && self.data_written.swap(false, Ordering::AcqRel);
             let plan = m.take_plan(written, depth);
             m.flushing = true;
             plan
