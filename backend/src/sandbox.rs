@@ -118,6 +118,8 @@ pub const ALLOWED: &[(&str, libc::c_long)] = &[
     ("fcntl", libc::SYS_fcntl), ("dup", libc::SYS_dup), ("dup3", libc::SYS_dup3),
     ("io_uring_setup", libc::SYS_io_uring_setup), ("io_uring_enter", libc::SYS_io_uring_enter),
     ("io_uring_register", libc::SYS_io_uring_register),
+    // Whether the page cache holds a base's range (uncached reads go O_DIRECT).
+    ("cachestat", blockdev::SYS_CACHESTAT),
     // Guest memory (SET_MEM_TABLE), heap and thread stacks.
     ("mmap", libc::SYS_mmap), ("munmap", libc::SYS_munmap), ("mprotect", libc::SYS_mprotect),
     ("mremap", libc::SYS_mremap), ("madvise", libc::SYS_madvise), ("brk", libc::SYS_brk),

@@ -63,7 +63,8 @@ use crate::metrics::{DetachedTimer, Op};
 use crate::request::{PreparedRead, RequestWorker};
 use crate::virtio_blk::VIRTIO_BLK_S_OK;
 
-/// Most file pieces one request may have on the ring (a fragmented plan takes the executors).
+/// Most file pieces one request may have on the ring (a fragmented plan takes the executors;
+/// at most 16: [`Pending::direct`] has a bit per piece).
 const MAX_PIECES: usize = 16;
 
 /// A pass submits its reads whenever this many entries are waiting, not only at its end: the
@@ -94,12 +95,40 @@ struct Pending<R> {
     expect: Vec<usize>,
     remaining: usize,
     failed: bool,
+    /// Bit `i`: file piece `i` was read through the plan's O_DIRECT description.
+    direct: u16,
     /// Where each piece comes from; keeps the files open while the kernel reads them.
     plan: ReadPlan,
     timer: DetachedTimer,
     /// When it was put on the ring, and the submission (`Engine::epoch`) that carries it.
     pushed: std::time::Instant,
     epoch: u64,
+}
+
+impl<R> Pending<R> {
+    /// File piece `piece`, read through its O_DIRECT description, failed with `errno`: after a
+    /// refusal (EINVAL), later reads of that file take its buffered description.
+    fn direct_refused(&self, piece: usize, errno: i32) {
+        let direct = self
+            .plan
+            .pieces
+            .iter()
+            .filter_map(|(_, s)| match s {
+                PlanSource::File { direct, .. } => Some(direct),
+                PlanSource::Zero => None,
+            })
+            .nth(piece);
+        if let Some(Some(d)) = direct {
+            if d.refused(errno) {
+                warn!(
+                    "request {}: an O_DIRECT read was refused ({}); reads of that file go \
+                     through the host page cache from now",
+                    self.head,
+                    io::Error::from_raw_os_error(errno)
+                );
+            }
+        }
+    }
 }
 
 // SAFETY: the raw pointers in `iovecs` point into guest memory mapped by `mem`, which the
@@ -262,6 +291,7 @@ impl<R: UsedRing> UringReads<R> {
             expect,
             remaining: files,
             failed: false,
+            direct: 0,
             plan,
             timer: self.dev.live().request_metrics().begin_detached(self.queue),
             pushed: std::time::Instant::now(),
@@ -431,15 +461,33 @@ impl<R> Engine<R> {
             }
         };
         let files = p.plan.pieces.iter().filter_map(|(_, s)| match s {
-            PlanSource::File { file, offset } => Some((file, *offset)),
+            PlanSource::File {
+                file,
+                offset,
+                direct,
+            } => Some((file, *offset, direct)),
             PlanSource::Zero => None,
         });
+        let mut direct_mask = 0u16;
         let entries: Vec<_> = files
             .zip(p.iovecs.iter())
             .enumerate()
-            .map(|(i, ((file, offset), iov))| {
+            .map(|(i, ((file, offset, direct), iov))| {
+                // The O_DIRECT description where the plan offers it and the guest's buffers
+                // meet its alignments (module documentation).
+                let direct = direct.as_ref().filter(|d| {
+                    d.usable()
+                        && d.takes(offset, iov.iter().map(|v| (v.iov_base as usize, v.iov_len)))
+                });
+                let fd = match direct {
+                    Some(d) => {
+                        direct_mask |= 1 << i;
+                        d.file().as_raw_fd()
+                    }
+                    None => file.as_raw_fd(),
+                };
                 opcode::Readv::new(
-                    types::Fd(file.as_raw_fd()),
+                    types::Fd(fd),
                     iov.as_ptr(),
                     u32::try_from(iov.len()).unwrap_or(u32::MAX),
                 )
@@ -455,6 +503,7 @@ impl<R> Engine<R> {
         debug_assert!(pushed.is_ok(), "make_room said the entries fit");
         let n = entries.len();
         let mut p = p;
+        p.direct = direct_mask;
         p.epoch = self.epoch;
         self.slots[slot] = Some(p);
         self.pending += 1;
@@ -481,6 +530,9 @@ impl<R> Engine<R> {
             };
             let want = p.expect.get(piece).copied().unwrap_or(0);
             if usize::try_from(res).ok() != Some(want) {
+                if res < 0 && p.direct & (1 << piece) != 0 {
+                    p.direct_refused(piece, -res);
+                }
                 if res < 0 {
                     warn!(
                         "request {}: io_uring read failed ({}); executing it again",

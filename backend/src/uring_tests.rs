@@ -63,10 +63,7 @@ fn file_with(data: &[u8]) -> Arc<File> {
 fn file_plan(file: &Arc<File>, offset: u64, len: u64) -> Option<ReadPlan> {
     Some(ReadPlan::one(
         len,
-        PlanSource::File {
-            file: Arc::clone(file),
-            offset,
-        },
+        PlanSource::file(Arc::clone(file), offset),
     ))
 }
 
@@ -192,10 +189,7 @@ fn uring_read_goes_from_the_planned_file_into_the_guest_buffers_with_zero_pieces
         0x55,
         Box::new(move |_, len| {
             assert_eq!(len, 4096);
-            let f = |offset| PlanSource::File {
-                file: Arc::clone(&plan_file),
-                offset,
-            };
+            let f = |offset| PlanSource::file(Arc::clone(&plan_file), offset);
             Some(ReadPlan {
                 pieces: vec![(2048, f(100)), (1024, PlanSource::Zero), (1024, f(5000))],
             })
@@ -270,7 +264,7 @@ fn uring_reads_complete_as_they_finish_and_wait_idle_waits_for_the_last_one() {
             } else {
                 Arc::clone(&file)
             };
-            Some(ReadPlan::one(len, PlanSource::File { file, offset: 0 }))
+            Some(ReadPlan::one(len, PlanSource::file(file, 0)))
         }),
     );
     let chains = [
@@ -518,4 +512,126 @@ fn a_deep_pass_hands_its_first_reads_to_the_kernel_before_it_ends() {
     for i in 0..n {
         assert_eq!(rig.guest(data(i) + 4096, 1), vec![VIRTIO_BLK_S_OK]);
     }
+}
+
+/// A file on a file system that takes O_DIRECT (the temporary directory), holding `data`, and
+/// an O_DIRECT description of it.
+fn direct_file_with(data: &[u8]) -> (tempfile::TempDir, File) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("direct");
+    std::fs::write(&path, data).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .expect("the temporary directory takes O_DIRECT");
+    (dir, f)
+}
+
+/// The plan of a read of `[offset, offset + len)` from `file`, offering `direct`.
+fn direct_plan(
+    file: &Arc<File>,
+    direct: &Arc<blockdev::DirectReads>,
+    offset: u64,
+    len: u64,
+) -> Option<ReadPlan> {
+    Some(ReadPlan::one(
+        len,
+        PlanSource::File {
+            file: Arc::clone(file),
+            offset,
+            direct: Some(Arc::clone(direct)),
+        },
+    ))
+}
+
+#[test]
+fn a_plan_s_direct_description_is_read_where_the_guest_buffers_meet_its_alignment() {
+    // The buffered description holds pattern 7, the O_DIRECT one (a real O_DIRECT descriptor
+    // of another file) pattern 9, so the guest's bytes tell which one the ring read.
+    let buffered = file_with(&pattern(7, 64 << 10));
+    let (_dir, direct) = direct_file_with(&pattern(9, 64 << 10));
+    let direct = Arc::new(blockdev::DirectReads::with_alignment(direct, 4096, 4096));
+    let d = Arc::clone(&direct);
+    let rig = Rig::new(
+        0x11,
+        Box::new(move |offset, len| direct_plan(&buffered, &d, offset, len)),
+    );
+    // Request 0: 4 KiB at byte 8192 into one page-aligned buffer: direct. Request 1: the same
+    // bytes in descriptors of 1000 and 3096 bytes (not multiples of the block): buffered.
+    rig.pass(&[
+        read_chain(&rig.mem, 0, 16, 4096, &[]),
+        read_chain(&rig.mem, 1, 16, 4096, &[1000]),
+    ]);
+    rig.runner.wait_idle();
+    assert_eq!(rig.guest(DATA, 4096), pattern(9, 12288)[8192..]);
+    assert_eq!(rig.guest(DATA + 0x10000, 4096), pattern(7, 12288)[8192..]);
+    assert_eq!(
+        (rig.status(0), rig.status(1)),
+        (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK)
+    );
+    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 0);
+    assert!(direct.usable());
+}
+
+#[test]
+fn a_direct_read_the_kernel_refuses_is_executed_again_and_later_reads_go_buffered() {
+    // The description claims byte alignment; the kernel refuses a read at byte 100 of an
+    // O_DIRECT file (EINVAL). The request is executed again through the synchronous path, and
+    // from then on reads of that file take the buffered description.
+    let buffered = file_with(&pattern(7, 64 << 10));
+    let (_dir, direct) = direct_file_with(&pattern(9, 64 << 10));
+    let direct = Arc::new(blockdev::DirectReads::with_alignment(direct, 1, 1));
+    let d = Arc::clone(&direct);
+    let rig = Rig::new(
+        0x22,
+        Box::new(move |offset, len| {
+            let at = if offset == 0 { 100 } else { offset };
+            direct_plan(&buffered, &d, at, len)
+        }),
+    );
+    rig.pass(&[read_chain(&rig.mem, 0, 0, 4096, &[])]);
+    rig.runner.wait_idle();
+    assert_eq!(
+        rig.guest(DATA, 4096),
+        vec![0x22; 4096],
+        "the synchronous path's bytes"
+    );
+    assert_eq!(rig.status(0), VIRTIO_BLK_S_OK);
+    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 1);
+    assert!(!direct.usable(), "refused, still offered");
+    rig.pass(&[read_chain(&rig.mem, 1, 16, 4096, &[])]);
+    rig.runner.wait_idle();
+    assert_eq!(
+        rig.guest(DATA + 0x10000, 4096),
+        pattern(7, 12288)[8192..],
+        "read through the buffered description"
+    );
+    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_short_direct_read_is_executed_again_through_the_synchronous_path() {
+    // The O_DIRECT file ends 4 KiB before the buffered one: a direct read of its last 8 KiB
+    // returns 4 KiB; the request is executed again and the description stays usable (a short
+    // read is no refusal).
+    let buffered = file_with(&pattern(7, 64 << 10));
+    let (_dir, direct) = direct_file_with(&pattern(9, 60 << 10));
+    let direct = Arc::new(blockdev::DirectReads::with_alignment(direct, 4096, 4096));
+    let d = Arc::clone(&direct);
+    let rig = Rig::new(
+        0x33,
+        Box::new(move |_, len| direct_plan(&buffered, &d, 56 << 10, len)),
+    );
+    rig.pass(&[read_chain(&rig.mem, 0, 0, 8192, &[])]);
+    rig.runner.wait_idle();
+    assert_eq!(
+        rig.guest(DATA, 8192),
+        vec![0x33; 8192],
+        "the synchronous path's bytes"
+    );
+    assert_eq!(rig.status(0), VIRTIO_BLK_S_OK);
+    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 1);
+    assert!(direct.usable());
 }

@@ -13,6 +13,12 @@
 //! after one through the second failed (that read is retried through the first and the
 //! failure logged once): the second description is a speed-up, never a new way to fail.
 //!
+//! Uncached random reads: a read-only raw file also keeps an `O_DIRECT` description of itself
+//! ([`crate::DirectReads`]); the plan of a read that takes the random description offers it
+//! too when the host page cache does not hold the range ([`crate::page_cache_holds`]), so that
+//! the io_uring read path can read cold data straight from the device into the guest's buffers.
+//! Synchronous reads (which fill the folio cache) stay buffered.
+//!
 //! Locking model: none. Positional `pread`/`pwrite` are thread-safe on a shared descriptor, so
 //! requests from every queue go straight to the kernel in parallel; the recent reads' ends are
 //! relaxed atomics (a heuristic: a race only picks the other descriptor for one read).
@@ -26,7 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::{
-    check_range, open_file, read_full_at, BlockDev, BlockError, PlanSource, ReadPlan, Result,
+    check_range, open_file, page_cache_holds, read_full_at, BlockDev, BlockError, DirectReads,
+    PlanSource, ReadPlan, Result,
 };
 
 /// Reads of at least this many bytes always take the file's first description (read-ahead
@@ -47,6 +54,9 @@ pub struct RawFile {
     random: Option<Arc<File>>,
     /// Set once a read through `random` failed: from then on every read takes `file`.
     random_failed: AtomicBool,
+    /// The same file opened `O_DIRECT`, offered by plans of random reads the page cache does
+    /// not hold; only for a read-only regular file.
+    direct: Option<Arc<DirectReads>>,
     /// Where recent reads ended (`u64::MAX`: free), and the slot the next new stream takes.
     ends: [AtomicU64; STREAMS],
     next: AtomicUsize,
@@ -78,10 +88,16 @@ impl RawFile {
     pub fn from_file(file: File, read_only: bool) -> io::Result<Self> {
         let size = file_size(&file)?;
         let random = if read_only { random_twin(&file) } else { None };
+        let direct = if read_only {
+            DirectReads::open(&file).map(Arc::new)
+        } else {
+            None
+        };
         Ok(RawFile {
             file: Arc::new(file),
             random,
             random_failed: AtomicBool::new(false),
+            direct,
             ends: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
             next: AtomicUsize::new(0),
             size,
@@ -208,11 +224,19 @@ impl BlockDev for RawFile {
 
     fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
         check_range(offset, len, self.size).ok()?;
+        let file = self.for_read(offset, len);
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|d| d.usable() && !Arc::ptr_eq(file, &self.file))
+            .filter(|_| page_cache_holds(file, offset, len) != Some(true))
+            .cloned();
         Some(ReadPlan::one(
             len,
             PlanSource::File {
-                file: Arc::clone(self.for_read(offset, len)),
+                file: Arc::clone(file),
                 offset,
+                direct,
             },
         ))
     }
@@ -313,7 +337,7 @@ mod tests {
         );
         let planned = |off: u64, len: u64| -> Arc<File> {
             match &dev.plan_read(off, len).unwrap().pieces[..] {
-                [(_, PlanSource::File { file, offset })] => {
+                [(_, PlanSource::File { file, offset, .. })] => {
                     assert_eq!(*offset, off);
                     file.clone()
                 }
@@ -381,6 +405,59 @@ mod tests {
         }
         dev.read_at(&mut b, 0).unwrap();
         assert_eq!(b, data[..4096]);
+    }
+
+    /// The O_DIRECT description a plan of a random read offers, if any.
+    fn offered(dev: &RawFile, off: u64, len: u64) -> Option<Arc<DirectReads>> {
+        match dev.plan_read(off, len).unwrap().pieces.into_iter().next() {
+            Some((_, PlanSource::File { direct, .. })) => direct,
+            other => panic!("unexpected plan {other:?}"),
+        }
+    }
+
+    /// A plan of a short random read of a read-only file offers its O_DIRECT description
+    /// while the host page cache does not hold the range, and not once it does; sequential
+    /// and large reads (which keep read-ahead) and a writable file never offer it. Read
+    /// through it, the offered description returns the file's bytes.
+    #[test]
+    fn random_reads_the_page_cache_does_not_hold_are_offered_the_direct_description() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base");
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let drop_cache = || {
+            let f = File::open(&path).unwrap();
+            f.sync_all().unwrap();
+            // SAFETY: posix_fadvise on an open descriptor, integer arguments.
+            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(r, 0);
+        };
+        drop_cache();
+        let writable = RawFile::open(&path, false).unwrap();
+        assert!(offered(&writable, 1 << 20, 4096).is_none());
+        drop(writable);
+        let dev = RawFile::open(&path, true).unwrap();
+        assert_eq!(
+            page_cache_holds(dev.file(), 1 << 20, 4096),
+            Some(false),
+            "cachestat (Linux 6.5) is needed to tell cached ranges from cold ones"
+        );
+        let d = offered(&dev, 1 << 20, 4096).expect("a cold random read is not offered it");
+        let mut buf = crate::AlignedBuf::zeroed(4096);
+        d.file().read_exact_at(&mut buf, 1 << 20).unwrap();
+        assert_eq!(&buf[..], &data[1 << 20..(1 << 20) + 4096]);
+        // The direct read left the page cache as it was: still offered.
+        assert!(offered(&dev, 1 << 20, 4096).is_some());
+        // Continuing a recent read, or large: the read-ahead description, never direct.
+        assert!(offered(&dev, (1 << 20) + 4096, 4096).is_none());
+        assert!(offered(&dev, 3 << 20, RANDOM_READ_MAX).is_none());
+        // Once the page cache holds the range (a buffered read), not offered.
+        let mut b = vec![0u8; 4096];
+        dev.read_at(&mut b, 2 << 20).unwrap();
+        assert_eq!(page_cache_holds(dev.file(), 2 << 20, 4096), Some(true));
+        assert!(offered(&dev, 2 << 20, 4096).is_none());
+        // Partly held (one page of two): offered.
+        assert!(offered(&dev, (2 << 20) - 4096, 8192).is_some());
     }
 
     #[test]

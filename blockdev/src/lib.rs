@@ -22,10 +22,12 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 mod aligned;
+mod direct_reads;
 mod file;
 pub mod lock;
 mod switch;
 pub use aligned::{AlignedBuf, IO_ALIGN};
+pub use direct_reads::{dio_alignment, page_cache_holds, DirectReads, SYS_CACHESTAT};
 pub use file::{file_size, RawFile};
 pub use switch::{SwitchDev, SwitchGuard};
 
@@ -191,7 +193,25 @@ pub enum PlanSource {
     /// Reads as zeros.
     Zero,
     /// The bytes of `file` from `offset` (a full read: the range lies inside the file).
-    File { file: Arc<File>, offset: u64 },
+    /// `direct`: an `O_DIRECT` description of the same file the bytes may be read through
+    /// instead (where the buffers meet its alignments), offered where the host page cache
+    /// does not hold them.
+    File {
+        file: Arc<File>,
+        offset: u64,
+        direct: Option<Arc<DirectReads>>,
+    },
+}
+
+impl PlanSource {
+    /// The bytes of `file` from `offset`, with no direct description.
+    pub fn file(file: Arc<File>, offset: u64) -> PlanSource {
+        PlanSource::File {
+            file,
+            offset,
+            direct: None,
+        }
+    }
 }
 
 /// The answer of [`BlockDev::plan_read`]: consecutive pieces covering the range in order.
@@ -217,22 +237,30 @@ impl ReadPlan {
     }
 
     /// Appends `plan`, merging its first piece with the last one when they continue each other
-    /// (zeros after zeros, or the next bytes of the same file).
+    /// (zeros after zeros, or the next bytes of the same file; the merged piece keeps a direct
+    /// description only if both had it).
     pub fn append(&mut self, plan: ReadPlan) {
         for (len, src) in plan.pieces {
             if let Some((last_len, last)) = self.pieces.last_mut() {
-                let merged = match (&*last, &src) {
+                let merged = match (&mut *last, &src) {
                     (PlanSource::Zero, PlanSource::Zero) => true,
                     (
                         PlanSource::File {
                             file: a,
                             offset: oa,
+                            direct: da,
                         },
                         PlanSource::File {
                             file: b,
                             offset: ob,
+                            direct: db,
                         },
-                    ) => Arc::ptr_eq(a, b) && oa.checked_add(*last_len) == Some(*ob),
+                    ) if Arc::ptr_eq(a, b) && oa.checked_add(*last_len) == Some(*ob) => {
+                        if db.is_none() {
+                            *da = None;
+                        }
+                        true
+                    }
                     _ => false,
                 };
                 if merged {
@@ -261,7 +289,7 @@ impl ReadPlan {
         for (len, src) in &self.pieces {
             let start = out.len();
             out.resize(start + usize::try_from(*len).unwrap_or(0), 0);
-            if let PlanSource::File { file, offset } = src {
+            if let PlanSource::File { file, offset, .. } = src {
                 file.read_exact_at(&mut out[start..], *offset)?;
             }
         }
@@ -369,6 +397,41 @@ pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Appended pieces that continue each other merge; the merged piece offers a direct
+    /// description only if both did (a part the page cache holds is read buffered).
+    #[test]
+    fn appended_file_pieces_merge_and_keep_a_direct_description_only_if_both_had_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![5u8; 1 << 16]).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let direct = Arc::new(DirectReads::open(&file).expect("O_DIRECT in the temp directory"));
+        let piece = |offset: u64, d: bool| PlanSource::File {
+            file: Arc::clone(&file),
+            offset,
+            direct: d.then(|| Arc::clone(&direct)),
+        };
+        let direct_of = |p: &ReadPlan| match &p.pieces[..] {
+            [(_, PlanSource::File { direct, .. })] => direct.is_some(),
+            other => panic!("not one file piece: {other:?}"),
+        };
+        let mut both = ReadPlan::one(4096, piece(0, true));
+        both.append(ReadPlan::one(4096, piece(4096, true)));
+        assert_eq!(both.len(), 8192);
+        assert!(direct_of(&both));
+        let mut first_only = ReadPlan::one(4096, piece(0, true));
+        first_only.append(ReadPlan::one(4096, piece(4096, false)));
+        assert!(!direct_of(&first_only));
+        let mut second_only = ReadPlan::one(4096, piece(0, false));
+        second_only.append(ReadPlan::one(4096, piece(4096, true)));
+        assert!(!direct_of(&second_only));
+        // Not continuing: two pieces, each keeping its own.
+        let mut gap = ReadPlan::one(4096, piece(0, true));
+        gap.append(ReadPlan::one(4096, piece(12288, false)));
+        assert_eq!(gap.pieces.len(), 2);
+        assert_eq!(gap.read_all().unwrap(), vec![5u8; 8192]);
+    }
 
     #[test]
     fn check_range_rejects_overflow_and_past_end() {

@@ -88,28 +88,7 @@ impl DirectIo {
     /// The alignments `file` needs for direct I/O (`statx` `STATX_DIOALIGN`; 4096 for both when
     /// the kernel or file system does not report them).
     pub fn for_file(file: &File) -> DirectIo {
-        let (mut block, mut mem) = (4096u64, 4096usize);
-        // SAFETY: all-zero bytes are a valid `statx` (plain integers).
-        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid fd, a NUL-terminated empty path with AT_EMPTY_PATH, and a pointer to
-        // a `statx` that outlives the call.
-        let r = unsafe {
-            libc::statx(
-                file.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH,
-                libc::STATX_DIOALIGN,
-                &mut stx,
-            )
-        };
-        if r == 0
-            && stx.stx_mask & libc::STATX_DIOALIGN != 0
-            && stx.stx_dio_offset_align != 0
-            && stx.stx_dio_mem_align != 0
-        {
-            block = u64::from(stx.stx_dio_offset_align);
-            mem = stx.stx_dio_mem_align as usize;
-        }
+        let (block, mem) = blockdev::dio_alignment(file);
         DirectIo::with_alignment(block, mem)
     }
 

@@ -257,7 +257,7 @@ impl QcowImage {
                 .as_ref()
                 .and_then(|x| x.plan_read(f.start, avail as u64));
             match plan.as_ref().map(|p| p.pieces.as_slice()) {
-                Some([(_, PlanSource::File { file, offset })]) if db.reads(file) => {
+                Some([(_, PlanSource::File { file, offset, .. })]) if db.reads(file) => {
                     self.early_wb.backing_read();
                     direct.push(Some((*offset, avail)));
                     results.push(Ok(()));
@@ -693,10 +693,7 @@ mod tests {
             } else {
                 return None;
             };
-            Some(blockdev::ReadPlan::one(
-                len,
-                PlanSource::File { file, offset: at },
-            ))
+            Some(blockdev::ReadPlan::one(len, PlanSource::file(file, at)))
         }
 
         fn write_at(&self, _buf: &[u8], _offset: u64) -> blockdev::Result<()> {

@@ -302,7 +302,14 @@ impl QcowImage {
         let probe = b.size().min(self.geo.cluster_size());
         let plan = b.plan_read(0, probe);
         let file = match plan.as_ref().map(|p| p.pieces.as_slice()) {
-            Some([(_, blockdev::PlanSource::File { file, offset: 0 })]) => file.clone(),
+            Some(
+                [(
+                    _,
+                    blockdev::PlanSource::File {
+                        file, offset: 0, ..
+                    },
+                )],
+            ) => file.clone(),
             _ => return Err(unsupported("the backing file is not a raw file")),
         };
         let direct = crate::direct::reopen_direct(&file, false)?;
