@@ -11,8 +11,16 @@
 //! guest's buffers meet its alignments. What the page cache already holds (a base another
 //! daemon read, or one read sequentially) is still read from it.
 //!
+//! What is read often is worth caching: [`ReadCounts`] counts the reads of each block of the
+//! file (saturating at 3), and a plan offers the direct description only for the first
+//! [`DIRECT_READS_PER_BLOCK`] reads of a block; later reads go through the page cache, from
+//! where the next ones complete at once and the queue moves them to the folio cache path
+//! (`backend/src/inflight.rs`). A working set read over and over ends up in memory as before,
+//! while a cold random pass (a boot, a scan) reads each block once or twice, from the device.
+//!
 //! Locking model: none. The description is only read through (positional reads); the failure
-//! flag is a relaxed atomic that only goes from clear to set.
+//! flag is a relaxed atomic that only goes from clear to set; the read counts are relaxed
+//! atomic words (a race loses one count: a heuristic).
 
 use std::fs::File;
 use std::io;
@@ -179,5 +187,90 @@ impl DirectReads {
     /// Returns whether this call is the one that stopped them.
     pub fn refused(&self, errno: i32) -> bool {
         errno == libc::EINVAL && !self.refused.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// Reads of a block that a plan may still send through the direct description; later ones go
+/// through the page cache (see the module documentation).
+pub const DIRECT_READS_PER_BLOCK: u8 = 2;
+
+/// Most counters [`ReadCounts`] keeps (2 bits each: 4 MiB); a larger file counts in larger
+/// blocks.
+const MAX_COUNTERS: u64 = 1 << 24;
+
+/// Saturating 2-bit read counts per block of a file (see the module documentation).
+#[derive(Debug)]
+pub struct ReadCounts {
+    /// log2 of the block size (at least 4 KiB).
+    shift: u32,
+    words: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+impl ReadCounts {
+    /// Counts for a file of `size` bytes.
+    pub fn new(size: u64) -> ReadCounts {
+        let mut shift = 12;
+        while size.div_ceil(1 << shift) > MAX_COUNTERS {
+            shift += 1;
+        }
+        let counters = size.div_ceil(1 << shift).max(1);
+        let words = counters.div_ceil(32) as usize;
+        ReadCounts {
+            shift,
+            words: (0..words)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Counts a read of `[offset, offset + len)` and returns the largest count its blocks had
+    /// before it (0 for a range never read).
+    pub fn note(&self, offset: u64, len: u64) -> u8 {
+        let first = offset >> self.shift;
+        let last = (offset + len.max(1) - 1) >> self.shift;
+        let mut most = 0u8;
+        for block in first..=last {
+            let Some(word) = self.words.get((block / 32) as usize) else {
+                break;
+            };
+            let bit = (block % 32) * 2;
+            let old = word
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                    let c = (w >> bit) & 3;
+                    (c < 3).then(|| w + (1 << bit))
+                })
+                .unwrap_or_else(|w| w);
+            most = most.max(((old >> bit) & 3) as u8);
+        }
+        most
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_counts_saturate_per_block_and_a_huge_file_counts_in_larger_blocks() {
+        let c = ReadCounts::new(1 << 30);
+        assert_eq!(c.shift, 12);
+        assert_eq!(c.note(8192, 4096), 0);
+        assert_eq!(c.note(8192, 1), 1);
+        assert_eq!(c.note(8192 + 4095, 1), 2);
+        assert_eq!(c.note(8192, 4096), 3);
+        assert_eq!(c.note(8192, 4096), 3, "saturated");
+        // A range counts every block it touches and answers the most-read one; its
+        // neighbours in the same word keep their own counts.
+        assert_eq!(c.note(4096, 12288), 3);
+        assert_eq!(c.note(4096, 4096), 1);
+        assert_eq!(c.note(12288, 4096), 1);
+        // The last block of the file, and a range past it (not counted, not a panic).
+        assert_eq!(c.note((1 << 30) - 4096, 4096), 0);
+        assert_eq!(c.note(1 << 31, 4096), 0);
+        let huge = ReadCounts::new(1 << 40);
+        assert_eq!(1u64 << 40 >> huge.shift, MAX_COUNTERS);
+        assert_eq!(huge.words.len() as u64, MAX_COUNTERS / 32);
+        assert_eq!(huge.note(0, 4096), 0);
+        assert_eq!(huge.note(4096, 4096), 1, "the same 64 KiB block");
     }
 }

@@ -17,7 +17,8 @@
 //! ([`crate::DirectReads`]); the plan of a read that takes the random description offers it
 //! too when the host page cache does not hold the range ([`crate::page_cache_holds`]), so that
 //! the io_uring read path can read cold data straight from the device into the guest's buffers.
-//! Synchronous reads (which fill the folio cache) stay buffered.
+//! Synchronous reads (which fill the folio cache) stay buffered, and so does a block's third
+//! and every later random read ([`crate::ReadCounts`]): what is read often is worth caching.
 //!
 //! Locking model: none. Positional `pread`/`pwrite` are thread-safe on a shared descriptor, so
 //! requests from every queue go straight to the kernel in parallel; the recent reads' ends are
@@ -33,7 +34,7 @@ use std::sync::Arc;
 
 use crate::{
     check_range, open_file, page_cache_holds, read_full_at, BlockDev, BlockError, DirectReads,
-    PlanSource, ReadPlan, Result,
+    PlanSource, ReadCounts, ReadPlan, Result, DIRECT_READS_PER_BLOCK,
 };
 
 /// Reads of at least this many bytes always take the file's first description (read-ahead
@@ -57,6 +58,9 @@ pub struct RawFile {
     /// The same file opened `O_DIRECT`, offered by plans of random reads the page cache does
     /// not hold; only for a read-only regular file.
     direct: Option<Arc<DirectReads>>,
+    /// How often each block was planned for a random read (with `direct`): only the first
+    /// reads of a block are offered `direct`, later ones fill the page cache.
+    counts: Option<ReadCounts>,
     /// Where recent reads ended (`u64::MAX`: free), and the slot the next new stream takes.
     ends: [AtomicU64; STREAMS],
     next: AtomicUsize,
@@ -97,6 +101,7 @@ impl RawFile {
             file: Arc::new(file),
             random,
             random_failed: AtomicBool::new(false),
+            counts: direct.as_ref().map(|_| ReadCounts::new(size)),
             direct,
             ends: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
             next: AtomicUsize::new(0),
@@ -230,6 +235,11 @@ impl BlockDev for RawFile {
             .as_ref()
             .filter(|d| d.usable() && !Arc::ptr_eq(file, &self.file))
             .filter(|_| page_cache_holds(file, offset, len) != Some(true))
+            .filter(|_| {
+                self.counts
+                    .as_ref()
+                    .is_none_or(|c| c.note(offset, len) < DIRECT_READS_PER_BLOCK)
+            })
             .cloned();
         Some(ReadPlan::one(
             len,
@@ -446,8 +456,15 @@ mod tests {
         let mut buf = crate::AlignedBuf::zeroed(4096);
         d.file().read_exact_at(&mut buf, 1 << 20).unwrap();
         assert_eq!(&buf[..], &data[1 << 20..(1 << 20) + 4096]);
-        // The direct read left the page cache as it was: still offered.
+        // The direct read left the page cache as it was: still offered, for a second read of
+        // the block; the third goes through the page cache (what is read often gets cached).
         assert!(offered(&dev, 1 << 20, 4096).is_some());
+        assert!(offered(&dev, 1 << 20, 4096).is_none());
+        assert!(offered(&dev, (1 << 20) + 2048, 512).is_none(), "same block");
+        assert!(
+            offered(&dev, (1 << 20) - 4096, 4096).is_some(),
+            "the block before"
+        );
         // Continuing a recent read, or large: the read-ahead description, never direct.
         assert!(offered(&dev, (1 << 20) + 4096, 4096).is_none());
         assert!(offered(&dev, 3 << 20, RANDOM_READ_MAX).is_none());
