@@ -250,6 +250,105 @@ impl ReadCounts {
 mod tests {
     use super::*;
 
+    /// A read is taken when its offset and every segment's length are multiples of the block
+    /// and every address a multiple of the memory alignment; only an EINVAL stops the
+    /// description, once.
+    #[test]
+    fn direct_reads_take_only_aligned_reads_and_stop_after_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 1 << 16]).unwrap();
+        let d = DirectReads::open(&File::open(&path).unwrap()).expect("O_DIRECT in the temp dir");
+        let (block, mem) = dio_alignment(d.file());
+        assert_eq!((d.block, d.mem), (block, mem));
+        assert!(d.block >= 512 && d.mem >= 1);
+        let d = DirectReads::with_alignment(d.file, 4096, 512);
+        assert!(d.takes(8192, [(0x1000, 4096), (0x3000, 8192)]));
+        assert!(d.takes(0, []));
+        assert!(!d.takes(512, [(0x1000, 4096)]), "offset");
+        assert!(!d.takes(4096, [(0x1000, 4096), (0x3000, 2048)]), "length");
+        assert!(!d.takes(4096, [(0x1100, 4096)]), "address");
+        assert!(
+            d.takes(4096, [(0x1200, 4096)]),
+            "address at the memory alignment"
+        );
+        assert!(d.usable());
+        assert!(!d.refused(libc::EIO), "an I/O error is no refusal");
+        assert!(d.usable());
+        assert!(d.refused(libc::EINVAL));
+        assert!(!d.usable());
+        assert!(!d.refused(libc::EINVAL), "stopped once");
+        let odd = DirectReads::with_alignment(tempfile::tempfile().unwrap(), 3000, 0);
+        assert_eq!((odd.block, odd.mem), (4096, 1));
+        assert!(DirectReads::open(&File::open("/dev/null").unwrap()).is_none());
+    }
+
+    /// `cachestat` answers for every page of the range: one page missing at its end, or in
+    /// its middle, makes it not held; a range of held pages is held.
+    #[test]
+    fn the_page_cache_holds_a_range_only_with_every_page_of_it() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![3u8; 1 << 20]).unwrap();
+        let f = File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        // Nothing cached, no read-ahead: then exactly the pages read are held (page 103 not).
+        for advice in [libc::POSIX_FADV_DONTNEED, libc::POSIX_FADV_RANDOM] {
+            // SAFETY: posix_fadvise on an open descriptor, integer arguments.
+            assert_eq!(
+                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, advice) },
+                0
+            );
+        }
+        let mut buf = vec![0u8; 7 * 4096];
+        f.read_exact_at(&mut buf, 96 * 4096).unwrap();
+        f.read_exact_at(&mut buf[..3 * 4096], 104 * 4096).unwrap();
+        f.read_exact_at(&mut buf[..5 * 4096], 200 * 4096).unwrap();
+        const P: u64 = 4096;
+        assert_eq!(page_cache_holds(&f, 96 * P, 4 * P), Some(true));
+        assert_eq!(page_cache_holds(&f, 200 * P + 100, 3 * P), Some(true));
+        assert_eq!(
+            page_cache_holds(&f, 100 * P, 4 * P),
+            Some(false),
+            "last page missing"
+        );
+        assert_eq!(
+            page_cache_holds(&f, 102 * P, 3 * P),
+            Some(false),
+            "middle page missing"
+        );
+        assert_eq!(
+            page_cache_holds(&f, 100 * P + 100, 3 * P),
+            Some(false),
+            "unaligned"
+        );
+        assert_eq!(page_cache_holds(&f, 103 * P + 4095, 1), Some(false));
+        assert_eq!(page_cache_holds(&f, 104 * P, 1), Some(true));
+        assert_eq!(page_cache_holds(&f, 5, 0), Some(true));
+    }
+
+    /// The offset alignment reported is the one the block device enforces (its logical block
+    /// size, from sysfs), not the 4096 fallback.
+    #[test]
+    fn the_direct_alignment_is_the_block_device_s_logical_block_size() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let dev = std::fs::metadata(&path).unwrap().dev();
+        // SAFETY: major/minor only split an integer.
+        let (major, minor) = unsafe { (libc::major(dev), libc::minor(dev)) };
+        let sys = format!("/sys/dev/block/{major}:{minor}");
+        let lbs = std::fs::read_to_string(format!("{sys}/queue/logical_block_size"))
+            .or_else(|_| std::fs::read_to_string(format!("{sys}/../queue/logical_block_size")))
+            .expect("the temporary directory lies on a block device");
+        let lbs: u64 = lbs.trim().parse().unwrap();
+        let (block, mem) = dio_alignment(&File::open(&path).unwrap());
+        assert_eq!(block, lbs);
+        assert!(mem >= 1 && mem as u64 <= block);
+    }
+
     #[test]
     fn read_counts_saturate_per_block_and_a_huge_file_counts_in_larger_blocks() {
         let c = ReadCounts::new(1 << 30);
