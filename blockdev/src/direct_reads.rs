@@ -296,10 +296,8 @@ mod tests {
         // Nothing cached, no read-ahead: then exactly the pages read are held (page 103 not).
         for advice in [libc::POSIX_FADV_DONTNEED, libc::POSIX_FADV_RANDOM] {
             // SAFETY: posix_fadvise on an open descriptor, integer arguments.
-            assert_eq!(
-                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, advice) },
-                0
-            );
+            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, advice) };
+            assert_eq!(r, 0);
         }
         let mut buf = vec![0u8; 7 * 4096];
         f.read_exact_at(&mut buf, 96 * 4096).unwrap();
@@ -337,8 +335,7 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, [0u8; 4096]).unwrap();
         let dev = std::fs::metadata(&path).unwrap().dev();
-        // SAFETY: major/minor only split an integer.
-        let (major, minor) = unsafe { (libc::major(dev), libc::minor(dev)) };
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
         let sys = format!("/sys/dev/block/{major}:{minor}");
         let lbs = std::fs::read_to_string(format!("{sys}/queue/logical_block_size"))
             .or_else(|_| std::fs::read_to_string(format!("{sys}/../queue/logical_block_size")))
