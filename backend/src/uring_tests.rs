@@ -136,6 +136,19 @@ impl Rig {
     fn status(&self, i: u64) -> u8 {
         self.mem.read_obj(GuestAddress(STATUS + i)).unwrap()
     }
+
+    /// Request 0 (`len` bytes) was executed again through the synchronous path: its buffer
+    /// holds the disk's synchronous bytes `sync`, its status is OK, and the disk has served
+    /// `reads` synchronous reads so far.
+    fn assert_read_again(&self, len: usize, sync: u8, reads: usize) {
+        assert_eq!(
+            self.guest(DATA, len),
+            vec![sync; len],
+            "the synchronous path's bytes"
+        );
+        assert_eq!(self.status(0), VIRTIO_BLK_S_OK);
+        assert_eq!(self.disk.sync_reads.load(Ordering::SeqCst), reads);
+    }
 }
 
 /// A read of `len` bytes at `sector` whose data is split over descriptors of `split` bytes
@@ -218,13 +231,7 @@ fn uring_short_read_is_executed_again_through_the_synchronous_path() {
     let rig = Rig::new(0x66, Box::new(move |_, len| file_plan(&file, 0, len)));
     rig.pass(&[read_chain(&rig.mem, 0, 8, 4096, &[])]);
     rig.runner.wait_idle();
-    assert_eq!(
-        rig.guest(DATA, 4096),
-        vec![0x66; 4096],
-        "the synchronous path's bytes"
-    );
-    assert_eq!(rig.status(0), VIRTIO_BLK_S_OK);
-    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 1);
+    rig.assert_read_again(4096, 0x66, 1);
 }
 
 #[test]
@@ -514,50 +521,48 @@ fn a_deep_pass_hands_its_first_reads_to_the_kernel_before_it_ends() {
     }
 }
 
-/// A file on a file system that takes O_DIRECT (the temporary directory), holding `data`, and
-/// an O_DIRECT description of it.
-fn direct_file_with(data: &[u8]) -> (tempfile::TempDir, File) {
+/// A queue over plans that name a buffered file holding pattern 7 (64 KiB) and offer an
+/// O_DIRECT description claiming alignments `(block, mem)`, of another file holding pattern 9
+/// (`direct_len` bytes, on the temporary directory's file system), so the guest's bytes tell
+/// which one the ring read. `at` maps a request's byte offset to the planned file offset; the
+/// disk's synchronous reads return `sync`.
+fn direct_rig(
+    sync: u8,
+    direct_len: usize,
+    (block, mem): (u64, usize),
+    at: fn(u64) -> u64,
+) -> (Rig, Arc<blockdev::DirectReads>, tempfile::TempDir) {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("direct");
-    std::fs::write(&path, data).unwrap();
+    std::fs::write(&path, pattern(9, direct_len)).unwrap();
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
         .open(&path)
         .expect("the temporary directory takes O_DIRECT");
-    (dir, f)
-}
-
-/// The plan of a read of `[offset, offset + len)` from `file`, offering `direct`.
-fn direct_plan(
-    file: &Arc<File>,
-    direct: &Arc<blockdev::DirectReads>,
-    offset: u64,
-    len: u64,
-) -> Option<ReadPlan> {
-    Some(ReadPlan::one(
-        len,
-        PlanSource::File {
-            file: Arc::clone(file),
-            offset,
-            direct: Some(Arc::clone(direct)),
-        },
-    ))
+    let direct = Arc::new(blockdev::DirectReads::with_alignment(f, block, mem));
+    let buffered = file_with(&pattern(7, 64 << 10));
+    let d = Arc::clone(&direct);
+    let rig = Rig::new(
+        sync,
+        Box::new(move |offset, len| {
+            Some(ReadPlan::one(
+                len,
+                PlanSource::File {
+                    file: Arc::clone(&buffered),
+                    offset: at(offset),
+                    direct: Some(Arc::clone(&d)),
+                },
+            ))
+        }),
+    );
+    (rig, direct, dir)
 }
 
 #[test]
 fn a_plan_s_direct_description_is_read_where_the_guest_buffers_meet_its_alignment() {
-    // The buffered description holds pattern 7, the O_DIRECT one (a real O_DIRECT descriptor
-    // of another file) pattern 9, so the guest's bytes tell which one the ring read.
-    let buffered = file_with(&pattern(7, 64 << 10));
-    let (_dir, direct) = direct_file_with(&pattern(9, 64 << 10));
-    let direct = Arc::new(blockdev::DirectReads::with_alignment(direct, 4096, 4096));
-    let d = Arc::clone(&direct);
-    let rig = Rig::new(
-        0x11,
-        Box::new(move |offset, len| direct_plan(&buffered, &d, offset, len)),
-    );
+    let (rig, direct, _dir) = direct_rig(0x11, 64 << 10, (4096, 4096), |o| o);
     // Request 0: 4 KiB at byte 8192 into one page-aligned buffer: direct. Request 1: the same
     // bytes in descriptors of 1000 and 3096 bytes (not multiples of the block): buffered.
     rig.pass(&[
@@ -580,26 +585,10 @@ fn a_direct_read_the_kernel_refuses_is_executed_again_and_later_reads_go_buffere
     // The description claims byte alignment; the kernel refuses a read at byte 100 of an
     // O_DIRECT file (EINVAL). The request is executed again through the synchronous path, and
     // from then on reads of that file take the buffered description.
-    let buffered = file_with(&pattern(7, 64 << 10));
-    let (_dir, direct) = direct_file_with(&pattern(9, 64 << 10));
-    let direct = Arc::new(blockdev::DirectReads::with_alignment(direct, 1, 1));
-    let d = Arc::clone(&direct);
-    let rig = Rig::new(
-        0x22,
-        Box::new(move |offset, len| {
-            let at = if offset == 0 { 100 } else { offset };
-            direct_plan(&buffered, &d, at, len)
-        }),
-    );
+    let (rig, direct, _dir) = direct_rig(0x22, 64 << 10, (1, 1), |o| if o == 0 { 100 } else { o });
     rig.pass(&[read_chain(&rig.mem, 0, 0, 4096, &[])]);
     rig.runner.wait_idle();
-    assert_eq!(
-        rig.guest(DATA, 4096),
-        vec![0x22; 4096],
-        "the synchronous path's bytes"
-    );
-    assert_eq!(rig.status(0), VIRTIO_BLK_S_OK);
-    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 1);
+    rig.assert_read_again(4096, 0x22, 1);
     assert!(!direct.usable(), "refused, still offered");
     rig.pass(&[read_chain(&rig.mem, 1, 16, 4096, &[])]);
     rig.runner.wait_idle();
@@ -616,22 +605,9 @@ fn a_short_direct_read_is_executed_again_through_the_synchronous_path() {
     // The O_DIRECT file ends 4 KiB before the buffered one: a direct read of its last 8 KiB
     // returns 4 KiB; the request is executed again and the description stays usable (a short
     // read is no refusal).
-    let buffered = file_with(&pattern(7, 64 << 10));
-    let (_dir, direct) = direct_file_with(&pattern(9, 60 << 10));
-    let direct = Arc::new(blockdev::DirectReads::with_alignment(direct, 4096, 4096));
-    let d = Arc::clone(&direct);
-    let rig = Rig::new(
-        0x33,
-        Box::new(move |_, len| direct_plan(&buffered, &d, 56 << 10, len)),
-    );
+    let (rig, direct, _dir) = direct_rig(0x33, 60 << 10, (4096, 4096), |_| 56 << 10);
     rig.pass(&[read_chain(&rig.mem, 0, 0, 8192, &[])]);
     rig.runner.wait_idle();
-    assert_eq!(
-        rig.guest(DATA, 8192),
-        vec![0x33; 8192],
-        "the synchronous path's bytes"
-    );
-    assert_eq!(rig.status(0), VIRTIO_BLK_S_OK);
-    assert_eq!(rig.disk.sync_reads.load(Ordering::SeqCst), 1);
+    rig.assert_read_again(8192, 0x33, 1);
     assert!(direct.usable());
 }
