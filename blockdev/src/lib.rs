@@ -400,8 +400,9 @@ pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> 
 mod tests {
     use super::*;
 
-    /// Appended pieces that continue each other merge; the merged piece offers a direct
-    /// description only if both did (a part the page cache holds is read buffered).
+    /// Appended pieces that continue each other merge (zeros after zeros too); the merged piece
+    /// offers a direct description only if both did (a part the page cache holds is read
+    /// buffered).
     #[test]
     fn appended_file_pieces_merge_and_keep_a_direct_description_only_if_both_had_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -428,6 +429,11 @@ mod tests {
         let mut second_only = ReadPlan::one(4096, piece(0, false));
         second_only.append(ReadPlan::one(4096, piece(4096, true)));
         assert!(!direct_of(&second_only));
+        // Zeros after zeros: one piece.
+        let mut zeros = ReadPlan::one(4096, PlanSource::Zero);
+        zeros.append(ReadPlan::one(512, PlanSource::Zero));
+        assert_eq!(zeros.pieces.len(), 1);
+        assert_eq!(zeros.len(), 4608);
         // Not continuing: two pieces, each keeping its own.
         let mut gap = ReadPlan::one(4096, piece(0, true));
         gap.append(ReadPlan::one(4096, piece(12288, false)));
