@@ -58,6 +58,16 @@ pub fn dio_alignment(file: &File) -> (u64, usize) {
     }
 }
 
+/// A new open file description of `file` with O_DIRECT, read-only unless `write` (through
+/// `/proc/self/fd`: flags are per description, so a dup would turn O_DIRECT on for `file` too).
+pub fn reopen_direct(file: &File, write: bool) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
 /// `cachestat(2)` (Linux 6.5): one number on every architecture (the seccomp allow-list of
 /// `snapblk serve --user` names it too).
 pub const SYS_CACHESTAT: libc::c_long = 451;
@@ -136,17 +146,13 @@ pub struct DirectReads {
 }
 
 impl DirectReads {
-    /// An `O_DIRECT` description of `file` (opened again through `/proc/self/fd`); `None` for
-    /// anything but a regular file, or where it cannot be opened so.
+    /// An `O_DIRECT` description of `file` ([`reopen_direct`]); `None` for anything but a
+    /// regular file, or where it cannot be opened so.
     pub fn open(file: &File) -> Option<DirectReads> {
         if !file.metadata().ok()?.is_file() {
             return None;
         }
-        let direct = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .ok()?;
+        let direct = reopen_direct(file, false).ok()?;
         let (block, mem) = dio_alignment(&direct);
         Some(DirectReads::with_alignment(direct, block, mem))
     }
@@ -192,7 +198,7 @@ impl DirectReads {
 
 /// Reads of a block that a plan may still send through the direct description; later ones go
 /// through the page cache (see the module documentation).
-pub const DIRECT_READS_PER_BLOCK: u8 = 2;
+pub(crate) const DIRECT_READS_PER_BLOCK: u8 = 2;
 
 /// Most counters [`ReadCounts`] keeps (2 bits each: 4 MiB); a larger file counts in larger
 /// blocks.
@@ -200,7 +206,7 @@ const MAX_COUNTERS: u64 = 1 << 24;
 
 /// Saturating 2-bit read counts per block of a file (see the module documentation).
 #[derive(Debug)]
-pub struct ReadCounts {
+pub(crate) struct ReadCounts {
     /// log2 of the block size (at least 4 KiB).
     shift: u32,
     words: Box<[std::sync::atomic::AtomicU64]>,
@@ -208,7 +214,7 @@ pub struct ReadCounts {
 
 impl ReadCounts {
     /// Counts for a file of `size` bytes.
-    pub fn new(size: u64) -> ReadCounts {
+    pub(crate) fn new(size: u64) -> ReadCounts {
         let mut shift = 12;
         while size.div_ceil(1 << shift) > MAX_COUNTERS {
             shift += 1;
@@ -225,7 +231,7 @@ impl ReadCounts {
 
     /// Counts a read of `[offset, offset + len)` and returns the largest count its blocks had
     /// before it (0 for a range never read).
-    pub fn note(&self, offset: u64, len: u64) -> u8 {
+    pub(crate) fn note(&self, offset: u64, len: u64) -> u8 {
         let first = offset >> self.shift;
         let last = (offset + len.max(1) - 1) >> self.shift;
         let mut most = 0u8;

@@ -18,7 +18,8 @@
 //! too when the host page cache does not hold the range ([`crate::page_cache_holds`]), so that
 //! the io_uring read path can read cold data straight from the device into the guest's buffers.
 //! Synchronous reads (which fill the folio cache) stay buffered, and so does a block's third
-//! and every later random read ([`crate::ReadCounts`]): what is read often is worth caching.
+//! and every later random read (`ReadCounts`, `direct_reads.rs`): what is read often is worth
+//! caching.
 //!
 //! Locking model: none. Positional `pread`/`pwrite` are thread-safe on a shared descriptor, so
 //! requests from every queue go straight to the kernel in parallel; the recent reads' ends are
@@ -32,9 +33,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::direct_reads::{ReadCounts, DIRECT_READS_PER_BLOCK};
 use crate::{
     check_range, open_file, page_cache_holds, read_full_at, BlockDev, BlockError, DirectReads,
-    PlanSource, ReadCounts, ReadPlan, Result, DIRECT_READS_PER_BLOCK,
+    PlanSource, ReadPlan, Result,
 };
 
 /// Reads of at least this many bytes always take the file's first description (read-ahead
@@ -435,14 +437,11 @@ mod tests {
         let path = dir.path().join("base");
         let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 241) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let drop_cache = || {
-            let f = File::open(&path).unwrap();
-            f.sync_all().unwrap();
-            // SAFETY: posix_fadvise on an open descriptor, integer arguments.
-            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-            assert_eq!(r, 0);
-        };
-        drop_cache();
+        let f = File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: posix_fadvise on an open descriptor, integer arguments.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
         let writable = RawFile::open(&path, false).unwrap();
         assert!(offered(&writable, 1 << 20, 4096).is_none());
         drop(writable);

@@ -28,7 +28,7 @@ pub mod lock;
 mod switch;
 pub use aligned::{AlignedBuf, IO_ALIGN};
 pub use direct_reads::{
-    dio_alignment, page_cache_holds, DirectReads, ReadCounts, DIRECT_READS_PER_BLOCK, SYS_CACHESTAT,
+    dio_alignment, page_cache_holds, reopen_direct, DirectReads, SYS_CACHESTAT,
 };
 pub use file::{file_size, RawFile};
 pub use switch::{SwitchDev, SwitchGuard};

@@ -229,16 +229,7 @@ impl DirectIo {
     }
 }
 
-/// A new open file description of `file` with O_DIRECT, read-only unless `write` (through
-/// `/proc/self/fd`: flags are per description, so a dup would turn O_DIRECT on for `file` too).
-pub fn reopen_direct(file: &File, write: bool) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-}
+pub use blockdev::reopen_direct;
 
 /// Switches `file` to O_DIRECT (`on`) or back to buffered I/O.
 pub fn set_o_direct(file: &File, on: bool) -> io::Result<()> {
