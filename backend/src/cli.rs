@@ -79,9 +79,10 @@ pub enum DirectMode {
     Auto,
     /// O_DIRECT below the folio cache for a writable qcow2 top (backing files stay buffered).
     On,
-    /// Large aligned writes (at least `LARGE_DIRECT_MIN`) into clusters of a writable qcow2
-    /// top that they allocate with O_DIRECT, everything else (rewrites in place included)
-    /// through the host page cache.
+    /// Large aligned writes (at least `LARGE_DIRECT_MIN`) of a writable qcow2 top with
+    /// O_DIRECT: guest writes that bypass the folio cache wherever they land, the cache's
+    /// writebacks into clusters they allocate; everything else (the cache's rewrites in place
+    /// included) through the host page cache.
     Large,
     /// Buffered I/O through the host page cache.
     Off,

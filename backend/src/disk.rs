@@ -609,6 +609,76 @@ mod tests {
         }
     }
 
+    /// Pages of `file` the host page cache holds, if the kernel can tell (`cachestat`).
+    fn cached_pages(file: &std::fs::File) -> Option<u64> {
+        let len = file.metadata().unwrap().len();
+        let mut n = 0;
+        for off in (0..len).step_by(4096) {
+            n += u64::from(blockdev::page_cache_holds(file, off, 4096)?);
+        }
+        Some(n)
+    }
+
+    #[test]
+    fn a_large_guest_rewrite_of_a_standard_l2_overlay_leaves_the_host_page_cache_by_default() {
+        // `--direct auto` (`large` for standard L2 entries), the whole served stack: a
+        // writeback's rewrite in place stays in the host page cache; a 1 MiB guest write,
+        // which bypasses the folio cache, rewrites the same clusters with O_DIRECT, so the
+        // pages the writeback left are dropped.
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("ovl.qcow2");
+        let opts = CreateOptions {
+            size: 4 << 20,
+            ..CreateOptions::default()
+        };
+        qcow_snapshot::create(&img, &opts).unwrap();
+        let probe = std::fs::File::create(dir.path().join("probe")).unwrap();
+        if qcow_snapshot::direct::reopen_direct(&probe, true).is_err() {
+            eprintln!("no O_DIRECT on this file system: nothing to check");
+            return;
+        }
+        let args = ServeArgs::with_defaults(img.clone(), dir.path().join("s"));
+        let disk = open_disk(&args).unwrap();
+        let mib = vec![1u8; 1 << 20];
+        disk.dev.write_at(&mib, 1 << 20).unwrap();
+        disk.dev.flush().unwrap();
+        for i in 0..256u64 {
+            disk.dev
+                .write_at(&[2u8; 4096], (1 << 20) + i * 4096)
+                .unwrap();
+        }
+        disk.dev.flush().unwrap();
+        let file = std::fs::File::open(&img).unwrap();
+        let Some(before) = cached_pages(&file) else {
+            eprintln!("no cachestat on this kernel: nothing to check");
+            return;
+        };
+        assert!(
+            before >= 256,
+            "the writeback's rewrite left {before} cached pages"
+        );
+        // Page-aligned, as the request buffer a guest's write is copied into.
+        let mut big = blockdev::AlignedBuf::zeroed(1 << 20);
+        big.fill(3);
+        disk.dev.write_at(&big, 1 << 20).unwrap();
+        disk.dev.flush().unwrap();
+        let after = cached_pages(&file).unwrap();
+        assert!(
+            after + 256 <= before,
+            "the guest's large rewrite went through the page cache: {before} -> {after} pages"
+        );
+        let mut back = vec![0u8; 1 << 20];
+        disk.dev.read_at(&mut back, 1 << 20).unwrap();
+        assert!(back.iter().all(|&b| b == 3));
+        drop(disk);
+        let reopened = qcow_snapshot::open_qcow2_with(&img, true, &Default::default()).unwrap();
+        reopened.read_at(&mut back, 1 << 20).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 3),
+            "the image file holds other bytes"
+        );
+    }
+
     #[test]
     fn keep_overlay_never_overwrites_an_existing_file() {
         let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,20 @@
 //! start is aligned to [`IO_ALIGN`], so a slice of one that starts at a multiple of the file's
 //! alignment goes to the device without a copy.
 //!
-//! Locking model: none; an `AlignedBuf` is owned like a `Vec<u8>`.
+//! A buffer of [`HUGE_MIN`] bytes or more lives in memory advised `MADV_HUGEPAGE` (half of a
+//! huge page from a pool for 1 MiB, else a mapping of its own in whole [`HUGE_PAGE`]s), so
+//! that (where transparent huge pages are on) a 1 MiB request is one physically contiguous
+//! piece of memory: the block layer then builds one segment for it instead of one per 4 KiB
+//! page. A virtio disk takes at most
+//! `max_segments` (254 here) segments per request, so a 1 MiB write from 4 KiB pages (256 of
+//! them) was split into two device requests, and the device's own merging of sequential
+//! requests stopped at the segment limit (a fresh overlay written with 1 MiB requests reached
+//! the disk as 580 KiB requests on average; fio's as 2.9 MiB ones; 1 MiB rewrites of allocated
+//! clusters reached 3.1-3.2 GB/s, and 5.2-5.6 GB/s from huge pages). Where huge pages are off,
+//! small pages back the same memory.
+//!
+//! Locking model: an `AlignedBuf` is owned like a `Vec<u8>`; the pool of free halves is a
+//! leaf mutex, held only to push or pop one.
 
 use std::alloc::{handle_alloc_error, Layout};
 use std::ops::{Deref, DerefMut};
@@ -18,10 +31,95 @@ use std::ptr::NonNull;
 /// alignment Linux reports for disks with up to 4 KiB logical blocks.
 pub const IO_ALIGN: usize = 4096;
 
+/// The size of a transparent huge page on x86-64 and arm64 with 4 KiB pages.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Buffers of at least this many bytes are backed by huge pages (see the module documentation):
+/// the largest request the block layer could split for its segment count.
+pub const HUGE_MIN: usize = 1 << 20;
+
+/// Where an [`AlignedBuf`]'s memory came from.
+#[derive(Clone, Copy)]
+enum Backing {
+    /// What `calloc` returned.
+    Heap(NonNull<u8>),
+    /// An anonymous mapping of this many bytes at the buffer's start.
+    Mapped(usize),
+    /// Half of a huge page, from [`HALVES`] and back there when dropped.
+    Half,
+}
+
+/// Buffers of up to this many bytes (and at least [`HUGE_MIN`]) take half of a huge page:
+/// a 1 MiB request buffer then costs 1 MiB of memory (and of zeroing on first touch), not 2.
+pub const HUGE_HALF: usize = HUGE_PAGE / 2;
+
+/// The start of a free half of a huge page, and whether it is untouched (all zeros).
+struct Half(NonNull<u8>, bool);
+
+// SAFETY: a `Half` is an address of memory nobody uses while it is in the pool.
+unsafe impl Send for Half {}
+
+/// Free halves of huge pages. Never unmapped: the pool holds at most as many as were ever in
+/// use at once (the executors' request buffers of 1 MiB), and a daemon that served them once
+/// serves them again without touching new memory (on a VM, memory touched for the first time
+/// is also a fault on the host: about 1 GB/s here).
+static HALVES: std::sync::Mutex<Vec<Half>> = std::sync::Mutex::new(Vec::new());
+
+/// A free half of a huge page: from the pool, else one half of a new huge page whose other
+/// half goes into the pool.
+fn take_half() -> Option<Half> {
+    let mut pool = HALVES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = pool.pop() {
+        return Some(h);
+    }
+    let page = map_huge(HUGE_PAGE)?;
+    // SAFETY: `HUGE_HALF` bytes into a mapping of `HUGE_PAGE` bytes.
+    pool.push(Half(unsafe { page.add(HUGE_HALF) }, true));
+    Some(Half(page, true))
+}
+
+/// An anonymous mapping of `size` bytes (a multiple of [`HUGE_PAGE`]) aligned to
+/// [`HUGE_PAGE`] and advised `MADV_HUGEPAGE`; `None` if the kernel refused it.
+fn map_huge(size: usize) -> Option<NonNull<u8>> {
+    let over = size.checked_add(HUGE_PAGE)?;
+    // SAFETY: a fresh private anonymous mapping; the kernel picks the address; checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            over,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let base = p.cast::<u8>();
+    let head = base.align_offset(HUGE_PAGE);
+    // SAFETY: `head < HUGE_PAGE`, so `base + head .. + size` lies inside the `over` bytes
+    // mapped; the pieces before and after it are unmapped (each lies inside the mapping and
+    // nothing refers to them), and the advice covers exactly what is kept.
+    unsafe {
+        let start = base.add(head);
+        if head > 0 {
+            libc::munmap(base.cast(), head);
+        }
+        let tail = over - head - size;
+        if tail > 0 {
+            libc::munmap(start.add(size).cast(), tail);
+        }
+        // Advice only: where huge pages are off, small pages back the mapping.
+        libc::madvise(start.cast(), size, libc::MADV_HUGEPAGE);
+        NonNull::new(start)
+    }
+}
+
 /// A zero-initialised byte buffer whose start is aligned to [`IO_ALIGN`].
 pub struct AlignedBuf {
-    /// What `calloc` returned (`None` for an empty buffer).
-    raw: Option<NonNull<u8>>,
+    /// Its memory (`None` for an empty buffer).
+    raw: Option<Backing>,
     /// The aligned start inside it.
     ptr: NonNull<u8>,
     len: usize,
@@ -56,6 +154,11 @@ impl AlignedBuf {
         if len == 0 {
             return Self::new();
         }
+        if len >= HUGE_MIN && align <= HUGE_PAGE {
+            if let Some(b) = Self::mapped(len) {
+                return b;
+            }
+        }
         let Some(total) = len.checked_add(align) else {
             handle_alloc_error(Layout::new::<[u8; IO_ALIGN]>());
         };
@@ -68,10 +171,43 @@ impl AlignedBuf {
         // SAFETY: `off < align`, so `raw + off .. raw + off + len` lies inside the allocation.
         let ptr = unsafe { raw.add(off) };
         AlignedBuf {
-            raw: Some(raw),
+            raw: Some(Backing::Heap(raw)),
             ptr,
             len,
         }
+    }
+
+    /// A buffer of `len` (at least [`HUGE_MIN`]) zero bytes in huge-page memory: half of a
+    /// huge page from the pool of halves for up to [`HUGE_HALF`], else an anonymous mapping of
+    /// its own rounded up to whole huge pages; `None` if the kernel refused the mapping (the
+    /// caller then takes memory from the heap).
+    fn mapped(len: usize) -> Option<Self> {
+        if len <= HUGE_HALF {
+            let Half(half, untouched) = take_half()?;
+            if !untouched {
+                // SAFETY: a free half of `HUGE_HALF` bytes, ours until it goes back to the
+                // pool; zeroed as `zeroed` promises (untouched memory is zero already).
+                unsafe { std::ptr::write_bytes(half.as_ptr(), 0, len) };
+            }
+            return Some(AlignedBuf {
+                raw: Some(Backing::Half),
+                ptr: half,
+                len,
+            });
+        }
+        let size = len.checked_next_multiple_of(HUGE_PAGE)?;
+        let start = map_huge(size)?;
+        Some(AlignedBuf {
+            raw: Some(Backing::Mapped(size)),
+            ptr: start,
+            len,
+        })
+    }
+
+    /// Whether this buffer is in huge-page memory (for the tests).
+    #[cfg(test)]
+    fn is_huge(&self) -> bool {
+        matches!(self.raw, Some(Backing::Mapped(_) | Backing::Half))
     }
 
     /// This buffer if it holds at least `len` bytes, else a fresh zeroed one of `len` bytes
@@ -93,9 +229,18 @@ impl Default for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if let Some(raw) = self.raw {
+        match self.raw {
             // SAFETY: `raw` came from calloc and is freed once.
-            unsafe { libc::free(raw.as_ptr().cast()) };
+            Some(Backing::Heap(raw)) => unsafe { libc::free(raw.as_ptr().cast()) },
+            // SAFETY: the mapping of `size` bytes made in `mapped`, unmapped once.
+            Some(Backing::Mapped(size)) => unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), size);
+            },
+            Some(Backing::Half) => HALVES
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Half(self.ptr, false)),
+            None => {}
         }
     }
 }
@@ -127,6 +272,38 @@ impl std::fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_buffers_are_huge_page_aligned_zeroed_even_when_reused_and_halves_come_back() {
+        // A 1 MiB buffer is half of a huge page (physically contiguous where huge pages are
+        // on), a larger one whole huge pages; both read as zeros, also after a dirty half went
+        // back to the pool and is handed out again.
+        let mut bufs: Vec<AlignedBuf> = (0..3).map(|_| AlignedBuf::zeroed(HUGE_MIN)).collect();
+        for b in &mut bufs {
+            assert!(b.is_huge());
+            assert_eq!(b.as_ptr() as usize % HUGE_HALF, 0);
+            assert!(b.iter().all(|&x| x == 0));
+            b.fill(0xee);
+        }
+        let small = AlignedBuf::zeroed(HUGE_MIN - 4096);
+        assert!(!small.is_huge());
+        let addrs: Vec<usize> = bufs.iter().map(|b| b.as_ptr() as usize).collect();
+        drop(bufs);
+        // (Other tests may take halves meanwhile: look for ours among several.)
+        let again: Vec<AlignedBuf> = (0..8).map(|_| AlignedBuf::zeroed(HUGE_MIN)).collect();
+        assert!(
+            again.iter().any(|b| addrs.contains(&(b.as_ptr() as usize))),
+            "no half came back from the pool"
+        );
+        for b in &again {
+            assert!(b.iter().all(|&x| x == 0), "a reused half was not zeroed");
+        }
+        let big = AlignedBuf::zeroed(HUGE_PAGE + 1);
+        assert!(big.is_huge());
+        assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0);
+        assert_eq!(big.len(), HUGE_PAGE + 1);
+        assert!(big.iter().all(|&x| x == 0));
+    }
 
     #[test]
     fn a_buffer_starts_page_aligned_zeroed_and_is_reused_only_when_large_enough() {

@@ -76,6 +76,14 @@ pub trait BlockDev: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Writes `buf` at `offset` as [`BlockDev::write_at`] does, for a caller that keeps no copy
+    /// of the bytes (a large guest write the folio cache let through): a layer with a page
+    /// cache of its own below (a qcow2 image on a buffered file whose large writes go
+    /// O_DIRECT) sends it past that cache even where it rewrites data in place. The default is
+    /// `write_at`.
+    fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_at(buf, offset)
+    }
     /// Writes every `(buf, offset)` of `writes`, as [`BlockDev::write_at`] would, one result
     /// per write in order. No two of them overlap; they may reach the device in any order and
     /// at once (a qcow2 image on an O_DIRECT file puts their data in flight together).

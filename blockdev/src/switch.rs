@@ -112,6 +112,10 @@ impl BlockDev for SwitchDev {
         self.get().write_at(buf, offset)
     }
 
+    fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.get().write_uncached_at(buf, offset)
+    }
+
     fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
         self.get().write_batch(writes)
     }

@@ -676,6 +676,32 @@ fn large_write_bypass_replaces_cached_and_dirty_copies() {
 }
 
 #[test]
+fn only_a_large_write_that_bypasses_the_cache_goes_down_uncached() {
+    // The lower layer may send an uncached write past a page cache of its own (a qcow2
+    // image's rewrites in place): only the guest's large writes are such; the cache's own
+    // writebacks, whatever their size, are not.
+    let lower = FaultyDisk::new(vec![0; 64 << 10]);
+    let cache = cache_over(&lower, bypass_cfg());
+    // Four sequential folios (as large as the bypass threshold) written back in one run.
+    for i in 0..4 {
+        cache.write_at(&[0x33; 4096], i * K4).unwrap();
+    }
+    cache.flush().unwrap();
+    assert!(
+        lower.uncached_writes().is_empty(),
+        "a writeback went down uncached"
+    );
+    assert_eq!(lower.bytes(0, 4 * K4 as usize), vec![0x33; 4 * K4 as usize]);
+    // A large write with a partial head and tail: only its whole folios bypass.
+    let new = pattern(4, 6 * K4 + 100, 5 * K4 as usize);
+    cache.write_at(&new, 6 * K4 + 100).unwrap();
+    assert_eq!(lower.uncached_writes(), vec![(7 * K4, 4 * K4 as usize)]);
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(6 * K4 + 100, new.len()), new);
+    assert_eq!(lower.uncached_writes().len(), 1);
+}
+
+#[test]
 fn writeback_racing_large_write_bypass_never_lands_after_it() {
     let lower = FaultyDisk::new(vec![0; 64 << 10]);
     let hook = OnceHook::new(HookPoint::AfterWritebackSnapshot, 1);

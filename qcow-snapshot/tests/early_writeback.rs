@@ -426,6 +426,48 @@ fn large_rewrites_in_place_stay_in_the_page_cache_and_large_allocating_writes_go
 }
 
 #[test]
+fn a_large_guest_write_past_the_folio_cache_rewrites_in_place_directly() {
+    // A guest write the folio cache let through (`write_uncached_at`) keeps no copy above:
+    // under `--direct large` its rewrite in place goes to the device with O_DIRECT like an
+    // allocating write, where a writeback's (`write_at`) stays in the page cache. One that is
+    // too small for the direct route is buffered (`write_at`, not counted as kept cached).
+    let (host, img) = large_direct_image();
+    fill(&img, 2, 1);
+    let direct = || host.direct_bytes.load(Ordering::SeqCst);
+    let cached = || host.kept_cached_bytes.load(Ordering::SeqCst);
+    assert_eq!((direct(), cached()), (2 << 20, 0));
+    img.write_uncached_at(&vec![7u8; MIB], 0).unwrap();
+    assert_eq!(
+        (direct(), cached()),
+        (3 << 20, 0),
+        "an uncached rewrite stayed cached"
+    );
+    img.write_at(&vec![8u8; MIB], MIB as u64).unwrap();
+    assert_eq!(
+        (direct(), cached()),
+        (3 << 20, 1 << 20),
+        "a writeback's rewrite went direct"
+    );
+    img.write_uncached_at(&[9u8; 4096], 8192).unwrap();
+    assert_eq!((direct(), cached()), (3 << 20, 1 << 20));
+    // Also past the end of what it allocated: the uncached write allocates the rest directly.
+    img.write_uncached_at(&vec![6u8; 2 * MIB], MIB as u64)
+        .unwrap();
+    assert_eq!((direct(), cached()), (5 << 20, 1 << 20));
+    img.flush().unwrap();
+    let mut want = vec![7u8; 3 * MIB];
+    want[8192..12288].fill(9);
+    want[MIB..].fill(6);
+    let mut back = vec![0u8; 3 * MIB];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back == want, "the image reads back other bytes");
+    assert!(
+        read_durable(host.durable(), 0, 3 * MIB) == want,
+        "the flushed image differs"
+    );
+}
+
+#[test]
 fn a_failed_sync_after_large_rewrites_in_place_replays_them() {
     // A rewrite kept in the page cache can be dropped by a failed sync (unlike a direct
     // write, which reported its own outcome), so the image keeps it for the replay: the

@@ -64,7 +64,7 @@ impl Inner {
         for f in &pinned {
             drop(f.wait_writeback(f.lock()));
         }
-        let result = self.lower.write_at(buf, offset);
+        let result = self.lower.write_uncached_at(buf, offset);
         for f in &pinned {
             let mut st = f.wait_writeback(f.lock());
             let n = f.sectors();

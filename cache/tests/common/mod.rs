@@ -65,6 +65,8 @@ pub struct FaultyDisk {
     pub reads: AtomicU64,
     /// The number of writes of every `write_batch` call, in order.
     batches: Mutex<Vec<usize>>,
+    /// (offset, length) of every `write_uncached_at` call, in order.
+    uncached: Mutex<Vec<(u64, usize)>>,
 }
 
 impl std::fmt::Debug for FaultyDisk {
@@ -98,6 +100,7 @@ impl FaultyDisk {
             flushes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             batches: Mutex::new(Vec::new()),
+            uncached: Mutex::new(Vec::new()),
         })
     }
 
@@ -193,6 +196,11 @@ impl FaultyDisk {
         self.batches.lock().unwrap().clone()
     }
 
+    /// (offset, length) of every write handed down as uncached (`write_uncached_at`).
+    pub fn uncached_writes(&self) -> Vec<(u64, usize)> {
+        self.uncached.lock().unwrap().clone()
+    }
+
     pub fn clear_events(&self) {
         self.log.lock().unwrap().clear();
     }
@@ -238,6 +246,11 @@ impl BlockDev for FaultyDisk {
             return Err(eio());
         }
         Ok(())
+    }
+
+    fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.uncached.lock().unwrap().push((offset, buf.len()));
+        self.write_at(buf, offset)
     }
 
     fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use blockdev::AlignedBuf;
 
-use super::datapath::{same_error, Fill, Step};
+use super::datapath::{same_error, Fill, Rewrite, Step};
 use super::*;
 
 /// The most copy-on-write assembly one batch keeps for writing together (see [`CowArena`]);
@@ -338,7 +338,7 @@ impl QcowImage {
             let r = match plan {
                 Ok(steps) => {
                     let before = (deferred.writes.len(), deferred.fills.len());
-                    let r = self.write_data(b, o, steps, Some(&mut deferred));
+                    let r = self.write_data(b, o, steps, Some(&mut deferred), Rewrite::Cached);
                     // A write whose copy-on-write part failed issues nothing more.
                     if r.is_err() {
                         deferred.writes.truncate(before.0);
@@ -465,7 +465,7 @@ impl QcowImage {
                 for (boff, blen) in r? {
                     drop(self.wait_inflight(self.lock(), boff, blen));
                     let s = (boff - o) as usize;
-                    self.write_inner(&b[s..s + blen as usize], boff)?;
+                    self.write_inner(&b[s..s + blen as usize], boff, Rewrite::Cached)?;
                 }
                 Ok(())
             })

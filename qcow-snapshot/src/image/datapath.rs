@@ -30,6 +30,22 @@ fn with_cow_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     out
 }
 
+/// Where a write's rewrites of clusters the image already has go, on a file whose large
+/// writes go with O_DIRECT and the rest through the host page cache (`--direct large`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rewrite {
+    /// Through the host page cache whatever their size ([`HostFile::write_cached_at`]), as a
+    /// raw image's writes go: the folio cache's writebacks, which the host page cache absorbs
+    /// when the same blocks are written back again soon.
+    Cached,
+    /// As the image's other writes go (large aligned ones direct): a guest write the folio
+    /// cache let through ([`BlockDev::write_uncached_at`]). Sent through the host page cache,
+    /// 1 MiB rewrites of a cold image went at a tenth of the device's rate here: every page
+    /// of it newly allocated (on this VM a fault on the host too), sixteen writers queued on
+    /// the inode lock, and the dirty pages written out again before the next FLUSH.
+    Uncached,
+}
+
 /// Where the bytes of an allocating write's uncovered part come from.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Fill {
@@ -268,7 +284,12 @@ impl QcowImage {
 
     /// One pass of a write: plan under the lock, write data unlocked, publish under the lock.
     /// Returns the ranges that another request was allocating.
-    pub(super) fn write_pass(&self, buf: &[u8], offset: u64) -> Result<Vec<(u64, u64)>> {
+    pub(super) fn write_pass(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        rewrite: Rewrite,
+    ) -> Result<Vec<(u64, u64)>> {
         let steps = {
             let mut m = self.lock();
             let planned = self.plan_pass(&mut m, buf.len() as u64, offset);
@@ -278,7 +299,7 @@ impl QcowImage {
             }
             planned?
         };
-        let data = self.write_data(buf, offset, &steps, None);
+        let data = self.write_data(buf, offset, &steps, None, rewrite);
         self.wrote_data();
         let mut m = self.lock();
         let r = self
@@ -300,18 +321,22 @@ impl QcowImage {
     /// early writeback when it lands in the host page cache and is not `in_place` (see
     /// [`QcowImage::wrote_host`]).
     ///
-    /// A write `in_place` goes through the host page cache under `--direct large` whatever
-    /// its size ([`HostFile::write_cached_at`]): rewrites of allocated clusters are absorbed
-    /// there as a raw image's writes are; writes that allocate (an installer filling a fresh
-    /// overlay) take the large-write route to the device.
-    pub(super) fn write_host(&self, b: &[u8], at: u64, in_place: bool) -> Result<()> {
-        if in_place {
+    /// A write `in_place` goes where `rewrite` says (see [`Rewrite`]); writes that allocate
+    /// (an installer filling a fresh overlay) take the large-write route to the device.
+    pub(super) fn write_host(
+        &self,
+        b: &[u8],
+        at: u64,
+        in_place: bool,
+        rewrite: Rewrite,
+    ) -> Result<()> {
+        if in_place && rewrite == Rewrite::Cached {
             self.io.write_cached_at(b, at)?;
             return Ok(());
         }
         let buffered = !self.io.writes_directly(b, at);
         self.io.write_at(b, at)?;
-        self.wrote_host(b.len(), buffered);
+        self.wrote_host(b.len(), buffered && !in_place);
         Ok(())
     }
 
@@ -552,6 +577,7 @@ impl QcowImage {
         offset: u64,
         steps: &[Step],
         mut defer: Option<&mut Deferred<'a>>,
+        rewrite: Rewrite,
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let slice = |guest: u64, len: u64| {
@@ -576,7 +602,7 @@ impl QcowImage {
                         tot += l2;
                         j += 1;
                     }
-                    self.write_or_defer(&mut defer, slice(guest, tot), host, true)?;
+                    self.write_or_defer(&mut defer, slice(guest, tot), host, true, rewrite)?;
                     i = j;
                 }
                 Step::Alloc {
@@ -603,14 +629,14 @@ impl QcowImage {
                             tot += l2;
                             j += 1;
                         }
-                        self.write_or_defer(&mut defer, slice(guest, tot), target, false)?;
+                        self.write_or_defer(&mut defer, slice(guest, tot), target, false, rewrite)?;
                         i = j;
                     } else if let Some(w) = sub {
                         let at = target + self.geo.offset_in_cluster(w.start);
                         if w.start == guest && w.end == guest + len {
                             // Whole subclusters: written from the caller's buffer (aligned
                             // memory stays aligned for an O_DIRECT file), nothing to fill.
-                            self.write_or_defer(&mut defer, slice(guest, len), at, false)?;
+                            self.write_or_defer(&mut defer, slice(guest, len), at, false, rewrite)?;
                         } else {
                             self.assemble((w.end - w.start) as usize, at, &mut defer, |b| {
                                 let head = (guest - w.start) as usize;
@@ -647,14 +673,16 @@ impl QcowImage {
         Ok(())
     }
 
-    /// Writes `b` at `at` now, or adds it to the batch's writes; `in_place` for a write over
-    /// clusters (or subclusters) the image already has.
+    /// Writes `b` at `at` now (an `in_place` one where `rewrite` says), or adds it to the
+    /// batch's writes; `in_place` for a write over clusters (or subclusters) the image already
+    /// has.
     pub(super) fn write_or_defer<'a>(
         &self,
         defer: &mut Option<&mut Deferred<'a>>,
         b: &'a [u8],
         at: u64,
         in_place: bool,
+        rewrite: Rewrite,
     ) -> Result<()> {
         match defer {
             Some(d) => {
@@ -666,7 +694,7 @@ impl QcowImage {
                 d.writes.push((src, at));
                 Ok(())
             }
-            None => self.write_host(b, at, in_place),
+            None => self.write_host(b, at, in_place, rewrite),
         }
     }
 
@@ -692,7 +720,7 @@ impl QcowImage {
         }
         with_cow_buf(len, |b| -> Result<()> {
             make(b)?;
-            self.write_host(b, at, false)
+            self.write_host(b, at, false, Rewrite::Cached)
         })
     }
 
@@ -714,11 +742,11 @@ impl QcowImage {
         m
     }
 
-    pub(super) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
+    pub(super) fn write_inner(&self, buf: &[u8], offset: u64, rewrite: Rewrite) -> Result<()> {
         let mut todo = vec![(offset, buf.len() as u64)];
         while let Some((off, len)) = todo.pop() {
             let s = (off - offset) as usize;
-            let blocked = self.write_pass(&buf[s..s + len as usize], off)?;
+            let blocked = self.write_pass(&buf[s..s + len as usize], off, rewrite)?;
             for (boff, blen) in blocked {
                 drop(self.wait_inflight(self.lock(), boff, blen));
                 todo.push((boff, blen));
@@ -744,7 +772,7 @@ impl QcowImage {
         if !ranges.is_empty() {
             let zeros = vec![0u8; self.geo.cluster_size() as usize];
             for (off, n) in ranges {
-                self.write_inner(&zeros[..n as usize], off)?;
+                self.write_inner(&zeros[..n as usize], off, Rewrite::Cached)?;
             }
         }
         Ok(())

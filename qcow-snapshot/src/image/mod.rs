@@ -70,6 +70,7 @@ use crate::format::{
 };
 use crate::host::{HostFile, ReplayHost};
 use crate::refcount::rebuild_refcounts;
+use datapath::Rewrite;
 
 pub use batch::COW_ARENA_MAX;
 pub use header::{BackingSpec, ImageHeader};
@@ -495,7 +496,19 @@ impl BlockDev for QcowImage {
             return Ok(());
         }
         let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
-        let r = self.write_inner(buf, offset);
+        let r = self.write_inner(buf, offset, Rewrite::Cached);
+        drop(_g);
+        self.finish(r)
+    }
+
+    fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, buf.len() as u64, self.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let r = self.write_inner(buf, offset, Rewrite::Uncached);
         drop(_g);
         self.finish(r)
     }
