@@ -253,7 +253,8 @@ pub struct RequestWorker {
 
 fn bounce(buf: &mut AlignedBuf, n: usize) -> &mut [u8] {
     if buf.len() < n {
-        *buf = AlignedBuf::zeroed(n);
+        // In huge pages from 1 MiB on: a large write goes to the device as one request.
+        *buf = AlignedBuf::zeroed_contiguous(n);
     }
     &mut buf[..n]
 }

@@ -8,9 +8,9 @@
 //! start is aligned to [`IO_ALIGN`], so a slice of one that starts at a multiple of the file's
 //! alignment goes to the device without a copy.
 //!
-//! A buffer of [`HUGE_MIN`] bytes or more lives in memory advised `MADV_HUGEPAGE` (half of a
-//! huge page from a pool for 1 MiB, else a mapping of its own in whole [`HUGE_PAGE`]s), so
-//! that (where transparent huge pages are on) a 1 MiB request is one physically contiguous
+//! A request buffer ([`AlignedBuf::zeroed_contiguous`]) of [`HUGE_MIN`] bytes or more lives in
+//! memory advised `MADV_HUGEPAGE` (half of a huge page from a pool for 1 MiB, else a mapping of
+//! its own in whole [`HUGE_PAGE`]s), so that (where transparent huge pages are on) a 1 MiB request is one physically contiguous
 //! piece of memory: the block layer then builds one segment for it instead of one per 4 KiB
 //! page. A virtio disk takes at most
 //! `max_segments` (254 here) segments per request, so a 1 MiB write from 4 KiB pages (256 of
@@ -147,17 +147,26 @@ impl AlignedBuf {
         Self::zeroed_aligned(len, IO_ALIGN)
     }
 
+    /// [`Self::zeroed`], in huge-page memory from [`HUGE_MIN`] bytes on (see the module
+    /// documentation): for a long-lived buffer that large requests go to the device from
+    /// (a queue's request buffer). Huge-page memory costs a fault and the zeroing of a whole
+    /// huge page the first time it is touched (on this VM about 2 ms, memory the host gets
+    /// back first), so a buffer made and dropped per operation stays on the heap.
+    pub fn zeroed_contiguous(len: usize) -> Self {
+        if len >= HUGE_MIN {
+            if let Some(b) = Self::mapped(len) {
+                return b;
+            }
+        }
+        Self::zeroed(len)
+    }
+
     /// [`Self::zeroed`] with its start aligned to `align` too (rounded up to a power of two;
     /// never less than [`IO_ALIGN`]).
     pub fn zeroed_aligned(len: usize, align: usize) -> Self {
         let align = align.max(IO_ALIGN).next_power_of_two();
         if len == 0 {
             return Self::new();
-        }
-        if len >= HUGE_MIN && align <= HUGE_PAGE {
-            if let Some(b) = Self::mapped(len) {
-                return b;
-            }
         }
         let Some(total) = len.checked_add(align) else {
             handle_alloc_error(Layout::new::<[u8; IO_ALIGN]>());
@@ -278,19 +287,27 @@ mod tests {
         // A 1 MiB buffer is half of a huge page (physically contiguous where huge pages are
         // on), a larger one whole huge pages; both read as zeros, also after a dirty half went
         // back to the pool and is handed out again.
-        let mut bufs: Vec<AlignedBuf> = (0..3).map(|_| AlignedBuf::zeroed(HUGE_MIN)).collect();
+        let mut bufs: Vec<AlignedBuf> = (0..3)
+            .map(|_| AlignedBuf::zeroed_contiguous(HUGE_MIN))
+            .collect();
         for b in &mut bufs {
             assert!(b.is_huge());
             assert_eq!(b.as_ptr() as usize % HUGE_HALF, 0);
             assert!(b.iter().all(|&x| x == 0));
             b.fill(0xee);
         }
-        let small = AlignedBuf::zeroed(HUGE_MIN - 4096);
+        let small = AlignedBuf::zeroed_contiguous(HUGE_MIN - 4096);
         assert!(!small.is_huge());
+        assert!(
+            !AlignedBuf::zeroed(HUGE_MIN).is_huge(),
+            "a scratch buffer went huge"
+        );
         let addrs: Vec<usize> = bufs.iter().map(|b| b.as_ptr() as usize).collect();
         drop(bufs);
         // (Other tests may take halves meanwhile: look for ours among several.)
-        let again: Vec<AlignedBuf> = (0..8).map(|_| AlignedBuf::zeroed(HUGE_MIN)).collect();
+        let again: Vec<AlignedBuf> = (0..8)
+            .map(|_| AlignedBuf::zeroed_contiguous(HUGE_MIN))
+            .collect();
         assert!(
             again.iter().any(|b| addrs.contains(&(b.as_ptr() as usize))),
             "no half came back from the pool"
@@ -298,7 +315,7 @@ mod tests {
         for b in &again {
             assert!(b.iter().all(|&x| x == 0), "a reused half was not zeroed");
         }
-        let big = AlignedBuf::zeroed(HUGE_PAGE + 1);
+        let big = AlignedBuf::zeroed_contiguous(HUGE_PAGE + 1);
         assert!(big.is_huge());
         assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0);
         assert_eq!(big.len(), HUGE_PAGE + 1);
