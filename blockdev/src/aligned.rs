@@ -97,16 +97,16 @@ fn map_huge(size: usize) -> Option<NonNull<u8>> {
         return None;
     }
     let base = p.cast::<u8>();
-    let head = base.align_offset(HUGE_PAGE);
-    // SAFETY: `head < HUGE_PAGE`, so `base + head .. + size` lies inside the `over` bytes
-    // mapped; the pieces before and after it are unmapped (each lies inside the mapping and
-    // nothing refers to them), and the advice covers exactly what is kept.
+    let (head, tail) = huge_trim(base as usize);
+    // SAFETY: `head + size + tail == over` (`huge_trim`), so `base + head .. + size` lies
+    // inside the `over` bytes mapped; the pieces before and after it are unmapped (each lies
+    // inside the mapping and nothing refers to them; an empty one is not unmapped), and the
+    // advice covers exactly what is kept.
     unsafe {
         let start = base.add(head);
         if head > 0 {
             libc::munmap(base.cast(), head);
         }
-        let tail = over - head - size;
         if tail > 0 {
             libc::munmap(start.add(size).cast(), tail);
         }
@@ -114,6 +114,14 @@ fn map_huge(size: usize) -> Option<NonNull<u8>> {
         libc::madvise(start.cast(), size, libc::MADV_HUGEPAGE);
         NonNull::new(start)
     }
+}
+
+/// The bytes before and after the [`HUGE_PAGE`]-aligned part of a mapping at `base` of
+/// `HUGE_PAGE` more bytes than that part: the first aligned address is `head` bytes in, and
+/// `head + tail == HUGE_PAGE`.
+fn huge_trim(base: usize) -> (usize, usize) {
+    let head = base.next_multiple_of(HUGE_PAGE) - base;
+    (head, HUGE_PAGE - head)
 }
 
 /// A zero-initialised byte buffer whose start is aligned to [`IO_ALIGN`].
@@ -281,6 +289,22 @@ impl std::fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_mapping_keeps_exactly_its_aligned_part() {
+        for (base, head) in [
+            (HUGE_PAGE, 0),
+            (HUGE_PAGE + 4096, HUGE_PAGE - 4096),
+            (7 * HUGE_PAGE - 4096, 4096),
+            (3 * HUGE_PAGE + HUGE_HALF, HUGE_HALF),
+        ] {
+            let (h, t) = huge_trim(base);
+            assert_eq!((h, t), (head, HUGE_PAGE - head), "base {base:#x}");
+            assert_eq!((base + h) % HUGE_PAGE, 0);
+        }
+        let b = AlignedBuf::zeroed_contiguous(HUGE_MIN);
+        assert_eq!(format!("{b:?}"), format!("AlignedBuf {{ len: {HUGE_MIN} }}"));
+    }
 
     #[test]
     fn large_buffers_are_huge_page_aligned_zeroed_even_when_reused_and_halves_come_back() {
