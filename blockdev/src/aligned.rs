@@ -53,7 +53,8 @@ enum Backing {
 /// a 1 MiB request buffer then costs 1 MiB of memory (and of zeroing on first touch), not 2.
 pub const HUGE_HALF: usize = HUGE_PAGE / 2;
 
-/// The start of a free half of a huge page, and whether it is untouched (all zeros).
+/// The start of a free half of a huge page, and whether it is all zeros (untouched, or
+/// faulted in by [`prefault_huge_halves`]).
 struct Half(NonNull<u8>, bool);
 
 // SAFETY: a `Half` is an address of memory nobody uses while it is in the pool.
@@ -64,6 +65,31 @@ unsafe impl Send for Half {}
 /// serves them again without touching new memory (on a VM, memory touched for the first time
 /// is also a fault on the host: about 1 GB/s here).
 static HALVES: std::sync::Mutex<Vec<Half>> = std::sync::Mutex::new(Vec::new());
+
+/// Puts `n` halves of huge pages (`n` MiB) into the pool, touched already: a daemon that
+/// expects large writes on `n` requests at once calls it before it serves, so that the first
+/// of them do not each wait for a huge page to be faulted in and zeroed (on this VM a few
+/// milliseconds each, many of them at once up to 100 ms: memory the host had taken back).
+/// The halves stay in the pool (see [`HALVES`]). Best effort: stops where the kernel refuses
+/// a mapping.
+pub fn prefault_huge_halves(n: usize) {
+    let halves: Vec<AlignedBuf> = (0..n)
+        .map_while(|_| AlignedBuf::mapped(HUGE_HALF))
+        .collect();
+    for b in &halves {
+        // One write per small page: faults in the huge page (or each small one where huge
+        // pages are off). The bytes stay zero.
+        for off in (0..b.len()).step_by(IO_ALIGN) {
+            // SAFETY: inside the buffer; a volatile write so that it is not elided.
+            unsafe { std::ptr::write_volatile(b.ptr.as_ptr().add(off), 0) };
+        }
+    }
+    let mut pool = HALVES.lock().unwrap_or_else(|e| e.into_inner());
+    for b in halves {
+        let b = std::mem::ManuallyDrop::new(b);
+        pool.push(Half(b.ptr, true));
+    }
+}
 
 /// A free half of a huge page: from the pool, else one half of a new huge page whose other
 /// half goes into the pool.
@@ -303,11 +329,46 @@ mod tests {
             assert_eq!((base + h) % HUGE_PAGE, 0);
         }
         let b = AlignedBuf::zeroed_contiguous(HUGE_MIN);
-        assert_eq!(format!("{b:?}"), format!("AlignedBuf {{ len: {HUGE_MIN} }}"));
+        assert_eq!(
+            format!("{b:?}"),
+            format!("AlignedBuf {{ len: {HUGE_MIN} }}")
+        );
+    }
+
+    /// Serializes the tests that take halves from the pool and look at which they got.
+    static POOL_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Whether every page of `len` bytes at `p` is resident (`mincore`).
+    fn resident(p: *const u8, len: usize) -> bool {
+        let mut v = vec![0u8; len.div_ceil(IO_ALIGN)];
+        // SAFETY: a page-aligned range of mapped memory; `v` has a byte per page.
+        let r = unsafe { libc::mincore(p as *mut libc::c_void, len, v.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        v.iter().all(|&b| b & 1 == 1)
+    }
+
+    #[test]
+    fn prefaulted_halves_are_resident_zero_and_handed_out_first() {
+        let _one = POOL_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        // Halves used before are resident anyway: start from new ones (the old ones leak).
+        HALVES.lock().unwrap().clear();
+        prefault_huge_halves(3);
+        let bufs: Vec<AlignedBuf> = (0..3)
+            .map(|_| AlignedBuf::zeroed_contiguous(HUGE_MIN))
+            .collect();
+        for b in &bufs {
+            assert!(b.is_huge());
+            assert!(
+                resident(b.as_ptr(), b.len()),
+                "a prefaulted half is not resident"
+            );
+            assert!(b.iter().all(|&x| x == 0));
+        }
     }
 
     #[test]
     fn large_buffers_are_huge_page_aligned_zeroed_even_when_reused_and_halves_come_back() {
+        let _one = POOL_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         // A 1 MiB buffer is half of a huge page (physically contiguous where huge pages are
         // on), a larger one whole huge pages; both read as zeros, also after a dirty half went
         // back to the pool and is handed out again.

@@ -26,7 +26,7 @@ mod direct_reads;
 mod file;
 pub mod lock;
 mod switch;
-pub use aligned::{AlignedBuf, IO_ALIGN};
+pub use aligned::{prefault_huge_halves, AlignedBuf, IO_ALIGN};
 pub use direct_reads::{
     dio_alignment, page_cache_holds, reopen_direct, DirectReads, SYS_CACHESTAT,
 };
