@@ -253,8 +253,13 @@ pub struct RequestWorker {
 
 fn bounce(buf: &mut AlignedBuf, n: usize) -> &mut [u8] {
     if buf.len() < n {
-        // In huge pages from 1 MiB on: a large write goes to the device as one request.
-        *buf = AlignedBuf::zeroed_contiguous(n);
+        // In huge pages from 1 MiB on: a large write goes to the device as one request. A
+        // buffer past `CHUNK_BYTES` is dropped after its request, so it stays on the heap.
+        *buf = if n <= CHUNK_BYTES {
+            AlignedBuf::zeroed_contiguous(n)
+        } else {
+            AlignedBuf::zeroed(n)
+        };
     }
     &mut buf[..n]
 }
