@@ -10,15 +10,15 @@
 //!
 //! A request buffer ([`AlignedBuf::zeroed_contiguous`]) of [`HUGE_MIN`] bytes or more lives in
 //! memory advised `MADV_HUGEPAGE` (half of a huge page from a pool for 1 MiB, else a mapping of
-//! its own in whole [`HUGE_PAGE`]s), so that (where transparent huge pages are on) a 1 MiB request is one physically contiguous
-//! piece of memory: the block layer then builds one segment for it instead of one per 4 KiB
-//! page. A virtio disk takes at most
-//! `max_segments` (254 here) segments per request, so a 1 MiB write from 4 KiB pages (256 of
-//! them) was split into two device requests, and the device's own merging of sequential
-//! requests stopped at the segment limit (a fresh overlay written with 1 MiB requests reached
-//! the disk as 580 KiB requests on average; fio's as 2.9 MiB ones; 1 MiB rewrites of allocated
-//! clusters reached 3.1-3.2 GB/s, and 5.2-5.6 GB/s from huge pages). Where huge pages are off,
-//! small pages back the same memory.
+//! its own in whole [`HUGE_PAGE`]s), so that (where transparent huge pages are on) a 1 MiB
+//! request is one physically contiguous piece of memory: the block layer then builds one
+//! segment for it instead of one per 4 KiB page. A virtio disk takes at most `max_segments`
+//! (254 here) segments per request, so a 1 MiB write from 4 KiB pages (256 of them) was split
+//! into two device requests, and the device's own merging of sequential requests stopped at
+//! the segment limit (a fresh overlay written with 1 MiB requests reached the disk as 580 KiB
+//! requests on average, fio's as 2.9 MiB ones; 1 MiB rewrites of allocated clusters reached
+//! 3.1-3.2 GB/s, and 5.2-5.6 GB/s from huge pages). Where huge pages are off, small pages back
+//! the same memory.
 //!
 //! Locking model: an `AlignedBuf` is owned like a `Vec<u8>`; the pool of free halves is a
 //! leaf mutex, held only to push or pop one.
@@ -34,8 +34,8 @@ pub const IO_ALIGN: usize = 4096;
 /// The size of a transparent huge page on x86-64 and arm64 with 4 KiB pages.
 pub const HUGE_PAGE: usize = 2 << 20;
 
-/// Buffers of at least this many bytes are backed by huge pages (see the module documentation):
-/// the largest request the block layer could split for its segment count.
+/// Request buffers of at least this many bytes are backed by huge pages (see the module
+/// documentation): about the smallest request the block layer splits for its segment count.
 pub const HUGE_MIN: usize = 1 << 20;
 
 /// Where an [`AlignedBuf`]'s memory came from.

@@ -41,8 +41,8 @@ pub(crate) enum Rewrite {
     /// As the image's other writes go (large aligned ones direct): a guest write the folio
     /// cache let through ([`BlockDev::write_uncached_at`]). Sent through the host page cache,
     /// 1 MiB rewrites of a cold image went at a tenth of the device's rate here: every page
-    /// of it newly allocated (on this VM a fault on the host too), sixteen writers queued on
-    /// the inode lock, and the dirty pages written out again before the next FLUSH.
+    /// of it newly allocated (on this VM a fault on the host too) and sixteen writers queued
+    /// on the inode lock.
     Uncached,
 }
 

@@ -462,6 +462,21 @@ impl QcowImage {
     }
 }
 
+impl QcowImage {
+    /// A write of the block-device interface, its rewrites in place going where `rewrite` says.
+    fn write_routed(&self, buf: &[u8], offset: u64, rewrite: Rewrite) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, buf.len() as u64, self.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let r = self.write_inner(buf, offset, rewrite);
+        drop(_g);
+        self.finish(r)
+    }
+}
+
 impl BlockDev for QcowImage {
     fn size(&self) -> u64 {
         self.size
@@ -490,27 +505,11 @@ impl BlockDev for QcowImage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable()?;
-        check_range(offset, buf.len() as u64, self.size)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
-        let r = self.write_inner(buf, offset, Rewrite::Cached);
-        drop(_g);
-        self.finish(r)
+        self.write_routed(buf, offset, Rewrite::Cached)
     }
 
     fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable()?;
-        check_range(offset, buf.len() as u64, self.size)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
-        let r = self.write_inner(buf, offset, Rewrite::Uncached);
-        drop(_g);
-        self.finish(r)
+        self.write_routed(buf, offset, Rewrite::Uncached)
     }
 
     fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
