@@ -227,8 +227,11 @@ fn wait_for_connection(listener: &Listener, wake: &EventFd) -> io::Result<Wake> 
 /// 8 MiB a queue): eight large writes in flight per queue start without a page fault (a fresh
 /// overlay written with 1 MiB requests at QD8 on 2 queues: 1.54-1.73 GB/s and a p99 of
 /// 87-118 ms without, 1.83-2.02 GB/s and 21-22 ms with); deeper queues fault the rest in on
-/// first use.
+/// first use. At most [`PREFAULT_HALVES_MAX`] in all, whatever the number of queues.
 const PREFAULT_HALVES_PER_QUEUE: usize = 8;
+
+/// The most request buffers of 1 MiB faulted in at start (32 MiB).
+const PREFAULT_HALVES_MAX: usize = 32;
 
 impl Server {
     /// Opens the disk for `args` and binds the socket.
@@ -237,7 +240,8 @@ impl Server {
         let cfg = DeviceConfig::from_args(args, disk.dev.as_ref())?;
         if !cfg.read_only {
             // The request buffers of the first large writes, faulted in before serving.
-            blockdev::prefault_huge_halves(PREFAULT_HALVES_PER_QUEUE * usize::from(cfg.num_queues));
+            let n = PREFAULT_HALVES_PER_QUEUE * usize::from(cfg.num_queues);
+            blockdev::prefault_huge_halves(n.min(PREFAULT_HALVES_MAX));
         }
         Self::with_disk(disk, cfg, &args.socket, args.socket_mode)
     }
