@@ -113,6 +113,9 @@ pub const ALLOWED: &[(&str, libc::c_long)] = &[
     ("pwritev", libc::SYS_pwritev), ("preadv2", libc::SYS_preadv2),
     ("pwritev2", libc::SYS_pwritev2), ("fsync", libc::SYS_fsync),
     ("fdatasync", libc::SYS_fdatasync), ("fallocate", libc::SYS_fallocate),
+    // Advice on a description already open: an image file opened at run time (a live
+    // snapshot's top) gets its random-read description advised `POSIX_FADV_RANDOM`.
+    ("fadvise64", libc::SYS_fadvise64),
     ("ftruncate", libc::SYS_ftruncate), ("lseek", libc::SYS_lseek), ("close", libc::SYS_close),
     ("fstat", libc::SYS_fstat), ("newfstatat", libc::SYS_newfstatat), ("statx", libc::SYS_statx),
     ("fcntl", libc::SYS_fcntl), ("dup", libc::SYS_dup), ("dup3", libc::SYS_dup3),

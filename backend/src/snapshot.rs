@@ -380,7 +380,7 @@ impl Chain {
             extended_l2,
             ..CreateOptions::default()
         };
-        let new_host = FileHost::new(new_file);
+        let new_host = FileHost::new(new_file).with_planned_reads();
         qcow_snapshot::create_on(&new_host, &opts)
             .map_err(|e| SnapshotError::Failed(io_msg("cannot create", overlay, e)))?;
         self.apply_direct(&new_host, overlay, extended_l2);
@@ -413,7 +413,7 @@ impl Chain {
             Err((msg, closed)) => {
                 if let Some(q) = &old.qcow {
                     if closed {
-                        let host = FileHost::new(rollback_file);
+                        let host = FileHost::new(rollback_file).with_planned_reads();
                         self.apply_direct(&host, &old.path, q.geometry().extended_l2);
                         match reopen_rw(q, host) {
                             Ok(img) => {
@@ -514,7 +514,7 @@ fn switch_top(
                 .map_err(|e| (io_msg("cannot close", &old.path, e), true))?;
             Arc::new(
                 QcowImage::open_with(
-                    Box::new(FileHost::new(frozen_file)),
+                    Box::new(FileHost::new(frozen_file).with_planned_reads()),
                     true,
                     q.backing().cloned(),
                 )

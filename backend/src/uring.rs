@@ -5,11 +5,12 @@
 //! For each IN request the queue thread pops, [`UringReads::try_submit`] parses the chain
 //! ([`RequestWorker::prepare_read`]) and asks the disk stack where its bytes are
 //! ([`blockdev::BlockDev::plan_read`]): the folio cache answers only when no folio of the range
-//! is cached, the qcow2 overlay only for ranges that are unallocated (backing chain) or zero,
-//! the raw base with its file. Zero pieces are written to guest memory at once; each file piece
+//! is cached, the qcow2 overlay for ranges that are unallocated (backing chain), zero, or in
+//! its own uncompressed data clusters (pinned against reuse while the plan lives), the raw base
+//! with its file. Zero pieces are written to guest memory at once; each file piece
 //! becomes one IORING_OP_READV on the guest's buffers (zero copy with an O_DIRECT file, the
 //! kernel's one copy from its page cache otherwise). Everything else (cache hits, writes,
-//! flushes, reads of data the guest wrote, malformed chains) keeps the executor path of
+//! flushes, compressed clusters, malformed chains) keeps the executor path of
 //! [`crate::inflight`], and so does a read when the ring is full or the bound of in-flight
 //! reads (`--max-inflight`) is reached.
 //!
@@ -31,8 +32,10 @@
 //! state, so executing one twice is harmless.
 //!
 //! The pause gate (live snapshots) is held while a read is planned and submitted, not while it
-//! is in flight: a plan names only read-only backing files and zeros, which a snapshot does not
-//! change, and holding the files open is the plan's job. So a pause never waits for the queue
+//! is in flight: a plan names read-only backing files, zeros and the overlay's own clusters,
+//! none of which a snapshot moves (the overlay it freezes keeps its clusters where they are),
+//! and holding the files open and the pins on the clusters is the plan's job (the request
+//! keeps its plan until its last piece completed). So a pause never waits for the queue
 //! thread, which may itself be waiting at the gate.
 //!
 //! Ring set-up: the ring is created disabled, restricted to IORING_OP_READV

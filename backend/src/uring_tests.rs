@@ -205,6 +205,7 @@ fn uring_read_goes_from_the_planned_file_into_the_guest_buffers_with_zero_pieces
             let f = |offset| PlanSource::file(Arc::clone(&plan_file), offset);
             Some(ReadPlan {
                 pieces: vec![(2048, f(100)), (1024, PlanSource::Zero), (1024, f(5000))],
+                holds: Vec::new(),
             })
         }),
     );

@@ -68,6 +68,16 @@ pub fn reopen_direct(file: &File, write: bool) -> io::Result<File> {
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
+/// A new open file description of `file`, read-only and without O_DIRECT whatever `file`'s
+/// own flags (through `/proc/self/fd`, as [`reopen_direct`]): for reads through the host page
+/// cache of a file whose writes go direct.
+pub fn reopen_read_only(file: &File) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
 /// `cachestat(2)` (Linux 6.5): one number on every architecture (the seccomp allow-list of
 /// `snapblk serve --user` names it too).
 pub const SYS_CACHESTAT: libc::c_long = 451;

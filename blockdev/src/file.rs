@@ -48,6 +48,48 @@ pub const STREAMS: usize = 8;
 /// patterns such as copy-on-write fills that skip the part a guest wrote).
 pub const SEQUENTIAL_GAP: u64 = 64 << 10;
 
+/// Recognises random reads: remembers where the last [`STREAMS`] reads ended, and calls a read
+/// random when it is shorter than [`RANDOM_READ_MAX`] and starts at no point from 0 to
+/// [`SEQUENTIAL_GAP`] bytes after one of those ends. Relaxed atomics: a heuristic, where a
+/// race only picks the other description for one read.
+#[derive(Debug)]
+pub struct ReadStreams {
+    /// Where recent reads ended (`u64::MAX`: free), and the slot the next new stream takes.
+    ends: [AtomicU64; STREAMS],
+    next: AtomicUsize,
+}
+
+impl Default for ReadStreams {
+    fn default() -> Self {
+        ReadStreams {
+            ends: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl ReadStreams {
+    /// Notes a read of `len` bytes at `offset`; whether it is a random one.
+    pub fn note_random(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        let continues = self.ends.iter().find(|e| {
+            let e = e.load(Ordering::Relaxed);
+            e != u64::MAX && offset >= e && offset - e <= SEQUENTIAL_GAP
+        });
+        match continues {
+            Some(slot) => {
+                slot.store(end, Ordering::Relaxed);
+                false
+            }
+            None => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % STREAMS;
+                self.ends[i].store(end, Ordering::Relaxed);
+                len < RANDOM_READ_MAX
+            }
+        }
+    }
+}
+
 /// A raw image file.
 #[derive(Debug)]
 pub struct RawFile {
@@ -63,9 +105,8 @@ pub struct RawFile {
     /// How often each block was planned for a random read (with `direct`): only the first
     /// reads of a block are offered `direct`, later ones fill the page cache.
     counts: Option<ReadCounts>,
-    /// Where recent reads ended (`u64::MAX`: free), and the slot the next new stream takes.
-    ends: [AtomicU64; STREAMS],
-    next: AtomicUsize,
+    /// Which reads are random.
+    streams: ReadStreams,
     size: u64,
     read_only: bool,
 }
@@ -73,7 +114,7 @@ pub struct RawFile {
 /// A second open file description of `file` (through `/proc/self/fd`: advice is per
 /// description, a dup would share it) advised `POSIX_FADV_RANDOM`; `None` for anything but a
 /// regular file, or where it cannot be opened or advised.
-fn random_twin(file: &File) -> Option<Arc<File>> {
+pub fn random_twin(file: &File) -> Option<Arc<File>> {
     if !file.metadata().ok()?.is_file() {
         return None;
     }
@@ -105,8 +146,7 @@ impl RawFile {
             random_failed: AtomicBool::new(false),
             counts: direct.as_ref().map(|_| ReadCounts::new(size)),
             direct,
-            ends: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
-            next: AtomicUsize::new(0),
+            streams: ReadStreams::default(),
             size,
             read_only,
         })
@@ -135,25 +175,10 @@ impl RawFile {
         let Some(random) = self.random_reads() else {
             return &self.file;
         };
-        let end = offset.saturating_add(len);
-        let continues = self.ends.iter().find(|e| {
-            let e = e.load(Ordering::Relaxed);
-            e != u64::MAX && offset >= e && offset - e <= SEQUENTIAL_GAP
-        });
-        match continues {
-            Some(slot) => {
-                slot.store(end, Ordering::Relaxed);
-                &self.file
-            }
-            None => {
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % STREAMS;
-                self.ends[i].store(end, Ordering::Relaxed);
-                if len < RANDOM_READ_MAX {
-                    random
-                } else {
-                    &self.file
-                }
-            }
+        if self.streams.note_random(offset, len) {
+            random
+        } else {
+            &self.file
         }
     }
 

@@ -28,9 +28,9 @@ pub mod lock;
 mod switch;
 pub use aligned::{prefault_huge_halves, AlignedBuf, IO_ALIGN};
 pub use direct_reads::{
-    dio_alignment, page_cache_holds, reopen_direct, DirectReads, SYS_CACHESTAT,
+    dio_alignment, page_cache_holds, reopen_direct, reopen_read_only, DirectReads, SYS_CACHESTAT,
 };
-pub use file::{file_size, RawFile};
+pub use file::{file_size, random_twin, RawFile, ReadStreams};
 pub use switch::{SwitchDev, SwitchGuard};
 
 /// What went wrong in a block-device operation.
@@ -224,18 +224,27 @@ impl PlanSource {
     }
 }
 
+/// Something a [`ReadPlan`] keeps alive until it is dropped, which the caller does only after
+/// every read of the plan completed: a layer's pin on the storage the plan names (the qcow2
+/// engine's pin against reuse of its data clusters).
+pub type PlanHold = Arc<dyn std::any::Any + Send + Sync>;
+
 /// The answer of [`BlockDev::plan_read`]: consecutive pieces covering the range in order.
 ///
 /// Contract: executing the plan at any later time returns what `read_at` returned when the plan
 /// was made, except where a write-type request of the same guest range that did not complete
 /// before the read was submitted changed it meanwhile (a read and a write in flight together
-/// may see either). So a plan never names storage that can be reused for another guest range
-/// while the plan exists (the overlay's own data clusters are not planned for that reason), and
-/// holding the plan keeps its files open.
+/// may see either). So storage a plan names is never reused for another guest range while the
+/// plan exists: a layer whose storage can be reused (the qcow2 overlay's own data clusters,
+/// which a flush frees and an allocation takes again) puts a pin in [`Self::holds`] that defers
+/// the reuse until the plan is dropped. The caller keeps the plan (its files open, its holds
+/// held) until its reads completed.
 #[derive(Debug, Clone, Default)]
 pub struct ReadPlan {
     /// `(length, source)` pieces, in guest order.
     pub pieces: Vec<(u64, PlanSource)>,
+    /// Pins of the layers that named their own storage (see [`PlanHold`]).
+    pub holds: Vec<PlanHold>,
 }
 
 impl ReadPlan {
@@ -243,13 +252,15 @@ impl ReadPlan {
     pub fn one(len: u64, source: PlanSource) -> Self {
         ReadPlan {
             pieces: vec![(len, source)],
+            holds: Vec::new(),
         }
     }
 
     /// Appends `plan`, merging its first piece with the last one when they continue each other
     /// (zeros after zeros, or the next bytes of the same file; the merged piece keeps a direct
-    /// description only if both had it).
+    /// description only if both had it), and taking over its holds.
     pub fn append(&mut self, plan: ReadPlan) {
+        self.holds.extend(plan.holds);
         for (len, src) in plan.pieces {
             if let Some((last_len, last)) = self.pieces.last_mut() {
                 let merged = match (&mut *last, &src) {

@@ -276,7 +276,7 @@ fn open_qcow2_in_chain(
 ) -> Result<QcowImage, OpenImageError> {
     check_chain(open_as, depth, seen).map_err(|e| rename_io(e, path))?;
     let file = blockdev::open_file(open_as, read_only).map_err(open_err(path))?;
-    let host = FileHost::new(file);
+    let host = FileHost::new(file).with_planned_reads();
     let ih = ImageHeader::read(&host)?;
     ih.check_features(read_only)?;
     let backing = match &ih.backing {

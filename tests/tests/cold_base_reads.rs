@@ -3,7 +3,9 @@
 //! through the base's O_DIRECT description (ARCHITECTURE.md, "Copies per byte"): every block
 //! comes back with the base's bytes, the blocks read once or twice are still not in the host
 //! page cache afterwards (they bypassed it), and a block's third read goes through the page
-//! cache, so a working set read over and over ends up in memory.
+//! cache, so a working set read over and over ends up in memory. An image's own data clusters
+//! (a qcow2 image with every cluster allocated, read cold) are planned too, pinned against
+//! reuse, and come back with the image's bytes.
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
@@ -92,6 +94,73 @@ fn held(base: &File, blocks: &[u64]) -> usize {
         .count()
 }
 
+/// `snapblk serve` of `image` with one queue, its output in `dir/daemon.log`.
+fn serve(program: &Path, dir: &Path, image: &Path, socket: &Path) -> Daemon {
+    let log = File::create(dir.join("daemon.log")).unwrap();
+    Daemon(
+        Command::new(program)
+            .args([
+                "serve",
+                "--num-queues",
+                "1",
+                "--cache",
+                "writeback",
+                "--image",
+            ])
+            .arg(image)
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// 2048 distinct blocks of the disk in a scattered order (no two consecutive, no read-ahead
+/// stream).
+fn scattered_blocks() -> Vec<u64> {
+    let n = BASE_SIZE / BLOCK;
+    let blocks: Vec<u64> = (0..2048u64).map(|i| (i * 2654435761 % n) * BLOCK).collect();
+    let mut distinct = blocks.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), blocks.len());
+    blocks
+}
+
+#[test]
+fn cold_random_reads_of_an_image_s_own_clusters_return_its_bytes() {
+    let Ok(program) = snapblk_tests::guest::snapblk_binary() else {
+        snapblk_tests::client::daemon_missing("snapblk binary not available; skipping");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("data.raw");
+    let image = dir.path().join("image.qcow2");
+    let socket = dir.path().join("vhost.sock");
+    let data = base_bytes();
+    std::fs::write(&raw, &data).unwrap();
+    let st = Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&image)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    drop_from_page_cache(&image);
+    let _d = serve(&program, dir.path(), &image, &socket);
+    let mut cfg = ClientConfig::new(1);
+    cfg.slots_per_queue = DEPTH;
+    cfg.slot_size = BLOCK as usize;
+    let c = Client::connect_retry(&socket, &cfg, Duration::from_secs(15)).unwrap();
+    let blocks = scattered_blocks();
+    // Cold (direct), then from the host page cache or the folio cache.
+    read_all(&c, &blocks, &data);
+    read_all(&c, &blocks, &data);
+}
+
 #[test]
 fn cold_random_reads_of_a_raw_base_bypass_the_page_cache_until_read_a_third_time() {
     let Ok(program) = snapblk_tests::guest::snapblk_binary() else {
@@ -118,38 +187,12 @@ fn cold_random_reads_of_a_raw_base_bypass_the_page_cache_until_read_a_third_time
         Some(false),
         "cachestat (Linux 6.5) is needed to tell which reads bypassed the page cache"
     );
-    let log = File::create(dir.path().join("daemon.log")).unwrap();
-    let _d = Daemon(
-        Command::new(program)
-            .args([
-                "serve",
-                "--num-queues",
-                "1",
-                "--cache",
-                "writeback",
-                "--image",
-            ])
-            .arg(&overlay)
-            .arg("--socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let _d = serve(&program, dir.path(), &overlay, &socket);
     let mut cfg = ClientConfig::new(1);
     cfg.slots_per_queue = DEPTH;
     cfg.slot_size = BLOCK as usize;
     let c = Client::connect_retry(&socket, &cfg, Duration::from_secs(15)).unwrap();
-
-    // 2048 distinct blocks in a scattered order (no two consecutive, no read-ahead stream).
-    let n = BASE_SIZE / BLOCK;
-    let blocks: Vec<u64> = (0..2048u64).map(|i| (i * 2654435761 % n) * BLOCK).collect();
-    let mut distinct = blocks.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    assert_eq!(distinct.len(), blocks.len());
+    let blocks = scattered_blocks();
 
     read_all(&c, &blocks, &base);
     // The queue runs its first reads through its thread (the folio cache fills from the

@@ -15,7 +15,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use blockdev::{page_cache_holds, DirectReads, PlanSource};
 
 use crate::direct::{set_o_direct, DirectIo};
 
@@ -96,6 +98,14 @@ pub trait HostFile: Send + Sync {
     fn write_cached_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset)
     }
+    /// Where a planned read (`BlockDev::plan_read`: the caller reads later, on its own) finds
+    /// the file's bytes `[offset, offset + len)`: a read-only description of the file through
+    /// the host page cache, with an O_DIRECT one offered where the page cache does not hold
+    /// all of them. `None` (the default; a [`FileHost`] opened without
+    /// [`FileHost::with_planned_reads`]) sends such reads through [`HostFile::read_at`].
+    fn plan_source(&self, _offset: u64, _len: u64) -> Option<PlanSource> {
+        None
+    }
 }
 
 /// Implements [`HostFile`] for a pointer type by forwarding every method to what it points at:
@@ -155,6 +165,10 @@ macro_rules! forward_host_file {
             fn write_cached_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
                 (**self).write_cached_at(buf, offset)
             }
+
+            fn plan_source(&self, offset: u64, len: u64) -> Option<PlanSource> {
+                (**self).plan_source(offset, len)
+            }
         }
     };
 }
@@ -192,6 +206,32 @@ pub struct FileHost {
     growth: Growth,
     /// Rings for batches of direct writes ([`HostFile::write_batch`]).
     rings: batch::Rings,
+    /// Descriptions planned reads read through ([`FileHost::with_planned_reads`]).
+    reads: Option<PlannedReads>,
+}
+
+/// Read-only descriptions of a [`FileHost`]'s file (without O_DIRECT whatever the file's own
+/// flags) for the reads its plans name ([`HostFile::plan_source`]), and for random reads
+/// without read-ahead, as a read-only raw file has (`blockdev/src/file.rs`).
+#[derive(Debug)]
+struct PlannedReads {
+    /// Plain: sequential and large reads, with the kernel's read-ahead.
+    seq: Arc<File>,
+    /// Advised `POSIX_FADV_RANDOM`: short reads that continue no recent read.
+    random: Option<Arc<File>>,
+    /// O_DIRECT: offered to plans of random reads the host page cache does not hold.
+    direct: Option<Arc<DirectReads>>,
+    streams: blockdev::ReadStreams,
+}
+
+impl PlannedReads {
+    /// The description a buffered read of `len` bytes at `offset` goes through, noting it.
+    fn for_read(&self, offset: u64, len: u64) -> &Arc<File> {
+        match &self.random {
+            Some(r) if self.streams.note_random(offset, len) => r,
+            _ => &self.seq,
+        }
+    }
 }
 
 /// The grow-ahead state of a [`FileHost`] whose writes (all, or the large ones) go direct.
@@ -219,7 +259,30 @@ impl FileHost {
             large: std::sync::OnceLock::new(),
             growth: Growth::default(),
             rings: batch::Rings::for_writes(),
+            reads: None,
         }
+    }
+
+    /// Opens the descriptions planned reads of the file go through
+    /// ([`HostFile::plan_source`]): a read-only one and, where the file system can, an O_DIRECT
+    /// one. Call at open, before a sandbox forbids opening files. Where they cannot be opened
+    /// (not a regular file), the file plans nothing and its reads take `read_at`.
+    pub fn with_planned_reads(mut self) -> Self {
+        if !self.file.metadata().is_ok_and(|m| m.is_file()) {
+            return self;
+        }
+        match blockdev::reopen_read_only(&self.file) {
+            Ok(f) => {
+                self.reads = Some(PlannedReads {
+                    random: blockdev::random_twin(&f),
+                    direct: DirectReads::open(&f).map(Arc::new),
+                    seq: Arc::new(f),
+                    streams: blockdev::ReadStreams::default(),
+                });
+            }
+            Err(e) => log::debug!("image file: no description for planned reads ({e})"),
+        }
+        self
     }
 
     /// Writes batches one `pwrite` at a time, never on a ring (tests of that fallback).
@@ -340,10 +403,31 @@ impl FileHost {
 }
 
 impl HostFile for FileHost {
+    fn plan_source(&self, offset: u64, len: u64) -> Option<PlanSource> {
+        let r = self.reads.as_ref()?;
+        let file = r.for_read(offset, len);
+        // Like a raw base: O_DIRECT is offered to random reads the page cache does not hold.
+        let direct = r
+            .direct
+            .as_ref()
+            .filter(|d| d.usable() && !Arc::ptr_eq(file, &r.seq))
+            .filter(|_| page_cache_holds(file, offset, len) != Some(true))
+            .cloned();
+        Some(PlanSource::File {
+            file: Arc::clone(file),
+            offset,
+            direct,
+        })
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        match self.direct.get() {
-            Some(d) => d.read_at(&self.file, buf, offset),
-            None => blockdev::read_full_at(&self.file, buf, offset),
+        match (self.direct.get(), &self.reads) {
+            (Some(d), _) => d.read_at(&self.file, buf, offset),
+            // A short random read without read-ahead (the descriptions share the page cache).
+            (None, Some(r)) => {
+                blockdev::read_full_at(r.for_read(offset, buf.len() as u64), buf, offset)
+            }
+            (None, None) => blockdev::read_full_at(&self.file, buf, offset),
         }
     }
 

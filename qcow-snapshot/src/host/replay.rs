@@ -21,8 +21,12 @@
 //! exactly the content readers saw. (Concurrent overlapping `pwrite`s have no order at all - with
 //! O_DIRECT they may even interleave page by page - so serializing them is the only way a replay
 //! can be exact.) `set_len` overlaps everything; a direct write takes its ticket like any change.
+//! The replay itself writes each byte once, with the bytes of the newest change that wrote it
+//! (the same final content, see `newest_pieces`): a planned read ([`HostFile::plan_source`]),
+//! which the caller executes without taking `io`, never sees an older write put back for a
+//! moment. Only while a `set_len` is kept does the replay go change by change, in order.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
@@ -178,6 +182,55 @@ impl Journal {
             self.dropped_through = None;
         }
     }
+}
+
+/// What a replay of `changes` (writes only) writes: every byte they cover once, with the bytes
+/// of the newest change that wrote it, as pieces that do not overlap (in no particular order).
+/// The file ends up as an in-order replay would leave it, and a read that runs during the
+/// replay without its exclusion (a planned read, [`HostFile::plan_source`], executed by the
+/// caller on its own) sees for every byte either what the file held or its final bytes, never
+/// an older write put back for a moment.
+fn newest_pieces(changes: &VecDeque<(u64, Change)>) -> Vec<(u64, &[u8])> {
+    // Byte ranges a newer change covers: start -> end, disjoint.
+    let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (_, c) in changes.iter().rev() {
+        let Change::Write { offset, data } = c else {
+            continue;
+        };
+        let (a, b) = c.span();
+        if a >= b {
+            continue;
+        }
+        // The covered ranges that overlap or touch [a, b), in order.
+        let before = covered
+            .range(..=a)
+            .next_back()
+            .filter(|&(_, &e)| e >= a)
+            .map(|(&s, &e)| (s, e));
+        let within: Vec<(u64, u64)> = covered
+            .range(a.saturating_add(1)..=b)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        let (mut lo, mut hi, mut pos) = (a, b, a);
+        for (s, e) in before.into_iter().chain(within) {
+            if s > pos {
+                out.push((
+                    pos,
+                    &data[(pos - offset) as usize..(s.min(b) - offset) as usize],
+                ));
+            }
+            pos = pos.max(e);
+            lo = lo.min(s);
+            hi = hi.max(e);
+            covered.remove(&s);
+        }
+        if pos < b {
+            out.push((pos, &data[(pos - offset) as usize..]));
+        }
+        covered.insert(lo, hi);
+    }
+    out
 }
 
 /// A host file that survives a failed `fdatasync` honestly.
@@ -338,14 +391,21 @@ impl<H: HostFile> ReplayHost<H> {
             "image file sync failed ({err}); rewriting {} changes since the last good sync",
             j.changes.len()
         );
-        for (_, c) in &j.changes {
-            let r = match c {
+        let r = if j.has_set_len() {
+            // In order: a `set_len` cuts off or zeroes what older writes put past it. (The
+            // qcow2 engine changes its file's length only through the grow-ahead of
+            // `FileHost`, below this layer, so its journals keep none while serving.)
+            j.changes.iter().try_for_each(|(_, c)| match c {
                 Change::Write { offset, data } => self.inner.write_at(data, *offset),
                 Change::SetLen(len) => self.inner.set_len(*len),
-            };
-            if let Err(e) = r {
-                return Err(self.poison(&format!("{err}; replaying a write failed: {e}")));
-            }
+            })
+        } else {
+            newest_pieces(&j.changes)
+                .into_iter()
+                .try_for_each(|(offset, data)| self.inner.write_at(data, offset))
+        };
+        if let Err(e) = r {
+            return Err(self.poison(&format!("{err}; replaying a write failed: {e}")));
         }
         match self.inner.sync_data() {
             Ok(()) => {
@@ -364,6 +424,12 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
         // newer ones over them, so a read in the middle of it could see the past.
         let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
         self.inner.read_at(buf, offset)
+    }
+
+    fn plan_source(&self, offset: u64, len: u64) -> Option<blockdev::PlanSource> {
+        // A replay writes every byte at most once, with its newest kept bytes (see `recover`),
+        // so a planned read executing during one sees what the file held or the final bytes.
+        self.inner.plan_source(offset, len)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

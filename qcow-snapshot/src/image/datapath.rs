@@ -115,20 +115,34 @@ impl QcowImage {
     }
 
     /// The plan of a read (`BlockDev::plan_read`), made while holding `gate` shared like a read:
-    /// only when every extent reads as zeros or comes from the backing chain (which plans its
-    /// own part; past its end the range reads as zeros). The image's own data clusters are
-    /// never planned: the read executes after `gate` is released, and a flush may then free
-    /// and reuse such a cluster for another guest cluster, or a replay after a failed sync
-    /// rewrite it. Backing images are read-only, so their bytes stay where the plan says.
+    /// only when every extent reads as zeros, comes from the backing chain (which plans its own
+    /// part; past its end the range reads as zeros) or from the image's own data clusters in a
+    /// file that names a description for them ([`HostFile::plan_source`]). The read executes
+    /// after `gate` is released, when a flush may have freed such a cluster: the plan holds a
+    /// pin, and the cluster is not reused while it lives ([`super::pins`]). A replay after a
+    /// failed sync writes each byte once, with its newest bytes (`ReplayHost`), so the plan
+    /// sees no older write put back either. Compressed clusters are not planned.
     pub(super) fn plan_read_inner(&self, offset: u64, len: u64) -> Option<ReadPlan> {
         let extents = self.lock().map(&self.io, offset, len).ok()?;
         let mut plan = ReadPlan::default();
+        // Host clusters the plan names.
+        let mut own = Vec::new();
         for e in extents {
             match e.mapping {
                 Mapping::Zero => plan.append(ReadPlan::one(e.len, PlanSource::Zero)),
                 Mapping::Unallocated => plan.append(self.plan_backing(e.offset, e.len)?),
-                Mapping::Data(_) | Mapping::Compressed(_) => return None,
+                Mapping::Data(h) => {
+                    plan.append(ReadPlan::one(e.len, self.io.plan_source(h, e.len)?));
+                    let cs = self.geo.cluster_size();
+                    own.extend((h & !(cs - 1)..h + e.len).step_by(cs as usize));
+                }
+                Mapping::Compressed(_) => return None,
             }
+        }
+        if !own.is_empty() && !self.read_only {
+            // Taken under `gate`, like the mapping (see `pins`). A read-only image frees
+            // nothing.
+            plan.holds.push(Arc::new(self.pins.pin(own)));
         }
         Some(plan)
     }
@@ -928,6 +942,10 @@ impl QcowImage {
         let r = self.flush_inner().and_then(|()| self.flush_inner());
         let r = self.finish(r);
         r?;
+        if self.pins.quarantined() {
+            // A plan outlived every request (none should): its clusters stay allocated.
+            log::warn!("closing with freed clusters a planned read still pins: they leak");
+        }
         self.closed.store(true, Ordering::Release);
         if self.version >= 3 {
             let mut m = self.lock();

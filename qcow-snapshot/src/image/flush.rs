@@ -229,10 +229,14 @@ impl QcowImage {
         };
         drop(one);
         r?;
-        if !frees.is_empty() {
-            // No request may still hold a mapping to a cluster that is about to become free.
+        if !frees.is_empty() || self.pins.quarantined() {
+            // No request may still hold a mapping to a cluster that is about to become free,
+            // and no planned read made before its free may still read it (`pins`).
             let _excl = self.gate.write().unwrap_or_else(|e| e.into_inner());
-            self.lock().apply_frees(&self.io, frees)?;
+            let frees = self.pins.admit(frees);
+            if !frees.is_empty() {
+                self.lock().apply_frees(&self.io, frees)?;
+            }
         }
         Ok(())
     }

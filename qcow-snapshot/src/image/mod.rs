@@ -10,6 +10,7 @@
 //! - [`batch`]: batches of writes (the cache's writebacks): one plan, the copy-on-write
 //!   clusters assembled in one arena and filled from an O_DIRECT raw base on a ring, one publish.
 //! - [`flush`]: the flush, which plans under the metadata lock and syncs without it.
+//! - [`pins`]: planned reads' pins on data clusters, and the quarantine of freed clusters.
 //!
 //! # Locking model
 //! - `meta: Mutex<Meta>` guards all metadata: the L1 table, the L2-table and refcount-block
@@ -26,7 +27,10 @@
 //! - `gate: RwLock<()>`: every data request holds it shared from the mapping lookup until its
 //!   data I/O is done. Freed host clusters become reusable only inside `flush`, under the gate
 //!   held exclusively, so no request can still be using a stale mapping to a reused cluster.
-//!   Lock order: `gate` before `meta`; `meta` is never held while acquiring `gate`.
+//!   A planned read (`BlockDev::plan_read`) executes after it released `gate`: its plan holds a
+//!   pin, and clusters freed while pins from before are live wait in a quarantine ([`pins`]).
+//!   Lock order: `gate` before `meta`; `meta` is never held while acquiring `gate`; the pins'
+//!   mutex is a leaf.
 //!
 //! # Write ordering
 //! Allocating writes (COW) write the whole new cluster (guest data plus the bytes it does not
@@ -50,6 +54,7 @@ mod early_writeback;
 mod flush;
 mod header;
 mod metadata;
+mod pins;
 mod table_cache;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -149,6 +154,8 @@ pub struct QcowImage {
     /// The raw backing file with O_DIRECT, for batches' copy-on-write fills
     /// ([`QcowImage::enable_direct_backing`]).
     direct_backing: std::sync::OnceLock<batch::DirectBacking>,
+    /// Pins of planned reads on data clusters, and the freed clusters they hold back.
+    pins: Arc<pins::ReadPins>,
 }
 
 impl std::fmt::Debug for QcowImage {
@@ -261,6 +268,7 @@ impl QcowImage {
             clusters_allocated: AtomicU64::new(0),
             cow_alone: AtomicU64::new(0),
             direct_backing: std::sync::OnceLock::new(),
+            pins: Arc::default(),
         })
     }
 
