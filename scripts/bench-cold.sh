@@ -19,6 +19,9 @@
 # Workloads (the image is a fresh qcow2 overlay over a BENCH_COLD_SIZE raw base of random data):
 #   cold-randread-4k-qd32-q1   4 KiB random reads, QD32, 1 queue, BENCH_COLD_RUNTIME seconds
 #   cold-randread-4k-qd32-q2   the same with QD32 on each of 2 queues (device: 2 jobs)
+#   cold-randread-own-4k-qd32-q1  4 KiB random reads, QD32, 1 queue, of an overlay whose every
+#                              cluster is allocated (the image's own data, as a guest reads back
+#                              what it installed; the same image as rewrite-1m-q2-flush)
 #   fresh-write-1m-q2-flush    the whole disk in 1 MiB writes (QD8 per queue, each queue one half)
 #                              then FLUSH, 2 queues
 #   rewrite-1m-q2-flush        1 MiB writes over an overlay whose every cluster is allocated
@@ -269,7 +272,7 @@ run_one() {
     RUN_NO=$((RUN_NO + 1))
     local rt="$BENCH_COLD_RUNTIME"
     case "$w" in
-    cold-randread-4k-qd32-q1)
+    cold-randread-4k-qd32-q1 | cold-randread-own-4k-qd32-q1)
         nq=1
         args=(--rw randread --bs 4k --iodepth 32 --runtime "$rt")
         fio_args=(--rw=randread --bs=4k --iodepth=32 --numjobs=1 --runtime="$rt" --time_based)
@@ -345,7 +348,7 @@ run_one() {
         else
             local ext=off
             [[ "$w" == *-extl2-* ]] && ext=on
-            if [[ "$w" == rewrite-* ]]; then
+            if [[ "$w" == rewrite-* || "$w" == cold-randread-own-* ]]; then
                 img="$(full_overlay)"
             else
                 img="$(fresh_overlay "$ext")"
@@ -368,8 +371,8 @@ run_one() {
     record "$w" "$side" "$rep" "$metric" "$out"
 }
 
-WORKLOADS=(cold-randread-4k-qd32-q1 cold-randread-4k-qd32-q2 fresh-write-1m-q2-flush
-    rewrite-1m-q2-flush cow-4k-per-cluster-flush cow-4k-per-cluster-extl2-flush hot-randread-4k-qd32)
+WORKLOADS=(cold-randread-4k-qd32-q1 cold-randread-4k-qd32-q2 cold-randread-own-4k-qd32-q1
+    fresh-write-1m-q2-flush rewrite-1m-q2-flush cow-4k-per-cluster-flush cow-4k-per-cluster-extl2-flush hot-randread-4k-qd32)
 START=$(date +%s)
 k=0
 for w in "${WORKLOADS[@]}"; do

@@ -176,6 +176,35 @@ fn a_short_random_read_of_an_own_cluster_the_page_cache_does_not_hold_is_offered
 }
 
 #[test]
+fn on_an_all_direct_image_a_large_read_the_page_cache_does_not_hold_is_offered_o_direct_too() {
+    let dir = tmp();
+    let path = qemu_create(dir.path(), "o.qcow2", "cluster_size=65536", "1M", &[]);
+    let img = open_qcow2(&path, false).unwrap();
+    if img.enable_direct().is_err() {
+        eprintln!("no O_DIRECT on this file system: skipping");
+        return;
+    }
+    let data = random_bytes(6, 4 * CS as usize);
+    img.write_at(&data, 0).unwrap();
+    img.flush().unwrap();
+    let plan = img.plan_read(0, 4 * CS).unwrap();
+    assert!(
+        matches!(
+            &plan.pieces[..],
+            [(
+                _,
+                PlanSource::File {
+                    direct: Some(_),
+                    ..
+                }
+            )]
+        ),
+        "{plan:?}"
+    );
+    assert_same(&plan.read_all().unwrap(), &data, "planned bytes");
+}
+
+#[test]
 fn compressed_clusters_are_never_planned() {
     let dir = tmp();
     let raw = dir.path().join("r.raw");

@@ -94,10 +94,22 @@ fn held(base: &File, blocks: &[u64]) -> usize {
         .count()
 }
 
-/// `snapblk serve` of `image` with one queue, its output in `dir/daemon.log`.
-fn serve(program: &Path, dir: &Path, image: &Path, socket: &Path) -> Daemon {
+/// `qemu-img ARGS SRC DST` must succeed.
+fn qemu_img(args: &[&str], src: &Path, dst: &Path) {
+    let st = Command::new("qemu-img")
+        .args(args)
+        .arg(src)
+        .arg(dst)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+}
+
+/// `snapblk serve` of `image` with one queue (its output in `dir/daemon.log`), and a client
+/// connected to it with [`DEPTH`] slots of a block.
+fn serve(program: &Path, dir: &Path, image: &Path, socket: &Path) -> (Daemon, Client) {
     let log = File::create(dir.join("daemon.log")).unwrap();
-    Daemon(
+    let d = Daemon(
         Command::new(program)
             .args([
                 "serve",
@@ -115,7 +127,12 @@ fn serve(program: &Path, dir: &Path, image: &Path, socket: &Path) -> Daemon {
             .stderr(log)
             .spawn()
             .unwrap(),
-    )
+    );
+    let mut cfg = ClientConfig::new(1);
+    cfg.slots_per_queue = DEPTH;
+    cfg.slot_size = BLOCK as usize;
+    let c = Client::connect_retry(socket, &cfg, Duration::from_secs(15)).unwrap();
+    (d, c)
 }
 
 /// 2048 distinct blocks of the disk in a scattered order (no two consecutive, no read-ahead
@@ -142,19 +159,9 @@ fn cold_random_reads_of_an_image_s_own_clusters_return_its_bytes() {
     let socket = dir.path().join("vhost.sock");
     let data = base_bytes();
     std::fs::write(&raw, &data).unwrap();
-    let st = Command::new("qemu-img")
-        .args(["convert", "-q", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&image)
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
+    qemu_img(&["convert", "-q", "-O", "qcow2"], &raw, &image);
     drop_from_page_cache(&image);
-    let _d = serve(&program, dir.path(), &image, &socket);
-    let mut cfg = ClientConfig::new(1);
-    cfg.slots_per_queue = DEPTH;
-    cfg.slot_size = BLOCK as usize;
-    let c = Client::connect_retry(&socket, &cfg, Duration::from_secs(15)).unwrap();
+    let (_d, c) = serve(&program, dir.path(), &image, &socket);
     let blocks = scattered_blocks();
     // Cold (direct), then from the host page cache or the folio cache.
     read_all(&c, &blocks, &data);
@@ -173,13 +180,11 @@ fn cold_random_reads_of_a_raw_base_bypass_the_page_cache_until_read_a_third_time
     let socket = dir.path().join("vhost.sock");
     let base = base_bytes();
     std::fs::write(&base_path, &base).unwrap();
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base_path)
-        .arg(&overlay)
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
+    qemu_img(
+        &["create", "-q", "-f", "qcow2", "-F", "raw", "-b"],
+        &base_path,
+        &overlay,
+    );
     drop_from_page_cache(&base_path);
     let base_file = File::open(&base_path).unwrap();
     assert_eq!(
@@ -187,11 +192,7 @@ fn cold_random_reads_of_a_raw_base_bypass_the_page_cache_until_read_a_third_time
         Some(false),
         "cachestat (Linux 6.5) is needed to tell which reads bypassed the page cache"
     );
-    let _d = serve(&program, dir.path(), &overlay, &socket);
-    let mut cfg = ClientConfig::new(1);
-    cfg.slots_per_queue = DEPTH;
-    cfg.slot_size = BLOCK as usize;
-    let c = Client::connect_retry(&socket, &cfg, Duration::from_secs(15)).unwrap();
+    let (_d, c) = serve(&program, dir.path(), &overlay, &socket);
     let blocks = scattered_blocks();
 
     read_all(&c, &blocks, &base);

@@ -263,10 +263,11 @@ impl FileHost {
         }
     }
 
-    /// Opens the descriptions planned reads of the file go through
-    /// ([`HostFile::plan_source`]): a read-only one and, where the file system can, an O_DIRECT
+    /// Opens the read-only descriptions planned reads of the file go through
+    /// ([`HostFile::plan_source`]) and that its short random reads take without read-ahead: a
+    /// plain one, one advised `POSIX_FADV_RANDOM` and, where the file system can, an O_DIRECT
     /// one. Call at open, before a sandbox forbids opening files. Where they cannot be opened
-    /// (not a regular file), the file plans nothing and its reads take `read_at`.
+    /// (not a regular file), the file plans nothing and every read takes the file itself.
     pub fn with_planned_reads(mut self) -> Self {
         if !self.file.metadata().is_ok_and(|m| m.is_file()) {
             return self;
@@ -406,11 +407,13 @@ impl HostFile for FileHost {
     fn plan_source(&self, offset: u64, len: u64) -> Option<PlanSource> {
         let r = self.reads.as_ref()?;
         let file = r.for_read(offset, len);
-        // Like a raw base: O_DIRECT is offered to random reads the page cache does not hold.
+        // Like a raw base, O_DIRECT is offered to random reads the page cache does not hold;
+        // on a file whose I/O is all direct (`--direct on`: one cache, the folio cache) to
+        // every read the page cache does not hold.
         let direct = r
             .direct
             .as_ref()
-            .filter(|d| d.usable() && !Arc::ptr_eq(file, &r.seq))
+            .filter(|d| d.usable() && (self.is_direct() || !Arc::ptr_eq(file, &r.seq)))
             .filter(|_| page_cache_holds(file, offset, len) != Some(true))
             .cloned();
         Some(PlanSource::File {

@@ -943,7 +943,8 @@ impl QcowImage {
         let r = self.finish(r);
         r?;
         if self.pins.quarantined() {
-            // A plan outlived every request (none should): its clusters stay allocated.
+            // A read still in flight names a cluster the guest freed meanwhile (a live
+            // snapshot freezes the image under it): the cluster stays allocated, a leak.
             log::warn!("closing with freed clusters a planned read still pins: they leak");
         }
         self.closed.store(true, Ordering::Release);
