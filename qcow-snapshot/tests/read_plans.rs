@@ -42,6 +42,10 @@ fn an_overlay_plans_its_backing_and_zeros_and_its_own_clusters_only_from_a_file_
     let mut want = base_data[(CS / 2) as usize..].to_vec();
     want.resize((SIZE - CS / 2) as usize, 0);
     assert_same(&plan.read_all().unwrap(), &want, "planned bytes");
+    assert!(
+        plan.holds.is_empty(),
+        "a plan naming no own cluster pins nothing"
+    );
 
     // Written (allocated in the overlay) in a file that names no description for planned
     // reads (memory): not planned, nor any range that touches it, before and after a flush.
@@ -87,9 +91,11 @@ fn a_planned_read_of_an_own_cluster_reads_what_it_named_even_after_a_free_and_a_
     img.write_at(&a, 0).unwrap();
     img.flush().unwrap();
     let h0 = planned_host_offset(&img, 0, CS);
-    let plan = img.plan_read(0, CS).unwrap();
+    // Within the cluster, not at its start: the pin is on the cluster all the same.
+    let plan = img.plan_read(4096, 8192).unwrap();
+    let part = &a[4096..12288];
     assert_eq!(plan.holds.len(), 1, "a plan of an own cluster holds a pin");
-    assert_same(&plan.read_all().unwrap(), &a, "planned bytes");
+    assert_same(&plan.read_all().unwrap(), part, "planned bytes");
 
     // The interleaving the io_uring path allows between a plan and its execution: the guest
     // cluster is discarded, flushes free its host cluster, and a new allocation would take it.
@@ -106,7 +112,7 @@ fn a_planned_read_of_an_own_cluster_reads_what_it_named_even_after_a_free_and_a_
     );
     assert_same(
         &plan.read_all().unwrap(),
-        &a,
+        part,
         "the plan read another guest cluster's data",
     );
 
@@ -122,6 +128,50 @@ fn a_planned_read_of_an_own_cluster_reads_what_it_named_even_after_a_free_and_a_
     img.close().unwrap();
     drop(img);
     qemu_check(&path);
+}
+
+#[test]
+fn a_live_plan_holds_back_exactly_the_clusters_it_names() {
+    let dir = tmp();
+    let path = qemu_create(dir.path(), "o.qcow2", "cluster_size=65536", "1M", &[]);
+    let img = open_qcow2(&path, false).unwrap();
+    // Host clusters in this order: guest cluster 2's, then 0's, then 3's.
+    for (gc, seed) in [(2, 11), (0, 12), (3, 13)] {
+        img.write_at(&random_bytes(seed, CS as usize), gc * CS)
+            .unwrap();
+        img.flush().unwrap();
+    }
+    let (h2, h0, h3) = (
+        planned_host_offset(&img, 2 * CS, CS),
+        planned_host_offset(&img, 0, CS),
+        planned_host_offset(&img, 3 * CS, CS),
+    );
+    assert!(h2 < h0 && h0 < h3, "{h2:#x} {h0:#x} {h3:#x}");
+    let plan = img.plan_read(0, CS).unwrap();
+    // The clusters on either side of the pinned one are freed and reused at once.
+    img.discard(2 * CS, CS).unwrap();
+    img.discard(3 * CS, CS).unwrap();
+    img.flush().unwrap();
+    img.flush().unwrap();
+    img.write_at(&random_bytes(14, CS as usize), 7 * CS)
+        .unwrap();
+    img.write_at(&random_bytes(15, CS as usize), 8 * CS)
+        .unwrap();
+    let mut reused = [
+        planned_host_offset(&img, 7 * CS, CS),
+        planned_host_offset(&img, 8 * CS, CS),
+    ];
+    reused.sort_unstable();
+    assert_eq!(
+        reused,
+        [h2, h3],
+        "a cluster the plan does not name was held back"
+    );
+    assert_same(
+        &plan.read_all().unwrap(),
+        &random_bytes(12, CS as usize),
+        "planned bytes",
+    );
 }
 
 #[test]

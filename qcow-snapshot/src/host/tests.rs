@@ -927,9 +927,11 @@ fn a_replay_writes_every_byte_once_with_its_newest_bytes() {
     let h = ReplayHost::new(file.clone());
     h.write_at(&[9; 32], 0).unwrap();
     h.sync_data().unwrap();
-    // Overlapping in every way: covered whole, covering, at either end, touching, apart.
+    // Overlapping in every way: covered whole, covering, at either end, touching, apart, and
+    // exactly the range of a newer one.
     for (fill, off, len) in [
-        (1u8, 4u64, 8usize),
+        (10u8, 24u64, 4usize),
+        (1, 4, 8),
         (2, 6, 2),
         (3, 2, 4),
         (4, 10, 6),
@@ -952,6 +954,7 @@ fn a_replay_writes_every_byte_once_with_its_newest_bytes() {
     );
     let mut written = [0u32; 32];
     for (off, bytes) in file.writes.lock().unwrap().iter() {
+        assert!(!bytes.is_empty(), "an empty replay write at {off}");
         for (i, b) in bytes.iter().enumerate() {
             let at = *off as usize + i;
             written[at] += 1;
