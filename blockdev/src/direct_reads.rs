@@ -188,6 +188,13 @@ impl DirectReads {
         !self.refused.load(Ordering::Relaxed)
     }
 
+    /// Whether a plan reading `[offset, offset + len)` of `file` (a buffered description of
+    /// the same file) offers it: reads may still take it and the host page cache does not
+    /// hold the whole range (what it holds is cheaper read from there).
+    pub fn offers(&self, file: &File, offset: u64, len: u64) -> bool {
+        self.usable() && page_cache_holds(file, offset, len) != Some(true)
+    }
+
     /// Whether a read at `offset` into buffers `segments` (address, length) meets the
     /// alignments: offset and every segment's length a multiple of the block, every address a
     /// multiple of the memory alignment.

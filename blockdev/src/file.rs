@@ -35,8 +35,8 @@ use std::sync::Arc;
 
 use crate::direct_reads::{ReadCounts, DIRECT_READS_PER_BLOCK};
 use crate::{
-    check_range, open_file, page_cache_holds, read_full_at, BlockDev, BlockError, DirectReads,
-    PlanSource, ReadPlan, Result,
+    check_range, open_file, read_full_at, BlockDev, BlockError, DirectReads, PlanSource, ReadPlan,
+    Result,
 };
 
 /// Reads of at least this many bytes always take the file's first description (read-ahead
@@ -260,8 +260,7 @@ impl BlockDev for RawFile {
         let direct = self
             .direct
             .as_ref()
-            .filter(|d| d.usable() && !Arc::ptr_eq(file, &self.file))
-            .filter(|_| page_cache_holds(file, offset, len) != Some(true))
+            .filter(|d| !Arc::ptr_eq(file, &self.file) && d.offers(file, offset, len))
             .filter(|_| {
                 self.counts
                     .as_ref()
@@ -337,6 +336,7 @@ impl BlockDev for RawFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::page_cache_holds;
 
     #[test]
     fn raw_file_round_trips_and_zeroes_without_touching_neighbours() {

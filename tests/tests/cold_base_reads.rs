@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -147,18 +147,49 @@ fn scattered_blocks() -> Vec<u64> {
     blocks
 }
 
-#[test]
-fn cold_random_reads_of_an_image_s_own_clusters_return_its_bytes() {
+/// What both tests start from: the daemon's binary, a directory, a raw file `raw_name` in it
+/// holding [`base_bytes`] (returned too), and the socket's path; `None` (skip) without the
+/// binary.
+struct SetUp {
+    program: PathBuf,
+    dir: tempfile::TempDir,
+    raw: PathBuf,
+    socket: PathBuf,
+    data: Vec<u8>,
+}
+
+fn set_up(raw_name: &str) -> Option<SetUp> {
     let Ok(program) = snapblk_tests::guest::snapblk_binary() else {
         snapblk_tests::client::daemon_missing("snapblk binary not available; skipping");
-        return;
+        return None;
     };
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("data.raw");
-    let image = dir.path().join("image.qcow2");
+    let raw = dir.path().join(raw_name);
     let socket = dir.path().join("vhost.sock");
     let data = base_bytes();
     std::fs::write(&raw, &data).unwrap();
+    Some(SetUp {
+        program,
+        dir,
+        raw,
+        socket,
+        data,
+    })
+}
+
+#[test]
+fn cold_random_reads_of_an_image_s_own_clusters_return_its_bytes() {
+    let Some(SetUp {
+        program,
+        dir,
+        raw,
+        socket,
+        data,
+    }) = set_up("data.raw")
+    else {
+        return;
+    };
+    let image = dir.path().join("image.qcow2");
     qemu_img(&["convert", "-q", "-O", "qcow2"], &raw, &image);
     drop_from_page_cache(&image);
     let (_d, c) = serve(&program, dir.path(), &image, &socket);
@@ -170,16 +201,17 @@ fn cold_random_reads_of_an_image_s_own_clusters_return_its_bytes() {
 
 #[test]
 fn cold_random_reads_of_a_raw_base_bypass_the_page_cache_until_read_a_third_time() {
-    let Ok(program) = snapblk_tests::guest::snapblk_binary() else {
-        snapblk_tests::client::daemon_missing("snapblk binary not available; skipping");
+    let Some(SetUp {
+        program,
+        dir,
+        raw: base_path,
+        socket,
+        data: base,
+    }) = set_up("base.raw")
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let base_path = dir.path().join("base.raw");
     let overlay = dir.path().join("overlay.qcow2");
-    let socket = dir.path().join("vhost.sock");
-    let base = base_bytes();
-    std::fs::write(&base_path, &base).unwrap();
     qemu_img(
         &["create", "-q", "-f", "qcow2", "-F", "raw", "-b"],
         &base_path,

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use blockdev::{page_cache_holds, DirectReads, PlanSource};
+use blockdev::{DirectReads, PlanSource};
 
 use crate::direct::{set_o_direct, DirectIo};
 
@@ -413,8 +413,9 @@ impl HostFile for FileHost {
         let direct = r
             .direct
             .as_ref()
-            .filter(|d| d.usable() && (self.is_direct() || !Arc::ptr_eq(file, &r.seq)))
-            .filter(|_| page_cache_holds(file, offset, len) != Some(true))
+            .filter(|d| {
+                (self.is_direct() || !Arc::ptr_eq(file, &r.seq)) && d.offers(file, offset, len)
+            })
             .cloned();
         Some(PlanSource::File {
             file: Arc::clone(file),

@@ -125,23 +125,24 @@ impl QcowImage {
     pub(super) fn plan_read_inner(&self, offset: u64, len: u64) -> Option<ReadPlan> {
         let extents = self.lock().map(&self.io, offset, len).ok()?;
         let mut plan = ReadPlan::default();
-        // Host clusters the plan names.
+        // Host clusters the plan names (a read-only image frees nothing: none to pin).
         let mut own = Vec::new();
+        let cs = self.geo.cluster_size();
         for e in extents {
             match e.mapping {
                 Mapping::Zero => plan.append(ReadPlan::one(e.len, PlanSource::Zero)),
                 Mapping::Unallocated => plan.append(self.plan_backing(e.offset, e.len)?),
                 Mapping::Data(h) => {
                     plan.append(ReadPlan::one(e.len, self.io.plan_source(h, e.len)?));
-                    let cs = self.geo.cluster_size();
-                    own.extend((h & !(cs - 1)..h + e.len).step_by(cs as usize));
+                    if !self.read_only {
+                        own.extend((h & !(cs - 1)..h + e.len).step_by(cs as usize));
+                    }
                 }
                 Mapping::Compressed(_) => return None,
             }
         }
-        if !own.is_empty() && !self.read_only {
-            // Taken under `gate`, like the mapping (see `pins`). A read-only image frees
-            // nothing.
+        if !own.is_empty() {
+            // Taken under `gate`, like the mapping (see `pins`).
             plan.holds.push(Arc::new(self.pins.pin(own)));
         }
         Some(plan)
