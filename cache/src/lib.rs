@@ -51,7 +51,10 @@ pub struct CacheConfig {
     pub writeback_interval: Duration,
     /// Reads and writes of at least this many bytes bypass the cache (streaming I/O): reads
     /// come from the lower layer overlaid with cached data, the whole folios of writes go
-    /// straight down. 0 disables the bypass.
+    /// straight down. 0 disables the bypass. The default, 128 KiB, measured best for 128 KiB
+    /// streams (through the cache each byte is copied twice more, into the folio and its
+    /// writeback snapshot or out of a fill buffer), while 64 KiB writes measured faster
+    /// through the cache than around it (BENCHMARKS.md, 2026-12-02).
     pub bypass_threshold: u64,
 }
 
@@ -64,7 +67,7 @@ impl Default for CacheConfig {
             writeback: true,
             flusher_threads: 1,
             writeback_interval: Duration::from_secs(1),
-            bypass_threshold: 256 << 10,
+            bypass_threshold: 128 << 10,
         }
     }
 }

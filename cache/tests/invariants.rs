@@ -829,7 +829,12 @@ fn fill_started_after_bypass_pinned_its_folios_is_not_installed() {
 #[test]
 fn sequential_dirty_folios_are_written_back_in_one_lower_write() {
     let lower = FaultyDisk::new(vec![0; 1 << 20]);
-    let cache = cache_over(&lower, small_cfg(K4, 64, 64));
+    // Through the cache, not around it: no bypass.
+    let cfg = CacheConfig {
+        bypass_threshold: 0,
+        ..small_cfg(K4, 64, 64)
+    };
+    let cache = cache_over(&lower, cfg);
     // 40 folios, partly dirty at both ends: one contiguous dirty range from 1000 to 160_000.
     cache.write_at(&pattern(3, 1000, 159_000), 1000).unwrap();
     cache.write_at(&[7; 512], 300_000).unwrap();

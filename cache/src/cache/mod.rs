@@ -124,8 +124,9 @@ const MAX_CLUSTER: usize = 1 << 20;
 /// cost nothing; a batch touches the pages of the dirty data it copies).
 const BATCH_ARENA: usize = 4 << 20;
 const MAX_ARENA: usize = 16 << 20;
-/// Arenas of batched writebacks kept for reuse.
-const KEPT_ARENAS: usize = 4;
+/// Snapshot arenas kept for reuse: one for each flush thread (the flusher and throttled
+/// writers take them between flushes).
+const KEPT_ARENAS: usize = FLUSH_WORKERS;
 /// Recycled folio buffers kept for reuse.
 const FREE_BUFS: usize = 64;
 /// How long a thread waiting for a free slot or dirty budget sleeps before retrying.
@@ -137,11 +138,9 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 thread_local! {
     /// Reusable buffer for fills (taken out while in use, so re-entrant calls just allocate).
-    /// Aligned for direct I/O, like `WB_BUF`: an O_DIRECT image below reads and writes them
-    /// without a bounce copy.
+    /// Aligned for direct I/O, like the snapshot arenas: an O_DIRECT image below reads and
+    /// writes them without a bounce copy.
     static FILL_BUF: Cell<AlignedBuf> = const { Cell::new(AlignedBuf::new()) };
-    /// Reusable buffer for writeback snapshots.
-    static WB_BUF: Cell<AlignedBuf> = const { Cell::new(AlignedBuf::new()) };
     /// Reusable list of dirty sector runs.
     static WB_RUNS: Cell<Vec<(usize, usize, usize)>> = const { Cell::new(Vec::new()) };
 }
@@ -152,8 +151,7 @@ pub(super) fn take_buf(
     len: usize,
 ) -> AlignedBuf {
     // Scratch contents never matter: a fresh zeroed allocation touches no page until it is
-    // used, where growing in place would zero all of it by hand (1 MiB for a writeback
-    // buffer, once per writing thread, including every flush worker).
+    // used, where growing in place would zero all of it by hand.
     key.with(Cell::take).at_least(len)
 }
 
@@ -290,9 +288,9 @@ struct Inner {
     nr_folios: AtomicUsize,
     evict_hand: AtomicUsize,
     free_bufs: Mutex<Vec<Vec<u8>>>,
-    /// Snapshot arenas of batched writebacks not in use (at most `KEPT_ARENAS`): shared, not
-    /// per thread, so that the many threads that may write back a batch (every writer the
-    /// dirty budget throttles) do not each keep one.
+    /// Snapshot arenas of writebacks not in use (at most `KEPT_ARENAS`): shared, not per
+    /// thread, so that the many threads that may write back (every writer the dirty budget
+    /// throttles) do not each keep one, and a flush's own threads find them.
     wb_arenas: Mutex<Vec<AlignedBuf>>,
     dirty_folios: AtomicUsize,
     /// Folios that became dirty so far (wraps); paces the eager wake-ups of the flusher.

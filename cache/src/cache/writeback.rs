@@ -20,7 +20,7 @@ impl Inner {
         if st.dirty.is_empty() {
             return Ok(WbOutcome::Clean);
         }
-        let mut buf = take_buf(&WB_BUF, self.folio_size * self.cluster_folios);
+        let mut buf = self.take_arena();
         let mut runs = WB_RUNS.with(Cell::take);
         runs.clear();
         let members = self.snapshot_group(f, st, &mut buf, &mut runs);
@@ -34,7 +34,7 @@ impl Inner {
                 .map(|()| WbOutcome::Written)
         };
         self.finish_group(&members, &runs, &outcome);
-        WB_BUF.with(|c| c.set(buf));
+        self.keep_arena(buf);
         WB_RUNS.with(|c| c.set(runs));
         outcome
     }
@@ -160,12 +160,7 @@ impl Inner {
     /// left in it (the rest wait for the next call).
     pub(super) fn writeback_batch(&self, folios: &[Arc<Folio>]) -> (usize, Vec<(u64, BlockError)>) {
         let room = self.folio_size * self.cluster_folios;
-        // Room for a whole batch of the flusher's single-folio groups plus one cluster, within
-        // bounds (a batch that fills it leaves the rest of its folios for the next call).
-        let want = (WRITEBACK_BATCH * self.folio_size + room).clamp(BATCH_ARENA, MAX_ARENA);
-        let popped = lock(&self.wb_arenas).pop();
-        // A fresh arena is zeroed by the allocator and touches no page until used.
-        let mut arena = popped.unwrap_or_default().at_least(want.max(room));
+        let mut arena = self.take_arena();
         let mut runs = WB_RUNS.with(Cell::take);
         runs.clear();
         // (members, arena offset, end of its runs in `runs`) of each group.
@@ -225,14 +220,33 @@ impl Inner {
                 Err(e) => failed.push((members.first().map_or(0, |f| f.index), e)),
             }
         }
-        {
-            let mut kept = lock(&self.wb_arenas);
-            if kept.len() < KEPT_ARENAS {
-                kept.push(arena);
-            }
-        }
+        self.keep_arena(arena);
         WB_RUNS.with(|c| c.set(runs));
         (written, failed)
+    }
+
+    /// A snapshot arena from the shared pool, or a new one: room for a whole batch of the
+    /// flusher's single-folio groups plus one cluster, within bounds (a batch that fills it
+    /// leaves the rest of its folios for the next call), and never less than one cluster.
+    /// Shared rather than per thread, because a flush writes back on threads of its own that
+    /// end with it: their buffers would be new memory (page faults, the allocator's zeroing)
+    /// at every flush, and the crash journal's trims flush every 64 MiB of writes.
+    fn take_arena(&self) -> AlignedBuf {
+        let room = self.folio_size * self.cluster_folios;
+        let want = (WRITEBACK_BATCH * self.folio_size + room)
+            .clamp(BATCH_ARENA, MAX_ARENA)
+            .max(room);
+        let popped = lock(&self.wb_arenas).pop();
+        // A fresh arena is zeroed by the allocator and touches no page until used.
+        popped.unwrap_or_default().at_least(want)
+    }
+
+    /// Returns an arena to the pool (at most `KEPT_ARENAS` are kept).
+    fn keep_arena(&self, arena: AlignedBuf) {
+        let mut kept = lock(&self.wb_arenas);
+        if kept.len() < KEPT_ARENAS {
+            kept.push(arena);
+        }
     }
 
     /// Writes back everything dirty in `f` as of now, waiting out zaps and in-flight writebacks.

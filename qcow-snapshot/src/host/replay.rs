@@ -138,21 +138,29 @@ impl Journal {
     }
 
     fn push(&mut self, change: Change) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
         let len = match &change {
             Change::Write { data, .. } => data.len(),
             Change::SetLen(_) => 0,
         };
         if self.dropped_through.is_some() || self.bytes + len > REPLAY_LIMIT_BYTES {
-            // Keeping only part of the changes could replay an incomplete state: drop all.
-            self.changes.clear();
-            self.bytes = 0;
-            self.dropped_through = Some(seq);
+            self.push_dropped();
             return;
         }
+        let seq = self.next_seq;
+        self.next_seq += 1;
         self.bytes += len;
         self.changes.push_back((seq, change));
+    }
+
+    /// Counts a change that is not kept: keeping only part of the changes could replay an
+    /// incomplete state, so everything kept is dropped and a failed sync poisons until a
+    /// sync that started after this change succeeds.
+    fn push_dropped(&mut self) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.changes.clear();
+        self.bytes = 0;
+        self.dropped_through = Some(seq);
     }
 
     /// Whether a change issued earlier than `ticket` and overlapping `[start, end)` is in flight.
@@ -297,22 +305,41 @@ impl<H: HostFile> ReplayHost<H> {
         eio()
     }
 
-    /// Applies `change` to the file and journals it, after every overlapping change issued
-    /// earlier has been applied and journaled (see the module documentation).
-    fn change(&self, change: Change) -> io::Result<()> {
+    /// Changes the file's length and journals it, after every change issued earlier has been
+    /// applied and journaled (a `set_len` overlaps everything; see the module documentation).
+    fn set_len_change(&self, len: u64) -> io::Result<()> {
         let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
         self.check_poisoned()?;
-        let (start, end) = change.span();
-        let ticket = self.take_ticket(start, end);
-        let result = match &change {
-            // Kept as a copy, so buffered whatever its size (the caller found that
-            // `write_at` would not route it around the page cache, or asked for the cache).
-            Change::Write { offset, data } => self.inner.write_cached_at(data, *offset),
-            Change::SetLen(len) => self.inner.set_len(*len),
-        };
+        let (ticket, _) = self.take_ticket(0, u64::MAX);
+        let result = self.inner.set_len(len);
         self.land(ticket, |j| {
             if result.is_ok() {
-                j.push(change);
+                j.push(Change::SetLen(len));
+            }
+        });
+        result
+    }
+
+    /// A write through the page cache, kept for replay as a copy (so buffered whatever its
+    /// size: the caller found that `write_at` would not route it around the page cache, or
+    /// asked for the cache). While the journal is over its limit (a stream of writes with no
+    /// sync: a failed sync would poison anyway), the write is not copied, only counted.
+    fn cached_change(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        let end = offset.saturating_add(buf.len() as u64);
+        let (ticket, dropping) = self.take_ticket(offset, end);
+        // Copied before the write, outside the journal's lock.
+        let copy: Option<Box<[u8]>> = (!dropping).then(|| buf.into());
+        let result = self.inner.write_cached_at(buf, offset);
+        self.land(ticket, |j| {
+            if result.is_ok() {
+                match copy {
+                    Some(data) => j.push(Change::Write { offset, data }),
+                    // A sync may have emptied the journal meanwhile: the write is still not
+                    // kept, so the journal counts as over its limit again until a later sync.
+                    None => j.push_dropped(),
+                }
             }
         });
         result
@@ -327,7 +354,7 @@ impl<H: HostFile> ReplayHost<H> {
         let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
         self.check_poisoned()?;
         let end = offset.saturating_add(buf.len() as u64);
-        let ticket = self.take_ticket(offset, end);
+        let (ticket, _) = self.take_ticket(offset, end);
         let result = self.inner.write_at(buf, offset);
         self.land(ticket, |j| {
             if result.is_ok() {
@@ -345,8 +372,8 @@ impl<H: HostFile> ReplayHost<H> {
     }
 
     /// Takes a ticket for a change of `[start, end)` and waits until no change with an earlier
-    /// ticket overlapping it is in flight.
-    fn take_ticket(&self, start: u64, end: u64) -> u64 {
+    /// ticket overlapping it is in flight. Also says whether the journal is over its limit.
+    fn take_ticket(&self, start: u64, end: u64) -> (u64, bool) {
         let mut j = self.journal();
         let ticket = j.next_ticket;
         j.next_ticket += 1;
@@ -354,7 +381,7 @@ impl<H: HostFile> ReplayHost<H> {
         while j.earlier_overlap(ticket, start, end) {
             j = self.landed.wait(j).unwrap_or_else(|e| e.into_inner());
         }
-        ticket
+        (ticket, j.dropped_through.is_some())
     }
 
     /// Records the outcome of the change holding `ticket` (`journal`) and lets the changes
@@ -439,10 +466,7 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
         if self.inner.writes_directly(buf, offset) {
             return self.direct_change(buf, offset);
         }
-        self.change(Change::Write {
-            offset,
-            data: buf.into(),
-        })
+        self.cached_change(buf, offset)
     }
 
     fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
@@ -470,10 +494,7 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
             return self.unjournaled(|| self.inner.write_cached_at(buf, offset));
         }
         // Through the page cache: a failed sync may drop it, so it is kept for replay.
-        self.change(Change::Write {
-            offset,
-            data: buf.into(),
-        })
+        self.cached_change(buf, offset)
     }
 
     fn failed_sync_drops_writes(&self) -> bool {
@@ -507,7 +528,7 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
         if !self.inner.failed_sync_drops_writes() {
             return self.unjournaled(|| self.inner.set_len(len));
         }
-        self.change(Change::SetLen(len))
+        self.set_len_change(len)
     }
 
     fn enable_direct(&self) -> io::Result<()> {

@@ -267,6 +267,41 @@ fn a_successful_sync_forgets_the_journal_including_an_overflow() {
     assert_eq!(durable(&h).first(), Some(&2));
 }
 
+#[test]
+fn writes_past_the_journal_limit_are_not_kept_and_one_landing_after_a_sync_still_poisons() {
+    use std::sync::Arc;
+    let f = Arc::new(LossyFile::default());
+    let file = Arc::new(AfterWriteHook {
+        inner: f.clone(),
+        hook: Mutex::new(None),
+    });
+    let h = Arc::new(ReplayHost::new(file.clone()));
+    let big = vec![1u8; REPLAY_LIMIT_BYTES + 1];
+    h.write_at(&big, 0).unwrap();
+    // Over the limit: a later write is counted, not kept.
+    h.write_at(&[2; 8], 0).unwrap();
+    assert!(h.journal().dropped_through.is_some());
+    assert!(h.journal().changes.is_empty());
+    assert_eq!(h.journal().bytes, 0);
+    // Write C starts while the journal is over its limit (so it takes no copy); while it is
+    // in the file and not yet counted, a sync succeeds and empties the journal.
+    let h2 = h.clone();
+    *file.hook.lock().unwrap() = Some(Box::new(move || {
+        let s = std::thread::spawn(move || h2.sync_data());
+        s.join().unwrap().unwrap();
+    }));
+    h.write_at(&[3; 8], 16).unwrap();
+    // C was not copied, so the journal must count as over its limit again: a failed sync
+    // that drops C cannot be repaired and must poison, never report success.
+    assert!(
+        h.journal().dropped_through.is_some(),
+        "a write that was not kept left the journal looking complete"
+    );
+    f.failures_left.store(1, Ordering::SeqCst);
+    assert!(h.sync_data().is_err());
+    assert!(h.is_poisoned());
+}
+
 /// An O_DIRECT-like file: a failed sync keeps every write (nothing sat in a page cache).
 #[derive(Default)]
 struct DirectLikeFile {
