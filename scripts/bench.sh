@@ -516,8 +516,9 @@ p("- The working set fits in memory: qemu-storage-daemon (cache.direct=off) keep
   "by writing the cache back into the image file (over qcow2 with the metadata, syncing only "
   "where its crash-consistent order needs it: not at all for the allocated `qcow2` image). But "
   "writebacks of 256 KiB and more into a qcow2 image go to the device with O_DIRECT (`--direct "
-  "auto`), so sequential write streams that never FLUSH are paced by the device on snapblk's "
-  "side and by memory on qemu-storage-daemon's.")
+  "auto`), so sequential write streams of smaller requests that never FLUSH are paced by the "
+  "device on snapblk's side and by memory on qemu-storage-daemon's; requests of 128 KiB and "
+  "more go around the folio cache, those below 256 KiB into the host page cache.")
 if os.path.exists(E["COLD_MD"]):
     p("")
     p(open(E["COLD_MD"]).read().rstrip())

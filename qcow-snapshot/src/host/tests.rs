@@ -259,6 +259,9 @@ fn a_successful_sync_forgets_the_journal_including_an_overflow() {
     let h = ReplayHost::new(f.clone());
     let big = vec![1u8; REPLAY_LIMIT_BYTES + 1];
     h.write_at(&big, 0).unwrap();
+    // More writes past the limit, counted and not kept: the sync forgets them too.
+    h.write_at(&[3; 8], 0).unwrap();
+    h.write_at(&[4; 8], 8).unwrap();
     h.sync_data().unwrap();
     assert!(h.journal().dropped_through.is_none());
     h.write_at(&[2], 0).unwrap();
