@@ -517,8 +517,8 @@ p("- The working set fits in memory: qemu-storage-daemon (cache.direct=off) keep
   "where its crash-consistent order needs it: not at all for the allocated `qcow2` image). But "
   "writebacks of 256 KiB and more into a qcow2 image go to the device with O_DIRECT (`--direct "
   "auto`), so sequential write streams of smaller requests that never FLUSH are paced by the "
-  "device on snapblk's side and by memory on qemu-storage-daemon's; requests of 128 KiB and "
-  "more go around the folio cache, those below 256 KiB into the host page cache.")
+  "device on snapblk's side and by memory on qemu-storage-daemon's. Reads of 128 KiB and more "
+  "go around the folio cache, writes from 256 KiB on.")
 if os.path.exists(E["COLD_MD"]):
     p("")
     p(open(E["COLD_MD"]).read().rstrip())

@@ -100,10 +100,9 @@ impl DirectMode {
     }
 }
 
-/// The smallest write `--direct large` sends with O_DIRECT: what clustered writebacks of
-/// sequential data reach. The folio cache lets writes through from 128 KiB on (its default
-/// bypass threshold); those below this go through the host page cache like the cache's own
-/// writebacks.
+/// The smallest write `--direct large` sends with O_DIRECT: what bypasses the folio cache
+/// (its default bypass threshold for writes) and what clustered writebacks of sequential data
+/// reach.
 pub const LARGE_DIRECT_MIN: usize = 256 << 10;
 
 /// How a queue's reads reach the host files (`--aio`, as qemu-storage-daemon's `aio=`).

@@ -51,11 +51,18 @@ pub struct CacheConfig {
     pub writeback_interval: Duration,
     /// Reads and writes of at least this many bytes bypass the cache (streaming I/O): reads
     /// come from the lower layer overlaid with cached data, the whole folios of writes go
-    /// straight down. 0 disables the bypass. The default, 128 KiB, measured best for 128 KiB
-    /// streams (through the cache each byte is copied twice more, into the folio and its
-    /// writeback snapshot or out of a fill buffer), while 64 KiB writes measured faster
-    /// through the cache than around it (BENCHMARKS.md, 2026-12-02).
+    /// straight down. 0 disables the bypass.
     pub bypass_threshold: u64,
+    /// Reads bypass the cache from the smaller of this and `bypass_threshold` on (0: from
+    /// `bypass_threshold`). The default, 128 KiB, reads 128 KiB streams with one copy (from
+    /// the host page cache into the guest's buffers, or none with O_DIRECT) where through the
+    /// cache they were copied out of a fill buffer into folios and then to the guest; 64 KiB
+    /// reads measured faster still around the cache, but a read that small is as often one
+    /// the cache serves again. Writes keep 256 KiB (BENCHMARKS.md, 2026-12-02): from 128 KiB
+    /// the many request threads writing through the host page cache at once contended on the
+    /// file's lock (a fresh standard-L2 overlay written in 128 KiB requests ran at a quarter
+    /// of its rate), where the cache's writeback hands them to one thread.
+    pub read_bypass_threshold: u64,
 }
 
 impl Default for CacheConfig {
@@ -67,7 +74,8 @@ impl Default for CacheConfig {
             writeback: true,
             flusher_threads: 1,
             writeback_interval: Duration::from_secs(1),
-            bypass_threshold: 128 << 10,
+            bypass_threshold: 256 << 10,
+            read_bypass_threshold: 128 << 10,
         }
     }
 }

@@ -57,7 +57,8 @@
 //! - Writeback of a folio whose dirty data reaches its end takes the following folios whose
 //!   dirty data starts at their beginning along (up to 1 MiB), merging touching runs into one
 //!   lower write. A folio already under writeback never joins.
-//! - Requests of at least `bypass_threshold` bytes bypass the cache. A large read pins the
+//! - Requests of at least `bypass_threshold` bytes bypass the cache (reads from
+//!   `read_bypass_threshold` on, when that is smaller). A large read pins the
 //!   cached folios of its range, reads the lower layer and overlays their uptodate sectors (as
 //!   copied before the lower read). The
 //!   whole folios of a large write are registered like a zap, in-flight writebacks of them
@@ -283,6 +284,8 @@ struct Inner {
     max_folios: usize,
     max_dirty: usize,
     bypass_threshold: u64,
+    /// Reads of at least this many bytes bypass the cache (0: none do).
+    read_bypass_threshold: u64,
     cluster_folios: usize,
     shards: Box<[Mutex<Shard>]>,
     nr_folios: AtomicUsize,
@@ -368,6 +371,11 @@ impl FolioCache {
             max_folios,
             max_dirty,
             bypass_threshold: cfg.bypass_threshold,
+            read_bypass_threshold: match (cfg.bypass_threshold, cfg.read_bypass_threshold) {
+                (0, _) => 0,
+                (w, 0) => w,
+                (w, r) => w.min(r),
+            },
             cluster_folios: (MAX_CLUSTER / folio_size).max(1),
             shards: (0..nshards).map(|_| Mutex::new(Shard::default())).collect(),
             nr_folios: AtomicUsize::new(0),

@@ -10,7 +10,7 @@ impl Inner {
             return Ok(());
         }
         self.wait_zaps_before_read(offset, offset + buf.len() as u64);
-        if self.bypass_threshold > 0 && buf.len() as u64 >= self.bypass_threshold {
+        if self.read_bypass_threshold > 0 && buf.len() as u64 >= self.read_bypass_threshold {
             return self.read_bypass(buf, offset);
         }
         let mut done = 0;
@@ -32,7 +32,7 @@ impl Inner {
         if len == 0 {
             return Ok(());
         }
-        if self.bypass_threshold > 0 && len as u64 >= self.bypass_threshold {
+        if self.read_bypass_threshold > 0 && len as u64 >= self.read_bypass_threshold {
             return read_via_bounce(dst, 0, len, |buf| self.read_at(buf, offset));
         }
         self.wait_zaps_before_read(offset, offset + len as u64);
