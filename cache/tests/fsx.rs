@@ -21,6 +21,7 @@ fn tiny_cache(bypass: u64) -> CacheConfig {
         flusher_threads: 1,
         writeback_interval: Duration::from_millis(10),
         bypass_threshold: bypass,
+        read_bypass_threshold: 0,
     }
 }
 

@@ -638,6 +638,7 @@ fn many_threads_with_fewer_folios_than_threads_make_progress() {
 fn bypass_cfg() -> CacheConfig {
     CacheConfig {
         bypass_threshold: 4 * K4,
+        read_bypass_threshold: 0,
         ..small_cfg(K4, 8, 4)
     }
 }
@@ -832,6 +833,7 @@ fn sequential_dirty_folios_are_written_back_in_one_lower_write() {
     // Through the cache, not around it: no bypass.
     let cfg = CacheConfig {
         bypass_threshold: 0,
+        read_bypass_threshold: 0,
         ..small_cfg(K4, 64, 64)
     };
     let cache = cache_over(&lower, cfg);
@@ -908,4 +910,63 @@ fn clustered_writeback_never_joins_a_folio_already_under_writeback() {
         "an older snapshot landed after a newer one"
     );
     assert_eq!(lower.bytes(0, 4096), vec![3; 4096]);
+}
+
+#[test]
+fn by_default_128_kib_reads_go_around_the_cache_and_128_kib_writes_through_it() {
+    let lower = FaultyDisk::new(pattern(5, 0, 1 << 20));
+    let cfg = CacheConfig {
+        flusher_threads: 0,
+        ..CacheConfig::default()
+    };
+    let cache = cache_over(&lower, cfg);
+    // A 128 KiB read around the cache: nothing cached afterwards.
+    assert_eq!(
+        read(&*cache, 0, 128 << 10),
+        pattern(5, 0, 1 << 20)[..128 << 10]
+    );
+    assert_eq!(cache.stats().bypassed, 1);
+    assert_eq!(cache.stats().cached_folios, 0);
+    // A 64 KiB read goes through it (and stays cached).
+    let small = 64 << 10;
+    assert_eq!(read(&*cache, 0, small), pattern(5, 0, 1 << 20)[..small]);
+    assert_eq!(cache.stats().cached_folios, 1);
+    // A 128 KiB write through the cache: nothing reaches the lower layer before a flush.
+    cache.write_at(&[9; 128 << 10], 256 << 10).unwrap();
+    assert_eq!(cache.stats().bypassed, 1);
+    assert!(lower.writes().is_empty());
+    // 256 KiB writes go around it.
+    cache.write_at(&[8; 256 << 10], 512 << 10).unwrap();
+    assert_eq!(cache.stats().bypassed, 2);
+    assert_eq!(lower.writes(), vec![(512 << 10, 256 << 10)]);
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(256 << 10, 128 << 10), vec![9; 128 << 10]);
+}
+
+#[test]
+fn a_read_threshold_above_the_write_threshold_changes_nothing_and_zero_follows_it() {
+    for (write, read_t) in [(16 << 10, 128 << 10), (16 << 10, 0)] {
+        let lower = FaultyDisk::new(vec![3; 1 << 20]);
+        let cfg = CacheConfig {
+            flusher_threads: 0,
+            bypass_threshold: write,
+            read_bypass_threshold: read_t,
+            ..CacheConfig::default()
+        };
+        let cache = cache_over(&lower, cfg);
+        // Reads bypass from the smaller of the two: 16 KiB here.
+        assert_eq!(read(&*cache, 0, 16 << 10), vec![3; 16 << 10]);
+        assert_eq!(cache.stats().bypassed, 1, "write {write} read {read_t}");
+    }
+    // No bypass at all when writes have none.
+    let lower = FaultyDisk::new(vec![3; 1 << 20]);
+    let cfg = CacheConfig {
+        flusher_threads: 0,
+        bypass_threshold: 0,
+        read_bypass_threshold: 4 << 10,
+        ..CacheConfig::default()
+    };
+    let cache = cache_over(&lower, cfg);
+    assert_eq!(read(&*cache, 0, 512 << 10), vec![3; 512 << 10]);
+    assert_eq!(cache.stats().bypassed, 0);
 }

@@ -24,6 +24,7 @@ fn small_cache(folio: u64, folios: u64, bypass: u64) -> CacheConfig {
         flusher_threads: 1,
         writeback_interval: Duration::from_millis(50),
         bypass_threshold: bypass,
+        read_bypass_threshold: 0,
     }
 }
 

@@ -101,6 +101,7 @@ fn no_read_goes_back_in_time(racer: Racer, last: LastRead) {
     let hooks = Arc::new(WaitReporter::default());
     let cfg = CacheConfig {
         bypass_threshold: 4 * K4,
+        read_bypass_threshold: 0,
         ..small_cfg(K4, 16, 8)
     };
     let cache =

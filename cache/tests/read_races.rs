@@ -55,6 +55,7 @@ impl Racer {
 fn bypass_cfg() -> CacheConfig {
     CacheConfig {
         bypass_threshold: 4 * K4,
+        read_bypass_threshold: 0,
         ..small_cfg(K4, 16, 8)
     }
 }

@@ -172,6 +172,7 @@ fn a_failed_bypassing_write_forgets_the_clean_cached_copies_of_its_folios() {
     let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
     let cfg = cache::CacheConfig {
         bypass_threshold: 4 * K4,
+        read_bypass_threshold: 0,
         ..small_cfg(K4, 16, 8)
     };
     let cache = cache_over(&lower, cfg);
@@ -217,6 +218,7 @@ fn zap_hooks_name_the_first_folio_of_the_range() {
     let hooks = Arc::new(Recorder::default());
     let cfg = cache::CacheConfig {
         bypass_threshold: 4 * K4,
+        read_bypass_threshold: 0,
         ..small_cfg(K4, 16, 8)
     };
     let cache =

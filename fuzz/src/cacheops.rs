@@ -73,6 +73,7 @@ pub fn run(data: &[u8]) {
         flusher_threads: usize::from(cfg_byte & 4 != 0),
         writeback_interval: Duration::from_millis(1),
         bypass_threshold: if cfg_byte & 8 != 0 { 8 << 10 } else { 0 },
+        read_bypass_threshold: 0,
     };
     let initial: Vec<u8> = (0..size).map(|i| (i % 251) as u8 ^ 0x3c).collect();
     let lower = Arc::new(MemDisk::from_vec(initial.clone()));
