@@ -305,19 +305,37 @@ impl<H: HostFile> ReplayHost<H> {
         eio()
     }
 
-    /// Changes the file's length and journals it, after every change issued earlier has been
-    /// applied and journaled (a `set_len` overlaps everything; see the module documentation).
-    fn set_len_change(&self, len: u64) -> io::Result<()> {
+    /// Runs `op` as a change of the file bytes `[start, end)`: after every overlapping change
+    /// issued earlier has been applied and journaled (see the module documentation), and
+    /// journaled by `record` (under the journal's lock) when it succeeded. `op` learns whether
+    /// the journal is over its limit; what it returns besides its outcome goes to `record`.
+    fn ordered_change<K>(
+        &self,
+        start: u64,
+        end: u64,
+        op: impl FnOnce(bool) -> (io::Result<()>, K),
+        record: impl FnOnce(&mut Journal, K),
+    ) -> io::Result<()> {
         let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
         self.check_poisoned()?;
-        let (ticket, _) = self.take_ticket(0, u64::MAX);
-        let result = self.inner.set_len(len);
+        let (ticket, dropping) = self.take_ticket(start, end);
+        let (result, kept) = op(dropping);
         self.land(ticket, |j| {
             if result.is_ok() {
-                j.push(Change::SetLen(len));
+                record(j, kept);
             }
         });
         result
+    }
+
+    /// Changes the file's length and journals it (a `set_len` overlaps everything).
+    fn set_len_change(&self, len: u64) -> io::Result<()> {
+        self.ordered_change(
+            0,
+            u64::MAX,
+            |_| (self.inner.set_len(len), ()),
+            |j, ()| j.push(Change::SetLen(len)),
+        )
     }
 
     /// A write through the page cache, kept for replay as a copy (so buffered whatever its
@@ -325,24 +343,22 @@ impl<H: HostFile> ReplayHost<H> {
     /// asked for the cache). While the journal is over its limit (a stream of writes with no
     /// sync: a failed sync would poison anyway), the write is not copied, only counted.
     fn cached_change(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
-        self.check_poisoned()?;
         let end = offset.saturating_add(buf.len() as u64);
-        let (ticket, dropping) = self.take_ticket(offset, end);
-        // Copied before the write, outside the journal's lock.
-        let copy: Option<Box<[u8]>> = (!dropping).then(|| buf.into());
-        let result = self.inner.write_cached_at(buf, offset);
-        self.land(ticket, |j| {
-            if result.is_ok() {
-                match copy {
-                    Some(data) => j.push(Change::Write { offset, data }),
-                    // A sync may have emptied the journal meanwhile: the write is still not
-                    // kept, so the journal counts as over its limit again until a later sync.
-                    None => j.push_dropped(),
-                }
-            }
-        });
-        result
+        self.ordered_change(
+            offset,
+            end,
+            |dropping| {
+                // Copied before the write, outside the journal's lock.
+                let copy: Option<Box<[u8]>> = (!dropping).then(|| buf.into());
+                (self.inner.write_cached_at(buf, offset), copy)
+            },
+            |j, copy| match copy {
+                Some(data) => j.push(Change::Write { offset, data }),
+                // A sync may have emptied the journal meanwhile: the write is still not kept,
+                // so the journal counts as over its limit again until a later sync.
+                None => j.push_dropped(),
+            },
+        )
     }
 
     /// A write the file takes with O_DIRECT although it is buffered
@@ -351,13 +367,12 @@ impl<H: HostFile> ReplayHost<H> {
     /// failed sync cannot put them back over it. While a `set_len` is kept (whose replay
     /// could cut the file below this write), the write is kept as a copy instead.
     fn direct_change(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
-        self.check_poisoned()?;
         let end = offset.saturating_add(buf.len() as u64);
-        let (ticket, _) = self.take_ticket(offset, end);
-        let result = self.inner.write_at(buf, offset);
-        self.land(ticket, |j| {
-            if result.is_ok() {
+        self.ordered_change(
+            offset,
+            end,
+            |_| (self.inner.write_at(buf, offset), ()),
+            |j, ()| {
                 if j.has_set_len() {
                     j.push(Change::Write {
                         offset,
@@ -366,9 +381,8 @@ impl<H: HostFile> ReplayHost<H> {
                 } else {
                     j.clip(offset, end);
                 }
-            }
-        });
-        result
+            },
+        )
     }
 
     /// Takes a ticket for a change of `[start, end)` and waits until no change with an earlier
