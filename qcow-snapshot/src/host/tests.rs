@@ -137,16 +137,28 @@ impl HostFile for AfterWriteHook {
     }
 }
 
+/// A [`ReplayHost`] over an [`AfterWriteHook`] over a [`LossyFile`], all three shared.
+type Hooked = (
+    std::sync::Arc<LossyFile>,
+    std::sync::Arc<AfterWriteHook>,
+    std::sync::Arc<ReplayHost<std::sync::Arc<AfterWriteHook>>>,
+);
+
+fn hooked_replay_host() -> Hooked {
+    let f = std::sync::Arc::new(LossyFile::default());
+    let file = std::sync::Arc::new(AfterWriteHook {
+        inner: f.clone(),
+        hook: Mutex::new(None),
+    });
+    let h = std::sync::Arc::new(ReplayHost::new(file.clone()));
+    (f, file, h)
+}
+
 #[test]
 fn replay_after_a_failed_sync_keeps_overlapping_writes_in_file_order() {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
-    let f = Arc::new(LossyFile::default());
-    let file = Arc::new(AfterWriteHook {
-        inner: f.clone(),
-        hook: Mutex::new(None),
-    });
-    let h = Arc::new(ReplayHost::new(file.clone()));
+    let (f, file, h) = hooked_replay_host();
     h.write_at(&[0; 8], 0).unwrap();
     h.sync_data().unwrap();
     let b_thread = Arc::new(Mutex::new(None));
@@ -181,12 +193,7 @@ fn replay_after_a_failed_sync_keeps_overlapping_writes_in_file_order() {
 fn a_read_during_a_replay_never_sees_an_older_write_replayed_before_a_newer_one() {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
-    let f = Arc::new(LossyFile::default());
-    let file = Arc::new(AfterWriteHook {
-        inner: f.clone(),
-        hook: Mutex::new(None),
-    });
-    let h = Arc::new(ReplayHost::new(file.clone()));
+    let (f, file, h) = hooked_replay_host();
     h.write_at(&[1; 4], 0).unwrap();
     h.write_at(&[2; 4], 0).unwrap();
     let seen = Arc::new(Mutex::new(None));
@@ -272,13 +279,7 @@ fn a_successful_sync_forgets_the_journal_including_an_overflow() {
 
 #[test]
 fn writes_past_the_journal_limit_are_not_kept_and_one_landing_after_a_sync_still_poisons() {
-    use std::sync::Arc;
-    let f = Arc::new(LossyFile::default());
-    let file = Arc::new(AfterWriteHook {
-        inner: f.clone(),
-        hook: Mutex::new(None),
-    });
-    let h = Arc::new(ReplayHost::new(file.clone()));
+    let (f, file, h) = hooked_replay_host();
     let big = vec![1u8; REPLAY_LIMIT_BYTES + 1];
     h.write_at(&big, 0).unwrap();
     // Over the limit: a later write is counted, not kept.
