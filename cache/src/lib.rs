@@ -54,7 +54,7 @@ pub struct CacheConfig {
     /// straight down. 0 disables the bypass.
     pub bypass_threshold: u64,
     /// Reads bypass the cache from the smaller of this and `bypass_threshold` on (0: from
-    /// `bypass_threshold`). The default, 128 KiB, reads 128 KiB streams with one copy (from
+    /// `bypass_threshold`; none when `bypass_threshold` is 0). The default, 128 KiB, reads 128 KiB streams with one copy (from
     /// the host page cache into the guest's buffers, or none with O_DIRECT) where through the
     /// cache they were copied out of a fill buffer into folios and then to the guest; 64 KiB
     /// reads measured faster still around the cache, but a read that small is as often one
