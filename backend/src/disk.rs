@@ -622,9 +622,9 @@ mod tests {
     #[test]
     fn a_large_guest_rewrite_of_a_standard_l2_overlay_leaves_the_host_page_cache_by_default() {
         // `--direct auto` (`large` for standard L2 entries), the whole served stack: a
-        // writeback's rewrite in place stays in the host page cache; a 1 MiB guest write,
-        // which bypasses the folio cache, rewrites the same clusters with O_DIRECT, so the
-        // pages the writeback left are dropped.
+        // background writeback's rewrite in place stays in the host page cache; a 1 MiB guest
+        // write, which bypasses the folio cache, rewrites the same clusters with O_DIRECT, so
+        // the pages the writeback left are dropped.
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("ovl.qcow2");
         let opts = CreateOptions {
@@ -637,7 +637,9 @@ mod tests {
             eprintln!("no O_DIRECT on this file system: nothing to check");
             return;
         }
-        let args = ServeArgs::with_defaults(img.clone(), dir.path().join("s"));
+        let mut args = ServeArgs::with_defaults(img.clone(), dir.path().join("s"));
+        // The cache's write-back on top (the crash journal's would be a flush).
+        args.crash_journal = Some("none".into());
         let disk = open_disk(&args).unwrap();
         let mib = vec![1u8; 1 << 20];
         disk.dev.write_at(&mib, 1 << 20).unwrap();
@@ -647,6 +649,8 @@ mod tests {
                 .write_at(&[2u8; 4096], (1 << 20) + i * 4096)
                 .unwrap();
         }
+        // Written back as the crash journal's trims do (a FLUSH's own writeback goes direct).
+        disk.dev.write_back().unwrap();
         disk.dev.flush().unwrap();
         let file = std::fs::File::open(&img).unwrap();
         let Some(before) = cached_pages(&file) else {

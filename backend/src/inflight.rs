@@ -49,7 +49,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::device::BlkDevice;
-use crate::request::{check_avail_ring, ProcessQueueError, RequestWorker, StallCheck};
+use crate::request::{
+    check_avail_ring, peek_request_type, ProcessQueueError, RequestWorker, StallCheck,
+};
 use crate::uring::UringReads;
 
 /// A descriptor chain that owns its view of guest memory, so it can move to another thread with
@@ -381,11 +383,14 @@ fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
         drop(st);
         let Job { ring, mem, chain } = job;
         let head = chain.head_index();
+        let flush = is_flush(&mem, &chain);
         let before = ThreadUsage::now();
         let started = Instant::now();
         let len = worker.process_chain(&shared.dev, &*mem, chain);
         let wall = started.elapsed();
-        shared.record(executor_cost(wall, before, ThreadUsage::now()));
+        if !flush {
+            shared.record(executor_cost(wall, before, ThreadUsage::now()));
+        }
         ring.complete(&mem, head, len);
         // Release the request's memory view before counting it done.
         drop(mem);
@@ -395,6 +400,12 @@ fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
             shared.drained.notify_all();
         }
     }
+}
+
+/// Whether `chain` is a FLUSH (by the type its first descriptor starts with, see
+/// [`peek_request_type`]): a request that waits for the disk whatever the caches hold.
+fn is_flush(mem: &GuestMemoryMmap, chain: &OwnedChain) -> bool {
+    peek_request_type(mem, chain) == Some(crate::virtio_blk::VIRTIO_BLK_T_FLUSH)
 }
 
 /// CPU time and voluntary context switches of the calling thread (`getrusage(RUSAGE_THREAD)`).
@@ -554,7 +565,13 @@ pub fn submit_queue<R: UsedRing>(
                     Err(c) => chain = c,
                 }
             }
-            let job = if inline {
+            // A FLUSH waits for the disk by its nature: it goes to an executor (unless it is the
+            // only request of an idle queue) and leaves the estimate alone, so the writes
+            // around it stay inline (with a FLUSH every 32 writes, each one's fdatasync used to
+            // stop the queue thread and send the next passes' writes to the executors).
+            let flush = is_flush(mem, &chain);
+            let alone = popped == 1 && runner.inflight() == 0;
+            let job = if inline && (!flush || alone) {
                 Some(Job {
                     ring: ring.clone(),
                     mem: Arc::clone(mem),
@@ -572,10 +589,12 @@ pub fn submit_queue<R: UsedRing>(
                 let started = Instant::now();
                 let len = worker.process_chain(&shared.dev, &**mem, job.chain);
                 let took = started.elapsed();
-                shared.record(took);
+                if !flush {
+                    shared.record(took);
+                }
                 let needed = ring.complete_locked(queue, mem, head, len);
                 notify.completed(needed, signal);
-                if took.as_nanos() >= u128::from(shared.slow_ns) {
+                if !flush && took.as_nanos() >= u128::from(shared.slow_ns) {
                     // It waited for the disk: the rest of the pass goes to the executors.
                     inline = false;
                 }

@@ -187,6 +187,20 @@ impl StallCheck {
 /// Checks the available ring before a processing pass. A corrupt ring (an index more than the
 /// queue size ahead of ours) makes popping find nothing while `enable_notification` keeps
 /// reporting work: without this check a hostile driver could make the queue thread spin forever.
+/// The request type of `chain` when its header starts its first descriptor (the usual framing),
+/// read without collecting the chain; `None` otherwise (the chain may still be valid, or not:
+/// only [`RequestWorker::process_chain`] says). A hint for scheduling, never for executing.
+pub(crate) fn peek_request_type<M, D>(mem: &M, chain: &DescriptorChain<D>) -> Option<u32>
+where
+    M: GuestMemory,
+    D: std::ops::Deref<Target = M> + Clone,
+{
+    let first = chain.clone().next()?;
+    let mut t = [0u8; 4];
+    (!first.is_write_only() && first.len() >= 4 && mem.read_slice(&mut t, first.addr()).is_ok())
+        .then(|| u32::from_le_bytes(t))
+}
+
 pub(crate) fn check_avail_ring<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
@@ -497,15 +511,8 @@ impl RequestWorker {
     {
         // Most requests a pass sees are not reads: when the header starts the first descriptor
         // (the usual framing), its type decides before the whole chain is collected.
-        if let Some(first) = chain.clone().next() {
-            let mut t = [0u8; 4];
-            if !first.is_write_only()
-                && first.len() >= 4
-                && mem.read_slice(&mut t, first.addr()).is_ok()
-                && u32::from_le_bytes(t) != VIRTIO_BLK_T_IN
-            {
-                return None;
-            }
+        if peek_request_type(mem, &chain).is_some_and(|t| t != VIRTIO_BLK_T_IN) {
+            return None;
         }
         let CollectedChain {
             layout,

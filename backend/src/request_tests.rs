@@ -1037,6 +1037,9 @@ struct GateDisk {
     threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
     /// Operations at this byte offset fail with EIO.
     fail_at: Option<u64>,
+    /// Each flush takes this long, and the threads that ran one.
+    flush_delay: Option<std::time::Duration>,
+    flush_threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
 }
 
 impl GateDisk {
@@ -1054,6 +1057,8 @@ impl GateDisk {
             delay: None,
             threads: std::sync::Mutex::new(Vec::new()),
             fail_at: None,
+            flush_delay: None,
+            flush_threads: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -1112,6 +1117,13 @@ impl BlockDev for GateDisk {
         r
     }
     fn flush(&self) -> blockdev::Result<()> {
+        self.flush_threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        if let Some(d) = self.flush_delay {
+            std::thread::sleep(d);
+        }
         self.inner.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
@@ -1348,6 +1360,67 @@ fn runner_runs_fast_requests_on_the_queue_thread_and_hands_off_after_a_slow_one(
     assert_eq!(&threads[..2], &[me, me]);
     assert!(threads[2..].iter().all(|t| *t != me), "{threads:?}");
     for i in 0..4u64 {
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+    }
+}
+
+#[test]
+fn a_flush_in_a_fast_pass_goes_to_an_executor_and_the_writes_around_it_stay_inline() {
+    // A FLUSH waits for the disk whatever the caches hold: run inline, its fdatasync stopped
+    // the queue thread, sent the rest of the pass to the executors, and its time made the
+    // following passes slow too (with a FLUSH every 32 writes, every write paid a hand-off).
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut disk = GateDisk::new(u64::MAX);
+    disk.open_gate();
+    disk.flush_delay = Some(std::time::Duration::from_millis(300));
+    let disk = Arc::new(disk);
+    let slow = std::time::Duration::from_millis(60);
+    let runner =
+        crate::inflight::QueueRunner::with_slow_threshold(gated_device(disk.clone()), 8, "t", slow);
+    runner.set_speed_for_test(true);
+    let flush = RequestHeader {
+        request_type: VIRTIO_BLK_T_FLUSH,
+        reserved: 0,
+        sector: 0,
+    };
+    let chains = |mem: &GuestMemoryMmap, with_flush: bool| {
+        let mut list = io_chains(mem, 5, VIRTIO_BLK_T_OUT);
+        if with_flush {
+            mem.write_slice(&flush.to_bytes(), GuestAddress(HDR + 64 * 2))
+                .unwrap();
+            list[2] = vec![(HDR + 64 * 2, 16, 0), (STATUS + 2, 1, F_WRITE)];
+        }
+        list
+    };
+    let ring = TestRing::new(queue_with_chains(&mem, &chains(&mem, true), 0));
+    let mem = Arc::new(mem);
+    let mut worker = RequestWorker::new();
+    ring.pass(&runner, &mut worker, &mem);
+    // The pass did not wait for the flush: the four writes are on the used ring, run by the
+    // queue thread itself; the flush is still at the disk, on an executor.
+    assert_eq!(used_idx(&mem), 4, "the pass waited for the flush");
+    let me = std::thread::current().id();
+    let threads = disk.threads.lock().unwrap().clone();
+    assert_eq!(threads, vec![me; 4], "a write left the queue thread");
+    runner.wait_idle();
+    assert_eq!(used_idx(&mem), 5);
+    assert!(disk.flush_threads.lock().unwrap().iter().all(|t| *t != me));
+    // Its 300 ms did not count as a request's time: the next pass runs inline too.
+    let mut q = queue_with_chains(&mem, &chains(&mem, false), 0);
+    q.set_next_used(5);
+    *ring.queue.lock().unwrap() = q;
+    disk.threads.lock().unwrap().clear();
+    ring.pass(&runner, &mut worker, &mem);
+    runner.wait_idle();
+    assert_eq!(
+        disk.threads.lock().unwrap().clone(),
+        vec![me; 5],
+        "the flush's time sent the next pass to the executors"
+    );
+    for i in 0..5u64 {
         assert_eq!(
             mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
             VIRTIO_BLK_S_OK

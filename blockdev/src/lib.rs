@@ -90,6 +90,14 @@ pub trait BlockDev: Send + Sync {
     fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
         writes.iter().map(|&(b, o)| self.write_at(b, o)).collect()
     }
+    /// Writes every `(buf, offset)` of `writes` as [`BlockDev::write_batch`] does, for a caller
+    /// that flushes right after (the folio cache's writeback for a guest FLUSH): a layer with a
+    /// page cache of its own below (a qcow2 image on a buffered file whose large writes go
+    /// O_DIRECT) may send them past it to the device whatever their size, since the flush
+    /// would write them out of that page cache at once anyway. The default is `write_batch`.
+    fn write_batch_to_sync(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
+        self.write_batch(writes)
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
     /// Makes every completed write survive the end of this process (a daemon crash), not

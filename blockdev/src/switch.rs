@@ -120,6 +120,10 @@ impl BlockDev for SwitchDev {
         self.get().write_batch(writes)
     }
 
+    fn write_batch_to_sync(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
+        self.get().write_batch_to_sync(writes)
+    }
+
     fn flush(&self) -> Result<()> {
         self.get().flush()
     }

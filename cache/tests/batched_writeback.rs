@@ -392,3 +392,51 @@ fn write_back_writes_every_dirty_folio_down_without_a_flush_and_fails_after_a_fa
         .write_back()
         .expect_err("a write-back after a failed flush below succeeded");
 }
+
+#[test]
+fn only_writebacks_a_flush_syncs_right_after_are_handed_down_to_sync() {
+    // `BlockDev::write_batch_to_sync` lets the layer below send writes past a page cache of
+    // its own (a qcow2 image's O_DIRECT route): right for a flush's writeback, which the
+    // lower flush makes durable at once, and for a write-through write; wrong for a throttled
+    // writer's or a write-back's (the crash journal's trims), which nothing syncs.
+    let lower = FaultyDisk::new(vec![0; 64 * K4 as usize]);
+    let cache = cache_over(&lower, small_cfg(K4, 64, 4));
+    // Every other folio, so that no two writebacks merge: past the dirty limit of 4 folios
+    // the writers write back on their own.
+    for i in (0..24u64).step_by(2) {
+        cache.write_at(&pattern(1, i * K4, 512), i * K4).unwrap();
+    }
+    assert!(
+        !lower.writes().is_empty(),
+        "no writer was throttled: nothing to check"
+    );
+    cache.write_back().unwrap();
+    assert_eq!(
+        lower.batches_to_sync(),
+        Vec::<usize>::new(),
+        "a throttled writer's or a write-back's writeback was handed down to sync"
+    );
+    for i in (0..6u64).step_by(2) {
+        cache.write_at(&pattern(2, i * K4, 512), i * K4).unwrap();
+    }
+    cache.flush().unwrap();
+    assert_eq!(
+        lower.batches_to_sync().iter().sum::<usize>(),
+        3,
+        "the flush's writeback was not handed down to sync: {:?}",
+        lower.batches_to_sync()
+    );
+    cache.set_writeback(false).unwrap();
+    let before = lower.batches_to_sync().iter().sum::<usize>();
+    cache.write_at(&pattern(3, 40 * K4, 512), 40 * K4).unwrap();
+    assert_eq!(
+        lower.batches_to_sync().iter().sum::<usize>(),
+        before + 1,
+        "a write-through write's writeback was not handed down to sync"
+    );
+    for i in (0..24u64).step_by(2) {
+        let want = if i < 6 { 2 } else { 1 };
+        assert_eq!(lower.bytes(i * K4, 512), pattern(want, i * K4, 512));
+    }
+    assert_eq!(lower.bytes(40 * K4, 512), pattern(3, 40 * K4, 512));
+}

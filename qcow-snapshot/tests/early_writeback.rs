@@ -37,6 +37,10 @@ struct CachedHost {
     direct_bytes: AtomicU64,
     /// Bytes written through `write_cached_at` that `write_at` would have sent direct.
     kept_cached_bytes: AtomicU64,
+    /// Bytes `write_batch_to_sync` sent with O_DIRECT (page-aligned writes of any size, when
+    /// `direct_min` is set), and how many writes its calls had.
+    synced_direct_bytes: AtomicU64,
+    to_sync_writes: AtomicU64,
 }
 
 impl CachedHost {
@@ -100,6 +104,30 @@ impl HostFile for CachedHost {
 
     fn writes_directly(&self, buf: &[u8], _offset: u64) -> bool {
         self.direct_min > 0 && buf.len() >= self.direct_min
+    }
+
+    fn syncs_directly(&self, buf: &[u8], offset: u64) -> bool {
+        self.direct_min > 0
+            && !buf.is_empty()
+            && offset.is_multiple_of(4096)
+            && (buf.len() as u64).is_multiple_of(4096)
+    }
+
+    fn write_batch_to_sync(&self, writes: &[(&[u8], u64)]) -> Vec<std::io::Result<()>> {
+        self.to_sync_writes
+            .fetch_add(writes.len() as u64, Ordering::SeqCst);
+        writes
+            .iter()
+            .map(|&(b, o)| {
+                if self.syncs_directly(b, o) {
+                    self.synced_direct_bytes
+                        .fetch_add(b.len() as u64, Ordering::SeqCst);
+                    self.file.write_at(b, o)
+                } else {
+                    self.write_at(b, o)
+                }
+            })
+            .collect()
     }
 }
 
@@ -483,4 +511,58 @@ fn a_failed_sync_after_large_rewrites_in_place_replays_them() {
     assert!(read_durable(host.durable(), 0, 2 * MIB)
         .iter()
         .all(|&b| b == 9));
+}
+
+#[test]
+fn a_batch_to_sync_sends_every_page_aligned_write_direct_and_the_rest_through_the_page_cache() {
+    // `--direct large`: the folio cache's writeback for a FLUSH (`write_batch_to_sync`) goes
+    // past the host page cache whatever its size, rewrites in place and allocating writes
+    // alike, since the flush's `fdatasync` would write it out at once; a page-unaligned piece
+    // stays buffered. The same writes as an ordinary batch stay in the page cache.
+    let (host, img) = large_direct_image();
+    fill(&img, 1, 1);
+    img.flush().unwrap();
+    let synced = || host.synced_direct_bytes.load(Ordering::SeqCst);
+    let direct = || host.direct_bytes.load(Ordering::SeqCst);
+    let d0 = direct();
+    for r in img.write_batch(&[(&[2u8; 4096], 0), (&[2u8; 4096], 8192)]) {
+        r.unwrap();
+    }
+    assert_eq!(
+        (synced(), direct()),
+        (0, d0),
+        "an ordinary batch of small writes left the page cache"
+    );
+    // Two rewrites in place, a sector in the middle of a page, and a first write into a
+    // cluster the image does not have yet (copy-on-write assembles the whole cluster).
+    let results = img.write_batch_to_sync(&[
+        (&[3u8; 4096], 0),
+        (&[3u8; 4096], 8192),
+        (&[4u8; 512], 20480 + 512),
+        (&[5u8; 4096], 2 << 20),
+    ]);
+    for r in results {
+        r.unwrap();
+    }
+    assert_eq!(
+        synced(),
+        2 * 4096 + CS,
+        "the batch to sync did not send its page-aligned writes (and only those) direct"
+    );
+    assert_eq!(
+        host.to_sync_writes.load(Ordering::SeqCst),
+        3,
+        "the direct ones did not go down in one batch"
+    );
+    img.flush().unwrap();
+    let mut want = vec![1u8; MIB];
+    want[..4096].fill(3);
+    want[8192..12288].fill(3);
+    want[20480 + 512..20480 + 1024].fill(4);
+    let mut back = vec![0u8; MIB];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back == want, "the image reads other bytes");
+    let mut c = vec![0u8; CS as usize];
+    img.read_at(&mut c, 2 << 20).unwrap();
+    assert!(c[..4096].iter().all(|&b| b == 5) && c[4096..].iter().all(|&b| b == 0));
 }

@@ -33,7 +33,7 @@ impl Inner {
             let last = (offset + buf.len() as u64 - 1) >> self.folio_shift;
             for index in first..=last {
                 if let Some(f) = self.lookup(index) {
-                    self.sync_folio(&f)?;
+                    self.sync_folio(&f, true)?;
                 }
             }
             self.lower_flush()?;

@@ -9,7 +9,14 @@ impl Inner {
     /// When the folio's dirty data reaches its end, the following folios whose dirty data starts
     /// at their beginning join the writeback (up to `cluster_folios`), so that sequentially
     /// written data goes down in large contiguous writes.
-    pub(super) fn writeback_folio(&self, f: &Arc<Folio>, wait: bool) -> Result<WbOutcome> {
+    /// With `to_sync` (a flush's writeback) the lower writes go with
+    /// [`BlockDev::write_batch_to_sync`].
+    pub(super) fn writeback_folio(
+        &self,
+        f: &Arc<Folio>,
+        wait: bool,
+        to_sync: bool,
+    ) -> Result<WbOutcome> {
         let mut st = f.lock();
         if st.writeback {
             if !wait {
@@ -27,6 +34,17 @@ impl Inner {
         let end = members.last().map_or(f.start, |g| g.start + g.len as u64);
         let outcome = if self.zap_overlaps(f.start, end) {
             Ok(WbOutcome::Deferred)
+        } else if to_sync {
+            let writes: Vec<(&[u8], u64)> = self
+                .run_ranges(&members, &runs)
+                .into_iter()
+                .map(|(a, b)| (&buf[a..b], f.start + a as u64))
+                .collect();
+            self.lower
+                .write_batch_to_sync(&writes)
+                .into_iter()
+                .collect::<Result<()>>()
+                .map(|()| WbOutcome::Written)
         } else {
             self.run_ranges(&members, &runs)
                 .into_iter()
@@ -157,8 +175,13 @@ impl Inner {
     /// written, and the first folio and error of every group that failed.
     ///
     /// The snapshots share one arena: a batch takes folios while a whole cluster's room is
-    /// left in it (the rest wait for the next call).
-    pub(super) fn writeback_batch(&self, folios: &[Arc<Folio>]) -> (usize, Vec<(u64, BlockError)>) {
+    /// left in it (the rest wait for the next call). With `to_sync` (a flush's writeback) the
+    /// batch goes down with [`BlockDev::write_batch_to_sync`].
+    pub(super) fn writeback_batch(
+        &self,
+        folios: &[Arc<Folio>],
+        to_sync: bool,
+    ) -> (usize, Vec<(u64, BlockError)>) {
         let room = self.folio_size * self.cluster_folios;
         let mut arena = self.take_arena();
         let mut runs = WB_RUNS.with(Cell::take);
@@ -200,7 +223,12 @@ impl Inner {
         let mut outcomes: Vec<Result<WbOutcome>> =
             groups.iter().map(|_| Ok(WbOutcome::Written)).collect();
         if !writes.is_empty() {
-            for (k, r) in self.lower.write_batch(&writes).into_iter().enumerate() {
+            let results = if to_sync {
+                self.lower.write_batch_to_sync(&writes)
+            } else {
+                self.lower.write_batch(&writes)
+            };
+            for (k, r) in results.into_iter().enumerate() {
                 if let (Err(e), Some(&gi)) = (r, owner.get(k)) {
                     if let Some(o @ Ok(_)) = outcomes.get_mut(gi) {
                         *o = Err(e);
@@ -249,10 +277,11 @@ impl Inner {
         }
     }
 
-    /// Writes back everything dirty in `f` as of now, waiting out zaps and in-flight writebacks.
-    pub(super) fn sync_folio(&self, f: &Arc<Folio>) -> Result<()> {
+    /// Writes back everything dirty in `f` as of now, waiting out zaps and in-flight writebacks
+    /// (`to_sync`: see [`Self::writeback_folio`]).
+    pub(super) fn sync_folio(&self, f: &Arc<Folio>, to_sync: bool) -> Result<()> {
         loop {
-            match self.writeback_folio(f, true)? {
+            match self.writeback_folio(f, true, to_sync)? {
                 WbOutcome::Deferred => self.wait_zaps_clear(f.start, f.start + f.len as u64),
                 _ => return Ok(()),
             }
@@ -267,7 +296,11 @@ impl Inner {
     /// of the backing file; an O_DIRECT image has a batch in flight together) while sequential
     /// dirty data still reaches it in one write: a run never starts inside another thread's
     /// cluster.
-    pub(super) fn sync_folios(&self, folios: &[Arc<Folio>]) -> Option<BlockError> {
+    ///
+    /// With `to_sync` (the writeback of a flush, whose lower flush follows) the lower writes
+    /// go with [`BlockDev::write_batch_to_sync`]: past a page cache below where the lower
+    /// layer has one and can.
+    pub(super) fn sync_folios(&self, folios: &[Arc<Folio>], to_sync: bool) -> Option<BlockError> {
         // Runs follow the clustering rule of `sync_folio` as it looks now (a dirty end meets a
         // dirty beginning); that only decides who writes what, `sync_folio` re-checks.
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
@@ -312,12 +345,12 @@ impl Inner {
                 break;
             };
             let span = &folios[a.start..b.end];
-            let (_, failed) = self.writeback_batch(span);
+            let (_, failed) = self.writeback_batch(span, to_sync);
             for f in span {
                 if failed.iter().any(|(i, _)| *i == f.index) {
                     continue;
                 }
-                if let Err(e) = self.sync_folio(f) {
+                if let Err(e) = self.sync_folio(f, to_sync) {
                     lock(&first_error).get_or_insert(e);
                 }
             }
@@ -368,7 +401,7 @@ impl Inner {
             }
             batch
         };
-        let (written, failed) = self.writeback_batch(&batch);
+        let (written, failed) = self.writeback_batch(&batch, false);
         match failed.into_iter().next() {
             Some((_, e)) if written == 0 => Err(e),
             _ => Ok(written),
@@ -392,17 +425,18 @@ impl Inner {
             .inspect_err(|_| self.lower_flush_failed.store(true, Ordering::SeqCst))
     }
 
-    /// Writes back every dirty folio; the first error, if any.
-    fn write_back_dirty(&self) -> Result<()> {
+    /// Writes back every dirty folio (`to_sync`: for a flush, see [`Self::sync_folios`]); the
+    /// first error, if any.
+    fn write_back_dirty(&self, to_sync: bool) -> Result<()> {
         let accounted: Vec<Arc<Folio>> = lock(&self.dirty_list).values().cloned().collect();
-        match self.sync_folios(&accounted) {
+        match self.sync_folios(&accounted, to_sync) {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 
     pub(super) fn flush(&self) -> Result<()> {
-        self.write_back_dirty()?;
+        self.write_back_dirty(true)?;
         self.hook(HookPoint::BeforeLowerFlush, 0);
         self.lower_flush()
     }
@@ -412,7 +446,7 @@ impl Inner {
     /// (what that flush lost is not with the kernel any more).
     pub(super) fn write_back(&self) -> Result<()> {
         self.earlier_lower_flush_failed()?;
-        self.write_back_dirty()?;
+        self.write_back_dirty(false)?;
         self.lower.write_back()
     }
 }

@@ -67,6 +67,8 @@ pub struct FaultyDisk {
     batches: Mutex<Vec<usize>>,
     /// (offset, length) of every `write_uncached_at` call, in order.
     uncached: Mutex<Vec<(u64, usize)>>,
+    /// The number of writes of every `write_batch_to_sync` call, in order.
+    to_sync: Mutex<Vec<usize>>,
 }
 
 impl std::fmt::Debug for FaultyDisk {
@@ -101,6 +103,7 @@ impl FaultyDisk {
             reads: AtomicU64::new(0),
             batches: Mutex::new(Vec::new()),
             uncached: Mutex::new(Vec::new()),
+            to_sync: Mutex::new(Vec::new()),
         })
     }
 
@@ -196,6 +199,11 @@ impl FaultyDisk {
         self.batches.lock().unwrap().clone()
     }
 
+    /// The number of writes of every batch handed down to be synced (`write_batch_to_sync`).
+    pub fn batches_to_sync(&self) -> Vec<usize> {
+        self.to_sync.lock().unwrap().clone()
+    }
+
     /// (offset, length) of every write handed down as uncached (`write_uncached_at`).
     pub fn uncached_writes(&self) -> Vec<(u64, usize)> {
         self.uncached.lock().unwrap().clone()
@@ -256,6 +264,11 @@ impl BlockDev for FaultyDisk {
     fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
         self.batches.lock().unwrap().push(writes.len());
         writes.iter().map(|&(b, o)| self.write_at(b, o)).collect()
+    }
+
+    fn write_batch_to_sync(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
+        self.to_sync.lock().unwrap().push(writes.len());
+        self.write_batch(writes)
     }
 
     fn flush(&self) -> Result<()> {

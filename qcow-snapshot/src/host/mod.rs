@@ -90,6 +90,21 @@ pub trait HostFile: Send + Sync {
     fn writes_directly(&self, _buf: &[u8], _offset: u64) -> bool {
         false
     }
+    /// Writes every `(buf, offset)` of `writes` as [`HostFile::write_batch`] does, for a caller
+    /// that syncs the file right after (the writeback of a guest FLUSH): a buffered file whose
+    /// large writes go with O_DIRECT ([`HostFile::enable_direct_large`]) sends every one it can
+    /// ([`HostFile::syncs_directly`]) to the device with O_DIRECT whatever its size, all in
+    /// flight together, and the rest through the host page cache. The default is
+    /// `write_batch`.
+    fn write_batch_to_sync(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+        self.write_batch(writes)
+    }
+    /// Whether [`HostFile::write_batch_to_sync`] writes `buf` at `offset` with O_DIRECT while
+    /// the file is otherwise buffered (as [`HostFile::writes_directly`], which is the default,
+    /// says of `write_at`).
+    fn syncs_directly(&self, buf: &[u8], offset: u64) -> bool {
+        self.writes_directly(buf, offset)
+    }
     /// Writes all of `buf` at `offset` like [`HostFile::write_at`], except that a file whose
     /// large requests go with O_DIRECT ([`HostFile::enable_direct_large`]) writes this one
     /// through the host page cache whatever its size: a rewrite in place, which the page cache
@@ -164,6 +179,14 @@ macro_rules! forward_host_file {
 
             fn write_cached_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
                 (**self).write_cached_at(buf, offset)
+            }
+
+            fn write_batch_to_sync(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+                (**self).write_batch_to_sync(writes)
+            }
+
+            fn syncs_directly(&self, buf: &[u8], offset: u64) -> bool {
+                (**self).syncs_directly(buf, offset)
             }
 
             fn plan_source(&self, offset: u64, len: u64) -> Option<PlanSource> {
@@ -303,9 +326,16 @@ impl FileHost {
     /// would keep the old bytes of the direct half for later buffered reads. No buffered write
     /// shares a page with a direct one in flight (`ReplayHost` orders overlapping changes).
     fn large_route(&self, buf: &[u8], offset: u64) -> Option<(&File, &DirectIo)> {
-        let (f, d, min, page) = self.large.get()?;
+        let min = self.large.get()?.2;
+        self.page_route(buf, offset, min)
+    }
+
+    /// The O_DIRECT descriptor and alignment a buffered file writes `buf` at `offset` with
+    /// when at least `min` bytes go direct (the rule of [`FileHost::large_route`]).
+    fn page_route(&self, buf: &[u8], offset: u64, min: usize) -> Option<(&File, &DirectIo)> {
+        let (f, d, _, page) = self.large.get()?;
         (self.direct.get().is_none()
-            && buf.len() >= *min
+            && buf.len() >= min
             && offset.is_multiple_of(*page)
             && (buf.len() as u64).is_multiple_of(*page)
             && d.takes_as_is(buf, offset))
@@ -487,6 +517,50 @@ impl HostFile for FileHost {
 
     fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
         self.large_route(buf, offset).is_some()
+    }
+
+    fn syncs_directly(&self, buf: &[u8], offset: u64) -> bool {
+        // Any size: the page rule still holds (see `large_route`), and an empty write is
+        // nothing to put on a ring.
+        !buf.is_empty() && self.page_route(buf, offset, 1).is_some()
+    }
+
+    fn write_batch_to_sync(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+        let Some((f, d, _, _)) = self.large.get().filter(|_| !self.is_direct()) else {
+            return self.write_batch(writes);
+        };
+        let direct: Vec<usize> = (0..writes.len())
+            .filter(|&k| self.syncs_directly(writes[k].0, writes[k].1))
+            .collect();
+        let mut results: Vec<Option<io::Result<()>>> = (0..writes.len()).map(|_| None).collect();
+        if !direct.is_empty() {
+            let batch: Vec<(&[u8], u64)> = direct.iter().map(|&k| writes[k]).collect();
+            let end = batch
+                .iter()
+                .map(|&(b, o)| o.saturating_add(b.len() as u64))
+                .max()
+                .unwrap_or(0);
+            self.grow_for(end);
+            // Together on a ring (one at a time where none can be had).
+            for (&k, r) in direct
+                .iter()
+                .zip(self.rings.write(d, f, f.as_raw_fd(), &batch))
+            {
+                if r.is_ok() {
+                    let (b, o) = writes[k];
+                    self.growth.written_to.fetch_max(
+                        o.saturating_add(b.len() as u64).next_multiple_of(d.block()),
+                        Ordering::AcqRel,
+                    );
+                }
+                results[k] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .zip(writes)
+            .map(|(r, &(b, o))| r.unwrap_or_else(|| self.write_buffered(b, o)))
+            .collect()
     }
 
     fn enable_direct_large(&self, min: usize) -> io::Result<()> {

@@ -137,6 +137,20 @@ impl Journal {
         }
     }
 
+    /// Journals a direct write of `buf` at `offset` that is in the file: it clips the kept
+    /// writes it covers, or, while a `set_len` is kept (whose replay could cut the file below
+    /// it), is kept as a copy.
+    fn record_direct(&mut self, buf: &[u8], offset: u64) {
+        if self.has_set_len() {
+            self.push(Change::Write {
+                offset,
+                data: buf.into(),
+            });
+        } else {
+            self.clip(offset, offset.saturating_add(buf.len() as u64));
+        }
+    }
+
     fn push(&mut self, change: Change) {
         let len = match &change {
             Change::Write { data, .. } => data.len(),
@@ -372,17 +386,41 @@ impl<H: HostFile> ReplayHost<H> {
             offset,
             end,
             |_| (self.inner.write_at(buf, offset), ()),
-            |j, ()| {
-                if j.has_set_len() {
-                    j.push(Change::Write {
-                        offset,
-                        data: buf.into(),
-                    });
-                } else {
-                    j.clip(offset, end);
-                }
-            },
+            |j, ()| j.record_direct(buf, offset),
         )
+    }
+
+    /// The writes `which` of `writes` (none overlapping another), which the file takes with
+    /// O_DIRECT ([`HostFile::syncs_directly`]), in flight together
+    /// ([`HostFile::write_batch_to_sync`]) as direct changes: each is ordered after the
+    /// overlapping changes issued before it, not copied, and clips the kept writes it covers
+    /// once it is in the file (see [`Self::direct_change`]). Their tickets are taken together
+    /// ([`Self::take_tickets`]).
+    fn direct_changes(&self, writes: &[(&[u8], u64)], which: &[usize]) -> Vec<io::Result<()>> {
+        let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+        if self.is_poisoned() {
+            return which.iter().map(|_| Err(eio())).collect();
+        }
+        let span = |k: usize| {
+            let (b, o) = writes[k];
+            (o, o.saturating_add(b.len() as u64))
+        };
+        let spans: Vec<(u64, u64)> = which.iter().map(|&k| span(k)).collect();
+        let tickets = self.take_tickets(&spans);
+        let batch: Vec<(&[u8], u64)> = which.iter().map(|&k| writes[k]).collect();
+        let results = self.inner.write_batch_to_sync(&batch);
+        {
+            let mut j = self.journal();
+            for ((&k, &ticket), r) in which.iter().zip(&tickets).zip(&results) {
+                if r.is_ok() {
+                    let (b, o) = writes[k];
+                    j.record_direct(b, o);
+                }
+                j.land(ticket);
+            }
+        }
+        self.landed.notify_all();
+        results
     }
 
     /// Takes a ticket for a change of `[start, end)` and waits until no change with an earlier
@@ -396,6 +434,31 @@ impl<H: HostFile> ReplayHost<H> {
             j = self.landed.wait(j).unwrap_or_else(|e| e.into_inner());
         }
         (ticket, j.dropped_through.is_some())
+    }
+
+    /// Takes consecutive tickets for changes of the `spans` (none overlapping another) and
+    /// waits until no change with an earlier ticket overlaps any of them. Taken one by one,
+    /// another change could take a ticket between two of them, overlap both, and wait for the
+    /// first while the second waits for it: the first lands only after the second is written.
+    fn take_tickets(&self, spans: &[(u64, u64)]) -> Vec<u64> {
+        let mut j = self.journal();
+        let first = j.next_ticket;
+        j.next_ticket += spans.len() as u64;
+        for (i, &(start, end)) in spans.iter().enumerate() {
+            j.in_flight.push(InFlight {
+                ticket: first + i as u64,
+                start,
+                end,
+            });
+        }
+        // (Changes older than the group: a group that did overlap itself could not wait.)
+        while spans
+            .iter()
+            .any(|&(start, end)| j.earlier_overlap(first, start, end))
+        {
+            j = self.landed.wait(j).unwrap_or_else(|e| e.into_inner());
+        }
+        (first..first + spans.len() as u64).collect()
     }
 
     /// Records the outcome of the change holding `ticket` (`journal`) and lets the changes
@@ -493,6 +556,36 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
             return writes.iter().map(|_| Err(eio())).collect();
         }
         self.inner.write_batch(writes)
+    }
+
+    fn write_batch_to_sync(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+        if !self.inner.failed_sync_drops_writes() {
+            let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
+            if self.is_poisoned() {
+                return writes.iter().map(|_| Err(eio())).collect();
+            }
+            return self.inner.write_batch_to_sync(writes);
+        }
+        // The ones the file sends direct go together, as direct changes; the rest as `write_at`
+        // (kept for replay where buffered).
+        let direct: Vec<usize> = (0..writes.len())
+            .filter(|&k| self.inner.syncs_directly(writes[k].0, writes[k].1))
+            .collect();
+        let mut results: Vec<Option<io::Result<()>>> = (0..writes.len()).map(|_| None).collect();
+        if !direct.is_empty() {
+            for (&k, r) in direct.iter().zip(self.direct_changes(writes, &direct)) {
+                results[k] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .zip(writes)
+            .map(|(r, &(b, o))| r.unwrap_or_else(|| self.write_at(b, o)))
+            .collect()
+    }
+
+    fn syncs_directly(&self, buf: &[u8], offset: u64) -> bool {
+        self.inner.syncs_directly(buf, offset)
     }
 
     fn page_cached(&self) -> bool {

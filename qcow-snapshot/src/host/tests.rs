@@ -479,6 +479,23 @@ fn race_while_in_the_file(
     seen_want: [u8; 8],
     replay_msg: &str,
 ) {
+    race_while_in_the_file_of(
+        after_direct,
+        |h| h.write_at(first.0, first.1).unwrap(),
+        racer,
+        seen_want,
+        replay_msg,
+    );
+}
+
+/// [`race_while_in_the_file`] with the first change made by `first`.
+fn race_while_in_the_file_of(
+    after_direct: bool,
+    first: impl FnOnce(&ReplayHost<std::sync::Arc<HookedSplit>>),
+    racer: (&'static [u8], u64),
+    seen_want: [u8; 8],
+    replay_msg: &str,
+) {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
     let f = Arc::new(HookedSplit {
@@ -498,7 +515,7 @@ fn race_while_in_the_file(
         }
         *s2.lock().unwrap() = Some(r);
     }));
-    h.write_at(first.0, first.1).unwrap();
+    first(&h);
     let r = slot.lock().unwrap().take().expect("the hook did not run");
     r.join().unwrap().unwrap();
     let mut seen = [0u8; 8];
@@ -533,6 +550,51 @@ fn a_buffered_write_racing_an_older_direct_one_reaches_the_file_after_it() {
         (&[1, 1], 2),
         [2, 2, 1, 1, 0, 0, 0, 0],
         "the replay lost a buffered write that readers saw on top of a direct one",
+    );
+}
+
+#[test]
+fn a_buffered_write_racing_a_batch_to_sync_waits_for_every_write_of_it() {
+    // The batch's first direct write is in the file, neither has landed: a buffered write
+    // over both must wait for both, so that it is on top in the file and in the journal.
+    race_while_in_the_file_of(
+        true,
+        |h| {
+            for r in h.write_batch_to_sync(&[(&[2; 4], 0), (&[3; 4], 4)]) {
+                r.unwrap();
+            }
+        },
+        (&[1, 1], 3),
+        [2, 2, 2, 1, 1, 3, 3, 3],
+        "the replay lost a buffered write that readers saw on top of a batch to sync",
+    );
+}
+
+#[test]
+fn a_batch_to_sync_is_not_copied_and_a_replay_keeps_it_over_older_writes() {
+    // What the file takes direct in a batch to sync is neither copied nor put back under the
+    // older kept writes by a replay; what it takes buffered (too small here) is kept.
+    let f = std::sync::Arc::new(SplitFile::default());
+    let h = ReplayHost::new(f.clone());
+    h.write_at(&[0; 12], 0).unwrap();
+    h.sync_data().unwrap();
+    for at in (0..8).step_by(2) {
+        h.write_at(&[1, 1], at).unwrap();
+    }
+    for r in h.write_batch_to_sync(&[(&[2; 4], 2), (&[7, 7], 10)]) {
+        r.unwrap();
+    }
+    assert_eq!(
+        h.journal().bytes,
+        6,
+        "the direct write was copied or did not clip, or the buffered one was not kept"
+    );
+    f.lossy.failures_left.store(1, Ordering::SeqCst);
+    h.sync_data().unwrap();
+    assert_eq!(
+        f.lossy.state.lock().unwrap().1,
+        [1, 1, 2, 2, 2, 2, 1, 1, 0, 0, 7, 7],
+        "the replay wrote older bytes over the batch's direct write or lost its buffered one"
     );
 }
 
@@ -624,6 +686,47 @@ fn a_buffered_file_writes_large_aligned_requests_directly_and_reads_them_back() 
     assert!(h.len().unwrap() >= (1 << 20) + GROW_AHEAD);
     h.release_growth().unwrap();
     assert_eq!(h.len().unwrap(), (1 << 20) + 16384);
+    h.sync_data().unwrap();
+}
+
+#[test]
+fn a_batch_to_sync_on_a_real_file_goes_direct_on_a_ring_and_leaves_no_stale_page() {
+    // A buffered file whose large writes go direct: in a batch to sync, 4 KiB page-aligned
+    // writes go direct too, together on a ring, and buffered reads do not see the old bytes
+    // the pages of earlier buffered writes held; a piece in the middle of a page stays
+    // buffered and is kept for replay.
+    let dir = tempfile::tempdir().unwrap();
+    let file = new_file(&dir, "f.img");
+    let h = ReplayHost::new(FileHost::new(file));
+    if let Err(e) = h.enable_direct_large(256 << 10) {
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        return;
+    }
+    h.write_at(&[1; 32768], 0).unwrap();
+    h.sync_data().unwrap();
+    let mut a = blockdev::AlignedBuf::zeroed(4096);
+    a.fill(2);
+    let mut b = blockdev::AlignedBuf::zeroed(4096);
+    b.fill(3);
+    assert!(!h.inner.writes_directly(&a, 0), "4 KiB is not large");
+    assert!(h.inner.syncs_directly(&a, 0) && !h.inner.syncs_directly(&a[..512], 512));
+    let rings_before = h.inner.ring_writes();
+    for r in h.write_batch_to_sync(&[(&a, 0), (&b, 8192), (&[4; 512], 16384 + 512)]) {
+        r.unwrap();
+    }
+    assert_eq!(h.journal().bytes, 512, "only the buffered piece is kept");
+    assert_eq!(
+        h.inner.ring_writes(),
+        rings_before + 2,
+        "not on a ring together"
+    );
+    let mut back = vec![0u8; 32768];
+    h.read_at(&mut back, 0).unwrap();
+    let mut want = vec![1u8; 32768];
+    want[..4096].fill(2);
+    want[8192..12288].fill(3);
+    want[16384 + 512..16384 + 1024].fill(4);
+    assert!(back == want, "a buffered read saw stale pages");
     h.sync_data().unwrap();
 }
 

@@ -310,6 +310,42 @@ impl QcowImage {
             .sum()
     }
 
+    /// [`BlockDev::write_batch`], and with `to_sync` [`BlockDev::write_batch_to_sync`]: the
+    /// data of the batch goes down with [`HostFile::write_batch_to_sync`] then (past the host
+    /// page cache where the file can, see [`QcowImage::write_host_batch`]).
+    pub(super) fn write_batch_routed(
+        &self,
+        writes: &[(&[u8], u64)],
+        to_sync: bool,
+    ) -> Vec<Result<()>> {
+        if let Err(e) = self.check_writable() {
+            return writes
+                .iter()
+                .map(|_| Err(datapath::same_error(&e)))
+                .collect();
+        }
+        // Empty or out-of-range writes are answered alone; the rest go down together.
+        let mut results: Vec<Option<Result<()>>> = writes
+            .iter()
+            .map(|&(b, o)| match check_range(o, b.len() as u64, self.size) {
+                Err(e) => Some(Err(e)),
+                Ok(()) if b.is_empty() => Some(Ok(())),
+                Ok(()) => None,
+            })
+            .collect();
+        let todo: Vec<usize> = (0..writes.len())
+            .filter(|&i| results[i].is_none())
+            .collect();
+        let batch: Vec<(&[u8], u64)> = todo.iter().map(|&i| writes[i]).collect();
+        let g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let done = self.write_batch_inner(&batch, to_sync);
+        drop(g);
+        for (i, r) in todo.into_iter().zip(done) {
+            results[i] = Some(self.finish(r));
+        }
+        results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
+    }
+
     /// Writes every `(buf, offset)` of `writes` (none overlapping another), one result each:
     /// all are planned under one hold of the metadata lock, the data of all of them goes down
     /// in one host batch ([`HostFile::write_batch`]: on an O_DIRECT file, all in flight at once),
@@ -317,7 +353,11 @@ impl QcowImage {
     /// arena (up to [`COW_ARENA_MAX`]) and go down with the batch, clusters next to each other
     /// in the file and in the arena as one write; parts another request was allocating are
     /// written afterwards, one at a time.
-    pub(super) fn write_batch_inner(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
+    pub(super) fn write_batch_inner(
+        &self,
+        writes: &[(&[u8], u64)],
+        to_sync: bool,
+    ) -> Vec<Result<()>> {
         let plans: Vec<Result<Vec<Step>>> = {
             let mut m = self.lock();
             writes
@@ -416,10 +456,17 @@ impl QcowImage {
             let counted: Vec<bool> = host
                 .iter()
                 .zip(&in_place)
-                .map(|(&(b, at), &in_place)| !in_place && !self.io.writes_directly(b, at))
+                .map(|(&(b, at), &in_place)| {
+                    let direct = if to_sync {
+                        self.io.syncs_directly(b, at)
+                    } else {
+                        self.io.writes_directly(b, at)
+                    };
+                    !in_place && !direct
+                })
                 .collect();
             for (k, r) in self
-                .write_host_batch(&host, &in_place)
+                .write_host_batch(&host, &in_place, to_sync)
                 .into_iter()
                 .enumerate()
             {

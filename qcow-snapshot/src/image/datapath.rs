@@ -357,12 +357,20 @@ impl QcowImage {
 
     /// The host writes of a batch, as [`HostFile::write_batch`] puts them in flight, except
     /// that the ones `in_place` that the file would route around its page cache go through
-    /// it, one at a time (see [`QcowImage::write_host`]).
+    /// it, one at a time (see [`QcowImage::write_host`]). With `to_sync` (a batch the caller
+    /// flushes right after) all of them go with [`HostFile::write_batch_to_sync`]: past the
+    /// page cache wherever the file can, in place or not, since the flush's `fdatasync` would
+    /// write them out of it at once (and on a large page-cache folio a 4 KiB buffered write
+    /// and its writeback each walk every block of the folio).
     pub(super) fn write_host_batch(
         &self,
         host: &[(&[u8], u64)],
         in_place: &[bool],
+        to_sync: bool,
     ) -> Vec<io::Result<()>> {
+        if to_sync {
+            return self.io.write_batch_to_sync(host);
+        }
         let cached: Vec<bool> = host
             .iter()
             .zip(in_place)

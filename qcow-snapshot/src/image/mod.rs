@@ -521,32 +521,11 @@ impl BlockDev for QcowImage {
     }
 
     fn write_batch(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
-        if let Err(e) = self.check_writable() {
-            return writes
-                .iter()
-                .map(|_| Err(datapath::same_error(&e)))
-                .collect();
-        }
-        // Empty or out-of-range writes are answered alone; the rest go down together.
-        let mut results: Vec<Option<Result<()>>> = writes
-            .iter()
-            .map(|&(b, o)| match check_range(o, b.len() as u64, self.size) {
-                Err(e) => Some(Err(e)),
-                Ok(()) if b.is_empty() => Some(Ok(())),
-                Ok(()) => None,
-            })
-            .collect();
-        let todo: Vec<usize> = (0..writes.len())
-            .filter(|&i| results[i].is_none())
-            .collect();
-        let batch: Vec<(&[u8], u64)> = todo.iter().map(|&i| writes[i]).collect();
-        let g = self.gate.read().unwrap_or_else(|e| e.into_inner());
-        let done = self.write_batch_inner(&batch);
-        drop(g);
-        for (i, r) in todo.into_iter().zip(done) {
-            results[i] = Some(self.finish(r));
-        }
-        results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
+        self.write_batch_routed(writes, false)
+    }
+
+    fn write_batch_to_sync(&self, writes: &[(&[u8], u64)]) -> Vec<Result<()>> {
+        self.write_batch_routed(writes, true)
     }
 
     fn flush(&self) -> Result<()> {
