@@ -518,7 +518,9 @@ p("- The working set fits in memory: qemu-storage-daemon (cache.direct=off) keep
   "writebacks of 256 KiB and more into a qcow2 image go to the device with O_DIRECT (`--direct "
   "auto`), so sequential write streams of smaller requests that never FLUSH are paced by the "
   "device on snapblk's side and by memory on qemu-storage-daemon's. Reads of 128 KiB and more "
-  "go around the folio cache, writes from 256 KiB on.")
+  "go around the folio cache, writes from 256 KiB on. The writeback of a FLUSH into a qcow2 "
+  "image goes to the device with O_DIRECT at every size (its fdatasync would write it out "
+  "of the page cache at once).")
 if os.path.exists(E["COLD_MD"]):
     p("")
     p(open(E["COLD_MD"]).read().rstrip())
