@@ -20,7 +20,9 @@
 //! it is the order in which they reached the file, and replaying the journal in order rebuilds
 //! exactly the content readers saw. (Concurrent overlapping `pwrite`s have no order at all - with
 //! O_DIRECT they may even interleave page by page - so serializing them is the only way a replay
-//! can be exact.) `set_len` overlaps everything; a direct write takes its ticket like any change.
+//! can be exact.) `set_len` overlaps everything; a direct write takes its ticket like any change,
+//! and the direct writes of a batch to sync ([`HostFile::write_batch_to_sync`]) take theirs
+//! together, as consecutive tickets (see `take_tickets`).
 //! The replay itself writes each byte once, with the bytes of the newest change that wrote it
 //! (the same final content, see `newest_pieces`): a planned read ([`HostFile::plan_source`]),
 //! which the caller executes without taking `io`, never sees an older write put back for a

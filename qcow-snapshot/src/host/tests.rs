@@ -553,21 +553,40 @@ fn a_buffered_write_racing_an_older_direct_one_reaches_the_file_after_it() {
     );
 }
 
+/// Writes `batch` to sync while `racer` (a buffered write) races it from the moment its first
+/// direct write is in the file (see [`race_while_in_the_file_of`]).
+fn race_a_batch_to_sync(batch: &[(&[u8], u64)], racer: (&'static [u8], u64), want: [u8; 8]) {
+    race_while_in_the_file_of(
+        true,
+        |h| {
+            for r in h.write_batch_to_sync(batch) {
+                r.unwrap();
+            }
+        },
+        racer,
+        want,
+        "the replay lost a buffered write that readers saw on top of a batch to sync",
+    );
+}
+
 #[test]
 fn a_buffered_write_racing_a_batch_to_sync_waits_for_every_write_of_it() {
     // The batch's first direct write is in the file, neither has landed: a buffered write
     // over both must wait for both, so that it is on top in the file and in the journal.
-    race_while_in_the_file_of(
-        true,
-        |h| {
-            for r in h.write_batch_to_sync(&[(&[2; 4], 0), (&[3; 4], 4)]) {
-                r.unwrap();
-            }
-        },
+    race_a_batch_to_sync(
+        &[(&[2; 4], 0), (&[3; 4], 4)],
         (&[1, 1], 3),
         [2, 2, 2, 1, 1, 3, 3, 3],
-        "the replay lost a buffered write that readers saw on top of a batch to sync",
     );
+    // Over the second alone (not in the file yet): its ticket is the batch's last, and the
+    // racer's must come after it.
+    race_a_batch_to_sync(
+        &[(&[2; 4], 0), (&[3; 4], 4)],
+        (&[1, 1], 5),
+        [2, 2, 2, 2, 3, 1, 1, 3],
+    );
+    // A batch of one: the racer's ticket must come after it, not before.
+    race_a_batch_to_sync(&[(&[2; 4], 2)], (&[1, 1], 4), [0, 0, 2, 2, 1, 1, 0, 0]);
 }
 
 #[test]
