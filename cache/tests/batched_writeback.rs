@@ -440,3 +440,28 @@ fn only_writebacks_a_flush_syncs_right_after_are_handed_down_to_sync() {
     }
     assert_eq!(lower.bytes(40 * K4, 512), pattern(3, 40 * K4, 512));
 }
+
+#[test]
+fn a_write_back_writes_what_was_dirtied_during_its_batch_at_its_own_offset() {
+    // A write-back (the crash journal's trims) ends, like a flush, with a per-folio pass
+    // (`sync_folio`) over what its batch left dirty: here a write that dirtied the folio again
+    // while the batch's write of it was below, in the middle of the folio (a surviving mutant
+    // wrote that pass's runs at the folio's start minus their offset).
+    let lower = FaultyDisk::new(vec![0; 16 * K4 as usize]);
+    let cache = cache_over(&lower, small_cfg(K4, 16, 8));
+    let at = 2 * K4;
+    cache.write_at(&pattern(1, at, 512), at).unwrap();
+    let c = cache.clone();
+    lower.after_write(at, 512, move || {
+        c.write_at(&pattern(2, at + 1024, 512), at + 1024).unwrap();
+    });
+    cache.write_back().unwrap();
+    assert_eq!(lower.bytes(at, 512), pattern(1, at, 512));
+    assert_eq!(
+        lower.bytes(at + 1024, 512),
+        pattern(2, at + 1024, 512),
+        "the bytes dirtied during the batch did not reach their place below"
+    );
+    assert_eq!(lower.bytes(at - 1024, 512), vec![0; 512]);
+    assert_eq!(cache.stats().dirty_folios, 0);
+}

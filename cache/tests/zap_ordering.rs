@@ -278,3 +278,44 @@ fn a_flush_or_write_through_write_deferred_by_a_zap_completes_only_after_its_wri
         );
     }
 }
+
+#[test]
+fn a_flush_s_own_writeback_of_a_folio_a_zap_overlaps_waits_for_the_zap() {
+    // The folio is dirty inside and outside the discarded range. While the discard's lower
+    // operation is done and the zap still registered, a flush writes back: its batched pass
+    // defers the folio, and its per-folio pass (`sync_folio`, the one a flush and a
+    // write-through write end with) must defer it too, or it writes the old bytes of the
+    // discarded range below after the discard.
+    let lower = FaultyDisk::new(pattern(1, 0, 64 << 10));
+    let cache = cache_over(&lower, small_cfg(K4, 8, 4));
+    // Folio 2: for folio 0 an empty range's end wraps around to past everything.
+    let at = 2 * K4;
+    cache.write_at(&pattern(5, at, 512), at).unwrap();
+    cache
+        .write_at(&pattern(6, at + 2048, 512), at + 2048)
+        .unwrap();
+    let c = cache.clone();
+    let flush = Arc::new(Mutex::new(None));
+    let slot = flush.clone();
+    lower.at(Io::Zap, at + 2048, 512, move || {
+        let t = thread::spawn(move || c.flush());
+        wait_until(|| t.is_finished(), Duration::from_millis(200));
+        *slot.lock().unwrap() = Some(t);
+    });
+    cache.discard(at + 2048, 512).unwrap();
+    flush
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the hook did not run")
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        lower.bytes(at + 2048, 512),
+        vec![0; 512],
+        "the flush wrote the discarded range's old bytes below after the discard"
+    );
+    assert_eq!(lower.bytes(at, 512), pattern(5, at, 512));
+    assert_eq!(read(&*cache, at + 2048, 512), vec![0; 512]);
+}

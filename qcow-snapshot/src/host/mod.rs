@@ -199,6 +199,31 @@ macro_rules! forward_host_file {
 forward_host_file!(std::sync::Arc);
 forward_host_file!(Box);
 
+/// The results of `writes` in order: the ones `pick` chooses written by `together` (which
+/// gets them in order and answers each), the others one by one by `alone`.
+pub(super) fn split_batch(
+    writes: &[(&[u8], u64)],
+    pick: impl Fn(&[u8], u64) -> bool,
+    together: impl FnOnce(&[(&[u8], u64)]) -> Vec<io::Result<()>>,
+    alone: impl Fn(&[u8], u64) -> io::Result<()>,
+) -> Vec<io::Result<()>> {
+    let picked: Vec<usize> = (0..writes.len())
+        .filter(|&k| pick(writes[k].0, writes[k].1))
+        .collect();
+    let mut results: Vec<Option<io::Result<()>>> = (0..writes.len()).map(|_| None).collect();
+    if !picked.is_empty() {
+        let batch: Vec<(&[u8], u64)> = picked.iter().map(|&k| writes[k]).collect();
+        for (&k, r) in picked.iter().zip(together(&batch)) {
+            results[k] = Some(r);
+        }
+    }
+    results
+        .into_iter()
+        .zip(writes)
+        .map(|(r, &(b, o))| r.unwrap_or_else(|| alone(b, o)))
+        .collect()
+}
+
 /// Bytes a file grows ahead of a write past its end (see [`FileHost`]).
 pub const GROW_AHEAD: u64 = 64 << 20;
 
@@ -406,6 +431,28 @@ impl FileHost {
         }
     }
 
+    /// Writes `writes` through `f`, an O_DIRECT description of the file, on a ring together
+    /// (what the file cannot take as it is, and all where no ring can be had, one at a time),
+    /// growing the file ahead first and noting where the written blocks end.
+    fn ring_write(&self, f: &File, d: &DirectIo, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+        let end = writes
+            .iter()
+            .map(|&(b, o)| o.saturating_add(b.len() as u64))
+            .max()
+            .unwrap_or(0);
+        self.grow_for(end);
+        let results = self.rings.write(d, f, f.as_raw_fd(), writes);
+        for (r, &(b, o)) in results.iter().zip(writes) {
+            if r.is_ok() {
+                let end = o.saturating_add(b.len() as u64);
+                self.growth
+                    .written_to
+                    .fetch_max(end.next_multiple_of(d.block()), Ordering::AcqRel);
+            }
+        }
+        results
+    }
+
     /// A write through the host page cache (the file is not all direct).
     fn write_buffered(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = offset.saturating_add(buf.len() as u64);
@@ -494,25 +541,7 @@ impl HostFile for FileHost {
         let Some(d) = self.direct.get().filter(|_| writes.len() >= 2) else {
             return writes.iter().map(|&(b, o)| self.write_at(b, o)).collect();
         };
-        let end = writes
-            .iter()
-            .map(|&(b, o)| o.saturating_add(b.len() as u64))
-            .max()
-            .unwrap_or(0);
-        self.grow_for(end);
-        // What the file takes as it is goes on a ring together, the rest one at a time.
-        let results = self
-            .rings
-            .write(d, &self.file, self.file.as_raw_fd(), writes);
-        for (r, &(b, o)) in results.iter().zip(writes) {
-            if r.is_ok() {
-                let end = o.saturating_add(b.len() as u64);
-                self.growth
-                    .written_to
-                    .fetch_max(end.next_multiple_of(d.block()), Ordering::AcqRel);
-            }
-        }
-        results
+        self.ring_write(&self.file, d, writes)
     }
 
     fn writes_directly(&self, buf: &[u8], offset: u64) -> bool {
@@ -529,38 +558,12 @@ impl HostFile for FileHost {
         let Some((f, d, _, _)) = self.large.get().filter(|_| !self.is_direct()) else {
             return self.write_batch(writes);
         };
-        let direct: Vec<usize> = (0..writes.len())
-            .filter(|&k| self.syncs_directly(writes[k].0, writes[k].1))
-            .collect();
-        let mut results: Vec<Option<io::Result<()>>> = (0..writes.len()).map(|_| None).collect();
-        if !direct.is_empty() {
-            let batch: Vec<(&[u8], u64)> = direct.iter().map(|&k| writes[k]).collect();
-            let end = batch
-                .iter()
-                .map(|&(b, o)| o.saturating_add(b.len() as u64))
-                .max()
-                .unwrap_or(0);
-            self.grow_for(end);
-            // Together on a ring (one at a time where none can be had).
-            for (&k, r) in direct
-                .iter()
-                .zip(self.rings.write(d, f, f.as_raw_fd(), &batch))
-            {
-                if r.is_ok() {
-                    let (b, o) = writes[k];
-                    self.growth.written_to.fetch_max(
-                        o.saturating_add(b.len() as u64).next_multiple_of(d.block()),
-                        Ordering::AcqRel,
-                    );
-                }
-                results[k] = Some(r);
-            }
-        }
-        results
-            .into_iter()
-            .zip(writes)
-            .map(|(r, &(b, o))| r.unwrap_or_else(|| self.write_buffered(b, o)))
-            .collect()
+        split_batch(
+            writes,
+            |b, o| self.syncs_directly(b, o),
+            |direct| self.ring_write(f, d, direct),
+            |b, o| self.write_buffered(b, o),
+        )
     }
 
     fn enable_direct_large(&self, min: usize) -> io::Result<()> {

@@ -392,30 +392,28 @@ impl<H: HostFile> ReplayHost<H> {
         )
     }
 
-    /// The writes `which` of `writes` (none overlapping another), which the file takes with
-    /// O_DIRECT ([`HostFile::syncs_directly`]), in flight together
+    /// `writes` (none overlapping another), which the file takes with O_DIRECT
+    /// ([`HostFile::syncs_directly`]), in flight together
     /// ([`HostFile::write_batch_to_sync`]) as direct changes: each is ordered after the
     /// overlapping changes issued before it, not copied, and clips the kept writes it covers
     /// once it is in the file (see [`Self::direct_change`]). Their tickets are taken together
     /// ([`Self::take_tickets`]).
-    fn direct_changes(&self, writes: &[(&[u8], u64)], which: &[usize]) -> Vec<io::Result<()>> {
+    fn direct_changes(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
         let _shared = self.io.read().unwrap_or_else(|e| e.into_inner());
         if self.is_poisoned() {
-            return which.iter().map(|_| Err(eio())).collect();
+            return writes.iter().map(|_| Err(eio())).collect();
         }
-        let span = |k: usize| {
-            let (b, o) = writes[k];
-            (o, o.saturating_add(b.len() as u64))
-        };
-        let spans: Vec<(u64, u64)> = which.iter().map(|&k| span(k)).collect();
+        let spans: Vec<(u64, u64)> = writes
+            .iter()
+            .map(|&(b, o)| (o, o.saturating_add(b.len() as u64)))
+            .collect();
         let tickets = self.take_tickets(&spans);
-        let batch: Vec<(&[u8], u64)> = which.iter().map(|&k| writes[k]).collect();
-        let results = self.inner.write_batch_to_sync(&batch);
+        let results = self.inner.write_batch_to_sync(writes);
         {
             let mut j = self.journal();
-            for ((&k, &ticket), r) in which.iter().zip(&tickets).zip(&results) {
-                if r.is_ok() {
-                    let (b, o) = writes[k];
+            // Every ticket lands, whatever the file answered.
+            for (i, (&(b, o), &ticket)) in writes.iter().zip(&tickets).enumerate() {
+                if results.get(i).is_some_and(|r| r.is_ok()) {
                     j.record_direct(b, o);
                 }
                 j.land(ticket);
@@ -570,20 +568,12 @@ impl<H: HostFile> HostFile for ReplayHost<H> {
         }
         // The ones the file sends direct go together, as direct changes; the rest as `write_at`
         // (kept for replay where buffered).
-        let direct: Vec<usize> = (0..writes.len())
-            .filter(|&k| self.inner.syncs_directly(writes[k].0, writes[k].1))
-            .collect();
-        let mut results: Vec<Option<io::Result<()>>> = (0..writes.len()).map(|_| None).collect();
-        if !direct.is_empty() {
-            for (&k, r) in direct.iter().zip(self.direct_changes(writes, &direct)) {
-                results[k] = Some(r);
-            }
-        }
-        results
-            .into_iter()
-            .zip(writes)
-            .map(|(r, &(b, o))| r.unwrap_or_else(|| self.write_at(b, o)))
-            .collect()
+        super::split_batch(
+            writes,
+            |b, o| self.inner.syncs_directly(b, o),
+            |direct| self.direct_changes(direct),
+            |b, o| self.write_at(b, o),
+        )
     }
 
     fn syncs_directly(&self, buf: &[u8], offset: u64) -> bool {
