@@ -420,16 +420,28 @@ impl HostFile for SplitFile {
     }
 }
 
-#[test]
-fn a_replay_never_puts_an_older_write_back_over_a_newer_direct_one() {
+/// A replay host over a [`SplitFile`] of `len` zero bytes, synced, then written with 1s in
+/// 2-byte pieces over its first 8 bytes (buffered: kept for replay).
+fn split_with_kept_pieces(
+    len: usize,
+) -> (
+    std::sync::Arc<SplitFile>,
+    ReplayHost<std::sync::Arc<SplitFile>>,
+) {
     let f = std::sync::Arc::new(SplitFile::default());
     let h = ReplayHost::new(f.clone());
-    h.write_at(&[0; 8], 0).unwrap();
+    h.write_at(&vec![0; len], 0).unwrap();
     h.sync_data().unwrap();
-    // Buffered, kept for replay (2-byte pieces), then a direct write over its middle.
     for at in (0..8).step_by(2) {
         h.write_at(&[1, 1], at).unwrap();
     }
+    (f, h)
+}
+
+#[test]
+fn a_replay_never_puts_an_older_write_back_over_a_newer_direct_one() {
+    // Buffered, kept for replay (2-byte pieces), then a direct write over its middle.
+    let (f, h) = split_with_kept_pieces(8);
     h.write_at(&[2; 4], 2).unwrap();
     assert_eq!(
         h.journal().bytes,
@@ -593,13 +605,7 @@ fn a_buffered_write_racing_a_batch_to_sync_waits_for_every_write_of_it() {
 fn a_batch_to_sync_is_not_copied_and_a_replay_keeps_it_over_older_writes() {
     // What the file takes direct in a batch to sync is neither copied nor put back under the
     // older kept writes by a replay; what it takes buffered (too small here) is kept.
-    let f = std::sync::Arc::new(SplitFile::default());
-    let h = ReplayHost::new(f.clone());
-    h.write_at(&[0; 12], 0).unwrap();
-    h.sync_data().unwrap();
-    for at in (0..8).step_by(2) {
-        h.write_at(&[1, 1], at).unwrap();
-    }
+    let (f, h) = split_with_kept_pieces(12);
     for r in h.write_batch_to_sync(&[(&[2; 4], 2), (&[7, 7], 10)]) {
         r.unwrap();
     }
