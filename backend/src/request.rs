@@ -184,9 +184,6 @@ impl StallCheck {
     }
 }
 
-/// Checks the available ring before a processing pass. A corrupt ring (an index more than the
-/// queue size ahead of ours) makes popping find nothing while `enable_notification` keeps
-/// reporting work: without this check a hostile driver could make the queue thread spin forever.
 /// The request type of `chain` when its header starts its first descriptor (the usual framing),
 /// read without collecting the chain; `None` otherwise (the chain may still be valid, or not:
 /// only [`RequestWorker::process_chain`] says). A hint for scheduling, never for executing.
@@ -201,6 +198,9 @@ where
         .then(|| u32::from_le_bytes(t))
 }
 
+/// Checks the available ring before a processing pass. A corrupt ring (an index more than the
+/// queue size ahead of ours) makes popping find nothing while `enable_notification` keeps
+/// reporting work: without this check a hostile driver could make the queue thread spin forever.
 pub(crate) fn check_avail_ring<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,

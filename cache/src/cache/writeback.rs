@@ -9,6 +9,7 @@ impl Inner {
     /// When the folio's dirty data reaches its end, the following folios whose dirty data starts
     /// at their beginning join the writeback (up to `cluster_folios`), so that sequentially
     /// written data goes down in large contiguous writes.
+    ///
     /// With `to_sync` (a flush's writeback) the lower writes go with
     /// [`BlockDev::write_batch_to_sync`].
     pub(super) fn writeback_folio(
