@@ -350,6 +350,13 @@ impl FileHost {
     /// cannot drop one that a buffered write into its other half dirtied meanwhile: that page
     /// would keep the old bytes of the direct half for later buffered reads. No buffered write
     /// shares a page with a direct one in flight (`ReplayHost` orders overlapping changes).
+    /// What this does not rule out: a kernel that caches the file in large folios (ext4 since
+    /// Linux 6.16) can hold a direct write's page in one folio with a neighbour's; a folio that
+    /// read-ahead brings in *during* the direct write (with the page's old bytes) and that a
+    /// buffered write of the neighbour then dirties cannot be dropped after the write (the
+    /// kernel logs "Page cache invalidation failure on direct I/O"). Before the write the
+    /// kernel writes such a folio back and drops it, or falls back to a buffered write, so
+    /// only that read-ahead window remains; no test here can make the kernel hit it.
     fn large_route(&self, buf: &[u8], offset: u64) -> Option<(&File, &DirectIo)> {
         let min = self.large.get()?.2;
         self.page_route(buf, offset, min)
