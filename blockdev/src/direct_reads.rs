@@ -107,6 +107,16 @@ pub fn page_cache_holds(file: &File, offset: u64, len: u64) -> Option<bool> {
     if len == 0 {
         return Some(true);
     }
+    let pages = (offset.checked_add(len - 1)? / 4096) - offset / 4096 + 1;
+    Some(page_cache_pages(file, offset, len)? >= pages)
+}
+
+/// How many pages of `[offset, offset + len)` of `file` the host page cache holds
+/// (`cachestat`); `None` where the kernel cannot say.
+pub fn page_cache_pages(file: &File, offset: u64, len: u64) -> Option<u64> {
+    if len == 0 {
+        return Some(0);
+    }
     if NO_CACHESTAT.load(Ordering::Relaxed) {
         return None;
     }
@@ -139,7 +149,7 @@ pub fn page_cache_holds(file: &File, offset: u64, len: u64) -> Option<bool> {
         }
         return None;
     }
-    Some(cs.nr_cache > last - first)
+    Some(cs.nr_cache)
 }
 
 /// An `O_DIRECT` description of a read-only file and the alignments its reads need (see the

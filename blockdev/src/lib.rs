@@ -28,7 +28,8 @@ pub mod lock;
 mod switch;
 pub use aligned::{prefault_huge_halves, AlignedBuf, IO_ALIGN};
 pub use direct_reads::{
-    dio_alignment, page_cache_holds, reopen_direct, reopen_read_only, DirectReads, SYS_CACHESTAT,
+    dio_alignment, page_cache_holds, page_cache_pages, reopen_direct, reopen_read_only,
+    DirectReads, SYS_CACHESTAT,
 };
 pub use file::{file_size, random_twin, RawFile, ReadStreams};
 pub use switch::{SwitchDev, SwitchGuard};

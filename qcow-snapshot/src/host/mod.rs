@@ -356,7 +356,7 @@ impl FileHost {
     /// buffered write of the neighbour then dirties cannot be dropped after the write (the
     /// kernel logs "Page cache invalidation failure on direct I/O"). Before the write the
     /// kernel writes such a folio back and drops it, or falls back to a buffered write, so
-    /// only that read-ahead window remains; no test here can make the kernel hit it.
+    /// only that read-ahead window remains, and [`FileHost::mend_after_direct`] closes it.
     fn large_route(&self, buf: &[u8], offset: u64) -> Option<(&File, &DirectIo)> {
         let min = self.large.get()?.2;
         self.page_route(buf, offset, min)
@@ -460,6 +460,20 @@ impl FileHost {
         results
     }
 
+    /// After a write of `buf` at `offset` through the large-write O_DIRECT description of a
+    /// buffered file: where the host page cache holds any page of the range now, the write is
+    /// repeated through it. Normally the kernel has dropped those pages; one it could not drop
+    /// (a large folio that read-ahead brought in during the write, with the old bytes, and a
+    /// buffered write of a neighbouring page then dirtied: see [`FileHost::large_route`])
+    /// would serve the old bytes to later buffered reads. Repeating the write costs a copy only
+    /// when the page cache holds the range; without `cachestat` nothing is checked.
+    fn mend_after_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if blockdev::page_cache_pages(&self.file, offset, buf.len() as u64).is_some_and(|n| n > 0) {
+            self.file.write_all_at(buf, offset)?;
+        }
+        Ok(())
+    }
+
     /// A write through the host page cache (the file is not all direct).
     fn write_buffered(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = offset.saturating_add(buf.len() as u64);
@@ -526,6 +540,9 @@ impl HostFile for FileHost {
             Some((f, d)) => {
                 self.grow_for(end);
                 d.write_at(f, buf, offset)?;
+                if !self.is_direct() {
+                    self.mend_after_direct(buf, offset)?;
+                }
                 // Direct writes cover whole blocks: the file reaches the block's end.
                 self.growth
                     .written_to
@@ -568,7 +585,14 @@ impl HostFile for FileHost {
         split_batch(
             writes,
             |b, o| self.syncs_directly(b, o),
-            |direct| self.ring_write(f, d, direct),
+            |direct| {
+                let results = self.ring_write(f, d, direct);
+                results
+                    .into_iter()
+                    .zip(direct)
+                    .map(|(r, &(b, o))| r.and_then(|()| self.mend_after_direct(b, o)))
+                    .collect()
+            },
             |b, o| self.write_buffered(b, o),
         )
     }

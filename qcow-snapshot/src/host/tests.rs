@@ -756,6 +756,40 @@ fn a_batch_to_sync_on_a_real_file_goes_direct_on_a_ring_and_leaves_no_stale_page
 }
 
 #[test]
+fn a_page_the_page_cache_still_holds_after_a_direct_write_is_written_again_through_it() {
+    // The kernel cannot drop a large folio that read-ahead brought in during a direct write and
+    // a buffered write of a neighbour dirtied: it keeps the old bytes of the direct range. That
+    // state is simulated here by a cached page with old bytes under a direct write that did not
+    // reach it: the mend after the write must make buffered reads see the new bytes, and must
+    // bring nothing into the page cache where it holds no page of the range.
+    let dir = tempfile::tempdir().unwrap();
+    let h = FileHost::new(new_file(&dir, "f.img"));
+    if let Err(e) = h.enable_direct_large(256 << 10) {
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        return;
+    }
+    h.write_at(&[1; 4096], 0).unwrap();
+    h.sync_data().unwrap();
+    let Some(held) = blockdev::page_cache_pages(h.file(), 0, 4096) else {
+        eprintln!("no cachestat on this kernel: nothing to check");
+        return;
+    };
+    assert_eq!(held, 1);
+    h.mend_after_direct(&[2; 4096], 0).unwrap();
+    let mut back = [0u8; 4096];
+    h.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [2; 4096], "a buffered read still sees the stale page");
+    // Not cached: nothing is written and nothing is brought in.
+    h.mend_after_direct(&[3; 4096], 1 << 20).unwrap();
+    assert_eq!(blockdev::page_cache_pages(h.file(), 1 << 20, 4096), Some(0));
+    h.read_at(&mut back, 1 << 20).unwrap();
+    assert_eq!(
+        back, [0; 4096],
+        "the mend wrote a range the page cache did not hold"
+    );
+}
+
+#[test]
 fn buffered_writes_past_the_end_grow_the_file_ahead_once_large_writes_go_direct() {
     // Buffered writes into preallocated blocks skip the file system's delayed allocation: with
     // large writes direct (the default), a buffered write past the end grows the file too, and
