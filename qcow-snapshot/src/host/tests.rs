@@ -755,6 +755,17 @@ fn a_batch_to_sync_on_a_real_file_goes_direct_on_a_ring_and_leaves_no_stale_page
     h.sync_data().unwrap();
 }
 
+/// A buffered [`FileHost`] whose writes of 256 KiB and more go direct, or `None` where the file
+/// system refuses O_DIRECT (tmpfs: nothing to check).
+fn large_direct_host(dir: &tempfile::TempDir, name: &str) -> Option<FileHost> {
+    let h = FileHost::new(new_file(dir, name));
+    if let Err(e) = h.enable_direct_large(256 << 10) {
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        return None;
+    }
+    Some(h)
+}
+
 #[test]
 fn a_page_the_page_cache_still_holds_after_a_direct_write_is_written_again_through_it() {
     // The kernel cannot drop a large folio that read-ahead brought in during a direct write and
@@ -763,11 +774,9 @@ fn a_page_the_page_cache_still_holds_after_a_direct_write_is_written_again_throu
     // reach it: the mend after the write must make buffered reads see the new bytes, and must
     // bring nothing into the page cache where it holds no page of the range.
     let dir = tempfile::tempdir().unwrap();
-    let h = FileHost::new(new_file(&dir, "f.img"));
-    if let Err(e) = h.enable_direct_large(256 << 10) {
-        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    let Some(h) = large_direct_host(&dir, "f.img") else {
         return;
-    }
+    };
     h.write_at(&[1; 4096], 0).unwrap();
     h.sync_data().unwrap();
     let Some(held) = blockdev::page_cache_pages(h.file(), 0, 4096) else {
@@ -847,11 +856,9 @@ fn the_file_grows_again_before_its_writes_reach_the_end_and_a_writer_inside_neve
     // does not wait while another grows it (fallocate waits for the file system's journal,
     // which a concurrent fdatasync holds), and one past the end does.
     let dir = tempfile::tempdir().unwrap();
-    let h = FileHost::new(new_file(&dir, "g.img"));
-    if let Err(e) = h.enable_direct_large(256 << 10) {
-        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    let Some(h) = large_direct_host(&dir, "g.img") else {
         return;
-    }
+    };
     h.write_at(&[1; 4096], 0).unwrap();
     let grown = h.len().unwrap();
     assert!(grown >= GROW_AHEAD, "not grown ahead: {grown}");
