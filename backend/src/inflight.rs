@@ -108,6 +108,9 @@ struct Job<R> {
     ring: R,
     mem: Arc<GuestMemoryMmap>,
     chain: OwnedChain,
+    /// A FLUSH (peeked once, when the queue thread popped it): its time is not a sample of
+    /// how long requests take.
+    flush: bool,
 }
 
 struct State<R> {
@@ -381,9 +384,13 @@ fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
             st.idle -= 1;
         };
         drop(st);
-        let Job { ring, mem, chain } = job;
+        let Job {
+            ring,
+            mem,
+            chain,
+            flush,
+        } = job;
         let head = chain.head_index();
-        let flush = is_flush(&mem, &chain);
         let before = ThreadUsage::now();
         let started = Instant::now();
         let len = worker.process_chain(&shared.dev, &*mem, chain);
@@ -571,18 +578,16 @@ pub fn submit_queue<R: UsedRing>(
             // stop the queue thread and send the next passes' writes to the executors).
             let flush = is_flush(mem, &chain);
             let alone = popped == 1 && runner.inflight() == 0;
+            let job = Job {
+                ring: ring.clone(),
+                mem: Arc::clone(mem),
+                chain,
+                flush,
+            };
             let job = if inline && (!flush || alone) {
-                Some(Job {
-                    ring: ring.clone(),
-                    mem: Arc::clone(mem),
-                    chain,
-                })
+                Some(job)
             } else {
-                runner.submit(Job {
-                    ring: ring.clone(),
-                    mem: Arc::clone(mem),
-                    chain,
-                })
+                runner.submit(job)
             };
             if let Some(job) = job {
                 let head = job.chain.head_index();
