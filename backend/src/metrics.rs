@@ -491,6 +491,8 @@ impl StatsSnapshot {
                 "cached_bytes": c.stats.cached_folios as u64 * c.folio_size,
                 "throttled": c.stats.throttled,
                 "bypassed": c.stats.bypassed,
+                "cow_copies": c.stats.cow_copies,
+                "merged_bytes": c.stats.merged_bytes,
             })
         });
         json!({
@@ -665,6 +667,20 @@ impl StatsSnapshot {
                 "Failed writebacks (the data stayed dirty).",
                 None,
                 s.writeback_errors,
+            )?;
+            plain_counter(
+                &mut enc,
+                "cache_cow_copies",
+                "Folios copied because a write or fill changed them while a writeback wrote from their memory.",
+                None,
+                s.cow_copies,
+            )?;
+            plain_counter(
+                &mut enc,
+                "cache_writeback_merged",
+                "Bytes copied into merged buffers by writebacks of several folios together.",
+                Some(&Unit::Bytes),
+                s.merged_bytes,
             )?;
             gauge(
                 &mut enc,

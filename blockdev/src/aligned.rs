@@ -304,6 +304,17 @@ impl DerefMut for AlignedBuf {
     }
 }
 
+/// A copy in memory of its own (on the heap, aligned like [`AlignedBuf::zeroed`]): what
+/// `Arc::make_mut` makes when a buffer it must change is shared (the folio cache's memory of a
+/// folio while a writeback writes from it).
+impl Clone for AlignedBuf {
+    fn clone(&self) -> Self {
+        let mut copy = Self::zeroed(self.len);
+        copy.copy_from_slice(self);
+        copy
+    }
+}
+
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlignedBuf")

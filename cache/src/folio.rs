@@ -4,9 +4,17 @@
 //! condition variable `cv` is signalled whenever `writeback` drops to false. The `referenced`
 //! bit is a lock-free hint for the eviction clock. Nobody holds a folio lock across lower-layer
 //! I/O; the `writeback` flag is what serializes writebacks of one folio.
+//!
+//! The folio's memory is shared, not copied, with a writeback in flight: the writeback takes a
+//! reference to it under the lock and writes from it with the lock released, and whoever
+//! changes the bytes meanwhile (a write, a fill) moves the folio to a copy of its own first
+//! ([`FolioState::data_mut`]), so the bytes on their way down never change under the
+//! writeback. Only a change that races a writeback pays that copy.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use blockdev::AlignedBuf;
 
 use crate::bitmap::SectorBitmap;
 use crate::SECTOR_SIZE;
@@ -14,8 +22,10 @@ use crate::SECTOR_SIZE;
 /// Mutable state of a folio; protected by [`Folio::state`].
 #[derive(Debug)]
 pub(crate) struct FolioState {
-    /// The folio's bytes; only sectors marked in `uptodate` hold meaningful data.
-    pub(crate) data: Box<[u8]>,
+    /// The folio's bytes (page-aligned, so a writeback from them can go to an O_DIRECT file
+    /// as they are); only sectors marked in `uptodate` hold meaningful data. A writeback in
+    /// flight holds a second reference: change them only through [`Self::data_mut`].
+    pub(crate) data: Arc<AlignedBuf>,
     /// Sectors whose bytes equal the newest content of the disk.
     pub(crate) uptodate: SectorBitmap,
     /// Sectors newer than the lower layer (always a subset of `uptodate`).
@@ -26,6 +36,18 @@ pub(crate) struct FolioState {
     pub(crate) accounted: bool,
     /// Removed from the cache map; nobody may dirty or fill it any more.
     pub(crate) evicted: bool,
+}
+
+impl FolioState {
+    /// The folio's bytes, to change. While a writeback holds the memory (it writes from it with
+    /// no lock held) the folio first moves to a copy of its own, counted in `copies`; the
+    /// writeback's reference keeps the old bytes until it drops it.
+    pub(crate) fn data_mut(&mut self, copies: &AtomicU64) -> &mut [u8] {
+        if Arc::strong_count(&self.data) > 1 {
+            copies.fetch_add(1, Ordering::Relaxed);
+        }
+        &mut Arc::make_mut(&mut self.data)[..]
+    }
 }
 
 /// One cached folio.
@@ -46,23 +68,23 @@ pub(crate) struct Folio {
 }
 
 impl Folio {
-    /// A folio with nothing uptodate, using `data` (at least `len` bytes) as its buffer.
-    pub(crate) fn new(index: u64, start: u64, len: usize, mut data: Vec<u8>) -> Self {
-        if data.len() < len {
+    /// A folio with nothing uptodate, using `data` as its buffer if it holds exactly `len`
+    /// bytes (a recycled folio's), else a fresh one.
+    pub(crate) fn new(index: u64, start: u64, len: usize, mut data: AlignedBuf) -> Self {
+        if data.len() != len {
             // A fresh buffer comes zeroed from the allocator (calloc: fresh heap or mmap pages
             // are not cleared again), so a folio that only ever sees a 4 KiB write touches one
             // page, not all of them: zeroing 64 KiB per new folio by hand (and faulting every
             // page in) was a quarter of the daemon's CPU on first writes into a fresh disk.
-            data = vec![0; len];
+            data = AlignedBuf::zeroed(len);
         }
-        data.truncate(len);
         let sectors = len.div_ceil(SECTOR_SIZE);
         Folio {
             index,
             start,
             len,
             state: Mutex::new(FolioState {
-                data: data.into_boxed_slice(),
+                data: Arc::new(data),
                 uptodate: SectorBitmap::new(sectors),
                 dirty: SectorBitmap::new(sectors),
                 writeback: false,

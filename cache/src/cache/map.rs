@@ -112,10 +112,14 @@ impl Inner {
                 .into_inner()
                 .unwrap_or_else(PoisonError::into_inner)
                 .data;
+            // A writeback that still holds the memory frees it when it is done with it.
+            let Ok(data) = Arc::try_unwrap(data) else {
+                return;
+            };
             if data.len() == self.folio_size {
                 let mut bufs = lock(&self.free_bufs);
                 if bufs.len() < FREE_BUFS {
-                    bufs.push(data.into_vec());
+                    bufs.push(data);
                 }
             }
         }

@@ -28,10 +28,13 @@
 //!   into bytes of a registered zap waits until the zap ends (the zap drops the cached sectors
 //!   of its range at its end, which must not drop a write that completed after the zap's lower
 //!   operation).
-//! - Writeback snapshots a folio's dirty sectors under its lock, clears their dirty bits, sets the
-//!   folio's `writeback` flag and writes the snapshot without any lock held. At most one
-//!   writeback per folio is in flight, so writes to a byte reach the lower layer in completion
-//!   order. A failed or deferred writeback marks the snapshot's sectors dirty again.
+//! - Writeback takes a folio's dirty runs under its lock (a reference to the folio's memory, not
+//!   a copy), clears their dirty bits, sets the folio's `writeback` flag and writes from that
+//!   memory without any lock held. A write, fill or zap that changes the folio meanwhile moves
+//!   it to a copy of its own first (`FolioState::data_mut`), so the bytes below never change
+//!   under the writeback (its *snapshot*). At most one writeback per folio is in flight, so
+//!   writes to a byte reach the lower layer in completion order. A failed or deferred
+//!   writeback marks the snapshot's sectors dirty again.
 //! - A zap registers its range first; writebacks of folios overlapping a registered zap are
 //!   deferred; the zap waits for writebacks already in flight, runs the lower operation, then
 //!   drops the cached sectors in the range (zeroing partly covered ones) and unregisters.
@@ -56,7 +59,9 @@
 //!   lower layer before a write (or zap) completes.
 //! - Writeback of a folio whose dirty data reaches its end takes the following folios whose
 //!   dirty data starts at their beginning along (up to 1 MiB), merging touching runs into one
-//!   lower write. A folio already under writeback never joins.
+//!   lower write: such a group is copied into one merged buffer (an arena shared by the
+//!   writebacks), and lets go of the folios' memory once copied. A folio already under
+//!   writeback never joins.
 //! - Requests of at least `bypass_threshold` bytes bypass the cache (reads from
 //!   `read_bypass_threshold` on, when that is smaller). A large read pins the
 //!   cached folios of its range, reads the lower layer and overlays their uptodate sectors (as
@@ -242,6 +247,8 @@ struct Counters {
     writeback_errors: AtomicU64,
     throttled: AtomicU64,
     bypassed: AtomicU64,
+    cow_copies: AtomicU64,
+    merged_bytes: AtomicU64,
 }
 
 /// A snapshot of the cache's counters.
@@ -265,6 +272,12 @@ pub struct CacheStats {
     pub throttled: u64,
     /// Large reads and writes that bypassed the cache.
     pub bypassed: u64,
+    /// Folios moved to a copy of their memory because a write, fill or zap changed them while
+    /// a writeback was writing from it.
+    pub cow_copies: u64,
+    /// Bytes copied into a merged buffer by writebacks of several folios together (a single
+    /// folio's writeback goes down from its own memory).
+    pub merged_bytes: u64,
     /// Folios currently cached.
     pub cached_folios: usize,
     /// Folios currently dirty or under writeback.
@@ -290,7 +303,7 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     nr_folios: AtomicUsize,
     evict_hand: AtomicUsize,
-    free_bufs: Mutex<Vec<Vec<u8>>>,
+    free_bufs: Mutex<Vec<AlignedBuf>>,
     /// Snapshot arenas of writebacks not in use (at most `KEPT_ARENAS`): shared, not per
     /// thread, so that the many threads that may write back (every writer the dirty budget
     /// throttles) do not each keep one, and a flush's own threads find them.
@@ -482,6 +495,8 @@ impl FolioCache {
             writeback_errors: c.writeback_errors.load(Ordering::Relaxed),
             throttled: c.throttled.load(Ordering::Relaxed),
             bypassed: c.bypassed.load(Ordering::Relaxed),
+            cow_copies: c.cow_copies.load(Ordering::Relaxed),
+            merged_bytes: c.merged_bytes.load(Ordering::Relaxed),
             cached_folios: self.inner.nr_folios.load(Ordering::Relaxed),
             dirty_folios: self.inner.dirty_folios.load(Ordering::Relaxed),
             active_zaps: lock(&self.inner.zaps).active.len(),

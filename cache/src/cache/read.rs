@@ -224,7 +224,7 @@ impl Inner {
                 let mut st = f.lock();
                 let valid = !st.evicted && self.fill_valid(&token);
                 if valid {
-                    install(&f, &mut st, lo, hi, ba, &scratch);
+                    install(&f, &mut st, lo, hi, ba, &scratch, &self.counters.cow_copies);
                 } else {
                     self.counters.fills_dropped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -271,7 +271,7 @@ impl Inner {
             self.hook(HookPoint::AfterFillRead, f.index);
             let mut st = f.lock();
             if !st.evicted && self.fill_valid(&token) {
-                install(f, &mut st, lo, hi, ba, &scratch);
+                install(f, &mut st, lo, hi, ba, &scratch, &self.counters.cow_copies);
             } else {
                 self.counters.fills_dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -303,7 +303,8 @@ pub(super) fn copy_uptodate(
 }
 
 /// Copies the fill data for sectors `lo..hi` (buffer starting at folio byte `ba`) into the
-/// sectors that are still not uptodate, and marks them uptodate.
+/// sectors that are still not uptodate, and marks them uptodate (`copies`: see
+/// [`FolioState::data_mut`]).
 pub(super) fn install(
     f: &Folio,
     st: &mut FolioState,
@@ -311,12 +312,13 @@ pub(super) fn install(
     hi: usize,
     ba: usize,
     fill: &[u8],
+    copies: &AtomicU64,
 ) {
     let mut s = lo;
     while let Some(start) = st.uptodate.find(s, hi, false) {
         let end = st.uptodate.find(start, hi, true).unwrap_or(hi);
         let (x, y) = (f.sector_bytes(start).0, f.sector_bytes(end - 1).1);
-        st.data[x..y].copy_from_slice(&fill[x - ba..y - ba]);
+        st.data_mut(copies)[x..y].copy_from_slice(&fill[x - ba..y - ba]);
         st.uptodate.set(start, end);
         s = end;
     }

@@ -137,7 +137,7 @@ impl Inner {
                 st.accounted = true;
                 lock(&self.dirty_list).insert(index, f.clone());
             }
-            st.data[a..b].copy_from_slice(data);
+            st.data_mut(&self.counters.cow_copies)[a..b].copy_from_slice(data);
             st.uptodate.set(sa, sb);
             st.dirty.set(sa, sb);
             drop(st);

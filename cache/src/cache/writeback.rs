@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// A group of a batched writeback: its members, a reference to each one's memory, the offset
+/// of its merged copy in the batch's arena (none for a folio alone), and the end of its runs.
+type WbGroup = (Vec<Arc<Folio>>, Vec<Arc<AlignedBuf>>, Option<usize>, usize);
+
 impl Inner {
     /// Writes back the folio's dirty sectors. With `wait`, waits for an in-flight writeback
     /// first (so everything dirty when called is written when this returns `Written`/`Clean`).
@@ -10,8 +14,9 @@ impl Inner {
     /// at their beginning join the writeback (up to `cluster_folios`), so that sequentially
     /// written data goes down in large contiguous writes.
     ///
-    /// With `to_sync` (a flush's writeback) the lower writes go with
-    /// [`BlockDev::write_batch_to_sync`].
+    /// A folio written back alone goes down from its own memory; a group is merged into one
+    /// buffer first (see [`Self::merge_group`]). With `to_sync` (a flush's writeback) the lower
+    /// writes go with [`BlockDev::write_batch_to_sync`].
     pub(super) fn writeback_folio(
         &self,
         f: &Arc<Folio>,
@@ -28,50 +33,68 @@ impl Inner {
         if st.dirty.is_empty() {
             return Ok(WbOutcome::Clean);
         }
-        let mut buf = self.take_arena();
         let mut runs = WB_RUNS.with(Cell::take);
         runs.clear();
-        let members = self.snapshot_group(f, st, &mut buf, &mut runs);
+        let mut frozen = Vec::with_capacity(1);
+        let members = self.snapshot_group(f, st, &mut frozen, &mut runs);
         let end = members.last().map_or(f.start, |g| g.start + g.len as u64);
+        let mut arena = None;
         let outcome = if self.zap_overlaps(f.start, end) {
             Ok(WbOutcome::Deferred)
-        } else if to_sync {
+        } else {
+            let src: &[u8] = if members.len() > 1 {
+                let merged = arena.insert(self.take_arena());
+                self.merge_group(&members, &frozen, &runs, merged);
+                // The merged copy holds the bytes: writers need not copy the folios.
+                frozen.clear();
+                merged
+            } else {
+                frozen.first().map_or(&[][..], |d| &d[..])
+            };
             let writes: Vec<(&[u8], u64)> = self
                 .run_ranges(&members, &runs)
                 .into_iter()
-                .map(|(a, b)| (&buf[a..b], f.start + a as u64))
+                .map(|(a, b)| (&src[a..b], f.start + a as u64))
                 .collect();
-            self.lower
-                .write_batch_to_sync(&writes)
-                .into_iter()
-                .collect::<Result<()>>()
-                .map(|()| WbOutcome::Written)
-        } else {
-            self.run_ranges(&members, &runs)
-                .into_iter()
-                .try_for_each(|(a, b)| self.lower.write_at(&buf[a..b], f.start + a as u64))
-                .map(|()| WbOutcome::Written)
+            if to_sync {
+                self.lower
+                    .write_batch_to_sync(&writes)
+                    .into_iter()
+                    .collect::<Result<()>>()
+                    .map(|()| WbOutcome::Written)
+            } else {
+                writes
+                    .iter()
+                    .try_for_each(|&(b, o)| self.lower.write_at(b, o))
+                    .map(|()| WbOutcome::Written)
+            }
         };
+        // The memory goes back before the writeback ends, so that a writer woken by its end
+        // finds it unshared (no copy).
+        drop(frozen);
         self.finish_group(&members, &runs, &outcome);
-        self.keep_arena(buf);
+        if let Some(merged) = arena {
+            self.keep_arena(merged);
+        }
         WB_RUNS.with(|c| c.set(runs));
         outcome
     }
 
-    /// Snapshots the dirty sectors of `f` (locked as `st`, dirty, not under writeback) into
-    /// `buf` (a folio's room per member), and those of the following folios that join its
-    /// writeback (see [`Self::writeback_folio`]); marks them all under writeback and records
-    /// their dirty runs in `runs`. Returns the members, `f` first.
+    /// Takes the dirty sectors of `f` (locked as `st`, dirty, not under writeback) for
+    /// writeback, and those of the following folios that join its writeback (see
+    /// [`Self::writeback_folio`]): marks them all under writeback, records their dirty runs in
+    /// `runs` and a reference to each one's memory in `frozen` (nothing is copied: a change of
+    /// a folio under writeback moves it to a copy of its own). Returns the members, `f` first.
     fn snapshot_group(
         &self,
         f: &Arc<Folio>,
         mut st: MutexGuard<'_, FolioState>,
-        buf: &mut [u8],
+        frozen: &mut Vec<Arc<AlignedBuf>>,
         runs: &mut Vec<(usize, usize, usize)>,
     ) -> Vec<Arc<Folio>> {
         // (member number, first sector, end sector) of every dirty run, in disk order.
         let mut members: Vec<Arc<Folio>> = Vec::with_capacity(1);
-        let mut open_end = snapshot_dirty(f, &mut st, 0, buf, runs);
+        let mut open_end = snapshot_dirty(f, &mut st, 0, frozen, runs);
         members.push(f.clone());
         drop(st);
         while open_end && members.len() < self.cluster_folios {
@@ -82,18 +105,38 @@ impl Inner {
             if gs.writeback || gs.evicted || !gs.dirty.get(0) {
                 break;
             }
-            open_end = snapshot_dirty(
-                &g,
-                &mut gs,
-                members.len(),
-                &mut buf[members.len() * self.folio_size..],
-                runs,
-            );
+            open_end = snapshot_dirty(&g, &mut gs, members.len(), frozen, runs);
             drop(gs);
             members.push(g);
         }
         self.hook(HookPoint::AfterWritebackSnapshot, f.index);
         members
+    }
+
+    /// Copies the dirty runs of a group of several folios from their memory (`frozen`, as
+    /// taken by [`Self::snapshot_group`]) into `out`, a folio's room per member, so that runs
+    /// that touch across folios go down as one write. No lock is needed: nobody changes memory
+    /// a writeback holds. The caller lets go of the memory right after.
+    fn merge_group(
+        &self,
+        members: &[Arc<Folio>],
+        frozen: &[Arc<AlignedBuf>],
+        runs: &[(usize, usize, usize)],
+        out: &mut [u8],
+    ) {
+        let mut bytes = 0;
+        for &(m, s, e) in runs {
+            let (Some(g), Some(mem)) = (members.get(m), frozen.get(m)) else {
+                continue;
+            };
+            let (x, y) = (g.sector_bytes(s).0, g.sector_bytes(e - 1).1);
+            let base = m * self.folio_size;
+            out[base + x..base + y].copy_from_slice(&mem[x..y]);
+            bytes += y - x;
+        }
+        self.counters
+            .merged_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Ends the writeback of `members` with `outcome`: a snapshot that did not reach the lower
@@ -175,9 +218,10 @@ impl Inner {
     /// writeback are skipped; the ones a zap overlaps stay dirty. Returns how many folios were
     /// written, and the first folio and error of every group that failed.
     ///
-    /// The snapshots share one arena: a batch takes folios while a whole cluster's room is
-    /// left in it (the rest wait for the next call). With `to_sync` (a flush's writeback) the
-    /// batch goes down with [`BlockDev::write_batch_to_sync`].
+    /// A folio written back alone goes down from its own memory; groups of several are merged
+    /// into one arena: a batch takes folios while a whole cluster's room is left in it (the
+    /// rest wait for the next call). With `to_sync` (a flush's writeback) the batch goes down
+    /// with [`BlockDev::write_batch_to_sync`].
     pub(super) fn writeback_batch(
         &self,
         folios: &[Arc<Folio>],
@@ -187,8 +231,8 @@ impl Inner {
         let mut arena = self.take_arena();
         let mut runs = WB_RUNS.with(Cell::take);
         runs.clear();
-        // (members, arena offset, end of its runs in `runs`) of each group.
-        let mut groups: Vec<(Vec<Arc<Folio>>, usize, usize)> = Vec::new();
+        // (members, their memory, arena offset if merged, end of its runs in `runs`).
+        let mut groups: Vec<WbGroup> = Vec::new();
         let mut used = 0usize;
         for f in folios {
             if used + room > arena.len() {
@@ -199,24 +243,40 @@ impl Inner {
                 continue;
             }
             let first_run = runs.len();
-            let members = self.snapshot_group(f, st, &mut arena[used..used + room], &mut runs);
+            let mut frozen = Vec::with_capacity(1);
+            let members = self.snapshot_group(f, st, &mut frozen, &mut runs);
             let end = members.last().map_or(f.start, |g| g.start + g.len as u64);
             if self.zap_overlaps(f.start, end) {
                 let mine: Vec<(usize, usize, usize)> = runs.drain(first_run..).collect();
+                drop(frozen);
                 self.finish_group(&members, &mine, &Ok(WbOutcome::Deferred));
                 continue;
             }
-            let at = used;
-            used = (used + members.len() * self.folio_size).next_multiple_of(4096);
-            groups.push((members, at, runs.len()));
+            let at = (members.len() > 1).then(|| {
+                let at = used;
+                self.merge_group(
+                    &members,
+                    &frozen,
+                    &runs[first_run..],
+                    &mut arena[at..at + room],
+                );
+                used = (used + members.len() * self.folio_size).next_multiple_of(4096);
+                frozen.clear();
+                at
+            });
+            groups.push((members, frozen, at, runs.len()));
         }
         let mut writes: Vec<(&[u8], u64)> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();
         let mut run_start = 0;
-        for (gi, (members, at, run_end)) in groups.iter().enumerate() {
+        for (gi, (members, frozen, at, run_end)) in groups.iter().enumerate() {
             let start = members.first().map_or(0, |f| f.start);
+            let src: &[u8] = match at {
+                Some(at) => &arena[*at..],
+                None => frozen.first().map_or(&[][..], |d| &d[..]),
+            };
             for (a, b) in self.run_ranges(members, &runs[run_start..*run_end]) {
-                writes.push((&arena[at + a..at + b], start + a as u64));
+                writes.push((&src[a..b], start + a as u64));
                 owner.push(gi);
             }
             run_start = *run_end;
@@ -241,9 +301,10 @@ impl Inner {
         let mut written = 0;
         let mut failed = Vec::new();
         let mut run_start = 0;
-        for ((members, _, run_end), outcome) in groups.iter().zip(outcomes) {
-            self.finish_group(members, &runs[run_start..*run_end], &outcome);
-            run_start = *run_end;
+        for ((members, frozen, _, run_end), outcome) in groups.into_iter().zip(outcomes) {
+            drop(frozen);
+            self.finish_group(&members, &runs[run_start..run_end], &outcome);
+            run_start = run_end;
             match outcome {
                 Ok(_) => written += members.len(),
                 Err(e) => failed.push((members.first().map_or(0, |f| f.index), e)),
@@ -452,14 +513,14 @@ impl Inner {
     }
 }
 
-/// Copies the dirty sectors of `f` into `buf` (the folio's bytes at the same offsets), records
-/// them as runs of member `member`, clears them and starts the writeback. Returns whether the
-/// last dirty run reaches the end of the folio.
+/// Marks the dirty sectors of `f` (locked as `st`) as under writeback: records their runs
+/// as member `member` in `runs` and a reference to the folio's memory in `frozen`, clears the
+/// dirty bits. Returns whether the last run reaches the folio's end.
 pub(super) fn snapshot_dirty(
     f: &Folio,
     st: &mut FolioState,
     member: usize,
-    buf: &mut [u8],
+    frozen: &mut Vec<Arc<AlignedBuf>>,
     runs: &mut Vec<(usize, usize, usize)>,
 ) -> bool {
     let n = f.sectors();
@@ -467,12 +528,11 @@ pub(super) fn snapshot_dirty(
     let mut open_end = false;
     while let Some(first) = st.dirty.find(s, n, true) {
         let end = st.dirty.find(first, n, false).unwrap_or(n);
-        let (x, y) = (f.sector_bytes(first).0, f.sector_bytes(end - 1).1);
-        buf[x..y].copy_from_slice(&st.data[x..y]);
         runs.push((member, first, end));
         open_end = end == n;
         s = end;
     }
+    frozen.push(st.data.clone());
     st.dirty.clear(0, n);
     st.writeback = true;
     f.in_writeback.store(true, Ordering::Relaxed);

@@ -114,7 +114,7 @@ impl Inner {
                     if f.partially_covers(s, a, b) {
                         if st.uptodate.get(s) {
                             let (x, y) = f.sector_bytes(s);
-                            st.data[x.max(a)..y.min(b)].fill(0);
+                            st.data_mut(&self.counters.cow_copies)[x.max(a)..y.min(b)].fill(0);
                         }
                     } else {
                         st.uptodate.clear(s, s + 1);
