@@ -8,7 +8,11 @@
 //! `pwritev` where the file's space cannot be allocated). Either way the record is in the
 //! file's pages in the host page cache when the copy returns, and the page cache outlives the
 //! process, so the request completes to the guest only when its record would survive a
-//! SIGKILL. The file is `flock`ed: one daemon per journal. A daemon started
+//! SIGKILL. A caller that holds a write's data in pieces (a guest's buffers) has them gathered
+//! straight into the record ([`BlockDev::write_gathered`], with a mapping only): the record is
+//! then the write's one private copy, and the layer below is handed the record's bytes, which
+//! stay as they are until the request has counted its lower operation done. The file is
+//! `flock`ed: one daemon per journal. A daemon started
 //! later on the same image replays the records into the image (through the whole stack, so the
 //! qcow2 engine allocates and publishes what the dead one had only in memory), flushes, and only
 //! then serves ([`Journal::open`]).
@@ -71,7 +75,8 @@
 //! no stripe lock. `flush_lock` serializes flushes (the trimmer's and the guest's) and is held
 //! across the lower flush; the state mutex is held only to seal, to wait for the sealed
 //! segment's requests and to empty it, never across the lower flush (the state mutex is held
-//! across the copy of a record or the write of a segment header into the journal file only).
+//! across the copy of a record, a gathered record's gather and checksum, or the write of a
+//! segment header into the journal file only).
 //! The trimmer takes only `flush_lock` and the state mutex and calls only downward.
 //! [`Journal::rebind`] (a live snapshot, guest requests paused) takes only the state mutex, so
 //! it never waits for a background flush. Dropping the [`Journal`] stops the trimmer and joins
@@ -405,6 +410,28 @@ impl Mapping {
             libc::madvise(map.as_ptr().cast(), len, libc::MADV_POPULATE_READ);
         }
         Ok(Mapping(map))
+    }
+
+    /// The `len` bytes at `at`, checked to lie inside the mapping.
+    fn range(&self, at: u64, len: usize) -> *mut u8 {
+        let at = usize::try_from(at).unwrap_or(usize::MAX);
+        assert!(
+            at <= self.0.len() && len <= self.0.len() - at,
+            "a journal record outside the mapping"
+        );
+        // SAFETY: `at` is inside the mapping (checked above).
+        unsafe { self.0.as_ptr().add(at) }
+    }
+
+    /// The `len` bytes at `at`, to read.
+    ///
+    /// # Safety
+    /// The range is the data of a record whose request has not counted its lower operation
+    /// done ([`Core::done`]): its segment is not emptied or reused, so nothing writes it while
+    /// the borrow lives.
+    unsafe fn record(&self, at: u64, len: usize) -> &[u8] {
+        // SAFETY: inside the mapping (`range`), and unchanged by the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.range(at, len), len) }
     }
 
     /// Copies `a` then `b` to `at`.
@@ -777,17 +804,65 @@ impl Core {
     /// other one if that is empty (waking the trimmer); if the other one is still sealed, the
     /// writer waits until a flush empties it (backpressure: both segments are full).
     fn append(&self, kind: Kind, offset: u64, len: u64, data: &[u8]) -> Result<usize> {
-        let rec_len = (REC_HEADER + data.len()) as u64;
-        if rec_len > self.seg_len - SEG_HEADER {
-            return Err(BlockError::Io(io::Error::other(format!(
-                "request of {} bytes does not fit the crash journal's {}-byte segment",
-                data.len(),
-                self.seg_len
-            ))));
-        }
         // The data's checksum does not depend on the position: computed before the lock.
         let mut data_crc = crc32fast::Hasher::new();
         data_crc.update(data);
+        self.append_with(data.len(), |seq, gen, at| {
+            let header = record_header(kind, seq, gen, offset, len, &data_crc);
+            match &self.map {
+                Some(m) => m.copy(at, &header, data),
+                None => pwritev_all(&self.file, &header, data, at).map_err(io_err)?,
+            }
+            Ok(())
+        })
+    }
+
+    /// Appends a write record of `len` bytes whose data `fill` writes into the mapping itself
+    /// (no copy of the caller's), then its header. Returns the segment and the record's data,
+    /// which stays as it is until the request counts its lower operation done. A failing
+    /// `fill` appends nothing (the next record goes where it would have gone).
+    fn append_gathered<'a>(
+        &self,
+        map: &'a Mapping,
+        offset: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<(usize, &'a [u8])> {
+        let mut data_at = 0;
+        let seg = self.append_with(len, |seq, gen, at| {
+            let start = at + REC_HEADER as u64;
+            // SAFETY: `range` checked the bytes lie inside the mapping; they are the record's
+            // room past the segment's tail, which nothing else reads or writes while the
+            // state lock is held (`append_with`), and `dst` is gone before it is released.
+            let dst = unsafe { std::slice::from_raw_parts_mut(map.range(start, len), len) };
+            fill(dst)?;
+            let mut data_crc = crc32fast::Hasher::new();
+            data_crc.update(dst);
+            let header = record_header(Kind::Write, seq, gen, offset, len as u64, &data_crc);
+            map.copy(at, &header, &[]);
+            data_at = start;
+            Ok(())
+        })?;
+        // SAFETY: the record just appended; its request counts its lower operation done only
+        // after the caller is done with the data (`in_record`).
+        Ok((seg, unsafe { map.record(data_at, len) }))
+    }
+
+    /// Finds room for a record with `data_len` bytes of data and writes it with
+    /// `put(seq, generation, position)`, one record at a time (state lock held, so no hole can
+    /// precede an acknowledged record). A failing `put` appends nothing. Returns the segment.
+    fn append_with(
+        &self,
+        data_len: usize,
+        mut put: impl FnMut(u64, u64, u64) -> Result<()>,
+    ) -> Result<usize> {
+        let rec_len = (REC_HEADER + data_len) as u64;
+        if rec_len > self.seg_len - SEG_HEADER {
+            return Err(BlockError::Io(io::Error::other(format!(
+                "request of {data_len} bytes does not fit the crash journal's {}-byte segment",
+                self.seg_len
+            ))));
+        }
         let mut st = self.lock_state();
         loop {
             if let Some(why) = &st.poisoned {
@@ -795,16 +870,8 @@ impl Core {
             }
             let seg = st.active;
             if SEG_HEADER + st.tail[seg] + rec_len <= self.seg_len {
-                let seq = st.next_seq;
-                let gen = st.generation[seg];
                 let at = self.seg_base(seg) + SEG_HEADER + st.tail[seg];
-                let header = record_header(kind, seq, gen, offset, len, &data_crc);
-                // One record at a time (state lock held): no hole can precede an acknowledged
-                // record.
-                match &self.map {
-                    Some(m) => m.copy(at, &header, data),
-                    None => pwritev_all(&self.file, &header, data, at).map_err(io_err)?,
-                }
+                put(st.next_seq, st.generation[seg], at)?;
                 st.next_seq += 1;
                 st.tail[seg] += rec_len;
                 st.pending[seg] += 1;
@@ -980,12 +1047,47 @@ impl Core {
         data: &[u8],
         op: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
+        self.in_record(
+            offset,
+            len,
+            || Ok((self.append(kind, offset, len, data)?, ())),
+            |()| op(),
+        )
+    }
+
+    /// A write whose data `fill` puts straight into its record (see
+    /// [`BlockDev::write_gathered`]); the layer below is handed the record's data. Only with
+    /// a mapping.
+    fn journaled_gathered(
+        &self,
+        map: &Mapping,
+        offset: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.in_record(
+            offset,
+            len as u64,
+            || self.append_gathered(map, offset, len, fill),
+            |data| self.lower.write_at(data, offset),
+        )
+    }
+
+    /// Appends a record with `append` (the segment and what `op` needs) while the range's
+    /// stripes are locked, runs `op`, and counts the lower operation done.
+    fn in_record<T>(
+        &self,
+        offset: u64,
+        len: u64,
+        append: impl FnOnce() -> Result<(usize, T)>,
+        op: impl FnOnce(T) -> Result<()>,
+    ) -> Result<()> {
         self.check_refused()?;
         blockdev::check_range(offset, len, self.lower.size())?;
         let range = self.lock_range(offset, len);
-        let seg = self.append(kind, offset, len, data)?;
+        let (seg, arg) = append()?;
         crate::reconnect::test_abort_point("executing");
-        let r = op();
+        let r = op(arg);
         self.done(seg);
         drop(range);
         r
@@ -1132,6 +1234,24 @@ impl BlockDev for Journal {
         c.journaled(Kind::Write, offset, buf.len() as u64, buf, || {
             c.lower.write_at(buf, offset)
         })
+    }
+
+    /// With a mapping: the record is the private copy of the data, so the caller's pieces go
+    /// straight into it and the layer below gets the record's bytes.
+    fn gathers_writes(&self) -> bool {
+        self.core.map.is_some()
+    }
+
+    fn write_gathered(
+        &self,
+        offset: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        match &self.core.map {
+            Some(map) => self.core.journaled_gathered(map, offset, len, fill),
+            None => blockdev::write_via_buffer(self, offset, len, fill),
+        }
     }
 
     fn flush(&self) -> Result<()> {

@@ -160,6 +160,25 @@ impl BlockDev for ProbedRawGuard {
         )
     }
 
+    fn gathers_writes(&self) -> bool {
+        self.inner.gathers_writes()
+    }
+
+    /// Past the head the write is not guarded: it goes to the layer below as it is; a write
+    /// into the head is gathered into a buffer and checked like any other.
+    fn write_gathered(
+        &self,
+        offset: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        if offset >= PROBE_LEN as u64 {
+            self.inner.write_gathered(offset, len, fill)
+        } else {
+            blockdev::write_via_buffer(self, offset, len, fill)
+        }
+    }
+
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
@@ -199,6 +218,33 @@ mod tests {
         let mem = Arc::new(MemDisk::new(size));
         let g = ProbedRawGuard::new(mem.clone(), "test.raw".into());
         (mem, g)
+    }
+
+    /// A gathered write (the request path's, when the layer below keeps a copy of its own)
+    /// into the head is checked like any other; past the head it goes down as it is.
+    #[test]
+    fn a_gathered_write_into_the_head_is_refused_like_any_other_and_past_it_goes_down() {
+        let (mem, g) = guarded(1 << 20);
+        let e = g
+            .write_gathered(0, 512, &mut |dst| {
+                dst.fill(0);
+                dst[..4].copy_from_slice(&QCOW_MAGIC);
+                Ok(())
+            })
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        assert!(mem.snapshot()[..512].iter().all(|&b| b == 0));
+        let past = PROBE_LEN as u64;
+        g.write_gathered(past, 512, &mut |dst| {
+            dst.fill(0x42);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            &mem.snapshot()[past as usize..past as usize + 512],
+            &[0x42; 512]
+        );
+        assert_eq!(g.refused(), 1);
     }
 
     #[test]

@@ -35,6 +35,13 @@ pub const CHUNK_BYTES: usize = 4 << 20;
 /// the request's buffer, as the cache reads it past its folios anyway (its bypass threshold).
 const READ_INTO_MAX: usize = 256 << 10;
 
+/// Largest write whose data goes from guest memory straight into the disk's own copy of it
+/// when the disk keeps one (the crash journal's record, [`blockdev::BlockDev::gathers_writes`]):
+/// the folio cache then copies the record, and the request's buffer is not needed. A larger
+/// write goes through the request's buffer, which the cache lets through to the file as it
+/// is (in huge pages from 1 MiB, one piece for the device).
+const WRITE_GATHER_MAX: usize = 256 << 10;
+
 /// Longest descriptor chain accepted (an indirect table may hold up to 65535 entries).
 pub const MAX_CHAIN_DESCRIPTORS: usize = 4096;
 
@@ -749,11 +756,31 @@ impl RequestWorker {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(CHUNK_BYTES as u64) as usize;
-            let buf = bounce(&mut self.buf, n);
-            gather(mem, readable, RequestHeader::SIZE as u64 + done, buf)?;
-            dev.disk()
-                .write_at(buf, offset + done)
-                .map_err(ExecuteRequestError::disk("write"))?;
+            let skip = RequestHeader::SIZE as u64 + done;
+            if n <= WRITE_GATHER_MAX && dev.disk().gathers_writes() {
+                // Straight into the journal's record; a guest buffer that cannot be read fails
+                // the write before anything is recorded or written.
+                let mut guest_error = None;
+                let r = dev.disk().write_gathered(offset + done, n, &mut |dst| {
+                    gather(mem, readable, skip, dst).map_err(|e| {
+                        let err = BlockError::Io(std::io::Error::other(e.to_string()));
+                        guest_error = Some(e);
+                        err
+                    })
+                });
+                if let Err(e) = r {
+                    return Err(match guest_error {
+                        Some(g) => g.into(),
+                        None => ExecuteRequestError::disk("write")(e),
+                    });
+                }
+            } else {
+                let buf = bounce(&mut self.buf, n);
+                gather(mem, readable, skip, buf)?;
+                dev.disk()
+                    .write_at(buf, offset + done)
+                    .map_err(ExecuteRequestError::disk("write"))?;
+            }
             done += n as u64;
         }
         if dev.flush_after_write() {

@@ -24,10 +24,14 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
-/// A disk that counts flushes, over a `MemDisk`.
+/// A disk that counts flushes, over a `MemDisk`; with `gathers` it keeps a copy of its own of
+/// every write's data (like the crash journal's record) and takes writes with
+/// `write_gathered`, counted in `gathered`.
 struct CountingDisk {
     inner: MemDisk,
     flushes: AtomicUsize,
+    gathers: bool,
+    gathered: AtomicUsize,
 }
 
 impl BlockDev for CountingDisk {
@@ -39,6 +43,20 @@ impl BlockDev for CountingDisk {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
         self.inner.write_at(buf, offset)
+    }
+    fn gathers_writes(&self) -> bool {
+        self.gathers
+    }
+    fn write_gathered(
+        &self,
+        offset: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> blockdev::Result<()>,
+    ) -> blockdev::Result<()> {
+        self.gathered.fetch_add(1, Ordering::SeqCst);
+        let mut own = vec![0xee; len];
+        fill(&mut own)?;
+        self.inner.write_at(&own, offset)
     }
     fn flush(&self) -> blockdev::Result<()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
@@ -61,6 +79,15 @@ struct Harness {
 
 impl Harness {
     fn with_config(f: impl FnOnce(&mut DeviceConfig)) -> Self {
+        Self::build(f, false)
+    }
+
+    /// Over a disk that keeps its own copy of written data (see [`CountingDisk`]).
+    fn gathering() -> Self {
+        Self::build(|_| {}, true)
+    }
+
+    fn build(f: impl FnOnce(&mut DeviceConfig), gathers: bool) -> Self {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         // Recognisable disk content: byte i holds (i / 512) as u8 ^ (i as u8).
         let content: Vec<u8> = (0..DISK_SIZE)
@@ -69,6 +96,8 @@ impl Harness {
         let disk = Arc::new(CountingDisk {
             inner: MemDisk::from_vec(content),
             flushes: AtomicUsize::new(0),
+            gathers,
+            gathered: AtomicUsize::new(0),
         });
         let mut cfg = DeviceConfig::new(DISK_SIZE as u64, 512, 1, 16).unwrap();
         cfg.set_serial(b"snapblk-serial");
@@ -216,8 +245,12 @@ fn a_read_served_by_folio_cache_hits_lands_in_every_descriptor_and_a_bad_one_is_
 
 #[test]
 fn write_lands_on_disk_whatever_the_descriptor_framing() {
-    let mut h = Harness::new();
-    // Header and the first data bytes share a descriptor; the header itself is split in two.
+    framed_write_lands(&mut Harness::new());
+}
+
+/// A 1 KiB write at sector 8 whose header and first data bytes share a descriptor (the header
+/// itself split in two) lands, and its neighbours are untouched.
+fn framed_write_lands(h: &mut Harness) {
     h.header(VIRTIO_BLK_T_OUT, 8);
     h.mem
         .write_slice(&[0xab; 1024], GuestAddress(HDR + 16))
@@ -234,6 +267,53 @@ fn write_lands_on_disk_whatever_the_descriptor_framing() {
         h.disk_bytes(10 * 512, 512),
         Harness::new().disk_bytes(10 * 512, 512)
     );
+}
+
+/// A disk that keeps its own copy of written data (the crash journal) gets the guest's pieces
+/// gathered straight into it, one call per write, whatever the framing; writes larger than
+/// the gather limit go through the request's buffer.
+#[test]
+fn writes_into_a_disk_with_a_copy_of_its_own_are_gathered_into_it_up_to_the_limit() {
+    let mut h = Harness::gathering();
+    framed_write_lands(&mut h);
+    assert_eq!(h.disk.gathered.load(Ordering::SeqCst), 1);
+    for (len, gathered) in [(WRITE_GATHER_MAX, 2), (WRITE_GATHER_MAX + 4096, 2)] {
+        let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        h.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        h.header(VIRTIO_BLK_T_OUT, 64);
+        let half = (len / 2) as u32;
+        let (used, status) = h.run(&[
+            (HDR, 16, 0),
+            (DATA, half, 0),
+            (DATA + u64::from(half), len as u32 - half, 0),
+            status_desc(),
+        ]);
+        assert_eq!((used, status), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(h.disk_bytes(64 * 512, len), data, "len {len}");
+        assert_eq!(
+            h.disk.gathered.load(Ordering::SeqCst),
+            gathered,
+            "len {len}"
+        );
+    }
+}
+
+/// A guest buffer that cannot be read fails a gathered write before the disk took anything:
+/// the disk's copy is filled first, and a failed fill writes nothing.
+#[test]
+fn a_gathered_write_with_data_outside_guest_memory_fails_without_touching_the_disk() {
+    let mut h = Harness::gathering();
+    let before = h.disk_bytes(0, DISK_SIZE);
+    h.header(VIRTIO_BLK_T_OUT, 0);
+    let (used, status) = h.run(&[
+        (HDR, 16, 0),
+        (DATA, 4096 - 512, 0),
+        (MEM_SIZE as u64 - 256, 512, 0),
+        status_desc(),
+    ]);
+    assert_eq!((used, status), (1, VIRTIO_BLK_S_IOERR));
+    assert_eq!(h.disk.gathered.load(Ordering::SeqCst), 1);
+    assert_eq!(h.disk_bytes(0, DISK_SIZE), before);
 }
 
 #[test]
@@ -1048,6 +1128,8 @@ impl GateDisk {
             inner: CountingDisk {
                 inner: MemDisk::new(DISK_SIZE),
                 flushes: AtomicUsize::new(0),
+                gathers: false,
+                gathered: AtomicUsize::new(0),
             },
             gated_offset,
             open: std::sync::Mutex::new(false),

@@ -135,6 +135,40 @@ pub trait BlockDev: Send + Sync {
     fn read_into(&self, dst: &dyn ReadSink, offset: u64) -> Result<()> {
         read_via_bounce(dst, 0, dst.len(), |buf| self.read_at(buf, offset))
     }
+    /// Whether [`BlockDev::write_gathered`] fills memory of this layer's own that it keeps
+    /// anyway (the crash journal's record), so that a caller holding the data in pieces (a
+    /// guest's buffers) needs no buffer of its own for it: the default is `false`, and the
+    /// caller then gathers into its buffer and calls [`BlockDev::write_at`].
+    fn gathers_writes(&self) -> bool {
+        false
+    }
+    /// Writes `len` bytes at `offset` that `fill` puts into a buffer of exactly `len` bytes
+    /// this layer hands it (once, before anything of the write is done): the layer's private
+    /// copy of them, which nobody else changes until the write is done. An error from `fill`
+    /// fails the write with nothing written, recorded or changed. The default gathers into a
+    /// fresh buffer and calls [`BlockDev::write_at`]; a layer only forwards this where it
+    /// forwards [`BlockDev::gathers_writes`].
+    fn write_gathered(
+        &self,
+        offset: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        write_via_buffer(self, offset, len, fill)
+    }
+}
+
+/// [`BlockDev::write_gathered`]'s default, for layers that fall back to it: gathers into a
+/// fresh buffer and writes that with `write_at`.
+pub fn write_via_buffer<D: BlockDev + ?Sized>(
+    dev: &D,
+    offset: u64,
+    len: usize,
+    fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+) -> Result<()> {
+    let mut buf = AlignedBuf::zeroed(len);
+    fill(&mut buf)?;
+    dev.write_at(&buf, offset)
 }
 
 /// The destination of [`BlockDev::read_into`]: bytes the caller does not hold as one slice of
