@@ -247,6 +247,78 @@ mod tests {
         assert_eq!(g.refused(), 1);
     }
 
+    /// A lower layer that keeps its own copy of written data (like the crash journal) and
+    /// counts the writes gathered into it.
+    struct Gathering {
+        mem: MemDisk,
+        gathered: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockDev for Gathering {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.mem.write_at(buf, offset)
+        }
+        fn gathers_writes(&self) -> bool {
+            true
+        }
+        fn write_gathered(
+            &self,
+            offset: u64,
+            len: usize,
+            fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+        ) -> Result<()> {
+            self.gathered.fetch_add(1, Ordering::SeqCst);
+            blockdev::write_via_buffer(&self.mem, offset, len, fill)
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<()> {
+            self.mem.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+            self.mem.write_zeroes(offset, len, unmap)
+        }
+    }
+
+    /// The guard gathers where the layer below does: past the head, a gathered write reaches
+    /// that layer's `write_gathered`; over a layer that does not, it says so.
+    #[test]
+    fn the_guard_gathers_writes_exactly_where_the_layer_below_does() {
+        let (_mem, plain) = guarded(1 << 20);
+        assert!(!plain.gathers_writes());
+        let below = Arc::new(Gathering {
+            mem: MemDisk::new(1 << 20),
+            gathered: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let g = ProbedRawGuard::new(below.clone(), "test.raw".into());
+        assert!(g.gathers_writes());
+        g.write_gathered(PROBE_LEN as u64, 4096, &mut |dst| {
+            dst.fill(9);
+            Ok(())
+        })
+        .unwrap();
+        g.write_gathered(0, 512, &mut |dst| {
+            dst.fill(8);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            below.gathered.load(Ordering::SeqCst),
+            1,
+            "only past the head"
+        );
+        let mut b = vec![0; 512];
+        below.mem.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, vec![8; 512]);
+    }
+
     #[test]
     fn probed_raw_refuses_a_write_that_would_make_it_probe_as_qcow2() {
         let (mem, g) = guarded(1 << 20);

@@ -277,7 +277,12 @@ fn writes_into_a_disk_with_a_copy_of_its_own_are_gathered_into_it_up_to_the_limi
     let mut h = Harness::gathering();
     framed_write_lands(&mut h);
     assert_eq!(h.disk.gathered.load(Ordering::SeqCst), 1);
-    for (len, gathered) in [(WRITE_GATHER_MAX, 2), (WRITE_GATHER_MAX + 4096, 2)] {
+    // The last, short piece of a write larger than the bounce chunk is gathered too.
+    for (len, gathered) in [
+        (WRITE_GATHER_MAX, 2),
+        (WRITE_GATHER_MAX + 4096, 2),
+        (CHUNK_BYTES + 8192, 3),
+    ] {
         let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
         h.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
         h.header(VIRTIO_BLK_T_OUT, 64);
