@@ -219,8 +219,8 @@ impl Inner {
     /// written, and the first folio and error of every group that failed.
     ///
     /// A folio written back alone goes down from its own memory; groups of several are merged
-    /// into one arena: a batch takes folios while a whole cluster's room is left in it (the
-    /// rest wait for the next call). With `to_sync` (a flush's writeback) the batch goes down
+    /// into one arena, taken when the first such group comes: a batch takes folios while a
+    /// whole cluster's room is left in it (the rest wait for the next call). With `to_sync` (a flush's writeback) the batch goes down
     /// with [`BlockDev::write_batch_to_sync`].
     pub(super) fn writeback_batch(
         &self,
@@ -228,14 +228,15 @@ impl Inner {
         to_sync: bool,
     ) -> (usize, Vec<(u64, BlockError)>) {
         let room = self.folio_size * self.cluster_folios;
-        let mut arena = self.take_arena();
+        // Only merged groups need it: a batch of folios written back alone takes none.
+        let mut arena: Option<AlignedBuf> = None;
         let mut runs = WB_RUNS.with(Cell::take);
         runs.clear();
         // (members, their memory, arena offset if merged, end of its runs in `runs`).
         let mut groups: Vec<WbGroup> = Vec::new();
         let mut used = 0usize;
         for f in folios {
-            if used + room > arena.len() {
+            if arena.as_ref().is_some_and(|a| used + room > a.len()) {
                 break;
             }
             let st = f.lock();
@@ -254,11 +255,12 @@ impl Inner {
             }
             let at = (members.len() > 1).then(|| {
                 let at = used;
+                let merged = arena.get_or_insert_with(|| self.take_arena());
                 self.merge_group(
                     &members,
                     &frozen,
                     &runs[first_run..],
-                    &mut arena[at..at + room],
+                    &mut merged[at..at + room],
                 );
                 used = (used + members.len() * self.folio_size).next_multiple_of(4096);
                 frozen.clear();
@@ -271,9 +273,9 @@ impl Inner {
         let mut run_start = 0;
         for (gi, (members, frozen, at, run_end)) in groups.iter().enumerate() {
             let start = members.first().map_or(0, |f| f.start);
-            let src: &[u8] = match at {
-                Some(at) => &arena[*at..],
-                None => frozen.first().map_or(&[][..], |d| &d[..]),
+            let src: &[u8] = match (at, &arena) {
+                (Some(at), Some(merged)) => &merged[*at..],
+                _ => frozen.first().map_or(&[][..], |d| &d[..]),
             };
             for (a, b) in self.run_ranges(members, &runs[run_start..*run_end]) {
                 writes.push((&src[a..b], start + a as u64));
@@ -310,14 +312,16 @@ impl Inner {
                 Err(e) => failed.push((members.first().map_or(0, |f| f.index), e)),
             }
         }
-        self.keep_arena(arena);
+        if let Some(merged) = arena {
+            self.keep_arena(merged);
+        }
         WB_RUNS.with(|c| c.set(runs));
         (written, failed)
     }
 
-    /// A snapshot arena from the shared pool, or a new one: room for a whole batch of the
-    /// flusher's single-folio groups plus one cluster, within bounds (a batch that fills it
-    /// leaves the rest of its folios for the next call), and never less than one cluster.
+    /// An arena for merged groups from the shared pool, or a new one: room for a flusher's
+    /// batch of folios plus one cluster, within bounds (a batch that fills it leaves the rest
+    /// of its folios for the next call), and never less than one cluster.
     /// Shared rather than per thread, because a flush writes back on threads of its own that
     /// end with it: their buffers would be new memory (page faults, the allocator's zeroing)
     /// at every flush, and the crash journal's trims flush every 64 MiB of writes.
