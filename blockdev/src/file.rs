@@ -331,6 +331,12 @@ impl BlockDev for RawFile {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+
+    /// A raw file has no metadata of its own and its writes are buffered: every write of a
+    /// writable one lands in place in the host page cache.
+    fn rewrites_in_page_cache(&self, offset: u64, len: u64) -> bool {
+        !self.read_only && check_range(offset, len, self.size).is_ok()
+    }
 }
 
 #[cfg(test)]
@@ -353,6 +359,25 @@ mod tests {
         assert!(b[8192..8704].iter().all(|&x| x == 0));
         assert!(b[8704..12288].iter().all(|&x| x == 0xaa));
         dev.flush().unwrap();
+    }
+
+    #[test]
+    fn every_write_of_a_writable_raw_file_is_in_place_and_none_of_a_read_only_one() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().set_len(1 << 20).unwrap();
+        let dev = RawFile::open(tmp.path(), false).unwrap();
+        assert!(dev.rewrites_in_page_cache(0, 1 << 20));
+        assert!(
+            dev.rewrites_in_page_cache(4096, 128 << 10),
+            "a hole is in place too"
+        );
+        assert!(
+            !dev.rewrites_in_page_cache((1 << 20) - 512, 1024),
+            "past the end"
+        );
+        drop(dev);
+        let ro = RawFile::open(tmp.path(), true).unwrap();
+        assert!(!ro.rewrites_in_page_cache(0, 4096));
     }
 
     /// Reads that continue no recent read and are short go through the second description

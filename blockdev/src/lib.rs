@@ -120,6 +120,19 @@ pub trait BlockDev: Send + Sync {
     fn is_read_only(&self) -> bool {
         false
     }
+    /// Whether a write of `[offset, offset + len)` (shorter than 256 KiB) would only overwrite
+    /// bytes this layer already stores, in place (allocating nothing, changing no metadata),
+    /// through the host page cache (a buffered file): every cluster of a buffered qcow2 image
+    /// allocated and its own, any range of a writable raw file. A hint for the folio cache
+    /// above, which lets such a rewrite of 128 KiB and more go around it: the page cache below
+    /// absorbs and merges rewrites as it does a raw image's, so the folio cache's copy would
+    /// be one copy more. Writes that allocate, and writes to a file opened O_DIRECT, keep going
+    /// through the folio cache, whose writebacks merge them into large writes. The answer may
+    /// be stale by the time the write runs; the write is correct either way. The default is
+    /// `false`.
+    fn rewrites_in_page_cache(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// Where the bytes of `[offset, offset + len)` are, for a caller that reads them itself with
     /// asynchronous I/O (the io_uring read path). `None` (the default) means "use `read_at`":
     /// a layer answers only when every byte comes from a file range that nothing but a write of

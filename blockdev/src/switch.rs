@@ -144,6 +144,10 @@ impl BlockDev for SwitchDev {
         self.get().is_read_only()
     }
 
+    fn rewrites_in_page_cache(&self, offset: u64, len: u64) -> bool {
+        self.get().rewrites_in_page_cache(offset, len)
+    }
+
     fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
         // The plan holds the files it names open: a later replacement cannot close them under
         // a read in flight, and the replaced device's data does not change (it becomes the new

@@ -58,11 +58,22 @@ pub struct CacheConfig {
     /// the host page cache into the guest's buffers, or none with O_DIRECT) where through the
     /// cache they were copied out of a fill buffer into folios and then to the guest; 64 KiB
     /// reads measured faster still around the cache, but a read that small is as often one
-    /// the cache serves again. Writes keep 256 KiB (BENCHMARKS.md, 2026-12-02): from 128 KiB
-    /// the many request threads writing through the host page cache at once contended on the
-    /// file's lock (a fresh standard-L2 overlay written in 128 KiB requests ran at a quarter
-    /// of its rate), where the cache's writeback hands them to one thread.
+    /// the cache serves again.
     pub read_bypass_threshold: u64,
+    /// Writes bypass the cache from the smaller of this and `bypass_threshold` on where the
+    /// lower layer says they rewrite what it stores in place through the host page cache
+    /// ([`BlockDev::rewrites_in_page_cache`]: every cluster of a buffered qcow2 image
+    /// allocated and its own, any range of a raw file); 0, or a `bypass_threshold` of 0, turns
+    /// this off. The default, 128 KiB, sends a stream of 128 KiB rewrites down with the copy
+    /// into the host page cache only (BENCHMARKS.md, 2026-12-02: about 0.45x -> 0.7x of
+    /// qemu-storage-daemon), where through the cache each byte was copied into a folio, into a
+    /// merged writeback buffer and then down. Writes that allocate, and every write of an
+    /// O_DIRECT image, keep `bypass_threshold` (256 KiB): around the cache, 128 KiB writes
+    /// filling a fresh standard-L2 overlay went through the host page cache from every request
+    /// thread at once and spun on the file's inode lock (a quarter of the rate of the cache's
+    /// writebacks, which merge sequential folios into large direct writes), and 128 KiB
+    /// rewrites of an O_DIRECT image each went to the device alone.
+    pub rewrite_bypass_threshold: u64,
 }
 
 impl Default for CacheConfig {
@@ -76,6 +87,7 @@ impl Default for CacheConfig {
             writeback_interval: Duration::from_secs(1),
             bypass_threshold: 256 << 10,
             read_bypass_threshold: 128 << 10,
+            rewrite_bypass_threshold: 128 << 10,
         }
     }
 }

@@ -249,6 +249,9 @@ impl BlockDev for ChaosDev {
     fn is_read_only(&self) -> bool {
         self.inner.is_read_only()
     }
+    fn rewrites_in_page_cache(&self, offset: u64, len: u64) -> bool {
+        self.inner.rewrites_in_page_cache(offset, len)
+    }
 }
 
 // ---- values ----

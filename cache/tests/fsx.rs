@@ -11,7 +11,8 @@ use blockdev::{BlockDev, MemDisk, RawFile};
 use cache::fsx::{self, FsxConfig};
 use cache::{CacheConfig, FolioCache};
 
-/// 8 folios of 4 KiB; requests of `bypass` bytes or more bypass the cache (0: never).
+/// 8 folios of 4 KiB; requests of `bypass` bytes or more bypass the cache (0: never), and so
+/// do rewrites in place from 8 KiB (when `bypass` is not 0).
 fn tiny_cache(bypass: u64) -> CacheConfig {
     CacheConfig {
         folio_size: 4096,
@@ -22,6 +23,9 @@ fn tiny_cache(bypass: u64) -> CacheConfig {
         writeback_interval: Duration::from_millis(10),
         bypass_threshold: bypass,
         read_bypass_threshold: 0,
+        // Over a raw file (every range rewritten in place) writes of 8 KiB and more go
+        // around the cache too; a memory disk never says so.
+        rewrite_bypass_threshold: 8 << 10,
     }
 }
 

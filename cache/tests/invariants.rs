@@ -913,7 +913,8 @@ fn clustered_writeback_never_joins_a_folio_already_under_writeback() {
 }
 
 #[test]
-fn by_default_128_kib_reads_go_around_the_cache_and_128_kib_writes_through_it() {
+fn by_default_128_kib_reads_and_answer_in_page_cache_go_around_the_cache_and_other_writes_through_it(
+) {
     let lower = FaultyDisk::new(pattern(5, 0, 1 << 20));
     let cfg = CacheConfig {
         flusher_threads: 0,
@@ -931,16 +932,44 @@ fn by_default_128_kib_reads_go_around_the_cache_and_128_kib_writes_through_it() 
     let small = 64 << 10;
     assert_eq!(read(&*cache, 0, small), pattern(5, 0, 1 << 20)[..small]);
     assert_eq!(cache.stats().cached_folios, 1);
-    // A 128 KiB write through the cache: nothing reaches the lower layer before a flush.
+    // A 128 KiB write the lower layer would have to allocate for goes through the cache:
+    // nothing reaches the lower layer before a flush.
     cache.write_at(&[9; 128 << 10], 256 << 10).unwrap();
     assert_eq!(cache.stats().bypassed, 1);
     assert!(lower.writes().is_empty());
-    // 256 KiB writes go around it.
+    assert_eq!(lower.asked_in_place(), vec![(256 << 10, 128 << 10)]);
+    // 256 KiB writes go around it whatever the lower layer does with them (it is not asked).
     cache.write_at(&[8; 256 << 10], 512 << 10).unwrap();
     assert_eq!(cache.stats().bypassed, 2);
     assert_eq!(lower.writes(), vec![(512 << 10, 256 << 10)]);
+    assert_eq!(lower.asked_in_place().len(), 1);
+    // Where the lower layer rewrites in place, 128 KiB writes go around the cache too; of an
+    // unaligned one, its whole folio (the lower layer is asked about that one).
+    lower.answer_in_page_cache(0, 1 << 20);
+    cache.write_at(&[7; 128 << 10], 768 << 10).unwrap();
+    assert_eq!(cache.stats().bypassed, 3);
+    assert_eq!(lower.writes()[1], (768 << 10, 128 << 10));
+    cache.write_at(&[6; 128 << 10], 32 << 10).unwrap();
+    assert_eq!(cache.stats().bypassed, 4);
+    assert_eq!(lower.writes()[2], (64 << 10, 64 << 10));
+    assert_eq!(lower.asked_in_place()[2], (64 << 10, 64 << 10));
+    // A write just below the threshold stays in the cache, and the lower layer is not asked.
+    cache.write_at(&[5; (128 << 10) - 512], 896 << 10).unwrap();
+    assert_eq!(
+        cache.stats().bypassed,
+        4,
+        "a write below 128 KiB went around the cache"
+    );
+    assert_eq!(lower.writes().len(), 3);
+    assert_eq!(lower.asked_in_place().len(), 3);
     cache.flush().unwrap();
     assert_eq!(lower.bytes(256 << 10, 128 << 10), vec![9; 128 << 10]);
+    assert_eq!(lower.bytes(768 << 10, 128 << 10), vec![7; 128 << 10]);
+    assert_eq!(lower.bytes(32 << 10, 128 << 10), vec![6; 128 << 10]);
+    assert_eq!(
+        lower.bytes(896 << 10, (128 << 10) - 512),
+        vec![5; (128 << 10) - 512]
+    );
 }
 
 #[test]
@@ -969,4 +998,71 @@ fn a_read_threshold_above_the_write_threshold_changes_nothing_and_zero_follows_i
     let cache = cache_over(&lower, cfg);
     assert_eq!(read(&*cache, 0, 512 << 10), vec![3; 512 << 10]);
     assert_eq!(cache.stats().bypassed, 0);
+}
+
+#[test]
+fn the_rewrite_threshold_is_off_at_zero_capped_by_the_write_threshold_and_off_without_it() {
+    // (bypass_threshold, rewrite_bypass_threshold, write length, goes around the cache)
+    for (write_t, rewrite_t, len, around) in [
+        (256 << 10, 0, 128 << 10, false),
+        (256 << 10, 0, 256 << 10, true),
+        (0, 64 << 10, 512 << 10, false),
+        (64 << 10, 128 << 10, 64 << 10, true),
+        (256 << 10, 64 << 10, 64 << 10, true),
+        (256 << 10, 64 << 10, 60 << 10, false),
+    ] {
+        let lower = FaultyDisk::new(vec![3; 1 << 20]);
+        lower.answer_in_page_cache(0, 1 << 20);
+        let cfg = CacheConfig {
+            flusher_threads: 0,
+            bypass_threshold: write_t,
+            rewrite_bypass_threshold: rewrite_t,
+            ..CacheConfig::default()
+        };
+        let cache = cache_over(&lower, cfg);
+        cache.write_at(&vec![4; len as usize], 0).unwrap();
+        assert_eq!(
+            cache.stats().bypassed,
+            u64::from(around),
+            "write {write_t} rewrite {rewrite_t} len {len}"
+        );
+        cache.flush().unwrap();
+        assert_eq!(lower.bytes(0, len as usize), vec![4; len as usize]);
+    }
+}
+
+/// Deterministic: the lower layer's "in place" answer is taken with no cache lock held, and a
+/// write and a discard of the same range run right after it, before the rewrite goes around the
+/// cache. Both complete before the rewrite is registered, so they order before it: the cached
+/// write's dirty folio is dropped once the rewrite is down (never written back over it later),
+/// and the discard's zeros are overwritten.
+#[test]
+fn a_cached_write_or_discard_right_after_the_in_place_answer_orders_before_the_rewrite() {
+    for discard in [false, true] {
+        let lower = FaultyDisk::new(vec![3; 1 << 20]);
+        lower.answer_in_page_cache(0, 1 << 20);
+        let cfg = CacheConfig {
+            flusher_threads: 0,
+            ..CacheConfig::default()
+        };
+        let cache = cache_over(&lower, cfg);
+        let racer = cache.clone();
+        lower.after_in_place(move || {
+            if discard {
+                racer.discard(64 << 10, 64 << 10).unwrap();
+            } else {
+                racer.write_at(&[1; 4096], 68 << 10).unwrap();
+            }
+        });
+        cache.write_at(&[7; 128 << 10], 64 << 10).unwrap();
+        assert_eq!(cache.stats().bypassed, 1, "discard {discard}");
+        assert_eq!(read(&*cache, 64 << 10, 128 << 10), vec![7; 128 << 10]);
+        cache.flush().unwrap();
+        assert_eq!(
+            lower.bytes(64 << 10, 128 << 10),
+            vec![7; 128 << 10],
+            "discard {discard}: an older write or zap landed after the rewrite"
+        );
+        assert_eq!(lower.bytes(0, 64 << 10), vec![3; 64 << 10]);
+    }
 }

@@ -74,6 +74,8 @@ pub fn run(data: &[u8]) {
         writeback_interval: Duration::from_millis(1),
         bypass_threshold: if cfg_byte & 8 != 0 { 8 << 10 } else { 0 },
         read_bypass_threshold: 0,
+        // The memory disk below never says a write lands in place: no rewrite bypass.
+        rewrite_bypass_threshold: 0,
     };
     let initial: Vec<u8> = (0..size).map(|i| (i % 251) as u8 ^ 0x3c).collect();
     let lower = Arc::new(MemDisk::from_vec(initial.clone()));

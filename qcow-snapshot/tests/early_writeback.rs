@@ -424,7 +424,7 @@ fn batched_buffered_writes_kick_a_background_sync() {
 }
 
 #[test]
-fn large_rewrites_in_place_stay_in_the_page_cache_and_large_allocating_writes_go_direct() {
+fn large_answer_in_page_cache_stay_in_the_page_cache_and_large_allocating_writes_go_direct() {
     // `--direct large`: a 1 MiB write that allocates goes to the device with O_DIRECT (an
     // installer filling a fresh overlay); the same write over clusters the image has goes
     // through the page cache, as a raw image's writes do, alone or batched.
@@ -454,7 +454,7 @@ fn large_rewrites_in_place_stay_in_the_page_cache_and_large_allocating_writes_go
 }
 
 #[test]
-fn a_large_guest_write_past_the_folio_cache_rewrites_in_place_directly() {
+fn a_large_guest_write_past_the_folio_cache_answer_in_page_cache_directly() {
     // A guest write the folio cache let through (`write_uncached_at`) keeps no copy above:
     // under `--direct large` its rewrite in place goes to the device with O_DIRECT like an
     // allocating write, where a writeback's (`write_at`) stays in the page cache. One that is
@@ -496,7 +496,7 @@ fn a_large_guest_write_past_the_folio_cache_rewrites_in_place_directly() {
 }
 
 #[test]
-fn a_failed_sync_after_large_rewrites_in_place_replays_them() {
+fn a_failed_sync_after_large_answer_in_page_cache_replays_them() {
     // A rewrite kept in the page cache can be dropped by a failed sync (unlike a direct
     // write, which reported its own outcome), so the image keeps it for the replay: the
     // FLUSH after the failed sync makes it durable.

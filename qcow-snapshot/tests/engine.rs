@@ -714,6 +714,8 @@ fn half_published_allocation_never_frees_a_cluster_an_l2_entry_points_to() {
 /// metadata lock dropped.
 struct PauseOnWrite {
     inner: MemHost,
+    /// What `page_cached` says (a buffered file, or memory).
+    cached: bool,
     pause_len: std::sync::atomic::AtomicUsize,
     reached: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
     release: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
@@ -749,6 +751,9 @@ impl HostFile for PauseOnWrite {
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.inner.set_len(len)
     }
+    fn page_cached(&self) -> bool {
+        self.cached
+    }
 }
 
 #[test]
@@ -763,6 +768,7 @@ fn writes_and_zeroes_racing_a_subcluster_allocation_of_the_same_cluster_all_land
     let (tx_release, rx_release) = std::sync::mpsc::channel();
     let host = Arc::new(PauseOnWrite {
         inner: MemHost::new(Vec::new()),
+        cached: false,
         pause_len: std::sync::atomic::AtomicUsize::new(0),
         reached: std::sync::Mutex::new(Some(tx_reached)),
         release: std::sync::Mutex::new(Some(rx_release)),
@@ -817,4 +823,118 @@ fn writes_and_zeroes_racing_a_subcluster_allocation_of_the_same_cluster_all_land
         .iter()
         .any(|e| e.mapping == Mapping::Zero && e.offset == 3 * cs + 20 * 2048));
     img.close().unwrap();
+}
+
+#[test]
+fn a_rewrite_goes_to_the_page_cache_only_where_every_cluster_is_allocated_and_its_own() {
+    let dir = tmp();
+    let path = qemu_create(dir.path(), "p.qcow2", "cluster_size=65536", "1M", &[]);
+    let cs = 65536u64;
+    {
+        let img = open_qcow2(&path, false).unwrap();
+        assert!(!img.rewrites_in_page_cache(0, cs), "an unallocated cluster");
+        img.write_at(&[1; 2 * 65536], 0).unwrap();
+        img.write_at(&[2; 65536], 4 * cs).unwrap();
+        assert!(img.rewrites_in_page_cache(0, 2 * cs));
+        assert!(
+            img.rewrites_in_page_cache(cs / 2, cs),
+            "across two allocated clusters"
+        );
+        assert!(img.rewrites_in_page_cache(4 * cs + 512, 512));
+        assert!(
+            !img.rewrites_in_page_cache(cs, 2 * cs),
+            "the second cluster is not allocated"
+        );
+        assert!(!img.rewrites_in_page_cache(0, 0), "an empty range");
+        assert!(
+            !img.rewrites_in_page_cache((1 << 20) - 512, 1024),
+            "past the end"
+        );
+        // A zeroed cluster that keeps its host cluster is written by allocating it again.
+        img.write_zeroes(cs, cs, false).unwrap();
+        assert!(!img.rewrites_in_page_cache(cs, 512));
+        assert!(img.rewrites_in_page_cache(0, cs));
+        img.flush().unwrap();
+    }
+    let ro = open_qcow2(&path, true).unwrap();
+    assert!(
+        !ro.rewrites_in_page_cache(0, 512),
+        "a read-only image writes nothing"
+    );
+    drop(ro);
+    let direct = open_qcow2(&path, false).unwrap();
+    if direct.enable_direct().is_ok() {
+        assert!(
+            !direct.rewrites_in_page_cache(0, cs),
+            "an O_DIRECT file has no page cache"
+        );
+    }
+    drop(direct);
+    // A compressed cluster is written by allocating a new one.
+    let raw = dir.path().join("r.raw");
+    let data: Vec<u8> = (0..2 * cs).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&raw, &data).unwrap();
+    let packed = dir.path().join("c.qcow2");
+    run(
+        "qemu-img",
+        &["convert", "-q", "-c", "-O", "qcow2", s(&raw), s(&packed)],
+    );
+    let img = open_qcow2(&packed, false).unwrap();
+    assert!(!img.rewrites_in_page_cache(cs, 512));
+    img.write_at(&[4; 512], cs).unwrap();
+    assert!(
+        img.rewrites_in_page_cache(cs, cs),
+        "allocated by the write: its own now"
+    );
+}
+
+#[test]
+fn an_extended_l2_rewrite_needs_every_touched_subcluster_and_no_allocation_in_flight() {
+    let cs = 65536u64;
+    let (tx_reached, rx_reached) = std::sync::mpsc::channel();
+    let (tx_release, rx_release) = std::sync::mpsc::channel();
+    let host = Arc::new(PauseOnWrite {
+        inner: MemHost::new(Vec::new()),
+        // A buffered file: a memory one never says a rewrite goes to a page cache.
+        cached: true,
+        pause_len: std::sync::atomic::AtomicUsize::new(0),
+        reached: std::sync::Mutex::new(Some(tx_reached)),
+        release: std::sync::Mutex::new(Some(rx_release)),
+    });
+    create_on(
+        &*host,
+        &CreateOptions {
+            size: 4 << 20,
+            cluster_size: cs,
+            extended_l2: true,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let img = Arc::new(QcowImage::open_with(Box::new(host.clone()), false, None).unwrap());
+    // Subclusters 0-1 (2 KiB each) of cluster 3.
+    img.write_at(&[0xaa; 4096], 3 * cs).unwrap();
+    assert!(img.rewrites_in_page_cache(3 * cs, 4096));
+    assert!(img.rewrites_in_page_cache(3 * cs + 100, 1000));
+    assert!(
+        !img.rewrites_in_page_cache(3 * cs, 4097),
+        "subcluster 2 is not allocated"
+    );
+    // A write allocating subclusters 4-5 of the same cluster, stopped in its data write: the
+    // cluster is in flight, and a write into 0-1 would wait for it.
+    host.pause_len
+        .store(4096, std::sync::atomic::Ordering::SeqCst);
+    let a = {
+        let img = img.clone();
+        std::thread::spawn(move || img.write_at(&[0xbb; 4096], 3 * cs + 8192).unwrap())
+    };
+    rx_reached.recv().unwrap();
+    assert!(
+        !img.rewrites_in_page_cache(3 * cs, 4096),
+        "the cluster is being allocated"
+    );
+    tx_release.send(()).unwrap();
+    a.join().unwrap();
+    assert!(img.rewrites_in_page_cache(3 * cs, 4096));
+    assert!(img.rewrites_in_page_cache(3 * cs + 8192, 4096));
 }

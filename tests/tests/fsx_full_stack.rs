@@ -28,6 +28,8 @@ fn tiny_cache(bypass: u64) -> CacheConfig {
         writeback_interval: Duration::from_millis(10),
         bypass_threshold: bypass,
         read_bypass_threshold: 0,
+        // Writes of 16 KiB and more into clusters the overlay already has go around the cache.
+        rewrite_bypass_threshold: 16 << 10,
     }
 }
 

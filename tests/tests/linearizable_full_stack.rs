@@ -121,6 +121,8 @@ fn tiny_cache(bypass: u64) -> CacheConfig {
         writeback_interval: Duration::from_millis(50),
         bypass_threshold: bypass,
         read_bypass_threshold: 0,
+        // Small writes of 8 KiB and more that land in allocated clusters go around the cache.
+        rewrite_bypass_threshold: 8 << 10,
     }
 }
 

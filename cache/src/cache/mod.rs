@@ -63,7 +63,11 @@
 //!   writebacks), and lets go of the folios' memory once copied. A folio already under
 //!   writeback never joins.
 //! - Requests of at least `bypass_threshold` bytes bypass the cache (reads from
-//!   `read_bypass_threshold` on, when that is smaller). A large read pins the
+//!   `read_bypass_threshold` on, when that is smaller; writes from `rewrite_bypass_threshold`
+//!   on where the lower layer says they rewrite in place through the host page cache,
+//!   `BlockDev::rewrites_in_page_cache`, a hint asked with no cache lock held: a write or zap
+//!   that changes the range after the answer orders before the bypass, as any that completed
+//!   before it). A large read pins the
 //!   cached folios of its range, reads the lower layer and overlays their uptodate sectors (as
 //!   copied before the lower read). The
 //!   whole folios of a large write are registered like a zap, in-flight writebacks of them
@@ -299,6 +303,9 @@ struct Inner {
     bypass_threshold: u64,
     /// Reads of at least this many bytes bypass the cache (0: none do).
     read_bypass_threshold: u64,
+    /// Writes of at least this many bytes that the lower layer rewrites in place through the
+    /// host page cache bypass the cache (0: only those of `bypass_threshold` and more do).
+    rewrite_bypass_threshold: u64,
     cluster_folios: usize,
     shards: Box<[Mutex<Shard>]>,
     nr_folios: AtomicUsize,
@@ -387,6 +394,10 @@ impl FolioCache {
             read_bypass_threshold: match (cfg.bypass_threshold, cfg.read_bypass_threshold) {
                 (0, _) => 0,
                 (w, 0) => w,
+                (w, r) => w.min(r),
+            },
+            rewrite_bypass_threshold: match (cfg.bypass_threshold, cfg.rewrite_bypass_threshold) {
+                (0, _) | (_, 0) => 0,
                 (w, r) => w.min(r),
             },
             cluster_folios: (MAX_CLUSTER / folio_size).max(1),
@@ -561,6 +572,10 @@ impl BlockDev for FolioCache {
 
     fn is_read_only(&self) -> bool {
         self.inner.read_only
+    }
+
+    fn rewrites_in_page_cache(&self, offset: u64, len: u64) -> bool {
+        !self.inner.read_only && self.inner.lower.rewrites_in_page_cache(offset, len)
     }
 }
 

@@ -17,10 +17,7 @@ impl Inner {
             .checked_add(fmask)
             .map_or(end, |v| (v & !fmask).min(end));
         let mid_end = if end == self.size { end } else { end & !fmask };
-        if self.bypass_threshold > 0
-            && buf.len() as u64 >= self.bypass_threshold
-            && mid_end > head_end
-        {
+        if mid_end > head_end && self.bypasses_write(buf.len() as u64, head_end, mid_end) {
             let (h, m) = ((head_end - offset) as usize, (mid_end - offset) as usize);
             self.write_cached(&buf[..h], offset)?;
             self.write_bypass(&buf[h..m], head_end)?;
@@ -39,6 +36,20 @@ impl Inner {
             self.lower_flush()?;
         }
         Ok(())
+    }
+
+    /// Whether a write of `len` bytes whose whole folios span `[head_end, mid_end)` sends
+    /// them around the cache: from `bypass_threshold` on always, from
+    /// `rewrite_bypass_threshold` on where the lower layer rewrites them in place.
+    fn bypasses_write(&self, len: u64, head_end: u64, mid_end: u64) -> bool {
+        if self.bypass_threshold > 0 && len >= self.bypass_threshold {
+            return true;
+        }
+        self.rewrite_bypass_threshold > 0
+            && len >= self.rewrite_bypass_threshold
+            && self
+                .lower
+                .rewrites_in_page_cache(head_end, mid_end - head_end)
     }
 
     pub(super) fn write_cached(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -69,6 +69,12 @@ pub struct FaultyDisk {
     uncached: Mutex<Vec<(u64, usize)>>,
     /// The number of writes of every `write_batch_to_sync` call, in order.
     to_sync: Mutex<Vec<usize>>,
+    /// Ranges whose writes `rewrites_in_page_cache` says land in place (none at first).
+    in_place: Mutex<Vec<(u64, u64)>>,
+    /// (offset, length) of every `rewrites_in_page_cache` question, in order.
+    asked_in_place: Mutex<Vec<(u64, u64)>>,
+    /// Runs once, on the asking thread, right after the next `rewrites_in_page_cache` answered.
+    after_in_place: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl std::fmt::Debug for FaultyDisk {
@@ -104,7 +110,26 @@ impl FaultyDisk {
             batches: Mutex::new(Vec::new()),
             uncached: Mutex::new(Vec::new()),
             to_sync: Mutex::new(Vec::new()),
+            in_place: Mutex::new(Vec::new()),
+            asked_in_place: Mutex::new(Vec::new()),
+            after_in_place: Mutex::new(None),
         })
+    }
+
+    /// From now on `rewrites_in_page_cache` says yes to writes inside `[offset, offset + len)`.
+    pub fn answer_in_page_cache(&self, offset: u64, len: u64) {
+        self.in_place.lock().unwrap().push((offset, offset + len));
+    }
+
+    /// (offset, length) of every `rewrites_in_page_cache` question so far, in order.
+    pub fn asked_in_place(&self) -> Vec<(u64, u64)> {
+        self.asked_in_place.lock().unwrap().clone()
+    }
+
+    /// Runs `f` once, on the asking thread, right after the next `rewrites_in_page_cache` question
+    /// was answered (before the answer reaches the caller).
+    pub fn after_in_place(&self, f: impl FnOnce() + Send + 'static) {
+        *self.after_in_place.lock().unwrap() = Some(Box::new(f));
     }
 
     /// Reads overlapping `[offset, offset + len)` fail with EIO.
@@ -254,6 +279,21 @@ impl BlockDev for FaultyDisk {
             return Err(eio());
         }
         Ok(())
+    }
+
+    fn rewrites_in_page_cache(&self, offset: u64, len: u64) -> bool {
+        self.asked_in_place.lock().unwrap().push((offset, len));
+        let yes = self
+            .in_place
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(a, b)| a <= offset && offset + len <= b);
+        let after = self.after_in_place.lock().unwrap().take();
+        if let Some(f) = after {
+            f();
+        }
+        yes
     }
 
     fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -412,6 +412,100 @@ impl QcowImage {
         }
     }
 
+    /// How a write of `[pos, pos + n)` (inside guest cluster `gc`, which no write is
+    /// allocating) would go, as the cluster is mapped now: [`Step::Direct`] in place, else the
+    /// allocation it needs (no host cluster chosen yet: `target` 0 where `fresh`). Changes
+    /// nothing but the L2 table cache.
+    fn step_for(&self, m: &mut Meta, gc: u64, pos: u64, n: u64) -> Result<Step> {
+        let in_off = pos & (self.geo.cluster_size() - 1);
+        let e = m.entry(&self.io, gc)?;
+        Ok(match e {
+            _ if self.geo.extended_l2 => self.plan_subclusters(m, gc, pos, n)?,
+            L2Entry::Normal { host, copied: true } => Step::Direct {
+                host: host + in_off,
+                guest: pos,
+                len: n,
+            },
+            L2Entry::Zero { host: Some(h) } => Step::Alloc {
+                gc,
+                target: h,
+                fresh: false,
+                fill: Fill::Zero,
+                guest: pos,
+                len: n,
+                sub: None,
+            },
+            L2Entry::Normal {
+                host,
+                copied: false,
+            } => Step::Alloc {
+                gc,
+                target: 0,
+                fresh: true,
+                fill: Fill::Host(host),
+                guest: pos,
+                len: n,
+                sub: None,
+            },
+            L2Entry::Zero { host: None } => Step::Alloc {
+                gc,
+                target: 0,
+                fresh: true,
+                fill: Fill::Zero,
+                guest: pos,
+                len: n,
+                sub: None,
+            },
+            L2Entry::Unallocated => Step::Alloc {
+                gc,
+                target: 0,
+                fresh: true,
+                fill: if self.backing.is_some() {
+                    Fill::Backing
+                } else {
+                    Fill::Zero
+                },
+                guest: pos,
+                len: n,
+                sub: None,
+            },
+            L2Entry::Compressed(d) => Step::Alloc {
+                gc,
+                target: 0,
+                fresh: true,
+                fill: Fill::Compressed(d),
+                guest: pos,
+                len: n,
+                sub: None,
+            },
+        })
+    }
+
+    /// Whether a write of `[offset, offset + len)` would go in place in every cluster it
+    /// touches (`BlockDev::rewrites_in_page_cache`): each one allocated, this image's own (not shared
+    /// with a snapshot, not compressed; with extended L2 entries every touched subcluster
+    /// allocated) and not being allocated by a write in flight. Read under `gate` and the
+    /// metadata lock like a write's plan, and stale as soon as they are released.
+    pub(super) fn rewrites_in_place_inner(&self, offset: u64, len: u64) -> bool {
+        let cs = self.geo.cluster_size();
+        let end = offset + len;
+        let mut m = self.lock();
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos >> self.geo.cluster_bits;
+            let n = (cs - (pos & (cs - 1))).min(end - pos);
+            if m.inflight.contains(&gc) {
+                return false;
+            }
+            match self.step_for(&mut m, gc, pos, n) {
+                Ok(Step::Direct { .. }) => {}
+                _ => return false,
+            }
+            pos += n;
+        }
+        true
+    }
+
     /// The plan of a write of `len` bytes at `offset` (under the metadata lock): the clusters
     /// it allocates are marked in flight and get their host clusters. On an error nothing stays
     /// marked (the caller wakes the waiters).
@@ -430,67 +524,7 @@ impl QcowImage {
                     if m.inflight.contains(&gc) {
                         steps.push(Step::Blocked { guest: pos, len: n });
                     } else {
-                        let e = m.entry(&self.io, gc)?;
-                        let step = match e {
-                            _ if self.geo.extended_l2 => self.plan_subclusters(m, gc, pos, n)?,
-                            L2Entry::Normal { host, copied: true } => Step::Direct {
-                                host: host + in_off,
-                                guest: pos,
-                                len: n,
-                            },
-                            L2Entry::Zero { host: Some(h) } => Step::Alloc {
-                                gc,
-                                target: h,
-                                fresh: false,
-                                fill: Fill::Zero,
-                                guest: pos,
-                                len: n,
-                                sub: None,
-                            },
-                            L2Entry::Normal {
-                                host,
-                                copied: false,
-                            } => Step::Alloc {
-                                gc,
-                                target: 0,
-                                fresh: true,
-                                fill: Fill::Host(host),
-                                guest: pos,
-                                len: n,
-                                sub: None,
-                            },
-                            L2Entry::Zero { host: None } => Step::Alloc {
-                                gc,
-                                target: 0,
-                                fresh: true,
-                                fill: Fill::Zero,
-                                guest: pos,
-                                len: n,
-                                sub: None,
-                            },
-                            L2Entry::Unallocated => Step::Alloc {
-                                gc,
-                                target: 0,
-                                fresh: true,
-                                fill: if self.backing.is_some() {
-                                    Fill::Backing
-                                } else {
-                                    Fill::Zero
-                                },
-                                guest: pos,
-                                len: n,
-                                sub: None,
-                            },
-                            L2Entry::Compressed(d) => Step::Alloc {
-                                gc,
-                                target: 0,
-                                fresh: true,
-                                fill: Fill::Compressed(d),
-                                guest: pos,
-                                len: n,
-                                sub: None,
-                            },
-                        };
+                        let step = self.step_for(m, gc, pos, n)?;
                         if let Step::Alloc { fresh: f, .. } = step {
                             m.inflight.insert(gc);
                             if f {

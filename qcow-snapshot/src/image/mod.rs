@@ -502,6 +502,22 @@ impl BlockDev for QcowImage {
         self.finish(r)
     }
 
+    /// In place, and through the host page cache: the file is buffered (with `--direct
+    /// large` a write goes direct from 256 KiB on, and the folio cache asks only about
+    /// shorter ones).
+    fn rewrites_in_page_cache(&self, offset: u64, len: u64) -> bool {
+        if self.read_only
+            || !self.page_cached()
+            || len == 0
+            || self.check_usable().is_err()
+            || check_range(offset, len, self.size).is_err()
+        {
+            return false;
+        }
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        self.rewrites_in_place_inner(offset, len)
+    }
+
     fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
         self.check_usable().ok()?;
         check_range(offset, len, self.size).ok()?;
