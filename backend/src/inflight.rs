@@ -50,7 +50,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::device::BlkDevice;
 use crate::request::{
-    check_avail_ring, peek_request_type, ProcessQueueError, RequestWorker, StallCheck,
+    check_avail_ring, peek_request_type, pop_current, MemoryTable, ProcessQueueError,
+    RequestWorker, StallCheck,
 };
 use crate::uring::UringReads;
 
@@ -518,28 +519,34 @@ impl PassNotify {
 /// queue) as soon as [`SIGNAL_EVERY`] of them are on the used ring and the driver asked to be
 /// told, without waiting for the pass to end. With EVENT_IDX, notifications from the driver
 /// are suppressed during the pass and the queue is re-checked before returning, so no kick is
-/// lost.
-pub fn submit_queue<R: UsedRing>(
+/// lost. Each chain goes with the guest memory of `table` as it is once the chain was popped
+/// (a pass can run across a memory table update, see [`MemoryTable`]).
+pub fn submit_queue<R, T>(
     runner: &QueueRunner<R>,
     worker: &mut RequestWorker,
     ring: &R,
     queue: &mut Queue,
-    mem: &Arc<GuestMemoryMmap>,
+    table: &T,
     signal: &mut dyn FnMut() -> bool,
-) -> Result<bool, ProcessQueueError> {
+) -> Result<bool, ProcessQueueError>
+where
+    R: UsedRing,
+    T: MemoryTable<Memory = GuestMemoryMmap, Handle = Arc<GuestMemoryMmap>>,
+{
     let event_idx = queue.event_idx_enabled();
     let mut notify = PassNotify::default();
-    let mut popped_chains: Vec<OwnedChain> = Vec::new();
+    let mut popped_chains: Vec<(Arc<GuestMemoryMmap>, OwnedChain)> = Vec::new();
     let mut stall = StallCheck::default();
     loop {
+        let ring_mem = table.current();
         if event_idx {
-            queue.disable_notification(&**mem)?;
+            queue.disable_notification(&*ring_mem)?;
         }
-        check_avail_ring(queue, &**mem)?;
+        check_avail_ring(queue, &*ring_mem)?;
         popped_chains.clear();
-        while let Some(chain) = queue.pop_descriptor_chain(Arc::clone(mem)) {
+        while let Some((mem, chain)) = pop_current(queue, &*ring_mem, table) {
             ring.popped(chain.head_index());
-            popped_chains.push(chain);
+            popped_chains.push((mem, chain));
         }
         let popped = popped_chains.len();
         stall.popped(popped)?;
@@ -555,13 +562,13 @@ pub fn submit_queue<R: UsedRing>(
         let shared = &runner.shared;
         let mut inline =
             popped > 0 && (shared.requests_are_fast() || (popped == 1 && runner.inflight() == 0));
-        for mut chain in popped_chains.drain(..) {
+        for (mem, mut chain) in popped_chains.drain(..) {
             // Reads go on the ring while requests wait for the disk; while they are fast (the
             // folio cache or the host page cache has them) they take the inline path, whose
             // misses fill the folio cache, so that re-reads are served from it.
             let slow = !inline || !shared.requests_are_fast();
             if let Some(u) = runner.uring.as_ref().filter(|_| slow) {
-                match u.try_submit(worker, ring, mem, chain) {
+                match u.try_submit(worker, ring, &mem, chain) {
                     Ok(None) => continue,
                     Ok(Some(done)) => {
                         let (_, m, head, len) = u.finish(done);
@@ -576,11 +583,11 @@ pub fn submit_queue<R: UsedRing>(
             // only request of an idle queue) and leaves the estimate alone, so the writes
             // around it stay inline (with a FLUSH every 32 writes, each one's fdatasync used to
             // stop the queue thread and send the next passes' writes to the executors).
-            let flush = is_flush(mem, &chain);
+            let flush = is_flush(&mem, &chain);
             let alone = popped == 1 && runner.inflight() == 0;
             let job = Job {
                 ring: ring.clone(),
-                mem: Arc::clone(mem),
+                mem,
                 chain,
                 flush,
             };
@@ -592,12 +599,12 @@ pub fn submit_queue<R: UsedRing>(
             if let Some(job) = job {
                 let head = job.chain.head_index();
                 let started = Instant::now();
-                let len = worker.process_chain(&shared.dev, &**mem, job.chain);
+                let len = worker.process_chain(&shared.dev, &*job.mem, job.chain);
                 let took = started.elapsed();
                 if !flush {
                     shared.record(took);
                 }
-                let needed = ring.complete_locked(queue, mem, head, len);
+                let needed = ring.complete_locked(queue, &job.mem, head, len);
                 notify.completed(needed, signal);
                 if !flush && took.as_nanos() >= u128::from(shared.slow_ns) {
                     // It waited for the disk: the rest of the pass goes to the executors.
@@ -613,7 +620,7 @@ pub fn submit_queue<R: UsedRing>(
                 notify.completed(needed, signal);
             }
         }
-        if !event_idx || !queue.enable_notification(&**mem)? {
+        if !event_idx || !queue.enable_notification(&*ring_mem)? {
             break;
         }
         stall.announced();

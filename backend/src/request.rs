@@ -16,11 +16,16 @@
 //! reusable buffers); the [`BlkDevice`] it executes on is shared and lock-free.
 
 use std::cell::RefCell;
+use std::ops::Deref;
+use std::sync::Arc;
 
 use blockdev::{check_range, AlignedBuf, BlockError, ReadSink};
 use log::{debug, error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    GuestMemoryError, GuestMemoryMmap, Permissions,
+};
 
 use crate::device::BlkDevice;
 use crate::metrics::Op;
@@ -203,6 +208,73 @@ where
     let mut t = [0u8; 4];
     (!first.is_write_only() && first.len() >= 4 && mem.read_slice(&mut t, first.addr()).is_ok())
         .then(|| u32::from_le_bytes(t))
+}
+
+/// Where a processing pass finds guest memory: the memory table as it is when asked.
+///
+/// A pass can run across a memory table update: the vhost-user handler thread applies the
+/// frontend's ADD_MEM_REG (or SET_MEM_TABLE) while a queue thread is in a pass, and as soon as
+/// it has acknowledged the update the driver may publish a chain whose buffers lie in the new
+/// memory, which the pass, still going, pops. So every chain is read over the table loaded
+/// after its pop read the available index ([`pop_current`]), never over the one the pass
+/// loaded when it began: that one need not map the chain's buffers (the request would fail
+/// with "invalid guest address", `VIRTIO_BLK_S_IOERR`). The rings themselves stay mapped
+/// across an update, so a pass reads them through any table of its own.
+pub trait MemoryTable {
+    /// The memory of one table.
+    type Memory: GuestMemory;
+    /// A handle that keeps one table's memory mapped (each popped chain holds one).
+    type Handle: Deref<Target = Self::Memory> + Clone;
+    /// The table as it is now.
+    fn current(&self) -> Self::Handle;
+}
+
+/// A table that nothing updates (tests, the fuzzer).
+impl<'a, M: GuestMemory> MemoryTable for &'a M {
+    type Memory = M;
+    type Handle = &'a M;
+    fn current(&self) -> &'a M {
+        self
+    }
+}
+
+/// A table that nothing updates, shared with the executors.
+impl MemoryTable for Arc<GuestMemoryMmap> {
+    type Memory = GuestMemoryMmap;
+    type Handle = Arc<GuestMemoryMmap>;
+    fn current(&self) -> Arc<GuestMemoryMmap> {
+        Arc::clone(self)
+    }
+}
+
+/// The table the vhost-user handler replaces on every memory table update.
+impl MemoryTable for GuestMemoryAtomic<GuestMemoryMmap> {
+    type Memory = GuestMemoryMmap;
+    type Handle = Arc<GuestMemoryMmap>;
+    fn current(&self) -> Arc<GuestMemoryMmap> {
+        self.memory().into_inner()
+    }
+}
+
+/// Pops the next available chain of `queue` (reading the available ring through `ring`) and
+/// returns it over `table` as it is once the pop has read the available index, with that
+/// table's handle. The driver publishes a chain only after the update that maps its buffers was
+/// acknowledged, and the index is read with acquire ordering, so the table loaded afterwards
+/// maps the chain (see [`MemoryTable`]).
+pub(crate) fn pop_current<T: MemoryTable>(
+    queue: &mut Queue,
+    ring: &T::Memory,
+    table: &T,
+) -> Option<(T::Handle, DescriptorChain<T::Handle>)> {
+    let head = queue.pop_descriptor_chain(ring)?.head_index();
+    let mem = table.current();
+    let chain = DescriptorChain::new(
+        mem.clone(),
+        GuestAddress(queue.desc_table()),
+        queue.size(),
+        head,
+    );
+    Some((mem, chain))
 }
 
 /// Checks the available ring before a processing pass. A corrupt ring (an index more than the
@@ -905,41 +977,43 @@ pub fn process_queue<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
 ) -> Result<bool, ProcessQueueError> {
-    process_queue_tracked(dev, worker, queue, mem, None)
+    process_queue_tracked(dev, worker, queue, &mem, None)
 }
 
-/// [`process_queue`] recording each chain's pop and completion in `track` (in-flight tracking
-/// for reconnection, [`crate::reconnect`]).
-pub fn process_queue_tracked<M: GuestMemory>(
+/// [`process_queue`] over the guest memory of `table` (each chain over the table as it is once
+/// popped, [`MemoryTable`]), recording each chain's pop and completion in `track` (in-flight
+/// tracking for reconnection, [`crate::reconnect`]).
+pub fn process_queue_tracked<T: MemoryTable>(
     dev: &BlkDevice,
     worker: &mut RequestWorker,
     queue: &mut Queue,
-    mem: &M,
+    table: &T,
     track: Option<&crate::reconnect::QueueInflight>,
 ) -> Result<bool, ProcessQueueError> {
     let event_idx = queue.event_idx_enabled();
     let mut completed = false;
     let mut stall = StallCheck::default();
     loop {
+        let ring = table.current();
         if event_idx {
-            queue.disable_notification(mem)?;
+            queue.disable_notification(&*ring)?;
         }
-        check_avail_ring(queue, mem)?;
+        check_avail_ring(queue, &*ring)?;
         let mut popped = 0usize;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some((mem, chain)) = pop_current(queue, &*ring, table) {
             popped += 1;
             let head = chain.head_index();
             if let Some(t) = track {
                 t.popped(head);
             }
-            let used_len = worker.process_chain(dev, mem, chain);
-            match crate::reconnect::add_used_tracked(queue, mem, head, used_len, track) {
+            let used_len = worker.process_chain(dev, &*mem, chain);
+            match crate::reconnect::add_used_tracked(queue, &*mem, head, used_len, track) {
                 Ok(()) => completed = true,
                 Err(e) => error!("cannot return descriptor {head} to the used ring: {e}"),
             }
         }
         stall.popped(popped)?;
-        if !event_idx || !queue.enable_notification(mem)? {
+        if !event_idx || !queue.enable_notification(&*ring)? {
             break;
         }
         stall.announced();
@@ -947,7 +1021,7 @@ pub fn process_queue_tracked<M: GuestMemory>(
     if !completed {
         return Ok(false);
     }
-    Ok(queue.needs_notification(mem)?)
+    Ok(queue.needs_notification(&*table.current())?)
 }
 
 #[cfg(test)]

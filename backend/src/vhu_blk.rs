@@ -10,6 +10,13 @@
 //! used ring (taking the vring lock briefly), and GET_VRING_BASE (`stop_vring`), a device reset
 //! and the end of the connection wait until the queue has no request in flight.
 //!
+//! Guest memory: the handler thread applies a memory table update (ADD_MEM_REG, SET_MEM_TABLE)
+//! while queue threads may be in a pass, and a pass holds no snapshot of the table: it reads
+//! each chain over the table as it is once that chain was popped
+//! ([`crate::request::MemoryTable`]), so a chain the driver published right after an update
+//! (a client's payload region, registered after its queues started) is read over the table that
+//! maps it.
+//!
 //! In-flight tracking ([`crate::reconnect`]): the backend offers INFLIGHT_SHMFD; every pop and
 //! completion is recorded in the frontend's buffer under the vring lock ([`TrackedVring`]), and
 //! the first pass of a queue after it started resubmits what a previous backend left in flight
@@ -286,25 +293,22 @@ impl VhostUserBlk {
             }
             resubmitted = true;
         }
+        // The pass gets the memory table itself, not a snapshot of it: it may run across a
+        // memory table update, and reads each chain over the table as it is once popped.
         let result = match self.runners.get(thread_id).and_then(Option::as_ref) {
             Some(runner) => {
-                let mem = self.mem.memory().into_inner();
                 let ring = TrackedVring {
                     vring: vring.clone(),
                     track: track.clone(),
                 };
                 let mid_pass = self.mid_pass_signals;
-                submit_queue(runner, &mut worker, &ring, queue, &mem, &mut || {
+                submit_queue(runner, &mut worker, &ring, queue, &self.mem, &mut || {
                     mid_pass && call.notify()
                 })
             }
-            None => process_queue_tracked(
-                &self.dev,
-                &mut worker,
-                queue,
-                &*self.mem.memory(),
-                track.as_deref(),
-            ),
+            None => {
+                process_queue_tracked(&self.dev, &mut worker, queue, &self.mem, track.as_deref())
+            }
         };
         let needs_signal = resubmitted
             | match result {
@@ -567,6 +571,10 @@ impl VhostUserBackend for VhostUserBlk {
 #[cfg(test)]
 #[path = "reconnect_race_tests.rs"]
 mod reconnect_race_tests;
+
+#[cfg(test)]
+#[path = "memory_table_tests.rs"]
+mod memory_table_tests;
 
 #[cfg(test)]
 mod tests {
