@@ -25,7 +25,8 @@ enum Kind {
     Snapblk,
 }
 
-/// A daemon serving a fresh sparse raw image in a temporary directory; killed on drop.
+/// A daemon serving a fresh sparse raw image in a temporary directory; killed on drop, and its
+/// log printed if the test is failing (the directory, log included, goes with it).
 struct Daemon {
     child: Child,
     socket: PathBuf,
@@ -38,6 +39,13 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon log ({}) ---\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
     }
 }
 
