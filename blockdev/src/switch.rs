@@ -198,6 +198,17 @@ mod tests {
     }
 
     #[test]
+    fn the_in_place_answer_is_the_current_lower_device_s() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().set_len(1 << 20).unwrap();
+        let raw = Arc::new(crate::RawFile::open(tmp.path(), false).unwrap());
+        let sw = SwitchDev::new(raw);
+        assert!(sw.rewrites_in_page_cache(0, 128 << 10));
+        sw.replace(Arc::new(MemDisk::new(1 << 20))).unwrap();
+        assert!(!sw.rewrites_in_page_cache(0, 128 << 10));
+    }
+
+    #[test]
     fn replace_waits_for_operations_inside_the_old_device() {
         let (etx, erx) = mpsc::sync_channel(1);
         let (rtx, rrx) = mpsc::channel();

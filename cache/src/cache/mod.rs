@@ -573,10 +573,6 @@ impl BlockDev for FolioCache {
     fn is_read_only(&self) -> bool {
         self.inner.read_only
     }
-
-    fn rewrites_in_page_cache(&self, offset: u64, len: u64) -> bool {
-        !self.inner.read_only && self.inner.lower.rewrites_in_page_cache(offset, len)
-    }
 }
 
 impl Inner {
