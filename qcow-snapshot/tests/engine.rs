@@ -845,6 +845,10 @@ fn a_rewrite_goes_to_the_page_cache_only_where_every_cluster_is_allocated_and_it
             !img.rewrites_in_page_cache(cs, 2 * cs),
             "the second cluster is not allocated"
         );
+        assert!(
+            !img.rewrites_in_page_cache(cs + cs / 2, cs),
+            "from the middle of an allocated cluster into an unallocated one"
+        );
         assert!(!img.rewrites_in_page_cache(0, 0), "an empty range");
         img.write_at(&[2; 65536], (1 << 20) - cs).unwrap();
         assert!(img.rewrites_in_page_cache((1 << 20) - 1024, 1024));
