@@ -269,6 +269,18 @@ impl BlkDevice {
         dev
     }
 
+    /// A 1 MiB device of one queue of `queue_size` over `disk` (no cache layer), every feature
+    /// acknowledged, executing up to `max_inflight` requests at once: the device of the
+    /// backend's own queue tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(disk: Arc<dyn BlockDev>, queue_size: u16, max_inflight: usize) -> Self {
+        let mut cfg = DeviceConfig::new(1 << 20, 512, 1, queue_size).expect("a valid test config");
+        cfg.max_inflight = max_inflight;
+        let dev = BlkDevice::new(ServedDisk::plain(disk), Arc::new(cfg));
+        dev.set_acked_features(dev.config().features());
+        dev
+    }
+
     /// The static configuration.
     pub fn config(&self) -> &DeviceConfig {
         &self.cfg

@@ -23,8 +23,6 @@ use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestRegionMmap};
 
 use super::*;
-use crate::device::DeviceConfig;
-use crate::disk::ServedDisk;
 use crate::virtio_blk::{RequestHeader, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
 
 const QSIZE: u16 = 16;
@@ -127,13 +125,7 @@ fn run_pass_across_a_table_update(max_inflight: usize) {
         inner: MemDisk::new(1 << 20),
         on_first_write: Mutex::new(None),
     });
-    let mut cfg = DeviceConfig::new(1 << 20, 512, 1, QSIZE).unwrap();
-    cfg.max_inflight = max_inflight;
-    let dev = BlkDevice::new(
-        ServedDisk::plain(Arc::clone(&disk) as Arc<dyn BlockDev>),
-        Arc::new(cfg),
-    );
-    dev.set_acked_features(dev.config().features());
+    let dev = BlkDevice::for_tests(Arc::clone(&disk) as Arc<dyn BlockDev>, QSIZE, max_inflight);
     let backend = VhostUserBlk::new(Arc::new(dev), mem.clone()).unwrap();
     let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
     vring.set_queue_size(QSIZE);

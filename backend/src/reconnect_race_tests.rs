@@ -28,8 +28,6 @@ use virtio_queue::QueueOwnedT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::*;
-use crate::device::DeviceConfig;
-use crate::disk::ServedDisk;
 use crate::reconnect::Stage;
 use crate::virtio_blk::{RequestHeader, VIRTIO_BLK_T_OUT};
 
@@ -225,13 +223,7 @@ impl Rig {
     fn build(max_inflight: usize, start: u16, from: Option<&Frozen>) -> Rig {
         let mem = guest_memory();
         let disk = GatedDisk::new();
-        let mut cfg = DeviceConfig::new(1 << 20, 512, 1, QSIZE).unwrap();
-        cfg.max_inflight = max_inflight;
-        let dev = BlkDevice::new(
-            ServedDisk::plain(Arc::clone(&disk) as Arc<dyn BlockDev>),
-            Arc::new(cfg),
-        );
-        dev.set_acked_features(dev.config().features());
+        let dev = BlkDevice::for_tests(Arc::clone(&disk) as Arc<dyn BlockDev>, QSIZE, max_inflight);
         let file = Arc::new(InflightFile::create().unwrap());
         let backend =
             Arc::new(VhostUserBlk::with_inflight(Arc::new(dev), mem.clone(), Some(file)).unwrap());

@@ -756,19 +756,22 @@ impl HostFile for PauseOnWrite {
     }
 }
 
-#[test]
-fn writes_and_zeroes_racing_a_subcluster_allocation_of_the_same_cluster_all_land() {
-    // Write A allocates subclusters 0-1 of a fresh cluster and is stopped inside its data
-    // write (metadata lock dropped, cluster in flight). Write B into subclusters 4-5 (partial
-    // at both ends) and a zero write of subcluster 20 of the same cluster run exactly then:
-    // they must wait for A and then add their own subclusters, so nothing is lost, the cluster
-    // is allocated once and the bitmap has all three.
-    let cs = 65536u64;
+/// A fresh 4 MiB image with extended L2 entries and 64 KiB clusters on a [`PauseOnWrite`] host
+/// (`cached`: what its `page_cached` says), with the channel that says a paused write was
+/// reached and the one that releases it.
+fn paused_extended_l2_image(
+    cached: bool,
+) -> (
+    Arc<PauseOnWrite>,
+    Arc<QcowImage>,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
     let (tx_reached, rx_reached) = std::sync::mpsc::channel();
     let (tx_release, rx_release) = std::sync::mpsc::channel();
     let host = Arc::new(PauseOnWrite {
         inner: MemHost::new(Vec::new()),
-        cached: false,
+        cached,
         pause_len: std::sync::atomic::AtomicUsize::new(0),
         reached: std::sync::Mutex::new(Some(tx_reached)),
         release: std::sync::Mutex::new(Some(rx_release)),
@@ -777,13 +780,25 @@ fn writes_and_zeroes_racing_a_subcluster_allocation_of_the_same_cluster_all_land
         &*host,
         &CreateOptions {
             size: 4 << 20,
-            cluster_size: cs,
+            cluster_size: 65536,
             extended_l2: true,
             ..CreateOptions::default()
         },
     )
     .unwrap();
     let img = Arc::new(QcowImage::open_with(Box::new(host.clone()), false, None).unwrap());
+    (host, img, rx_reached, tx_release)
+}
+
+#[test]
+fn writes_and_zeroes_racing_a_subcluster_allocation_of_the_same_cluster_all_land() {
+    // Write A allocates subclusters 0-1 of a fresh cluster and is stopped inside its data
+    // write (metadata lock dropped, cluster in flight). Write B into subclusters 4-5 (partial
+    // at both ends) and a zero write of subcluster 20 of the same cluster run exactly then:
+    // they must wait for A and then add their own subclusters, so nothing is lost, the cluster
+    // is allocated once and the bitmap has all three.
+    let cs = 65536u64;
+    let (host, img, rx_reached, tx_release) = paused_extended_l2_image(false);
     host.pause_len
         .store(4096, std::sync::atomic::Ordering::SeqCst);
     let a = {
@@ -897,27 +912,8 @@ fn a_rewrite_goes_to_the_page_cache_only_where_every_cluster_is_allocated_and_it
 #[test]
 fn an_extended_l2_rewrite_needs_every_touched_subcluster_and_no_allocation_in_flight() {
     let cs = 65536u64;
-    let (tx_reached, rx_reached) = std::sync::mpsc::channel();
-    let (tx_release, rx_release) = std::sync::mpsc::channel();
-    let host = Arc::new(PauseOnWrite {
-        inner: MemHost::new(Vec::new()),
-        // A buffered file: a memory one never says a rewrite goes to a page cache.
-        cached: true,
-        pause_len: std::sync::atomic::AtomicUsize::new(0),
-        reached: std::sync::Mutex::new(Some(tx_reached)),
-        release: std::sync::Mutex::new(Some(rx_release)),
-    });
-    create_on(
-        &*host,
-        &CreateOptions {
-            size: 4 << 20,
-            cluster_size: cs,
-            extended_l2: true,
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
-    let img = Arc::new(QcowImage::open_with(Box::new(host.clone()), false, None).unwrap());
+    // A buffered file: a memory one never says a rewrite goes to a page cache.
+    let (host, img, rx_reached, tx_release) = paused_extended_l2_image(true);
     // Subclusters 0-1 (2 KiB each) of cluster 3.
     img.write_at(&[0xaa; 4096], 3 * cs).unwrap();
     assert!(img.rewrites_in_page_cache(3 * cs, 4096));
