@@ -892,14 +892,7 @@ fn a_rewrite_goes_to_the_page_cache_only_where_every_cluster_is_allocated_and_it
     }
     drop(direct);
     // A compressed cluster is written by allocating a new one.
-    let raw = dir.path().join("r.raw");
-    let data: Vec<u8> = (0..2 * cs).map(|i| (i % 251) as u8).collect();
-    std::fs::write(&raw, &data).unwrap();
-    let packed = dir.path().join("c.qcow2");
-    run(
-        "qemu-img",
-        &["convert", "-q", "-c", "-O", "qcow2", s(&raw), s(&packed)],
-    );
+    let (packed, _) = qemu_compressed(dir.path(), "c.qcow2", 2 * cs);
     let img = open_qcow2(&packed, false).unwrap();
     assert!(!img.rewrites_in_page_cache(cs, 512));
     img.write_at(&[4; 512], cs).unwrap();

@@ -257,15 +257,7 @@ fn on_an_all_direct_image_a_large_read_the_page_cache_does_not_hold_is_offered_o
 #[test]
 fn compressed_clusters_are_never_planned() {
     let dir = tmp();
-    let raw = dir.path().join("r.raw");
-    // Compressible (random bytes would be stored uncompressed), not zero.
-    let data: Vec<u8> = (0..4 * CS).map(|i| (i % 251) as u8).collect();
-    std::fs::write(&raw, &data).unwrap();
-    let path = dir.path().join("c.qcow2");
-    run(
-        "qemu-img",
-        &["convert", "-q", "-c", "-O", "qcow2", s(&raw), s(&path)],
-    );
+    let (path, data) = qemu_compressed(dir.path(), "c.qcow2", 4 * CS);
     let img = open_qcow2(&path, true).unwrap();
     assert!(img.plan_read(CS, 4096).is_none());
     let mut got = vec![0u8; 4096];

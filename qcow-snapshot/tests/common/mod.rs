@@ -98,6 +98,20 @@ pub fn qemu_create(dir: &Path, name: &str, opts: &str, size: &str, io: &[&str]) 
     p
 }
 
+/// A qcow2 image `name` in `dir` that qemu-img compressed from `len` bytes of compressible,
+/// non-zero data (random bytes would be stored uncompressed); returns its path and the data.
+pub fn qemu_compressed(dir: &Path, name: &str, len: u64) -> (PathBuf, Vec<u8>) {
+    let raw = dir.join(format!("{name}.raw"));
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&raw, &data).unwrap();
+    let path = dir.join(name);
+    run(
+        "qemu-img",
+        &["convert", "-q", "-c", "-O", "qcow2", s(&raw), s(&path)],
+    );
+    (path, data)
+}
+
 /// Creates a qcow2 overlay `img` with `qemu-img create ... extra -F backing_fmt -b backing img
 /// [size]` (`backing` as stored in the header; no size argument when `size` is empty).
 pub fn qemu_overlay(img: &Path, backing: &str, backing_fmt: &str, extra: &[&str], size: &str) {
