@@ -65,13 +65,13 @@ pub struct CacheConfig {
     /// ([`BlockDev::rewrites_in_page_cache`]: every cluster of a buffered qcow2 image
     /// allocated and its own, any range of a raw file); 0, or a `bypass_threshold` of 0, turns
     /// this off. The default, 128 KiB, sends a stream of 128 KiB rewrites down with the copy
-    /// into the host page cache only (BENCHMARKS.md, 2026-12-02: about 0.45x -> 0.7x of
-    /// qemu-storage-daemon), where through the cache each byte was copied into a folio, into a
-    /// merged writeback buffer and then down. Writes that allocate, and every write of an
-    /// O_DIRECT image, keep `bypass_threshold` (256 KiB): around the cache, 128 KiB writes
-    /// filling a fresh standard-L2 overlay went through the host page cache from every request
-    /// thread at once and spun on the file's inode lock (a quarter of the rate of the cache's
-    /// writebacks, which merge sequential folios into large direct writes), and 128 KiB
+    /// into the host page cache only (BENCHMARKS.md, 2026-12-02 17:00 UTC: 0.43-0.53x ->
+    /// 0.81-0.82x of qemu-storage-daemon), where through the cache each byte was copied into a
+    /// folio, into a merged writeback buffer and then down. Writes that allocate, and every
+    /// write of an O_DIRECT image, keep `bypass_threshold` (256 KiB): around the cache, 128 KiB
+    /// writes filling a fresh standard-L2 overlay went through the host page cache from every
+    /// request thread at once and spun on the file's inode lock (a quarter of the rate of the
+    /// cache's writebacks, which merge sequential folios into large direct writes), and 128 KiB
     /// rewrites of an O_DIRECT image each went to the device alone.
     pub rewrite_bypass_threshold: u64,
 }

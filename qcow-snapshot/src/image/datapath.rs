@@ -482,9 +482,9 @@ impl QcowImage {
     }
 
     /// Whether a write of `[offset, offset + len)` would go in place in every cluster it
-    /// touches (`BlockDev::rewrites_in_page_cache`): each one allocated, this image's own (not shared
-    /// with a snapshot, not compressed; with extended L2 entries every touched subcluster
-    /// allocated) and not being allocated by a write in flight. Read under `gate` and the
+    /// touches (for `BlockDev::rewrites_in_page_cache`): each one allocated, this image's own
+    /// (not shared with a snapshot, not compressed; with extended L2 entries every touched
+    /// subcluster allocated) and not being allocated by a write in flight. Read under `gate` and the
     /// metadata lock like a write's plan, and stale as soon as they are released.
     pub(super) fn rewrites_in_place_inner(&self, offset: u64, len: u64) -> bool {
         let cs = self.geo.cluster_size();
