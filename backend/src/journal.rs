@@ -17,6 +17,18 @@
 //! qcow2 engine allocates and publishes what the dead one had only in memory), flushes, and only
 //! then serves ([`Journal::open`]).
 //!
+//! Writes persisted in place: a write that the layers below put where a restarted daemon
+//! reads it ([`BlockDev::write_in_place_persisted`]: whole folios the cache sends around
+//! itself, into a raw file or into clusters of a qcow2 image whose L2 entries are in the file)
+//! needs no copy here; its record is a *marker* ([`Kind::Persisted`]: range, no data), appended
+//! once the write is in place, with the range's stripes still locked. A replay applies no
+//! part of an older record that a later marker covers (the file holds newer bytes there), and
+//! applies every record after the marker. A daemon that dies between the write and its marker
+//! replays the older records over the range: the write was not acknowledged. Such a write is
+//! gathered into a buffer of the calling thread, not into the mapping. While a flush below has
+//! failed (until one succeeds), every write is recorded with its data: a failed writeback may
+//! have dropped pages of the file, and the records are what a restarted daemon can put back.
+//!
 //! The journal is trimmed by flushes, in the background: the file has two segments; new
 //! records go to the active one. A record that does not fit the active segment *seals* it and
 //! moves the writers to the other one (if that is empty) and wakes the journal's trimmer thread,
@@ -61,11 +73,12 @@
 //! the first refused request. Reads are served. Moving the journal aside (accepting the loss)
 //! and restarting serves writes again.
 //!
-//! Ordering: records are replayed in sequence order, so for every sector the last record
-//! replayed must be the last write that reached the layer below. Two writes whose ranges
-//! overlap are therefore serialized across "append record + lower operation" by striped range
-//! locks (64 KiB chunks hashed onto [`STRIPES`] mutexes, taken in index order); writes to
-//! different chunks run in parallel.
+//! Ordering: records are replayed in sequence order (less what later markers cover), so for
+//! every sector the last record replayed must be the last write that reached the layer below.
+//! Two writes whose ranges overlap are therefore serialized across "append record + lower
+//! operation" (or "persisted write + marker") by striped range locks (64 KiB chunks hashed
+//! onto [`STRIPES`] mutexes, taken in index order); writes to different chunks run in
+//! parallel.
 //!
 //! Locking model (top to bottom): stripe locks (ascending index), then `flush_lock`, then the
 //! state mutex. A request takes its stripe locks, then the state mutex only while its record is
@@ -76,12 +89,14 @@
 //! across the lower flush; the state mutex is held only to seal, to wait for the sealed
 //! segment's requests and to empty it, never across the lower flush (the state mutex is held
 //! across the copy of a record, a gathered record's gather and checksum, or the write of a
-//! segment header into the journal file only).
+//! segment header into the journal file only). A persisted write holds its stripe locks, and
+//! no other lock of the journal, across its lower write.
 //! The trimmer takes only `flush_lock` and the state mutex and calls only downward.
 //! [`Journal::rebind`] (a live snapshot, guest requests paused) takes only the state mutex, so
 //! it never waits for a background flush. Dropping the [`Journal`] stops the trimmer and joins
 //! it.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -119,6 +134,10 @@ enum Kind {
     Discard = 2,
     Zeroes = 3,
     ZeroesUnmap = 4,
+    /// A marker: the range was written in place below, where a restarted daemon reads it
+    /// ([`BlockDev::write_in_place_persisted`]); no data. Replay applies nothing of it and
+    /// nothing of older records over its range.
+    Persisted = 5,
 }
 
 impl Kind {
@@ -128,6 +147,7 @@ impl Kind {
             2 => Kind::Discard,
             3 => Kind::Zeroes,
             4 => Kind::ZeroesUnmap,
+            5 => Kind::Persisted,
             _ => return None,
         })
     }
@@ -192,6 +212,8 @@ struct State {
     /// Segments emptied, and times a writer found both segments full (logged at the end).
     trims: u64,
     waits_for_room: u64,
+    /// Writes persisted in place below, recorded as markers.
+    persisted: u64,
     /// The journal is being dropped: the trimmer exits.
     stop: bool,
 }
@@ -334,6 +356,7 @@ fn decode_header(b: &[u8]) -> std::result::Result<Header, String> {
 }
 
 /// One valid record found by a scan.
+#[derive(Debug)]
 struct Record {
     seq: u64,
     kind: Kind,
@@ -532,8 +555,8 @@ impl Journal {
                             identity.ino
                         ));
                     } else if !records.is_empty() {
-                        for r in &records {
-                            apply(&*lower, r).map_err(|e| {
+                        for (r, pieces) in records.iter().zip(uncovered(&records)) {
+                            let bytes = apply(&*lower, r, &pieces).map_err(|e| {
                                 io::Error::other(format!(
                                     "replaying crash journal {} (record {}): {e}",
                                     path.display(),
@@ -541,7 +564,7 @@ impl Journal {
                                 ))
                             })?;
                             recovery.replayed += 1;
-                            recovery.bytes += r.data.len() as u64;
+                            recovery.bytes += bytes;
                         }
                         lower.flush().map_err(|e| {
                             io::Error::other(format!(
@@ -611,6 +634,7 @@ impl Journal {
                 flush_failed: None,
                 trimming: false,
                 trims: 0,
+                persisted: 0,
                 waits_for_room: 0,
                 stop: false,
             }),
@@ -686,6 +710,12 @@ impl Journal {
         self.core.refused.as_deref()
     }
 
+    /// How many writes the layer below persisted in place, each recorded as a marker instead
+    /// of with its data.
+    pub fn persisted_writes(&self) -> u64 {
+        self.core.lock_state().persisted
+    }
+
     /// Waits until the trimmer has nothing left to do (no sealed segment, or the journal is
     /// poisoned) and is not inside a flush. For tests and benchmarks that want a settled state.
     pub fn wait_trimmer_idle(&self) {
@@ -717,14 +747,13 @@ impl Drop for Journal {
             let mut st = self.core.lock_state();
             st.stop = true;
             self.core.work.notify_all();
-            if st.trims > 0 {
-                info!(
-                    "crash journal {}: {} segment(s) trimmed; writers waited for room {} time(s)",
-                    self.core.path.display(),
-                    st.trims,
-                    st.waits_for_room
-                );
-            }
+            info!(
+                "crash journal {}: {} segment(s) trimmed; writers waited for room {} time(s); {} write(s) persisted in place, recorded as markers",
+                self.core.path.display(),
+                st.trims,
+                st.waits_for_room,
+                st.persisted
+            );
         }
         if let Some(t) = self.trimmer.take() {
             if t.join().is_err() {
@@ -1073,6 +1102,51 @@ impl Core {
         )
     }
 
+    /// A write that the layer below persists in place ([`BlockDev::write_in_place_persisted`]):
+    /// its record is a marker, appended once the write is in place (while the range's stripes
+    /// are still locked, so no overlapping record comes between them), which keeps a replay
+    /// from putting older records back over the range. A daemon that dies between the two
+    /// replays the older records: the write was never acknowledged. `Ok(false)`: the layer
+    /// below refused and nothing was written; the caller records the write as usual.
+    fn persisted(&self, offset: u64, buf: &[u8]) -> Result<bool> {
+        self.check_refused()?;
+        let len = buf.len() as u64;
+        blockdev::check_range(offset, len, self.lower.size())?;
+        let range = self.lock_range(offset, len);
+        {
+            let st = self.lock_state();
+            if let Some(why) = &st.poisoned {
+                return Err(Self::poisoned_error(why));
+            }
+            if st.flush_failed.is_some() {
+                // Until a flush below succeeds again, every write keeps its data here (see
+                // the module documentation on errors).
+                return Ok(false);
+            }
+        }
+        if !self.lower.write_in_place_persisted(buf, offset)? {
+            return Ok(false);
+        }
+        crate::reconnect::test_abort_point("persisted");
+        let seg = self.append(Kind::Persisted, offset, len, &[])?;
+        self.done(seg);
+        self.lock_state().persisted += 1;
+        drop(range);
+        Ok(true)
+    }
+
+    /// A write of `buf`: persisted in place with a marker where the layer below takes it so
+    /// ([`Core::persisted`]; `try_persist`: its hint said it would), else recorded with its
+    /// data.
+    fn write(&self, buf: &[u8], offset: u64, try_persist: bool) -> Result<()> {
+        if try_persist && self.persisted(offset, buf)? {
+            return Ok(());
+        }
+        self.journaled(Kind::Write, offset, buf.len() as u64, buf, || {
+            self.lower.write_at(buf, offset)
+        })
+    }
+
     /// Appends a record with `append` (the segment and what `op` needs) while the range's
     /// stripes are locked, runs `op`, and counts the lower operation done.
     fn in_record<T>(
@@ -1203,13 +1277,89 @@ fn scan(file: &File, seg_len: u64) -> io::Result<Vec<Record>> {
     Ok(out)
 }
 
-fn apply(dev: &dyn BlockDev, r: &Record) -> Result<()> {
-    match r.kind {
-        Kind::Write => dev.write_at(&r.data, r.offset),
-        Kind::Discard => dev.discard(r.offset, r.len),
-        Kind::Zeroes => dev.write_zeroes(r.offset, r.len, false),
-        Kind::ZeroesUnmap => dev.write_zeroes(r.offset, r.len, true),
+/// For each record (in sequence order), the pieces `(offset, len)` of its range that no later
+/// marker ([`Kind::Persisted`]) covers: what its replay still applies. A marker's own pieces
+/// are empty. Later records of other kinds cover nothing: they are replayed after it anyway.
+/// A segment may hold over a million markers: each record costs a logarithmic lookup.
+fn uncovered(records: &[Record]) -> Vec<Vec<(u64, u64)>> {
+    // Ranges written in place by the markers seen so far (walking back from the newest),
+    // disjoint and merged: start -> end.
+    let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut out = vec![Vec::new(); records.len()];
+    for (i, r) in records.iter().enumerate().rev() {
+        let (start, end) = (r.offset, r.offset.saturating_add(r.len));
+        if start >= end {
+            continue;
+        }
+        if r.kind == Kind::Persisted {
+            cover(&mut covered, start, end);
+            continue;
+        }
+        // The covered ranges that may overlap: from the last one starting at or before `start`.
+        let first = covered
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&a, _)| a);
+        let mut pos = start;
+        for (&a, &b) in covered.range(first..end) {
+            if b <= pos {
+                continue;
+            }
+            if a > pos {
+                out[i].push((pos, a - pos));
+            }
+            pos = b;
+            if pos >= end {
+                break;
+            }
+        }
+        if pos < end {
+            out[i].push((pos, end - pos));
+        }
     }
+    out
+}
+
+/// Adds `[start, end)` to the disjoint ranges `covered`, merging those it touches.
+fn cover(covered: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
+    if let Some((&a, &b)) = covered.range(..=start).next_back() {
+        if b >= start {
+            covered.remove(&a);
+            start = a;
+            end = end.max(b);
+        }
+    }
+    let inside: Vec<u64> = covered.range(start..=end).map(|(&a, _)| a).collect();
+    for a in inside {
+        if let Some(b) = covered.remove(&a) {
+            end = end.max(b);
+        }
+    }
+    covered.insert(start, end);
+}
+
+/// Replays the `pieces` of record `r` (see [`uncovered`]); returns the write bytes applied.
+fn apply(dev: &dyn BlockDev, r: &Record, pieces: &[(u64, u64)]) -> Result<u64> {
+    let mut bytes = 0;
+    for &(off, len) in pieces {
+        match r.kind {
+            Kind::Write => {
+                let at = usize::try_from(off - r.offset).unwrap_or(usize::MAX);
+                let n = usize::try_from(len).unwrap_or(usize::MAX);
+                let data = at
+                    .checked_add(n)
+                    .and_then(|e| r.data.get(at..e))
+                    .ok_or_else(|| BlockError::Io(io::Error::other("record piece out of range")))?;
+                dev.write_at(data, off)?;
+                bytes += len;
+            }
+            Kind::Discard => dev.discard(off, len)?,
+            Kind::Zeroes => dev.write_zeroes(off, len, false)?,
+            Kind::ZeroesUnmap => dev.write_zeroes(off, len, true)?,
+            Kind::Persisted => {}
+        }
+    }
+    Ok(bytes)
 }
 
 impl BlockDev for Journal {
@@ -1231,9 +1381,11 @@ impl BlockDev for Journal {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let c = &self.core;
-        c.journaled(Kind::Write, offset, buf.len() as u64, buf, || {
-            c.lower.write_at(buf, offset)
-        })
+        c.write(
+            buf,
+            offset,
+            c.lower.persists_in_place(offset, buf.len() as u64),
+        )
     }
 
     /// With a mapping: the record is the private copy of the data, so the caller's pieces go
@@ -1248,8 +1400,17 @@ impl BlockDev for Journal {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
     ) -> Result<()> {
-        match &self.core.map {
-            Some(map) => self.core.journaled_gathered(map, offset, len, fill),
+        let c = &self.core;
+        match &c.map {
+            // Persisted in place, the caller's pieces are gathered into a buffer of this
+            // thread's (no record holds them).
+            Some(_) if c.lower.persists_in_place(offset, len as u64) => {
+                blockdev::with_bounce(len, |buf| {
+                    fill(buf)?;
+                    c.write(buf, offset, true)
+                })
+            }
+            Some(map) => c.journaled_gathered(map, offset, len, fill),
             None => blockdev::write_via_buffer(self, offset, len, fill),
         }
     }

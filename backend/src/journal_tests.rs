@@ -28,6 +28,17 @@ struct Volatile {
     write_backs: AtomicUsize,
     /// The address of every buffer `write_at` was handed, in order.
     write_ptrs: Mutex<Vec<usize>>,
+    /// `persists_in_place` says yes, and `write_in_place_persisted` writes into `live` and
+    /// `durable` at once (as a raw file's `pwrite` outlives the process); with
+    /// `refuse_persist` it says `Ok(false)` and writes nothing, with `fail_persist` it writes
+    /// `live` only and fails.
+    persist: AtomicBool,
+    refuse_persist: AtomicBool,
+    fail_persist: AtomicBool,
+    /// Called inside `write_in_place_persisted`, after the write is in place.
+    persist_hook: Mutex<Option<Box<dyn FnMut() + Send>>>,
+    /// Writes persisted in place.
+    persisted: AtomicUsize,
 }
 
 impl Volatile {
@@ -42,6 +53,11 @@ impl Volatile {
             free_write_back: AtomicBool::new(false),
             write_backs: AtomicUsize::new(0),
             write_ptrs: Mutex::new(Vec::new()),
+            persist: AtomicBool::new(false),
+            refuse_persist: AtomicBool::new(false),
+            fail_persist: AtomicBool::new(false),
+            persist_hook: Mutex::new(None),
+            persisted: AtomicUsize::new(0),
         })
     }
     fn durable(&self) -> Vec<u8> {
@@ -92,6 +108,26 @@ impl BlockDev for Volatile {
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.live.write_zeroes(offset, len, unmap)
+    }
+    fn persists_in_place(&self, _offset: u64, _len: u64) -> bool {
+        self.persist.load(Ordering::SeqCst)
+    }
+    fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        if !self.persist.load(Ordering::SeqCst) || self.refuse_persist.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.live.write_at(buf, offset)?;
+        if self.fail_persist.load(Ordering::SeqCst) {
+            return Err(BlockError::Io(io::Error::other("injected write error")));
+        }
+        let at = offset as usize;
+        self.durable.lock().unwrap()[at..at + buf.len()].copy_from_slice(buf);
+        self.persisted.fetch_add(1, Ordering::SeqCst);
+        let hook = self.persist_hook.lock().unwrap().take();
+        if let Some(mut h) = hook {
+            h();
+        }
+        Ok(true)
     }
 }
 
@@ -881,4 +917,364 @@ fn a_guest_flush_ahead_of_the_trimmer_leaves_nothing_older_than_itself_in_the_jo
         0,
         "a completed FLUSH leaves nothing",
     );
+}
+
+// ---- writes persisted in place below, with a marker record ----
+
+/// The records of the journal file at `path`, read through a descriptor of its own.
+fn records_in(path: &Path) -> Vec<Record> {
+    scan(&File::open(path).unwrap(), 1 << 20).unwrap()
+}
+
+/// The kinds of [`records_in`].
+fn kinds_in(path: &Path) -> Vec<Kind> {
+    records_in(path).iter().map(|r| r.kind).collect()
+}
+
+/// [`fresh`], over a lower layer that persists writes in place.
+fn fresh_persisting() -> (tempfile::TempDir, PathBuf, Arc<Volatile>, Journal) {
+    let (dir, path, lower, j) = fresh();
+    lower.persist.store(true, Ordering::SeqCst);
+    (dir, path, lower, j)
+}
+
+/// A write the layer below persists in place leaves a marker (no data) in the journal, and a
+/// replay puts no older record back over its range: the parts of an older record outside it
+/// are replayed, and so is a record written after the marker.
+#[test]
+fn a_persisted_write_leaves_a_marker_and_replay_puts_no_older_record_over_it() {
+    let (_dir, path, lower, j) = fresh();
+    j.write_at(&[1; 8192], 0).unwrap();
+    j.discard(65536, 8192).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    j.write_at(&[2; 4096], 0).unwrap();
+    j.write_at(&[4; 4096], 65536).unwrap();
+    lower.persist.store(false, Ordering::SeqCst);
+    j.write_at(&[3; 512], 512).unwrap();
+    assert_eq!(lower.persisted.load(Ordering::SeqCst), 2);
+    assert_eq!(j.persisted_writes(), 2);
+    let kinds: Vec<(Kind, usize)> = records_in(&path)
+        .iter()
+        .map(|r| (r.kind, r.data.len()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (Kind::Write, 8192),
+            (Kind::Discard, 0),
+            (Kind::Persisted, 0),
+            (Kind::Persisted, 0),
+            (Kind::Write, 512)
+        ],
+        "a persisted write records no data"
+    );
+    let want = read(&*lower, 0, SIZE);
+    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(rec.replayed, 5);
+    assert_eq!(
+        rec.bytes,
+        4096 + 512,
+        "only the uncovered half of the first write and the last write are replayed"
+    );
+    assert_eq!(read(&*after, 0, SIZE), want);
+    assert_eq!(
+        read(&*after, 0, 8192),
+        [vec![2; 512], vec![3; 512], vec![2; 3072], vec![1; 4096]].concat()
+    );
+    assert_eq!(
+        read(&*after, 65536, 8192),
+        [vec![4; 4096], vec![0; 4096]].concat(),
+        "the discard is replayed only past the persisted write"
+    );
+}
+
+/// Which pieces of each record a replay applies: a marker covers the ranges of older records
+/// (several markers together, touching or overlapping), never of newer ones, and a record of
+/// another kind covers nothing.
+#[test]
+fn replay_skips_exactly_what_later_markers_cover() {
+    let rec = |seq, kind, offset, len| Record {
+        seq,
+        kind,
+        offset,
+        len,
+        data: if kind == Kind::Write {
+            vec![0; len as usize]
+        } else {
+            Vec::new()
+        },
+    };
+    let records = [
+        rec(1, Kind::Write, 0, 100),
+        rec(2, Kind::Zeroes, 50, 100),
+        rec(3, Kind::Persisted, 10, 10),
+        rec(4, Kind::Persisted, 20, 10),
+        rec(5, Kind::Persisted, 60, 20),
+        rec(6, Kind::Write, 0, 30),
+        rec(7, Kind::Persisted, 140, 100),
+        rec(8, Kind::Persisted, 145, 5),
+    ];
+    assert_eq!(
+        uncovered(&records),
+        [
+            vec![(0, 10), (30, 30), (80, 20)],
+            vec![(50, 10), (80, 60)],
+            vec![],
+            vec![],
+            vec![],
+            vec![(0, 30)],
+            vec![],
+            vec![],
+        ]
+    );
+    assert_eq!(uncovered(&[]), Vec::<Vec<(u64, u64)>>::new());
+}
+
+/// The marker is appended only once the write is in place: a daemon killed between the two
+/// (the hook inside the lower write takes a copy of the journal file and of what would
+/// survive) replays the older record over the range, since the write was never acknowledged;
+/// a daemon killed after the write returned replays nothing over it.
+#[test]
+fn a_marker_is_appended_only_after_the_persisted_write_is_in_place() {
+    let (dir, path, lower, j) = fresh();
+    j.write_at(&[1; 4096], 0).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    // The journal file's bytes and what survives, at the moment of death.
+    type Frozen = (Vec<u8>, Vec<u8>);
+    let at_death: Arc<Mutex<Option<Frozen>>> = Arc::default();
+    {
+        let (path, lower2, at_death) = (path.clone(), Arc::clone(&lower), Arc::clone(&at_death));
+        *lower.persist_hook.lock().unwrap() = Some(Box::new(move || {
+            let file = std::fs::read(&path).unwrap();
+            *at_death.lock().unwrap() = Some((file, lower2.durable()));
+        }));
+    }
+    j.write_at(&[2; 4096], 0).unwrap();
+    let (file, durable) = at_death.lock().unwrap().take().unwrap();
+    let killed = dir.path().join("killed");
+    std::fs::write(&killed, &file).unwrap();
+    let kinds = kinds_in(&killed);
+    assert_eq!(
+        kinds,
+        [Kind::Write],
+        "no marker while the write is in its lower I/O"
+    );
+    assert_eq!(&durable[..4096], &[2; 4096][..], "the write was in place");
+    let after = Volatile::new(durable);
+    let (_k, rec) = open(after.clone(), &killed, &ident(1), 1 << 20);
+    assert_eq!(rec.replayed, 1);
+    assert_eq!(read(&*after, 0, 4096), vec![1; 4096]);
+
+    let kinds = kinds_in(&path);
+    assert_eq!(kinds, [Kind::Write, Kind::Persisted]);
+    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!((rec.replayed, rec.bytes), (2, 0));
+    assert_eq!(read(&*after, 0, 4096), vec![2; 4096]);
+}
+
+/// A write the layer below refuses to persist after its hint said it would (its state
+/// changed in between) is recorded with its data and written as usual; a persisted write that
+/// fails fails the request and appends nothing.
+#[test]
+fn a_refused_persisted_write_is_recorded_and_a_failed_one_appends_nothing() {
+    let (_dir, path, lower, j) = fresh_persisting();
+    lower.refuse_persist.store(true, Ordering::SeqCst);
+    j.write_at(&[5; 4096], 4096).unwrap();
+    let records = records_in(&path);
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].kind, &records[0].data[..]),
+        (Kind::Write, &[5; 4096][..])
+    );
+    assert_eq!(read(&*lower, 4096, 4096), vec![5; 4096]);
+
+    lower.refuse_persist.store(false, Ordering::SeqCst);
+    lower.fail_persist.store(true, Ordering::SeqCst);
+    assert!(j.write_at(&[6; 4096], 8192).is_err());
+    assert_eq!(
+        records_in(&path).len(),
+        1,
+        "a failed write appends no marker"
+    );
+    assert_eq!(j.lock_state().pending, [0, 0]);
+    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(rec.replayed, 1);
+    assert_eq!(read(&*after, 4096, 4096), vec![5; 4096]);
+}
+
+/// A gathered write (a guest's buffers) that the layer below persists is gathered into a
+/// buffer of the calling thread, not into the journal's mapping, and only its marker is
+/// recorded; a fill that fails writes and records nothing.
+#[test]
+fn a_gathered_persisted_write_records_only_its_marker() {
+    let (_dir, path, lower, j) = fresh_persisting();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+    j.write_gathered(16384, data.len(), &mut |dst| {
+        dst.copy_from_slice(&data);
+        Ok(())
+    })
+    .unwrap();
+    let e = j.write_gathered(32768, 4096, &mut |dst| {
+        dst.fill(9);
+        Err(BlockError::Io(io::Error::other("unreadable guest buffer")))
+    });
+    assert!(e.is_err());
+    assert_eq!(lower.persisted.load(Ordering::SeqCst), 1);
+    assert_eq!(read(&*lower, 32768, 4096), vec![0; 4096]);
+    let records = records_in(&path);
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].kind, records[0].offset, records[0].len),
+        (Kind::Persisted, 16384, 8192)
+    );
+    assert_eq!(j.lock_state().tail[0], REC_HEADER as u64);
+    let (_j, after, _) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(read(&*after, 16384, data.len()), data);
+}
+
+/// Deterministic interleaving of the stripe locks held across "persisted write + marker": a
+/// recorded write to the same range, started while the persisted one is inside its lower
+/// write, appends its record only after the marker, so a replay applies it (not the marker's
+/// older neighbour) last.
+#[test]
+fn a_write_racing_a_persisted_one_on_its_range_records_after_the_marker() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    j.write_at(&[1; 4096], 0).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    let (hook, in_lower_rx, release_tx) = gate();
+    *lower.persist_hook.lock().unwrap() = Some(hook);
+    let a = {
+        let j = Arc::clone(&j);
+        std::thread::spawn(move || j.write_at(&[2; 4096], 0).unwrap())
+    };
+    in_lower_rx.recv().unwrap();
+    let b = {
+        let (j, lower) = (Arc::clone(&j), Arc::clone(&lower));
+        std::thread::spawn(move || {
+            lower.persist.store(false, Ordering::SeqCst);
+            j.write_at(&[3; 512], 1024).unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        j.lock_state().next_seq,
+        2,
+        "the racing write appended while the persisted one was in its lower write"
+    );
+    release_tx.send(()).unwrap();
+    a.join().unwrap();
+    b.join().unwrap();
+    let kinds = kinds_in(&path);
+    assert_eq!(kinds, [Kind::Write, Kind::Persisted, Kind::Write]);
+    let want = read(&*lower, 0, SIZE);
+    let j = Arc::try_unwrap(j).unwrap_or_else(|_| panic!("writers joined"));
+    let (_j, after, _) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(read(&*after, 0, SIZE), want);
+    assert_eq!(read(&*after, 1024, 512), vec![3; 512]);
+}
+
+/// After a flush below failed, and until one succeeds, a write the layer below would persist
+/// in place is recorded with its data: the records of that time are what a restarted daemon
+/// can still put back if the failed writeback dropped pages of the file.
+#[test]
+fn after_a_failed_flush_writes_keep_their_data_in_the_journal_until_one_succeeds() {
+    let (_dir, path, lower, j) = fresh_persisting();
+    lower.fail_flush.store(true, Ordering::SeqCst);
+    assert!(j.flush().is_err());
+    j.write_at(&[1; 4096], 0).unwrap();
+    lower.fail_flush.store(false, Ordering::SeqCst);
+    let kinds = kinds_in(&path);
+    assert_eq!(kinds, [Kind::Write]);
+    assert_eq!(lower.persisted.load(Ordering::SeqCst), 0);
+    j.flush().unwrap();
+    j.write_at(&[2; 4096], 0).unwrap();
+    let kinds = kinds_in(&path);
+    assert_eq!(kinds, [Kind::Persisted]);
+    assert_eq!(j.persisted_writes(), 1);
+}
+
+/// [`uncovered`] against a byte-by-byte model on random journals: a byte of a record is
+/// replayed exactly when no marker after it covers that byte.
+#[test]
+fn replay_pieces_match_a_byte_model_of_later_markers() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    for _ in 0..300 {
+        let n = 1 + next(40) as usize;
+        let records: Vec<Record> = (0..n)
+            .map(|i| {
+                let kind = match next(4) {
+                    0 | 1 => Kind::Persisted,
+                    2 => Kind::Write,
+                    _ => Kind::Discard,
+                };
+                let (offset, len) = (next(200), next(60));
+                Record {
+                    seq: i as u64,
+                    kind,
+                    offset,
+                    len,
+                    data: if kind == Kind::Write {
+                        vec![0; len as usize]
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect();
+        let got = uncovered(&records);
+        for (i, r) in records.iter().enumerate() {
+            let mut want: Vec<(u64, u64)> = Vec::new();
+            if r.kind != Kind::Persisted {
+                for b in r.offset..r.offset + r.len {
+                    let hidden = records[i + 1..].iter().any(|m| {
+                        m.kind == Kind::Persisted && m.offset <= b && b < m.offset + m.len
+                    });
+                    if hidden {
+                        continue;
+                    }
+                    match want.last_mut() {
+                        Some((o, l)) if *o + *l == b => *l += 1,
+                        _ => want.push((b, 1)),
+                    }
+                }
+            }
+            assert_eq!(got[i], want, "record {i} of {records:?}");
+        }
+    }
+}
+
+/// A segment full of markers (a stream of persisted writes that never FLUSHes holds over a
+/// million in 64 MiB) is worked out in one pass: the replay of the records among them still
+/// skips exactly what comes after them.
+#[test]
+fn a_million_markers_are_worked_out_in_one_pass() {
+    let mut records = vec![Record {
+        seq: 0,
+        kind: Kind::Write,
+        offset: 0,
+        len: 1 << 30,
+        data: Vec::new(),
+    }];
+    for i in 0..1_000_000u64 {
+        // Every other 4 KiB block of the first 8 GB, in a scattered order.
+        let block = (i * 7_919) % 1_000_000;
+        records.push(Record {
+            seq: i + 1,
+            kind: Kind::Persisted,
+            offset: block * 8192,
+            len: 4096,
+            data: Vec::new(),
+        });
+    }
+    let pieces = uncovered(&records);
+    assert_eq!(pieces[0].len(), (1 << 30) / 8192);
+    assert_eq!(pieces[0][0], (4096, 4096));
+    assert!(pieces[1..].iter().all(Vec::is_empty));
 }

@@ -397,8 +397,10 @@ impl QueueInflight {
 
 /// Test hook: `SNAPBLK_TEST_ABORT_AT=STAGE:N` aborts the daemon (SIGABRT, like a SIGKILL: no
 /// unwinding, no flush) the `N`th time a request reaches `STAGE`: `popped` (marked in flight,
-/// not executed), `executed` (its disk operation returned, not yet on the used ring) or
-/// `published` (on the used ring, its in-flight mark not yet cleared). Used by
+/// not executed), `executing` (its crash-journal record appended, its lower operation not
+/// run), `persisted` (a write in place below, its crash-journal marker not yet appended),
+/// `executed` (its disk operation returned, not yet on the used ring) or `published` (on the
+/// used ring, its in-flight mark not yet cleared). Used by
 /// tests/tests/reconnect_inflight.rs; unset in production (one relaxed load per request).
 pub fn test_abort_point(stage: &str) {
     use std::sync::atomic::AtomicUsize;

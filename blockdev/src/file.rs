@@ -337,6 +337,19 @@ impl BlockDev for RawFile {
     fn rewrites_in_page_cache(&self, offset: u64, len: u64) -> bool {
         !self.read_only && check_range(offset, len, self.size).is_ok()
     }
+
+    /// Any range of a writable one: a completed `pwrite` is with the kernel, where the next
+    /// process reads it, and there is no metadata of its own.
+    fn persists_in_place(&self, offset: u64, len: u64) -> bool {
+        self.rewrites_in_page_cache(offset, len)
+    }
+
+    fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        if !self.persists_in_place(offset, buf.len() as u64) {
+            return Ok(false);
+        }
+        self.write_at(buf, offset).map(|()| true)
+    }
 }
 
 #[cfg(test)]
@@ -375,9 +388,21 @@ mod tests {
             !dev.rewrites_in_page_cache((1 << 20) - 512, 1024),
             "past the end"
         );
+        assert!(dev.persists_in_place(4096, 128 << 10));
+        assert!(dev.write_in_place_persisted(&[3; 4096], 4096).unwrap());
+        assert!(
+            !dev.write_in_place_persisted(&[3; 1024], (1 << 20) - 512)
+                .unwrap(),
+            "past the end: refused, not failed"
+        );
         drop(dev);
+        let mut b = [0u8; 4096];
+        tmp.as_file().read_exact_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [3; 4096], "the persisted write is in the file");
         let ro = RawFile::open(tmp.path(), true).unwrap();
         assert!(!ro.rewrites_in_page_cache(0, 4096));
+        assert!(!ro.persists_in_place(0, 4096));
+        assert!(!ro.write_in_place_persisted(&[3; 4096], 0).unwrap());
     }
 
     /// Reads that continue no recent read and are short go through the second description

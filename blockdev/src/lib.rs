@@ -133,6 +133,23 @@ pub trait BlockDev: Send + Sync {
     fn rewrites_in_page_cache(&self, _offset: u64, _len: u64) -> bool {
         false
     }
+    /// Whether [`BlockDev::write_in_place_persisted`] would take a write of `[offset, offset +
+    /// len)` now. A hint for the crash journal, which then records only that the range was
+    /// written (a marker) instead of the write's bytes; the answer may be stale by the time
+    /// the write runs, which then says so. The default is `false`.
+    fn persists_in_place(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+    /// Writes `buf` at `offset` if, once this returns `Ok(true)`, a process started after this
+    /// one ended reads the bytes back with nothing of this process's memory: they are in
+    /// place, in the host page cache or on the device, and every mapping that leads a reader
+    /// there (qcow2 L1, L2 and refcount entries) is in the file already. No layer on the way
+    /// keeps a dirty copy of the range. `Ok(false)`: the range does not qualify now and
+    /// nothing was written or changed; the caller writes it another way. An error is a failed
+    /// write, whose range holds old or new bytes. The default is `Ok(false)`.
+    fn write_in_place_persisted(&self, _buf: &[u8], _offset: u64) -> Result<bool> {
+        Ok(false)
+    }
     /// Where the bytes of `[offset, offset + len)` are, for a caller that reads them itself with
     /// asynchronous I/O (the io_uring read path). `None` (the default) means "use `read_at`":
     /// a layer answers only when every byte comes from a file range that nothing but a write of

@@ -148,6 +148,14 @@ impl BlockDev for SwitchDev {
         self.get().rewrites_in_page_cache(offset, len)
     }
 
+    fn persists_in_place(&self, offset: u64, len: u64) -> bool {
+        self.get().persists_in_place(offset, len)
+    }
+
+    fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        self.get().write_in_place_persisted(buf, offset)
+    }
+
     fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
         // The plan holds the files it names open: a later replacement cannot close them under
         // a read in flight, and the replaced device's data does not change (it becomes the new
@@ -204,8 +212,15 @@ mod tests {
         let raw = Arc::new(crate::RawFile::open(tmp.path(), false).unwrap());
         let sw = SwitchDev::new(raw);
         assert!(sw.rewrites_in_page_cache(0, 128 << 10));
+        assert!(sw.persists_in_place(0, 128 << 10));
+        assert!(sw.write_in_place_persisted(&[7; 4096], 0).unwrap());
         sw.replace(Arc::new(MemDisk::new(1 << 20))).unwrap();
         assert!(!sw.rewrites_in_page_cache(0, 128 << 10));
+        assert!(!sw.persists_in_place(0, 128 << 10));
+        assert!(!sw.write_in_place_persisted(&[8; 4096], 0).unwrap());
+        let mut b = [0u8; 4096];
+        sw.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0; 4096], "a refused write changes nothing");
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct LinConfig {
     pub max_sectors: u64,
     /// Length of large requests in bytes (0: none); they are meant to bypass a cache.
     pub large_len: u64,
+    /// Half of the large requests start and end on a multiple of this many bytes (0 or 512:
+    /// none are aligned beyond the sector), so that they cover whole folios of a cache.
+    pub large_align: u64,
     /// Whether to issue discards and write-zeroes.
     pub zaps: bool,
     /// Sectors at the start of the span that half of the small requests go to (contention).
@@ -75,6 +78,7 @@ impl Default for LinConfig {
             span: 1 << 20,
             max_sectors: 24,
             large_len: 0,
+            large_align: 0,
             zaps: true,
             hot_sectors: 48,
         }
@@ -251,6 +255,12 @@ impl BlockDev for ChaosDev {
     }
     fn rewrites_in_page_cache(&self, offset: u64, len: u64) -> bool {
         self.inner.rewrites_in_page_cache(offset, len)
+    }
+    fn persists_in_place(&self, offset: u64, len: u64) -> bool {
+        self.inner.persists_in_place(offset, len)
+    }
+    fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> DevResult<bool> {
+        self.around(|| self.inner.write_in_place_persisted(buf, offset))
     }
 }
 
@@ -995,7 +1005,14 @@ fn worker(
         let (start, count) = if large {
             let count = large_sec + rng.below(large_sec / 2 + 1);
             let count = count.min(nsec);
-            (rng.below(nsec - count + 1), count)
+            let start = rng.below(nsec - count + 1);
+            let align = (cfg.large_align / SECTOR).max(1);
+            if align > 1 && count >= align && rng.below(2) == 0 {
+                let count = count - count % align;
+                (start - start % align, count)
+            } else {
+                (start, count)
+            }
         } else {
             // Half of the zaps hit one or two sectors: the races between a zap and a read that
             // needs the sectors around it are the interesting ones.

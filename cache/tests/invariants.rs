@@ -1066,3 +1066,123 @@ fn a_cached_write_or_discard_right_after_the_in_place_answer_orders_before_the_r
         assert_eq!(lower.bytes(0, 64 << 10), vec![3; 64 << 10]);
     }
 }
+
+/// A default cache (no flusher thread) over 1 MiB of 3s whose every range the lower layer
+/// rewrites in place and persists.
+fn persisting_cache() -> (Arc<FaultyDisk>, Arc<FolioCache>) {
+    let lower = FaultyDisk::new(vec![3; 1 << 20]);
+    lower.answer_in_page_cache(0, 1 << 20);
+    lower.answer_persisted(0, 1 << 20);
+    let cfg = CacheConfig {
+        flusher_threads: 0,
+        ..CacheConfig::default()
+    };
+    let cache = cache_over(&lower, cfg);
+    (lower, cache)
+}
+
+/// A write the lower layer persists in place (the crash journal then records only a marker)
+/// goes down around the cache only as whole folios that the cache sends around itself anyway,
+/// in write-back mode; afterwards no folio keeps a dirty copy of the range, so nothing older
+/// is written back over it later. A refusal from below (`Ok(false)`: the layer's state changed
+/// after its hint) writes nothing and leaves the cached folios as they were.
+#[test]
+fn a_persisted_write_takes_whole_bypassed_folios_and_leaves_no_dirty_copy_behind() {
+    let (lower, cache) = persisting_cache();
+    let k = |n: u64| n << 10;
+    cache.write_at(&[1; 4096], k(68)).unwrap();
+    assert!(cache.persists_in_place(k(64), k(128)));
+    assert!(
+        !cache.persists_in_place(k(64) + 512, k(128)),
+        "a partial folio"
+    );
+    assert!(
+        !cache.persists_in_place(k(64), k(128) + 512),
+        "a partial last folio"
+    );
+    assert!(
+        !cache.persists_in_place(k(64), k(64)),
+        "below the rewrite threshold"
+    );
+    assert!(!cache
+        .write_in_place_persisted(&[9; 64 << 10], 4096)
+        .unwrap());
+    assert!(cache
+        .write_in_place_persisted(&[7; 128 << 10], k(64))
+        .unwrap());
+    assert_eq!(lower.persisted_writes(), vec![(k(64), 128 << 10)]);
+    assert_eq!(cache.stats().bypassed, 1);
+    assert_eq!(read(&*cache, k(64), 128 << 10), vec![7; 128 << 10]);
+    cache.flush().unwrap();
+    assert_eq!(
+        lower.writes(),
+        vec![(k(64), 128 << 10)],
+        "the older dirty folio was written back after the persisted write"
+    );
+    assert_eq!(lower.bytes(k(64), 128 << 10), vec![7; 128 << 10]);
+
+    lower.refuse_persist(true);
+    cache.write_at(&[2; 4096], k(512)).unwrap();
+    assert!(cache.persists_in_place(k(512), k(128)));
+    assert!(!cache
+        .write_in_place_persisted(&[8; 128 << 10], k(512))
+        .unwrap());
+    assert_eq!(lower.bytes(k(512), 128 << 10), vec![3; 128 << 10]);
+    assert_eq!(
+        read(&*cache, k(512), 8192),
+        [vec![2; 4096], vec![3; 4096]].concat()
+    );
+    cache.flush().unwrap();
+    assert_eq!(
+        lower.bytes(k(512), 4096),
+        vec![2; 4096],
+        "the refusal lost a dirty folio"
+    );
+
+    // From the start of the disk, over a dirty folio: it is dropped too.
+    lower.refuse_persist(false);
+    cache.write_at(&[4; 4096], 4096).unwrap();
+    assert!(cache.write_in_place_persisted(&[5; 128 << 10], 0).unwrap());
+    cache.flush().unwrap();
+    assert_eq!(lower.bytes(0, 128 << 10), vec![5; 128 << 10]);
+    assert!(
+        !cache.write_in_place_persisted(&[], k(64)).unwrap(),
+        "an empty write"
+    );
+
+    cache.set_writeback(false).unwrap();
+    assert!(
+        !cache.persists_in_place(k(512), k(128)),
+        "write-through mode"
+    );
+    assert!(!cache
+        .write_in_place_persisted(&[8; 128 << 10], k(512))
+        .unwrap());
+    assert_eq!(lower.persisted_writes().len(), 2);
+}
+
+/// A persisted write that fails below (it may have written part of its range) leaves no clean
+/// cached copy of the range to be read instead of what the disk now holds; a dirty one stays
+/// dirty, to be written again over whatever landed.
+#[test]
+fn a_failed_persisted_write_forgets_clean_copies_and_keeps_dirty_ones() {
+    let (lower, cache) = persisting_cache();
+    assert_eq!(read(&*cache, 64 << 10, 4096), vec![3; 4096]);
+    cache.write_at(&[1; 4096], 128 << 10).unwrap();
+    lower.fail_writes_after_applying(true);
+    assert!(cache
+        .write_in_place_persisted(&[7; 128 << 10], 64 << 10)
+        .is_err());
+    lower.heal();
+    assert_eq!(
+        read(&*cache, 64 << 10, 4096),
+        vec![7; 4096],
+        "a clean copy from before the failed write was read"
+    );
+    cache.flush().unwrap();
+    assert_eq!(
+        lower.bytes(128 << 10, 4096),
+        vec![1; 4096],
+        "the dirty folio was lost"
+    );
+}

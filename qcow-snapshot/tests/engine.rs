@@ -933,3 +933,186 @@ fn an_extended_l2_rewrite_needs_every_touched_subcluster_and_no_allocation_in_fl
     assert!(img.rewrites_in_page_cache(3 * cs, 4096));
     assert!(img.rewrites_in_page_cache(3 * cs + 8192, 4096));
 }
+
+/// A write persists in place (the crash journal then keeps only a marker of it) only where
+/// every cluster it touches is allocated and the image's own and its L2 entry is in the file
+/// (the table clean, the L1 entry naming it too), so that the file as it is at that moment
+/// (what a daemon started after a crash opens) reads the write back. Buffered or O_DIRECT
+/// alike. A refused write writes nothing.
+#[test]
+fn a_write_persists_in_place_only_over_its_own_clusters_with_all_metadata_in_the_file() {
+    let dir = tmp();
+    let path = qemu_create(dir.path(), "p.qcow2", "cluster_size=65536", "1M", &[]);
+    let cs = 65536u64;
+    let img = open_qcow2(&path, false).unwrap();
+    assert!(!img.persists_in_place(0, cs), "an unallocated cluster");
+    img.write_at(&[1; 2 * 65536], 0).unwrap();
+    assert!(
+        !img.persists_in_place(0, cs),
+        "allocated, but its L2 entry is only in memory"
+    );
+    assert!(!img.write_in_place_persisted(&[5; 65536], 0).unwrap());
+    let mut b = vec![0u8; cs as usize];
+    img.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, vec![1; cs as usize], "a refused write wrote something");
+    img.write_back().unwrap();
+    assert!(img.persists_in_place(0, 2 * cs));
+    assert!(img.persists_in_place(cs / 2, cs), "across two clusters");
+    assert!(
+        !img.persists_in_place(cs, 2 * cs),
+        "the third cluster is not allocated"
+    );
+    assert!(!img.persists_in_place(0, 0), "an empty range");
+    assert!(
+        !img.persists_in_place((1 << 20) - 512, 1024),
+        "past the end"
+    );
+    assert!(img.write_in_place_persisted(&[6; 65536], cs / 2).unwrap());
+    let crashed = dir.path().join("crashed.qcow2");
+    std::fs::copy(&path, &crashed).unwrap();
+    {
+        let after = open_qcow2(&crashed, false).unwrap();
+        let mut b = vec![0u8; 2 * cs as usize];
+        after.read_at(&mut b, 0).unwrap();
+        let mut want = vec![1u8; 2 * cs as usize];
+        want[cs as usize / 2..cs as usize * 3 / 2].fill(6);
+        assert_same(&b, &want, "the file after a persisted write");
+    }
+    // An allocation elsewhere in the same L2 table, until the table is in the file.
+    img.write_at(&[2; 65536], 4 * cs).unwrap();
+    assert!(!img.persists_in_place(0, cs));
+    img.flush().unwrap();
+    assert!(img.persists_in_place(0, cs) && img.persists_in_place(4 * cs, cs));
+    // A zeroed cluster that keeps its host cluster is written by allocating it again.
+    img.write_zeroes(cs, cs, false).unwrap();
+    img.flush().unwrap();
+    assert!(!img.persists_in_place(cs, 512));
+    assert!(img.persists_in_place(0, cs));
+    img.close().unwrap();
+    drop(img);
+    let ro = open_qcow2(&path, true).unwrap();
+    assert!(
+        !ro.persists_in_place(0, 512),
+        "a read-only image writes nothing"
+    );
+    assert!(!ro.write_in_place_persisted(&[1; 512], 0).unwrap());
+    drop(ro);
+    let direct = open_qcow2(&path, false).unwrap();
+    if direct.enable_direct().is_ok() {
+        assert!(
+            direct.persists_in_place(0, cs),
+            "a direct write is on the device when it completes"
+        );
+        let mut buf = blockdev::AlignedBuf::zeroed(65536);
+        buf.fill(7);
+        assert!(direct.write_in_place_persisted(&buf, 4 * cs).unwrap());
+        let mut b = vec![0u8; cs as usize];
+        direct.read_at(&mut b, 4 * cs).unwrap();
+        assert_eq!(b, vec![7; cs as usize]);
+    }
+    direct.close().unwrap();
+    drop(direct);
+    qemu_check(&path);
+}
+
+/// Whether a write persists in place depends on its own clusters' L2 table and L1 entry only:
+/// an allocation under another table leaves it persisting, one that needs a new table (a new
+/// L1 entry) or dirties its table does not, until they are in the file.
+#[test]
+fn a_write_persists_in_place_whatever_other_l2_tables_have_in_memory_only() {
+    let dir = tmp();
+    let path = dir.path().join("small.qcow2");
+    create(
+        &path,
+        &CreateOptions {
+            size: 1 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // 512-byte clusters: an L2 table holds 64 entries, 32 KiB of the disk.
+    let table = 32u64 << 10;
+    let img = open_qcow2(&path, false).unwrap();
+    img.write_at(&[1; 8192], 0).unwrap();
+    img.write_at(&[1; 512], table - 512).unwrap();
+    img.flush().unwrap();
+    assert!(img.persists_in_place(0, 8192));
+    assert!(
+        img.persists_in_place(table - 512, 512),
+        "the last cluster of a table, the next table not allocated"
+    );
+    img.write_at(&[2; 512], 3 * table).unwrap();
+    assert!(
+        img.persists_in_place(0, 8192),
+        "a new table and L1 entry elsewhere"
+    );
+    assert!(
+        !img.persists_in_place(3 * table, 512),
+        "its L1 entry is only in memory"
+    );
+    img.write_at(&[3; 512], 8192).unwrap();
+    assert!(!img.persists_in_place(0, 8192), "its table is dirty");
+    img.write_back().unwrap();
+    assert!(img.persists_in_place(0, 8192) && img.persists_in_place(3 * table, 512));
+    assert!(img.write_in_place_persisted(&[4; 512], 3 * table).unwrap());
+    img.close().unwrap();
+    drop(img);
+    qemu_check(&path);
+}
+
+/// Deterministic: a persisted write is stopped inside its data write (metadata lock dropped,
+/// `gate` held). Exactly then another write allocates a cluster under the same L2 table, the
+/// written cluster is discarded and a flush starts: the allocation and the discard go on, but
+/// the flush frees the discarded host cluster only once the persisted write is out, so a
+/// cluster allocated afterwards (which may reuse it) never receives the persisted bytes.
+#[test]
+fn a_persisted_write_in_its_data_write_keeps_its_host_cluster_from_being_freed() {
+    let cs = 65536u64;
+    let (host, img, reached, release) = paused_extended_l2_image(true);
+    img.write_at(&[1; 65536], 0).unwrap();
+    img.flush().unwrap();
+    host.pause_len
+        .store(32768, std::sync::atomic::Ordering::SeqCst);
+    let a = {
+        let img = img.clone();
+        std::thread::spawn(move || img.write_in_place_persisted(&[2; 32768], 0).unwrap())
+    };
+    reached.recv().unwrap();
+    img.write_at(&[3; 65536], 2 * cs).unwrap();
+    img.discard(0, cs).unwrap();
+    let flush = {
+        let img = img.clone();
+        std::thread::spawn(move || img.flush().unwrap())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !flush.is_finished(),
+        "the flush freed the discarded cluster under a persisted write"
+    );
+    release.send(()).unwrap();
+    assert!(
+        a.join().unwrap(),
+        "the persisted write was planned before the discard"
+    );
+    flush.join().unwrap();
+    for gc in 3..8u64 {
+        img.write_at(&[gc as u8 + 10; 65536], gc * cs).unwrap();
+    }
+    let mut b = vec![0u8; cs as usize];
+    for gc in 3..8u64 {
+        img.read_at(&mut b, gc * cs).unwrap();
+        assert!(
+            b.iter().all(|&x| x == gc as u8 + 10),
+            "guest cluster {gc} got bytes of another write"
+        );
+    }
+    img.read_at(&mut b, 2 * cs).unwrap();
+    assert!(b.iter().all(|&x| x == 3));
+    img.read_at(&mut b, 0).unwrap();
+    assert!(
+        b.iter().all(|&x| x == 0),
+        "the discard is the last change of cluster 0"
+    );
+    img.close().unwrap();
+}

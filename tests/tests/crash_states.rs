@@ -12,9 +12,9 @@
 //! A separate test explores images that outgrow their first refcount table (512-byte clusters,
 //! 64-bit refcounts), where new refcount blocks count each other and the table moves.
 //!
-//! `SNAPBLK_CRASH_STATES` (default 3000; the refcount-table test takes a third) and
-//! `SNAPBLK_CRASH_SECS` (default 50) bound the default tests; the `#[ignore]`d soak test
-//! (`make soak`) defaults to 100000 states / 20 minutes. `SNAPBLK_CRASH_SEED` replays a run;
+//! `SNAPBLK_CRASH_STATES` (default 3000; the refcount-table and daemon-kill tests take a
+//! third) and `SNAPBLK_CRASH_SECS` (default 50) bound the default tests; the `#[ignore]`d soak
+//! test (`make soak`) defaults to 100000 states / 20 minutes. `SNAPBLK_CRASH_SEED` replays a run;
 //! `SNAPBLK_CRASH_DUMP=DIR` keeps every failing image for inspection.
 
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use blockdev::BlockDev;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use snapblk_tests::crashsim::{
     crash_states, random_workload, seed_from_env, state_dir, BaseKind, Driver, GuestOp, Overlay,
     Recorder, Referee, StateBudget, WorkloadSpec,
@@ -125,7 +125,16 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 /// A 64 KiB write-back folio cache with 4 KiB folios and a busy flusher over `img`.
 fn small_writeback_cache(img: Arc<qcow_snapshot::QcowImage>) -> Arc<dyn BlockDev> {
+    writeback_cache_bypassing_from(img, cache::CacheConfig::default().bypass_threshold)
+}
+
+/// [`small_writeback_cache`], with writes of `bypass` bytes and more going around it.
+fn writeback_cache_bypassing_from(
+    img: Arc<qcow_snapshot::QcowImage>,
+    bypass: u64,
+) -> Arc<dyn BlockDev> {
     let cfg = cache::CacheConfig {
+        bypass_threshold: bypass,
         folio_size: 4096,
         cache_size: 64 << 10,
         dirty_limit: 32 << 10,
@@ -493,18 +502,45 @@ fn exploration_detects_metadata_written_without_a_sync_barrier() {
     eprintln!("detected as expected: {}", found.unwrap_or_default());
 }
 
+/// `ops` with, after some of its writes, a rewrite of the whole 8 KiB-aligned blocks around
+/// it: where those are allocated and the metadata is in the file, the journal records the
+/// rewrite as a marker over the older write's record.
+fn with_aligned_rewrites(ops: Vec<GuestOp>, disk_size: u64, rng: &mut StdRng) -> Vec<GuestOp> {
+    let mut out = Vec::with_capacity(ops.len() * 2);
+    for op in ops {
+        let rewrite = match op {
+            GuestOp::Write { offset, len, .. } if rng.random_bool(0.4) => {
+                let start = offset & !8191;
+                let end = (offset + len).next_multiple_of(8192).min(disk_size);
+                Some(GuestOp::Write {
+                    offset: start,
+                    len: end - start,
+                    seed: rng.next_u64(),
+                })
+            }
+            _ => None,
+        };
+        out.push(op);
+        out.extend(rewrite);
+    }
+    out
+}
+
 /// Daemon killed, host survives: the page cache keeps every write the daemon made to the image
 /// file (synced or not) and to its crash journal. At random points of a workload through the
 /// full write path (crash journal over the write-back folio cache over the qcow2 engine) the
 /// state is frozen: the image file's current bytes and the journal file's bytes. A new daemon
 /// on that state (engine reopen with leak repair, journal replay) must read back **every
 /// acknowledged write**, flushed or not, and the image must check consistent and close clean.
+/// Half of the rounds send writes from 8 KiB around the folio cache, so that the journal
+/// records those the engine persists in place (allocated clusters, metadata in the file) as
+/// markers. Returns the states explored, a failure, and the writes persisted in place.
 fn run_daemon_kill_round(
     round: Round,
     seed: u64,
     max_states: usize,
     referee: &mut Referee,
-) -> (usize, Option<String>) {
+) -> (usize, Option<String>, u64) {
     use snapblk::journal::{Identity, Journal};
     let dir = state_dir().expect("state dir");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -517,7 +553,12 @@ fn run_daemon_kill_round(
     let rec = Recorder::new(ov.fresh.clone());
     rec.set_recording(false);
     let img = Arc::new(ov.open(Box::new(rec.file())).expect("open fresh overlay"));
-    let cache = small_writeback_cache(img.clone());
+    let bypassing = rng.random_bool(0.5);
+    let cache = if bypassing {
+        writeback_cache_bypassing_from(img.clone(), 8 << 10)
+    } else {
+        small_writeback_cache(img.clone())
+    };
     let id = Identity {
         path: "crashsim-overlay".into(),
         dev: 0,
@@ -534,7 +575,10 @@ fn run_daemon_kill_round(
         weights: [10, 2, 2, 3, 0],
         max_len: (round.cluster_size * 3).min(256 << 10),
     };
-    let ops = random_workload(&spec, &mut rng);
+    let mut ops = random_workload(&spec, &mut rng);
+    if bypassing {
+        ops = with_aligned_rewrites(ops, disk_size, &mut rng);
+    }
     let mut states = Vec::new();
     for (i, op) in ops.iter().enumerate() {
         driver
@@ -550,6 +594,7 @@ fn run_daemon_kill_round(
             states.push((image, journal_bytes, driver.shadow.clone(), i));
         }
     }
+    let persisted = journal.persisted_writes();
     drop(journal);
     drop(img);
     let mut n = 0;
@@ -565,21 +610,35 @@ fn run_daemon_kill_round(
         rec2.set_recording(false);
         let img2 = match ov.open(Box::new(rec2.file())) {
             Ok(i) => Arc::new(i),
-            Err(e) => return (n, fail(format!("the engine cannot reopen the image: {e}"))),
+            Err(e) => {
+                return (
+                    n,
+                    fail(format!("the engine cannot reopen the image: {e}")),
+                    persisted,
+                )
+            }
         };
         let jp2 = dir.path().join(format!("journal-{n}"));
         std::fs::write(&jp2, &journal_bytes).expect("write journal copy");
         let (j2, recovery) = match Journal::open(img2.clone() as Arc<dyn BlockDev>, &jp2, &id, seg)
         {
             Ok(x) => x,
-            Err(e) => return (n, fail(format!("replay failed: {e}"))),
+            Err(e) => return (n, fail(format!("replay failed: {e}")), persisted),
         };
         if let Some(why) = recovery.refused {
-            return (n, fail(format!("the journal was refused: {why}")));
+            return (
+                n,
+                fail(format!("the journal was refused: {why}")),
+                persisted,
+            );
         }
         drop(j2);
         if let Err(e) = img2.close() {
-            return (n, fail(format!("clean close after replay failed: {e}")));
+            return (
+                n,
+                fail(format!("clean close after replay failed: {e}")),
+                persisted,
+            );
         }
         drop(img2);
         let exp = snapblk_tests::crashsim::Expectation {
@@ -593,25 +652,29 @@ fn run_daemon_kill_round(
                     "after replaying {} record(s): {e}",
                     recovery.replayed
                 )),
+                persisted,
             );
         }
     }
-    (n, None)
+    (n, None, persisted)
 }
 
 #[test]
 fn daemon_killed_host_survives_every_acknowledged_write_reads_back_after_replay() {
     let test = "daemon_killed_host_survives";
     let seed = seed_from_env(test);
-    let states = env_usize("SNAPBLK_CRASH_STATES", 3000) / 10;
+    // A third of the budget: markers of writes persisted in place over older records are
+    // rare in a random workload, and a broken replay of them showed within 1000 states.
+    let states = env_usize("SNAPBLK_CRASH_STATES", 3000) / 3;
     let secs = env_usize("SNAPBLK_CRASH_SECS", 50) as u64 / 3;
     let deadline = Instant::now() + Duration::from_secs(secs);
     let dir = state_dir().expect("state dir");
     let mut referee = Referee::new(dir.path(), 12);
     let (mut total, mut rounds, mut failures) = (0, 0usize, Vec::new());
+    let mut persisted = 0;
     while total < states && Instant::now() < deadline {
         let round = ROUNDS[rounds % ROUNDS.len()];
-        let (n, failure) = run_daemon_kill_round(
+        let (n, failure, p) = run_daemon_kill_round(
             round,
             seed.wrapping_add(rounds as u64),
             states - total,
@@ -619,13 +682,18 @@ fn daemon_killed_host_survives_every_acknowledged_write_reads_back_after_replay(
         );
         total += n;
         failures.extend(failure);
+        persisted += p;
         rounds += 1;
     }
     println!(
-        "daemon-kill states explored: {total} ({rounds} workloads, {} checked by qemu-img, {} failed)",
+        "daemon-kill states explored: {total} ({rounds} workloads, {persisted} writes persisted in place, {} checked by qemu-img, {} failed)",
         referee.qemu_runs,
         failures.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n=====\n"));
     assert!(total > 0);
+    assert!(
+        persisted > 0 || rounds < 4,
+        "no write was persisted in place: the markers went unexplored"
+    );
 }

@@ -84,6 +84,18 @@ fn open_overlay(
 
 /// Runs the checker on the overlay (under a cache if `cache` is set) with crash snapshots.
 fn check(cluster_size: u64, cache: Option<CacheConfig>, lin: LinConfig, fail_every: u64) {
+    check_stack(cluster_size, cache, lin, fail_every, false);
+}
+
+/// [`check`], with the daemon's crash journal on top if `journal` is set; returns how many
+/// writes the journal recorded as markers of writes persisted in place.
+fn check_stack(
+    cluster_size: u64,
+    cache: Option<CacheConfig>,
+    lin: LinConfig,
+    fail_every: u64,
+    journal: bool,
+) -> u64 {
     let chain = chain(cluster_size);
     let delays = Arc::new(Delays::new(lin.seed));
     let file = ChaosFile::new(chain.overlay.clone(), delays.clone(), fail_every);
@@ -91,6 +103,22 @@ fn check(cluster_size: u64, cache: Option<CacheConfig>, lin: LinConfig, fail_eve
     let dev: Arc<dyn BlockDev> = match &cache {
         Some(cfg) => FolioCache::new(ChaosDev::new(img.clone(), delays), cfg.clone()).unwrap(),
         None => img.clone(),
+    };
+    let jdir = tempfile::tempdir().unwrap();
+    let journal = journal.then(|| {
+        let id = snapblk::journal::Identity {
+            path: "lincheck-overlay".into(),
+            dev: 0,
+            ino: 1,
+        };
+        let (j, _) =
+            snapblk::journal::Journal::open(dev.clone(), &jdir.path().join("j"), &id, 1 << 20)
+                .unwrap();
+        Arc::new(j)
+    });
+    let dev: Arc<dyn BlockDev> = match &journal {
+        Some(j) => j.clone(),
+        None => dev,
     };
     let take = || -> blockdev::Result<Arc<dyn BlockDev>> {
         let snap = MemHost::new(file.durable());
@@ -107,8 +135,11 @@ fn check(cluster_size: u64, cache: Option<CacheConfig>, lin: LinConfig, fail_eve
         Err(e) => panic!("{e} (failed fdatasyncs so far: {failed_syncs})"),
     }
     assert!(!img.is_poisoned(), "a replay failed");
+    let persisted = journal.as_ref().map_or(0, |j| j.persisted_writes());
     drop(dev);
+    drop(journal);
     img.close().unwrap();
+    persisted
 }
 
 fn tiny_cache(bypass: u64) -> CacheConfig {
@@ -137,6 +168,20 @@ fn lin(large_len: u64) -> LinConfig {
 #[test]
 fn full_stack_reads_see_the_last_completed_or_a_concurrent_write_and_crashes_keep_flushed_data() {
     check(4096, Some(tiny_cache(32 << 10)), lin(32 << 10), 5);
+}
+
+/// The same under the crash journal, where writes of 32 KiB into allocated clusters whose L2
+/// entries are in the file are persisted in place below and recorded as markers: those must
+/// order like any write against the reads, writes and zaps around them.
+#[test]
+fn under_the_crash_journal_writes_persisted_in_place_stay_linearizable() {
+    let cfg = LinConfig {
+        large_align: 4096,
+        ..lin(32 << 10)
+    };
+    let persisted = check_stack(4096, Some(tiny_cache(32 << 10)), cfg, 5, true);
+    eprintln!("writes persisted in place: {persisted}");
+    assert!(persisted > 0, "no write was persisted in place");
 }
 
 #[test]

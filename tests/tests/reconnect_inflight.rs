@@ -38,6 +38,8 @@ const NREQ: u16 = 8;
 const DISK: u64 = 16 << 20;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VIRTIO_BLK_F_FLUSH: the driver sends FLUSHes, so the device runs in write-back mode.
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 
 /// Guest memory: a memfd mapped in this process.
 struct GuestMem {
@@ -92,25 +94,32 @@ impl GuestMem {
     }
 }
 
-fn pattern(i: u16) -> Vec<u8> {
-    (0..REQ_BYTES)
+/// Bytes of request `i`, `len` of them.
+fn pattern(i: u16, len: usize) -> Vec<u8> {
+    (0..len)
         .map(|b| (b as u8).wrapping_mul(31) ^ (i as u8).wrapping_add(1))
         .collect()
 }
 
-/// Lays out `NREQ` write requests (3 descriptors each) and publishes them in the avail ring.
-fn submit_requests(m: &GuestMem) {
+/// Where request `i` of `len` bytes writes: 32 KiB apart, or `len` apart if larger.
+fn request_offset(i: u16, len: usize) -> u64 {
+    u64::from(i) * len.max(32 << 10) as u64
+}
+
+/// Lays out `NREQ` write requests of `len` bytes (3 descriptors each) and publishes them in the
+/// avail ring.
+fn submit_requests(m: &GuestMem, len: usize) {
     for i in 0..NREQ {
         let head = 3 * i;
         let hdr = HDR + u64::from(i) * 64;
-        let data = DATA + u64::from(i) * REQ_BYTES as u64;
+        let data = DATA + u64::from(i) * len as u64;
         let status = STATUS + u64::from(i);
         let mut h = Vec::new();
         h.extend_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
         h.extend_from_slice(&0u32.to_le_bytes());
-        h.extend_from_slice(&(u64::from(i) * 64).to_le_bytes()); // sector: 32 KiB apart
+        h.extend_from_slice(&(request_offset(i, len) / 512).to_le_bytes()); // sector
         m.write(hdr, &h);
-        m.write(data, &pattern(i));
+        m.write(data, &pattern(i, len));
         m.write(status, &[0xff]);
         let desc = |idx: u16, addr: u64, len: u32, flags: u16, next: u16| {
             let mut d = Vec::new();
@@ -121,7 +130,7 @@ fn submit_requests(m: &GuestMem) {
             m.write(DESC + u64::from(idx) * 16, &d);
         };
         desc(head, hdr, 16, 1, head + 1);
-        desc(head + 1, data, REQ_BYTES as u32, 1, head + 2);
+        desc(head + 1, data, len as u32, 1, head + 2);
         desc(head + 2, status, 1, 2, 0);
         m.write(AVAIL + 4 + u64::from(i) * 2, &head.to_le_bytes());
     }
@@ -184,18 +193,21 @@ fn start_daemon(image: &Path, socket: &Path, log: &Path, abort_at: Option<&str>)
 }
 
 /// One frontend connection set up as QEMU does after (re)connecting; `inflight` is fetched
-/// from the backend the first time and handed back on every later connection.
+/// from the backend the first time and handed back on every later connection. With
+/// `write_back` the driver acknowledges VIRTIO_BLK_F_FLUSH (else the device is write-through).
 fn connect(
     socket: &Path,
     m: &GuestMem,
     inflight: &mut Option<(VhostUserInflight, File)>,
     base: u16,
+    write_back: bool,
 ) -> (Frontend, EventFd, EventFd) {
     let mut fe = Frontend::connect(socket, 1).expect("connect");
     fe.set_owner().unwrap();
     let features = fe.get_features().unwrap();
     assert_ne!(features & F_PROTOCOL_FEATURES, 0);
-    fe.set_features(VIRTIO_F_VERSION_1 | F_PROTOCOL_FEATURES)
+    let flush = if write_back { VIRTIO_BLK_F_FLUSH } else { 0 };
+    fe.set_features(VIRTIO_F_VERSION_1 | F_PROTOCOL_FEATURES | flush)
         .unwrap();
     let pf = fe.get_protocol_features().unwrap();
     assert!(
@@ -259,6 +271,11 @@ fn wait_exit(d: &mut Daemon, limit: Duration) -> std::process::ExitStatus {
 }
 
 fn die_at_and_recover(stage: &str, nth: usize) {
+    die_at_and_recover_with(stage, nth, REQ_BYTES, false);
+}
+
+/// [`die_at_and_recover`] with requests of `len` bytes, in write-back mode if `write_back`.
+fn die_at_and_recover_with(stage: &str, nth: usize, len: usize, write_back: bool) {
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
@@ -269,8 +286,8 @@ fn die_at_and_recover(stage: &str, nth: usize) {
     let mut inflight = None;
 
     let mut first = start_daemon(&image, &socket, &log, Some(&format!("{stage}:{nth}")));
-    let (fe, kick, _call) = connect(&socket, &m, &mut inflight, 0);
-    submit_requests(&m);
+    let (fe, kick, _call) = connect(&socket, &m, &mut inflight, 0, write_back);
+    submit_requests(&m, len);
     kick.write(1).unwrap();
     let st = wait_exit(&mut first, Duration::from_secs(20));
     assert_eq!(
@@ -288,7 +305,7 @@ fn die_at_and_recover(stage: &str, nth: usize) {
 
     // QEMU restores the ring base from the used index after losing the backend.
     let mut second = start_daemon(&image, &socket, &log, None);
-    let (fe, _kick, _call) = connect(&socket, &m, &mut inflight, used_at_death);
+    let (fe, _kick, _call) = connect(&socket, &m, &mut inflight, used_at_death, write_back);
     // No kick: the guest is waiting for completions and would not send one.
     let deadline = Instant::now() + Duration::from_secs(20);
     while m.used_idx() < NREQ {
@@ -335,10 +352,10 @@ fn die_at_and_recover(stage: &str, nth: usize) {
     assert!(st.success(), "second daemon: {st}");
     let img = File::open(&image).unwrap();
     for i in 0..NREQ {
-        let mut b = vec![0; REQ_BYTES];
-        img.read_exact_at(&mut b, u64::from(i) * 64 * 512).unwrap();
+        let mut b = vec![0; len];
+        img.read_exact_at(&mut b, request_offset(i, len)).unwrap();
         assert!(
-            b == pattern(i),
+            b == pattern(i, len),
             "{stage}:{nth}: request {i}'s data is not in the image"
         );
     }
@@ -360,6 +377,14 @@ fn a_request_popped_but_not_executed_is_done_exactly_once_after_a_crash() {
 #[test]
 fn a_write_in_the_journal_but_not_below_it_is_done_exactly_once_after_a_crash() {
     die_at_and_recover("executing", 4);
+}
+
+/// A 128 KiB write of a raw image in write-back mode is persisted in place (the crash journal
+/// records a marker after it): the daemon dies with the fourth one in the file and no marker
+/// yet.
+#[test]
+fn a_write_in_place_but_not_yet_marked_in_the_journal_is_done_exactly_once_after_a_crash() {
+    die_at_and_recover_with("persisted", 4, 128 << 10, true);
 }
 
 #[test]

@@ -72,7 +72,10 @@
 //!   copied before the lower read). The
 //!   whole folios of a large write are registered like a zap, in-flight writebacks of them
 //!   finish, one lower write follows, and then their cached copies are dropped; the partial
-//!   folios at its ends go through the cache.
+//!   folios at its ends go through the cache. A write the layer above wants persisted in place
+//!   (`BlockDev::write_in_place_persisted`, the crash journal's marker path) takes the same
+//!   route when it is whole folios the cache would send around itself, in write-back mode; if
+//!   the lower layer refuses it, nothing changes.
 //!
 //! # Files
 //! This file holds the state, the public face and the `BlockDev` implementation; each part of
@@ -572,6 +575,14 @@ impl BlockDev for FolioCache {
 
     fn is_read_only(&self) -> bool {
         self.inner.read_only
+    }
+
+    fn persists_in_place(&self, offset: u64, len: u64) -> bool {
+        self.inner.persists_in_place(offset, len)
+    }
+
+    fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        self.inner.write_in_place_persisted(buf, offset)
     }
 }
 

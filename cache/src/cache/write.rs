@@ -61,39 +61,95 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes whole folios `[offset, offset + buf.len())` straight to the lower layer. The range
-    /// is registered like a zap (fills of it are not installed, writebacks are deferred) and
-    /// in-flight writebacks of its cached folios finish first, so no older snapshot can land
-    /// after this write. Once it is down, the cached copies are dropped. If it fails, dirty
-    /// sectors stay dirty (they are retried over whatever reached the disk) and clean copies are
-    /// forgotten.
+    /// Writes whole folios `[offset, offset + buf.len())` straight to the lower layer (see
+    /// [`Inner::bypass_with`]).
     pub(super) fn write_bypass(&self, buf: &[u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
+        self.bypass_with(offset, end, || {
+            self.lower.write_uncached_at(buf, offset).map(|()| true)
+        })
+        .map(|_| ())
+    }
+
+    /// Whether a write of `[offset, offset + len)` goes down with
+    /// [`BlockDev::write_in_place_persisted`]: in write-back mode, whole folios that the cache
+    /// sends around itself anyway ([`Inner::bypasses_write`]), where the lower layer persists
+    /// them in place.
+    pub(super) fn persists_in_place(&self, offset: u64, len: u64) -> bool {
+        self.may_persist(offset, len)
+            && self.bypasses_write(len, offset, offset + len)
+            && self.lower.persists_in_place(offset, len)
+    }
+
+    /// Whole folios of a writable cache in write-back mode: the range a persisted write may
+    /// take.
+    fn may_persist(&self, offset: u64, len: u64) -> bool {
+        let fmask = self.folio_size as u64 - 1;
+        let end = offset.saturating_add(len);
+        !self.read_only
+            && self.wce.load(Ordering::SeqCst)
+            && len > 0
+            && check_range(offset, len, self.size).is_ok()
+            && offset & fmask == 0
+            && (end & fmask == 0 || end == self.size)
+    }
+
+    /// A write the lower layer persists in place ([`BlockDev::write_in_place_persisted`]),
+    /// around the cache like any bypass: afterwards no folio holds a dirty or stale copy of the
+    /// range. `Ok(false)` (not whole folios, write-through mode, or the lower layer refused)
+    /// changes nothing.
+    pub(super) fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        if !self.may_persist(offset, buf.len() as u64) {
+            return Ok(false);
+        }
+        let end = offset + buf.len() as u64;
+        self.bypass_with(offset, end, || {
+            self.lower.write_in_place_persisted(buf, offset)
+        })
+    }
+
+    /// Runs `write`, a lower write of the whole folios `[offset, end)`, around the cache. The
+    /// range is registered like a zap (fills of it are not installed, writebacks are deferred)
+    /// and in-flight writebacks of its cached folios finish first, so no older snapshot can
+    /// land after this write. Once it is down, the cached copies are dropped. If it fails,
+    /// dirty sectors stay dirty (they are retried over whatever reached the disk) and clean
+    /// copies are forgotten. If it says `Ok(false)` (it wrote nothing), the folios stay as
+    /// they are.
+    fn bypass_with(
+        &self,
+        offset: u64,
+        end: u64,
+        write: impl FnOnce() -> Result<bool>,
+    ) -> Result<bool> {
         let id = self.register_zap(offset, end);
         let pinned = self.cached_in_range(offset, end);
         self.hook(HookPoint::BeforeLowerZap, offset >> self.folio_shift);
         for f in &pinned {
             drop(f.wait_writeback(f.lock()));
         }
-        let result = self.lower.write_uncached_at(buf, offset);
-        for f in &pinned {
-            let mut st = f.wait_writeback(f.lock());
-            let n = f.sectors();
-            if result.is_ok() {
-                st.uptodate.clear(0, n);
-                st.dirty.clear(0, n);
-            } else {
-                for s in 0..n {
-                    if !st.dirty.get(s) {
-                        st.uptodate.clear(s, s + 1);
+        let result = write();
+        if !matches!(result, Ok(false)) {
+            for f in &pinned {
+                let mut st = f.wait_writeback(f.lock());
+                let n = f.sectors();
+                if result.is_ok() {
+                    st.uptodate.clear(0, n);
+                    st.dirty.clear(0, n);
+                } else {
+                    for s in 0..n {
+                        if !st.dirty.get(s) {
+                            st.uptodate.clear(s, s + 1);
+                        }
                     }
                 }
+                self.maybe_clean(f, &mut st);
             }
-            self.maybe_clean(f, &mut st);
         }
         drop(pinned);
         self.unregister_zap(id);
-        self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
+        if matches!(result, Ok(true)) {
+            self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
+        }
         result
     }
 

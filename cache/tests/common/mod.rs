@@ -75,6 +75,12 @@ pub struct FaultyDisk {
     asked_in_place: Mutex<Vec<(u64, u64)>>,
     /// Runs once, on the asking thread, right after the next `rewrites_in_page_cache` answered.
     after_in_place: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Ranges whose writes `persists_in_place` and `write_in_place_persisted` take (none at
+    /// first), unless `refuse_persist`.
+    persist: Mutex<Vec<(u64, u64)>>,
+    refuse_persist: AtomicBool,
+    /// (offset, length) of every write `write_in_place_persisted` took, in order.
+    persisted: Mutex<Vec<(u64, usize)>>,
 }
 
 impl std::fmt::Debug for FaultyDisk {
@@ -113,12 +119,32 @@ impl FaultyDisk {
             in_place: Mutex::new(Vec::new()),
             asked_in_place: Mutex::new(Vec::new()),
             after_in_place: Mutex::new(None),
+            persist: Mutex::new(Vec::new()),
+            refuse_persist: AtomicBool::new(false),
+            persisted: Mutex::new(Vec::new()),
         })
     }
 
     /// From now on `rewrites_in_page_cache` says yes to writes inside `[offset, offset + len)`.
     pub fn answer_in_page_cache(&self, offset: u64, len: u64) {
         self.in_place.lock().unwrap().push((offset, offset + len));
+    }
+
+    /// From now on writes inside `[offset, offset + len)` persist in place
+    /// (`write_in_place_persisted` takes them).
+    pub fn answer_persisted(&self, offset: u64, len: u64) {
+        self.persist.lock().unwrap().push((offset, offset + len));
+    }
+
+    /// `write_in_place_persisted` refuses everything (`Ok(false)`, nothing written) while set,
+    /// although `persists_in_place` still says yes.
+    pub fn refuse_persist(&self, refuse: bool) {
+        self.refuse_persist.store(refuse, Ordering::SeqCst);
+    }
+
+    /// (offset, length) of every write persisted in place so far, in order.
+    pub fn persisted_writes(&self) -> Vec<(u64, usize)> {
+        self.persisted.lock().unwrap().clone()
     }
 
     /// (offset, length) of every `rewrites_in_page_cache` question so far, in order.
@@ -294,6 +320,25 @@ impl BlockDev for FaultyDisk {
             f();
         }
         yes
+    }
+
+    fn persists_in_place(&self, offset: u64, len: u64) -> bool {
+        self.persist
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(a, b)| a <= offset && offset + len <= b)
+    }
+
+    fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        if self.refuse_persist.load(Ordering::SeqCst)
+            || !self.persists_in_place(offset, buf.len() as u64)
+        {
+            return Ok(false);
+        }
+        self.write_at(buf, offset)?;
+        self.persisted.lock().unwrap().push((offset, buf.len()));
+        Ok(true)
     }
 
     fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {

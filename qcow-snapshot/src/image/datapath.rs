@@ -482,28 +482,54 @@ impl QcowImage {
     }
 
     /// Whether a write of `[offset, offset + len)` would go in place in every cluster it
-    /// touches (for `BlockDev::rewrites_in_page_cache`): each one allocated, this image's own
-    /// (not shared with a snapshot, not compressed; with extended L2 entries every touched
-    /// subcluster allocated) and not being allocated by a write in flight. Read under `gate` and the
-    /// metadata lock like a write's plan, and stale as soon as they are released.
+    /// touches (for `BlockDev::rewrites_in_page_cache`): see [`QcowImage::in_place_steps`].
+    /// Read under `gate` and the metadata lock like a write's plan, and stale as soon as they
+    /// are released.
     pub(super) fn rewrites_in_place_inner(&self, offset: u64, len: u64) -> bool {
+        let mut m = self.lock();
+        self.in_place_steps(&mut m, offset, len).is_some()
+    }
+
+    /// The steps of a write of `[offset, offset + len)` if it goes in place in every cluster
+    /// it touches: each one allocated, this image's own (not shared with a snapshot, not
+    /// compressed; with extended L2 entries every touched subcluster allocated) and not being
+    /// allocated by a write in flight. `None` otherwise. Changes nothing but the L2 table
+    /// cache.
+    pub(super) fn in_place_steps(&self, m: &mut Meta, offset: u64, len: u64) -> Option<Vec<Step>> {
         let cs = self.geo.cluster_size();
         let end = offset + len;
-        let mut m = self.lock();
+        let mut steps = Vec::new();
         let mut pos = offset;
         while pos < end {
             let gc = pos >> self.geo.cluster_bits;
             let n = (cs - (pos & (cs - 1))).min(end - pos);
             if m.inflight.contains(&gc) {
-                return false;
+                return None;
             }
-            match self.step_for(&mut m, gc, pos, n) {
-                Ok(Step::Direct { .. }) => {}
-                _ => return false,
+            match self.step_for(m, gc, pos, n) {
+                Ok(s @ Step::Direct { .. }) => steps.push(s),
+                _ => return None,
             }
             pos += n;
         }
-        true
+        Some(steps)
+    }
+
+    /// The steps of a write of `[offset, offset + len)` that persists in place
+    /// (`BlockDev::write_in_place_persisted`): in place as [`QcowImage::in_place_steps`] says,
+    /// and with the L2 entry of every cluster it touches in the file ([`Meta::entry_in_file`]),
+    /// so a restarted daemon finds those clusters where this write puts its bytes. A request
+    /// in flight elsewhere may dirty the same L2 table after the answer: it changes no entry of
+    /// these clusters (a change to them overlaps this write, which the layers above keep
+    /// apart), so the file's copy of the table still names them. Under `gate` and the metadata
+    /// lock.
+    pub(super) fn persisted_steps(&self, m: &mut Meta, offset: u64, len: u64) -> Option<Vec<Step>> {
+        let steps = self.in_place_steps(m, offset, len)?;
+        let first = offset >> self.geo.cluster_bits;
+        let last = (offset + len - 1) >> self.geo.cluster_bits;
+        (first..=last)
+            .all(|gc| m.entry_in_file(gc))
+            .then_some(steps)
     }
 
     /// The plan of a write of `len` bytes at `offset` (under the metadata lock): the clusters

@@ -102,6 +102,21 @@ impl Meta {
         Ok((raw, bitmap))
     }
 
+    /// Whether the L2 entry of guest cluster `gc` is in the file as it is in memory: the L1
+    /// entry naming its table is not dirty, and the table is cached clean (a dirty table is
+    /// never evicted, so one not cached is clean too). Every flush and write-back writes the
+    /// refcount blocks, and the refcount-table entries reaching them, before the L2 tables
+    /// that name their clusters, and a table becomes clean only once its copy in the file is
+    /// what memory holds: the clusters of a clean entry are counted in the file as well.
+    pub(super) fn entry_in_file(&self, gc: u64) -> bool {
+        let l1i = (gc / self.geo.l2_entries()) as usize;
+        if self.l1_dirty.contains(&l1i) {
+            return false;
+        }
+        let off = self.l1.get(l1i).map_or(0, |&e| l1_entry_offset(e));
+        off != 0 && self.l2.get(&off).is_none_or(|t| !t.dirty)
+    }
+
     /// The decoded, validated L2 entry of guest cluster `gc`.
     pub(super) fn entry(&mut self, io: &dyn HostFile, gc: u64) -> Result<L2Entry> {
         Ok(self.sub_entry(io, gc)?.0)

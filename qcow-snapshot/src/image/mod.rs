@@ -518,6 +518,47 @@ impl BlockDev for QcowImage {
         self.rewrites_in_place_inner(offset, len)
     }
 
+    /// In place, with the L2 entries of its clusters in the file
+    /// ([`QcowImage::persisted_steps`]), buffered or O_DIRECT: a completed write is then with
+    /// the kernel or on the device, and the file names where.
+    fn persists_in_place(&self, offset: u64, len: u64) -> bool {
+        if self.read_only
+            || len == 0
+            || self.check_usable().is_err()
+            || check_range(offset, len, self.size).is_err()
+        {
+            return false;
+        }
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.lock();
+        self.persisted_steps(&mut m, offset, len).is_some()
+    }
+
+    /// The write of [`BlockDev::write_uncached_at`] (large ones direct where the file sends
+    /// them so), taken only where the plan is all in place with the L2 entries in the file;
+    /// the steps are planned and written under one hold of `gate`.
+    fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        if self.read_only
+            || buf.is_empty()
+            || check_range(offset, buf.len() as u64, self.size).is_err()
+        {
+            return Ok(false);
+        }
+        self.check_writable()?;
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let steps = {
+            let mut m = self.lock();
+            match self.persisted_steps(&mut m, offset, buf.len() as u64) {
+                Some(s) => s,
+                None => return Ok(false),
+            }
+        };
+        let r = self.write_data(buf, offset, &steps, None, Rewrite::Uncached);
+        self.wrote_data();
+        drop(_g);
+        self.finish(r).map(|()| true)
+    }
+
     fn plan_read(&self, offset: u64, len: u64) -> Option<ReadPlan> {
         self.check_usable().ok()?;
         check_range(offset, len, self.size).ok()?;
