@@ -530,57 +530,73 @@ fn sigkill_after_background_trims_on_a_fresh_qcow2_image_keeps_every_acknowledge
     sigkill_after_background_trims(true);
 }
 
-/// A daemon over a new image of `size` bytes in `dir` with a crash journal beside it: a qcow2
-/// image or a raw file, empty, or with every byte `fill` (a qcow2 image then has every cluster
-/// allocated and named in the file, as a long-used overlay's are). Returns the binary, the
-/// image, the `serve` arguments of both daemons and the first daemon.
-fn journaled_daemon(
-    dir: &Path,
-    size: u64,
-    qcow2: bool,
-    fill: Option<u8>,
-) -> (PathBuf, PathBuf, Vec<String>, Daemon) {
-    let bin = match snapblk_tests::guest::snapblk_binary() {
-        Ok(b) => b,
-        Err(e) => panic!("no snapblk binary: {e}"),
-    };
-    let (image, format) = if qcow2 {
-        let p = dir.join("disk.qcow2");
-        let opts = qcow_snapshot::CreateOptions {
-            size,
-            ..Default::default()
+/// A new image with a crash journal beside it, for daemons started on it one after another.
+struct JournaledImage {
+    bin: PathBuf,
+    dir: PathBuf,
+    image: PathBuf,
+    /// `--format` and `--crash-journal` with their values.
+    args: Vec<String>,
+}
+
+impl JournaledImage {
+    /// An image of `size` bytes in `dir`: a qcow2 image or a raw file, empty, or with every
+    /// byte `fill` (a qcow2 image then has every cluster allocated and named in the file, as a
+    /// long-used overlay's are).
+    fn new(dir: &Path, size: u64, qcow2: bool, fill: Option<u8>) -> Self {
+        let bin = match snapblk_tests::guest::snapblk_binary() {
+            Ok(b) => b,
+            Err(e) => panic!("no snapblk binary: {e}"),
         };
-        qcow_snapshot::create(&p, &opts).expect("create image");
-        if let Some(b) = fill {
-            let img = qcow_snapshot::open_qcow2(&p, false).expect("open image");
-            blockdev::BlockDev::write_at(&img, &vec![b; size as usize], 0).expect("fill");
-            img.close().expect("close");
+        let (image, format) = if qcow2 {
+            let p = dir.join("disk.qcow2");
+            let opts = qcow_snapshot::CreateOptions {
+                size,
+                ..Default::default()
+            };
+            qcow_snapshot::create(&p, &opts).expect("create image");
+            if let Some(b) = fill {
+                let img = qcow_snapshot::open_qcow2(&p, false).expect("open image");
+                blockdev::BlockDev::write_at(&img, &vec![b; size as usize], 0).expect("fill");
+                img.close().expect("close");
+            }
+            (p, "qcow2")
+        } else {
+            let p = dir.join("disk.raw");
+            let f = fs::File::create(&p).expect("image");
+            f.set_len(size).expect("image size");
+            if let Some(b) = fill {
+                std::os::unix::fs::FileExt::write_all_at(&f, &vec![b; size as usize], 0)
+                    .expect("fill");
+            }
+            (p, "raw")
+        };
+        let journal = dir.join("disk.journal");
+        let args = vec![
+            "--format".to_string(),
+            format.to_string(),
+            "--crash-journal".to_string(),
+            journal.to_str().expect("utf-8 path").to_string(),
+        ];
+        JournaledImage {
+            bin,
+            dir: dir.to_path_buf(),
+            image,
+            args,
         }
-        (p, "qcow2")
-    } else {
-        let p = dir.join("disk.raw");
-        let f = fs::File::create(&p).expect("image");
-        f.set_len(size).expect("image size");
-        if let Some(b) = fill {
-            std::os::unix::fs::FileExt::write_all_at(&f, &vec![b; size as usize], 0).expect("fill");
-        }
-        (p, "raw")
-    };
-    let journal = dir.join("disk.journal");
-    let extra: Vec<String> = ["--format", format, "--crash-journal"]
-        .iter()
-        .map(|a| a.to_string())
-        .chain([journal.to_str().expect("utf-8 path").to_string()])
-        .collect();
-    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let d = Daemon::start(&bin, &image, dir, "a", 1, &args);
-    (bin, image, extra, d)
+    }
+
+    /// A daemon on the image, one queue, its socket and log named after `tag`.
+    fn start(&self, tag: &str) -> Daemon {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Daemon::start(&self.bin, &self.image, &self.dir, tag, 1, &args)
+    }
 }
 
 fn sigkill_after_background_trims(qcow2: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (bin, image, extra, mut d) = journaled_daemon(dir.path(), 192 << 20, qcow2, None);
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let disk = JournaledImage::new(dir.path(), 192 << 20, qcow2, None);
+    let mut d = disk.start("a");
     let c = d.connect(1);
     // 160 MiB of 64 KiB writes (cached: below the bypass size), no FLUSH: more than the
     // journal's two 64 MiB segments, so at least one was trimmed in the background.
@@ -600,7 +616,7 @@ fn sigkill_after_background_trims(qcow2: bool) {
     drop(c);
     let log = d.log_text();
     drop(d);
-    let d = Daemon::start(&bin, &image, dir.path(), "b", 1, &extra);
+    let d = disk.start("b");
     let c = d.connect(1);
     let mut back = vec![0u8; chunk];
     for i in 0..n {
@@ -621,7 +637,7 @@ fn sigkill_after_background_trims(qcow2: bool) {
         "the second daemon did not replay the journal: {second}"
     );
     if qcow2 && have_qemu_img() {
-        let (code, text) = qemu_img_check(&image).expect("qemu-img check");
+        let (code, text) = qemu_img_check(&disk.image).expect("qemu-img check");
         assert_eq!(code, 0, "qemu-img check after the restart: {text}");
     }
 }
@@ -645,8 +661,8 @@ fn sigkill_after_rewrites_persisted_in_place_keeps_the_newest_data_on_a_qcow2_im
 fn sigkill_after_persisted_rewrites(qcow2: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let size: u64 = 16 << 20;
-    let (bin, image, extra, mut d) = journaled_daemon(dir.path(), size, qcow2, Some(0xee));
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let disk = JournaledImage::new(dir.path(), size, qcow2, Some(0xee));
+    let mut d = disk.start("a");
     let c = d.connect(1);
     let mut shadow = vec![0xeeu8; size as usize];
     let mut write = |off: u64, len: usize, seed: u64| {
@@ -672,7 +688,7 @@ fn sigkill_after_persisted_rewrites(qcow2: bool) {
     drop(c);
     let first = d.log_text();
     drop(d);
-    let d = Daemon::start(&bin, &image, dir.path(), "b", 1, &extra);
+    let d = disk.start("b");
     let c = d.connect(1);
     let second = d.log_text();
     let mut back = vec![0u8; 64 << 10];
@@ -693,7 +709,7 @@ fn sigkill_after_persisted_rewrites(qcow2: bool) {
     );
     assert!(d.stop() == Some(0));
     if qcow2 && have_qemu_img() {
-        let (code, text) = qemu_img_check(&image).expect("qemu-img check");
+        let (code, text) = qemu_img_check(&disk.image).expect("qemu-img check");
         assert_eq!(code, 0, "qemu-img check after the restart: {text}");
     }
 }
