@@ -370,6 +370,7 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
     let cache = FolioCache::new(dev, cfg)?;
     // The crash journal sits below the probed-raw guard (a refused write is never journaled)
     // and above the cache; it replays what a crashed daemon left before anything is served.
+    let mut journal = None;
     let journaled: Arc<dyn BlockDev> = match args.effective_crash_journal() {
         Some(path) => {
             let jerr = |source| OpenDiskError::Journal {
@@ -392,6 +393,7 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
                     j.rebind(p);
                 }
             }));
+            journal = Some(j.clone());
             j
         }
         None => {
@@ -429,6 +431,7 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
     Ok(ServedDisk {
         live: Arc::new(crate::live::Live::new(
             cache.clone(),
+            journal,
             chain,
             mode_policy.clone(),
             info,

@@ -188,6 +188,28 @@ pub struct Recovery {
     pub refused: Option<String>,
 }
 
+/// The journal's counters since the daemon started, for `query-stats` and `--metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Records appended: writes with their data, discards, write-zeroes and markers.
+    pub records: u64,
+    /// Bytes appended to the journal file (record headers and data).
+    pub record_bytes: u64,
+    /// Writes the stack below persisted in place, recorded as markers without their data.
+    pub persisted_writes: u64,
+    /// Bytes of records the journal holds now (both segments): what a replay would read.
+    pub held_bytes: u64,
+    /// Segments emptied by flushes.
+    pub trims: u64,
+    /// Times a writer found both segments full and waited for a trim.
+    pub waits_for_room: u64,
+    /// Records a crashed daemon had left, replayed at start, and their bytes of data.
+    pub replayed_records: u64,
+    pub replayed_bytes: u64,
+    /// Writes are refused (an untrusted journal at start, or a journal poisoned since).
+    pub refusing: bool,
+}
+
 struct State {
     /// The segment new records go to.
     active: usize,
@@ -214,6 +236,9 @@ struct State {
     waits_for_room: u64,
     /// Writes persisted in place below, recorded as markers.
     persisted: u64,
+    /// Records appended since the start (markers included), and their bytes with headers.
+    records: u64,
+    record_bytes: u64,
     /// The journal is being dropped: the trimmer exits.
     stop: bool,
 }
@@ -247,6 +272,8 @@ struct Core {
 /// The crash-journal layer (see the module documentation).
 pub struct Journal {
     core: Arc<Core>,
+    /// What the replay at open did (for the statistics).
+    recovery: Recovery,
     /// The trimmer thread (none when writes are refused); joined on drop.
     trimmer: Option<std::thread::JoinHandle<()>>,
 }
@@ -635,6 +662,8 @@ impl Journal {
                 trimming: false,
                 trims: 0,
                 persisted: 0,
+                records: 0,
+                record_bytes: 0,
                 waits_for_room: 0,
                 stop: false,
             }),
@@ -660,7 +689,12 @@ impl Journal {
                     .spawn(move || c.trimmer())?,
             );
         }
-        Ok((Journal { core, trimmer }, recovery))
+        let journal = Journal {
+            core,
+            trimmer,
+            recovery: recovery.clone(),
+        };
+        Ok((journal, recovery))
     }
 
     /// Records that the image is now `top` (a live snapshot switched the top; called while
@@ -714,6 +748,22 @@ impl Journal {
     /// of with its data.
     pub fn persisted_writes(&self) -> u64 {
         self.core.lock_state().persisted
+    }
+
+    /// The journal's counters (the daemon's statistics).
+    pub fn stats(&self) -> JournalStats {
+        let st = self.core.lock_state();
+        JournalStats {
+            records: st.records,
+            record_bytes: st.record_bytes,
+            persisted_writes: st.persisted,
+            held_bytes: st.tail[0] + st.tail[1],
+            trims: st.trims,
+            waits_for_room: st.waits_for_room,
+            replayed_records: self.recovery.replayed as u64,
+            replayed_bytes: self.recovery.bytes,
+            refusing: self.core.refused.is_some() || st.poisoned.is_some(),
+        }
     }
 
     /// Waits until the trimmer has nothing left to do (no sealed segment, or the journal is
@@ -903,6 +953,8 @@ impl Core {
                 put(st.next_seq, st.generation[seg], at)?;
                 st.next_seq += 1;
                 st.tail[seg] += rec_len;
+                st.records += 1;
+                st.record_bytes += rec_len;
                 st.pending[seg] += 1;
                 return Ok(seg);
             }

@@ -1278,3 +1278,51 @@ fn a_million_markers_are_worked_out_in_one_pass() {
     assert_eq!(pieces[0][0], (4096, 4096));
     assert!(pieces[1..].iter().all(Vec::is_empty));
 }
+
+/// The statistics count every record appended (markers too) with its bytes, what the journal
+/// holds until a flush empties it, and what a restarted journal replayed.
+#[test]
+fn the_statistics_count_records_markers_held_bytes_and_replays() {
+    let (_dir, path, lower, j) = fresh();
+    let rec = REC_HEADER as u64;
+    j.write_at(&[1; 4096], 0).unwrap();
+    j.discard(65536, 8192).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    j.write_at(&[2; 8192], 131072).unwrap();
+    lower.persist.store(false, Ordering::SeqCst);
+    let s = j.stats();
+    assert_eq!(
+        (s.records, s.record_bytes, s.persisted_writes),
+        (3, (rec + 4096) + rec + rec, 1)
+    );
+    assert_eq!(s.held_bytes, s.record_bytes, "nothing trimmed yet");
+    assert_eq!(
+        (s.replayed_records, s.replayed_bytes, s.refusing),
+        (0, 0, false)
+    );
+    j.flush().unwrap();
+    let s = j.stats();
+    assert_eq!(s.held_bytes, 0, "a guest FLUSH empties the journal");
+    assert_eq!(s.trims, 1);
+    assert_eq!(
+        s.records, 3,
+        "the counters are since the start, not what is held"
+    );
+    j.write_at(&[3; 512], 512).unwrap();
+    assert_eq!(j.stats().held_bytes, rec + 512);
+    let (j, _after, _) = crash_and_restart(j, &lower, &path, &ident(1));
+    let s = j.stats();
+    assert_eq!((s.replayed_records, s.replayed_bytes), (1, 512));
+    assert_eq!(
+        (s.records, s.held_bytes),
+        (0, 0),
+        "the replay is flushed at open"
+    );
+    j.write_at(&[4; 512], 0).unwrap();
+    drop(j);
+    let (j, _) = open(Volatile::new(vec![0; SIZE]), &path, &ident(2), 1 << 20);
+    assert!(
+        j.stats().refusing,
+        "a journal holding another image's records refuses writes"
+    );
+}

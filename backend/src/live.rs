@@ -88,6 +88,7 @@ pub struct Live {
     upper: Arc<dyn BlockDev>,
     chain: Option<Arc<Chain>>,
     cache: Option<Arc<FolioCache>>,
+    journal: Option<Arc<crate::journal::Journal>>,
     mode: Option<Arc<ModePolicy>>,
     info: LiveInfo,
     /// Id of the connected frontend connection, 0 when none.
@@ -137,15 +138,17 @@ impl Live {
             upper,
             chain: None,
             cache: None,
+            journal: None,
             mode: None,
             info: LiveInfo::default(),
             frontend: AtomicU64::new(0),
         }
     }
 
-    /// State for the served stack `cache → chain`.
+    /// State for the served stack `journal (if on) → cache → chain`.
     pub fn new(
         cache: Arc<FolioCache>,
+        journal: Option<Arc<crate::journal::Journal>>,
         chain: Arc<Chain>,
         mode: Arc<ModePolicy>,
         info: LiveInfo,
@@ -156,6 +159,7 @@ impl Live {
             upper: cache.clone(),
             chain: Some(chain),
             cache: Some(cache),
+            journal,
             mode: Some(mode),
             info,
             frontend: AtomicU64::new(0),
@@ -312,6 +316,7 @@ impl StatsSource for Live {
                 folio_size: c.config().folio_size,
                 writeback: c.writeback_enabled(),
             }),
+            journal: self.journal.as_ref().map(|j| j.stats()),
             clusters_allocated: self.chain.as_ref().map_or(0, |c| c.clusters_allocated()),
             snapshots: self.chain.as_ref().map_or(0, |c| c.snapshots_taken()),
             last_snapshot_pause: self

@@ -441,6 +441,8 @@ pub struct StatsSnapshot {
     pub flush: HistogramSnapshot,
     /// The folio cache, if the disk has one.
     pub cache: Option<CacheSnapshot>,
+    /// The crash journal, if it is on.
+    pub journal: Option<crate::journal::JournalStats>,
     /// qcow2 data clusters allocated by guest writes since start (all tops together).
     pub clusters_allocated: u64,
     /// Live snapshots taken.
@@ -495,10 +497,24 @@ impl StatsSnapshot {
                 "merged_bytes": c.stats.merged_bytes,
             })
         });
+        let journal = self.journal.as_ref().map(|j| {
+            json!({
+                "records": j.records,
+                "record_bytes": j.record_bytes,
+                "persisted_writes": j.persisted_writes,
+                "held_bytes": j.held_bytes,
+                "trims": j.trims,
+                "waits_for_room": j.waits_for_room,
+                "replayed_records": j.replayed_records,
+                "replayed_bytes": j.replayed_bytes,
+                "refusing": j.refusing,
+            })
+        });
         json!({
             "queues": queues,
             "flush": self.flush.to_json(),
             "cache": cache,
+            "crash_journal": journal,
             "qcow2_clusters_allocated": self.clusters_allocated,
             "snapshots": self.snapshots,
             "last_snapshot_pause_seconds": self.last_snapshot_pause,
@@ -704,6 +720,64 @@ impl StatsSnapshot {
                 if c.writeback { 1.0 } else { 0.0 },
             )?;
         }
+        if let Some(j) = &self.journal {
+            plain_counter(
+                &mut enc,
+                "journal_records",
+                "Crash-journal records appended: writes with their data, discards, write-zeroes and markers.",
+                None,
+                j.records,
+            )?;
+            plain_counter(
+                &mut enc,
+                "journal_record",
+                "Bytes appended to the crash journal (record headers and data).",
+                Some(&Unit::Bytes),
+                j.record_bytes,
+            )?;
+            plain_counter(
+                &mut enc,
+                "journal_persisted_writes",
+                "Writes the stack below persisted in place, recorded in the crash journal as markers without their data.",
+                None,
+                j.persisted_writes,
+            )?;
+            plain_counter(
+                &mut enc,
+                "journal_trims",
+                "Crash-journal segments emptied by flushes.",
+                None,
+                j.trims,
+            )?;
+            plain_counter(
+                &mut enc,
+                "journal_waits_for_room",
+                "Times a write found both crash-journal segments full and waited for a trim.",
+                None,
+                j.waits_for_room,
+            )?;
+            plain_counter(
+                &mut enc,
+                "journal_replayed_records",
+                "Records a crashed daemon left in the crash journal, replayed at start.",
+                None,
+                j.replayed_records,
+            )?;
+            gauge(
+                &mut enc,
+                "journal_held",
+                "Bytes of records the crash journal holds now (what a replay would read).",
+                Some(&Unit::Bytes),
+                j.held_bytes as f64,
+            )?;
+            gauge(
+                &mut enc,
+                "journal_refusing",
+                "1 when the crash journal refuses writes (untrusted at start, or poisoned since).",
+                None,
+                if j.refusing { 1.0 } else { 0.0 },
+            )?;
+        }
         plain_counter(
             &mut enc,
             "qcow2_clusters_allocated",
@@ -820,6 +894,11 @@ mod tests {
                 folio_size: 65536,
                 ..Default::default()
             }),
+            journal: Some(crate::journal::JournalStats {
+                persisted_writes: 5,
+                held_bytes: 96,
+                ..Default::default()
+            }),
             clusters_allocated: 3,
             ..Default::default()
         };
@@ -835,6 +914,10 @@ mod tests {
             "snapblk_cache_writeback_bytes_total 0",
             "snapblk_cache_dirty_bytes 0",
             "snapblk_qcow2_clusters_allocated_total 3",
+            "snapblk_journal_persisted_writes_total 5",
+            "snapblk_journal_record_bytes_total 0",
+            "snapblk_journal_held_bytes 96",
+            "snapblk_journal_refusing 0",
             "# EOF",
         ] {
             assert!(
@@ -845,5 +928,7 @@ mod tests {
         let j = snap.to_json();
         assert_eq!(j["queues"][0]["ops"]["read"]["bytes"], 8192);
         assert_eq!(j["qcow2_clusters_allocated"], 3);
+        assert_eq!(j["crash_journal"]["persisted_writes"], 5);
+        assert_eq!(j["crash_journal"]["held_bytes"], 96);
     }
 }

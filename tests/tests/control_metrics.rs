@@ -523,6 +523,37 @@ fn metrics_change_by_exactly_the_known_workload() {
         d(r#"snapblk_request_errors_total{queue="1",op="write",kind="io"}"#),
         0.0
     );
+    // The crash journal recorded each write with its data (48-byte record header), and the
+    // FLUSH emptied it.
+    assert_eq!(d("snapblk_journal_records_total"), 16.0);
+    assert_eq!(
+        d("snapblk_journal_record_bytes_total"),
+        16.0 * (48.0 + 4096.0)
+    );
+    assert_eq!(d("snapblk_journal_persisted_writes_total"), 0.0);
+    assert_eq!(m1["snapblk_journal_held_bytes"], 0.0);
+    assert_eq!(m1["snapblk_journal_refusing"], 0.0);
+    assert_eq!(m1["snapblk_journal_replayed_records_total"], 0.0);
+    // A 256 KiB write that allocates is recorded with its data; once a FLUSH has put its
+    // clusters' L2 entries into the file, the same rewrite is persisted in place and recorded
+    // as a marker only.
+    let big = pattern(5, 256 << 10);
+    client.write(0, 40 * MIB, &big).unwrap();
+    client.flush(0).unwrap();
+    client.write(0, 40 * MIB, &big).unwrap();
+    let m1b = scrape(&addr);
+    let dj = |k: &str| m1b[k] - m1[k];
+    assert_eq!(dj("snapblk_journal_records_total"), 2.0);
+    assert_eq!(
+        dj("snapblk_journal_record_bytes_total"),
+        (48.0 + 262144.0) + 48.0
+    );
+    assert_eq!(dj("snapblk_journal_persisted_writes_total"), 1.0);
+    assert_eq!(m1b["snapblk_journal_held_bytes"], 48.0);
+    let stats = ctl(&s.control, "query-stats", json!({})).unwrap();
+    assert_eq!(stats["crash_journal"]["persisted_writes"], json!(1));
+    assert_eq!(stats["crash_journal"]["held_bytes"], json!(48));
+    assert_eq!(stats["crash_journal"]["refusing"], json!(false));
 
     // Hostile HTTP clients: wrong path and method, garbage, silent connections.
     assert!(http_get(&addr, "GET / HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 404"));
