@@ -2,6 +2,7 @@
 //! lower layer (a [`Volatile`] disk keeps writes in memory until `flush`), then a new journal
 //! over what was durable replays.
 
+use super::format::{encode_record_header, Record};
 use super::*;
 use blockdev::MemDisk;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
