@@ -1186,3 +1186,45 @@ fn a_failed_persisted_write_forgets_clean_copies_and_keeps_dirty_ones() {
         "the dirty folio was lost"
     );
 }
+
+/// A persisted write registers and cleans exactly its own folios: a dirty copy inside its range
+/// (a range that starts past its own length into the disk) is dropped, so no older writeback
+/// lands over it, and a read past the range while the write is below neither waits for it nor
+/// has its fill held back.
+#[test]
+fn a_persisted_write_covers_exactly_its_own_folios() {
+    let (lower, cache) = persisting_cache();
+    let k = |n: u64| n << 10;
+    cache.write_at(&[1; 4096], k(260)).unwrap();
+    let c = cache.clone();
+    let outside_read = Arc::new(Mutex::new(None));
+    let seen = outside_read.clone();
+    lower.after_write(k(256), k(128), move || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(read(&*c, k(512), 4096)).unwrap());
+        *seen.lock().unwrap() = Some(rx.recv_timeout(Duration::from_secs(5)).ok());
+    });
+    let misses = cache.stats().read_misses;
+    assert!(cache
+        .write_in_place_persisted(&[7; 128 << 10], k(256))
+        .unwrap());
+    assert_eq!(
+        outside_read.lock().unwrap().take(),
+        Some(Some(vec![3; 4096])),
+        "a read past the persisted write's range waited for it"
+    );
+    assert_eq!(cache.stats().read_misses, misses + 1);
+    assert_eq!(read(&*cache, k(512), 4096), vec![3; 4096]);
+    assert_eq!(
+        cache.stats().read_misses,
+        misses + 1,
+        "a fill past the persisted write's range was not installed"
+    );
+    assert_eq!(read(&*cache, k(260), 4096), vec![7; 4096]);
+    cache.flush().unwrap();
+    assert_eq!(
+        lower.bytes(k(256), 128 << 10),
+        vec![7; 128 << 10],
+        "a dirty copy from before the persisted write was written back over it"
+    );
+}

@@ -1015,6 +1015,57 @@ fn a_write_persists_in_place_only_over_its_own_clusters_with_all_metadata_in_the
     qemu_check(&path);
 }
 
+/// Nothing past the end of the disk persists in place, not even where the last cluster is
+/// allocated with its entry in the file, and nothing of an image marked corrupt (its metadata
+/// cannot be trusted to name where the bytes went).
+#[test]
+fn no_write_persists_past_the_end_or_into_an_image_marked_corrupt() {
+    let dir = tmp();
+    let path = qemu_create(
+        dir.path(),
+        "e.qcow2",
+        "cluster_size=65536",
+        "1M",
+        &["write -P 0x11 0 1M"],
+    );
+    let size = 1u64 << 20;
+    {
+        let img = open_qcow2(&path, false).unwrap();
+        assert!(img.persists_in_place(size - 4096, 4096), "the last block");
+        assert!(!img.persists_in_place(size - 512, 1024), "past the end");
+        assert!(
+            matches!(
+                img.write_in_place_persisted(&[2; 1024], size - 512),
+                Ok(false)
+            ),
+            "a range past the end does not qualify (the caller's own write reports it)"
+        );
+        assert!(
+            matches!(img.write_in_place_persisted(&[], 0), Ok(false)),
+            "an empty write"
+        );
+        let mut b = vec![0u8; 512];
+        img.read_at(&mut b, size - 512).unwrap();
+        assert_eq!(b, vec![0x11; 512], "a write past the end wrote its head");
+        img.close().unwrap();
+    }
+    // Guest cluster 1's L2 entry repointed to a misaligned host offset: reading it marks the
+    // image corrupt (cluster 0 keeps a sound entry in the file).
+    let mut bytes = std::fs::read(&path).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(&bytes, 40) as usize;
+    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    bytes[l2 + 8..l2 + 16].copy_from_slice(&((1u64 << 63) | 0x200).to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let img = open_qcow2(&path, false).unwrap();
+    assert!(img.persists_in_place(0, 65536));
+    let mut b = vec![0u8; 512];
+    assert!(img.read_at(&mut b, 65536).is_err());
+    assert!(img.is_corrupt());
+    assert!(!img.persists_in_place(0, 65536), "an image marked corrupt");
+    assert!(img.write_in_place_persisted(&[2; 65536], 0).is_err());
+}
+
 /// Whether a write persists in place depends on its own clusters' L2 table and L1 entry only:
 /// an allocation under another table leaves it persisting, one that needs a new table (a new
 /// L1 entry) or dirties its table does not, until they are in the file.
@@ -1078,7 +1129,9 @@ fn a_persisted_write_in_its_data_write_keeps_its_host_cluster_from_being_freed()
         let img = img.clone();
         std::thread::spawn(move || img.write_in_place_persisted(&[2; 32768], 0).unwrap())
     };
-    reached.recv().unwrap();
+    reached
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the persisted write never reached its data write");
     img.write_at(&[3; 65536], 2 * cs).unwrap();
     img.discard(0, cs).unwrap();
     let flush = {
