@@ -521,9 +521,12 @@ impl QcowImage {
     /// so a restarted daemon finds those clusters where this write puts its bytes. A request
     /// in flight elsewhere may dirty the same L2 table after the answer: it changes no entry of
     /// these clusters (a change to them overlaps this write, which the layers above keep
-    /// apart), so the file's copy of the table still names them. Under `gate` and the metadata
-    /// lock.
+    /// apart), so the file's copy of the table still names them. An empty range has nothing
+    /// to persist. Under `gate` and the metadata lock.
     pub(super) fn persisted_steps(&self, m: &mut Meta, offset: u64, len: u64) -> Option<Vec<Step>> {
+        if len == 0 {
+            return None;
+        }
         let steps = self.in_place_steps(m, offset, len)?;
         let first = offset >> self.geo.cluster_bits;
         let last = (offset + len - 1) >> self.geo.cluster_bits;
