@@ -1200,7 +1200,7 @@ fn a_persisted_write_covers_exactly_its_own_folios() {
     let outside_read = Arc::new(Mutex::new(None));
     let seen = outside_read.clone();
     lower.after_write(k(256), k(128), move || {
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || tx.send(read(&*c, k(512), 4096)).unwrap());
         *seen.lock().unwrap() = Some(rx.recv_timeout(Duration::from_secs(5)).ok());
     });

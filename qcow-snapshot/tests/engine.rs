@@ -9,8 +9,8 @@ use std::sync::Arc;
 use blockdev::{BlockDev, BlockError};
 use common::*;
 use qcow_snapshot::{
-    checksum, commit, create, create_on, create_snapshot_overlay, export, open_image, open_qcow2,
-    CreateOptions, Format, HostFile, Mapping, MemHost, QcowImage,
+    checksum, commit, create, create_on, create_snapshot_overlay, export, format, open_image,
+    open_qcow2, CreateOptions, Format, HostFile, Mapping, MemHost, QcowImage,
 };
 use rand::{Rng, SeedableRng};
 
@@ -1051,12 +1051,10 @@ fn no_write_persists_past_the_end_or_into_an_image_marked_corrupt() {
     }
     // Guest cluster 1's L2 entry repointed to a misaligned host offset: reading it marks the
     // image corrupt (cluster 0 keeps a sound entry in the file).
-    let mut bytes = std::fs::read(&path).unwrap();
-    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
-    let l1 = be(&bytes, 40) as usize;
-    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
-    bytes[l2 + 8..l2 + 16].copy_from_slice(&((1u64 << 63) | 0x200).to_be_bytes());
-    std::fs::write(&path, &bytes).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let l1 = file_header(&path).l1_table_offset as usize;
+    let l2 = format::l1_entry_offset(format::table_entry(&bytes[l1..], 0));
+    poke(&path, l2 + 8, &(format::OFLAG_COPIED | 0x200).to_be_bytes());
     let img = open_qcow2(&path, false).unwrap();
     assert!(img.persists_in_place(0, 65536));
     let mut b = vec![0u8; 512];
