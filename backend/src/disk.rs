@@ -411,6 +411,7 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
             cache.clone()
         }
     };
+    let journaled_top = journaled.clone();
     let top: Arc<dyn BlockDev> = if probed == Some(Format::Raw) && !args.readonly {
         log::warn!("{}", crate::probe_guard::probed_raw_warning(&image));
         Arc::new(crate::probe_guard::ProbedRawGuard::new(
@@ -430,6 +431,7 @@ pub fn open_disk(args: &ServeArgs) -> Result<ServedDisk, OpenDiskError> {
     };
     Ok(ServedDisk {
         live: Arc::new(crate::live::Live::new(
+            journaled_top,
             cache.clone(),
             journal,
             chain,

@@ -145,8 +145,11 @@ impl Live {
         }
     }
 
-    /// State for the served stack `journal (if on) → cache → chain`.
+    /// State for the served stack `journal (if on) → cache → chain`; `upper` is its top (the
+    /// journal if on, else the cache): what `flush` goes through, so a control-socket flush
+    /// also empties the journal of what it made durable.
     pub fn new(
+        upper: Arc<dyn BlockDev>,
         cache: Arc<FolioCache>,
         journal: Option<Arc<crate::journal::Journal>>,
         chain: Arc<Chain>,
@@ -156,7 +159,7 @@ impl Live {
         Live {
             gate: PauseGate::new(),
             metrics: RequestMetrics::new(usize::from(info.num_queues)),
-            upper: cache.clone(),
+            upper,
             chain: Some(chain),
             cache: Some(cache),
             journal,
@@ -214,19 +217,26 @@ impl Live {
         Ok(self.cache_json())
     }
 
-    /// Takes a live snapshot with its new top at `overlay`.
+    /// Takes a live snapshot with its new top at `overlay`. Its flushes go to the cache, not
+    /// through the crash journal: a journal flush waits for a background trim's write-back to
+    /// finish, which would lengthen the pause, and the journal's records stay true for the new
+    /// top (see `Journal::rebind`).
     pub fn snapshot(&self, overlay: &Path) -> Result<SnapshotRecord, LiveError> {
         let chain = self
             .chain
             .as_ref()
             .ok_or_else(|| LiveError::Unsupported("this disk has no image chain".into()))?;
+        let flushed: &dyn BlockDev = match &self.cache {
+            Some(c) => c.as_ref(),
+            None => self.upper.as_ref(),
+        };
         let cache = self.cache.clone();
         let dirty = move || {
             cache
                 .as_ref()
                 .map_or(0, |c| c.stats().dirty_folios as u64 * c.config().folio_size)
         };
-        Ok(chain.snapshot(overlay, self.upper.as_ref(), &dirty, &self.gate)?)
+        Ok(chain.snapshot(overlay, flushed, &dirty, &self.gate)?)
     }
 
     /// The `query-snapshots` answer.

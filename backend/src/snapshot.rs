@@ -319,8 +319,8 @@ impl Chain {
         self.retired_clusters.load(Ordering::Relaxed) + cur
     }
 
-    /// Takes a live snapshot with the new top at `overlay`; `upper` is the top of the served
-    /// stack (the cache), `dirty_bytes` tells how much it holds dirty.
+    /// Takes a live snapshot with the new top at `overlay`; `upper` is the served stack's
+    /// cache (what the snapshot flushes), `dirty_bytes` tells how much it holds dirty.
     pub fn snapshot(
         &self,
         overlay: &Path,
