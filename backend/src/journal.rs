@@ -33,6 +33,10 @@
 //! gathered into a buffer of the calling thread, not into the mapping. While a flush below has
 //! failed (until one succeeds), every write is recorded with its data: a failed writeback may
 //! have dropped pages of the file, and the records are what a restarted daemon can put back.
+//! That is checked again when a persisted write's marker would be appended (state lock held):
+//! a flush that failed while the write was in its lower I/O may have dropped the pages it put
+//! in place, so such a write is recorded with its data after all
+//! (`a_write_completing_after_a_flush_failed_keeps_its_data_in_the_journal`).
 //!
 //! The journal is trimmed by flushes, in the background: the file has two segments; new
 //! records go to the active one. A record that does not fit the active segment *seals* it and
@@ -721,12 +725,17 @@ impl Core {
         data_crc.update(data);
         self.append_with(data.len(), |seq, gen, at| {
             let header = record_header(kind, seq, gen, offset, len, &data_crc);
-            match &self.map {
-                Some(m) => m.copy(at, &header, data),
-                None => pwritev_all(&self.file, &header, data, at).map_err(io_err)?,
-            }
-            Ok(())
+            self.put_record(at, &header, data)
         })
+    }
+
+    /// Writes a record (`header`, then `data`) at `at` of the journal file.
+    fn put_record(&self, at: u64, header: &[u8], data: &[u8]) -> Result<()> {
+        match &self.map {
+            Some(m) => m.copy(at, header, data),
+            None => pwritev_all(&self.file, header, data, at).map_err(io_err)?,
+        }
+        Ok(())
     }
 
     /// Appends a write record of `len` bytes whose data `fill` writes into the mapping itself
@@ -766,8 +775,24 @@ impl Core {
     fn append_with(
         &self,
         data_len: usize,
-        mut put: impl FnMut(u64, u64, u64) -> Result<()>,
+        put: impl FnMut(u64, u64, u64) -> Result<()>,
     ) -> Result<usize> {
+        // Nothing refuses this append, so `None` cannot come back; an error, not a panic, if
+        // it ever did.
+        self.append_unless(data_len, |_| false, put)?
+            .ok_or_else(|| BlockError::Io(io::Error::other("crash journal: append refused")))
+    }
+
+    /// [`Core::append_with`], except that it appends nothing and returns `None` if `refuse`
+    /// says so of the state it would append under (checked with the state lock held, each
+    /// time the writer finds room, so nothing that `refuse` looks at changes before the record
+    /// is in).
+    fn append_unless(
+        &self,
+        data_len: usize,
+        refuse: impl Fn(&State) -> bool,
+        mut put: impl FnMut(u64, u64, u64) -> Result<()>,
+    ) -> Result<Option<usize>> {
         let rec_len = (REC_HEADER + data_len) as u64;
         if rec_len > self.seg_len - SEG_HEADER {
             return Err(BlockError::Io(io::Error::other(format!(
@@ -782,6 +807,9 @@ impl Core {
             }
             let seg = st.active;
             if SEG_HEADER + st.tail[seg] + rec_len <= self.seg_len {
+                if refuse(&st) {
+                    return Ok(None);
+                }
                 let at = self.seg_base(seg) + SEG_HEADER + st.tail[seg];
                 put(st.next_seq, st.generation[seg], at)?;
                 st.next_seq += 1;
@@ -789,7 +817,7 @@ impl Core {
                 st.records += 1;
                 st.record_bytes += rec_len;
                 st.pending[seg] += 1;
-                return Ok(seg);
+                return Ok(Some(seg));
             }
             if !st.sealed {
                 // The other segment is empty: it takes the records from now on, the trimmer
@@ -1013,9 +1041,32 @@ impl Core {
             return Ok(false);
         }
         crate::reconnect::test_abort_point("persisted");
-        let seg = self.append(Kind::Persisted, offset, len, &[])?;
+        // A flush below that failed while the write was in its lower I/O may have dropped the
+        // pages it put in place: checked again as the record goes in (state lock held), and
+        // then the write is recorded with its data after all.
+        let marker = self.append_unless(
+            0,
+            |st| st.flush_failed.is_some(),
+            |seq, gen, at| {
+                let header = record_header(
+                    Kind::Persisted,
+                    seq,
+                    gen,
+                    offset,
+                    len,
+                    &crc32fast::Hasher::new(),
+                );
+                self.put_record(at, &header, &[])
+            },
+        )?;
+        let seg = match marker {
+            Some(seg) => {
+                self.lock_state().persisted += 1;
+                seg
+            }
+            None => self.append(Kind::Write, offset, len, buf)?,
+        };
         self.done(seg);
-        self.lock_state().persisted += 1;
         drop(range);
         Ok(true)
     }

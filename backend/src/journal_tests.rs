@@ -36,17 +36,25 @@ struct Volatile {
     persist: AtomicBool,
     refuse_persist: AtomicBool,
     fail_persist: AtomicBool,
-    /// Called inside `write_in_place_persisted`, after the write is in place.
+    /// Called inside `write_in_place_persisted`, after the write is in place (with
+    /// `fail_persist`: after the bytes reached `live`, before the write fails).
     persist_hook: Mutex<Option<Box<dyn FnMut() + Send>>>,
     /// Writes persisted in place.
     persisted: AtomicUsize,
+    /// Called inside `discard` and `write_zeroes`, after the lower operation.
+    zap_hook: Mutex<Option<Box<dyn FnMut() + Send>>>,
+    /// A failed `flush` also drops what was not synced (as a failed writeback of a buffered
+    /// file may drop its pages): `durable` goes back to what the last successful flush made
+    /// durable, `synced`.
+    drop_unsynced: AtomicBool,
+    synced: Mutex<Vec<u8>>,
 }
 
 impl Volatile {
     fn new(content: Vec<u8>) -> Arc<Self> {
         Arc::new(Volatile {
             live: MemDisk::from_vec(content.clone()),
-            durable: Mutex::new(content),
+            durable: Mutex::new(content.clone()),
             flushes: AtomicUsize::new(0),
             fail_flush: AtomicBool::new(false),
             hook: Mutex::new(None),
@@ -59,10 +67,19 @@ impl Volatile {
             fail_persist: AtomicBool::new(false),
             persist_hook: Mutex::new(None),
             persisted: AtomicUsize::new(0),
+            zap_hook: Mutex::new(None),
+            drop_unsynced: AtomicBool::new(false),
+            synced: Mutex::new(content.clone()),
         })
     }
     fn durable(&self) -> Vec<u8> {
         self.durable.lock().unwrap().clone()
+    }
+    fn run_zap_hook(&self) {
+        let hook = self.zap_hook.lock().unwrap().take();
+        if let Some(mut h) = hook {
+            h();
+        }
     }
 }
 
@@ -85,7 +102,11 @@ impl BlockDev for Volatile {
     fn flush(&self) -> Result<()> {
         let fail = self.fail_flush.load(Ordering::SeqCst);
         if !fail {
-            *self.durable.lock().unwrap() = self.live.snapshot();
+            let now = self.live.snapshot();
+            *self.synced.lock().unwrap() = now.clone();
+            *self.durable.lock().unwrap() = now;
+        } else if self.drop_unsynced.load(Ordering::SeqCst) {
+            *self.durable.lock().unwrap() = self.synced.lock().unwrap().clone();
         }
         self.flushes.fetch_add(1, Ordering::SeqCst);
         let hook = self.flush_hook.lock().unwrap().take();
@@ -105,10 +126,14 @@ impl BlockDev for Volatile {
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.live.discard(offset, len)
+        self.live.discard(offset, len)?;
+        self.run_zap_hook();
+        Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        self.live.write_zeroes(offset, len, unmap)
+        self.live.write_zeroes(offset, len, unmap)?;
+        self.run_zap_hook();
+        Ok(())
     }
     fn persists_in_place(&self, _offset: u64, _len: u64) -> bool {
         self.persist.load(Ordering::SeqCst)
@@ -119,6 +144,10 @@ impl BlockDev for Volatile {
         }
         self.live.write_at(buf, offset)?;
         if self.fail_persist.load(Ordering::SeqCst) {
+            let hook = self.persist_hook.lock().unwrap().take();
+            if let Some(mut h) = hook {
+                h();
+            }
             return Err(BlockError::Io(io::Error::other("injected write error")));
         }
         let at = offset as usize;
@@ -1325,5 +1354,423 @@ fn the_statistics_count_records_markers_held_bytes_and_replays() {
     assert!(
         j.stats().refusing,
         "a journal holding another image's records refuses writes"
+    );
+}
+
+// ---- Persisted writes racing other requests, deterministically (review of the marker path) ----
+
+/// Starts `f` on a thread and returns its handle once the lower layer's hook (the gate whose
+/// "reached" end is `reached`) says the request is parked inside its lower I/O.
+fn parked_in_lower<T: Send + 'static>(
+    reached: &mpsc::Receiver<()>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let t = std::thread::spawn(f);
+    reached
+        .recv_timeout(MUST)
+        .expect("the request reaches its lower I/O");
+    t
+}
+
+/// The other order of `a_write_racing_a_persisted_one_on_its_range_records_after_the_marker`:
+/// a persisted write that arrives while a recorded write of the same range is inside its lower
+/// write waits for it (stripes), so its marker follows that record and a replay puts nothing
+/// of the older write over the newer bytes in place.
+#[test]
+fn a_persisted_write_behind_a_recorded_one_on_its_range_appends_its_marker_after_it() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    let (hook, in_lower, release) = gate();
+    *lower.hook.lock().unwrap() = Some(hook);
+    let recorded = {
+        let j = Arc::clone(&j);
+        parked_in_lower(&in_lower, move || j.write_at(&[1; 8192], 0).unwrap())
+    };
+    lower.persist.store(true, Ordering::SeqCst);
+    let persisted = {
+        let j = Arc::clone(&j);
+        blocked(
+            "a persisted write over a recorded one in flight",
+            move || j.write_at(&[2; 4096], 4096).unwrap(),
+        )
+    };
+    assert_eq!(lower.persisted.load(Ordering::SeqCst), 0);
+    release.send(()).unwrap();
+    recorded.join().unwrap();
+    persisted.join().unwrap();
+    assert_eq!(kinds_in(&path), [Kind::Write, Kind::Persisted]);
+    let want = [vec![1; 4096], vec![2; 4096]].concat();
+    assert_eq!(read(&*lower, 0, 8192), want);
+    crash_and_check(j, &lower, &path, 2, "the record and the marker");
+}
+
+/// A persisted write inside its lower write while a segment holding an older record of its
+/// range is sealed, flushed below and emptied (its generation bumped): the marker goes to the
+/// active segment after the trim, and a crash then replays nothing over the newer bytes.
+#[test]
+fn a_persisted_write_across_a_background_trim_of_an_older_record_keeps_the_newer_bytes() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    j.write_at(&[1; 4096], 0).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    let (hook, in_lower, release) = gate();
+    *lower.persist_hook.lock().unwrap() = Some(hook);
+    let persisted = {
+        let j = Arc::clone(&j);
+        parked_in_lower(&in_lower, move || j.write_at(&[2; 4096], 0).unwrap())
+    };
+    // Fill segment 0 (recorded writes elsewhere) so that it is sealed and trimmed while the
+    // persisted write is in its lower write: no stripe of it is held by the trim.
+    lower.persist.store(false, Ordering::SeqCst);
+    for i in 1..=PER_SEGMENT + 1 {
+        write_nth(&j, i);
+    }
+    j.wait_trimmer_idle();
+    {
+        let st = j.lock_state();
+        assert_eq!(st.trims, 1, "the segment with the older record was emptied");
+        assert_eq!(st.active, 1);
+    }
+    release.send(()).unwrap();
+    persisted.join().unwrap();
+    assert_eq!(kinds_in(&path).last(), Some(&Kind::Persisted));
+    assert_eq!(read(&*lower, 0, 4096), vec![2; 4096]);
+    let replayed = records_in(&path).len() as u64;
+    crash_and_check(j, &lower, &path, replayed, "the records after the trim");
+}
+
+/// A marker appended to the active segment covers an older record of its range in the sealed
+/// segment that the trimmer has not flushed yet: a crash at that moment replays the sealed
+/// segment's other records but nothing over the newer bytes.
+#[test]
+fn a_marker_in_the_active_segment_covers_an_older_record_in_the_sealed_one() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    let (hook, parked, release_trimmer) = gate();
+    *j.core.before_trim.lock().unwrap() = Some(hook);
+    for i in 0..=PER_SEGMENT {
+        write_nth(&j, i);
+    }
+    parked.recv_timeout(MUST).expect("the trimmer has work");
+    assert!(j.lock_state().sealed);
+    lower.persist.store(true, Ordering::SeqCst);
+    j.write_at(&[0xaa; 8192], 4096).unwrap();
+    assert_eq!(kinds_in(&path).last(), Some(&Kind::Persisted));
+    let want = read(&*lower, 0, SIZE);
+    assert_eq!(
+        want[..65536],
+        [vec![1; 4096], vec![0xaa; 8192], vec![1; 65536 - 12288]].concat()
+    );
+    // Die with the trimmer parked: the sealed segment was never flushed.
+    let durable = lower.durable();
+    let file = std::fs::read(&path).unwrap();
+    release_trimmer.send(()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let killed = dir.path().join("killed");
+    std::fs::write(&killed, &file).unwrap();
+    let after = Volatile::new(durable);
+    let (_k, rec) = open(after.clone(), &killed, &ident(1), 1 << 20);
+    assert_eq!(rec.replayed as u64, PER_SEGMENT + 2);
+    assert_eq!(read(&*after, 0, SIZE), want);
+}
+
+/// A guest FLUSH does not wait for a persisted write still in its lower write (it is not
+/// acknowledged, and it holds no record), and empties the older record of its range; the
+/// marker appended afterwards is what a crash then replays, over the newer bytes.
+#[test]
+fn a_guest_flush_during_a_persisted_write_trims_the_older_record_and_the_marker_follows() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    j.write_at(&[1; 4096], 0).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    let (hook, in_lower, release) = gate();
+    *lower.persist_hook.lock().unwrap() = Some(hook);
+    let persisted = {
+        let j = Arc::clone(&j);
+        parked_in_lower(&in_lower, move || j.write_at(&[2; 4096], 0).unwrap())
+    };
+    {
+        let j = Arc::clone(&j);
+        must_finish("a guest FLUSH beside a persisted write", move || {
+            j.flush().unwrap()
+        });
+    }
+    assert!(kinds_in(&path).is_empty(), "the FLUSH emptied the journal");
+    release.send(()).unwrap();
+    persisted.join().unwrap();
+    assert_eq!(kinds_in(&path), [Kind::Persisted]);
+    crash_and_check(j, &lower, &path, 1, "the marker alone");
+    assert_eq!(lower.durable()[..4096], [2; 4096]);
+}
+
+/// A discard of a range a persisted write is writing waits for the write and its marker, so
+/// its record follows the marker and a replay zeroes the range again.
+#[test]
+fn a_discard_racing_a_persisted_write_of_its_range_orders_after_the_marker() {
+    let (_dir, path, lower, j) = fresh_persisting();
+    let j = Arc::new(j);
+    let (hook, in_lower, release) = gate();
+    *lower.persist_hook.lock().unwrap() = Some(hook);
+    let persisted = {
+        let j = Arc::clone(&j);
+        parked_in_lower(&in_lower, move || j.write_at(&[2; 8192], 0).unwrap())
+    };
+    let discard = {
+        let j = Arc::clone(&j);
+        blocked("a discard of a range being persisted", move || {
+            j.discard(4096, 8192).unwrap()
+        })
+    };
+    release.send(()).unwrap();
+    persisted.join().unwrap();
+    discard.join().unwrap();
+    assert_eq!(kinds_in(&path), [Kind::Persisted, Kind::Discard]);
+    assert_eq!(
+        read(&*lower, 0, 12288),
+        [vec![2; 4096], vec![0; 8192]].concat()
+    );
+    crash_and_check(j, &lower, &path, 2, "the marker and the discard");
+}
+
+/// A persisted write of a range a write-zeroes is zeroing waits for it (stripes), so its
+/// marker follows the zeroes' record: a replay zeroes only what the persisted write did not
+/// rewrite.
+#[test]
+fn a_persisted_write_racing_a_write_zeroes_of_its_range_orders_after_its_record() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    j.write_at(&[1; 16384], 0).unwrap();
+    let (hook, in_lower, release) = gate();
+    *lower.zap_hook.lock().unwrap() = Some(hook);
+    let zeroes = {
+        let j = Arc::clone(&j);
+        parked_in_lower(&in_lower, move || j.write_zeroes(0, 12288, false).unwrap())
+    };
+    lower.persist.store(true, Ordering::SeqCst);
+    let persisted = {
+        let j = Arc::clone(&j);
+        blocked("a persisted write of a range being zeroed", move || {
+            j.write_at(&[2; 4096], 4096).unwrap()
+        })
+    };
+    release.send(()).unwrap();
+    zeroes.join().unwrap();
+    persisted.join().unwrap();
+    assert_eq!(
+        kinds_in(&path),
+        [Kind::Write, Kind::Zeroes, Kind::Persisted]
+    );
+    let want = [vec![0; 4096], vec![2; 4096], vec![0; 4096], vec![1; 4096]].concat();
+    assert_eq!(read(&*lower, 0, 16384), want);
+    crash_and_check(j, &lower, &path, 3, "the record, the zeroes and the marker");
+}
+
+/// A persisted write that fails (EIO after part of it reached the layer below) appends no
+/// marker: a crash replays the older record of its range, the last acknowledged write there.
+#[test]
+fn a_failed_persisted_write_leaves_the_older_record_to_the_replay() {
+    let (_dir, path, lower, j) = fresh();
+    j.write_at(&[1; 8192], 0).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    lower.fail_persist.store(true, Ordering::SeqCst);
+    assert!(j.write_at(&[2; 8192], 0).is_err());
+    assert_eq!(kinds_in(&path), [Kind::Write]);
+    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(rec.replayed, 1);
+    assert_eq!(read(&*after, 0, 8192), vec![1; 8192]);
+}
+
+/// The check "a flush below has failed: keep the data" is made when the write's record is
+/// appended, not only before its lower write: a flush that fails while a persisted write is in
+/// its lower I/O may have dropped the pages that write put in place (a failed writeback of a
+/// buffered file), so the write, which completes after the failure, is recorded with its data
+/// and a crash replays it, instead of a marker that hides the older record too.
+#[test]
+fn a_write_completing_after_a_flush_failed_keeps_its_data_in_the_journal() {
+    let (_dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    j.write_at(&[1; 4096], 0).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    let (hook, in_lower, release) = gate();
+    *lower.persist_hook.lock().unwrap() = Some(hook);
+    let persisted = {
+        let j = Arc::clone(&j);
+        parked_in_lower(&in_lower, move || j.write_at(&[2; 4096], 0).unwrap())
+    };
+    lower.fail_flush.store(true, Ordering::SeqCst);
+    lower.drop_unsynced.store(true, Ordering::SeqCst);
+    {
+        let j = Arc::clone(&j);
+        let failed = must_finish("a failing guest FLUSH", move || j.flush().is_err());
+        assert!(failed);
+    }
+    assert_eq!(
+        lower.durable()[..4096],
+        [0; 4096],
+        "the failed writeback dropped the page the persisted write had put in place"
+    );
+    release.send(()).unwrap();
+    persisted.join().unwrap();
+    let records = records_in(&path);
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| (r.kind, r.data.len()))
+            .collect::<Vec<_>>(),
+        [(Kind::Write, 4096), (Kind::Write, 4096)],
+        "a write acknowledged after a failed flush keeps its data in the journal"
+    );
+    assert_eq!(j.persisted_writes(), 0);
+    let j = Arc::try_unwrap(j).unwrap_or_else(|_| panic!("writers joined"));
+    let (_j, after, rec) = crash_and_restart(j, &lower, &path, &ident(1));
+    assert_eq!(rec.replayed, 2);
+    assert_eq!(read(&*after, 0, 4096), vec![2; 4096]);
+}
+
+/// The journal over the real folio cache over [`Volatile`]: writes of 128 KiB and more of
+/// whole folios go around the cache (and are persisted where the lower layer says so),
+/// smaller ones are cached; no background flusher, so only the journal's trims and guest
+/// FLUSHes write the cache back.
+fn fresh_over_cache() -> (
+    tempfile::TempDir,
+    PathBuf,
+    Arc<Volatile>,
+    Arc<cache::FolioCache>,
+    Journal,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let lower = Volatile::new(vec![0; SIZE]);
+    let cfg = cache::CacheConfig {
+        folio_size: 4096,
+        cache_size: 8 << 20,
+        dirty_limit: 4 << 20,
+        writeback: true,
+        flusher_threads: 0,
+        writeback_interval: Duration::from_secs(3600),
+        bypass_threshold: 128 << 10,
+        read_bypass_threshold: 128 << 10,
+        rewrite_bypass_threshold: 0,
+    };
+    let fc = cache::FolioCache::new(lower.clone(), cfg).unwrap();
+    let (j, rec) = Journal::open(fc.clone(), &path, &ident(1), 1 << 20).unwrap();
+    assert_eq!(rec.replayed, 0);
+    (dir, path, lower, fc, j)
+}
+
+/// A crash of the stack of [`fresh_over_cache`]: the cache's dirty folios die with the
+/// daemon; a new stack over what was durable replays. Returns the new top.
+fn crash_over_cache(
+    j: Journal,
+    fc: Arc<cache::FolioCache>,
+    lower: &Volatile,
+    path: &Path,
+) -> (Journal, Recovery) {
+    drop(j);
+    drop(fc);
+    let after = Volatile::new(lower.durable());
+    Journal::open(after, path, &ident(1), 1 << 20).unwrap()
+}
+
+/// A persisted write over a range whose folio holds a dirty (journaled) write: the cache
+/// drops the dirty copy once the write is in place, never writes it back over it, and a crash
+/// replays nothing of the older record over the newer bytes; a small write into the range
+/// afterwards (cached again) is replayed on top.
+#[test]
+fn a_persisted_write_over_a_dirty_folio_keeps_the_newer_bytes_across_a_crash() {
+    let (_dir, path, lower, fc, j) = fresh_over_cache();
+    j.write_at(&[1; 4096], 4096).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    j.write_at(&[2; 128 << 10], 0).unwrap();
+    assert_eq!(lower.persisted.load(Ordering::SeqCst), 1);
+    j.write_at(&[3; 512], 8192).unwrap();
+    assert_eq!(kinds_in(&path), [Kind::Write, Kind::Persisted, Kind::Write]);
+    // A writeback now must not bring the older folio back over the persisted bytes.
+    fc.write_back().unwrap();
+    let mut want = vec![2; 128 << 10];
+    want[8192..8704].fill(3);
+    assert_eq!(read(&j, 0, 128 << 10), want);
+    assert_eq!(read(&*lower, 0, 128 << 10), want);
+    let (after, rec) = crash_over_cache(j, fc, &lower, &path);
+    assert_eq!(rec.replayed, 3);
+    assert_eq!(read(&after, 0, 128 << 10), want);
+}
+
+/// A persisted write that fails while the journal trims the segment holding the older
+/// (cached, dirty) write of its range: the trim's writeback of that folio waits for the write
+/// around the cache to end, then writes the folio the failure left dirty, so the older record
+/// is trimmed only once its bytes are below, and a crash keeps them.
+#[test]
+fn a_failed_persisted_write_racing_a_trim_keeps_the_older_write_across_a_crash() {
+    let (_dir, path, lower, fc, j) = fresh_over_cache();
+    let j = Arc::new(j);
+    j.write_at(&[1; 4096], 0).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    lower.fail_persist.store(true, Ordering::SeqCst);
+    let (hook, in_lower, release) = gate();
+    *lower.persist_hook.lock().unwrap() = Some(hook);
+    let persisted = {
+        let j = Arc::clone(&j);
+        parked_in_lower(&in_lower, move || j.write_at(&[2; 128 << 10], 0).is_err())
+    };
+    // Seal segment 0 with cached writes elsewhere; the trimmer's writeback reaches the folio
+    // the persisted write has registered and waits.
+    for i in 0..=PER_SEGMENT {
+        j.write_at(&[i as u8 + 3; 65536], (2 << 20) + i * 65536)
+            .unwrap();
+    }
+    std::thread::sleep(MUST_NOT);
+    {
+        let st = j.lock_state();
+        assert!(
+            st.sealed && st.trimming && st.trims == 0,
+            "the trim waits for the write around the cache"
+        );
+    }
+    release.send(()).unwrap();
+    assert!(persisted.join().unwrap(), "the persisted write failed");
+    j.wait_trimmer_idle();
+    assert_eq!(j.lock_state().trims, 1);
+    assert_eq!(
+        kinds_in(&path)
+            .iter()
+            .filter(|k| **k == Kind::Persisted)
+            .count(),
+        0
+    );
+    assert_eq!(read(&*j, 0, 4096), vec![1; 4096]);
+    let j = Arc::try_unwrap(j).unwrap_or_else(|_| panic!("writers joined"));
+    let (after, _) = crash_over_cache(j, fc, &lower, &path);
+    assert_eq!(
+        read(&after, 0, 4096),
+        vec![1; 4096],
+        "the last acknowledged write of the range survives"
+    );
+}
+
+/// A documented limitation (README, "What survives a crash"), kept as a test to run with
+/// `--ignored`: a persisted write that completed *before* a flush below fails has only its
+/// marker in the journal. If the failed writeback dropped its pages (a buffered raw file keeps
+/// no copy of unsynced writes to put back, unlike the qcow2 engine's `ReplayHost`), the running
+/// daemon has lost it already, a crash keeps it lost, and its marker keeps the replay from
+/// putting back even the older record of its range. Recording such rewrites with their data
+/// again would halve 128 KiB rewrites of a raw image (measured).
+#[test]
+#[ignore = "documented limitation: a marker appended before a flush below failed and dropped its pages"]
+fn a_marker_appended_before_a_failed_flush_does_not_hide_the_older_record_of_dropped_pages() {
+    let (_dir, path, lower, j) = fresh();
+    j.write_at(&[1; 4096], 0).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    j.write_at(&[2; 4096], 0).unwrap();
+    lower.fail_flush.store(true, Ordering::SeqCst);
+    lower.drop_unsynced.store(true, Ordering::SeqCst);
+    assert!(j.flush().is_err());
+    assert_eq!(kinds_in(&path), [Kind::Write, Kind::Persisted]);
+    let (_j, after, _) = crash_and_restart(j, &lower, &path, &ident(1));
+    let got = read(&*after, 0, 4096);
+    assert!(
+        got == vec![2; 4096] || got == vec![1; 4096],
+        "neither the persisted write nor the older one survived: {:?}",
+        &got[..8]
     );
 }
