@@ -231,7 +231,9 @@ fn a_write_racing_a_persisted_one_on_its_range_records_after_the_marker() {
         let j = Arc::clone(&j);
         std::thread::spawn(move || j.write_at(&[2; 4096], 0).unwrap())
     };
-    in_lower_rx.recv().unwrap();
+    in_lower_rx
+        .recv_timeout(MUST)
+        .expect("the write never reached its lower write");
     let b = {
         let (j, lower) = (Arc::clone(&j), Arc::clone(&lower));
         std::thread::spawn(move || {

@@ -399,9 +399,14 @@ fn a_background_trim_writes_back_below_and_only_a_guest_flush_flushes() {
     let (_dir, path, lower, j) = fresh();
     lower.free_write_back.store(true, Ordering::SeqCst);
     let flushes = lower.flushes.load(Ordering::SeqCst);
-    for i in 0..48u64 {
-        j.write_at(&[i as u8 + 1; 65536], i * 65536).unwrap();
-    }
+    let j = Arc::new(j);
+    let writer = Arc::clone(&j);
+    must_finish("48 writes through two segments of 1 MiB", move || {
+        for i in 0..48u64 {
+            writer.write_at(&[i as u8 + 1; 65536], i * 65536).unwrap();
+        }
+    });
+    let j = Arc::try_unwrap(j).unwrap_or_else(|_| panic!("the writer is done"));
     assert!(
         lower.write_backs.load(Ordering::SeqCst) >= 2,
         "segments of 1 MiB must have been written back"
@@ -522,7 +527,9 @@ fn overlapping_writes_reach_the_journal_and_the_lower_layer_in_the_same_order() 
         let j = Arc::clone(&j);
         std::thread::spawn(move || j.write_at(&[0xaa; 4096], 0).unwrap())
     };
-    in_lower_rx.recv().unwrap();
+    in_lower_rx
+        .recv_timeout(MUST)
+        .expect("the first write never reached its lower write");
     let b = {
         let j = Arc::clone(&j);
         std::thread::spawn(move || j.write_at(&[0xbb; 512], 1024).unwrap())
@@ -558,7 +565,9 @@ fn a_write_racing_a_flush_stays_in_the_journal() {
         let j = Arc::clone(&j);
         std::thread::spawn(move || j.flush().unwrap())
     };
-    in_flush_rx.recv().unwrap();
+    in_flush_rx
+        .recv_timeout(MUST)
+        .expect("the flush never reached its lower flush");
     // Inside the lower flush: this write is not covered by it.
     j.write_at(&[2; 512], 512).unwrap();
     release_tx.send(()).unwrap();
