@@ -427,6 +427,22 @@ fn parked_in_lower<T: Send + 'static>(
     t
 }
 
+/// Records 4 KiB of ones at byte 0, then parks a rewrite of it with twos that the lower layer
+/// persists in place inside its lower write; returns the rewrite's thread and the sender that
+/// lets it go on.
+fn park_a_persisted_rewrite(
+    j: &Arc<Journal>,
+    lower: &Volatile,
+) -> (std::thread::JoinHandle<()>, mpsc::Sender<()>) {
+    j.write_at(&[1; 4096], 0).unwrap();
+    lower.persist.store(true, Ordering::SeqCst);
+    let (hook, in_lower, release) = gate();
+    *lower.persist_hook.lock().unwrap() = Some(hook);
+    let j = Arc::clone(j);
+    let persisted = parked_in_lower(&in_lower, move || j.write_at(&[2; 4096], 0).unwrap());
+    (persisted, release)
+}
+
 /// The other order of `a_write_racing_a_persisted_one_on_its_range_records_after_the_marker`:
 /// a persisted write that arrives while a recorded write of the same range is inside its lower
 /// write waits for it (stripes), so its marker follows that record and a replay puts nothing
@@ -466,14 +482,7 @@ fn a_persisted_write_behind_a_recorded_one_on_its_range_appends_its_marker_after
 fn a_persisted_write_across_a_background_trim_of_an_older_record_keeps_the_newer_bytes() {
     let (_dir, path, lower, j) = fresh();
     let j = Arc::new(j);
-    j.write_at(&[1; 4096], 0).unwrap();
-    lower.persist.store(true, Ordering::SeqCst);
-    let (hook, in_lower, release) = gate();
-    *lower.persist_hook.lock().unwrap() = Some(hook);
-    let persisted = {
-        let j = Arc::clone(&j);
-        parked_in_lower(&in_lower, move || j.write_at(&[2; 4096], 0).unwrap())
-    };
+    let (persisted, release) = park_a_persisted_rewrite(&j, &lower);
     // Fill segment 0 (recorded writes elsewhere) so that it is sealed and trimmed while the
     // persisted write is in its lower write: no stripe of it is held by the trim.
     lower.persist.store(false, Ordering::SeqCst);
@@ -536,14 +545,7 @@ fn a_marker_in_the_active_segment_covers_an_older_record_in_the_sealed_one() {
 fn a_guest_flush_during_a_persisted_write_trims_the_older_record_and_the_marker_follows() {
     let (_dir, path, lower, j) = fresh();
     let j = Arc::new(j);
-    j.write_at(&[1; 4096], 0).unwrap();
-    lower.persist.store(true, Ordering::SeqCst);
-    let (hook, in_lower, release) = gate();
-    *lower.persist_hook.lock().unwrap() = Some(hook);
-    let persisted = {
-        let j = Arc::clone(&j);
-        parked_in_lower(&in_lower, move || j.write_at(&[2; 4096], 0).unwrap())
-    };
+    let (persisted, release) = park_a_persisted_rewrite(&j, &lower);
     {
         let j = Arc::clone(&j);
         must_finish("a guest FLUSH beside a persisted write", move || {
@@ -644,14 +646,7 @@ fn a_failed_persisted_write_leaves_the_older_record_to_the_replay() {
 fn a_write_completing_after_a_flush_failed_keeps_its_data_in_the_journal() {
     let (_dir, path, lower, j) = fresh();
     let j = Arc::new(j);
-    j.write_at(&[1; 4096], 0).unwrap();
-    lower.persist.store(true, Ordering::SeqCst);
-    let (hook, in_lower, release) = gate();
-    *lower.persist_hook.lock().unwrap() = Some(hook);
-    let persisted = {
-        let j = Arc::clone(&j);
-        parked_in_lower(&in_lower, move || j.write_at(&[2; 4096], 0).unwrap())
-    };
+    let (persisted, release) = park_a_persisted_rewrite(&j, &lower);
     lower.fail_flush.store(true, Ordering::SeqCst);
     lower.drop_unsynced.store(true, Ordering::SeqCst);
     {
