@@ -658,6 +658,12 @@ impl Drop for Journal {
     }
 }
 
+/// The segment of an append that nothing refuses (`None` cannot come back from it; an error,
+/// not a panic, if it ever did).
+fn appended(seg: Option<usize>) -> Result<usize> {
+    seg.ok_or_else(|| BlockError::Io(io::Error::other("crash journal: append refused")))
+}
+
 impl Core {
     fn seg_base(&self, seg: usize) -> u64 {
         FILE_HEADER + seg as u64 * self.seg_len
@@ -721,10 +727,23 @@ impl Core {
     /// other one if that is empty (waking the trimmer); if the other one is still sealed, the
     /// writer waits until a flush empties it (backpressure: both segments are full).
     fn append(&self, kind: Kind, offset: u64, len: u64, data: &[u8]) -> Result<usize> {
+        appended(self.append_record_unless(kind, offset, len, data, |_| false)?)
+    }
+
+    /// [`Core::append`], except that it appends nothing and returns `None` if `refuse` says so
+    /// (see [`Core::append_unless`]).
+    fn append_record_unless(
+        &self,
+        kind: Kind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+        refuse: impl Fn(&State) -> bool,
+    ) -> Result<Option<usize>> {
         // The data's checksum does not depend on the position: computed before the lock.
         let mut data_crc = crc32fast::Hasher::new();
         data_crc.update(data);
-        self.append_with(data.len(), |seq, gen, at| {
+        self.append_unless(data.len(), refuse, |seq, gen, at| {
             let header = record_header(kind, seq, gen, offset, len, &data_crc);
             self.put_record(at, &header, data)
         })
@@ -778,10 +797,7 @@ impl Core {
         data_len: usize,
         put: impl FnMut(u64, u64, u64) -> Result<()>,
     ) -> Result<usize> {
-        // Nothing refuses this append, so `None` cannot come back; an error, not a panic, if
-        // it ever did.
-        self.append_unless(data_len, |_| false, put)?
-            .ok_or_else(|| BlockError::Io(io::Error::other("crash journal: append refused")))
+        appended(self.append_unless(data_len, |_| false, put)?)
     }
 
     /// [`Core::append_with`], except that it appends nothing and returns `None` if `refuse`
@@ -1056,21 +1072,9 @@ impl Core {
         // A flush below that failed while the write was in its lower I/O may have dropped the
         // pages it put in place: checked again as the record goes in (state lock held), and
         // then the write is recorded with its data after all.
-        let marker = self.append_unless(
-            0,
-            |st| st.flush_failed.is_some(),
-            |seq, gen, at| {
-                let header = record_header(
-                    Kind::Persisted,
-                    seq,
-                    gen,
-                    offset,
-                    len,
-                    &crc32fast::Hasher::new(),
-                );
-                self.put_record(at, &header, &[])
-            },
-        )?;
+        let marker = self.append_record_unless(Kind::Persisted, offset, len, &[], |st| {
+            st.flush_failed.is_some()
+        })?;
         let seg = match marker {
             Some(seg) => {
                 self.lock_state().persisted += 1;
