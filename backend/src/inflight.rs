@@ -36,7 +36,11 @@
 //! the vring lock (held by the queue thread while it pops and submits) before the runner mutex.
 //! An executor holds neither while a request executes; it takes the vring lock (through
 //! [`UsedRing::complete`]) with the runner mutex released, and the runner mutex only afterwards to
-//! count the completion. Each executor owns its own [`RequestWorker`] buffers.
+//! count the completion. While the queue thread is in a pass (holding the vring lock), the ring
+//! may take the completion without the lock and leave it to the queue thread, which adds it
+//! with [`UsedRing::add_left`] after each request it runs and at the end of each round of pops
+//! (the vhost-user ring, [`crate::vhu_blk::LeftCompletions`]). Each executor owns its own
+//! [`RequestWorker`] buffers.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +80,14 @@ pub trait UsedRing: Clone + Send + 'static {
     /// Called for each chain right after it was popped, with the queue still locked (in-flight
     /// tracking, [`crate::reconnect`]).
     fn popped(&self, _head: u16) {}
+
+    /// Adds to `queue` (which the caller, the queue thread in its pass, holds locked) the
+    /// completions executors left to it instead of waiting for the lock
+    /// ([`crate::vhu_blk::LeftCompletions`]); how many, and whether the driver must be notified
+    /// of one of them.
+    fn add_left(&self, _queue: &mut Queue, _mem: &GuestMemoryMmap) -> (usize, bool) {
+        (0, false)
+    }
 
     /// Adds `(head, len)` to `queue`, which the caller holds locked, and reports whether the
     /// driver must be notified.
@@ -502,8 +514,17 @@ impl PassNotify {
     /// Signals through `signal` once [`SIGNAL_EVERY`] completions are unsignalled; a failed
     /// signal leaves the notification to the end of the pass.
     fn completed(&mut self, needed: bool, signal: &mut dyn FnMut() -> bool) {
+        self.completed_many(1, needed, signal);
+    }
+
+    /// `n` completions put on the used ring at once (`needed`: the driver asked to be told of
+    /// one of them); see [`Self::completed`].
+    fn completed_many(&mut self, n: usize, needed: bool, signal: &mut dyn FnMut() -> bool) {
+        if n == 0 {
+            return;
+        }
         self.pending |= needed;
-        self.since += 1;
+        self.since += n;
         if self.pending && self.since >= SIGNAL_EVERY && signal() {
             self.pending = false;
             self.since = 0;
@@ -606,6 +627,8 @@ where
                 }
                 let needed = ring.complete_locked(queue, &job.mem, head, len);
                 notify.completed(needed, signal);
+                let (n, needed) = ring.add_left(queue, &job.mem);
+                notify.completed_many(n, needed, signal);
                 if !flush && took.as_nanos() >= u128::from(shared.slow_ns) {
                     // It waited for the disk: the rest of the pass goes to the executors.
                     inline = false;
@@ -620,6 +643,8 @@ where
                 notify.completed(needed, signal);
             }
         }
+        let (n, needed) = ring.add_left(queue, &ring_mem);
+        notify.completed_many(n, needed, signal);
         if !event_idx || !queue.enable_notification(&*ring_mem)? {
             break;
         }

@@ -89,16 +89,24 @@
 //! onto [`STRIPES`] mutexes, taken in index order); writes to different chunks run in
 //! parallel.
 //!
+//! Appends: a record's room is reserved under the state mutex, one at a time in sequence
+//! order, and its opening header (every field, and a checksum of the header alone) goes into
+//! the mapping then; its data, the data's checksum and the final header are written after the
+//! lock is released, so writers fill their records in parallel. A record still being filled
+//! when the daemon dies has a whole header and a failing checksum: the replay skips it (never
+//! acknowledged, its lower operation not started) and replays the records after it
+//! (`journal/format.rs`, version 2). Without a mapping, a record is written whole with
+//! `pwritev` under the state mutex (a hole the process did not write would end the scan).
+//!
 //! Locking model (top to bottom): stripe locks (ascending index), then `flush_lock`, then the
-//! state mutex. A request takes its stripe locks, then the state mutex only while its record is
-//! appended (appends are one at a time, so no hole ever precedes an acknowledged record) and
-//! again to count its lower operation done; it waits for room (both segments full) on a condvar
-//! of the state mutex while holding its stripe locks, which cannot deadlock since flushes take
-//! no stripe lock. `flush_lock` serializes flushes (the trimmer's and the guest's) and is held
-//! across the lower flush; the state mutex is held only to seal, to wait for the sealed
-//! segment's requests and to empty it, never across the lower flush (the state mutex is held
-//! across the copy of a record, a gathered record's gather and checksum, or the write of a
-//! segment header into the journal file only). A persisted write holds its stripe locks, and
+//! state mutex. A request takes its stripe locks, then the state mutex only while its record's
+//! room is reserved and again to count its lower operation done; it waits for room (both
+//! segments full) on a condvar of the state mutex while holding its stripe locks, which cannot
+//! deadlock since flushes take no stripe lock. `flush_lock` serializes flushes (the trimmer's
+//! and the guest's) and is held across the lower flush; the state mutex is held only to seal,
+//! to wait for the sealed segment's requests and to empty it, never across the lower flush
+//! (the state mutex is held across the write of a record's opening header, of a whole record
+//! without a mapping, or of a segment header into the journal file only). A persisted write holds its stripe locks, and
 //! no other lock of the journal, across its lower write.
 //! The trimmer takes only `flush_lock` and the state mutex and calls only downward.
 //! [`Journal::rebind`] (a live snapshot, guest requests paused) takes only the state mutex, so
@@ -122,8 +130,9 @@ mod format;
 mod replay;
 
 use format::{
-    boot_id, decode_header, encode_header, pwritev_all, random_uuid, read_upto, record_header,
-    scan, segment_header, Kind, FILE_HEADER, REC_HEADER, SEG_HEADER,
+    boot_id, break_record_checksum, decode_header, encode_header, pwritev_all, random_uuid,
+    read_upto, record_header, record_opening, scan, segment_header, Kind, FILE_HEADER, REC_HEADER,
+    SEG_HEADER,
 };
 use replay::{apply, uncovered};
 
@@ -224,6 +233,16 @@ struct State {
     stop: bool,
 }
 
+/// The room of one record, reserved under the state lock ([`Core::append_unless`]): its
+/// segment (whose `pending` count the request holds), sequence number, the segment's
+/// generation and the record's position in the file.
+struct Slot {
+    seg: usize,
+    seq: u64,
+    gen: u64,
+    at: u64,
+}
+
 /// The journal proper, shared by the [`Journal`] handle and its trimmer thread.
 struct Core {
     lower: Arc<dyn BlockDev>,
@@ -284,8 +303,9 @@ fn io_err(e: io::Error) -> BlockError {
 /// writeback interval, whatever the number of records that went through it.
 struct Mapping(SharedMap);
 
-// SAFETY: the mapping is plain shared memory; appends write disjoint ranges under the state
-// lock, and nothing reads through it.
+// SAFETY: the mapping is plain shared memory; appends write disjoint ranges (each record's
+// room is reserved under the state lock), and nothing reads through it but a record's own
+// request.
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
@@ -658,10 +678,10 @@ impl Drop for Journal {
     }
 }
 
-/// The segment of an append that nothing refuses (`None` cannot come back from it; an error,
-/// not a panic, if it ever did).
-fn appended(seg: Option<usize>) -> Result<usize> {
-    seg.ok_or_else(|| BlockError::Io(io::Error::other("crash journal: append refused")))
+/// What an append that nothing refuses returns (`None` cannot come back from it; an error, not
+/// a panic, if it ever did).
+fn appended<T>(appended: Option<T>) -> Result<T> {
+    appended.ok_or_else(|| BlockError::Io(io::Error::other("crash journal: append refused")))
 }
 
 impl Core {
@@ -731,7 +751,8 @@ impl Core {
     }
 
     /// [`Core::append`], except that it appends nothing and returns `None` if `refuse` says so
-    /// (see [`Core::append_unless`]).
+    /// (see [`Core::append_unless`]). With a mapping, a record with data has only its room and
+    /// opening header taken under the state lock; its data and record checksum go in after.
     fn append_record_unless(
         &self,
         kind: Kind,
@@ -743,10 +764,24 @@ impl Core {
         // The data's checksum does not depend on the position: computed before the lock.
         let mut data_crc = crc32fast::Hasher::new();
         data_crc.update(data);
-        self.append_unless(data.len(), refuse, |seq, gen, at| {
-            let header = record_header(kind, seq, gen, offset, len, &data_crc);
-            self.put_record(at, &header, data)
-        })
+        let Some(map) = self.map.as_ref().filter(|_| !data.is_empty()) else {
+            let slot = self.append_unless(data.len(), refuse, |s| {
+                let header = record_header(kind, s.seq, s.gen, offset, len, &data_crc);
+                self.put_record(s.at, &header, data)
+            })?;
+            return Ok(slot.map(|s| s.seg));
+        };
+        let Some(slot) = self.append_unless(data.len(), refuse, |s| {
+            map.copy(s.at, &record_opening(kind, s.seq, s.gen, offset, len), &[]);
+            Ok(())
+        })?
+        else {
+            return Ok(None);
+        };
+        map.copy(slot.at + REC_HEADER as u64, data, &[]);
+        let header = record_header(kind, slot.seq, slot.gen, offset, len, &data_crc);
+        map.copy(slot.at, &header, &[]);
+        Ok(Some(slot.seg))
     }
 
     /// Writes a record (`header`, then `data`) at `at` of the journal file.
@@ -759,9 +794,11 @@ impl Core {
     }
 
     /// Appends a write record of `len` bytes whose data `fill` writes into the mapping itself
-    /// (no copy of the caller's), then its header. Returns the segment and the record's data,
-    /// which stays as it is until the request counts its lower operation done. A failing
-    /// `fill` appends nothing (the next record goes where it would have gone).
+    /// (no copy of the caller's). Its room and opening header are taken under the state lock;
+    /// the fill, the checksum and the final header follow outside it, so writers gather their
+    /// records in parallel. Returns the segment and the record's data, which stays as it is
+    /// until the request counts its lower operation done. A failing `fill` leaves a record whose
+    /// checksum fails (a replay skips it) and counts its request done.
     fn append_gathered<'a>(
         &self,
         map: &'a Mapping,
@@ -769,47 +806,57 @@ impl Core {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
     ) -> Result<(usize, &'a [u8])> {
-        let mut data_at = 0;
-        let seg = self.append_with(len, |seq, gen, at| {
-            let start = at + REC_HEADER as u64;
-            // SAFETY: `range` checked the bytes lie inside the mapping; they are the record's
-            // room past the segment's tail, which nothing else reads or writes while the
-            // state lock is held (`append_with`), and `dst` is gone before it is released.
-            let dst = unsafe { std::slice::from_raw_parts_mut(map.range(start, len), len) };
-            fill(dst)?;
-            let mut data_crc = crc32fast::Hasher::new();
-            data_crc.update(dst);
-            let header = record_header(Kind::Write, seq, gen, offset, len as u64, &data_crc);
-            map.copy(at, &header, &[]);
-            data_at = start;
-            Ok(())
-        })?;
+        let slot = appended(self.append_unless(
+            len,
+            |_| false,
+            |s| {
+                let opening = record_opening(Kind::Write, s.seq, s.gen, offset, len as u64);
+                map.copy(s.at, &opening, &[]);
+                Ok(())
+            },
+        )?)?;
+        let start = slot.at + REC_HEADER as u64;
+        // SAFETY: `range` checked the bytes lie inside the mapping; they are the room this
+        // record reserved past the segment's tail, which nothing else reads or writes until
+        // its request counts its lower operation done (the segment is not emptied before), and
+        // `dst` is gone before the data is borrowed again below.
+        let dst = unsafe { std::slice::from_raw_parts_mut(map.range(start, len), len) };
+        let filled = fill(dst);
+        let mut data_crc = crc32fast::Hasher::new();
+        data_crc.update(dst);
+        let mut header = record_header(
+            Kind::Write,
+            slot.seq,
+            slot.gen,
+            offset,
+            len as u64,
+            &data_crc,
+        );
+        if let Err(e) = filled {
+            break_record_checksum(&mut header);
+            map.copy(slot.at, &header, &[]);
+            self.done(slot.seg);
+            return Err(e);
+        }
+        map.copy(slot.at, &header, &[]);
         // SAFETY: the record just appended; its request counts its lower operation done only
         // after the caller is done with the data (`in_record`).
-        Ok((seg, unsafe { map.record(data_at, len) }))
+        Ok((slot.seg, unsafe { map.record(start, len) }))
     }
 
-    /// Finds room for a record with `data_len` bytes of data and writes it with
-    /// `put(seq, generation, position)`, one record at a time (state lock held, so no hole can
-    /// precede an acknowledged record). A failing `put` appends nothing. Returns the segment.
-    fn append_with(
-        &self,
-        data_len: usize,
-        put: impl FnMut(u64, u64, u64) -> Result<()>,
-    ) -> Result<usize> {
-        appended(self.append_unless(data_len, |_| false, put)?)
-    }
-
-    /// [`Core::append_with`], except that it appends nothing and returns `None` if `refuse`
-    /// says so of the state it would append under (checked with the state lock held, each
-    /// time the writer finds room, so nothing that `refuse` looks at changes before the record
-    /// is in).
+    /// Finds room for a record with `data_len` bytes of data and reserves it: `put(slot)` runs
+    /// with the state lock held (it writes the record, or with a mapping its opening header),
+    /// so rooms are taken one at a time in sequence order and every record's header is in the
+    /// file before any later record's. A failing `put` reserves nothing. Appends nothing and
+    /// returns `None` if `refuse` says so of the state it would append under (checked with the
+    /// state lock held, each time the writer finds room, so nothing that `refuse` looks at
+    /// changes before the record is in). The slot's segment counts the request as pending.
     fn append_unless(
         &self,
         data_len: usize,
         refuse: impl Fn(&State) -> bool,
-        mut put: impl FnMut(u64, u64, u64) -> Result<()>,
-    ) -> Result<Option<usize>> {
+        mut put: impl FnMut(&Slot) -> Result<()>,
+    ) -> Result<Option<Slot>> {
         let rec_len = (REC_HEADER + data_len) as u64;
         if rec_len > self.seg_len - SEG_HEADER {
             return Err(BlockError::Io(io::Error::other(format!(
@@ -827,14 +874,19 @@ impl Core {
                 if refuse(&st) {
                     return Ok(None);
                 }
-                let at = self.seg_base(seg) + SEG_HEADER + st.tail[seg];
-                put(st.next_seq, st.generation[seg], at)?;
+                let slot = Slot {
+                    seg,
+                    seq: st.next_seq,
+                    gen: st.generation[seg],
+                    at: self.seg_base(seg) + SEG_HEADER + st.tail[seg],
+                };
+                put(&slot)?;
                 st.next_seq += 1;
                 st.tail[seg] += rec_len;
                 st.records += 1;
                 st.record_bytes += rec_len;
                 st.pending[seg] += 1;
-                return Ok(Some(seg));
+                return Ok(Some(slot));
             }
             if !st.sealed {
                 // The other segment is empty: it takes the records from now on, the trimmer

@@ -298,8 +298,8 @@ fn a_gathered_write_is_filled_into_its_record_and_the_layer_below_writes_from_th
 }
 
 /// A fill that fails (a guest buffer that cannot be read), even after writing part of the
-/// record's room, records nothing and writes nothing below; the next record takes its place,
-/// and a crash replays only that one.
+/// record's room, records nothing and writes nothing below: its reserved room keeps a record
+/// whose checksum fails, the next record goes after it, and a crash replays only that one.
 #[test]
 fn a_gathered_write_whose_fill_fails_records_and_writes_nothing() {
     let (_dir, path, lower, j) = fresh();
@@ -511,6 +511,153 @@ fn an_unfinished_record_at_the_tail_is_dropped_and_the_ones_before_replayed() {
         read(&*after, 0, 1536),
         [vec![1; 512], vec![2; 512], vec![0; 512]].concat()
     );
+}
+
+/// Starts a gathered write of 8 KiB of 0xee at 0 whose fill parks halfway (its record's room
+/// reserved, half its data in the mapping); returns once it is parked, with the sender that
+/// lets it finish and its thread.
+fn park_a_gathered_fill(
+    j: &Arc<Journal>,
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<Result<()>>) {
+    let (mut hook, in_fill_rx, release_tx) = gate();
+    let t = {
+        let j = Arc::clone(j);
+        std::thread::spawn(move || {
+            j.write_gathered(0, 8192, &mut |dst| {
+                dst[..4096].fill(0xee);
+                hook();
+                dst[4096..].fill(0xee);
+                Ok(())
+            })
+        })
+    };
+    in_fill_rx
+        .recv_timeout(MUST)
+        .expect("the gathered write never reached its fill");
+    (release_tx, t)
+}
+
+/// A record's room is reserved under the state lock and its data filled outside it: a write
+/// to another range is recorded and acknowledged while an earlier record is still being
+/// filled. If the daemon dies then, the replay skips the unfinished record (never
+/// acknowledged, its lower write not started) and still replays the acknowledged one after it.
+#[test]
+fn an_acknowledged_record_after_one_still_being_filled_is_replayed() {
+    let (dir, path, lower, j) = fresh();
+    let j = Arc::new(j);
+    let (release_tx, parked) = park_a_gathered_fill(&j);
+    {
+        let j = Arc::clone(&j);
+        must_finish("a write while another record is being filled", move || {
+            j.write_at(&[0x5a; 4096], 1 << 20).unwrap();
+        });
+    }
+    // The daemon dies here: the host keeps the journal file as it is now.
+    let frozen = dir.path().join("frozen");
+    std::fs::write(&frozen, std::fs::read(&path).unwrap()).unwrap();
+    let records = scan(&File::open(&frozen).unwrap(), 1 << 20).unwrap();
+    assert_eq!(records.len(), 1, "only the finished record counts");
+    assert_eq!((records[0].seq, records[0].offset), (2, 1 << 20));
+    release_tx.send(()).unwrap();
+    parked.join().unwrap().unwrap();
+    let after = Volatile::new(lower.durable());
+    let (_j2, rec) = open(after.clone(), &frozen, &ident(1), 1 << 20);
+    assert_eq!(rec.replayed, 1);
+    assert_eq!(read(&*after, 1 << 20, 4096), vec![0x5a; 4096]);
+    assert_eq!(read(&*after, 0, 8192), vec![0; 8192]);
+    // Had it lived, both records would be replayed.
+    let (_j3, after, rec) = crash_and_restart(
+        Arc::try_unwrap(j).unwrap_or_else(|_| panic!("journal still shared")),
+        &lower,
+        &path,
+        &ident(1),
+    );
+    assert_eq!(rec.replayed, 2);
+    assert_eq!(read(&*after, 0, 8192), vec![0xee; 8192]);
+}
+
+/// A record header whose own checksum fails is where the appends ended (a header is written
+/// whole under the state lock before any later one): the scan stops there and reads no
+/// length or record past it, even a whole one.
+#[test]
+fn a_record_header_that_fails_its_own_checksum_ends_the_segment() {
+    let (_dir, path, _lower, j) = fresh();
+    j.write_at(&[1; 512], 0).unwrap();
+    let tail = { j.lock_state().tail[0] };
+    drop(j);
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    let at = FILE_HEADER + SEG_HEADER + tail;
+    let data = [3u8; 512];
+    let mut torn = encode_record_header(Kind::Write, 2, 1, 1024, 512, &data);
+    torn[44] ^= 1;
+    f.write_all_at(&torn, at).unwrap();
+    f.write_all_at(&data, at + REC_HEADER as u64).unwrap();
+    let next = at + (REC_HEADER + data.len()) as u64;
+    f.write_all_at(
+        &encode_record_header(Kind::Write, 3, 1, 2048, 512, &data),
+        next,
+    )
+    .unwrap();
+    f.write_all_at(&data, next + REC_HEADER as u64).unwrap();
+    let records = scan(&File::open(&path).unwrap(), 1 << 20).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].seq, 1);
+}
+
+/// A journal an earlier daemon wrote (version 1: records written whole under the lock, no
+/// header checksum) is still replayed after an upgrade, up to its first record that is not
+/// whole.
+#[test]
+fn a_journal_of_the_previous_version_is_replayed() {
+    let (_dir, path, lower, j) = fresh();
+    j.write_at(&[1; 512], 0).unwrap();
+    j.write_at(&[2; 512], 512).unwrap();
+    let tail = { j.lock_state().tail[0] };
+    drop(j);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // The file header as version 1 wrote it.
+    let mut h = vec![0u8; FILE_HEADER as usize];
+    f.read_exact_at(&mut h, 0).unwrap();
+    h[8..12].copy_from_slice(&format::VERSION_WHOLE_RECORDS.to_le_bytes());
+    let plen = u32::from_le_bytes(h[60..64].try_into().unwrap()) as usize;
+    let c = format::crc(&[&h[..64 + plen]]);
+    h[64 + plen..68 + plen].copy_from_slice(&c.to_le_bytes());
+    f.write_all_at(&h, 0).unwrap();
+    // Its records had no header checksum; then one whose data is not whole, then a whole one
+    // that version 1 never reads past it.
+    let seg = FILE_HEADER + SEG_HEADER;
+    for at in [seg, seg + (REC_HEADER + 512) as u64] {
+        f.write_all_at(&[0; 4], at + 44).unwrap();
+    }
+    let data = [3u8; 512];
+    let mut at = seg + tail;
+    let mut unfinished = encode_record_header(Kind::Write, 3, 1, 1024, 512, &data);
+    unfinished[44..48].fill(0);
+    f.write_all_at(&unfinished, at).unwrap();
+    f.write_all_at(&data[..100], at + REC_HEADER as u64)
+        .unwrap();
+    at += (REC_HEADER + 512) as u64;
+    let mut whole = encode_record_header(Kind::Write, 4, 1, 2048, 512, &data);
+    whole[44..48].fill(0);
+    f.write_all_at(&whole, at).unwrap();
+    f.write_all_at(&data, at + REC_HEADER as u64).unwrap();
+    let after = Volatile::new(lower.durable());
+    let (j2, rec) = open(after.clone(), &path, &ident(1), 1 << 20);
+    assert!(rec.refused.is_none(), "{:?}", rec.refused);
+    assert_eq!(rec.replayed, 2);
+    assert_eq!(
+        read(&*after, 0, 2560),
+        [vec![1; 512], vec![2; 512], vec![0; 1536]].concat()
+    );
+    // The journal starts anew in the current version.
+    drop(j2);
+    let mut v = [0u8; 4];
+    File::open(&path).unwrap().read_exact_at(&mut v, 8).unwrap();
+    assert_eq!(u32::from_le_bytes(v), format::VERSION);
 }
 
 /// Deterministic interleaving of the lock held across "append + lower write": a second write to

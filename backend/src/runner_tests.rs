@@ -538,6 +538,68 @@ fn stop_vring_returns_only_when_no_request_of_the_queue_is_in_flight() {
     }
 }
 
+/// While the queue thread is in a pass it holds the vring lock; an executor that finishes then
+/// does not sleep on that lock: it leaves its completion, which the queue thread adds to the
+/// used ring during the pass or as it ends it, still holding the lock (so whoever takes the
+/// lock next, GET_VRING_BASE included, finds it there). Once the pass has ended, an executor
+/// publishes its own completion, taking the lock: none is ever stranded.
+#[test]
+fn an_executor_finishing_during_a_pass_leaves_its_completion_to_the_queue_thread() {
+    use crate::inflight::UsedRing;
+    use crate::vhu_blk::{LeftCompletions, TrackedVring};
+    use vhost_user_backend::{VringRwLock, VringT};
+    use vm_memory::GuestMemoryAtomic;
+
+    const MUST: std::time::Duration = std::time::Duration::from_secs(10);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let vring = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), QSIZE).unwrap();
+    *vring.get_mut().get_queue_mut() =
+        queue_with_chains(&mem, &io_chains(&mem, 3, VIRTIO_BLK_T_OUT), 0);
+    let left = Arc::new(LeftCompletions::default());
+    let ring = TrackedVring::new(vring.clone(), None, Arc::clone(&left));
+    let executor = |head: u16| {
+        let (ring, mem) = (ring.clone(), mem.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            ring.complete(&mem, head, 1);
+            tx.send(()).unwrap();
+        });
+        rx
+    };
+    // The queue thread's pass: the vring lock held all along.
+    let mut state = vring.get_mut();
+    left.begin_pass();
+    executor(0)
+        .recv_timeout(MUST)
+        .expect("an executor waited for the vring lock of a pass");
+    assert_eq!(used_idx(&mem), 0, "left, not on the used ring yet");
+    let queue = state.get_queue_mut();
+    assert_eq!(ring.add_left(queue, &mem), (1, true));
+    assert_eq!(used_idx(&mem), 1);
+    executor(1)
+        .recv_timeout(MUST)
+        .expect("an executor waited for the vring lock of a pass");
+    assert_eq!(
+        left.add_to(queue, &mem, None, true).0,
+        1,
+        "taken as the pass ends"
+    );
+    assert_eq!(used_idx(&mem), 2);
+    // The pass is over (its lock not let go yet): the next executor publishes itself.
+    let done = executor(2);
+    assert!(
+        done.recv_timeout(std::time::Duration::from_millis(150))
+            .is_err(),
+        "after its pass, an executor completes to the used ring itself, under the vring lock"
+    );
+    assert_eq!(ring.add_left(queue, &mem), (0, false));
+    drop(state);
+    done.recv_timeout(MUST)
+        .expect("the executor never published");
+    assert_eq!(used_idx(&mem), 3);
+    assert_eq!(used_elem(&mem, 2), (2, 1));
+}
+
 #[path = "uring_tests.rs"]
 mod uring_tests;
 

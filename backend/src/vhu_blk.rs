@@ -8,7 +8,12 @@
 //! worker mutex, which is never contended. With `--max-inflight` above 1 each queue also has a
 //! [`QueueRunner`]: the pass only submits requests, the runner's executors complete them to the
 //! used ring (taking the vring lock briefly), and GET_VRING_BASE (`stop_vring`), a device reset
-//! and the end of the connection wait until the queue has no request in flight.
+//! and the end of the connection wait until the queue has no request in flight. While the queue
+//! thread is in a pass (it holds the vring lock all the while, running fast requests itself),
+//! an executor does not wait for the lock: it leaves its completion to the queue thread
+//! ([`LeftCompletions`]), which adds it to the used ring during the pass and at its end, before
+//! it lets go of the lock. Whoever takes the vring lock after a pass (GET_VRING_BASE, a reset)
+//! therefore finds every completion left in it on the used ring.
 //!
 //! Guest memory: the handler thread applies a memory table update (ADD_MEM_REG, SET_MEM_TABLE)
 //! while queue threads may be in a pass, and a pass holds no snapshot of the table: it reads
@@ -54,11 +59,81 @@ use crate::request::{process_queue_tracked, RequestWorker};
 /// Guest memory as shared with the vhost-user handler.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
-/// A vring with its queue's in-flight tracking (if the frontend gave a buffer).
+/// A vring with its queue's in-flight tracking (if the frontend gave a buffer) and the
+/// completions its executors leave to the queue thread.
 #[derive(Clone)]
 pub struct TrackedVring {
     vring: VringRwLock,
     track: Option<Arc<QueueInflight>>,
+    left: Arc<LeftCompletions>,
+}
+
+/// Completions the executors of one queue leave to its queue thread while that thread is in a
+/// pass: it holds the vring lock for the whole pass (also while it runs fast requests itself),
+/// and an executor that waited for the lock would sleep instead of taking its next request.
+/// `in_pass` changes and completions are left under this mutex only, so none is stranded: a
+/// completion left before the pass ends is taken by the queue thread as it ends it (vring lock
+/// still held), and an executor that finds no pass publishes its completion itself.
+///
+/// Lock order: the vring lock before this mutex (a leaf); an executor never holds it while it
+/// takes the vring lock.
+#[derive(Default)]
+pub struct LeftCompletions(Mutex<LeftState>);
+
+#[derive(Default)]
+struct LeftState {
+    /// The queue thread is in a pass, holding the vring lock: it adds `done` before it lets go.
+    in_pass: bool,
+    /// `(head, len)` of every completion left and not yet on the used ring.
+    done: Vec<(u16, u32)>,
+}
+
+impl LeftCompletions {
+    fn state(&self) -> std::sync::MutexGuard<'_, LeftState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Leaves `(head, len)` to the queue thread if it is in a pass; `false` if it is not (the
+    /// caller publishes the completion itself).
+    fn leave(&self, head: u16, len: u32) -> bool {
+        let mut st = self.state();
+        if st.in_pass {
+            st.done.push((head, len));
+        }
+        st.in_pass
+    }
+
+    /// The queue thread starts a pass (vring lock held).
+    pub(crate) fn begin_pass(&self) {
+        self.state().in_pass = true;
+    }
+
+    /// Adds every completion left so far to `queue` (which the caller holds locked: the queue
+    /// thread in its pass) and, with `end_pass`, ends the pass: executors publish their own
+    /// completions from then on. Returns how many were added and whether the driver must be
+    /// notified of one of them.
+    pub(crate) fn add_to(
+        &self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        track: Option<&QueueInflight>,
+        end_pass: bool,
+    ) -> (usize, bool) {
+        let done = {
+            let mut st = self.state();
+            if end_pass {
+                st.in_pass = false;
+            }
+            if st.done.is_empty() {
+                return (0, false);
+            }
+            std::mem::take(&mut st.done)
+        };
+        let needed = done.iter().fold(false, |needed, &(head, len)| {
+            complete_tracked(queue, mem, head, len, track) | needed
+        });
+        (done.len(), needed)
+    }
 }
 
 /// Adds the used element for `head` (recorded in `track`) and reports whether the driver must
@@ -86,6 +161,16 @@ fn complete_tracked(
 }
 
 impl TrackedVring {
+    /// `vring` with its in-flight tracking `track` and the completions `left` to its queue
+    /// thread.
+    pub(crate) fn new(
+        vring: VringRwLock,
+        track: Option<Arc<QueueInflight>>,
+        left: Arc<LeftCompletions>,
+    ) -> Self {
+        TrackedVring { vring, track, left }
+    }
+
     /// Runs `add` (which adds used elements and reports whether the driver must be notified)
     /// under the vring lock, then notifies the driver if it must be.
     fn publish(&self, add: impl FnOnce(&mut Queue, Option<&QueueInflight>) -> bool) {
@@ -105,7 +190,14 @@ impl TrackedVring {
 /// notification if it asked for one.
 impl UsedRing for TrackedVring {
     fn complete(&self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+        if self.left.leave(head, len) {
+            return;
+        }
         self.publish(|queue, track| complete_tracked(queue, mem, head, len, track));
+    }
+
+    fn add_left(&self, queue: &mut Queue, mem: &GuestMemoryMmap) -> (usize, bool) {
+        self.left.add_to(queue, mem, self.track.as_deref(), false)
     }
 
     fn complete_many(&self, done: &[(Arc<GuestMemoryMmap>, u16, u32)]) {
@@ -150,6 +242,8 @@ pub struct VhostUserBlk {
     tracks: Vec<Mutex<Option<Arc<QueueInflight>>>>,
     /// Queues whose next pass must first resubmit what was left in flight.
     recover: Vec<AtomicBool>,
+    /// Each queue's completions its executors leave to its queue thread during a pass.
+    left: Vec<Arc<LeftCompletions>>,
     /// Passes notify the driver mid-way ([`crate::inflight::SIGNAL_EVERY`]): only with fewer
     /// queue threads than CPUs, so that a core is left for the driver to run on meanwhile.
     mid_pass_signals: bool,
@@ -200,6 +294,7 @@ impl VhostUserBlk {
             inflight: Mutex::new(None),
             tracks: (0..queues).map(|_| Mutex::new(None)).collect(),
             recover: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+            left: (0..queues).map(|_| Arc::default()).collect(),
             mid_pass_signals: std::thread::available_parallelism()
                 .is_ok_and(|cpus| usize::from(queues) < cpus.get()),
         })
@@ -297,14 +392,18 @@ impl VhostUserBlk {
         // memory table update, and reads each chain over the table as it is once popped.
         let result = match self.runners.get(thread_id).and_then(Option::as_ref) {
             Some(runner) => {
-                let ring = TrackedVring {
-                    vring: vring.clone(),
-                    track: track.clone(),
-                };
+                let left = Arc::clone(&self.left[thread_id]);
+                let ring = TrackedVring::new(vring.clone(), track.clone(), Arc::clone(&left));
                 let mid_pass = self.mid_pass_signals;
-                submit_queue(runner, &mut worker, &ring, queue, &self.mem, &mut || {
-                    mid_pass && call.notify()
-                })
+                left.begin_pass();
+                let result =
+                    submit_queue(runner, &mut worker, &ring, queue, &self.mem, &mut || {
+                        mid_pass && call.notify()
+                    });
+                // What the executors left during the pass goes on the used ring before the
+                // vring lock is let go; from now on they publish their own.
+                let (_, needed) = left.add_to(queue, &self.mem.memory(), track.as_deref(), true);
+                result.map(|owed| owed | needed)
             }
             None => {
                 process_queue_tracked(&self.dev, &mut worker, queue, &self.mem, track.as_deref())

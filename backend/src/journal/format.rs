@@ -4,10 +4,19 @@
 //! the host that wrote it, the image's device, inode and canonical path, a checksum), then two
 //! segments of equal length. A segment: a header of [`SEG_HEADER`] bytes (magic, generation,
 //! checksum), then records one after the other. A record: a header of [`REC_HEADER`] bytes
-//! (magic, [`Kind`], sequence number, the segment's generation, offset, length, a checksum of
-//! the first 40 header bytes and the data), then the data of a write (no data for the other
-//! kinds). A record that is not whole, of another generation or fails its checksum ends its
-//! segment ([`scan`]). All integers little-endian.
+//! (magic, [`Kind`], sequence number, the segment's generation, offset, length, the record's
+//! checksum of the first 40 header bytes and the data, and, from version 2 on, the header's
+//! own checksum of its first 40 bytes), then the data of a write (no data for the other
+//! kinds). All integers little-endian.
+//!
+//! Version 2 (written now): a record's room is reserved and its header written, with a valid
+//! header checksum, while the journal's state lock is held; its data and record checksum follow
+//! outside the lock, so records after it may be whole first. A record whose header is whole
+//! but whose record checksum fails is one whose data was still being written when the daemon
+//! died (never acknowledged): the scan skips it and goes on. A header that is not whole, of
+//! another generation or fails its own checksum ends the segment. Version 1 (written by earlier
+//! daemons, still read): records were written whole under the lock, and the first one that is
+//! not whole or fails its checksum ends the segment ([`scan`]).
 //!
 //! No locking here: these are pure encoders and decoders, and reads of a file nothing else
 //! writes while they run (the journal reads it back only at open, before it serves).
@@ -23,7 +32,9 @@ use super::Identity;
 pub(super) const FILE_MAGIC: &[u8; 8] = b"SNBLKJNL";
 pub(super) const SEG_MAGIC: u64 = u64::from_le_bytes(*b"SNBLKSEG");
 pub(super) const REC_MAGIC: u32 = u32::from_le_bytes(*b"SJRC");
-pub(super) const VERSION: u32 = 1;
+pub(super) const VERSION: u32 = 2;
+/// The version written by earlier daemons (no header checksum; still replayed).
+pub(super) const VERSION_WHOLE_RECORDS: u32 = 1;
 /// Bytes of the file header (the segments follow it).
 pub(super) const FILE_HEADER: u64 = 4096;
 /// Bytes of a segment header.
@@ -132,8 +143,9 @@ pub(super) fn decode_header(b: &[u8]) -> std::result::Result<Header, String> {
     }
     let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
     let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
-    if u32_at(8) != VERSION {
-        return Err(format!("unknown journal version {}", u32_at(8)));
+    let version = u32_at(8);
+    if version != VERSION && version != VERSION_WHOLE_RECORDS {
+        return Err(format!("unknown journal version {version}"));
     }
     let mut boot = [0u8; 16];
     boot.copy_from_slice(&b[28..44]);
@@ -167,8 +179,23 @@ pub(super) struct Record {
     pub(super) data: Vec<u8>,
 }
 
-/// A record's header; its checksum covers the first 40 header bytes and the data, whose CRC
-/// state `data_crc` the caller computed (outside the state lock).
+/// A record's opening header, written under the state lock when its room is reserved: every
+/// field and the header's own checksum (bytes 44..48, of the first 40), but a record checksum
+/// that cannot match until [`record_header`] replaces it (the one of empty data, flipped).
+pub(super) fn record_opening(
+    kind: Kind,
+    seq: u64,
+    gen: u64,
+    offset: u64,
+    len: u64,
+) -> [u8; REC_HEADER] {
+    let mut h = record_header(kind, seq, gen, offset, len, &crc32fast::Hasher::new());
+    break_record_checksum(&mut h);
+    h
+}
+
+/// A record's header; its record checksum covers the first 40 header bytes and the data,
+/// whose CRC state `data_crc` the caller computed (outside the state lock).
 pub(super) fn record_header(
     kind: Kind,
     seq: u64,
@@ -184,11 +211,19 @@ pub(super) fn record_header(
     h[16..24].copy_from_slice(&gen.to_le_bytes());
     h[24..32].copy_from_slice(&offset.to_le_bytes());
     h[32..40].copy_from_slice(&len.to_le_bytes());
+    let head = crc(&[&h[..40]]);
     let mut c = crc32fast::Hasher::new();
     c.update(&h[..40]);
     c.combine(data_crc);
     h[40..44].copy_from_slice(&c.finalize().to_le_bytes());
+    h[44..48].copy_from_slice(&head.to_le_bytes());
     h
+}
+
+/// Makes the record checksum of `h` fail for the data it was computed over (a record whose
+/// data never became whole: skipped by a replay).
+pub(super) fn break_record_checksum(h: &mut [u8; REC_HEADER]) {
+    h[40] ^= 1;
 }
 
 /// [`record_header`] for `data`.
@@ -256,10 +291,16 @@ pub(super) fn read_upto(file: &File, buf: &mut [u8], off: u64) -> io::Result<usi
     Ok(n)
 }
 
-/// Every valid record of both segments, in sequence order. A segment is read up to its first
-/// record that is not whole, not of the segment's generation or fails its checksum: the record
-/// being appended when the daemon died, which was never acknowledged.
+/// Every valid record of both segments, in sequence order, read as the file header's version
+/// says (see the module documentation): a segment is read up to its first record header that
+/// is not whole, not of the segment's generation or fails its checksum (the end of what was
+/// appended); in version 2 a record whose header is whole but whose data fails the record
+/// checksum is skipped (its data was being written when the daemon died: never acknowledged),
+/// in version 1 it ends the segment too.
 pub(super) fn scan(file: &File, seg_len: u64) -> io::Result<Vec<Record>> {
+    let mut v = [0u8; 4];
+    read_upto(file, &mut v, 8)?;
+    let headed = u32::from_le_bytes(v) != VERSION_WHOLE_RECORDS;
     let mut out = Vec::new();
     for seg in 0..2u64 {
         let base = FILE_HEADER + seg * seg_len;
@@ -289,6 +330,9 @@ pub(super) fn scan(file: &File, seg_len: u64) -> io::Result<Vec<Record>> {
             if u32_at(0) != REC_MAGIC || u64_at(16) != gen {
                 break;
             }
+            if headed && crc(&[&rh[..40]]) != u32_at(44) {
+                break;
+            }
             let len = u64_at(32);
             let data_len = if kind == Kind::Write { len } else { 0 };
             if pos + REC_HEADER as u64 + data_len > seg_len {
@@ -299,7 +343,11 @@ pub(super) fn scan(file: &File, seg_len: u64) -> io::Result<Vec<Record>> {
                 break;
             }
             if crc(&[&rh[..40], &data]) != u32_at(40) {
-                break;
+                if !headed {
+                    break;
+                }
+                pos += REC_HEADER as u64 + data_len;
+                continue;
             }
             out.push(Record {
                 seq: u64_at(8),
