@@ -106,8 +106,8 @@
 //! and the guest's) and is held across the lower flush; the state mutex is held only to seal,
 //! to wait for the sealed segment's requests and to empty it, never across the lower flush
 //! (the state mutex is held across the write of a record's opening header, of a whole record
-//! without a mapping, or of a segment header into the journal file only). A persisted write holds its stripe locks, and
-//! no other lock of the journal, across its lower write.
+//! without a mapping, or of a segment header into the journal file only). A persisted write
+//! holds its stripe locks, and no other lock of the journal, across its lower write.
 //! The trimmer takes only `flush_lock` and the state mutex and calls only downward.
 //! [`Journal::rebind`] (a live snapshot, guest requests paused) takes only the state mutex, so
 //! it never waits for a background flush. Dropping the [`Journal`] stops the trimmer and joins
