@@ -554,7 +554,7 @@ fn an_executor_finishing_during_a_pass_leaves_its_completion_to_the_queue_thread
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let vring = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), QSIZE).unwrap();
     *vring.get_mut().get_queue_mut() =
-        queue_with_chains(&mem, &io_chains(&mem, 3, VIRTIO_BLK_T_OUT), 0);
+        queue_with_chains(&mem, &io_chains(&mem, 4, VIRTIO_BLK_T_OUT), 0);
     let left = Arc::new(LeftCompletions::default());
     let ring = TrackedVring::new(vring.clone(), None, Arc::clone(&left));
     let executor = |head: u16| {
@@ -569,14 +569,20 @@ fn an_executor_finishing_during_a_pass_leaves_its_completion_to_the_queue_thread
     // The queue thread's pass: the vring lock held all along.
     let mut state = vring.get_mut();
     left.begin_pass();
-    executor(0)
-        .recv_timeout(MUST)
-        .expect("an executor waited for the vring lock of a pass");
+    for head in [0, 1] {
+        executor(head)
+            .recv_timeout(MUST)
+            .expect("an executor waited for the vring lock of a pass");
+    }
     assert_eq!(used_idx(&mem), 0, "left, not on the used ring yet");
     let queue = state.get_queue_mut();
-    assert_eq!(ring.add_left(queue, &mem), (1, true));
-    assert_eq!(used_idx(&mem), 1);
-    executor(1)
+    assert_eq!(
+        ring.add_left(queue, &mem),
+        (2, true),
+        "both added, and the driver asked to hear of them"
+    );
+    assert_eq!(used_idx(&mem), 2);
+    executor(2)
         .recv_timeout(MUST)
         .expect("an executor waited for the vring lock of a pass");
     assert_eq!(
@@ -584,9 +590,9 @@ fn an_executor_finishing_during_a_pass_leaves_its_completion_to_the_queue_thread
         1,
         "taken as the pass ends"
     );
-    assert_eq!(used_idx(&mem), 2);
+    assert_eq!(used_idx(&mem), 3);
     // The pass is over (its lock not let go yet): the next executor publishes itself.
-    let done = executor(2);
+    let done = executor(3);
     assert!(
         done.recv_timeout(std::time::Duration::from_millis(150))
             .is_err(),
@@ -596,8 +602,8 @@ fn an_executor_finishing_during_a_pass_leaves_its_completion_to_the_queue_thread
     drop(state);
     done.recv_timeout(MUST)
         .expect("the executor never published");
-    assert_eq!(used_idx(&mem), 3);
-    assert_eq!(used_elem(&mem, 2), (2, 1));
+    assert_eq!(used_idx(&mem), 4);
+    assert_eq!(used_elem(&mem, 3), (3, 1));
 }
 
 #[path = "uring_tests.rs"]
