@@ -392,7 +392,7 @@ impl VhostUserBlk {
         // memory table update, and reads each chain over the table as it is once popped.
         let result = match self.runners.get(thread_id).and_then(Option::as_ref) {
             Some(runner) => {
-                let left = Arc::clone(&self.left[thread_id]);
+                let left = self.left.get(thread_id).cloned().unwrap_or_default();
                 let ring = TrackedVring::new(vring.clone(), track.clone(), Arc::clone(&left));
                 let mid_pass = self.mid_pass_signals;
                 left.begin_pass();
