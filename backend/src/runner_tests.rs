@@ -606,6 +606,64 @@ fn an_executor_finishing_during_a_pass_leaves_its_completion_to_the_queue_thread
     assert_eq!(used_elem(&mem, 3), (3, 1));
 }
 
+/// Completions executors leave to a pass after the pass's last round of pops are added as the
+/// pass ends, and the driver is notified of them: the pass owed no notification of its own (it
+/// ran nothing itself), and the executors, having left them, signal nothing.
+#[test]
+fn a_completion_left_as_the_pass_ends_is_signalled_to_the_driver() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+    use vm_memory::GuestMemoryAtomic;
+    use vmm_sys_util::epoll::EventSet;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let disk = Arc::new(GateDisk::new(u64::MAX));
+    let mut cfg = DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap();
+    cfg.max_inflight = 8;
+    let dev = BlkDevice::new(ServedDisk::plain(disk.clone()), Arc::new(cfg));
+    dev.set_acked_features(dev.config().features());
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let backend =
+        Arc::new(crate::vhu_blk::VhostUserBlk::new(Arc::new(dev), atomic.clone()).unwrap());
+    let vring = VringRwLock::new(atomic, QSIZE).unwrap();
+    *vring.get_mut().get_queue_mut() =
+        queue_with_chains(&mem, &io_chains(&mem, 2, VIRTIO_BLK_T_OUT), 0);
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: a fresh descriptor of our own (a duplicate of the eventfd's), owned by the File.
+    let call_file = unsafe { std::fs::File::from_raw_fd(libc::dup(call.as_raw_fd())) };
+    vring.set_call(Some(call_file));
+    {
+        // The writes are with executors (a fresh runner expects slow requests), held at the
+        // disk; once the pass has popped them, let them finish and wait until their
+        // completions are left to the pass.
+        let (disk, backend2) = (disk.clone(), Arc::downgrade(&backend));
+        backend.set_before_pass_end(Box::new(move || {
+            wait_until("the write at the disk", || {
+                disk.running.load(Ordering::SeqCst) == 2
+            });
+            disk.open_gate();
+            wait_until("the completion left to the pass", || {
+                backend2.upgrade().is_some_and(|b| b.left_count(0) == 2)
+            });
+        }));
+    }
+    backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert_eq!(backend.left_count(0), 0);
+    assert_eq!(
+        used_idx(&mem),
+        2,
+        "added before the pass let go of the lock"
+    );
+    assert!(
+        call.read().is_ok(),
+        "the driver was not notified of the completion left as the pass ended"
+    );
+    backend.wait_idle();
+}
+
 #[path = "uring_tests.rs"]
 mod uring_tests;
 

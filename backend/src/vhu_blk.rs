@@ -244,6 +244,10 @@ pub struct VhostUserBlk {
     recover: Vec<AtomicBool>,
     /// Each queue's completions its executors leave to its queue thread during a pass.
     left: Vec<Arc<LeftCompletions>>,
+    /// Test hook: run by a pass with executors after its last round of pops, before it adds
+    /// what they left and lets go of the vring lock.
+    #[cfg(test)]
+    before_pass_end: Mutex<Option<Box<dyn FnMut() + Send>>>,
     /// Passes notify the driver mid-way ([`crate::inflight::SIGNAL_EVERY`]): only with fewer
     /// queue threads than CPUs, so that a core is left for the driver to run on meanwhile.
     mid_pass_signals: bool,
@@ -295,9 +299,27 @@ impl VhostUserBlk {
             tracks: (0..queues).map(|_| Mutex::new(None)).collect(),
             recover: (0..queues).map(|_| AtomicBool::new(false)).collect(),
             left: (0..queues).map(|_| Arc::default()).collect(),
+            #[cfg(test)]
+            before_pass_end: Mutex::new(None),
             mid_pass_signals: std::thread::available_parallelism()
                 .is_ok_and(|cpus| usize::from(queues) < cpus.get()),
         })
+    }
+
+    /// Test hook: `hook` runs in every pass with executors after its last round of pops, with
+    /// the vring lock held, before the completions left to the pass are added.
+    #[cfg(test)]
+    pub(crate) fn set_before_pass_end(&self, hook: Box<dyn FnMut() + Send>) {
+        *self
+            .before_pass_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Completions left to queue `q`'s thread and not yet on its used ring (tests).
+    #[cfg(test)]
+    pub(crate) fn left_count(&self, q: usize) -> usize {
+        self.left.get(q).map_or(0, |l| l.state().done.len())
     }
 
     /// Blocks until no queue has a request in flight: every request picked up so far is on its
@@ -400,10 +422,19 @@ impl VhostUserBlk {
                     submit_queue(runner, &mut worker, &ring, queue, &self.mem, &mut || {
                         mid_pass && call.notify()
                     });
+                #[cfg(test)]
+                if let Some(hook) = self
+                    .before_pass_end
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    hook();
+                }
                 // What the executors left during the pass goes on the used ring before the
                 // vring lock is let go; from now on they publish their own.
                 let (_, needed) = left.add_to(queue, &self.mem.memory(), track.as_deref(), true);
-                result.map(|owed| owed | needed)
+                result.map(|owed| owed || needed)
             }
             None => {
                 process_queue_tracked(&self.dev, &mut worker, queue, &self.mem, track.as_deref())
