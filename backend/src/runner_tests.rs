@@ -664,6 +664,65 @@ fn a_completion_left_as_the_pass_ends_is_signalled_to_the_driver() {
     backend.wait_idle();
 }
 
+/// Through the vhost-user pass itself (`process_vring`): a pass that runs `SIGNAL_EVERY`
+/// requests on the queue thread notifies the driver, on its call eventfd, for them, whether it
+/// does so in the middle of the pass (a core left for the driver) or at its end.
+#[test]
+fn an_inline_pass_of_the_vring_notifies_the_driver_of_its_completions() {
+    use crate::inflight::SIGNAL_EVERY;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+    use vm_memory::GuestMemoryAtomic;
+    use vmm_sys_util::epoll::EventSet;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let disk = Arc::new(GateDisk::new(u64::MAX));
+    disk.open_gate();
+    let mut cfg = DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap();
+    cfg.max_inflight = 8;
+    let dev = BlkDevice::new(ServedDisk::plain(disk.clone()), Arc::new(cfg));
+    dev.set_acked_features(dev.config().features());
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let backend =
+        Arc::new(crate::vhu_blk::VhostUserBlk::new(Arc::new(dev), atomic.clone()).unwrap());
+    let vring = VringRwLock::new(atomic, QSIZE).unwrap();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: a fresh descriptor of our own (a duplicate of the eventfd's), owned by the File.
+    let call_file = unsafe { std::fs::File::from_raw_fd(libc::dup(call.as_raw_fd())) };
+    vring.set_call(Some(call_file));
+    let me = std::thread::current().id();
+    // A fresh runner expects slow requests: fast passes bring its estimate down first.
+    for _ in 0..10 {
+        {
+            let mut st = vring.get_mut();
+            let q = st.get_queue_mut();
+            let first = q.next_used();
+            *q = queue_with_chains(
+                &mem,
+                &io_chains(&mem, SIGNAL_EVERY as u64, VIRTIO_BLK_T_IN),
+                0,
+            );
+            q.set_next_used(first);
+        }
+        backend.wait_idle();
+        let _ = call.read();
+        disk.threads.lock().unwrap().clear();
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        backend.wait_idle();
+    }
+    assert!(
+        disk.threads.lock().unwrap().iter().all(|t| *t == me),
+        "the last pass ran on the queue thread"
+    );
+    assert!(
+        call.read().is_ok(),
+        "the driver was not notified of a pass's completions"
+    );
+}
+
 #[path = "uring_tests.rs"]
 mod uring_tests;
 
