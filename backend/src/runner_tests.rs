@@ -484,22 +484,45 @@ fn runner_fails_only_the_request_whose_disk_operation_failed() {
     );
 }
 
-#[test]
-fn stop_vring_returns_only_when_no_request_of_the_queue_is_in_flight() {
-    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-    use vm_memory::GuestMemoryAtomic;
-    use vmm_sys_util::epoll::EventSet;
-
+/// Guest memory, a gated disk (gate closed), a vhost-user backend over it with up to 8
+/// requests in flight per queue, and one vring of `QSIZE` entries over that memory.
+fn vring_backend() -> (
+    GuestMemoryMmap,
+    Arc<GateDisk>,
+    Arc<crate::vhu_blk::VhostUserBlk>,
+    vhost_user_backend::VringRwLock,
+) {
+    use vhost_user_backend::VringT;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let disk = Arc::new(GateDisk::new(u64::MAX));
     let mut cfg = DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap();
     cfg.max_inflight = 8;
     let dev = BlkDevice::new(ServedDisk::plain(disk.clone()), Arc::new(cfg));
     dev.set_acked_features(dev.config().features());
-    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let atomic = vm_memory::GuestMemoryAtomic::new(mem.clone());
     let backend =
         Arc::new(crate::vhu_blk::VhostUserBlk::new(Arc::new(dev), atomic.clone()).unwrap());
-    let vring = VringRwLock::new(atomic, QSIZE).unwrap();
+    let vring = vhost_user_backend::VringRwLock::new(atomic, QSIZE).unwrap();
+    (mem, disk, backend, vring)
+}
+
+/// A call eventfd given to `vring` (what the driver would be notified on), to read.
+fn call_eventfd(vring: &vhost_user_backend::VringRwLock) -> vmm_sys_util::eventfd::EventFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vhost_user_backend::VringT;
+    let call = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    // SAFETY: a fresh descriptor of our own (a duplicate of the eventfd's), owned by the File.
+    let file = unsafe { std::fs::File::from_raw_fd(libc::dup(call.as_raw_fd())) };
+    vring.set_call(Some(file));
+    call
+}
+
+#[test]
+fn stop_vring_returns_only_when_no_request_of_the_queue_is_in_flight() {
+    use vhost_user_backend::{VhostUserBackend, VringT};
+    use vmm_sys_util::epoll::EventSet;
+
+    let (mem, disk, backend, vring) = vring_backend();
     *vring.get_mut().get_queue_mut() =
         queue_with_chains(&mem, &io_chains(&mem, 4, VIRTIO_BLK_T_OUT), 0);
     // A kick: the queue thread submits the four writes and returns while they wait at the disk.
@@ -611,28 +634,13 @@ fn an_executor_finishing_during_a_pass_leaves_its_completion_to_the_queue_thread
 /// ran nothing itself), and the executors, having left them, signal nothing.
 #[test]
 fn a_completion_left_as_the_pass_ends_is_signalled_to_the_driver() {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-    use vm_memory::GuestMemoryAtomic;
+    use vhost_user_backend::{VhostUserBackend, VringT};
     use vmm_sys_util::epoll::EventSet;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let disk = Arc::new(GateDisk::new(u64::MAX));
-    let mut cfg = DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap();
-    cfg.max_inflight = 8;
-    let dev = BlkDevice::new(ServedDisk::plain(disk.clone()), Arc::new(cfg));
-    dev.set_acked_features(dev.config().features());
-    let atomic = GuestMemoryAtomic::new(mem.clone());
-    let backend =
-        Arc::new(crate::vhu_blk::VhostUserBlk::new(Arc::new(dev), atomic.clone()).unwrap());
-    let vring = VringRwLock::new(atomic, QSIZE).unwrap();
+    let (mem, disk, backend, vring) = vring_backend();
     *vring.get_mut().get_queue_mut() =
         queue_with_chains(&mem, &io_chains(&mem, 2, VIRTIO_BLK_T_OUT), 0);
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    // SAFETY: a fresh descriptor of our own (a duplicate of the eventfd's), owned by the File.
-    let call_file = unsafe { std::fs::File::from_raw_fd(libc::dup(call.as_raw_fd())) };
-    vring.set_call(Some(call_file));
+    let call = call_eventfd(&vring);
     {
         // The writes are with executors (a fresh runner expects slow requests), held at the
         // disk; once the pass has popped them, let them finish and wait until their
@@ -670,27 +678,12 @@ fn a_completion_left_as_the_pass_ends_is_signalled_to_the_driver() {
 #[test]
 fn an_inline_pass_of_the_vring_notifies_the_driver_of_its_completions() {
     use crate::inflight::SIGNAL_EVERY;
-    use std::os::fd::{AsRawFd, FromRawFd};
-    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-    use vm_memory::GuestMemoryAtomic;
+    use vhost_user_backend::{VhostUserBackend, VringT};
     use vmm_sys_util::epoll::EventSet;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let disk = Arc::new(GateDisk::new(u64::MAX));
+    let (mem, disk, backend, vring) = vring_backend();
     disk.open_gate();
-    let mut cfg = DeviceConfig::new(DISK_SIZE as u64, 512, 1, QSIZE).unwrap();
-    cfg.max_inflight = 8;
-    let dev = BlkDevice::new(ServedDisk::plain(disk.clone()), Arc::new(cfg));
-    dev.set_acked_features(dev.config().features());
-    let atomic = GuestMemoryAtomic::new(mem.clone());
-    let backend =
-        Arc::new(crate::vhu_blk::VhostUserBlk::new(Arc::new(dev), atomic.clone()).unwrap());
-    let vring = VringRwLock::new(atomic, QSIZE).unwrap();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    // SAFETY: a fresh descriptor of our own (a duplicate of the eventfd's), owned by the File.
-    let call_file = unsafe { std::fs::File::from_raw_fd(libc::dup(call.as_raw_fd())) };
-    vring.set_call(Some(call_file));
+    let call = call_eventfd(&vring);
     let me = std::thread::current().id();
     // A fresh runner expects slow requests: fast passes bring its estimate down first.
     for _ in 0..10 {
