@@ -181,7 +181,8 @@ pub(super) struct Record {
 
 /// A record's opening header, written under the state lock when its room is reserved: every
 /// field and the header's own checksum (bytes 44..48, of the first 40), but a record checksum
-/// that cannot match until [`record_header`] replaces it (the one of empty data, flipped).
+/// that fails until [`record_header`] replaces it: the one of empty data, inverted (what the
+/// room holds meanwhile matches it only by a 1 in 2^32 chance).
 pub(super) fn record_opening(
     kind: Kind,
     seq: u64,
