@@ -751,8 +751,8 @@ impl Core {
     }
 
     /// [`Core::append`], except that it appends nothing and returns `None` if `refuse` says so
-    /// (see [`Core::append_unless`]). With a mapping, a record with data has only its room and
-    /// opening header taken under the state lock; its data and record checksum go in after.
+    /// (see [`Core::append_unless`]). With a mapping, a record with data is copied into its
+    /// room outside the state lock ([`Core::append_filled`]).
     fn append_record_unless(
         &self,
         kind: Kind,
@@ -761,27 +761,22 @@ impl Core {
         data: &[u8],
         refuse: impl Fn(&State) -> bool,
     ) -> Result<Option<usize>> {
+        if let Some(map) = self.map.as_ref().filter(|_| !data.is_empty()) {
+            let mut copy = |dst: &mut [u8]| {
+                dst.copy_from_slice(data);
+                Ok(())
+            };
+            let appended = self.append_filled(map, kind, offset, data.len(), refuse, &mut copy)?;
+            return Ok(appended.map(|(seg, _)| seg));
+        }
         // The data's checksum does not depend on the position: computed before the lock.
         let mut data_crc = crc32fast::Hasher::new();
         data_crc.update(data);
-        let Some(map) = self.map.as_ref().filter(|_| !data.is_empty()) else {
-            let slot = self.append_unless(data.len(), refuse, |s| {
-                let header = record_header(kind, s.seq, s.gen, offset, len, &data_crc);
-                self.put_record(s.at, &header, data)
-            })?;
-            return Ok(slot.map(|s| s.seg));
-        };
-        let Some(slot) = self.append_unless(data.len(), refuse, |s| {
-            map.copy(s.at, &record_opening(kind, s.seq, s.gen, offset, len), &[]);
-            Ok(())
-        })?
-        else {
-            return Ok(None);
-        };
-        map.copy(slot.at + REC_HEADER as u64, data, &[]);
-        let header = record_header(kind, slot.seq, slot.gen, offset, len, &data_crc);
-        map.copy(slot.at, &header, &[]);
-        Ok(Some(slot.seg))
+        let slot = self.append_unless(data.len(), refuse, |s| {
+            let header = record_header(kind, s.seq, s.gen, offset, len, &data_crc);
+            self.put_record(s.at, &header, data)
+        })?;
+        Ok(slot.map(|s| s.seg))
     }
 
     /// Writes a record (`header`, then `data`) at `at` of the journal file.
@@ -794,11 +789,8 @@ impl Core {
     }
 
     /// Appends a write record of `len` bytes whose data `fill` writes into the mapping itself
-    /// (no copy of the caller's). Its room and opening header are taken under the state lock;
-    /// the fill, the checksum and the final header follow outside it, so writers gather their
-    /// records in parallel. Returns the segment and the record's data, which stays as it is
-    /// until the request counts its lower operation done. A failing `fill` leaves a record whose
-    /// checksum fails (a replay skips it) and counts its request done.
+    /// (no copy of the caller's; see [`Core::append_filled`]). Returns the segment and the
+    /// record's data, which stays as it is until the request counts its lower operation done.
     fn append_gathered<'a>(
         &self,
         map: &'a Mapping,
@@ -806,32 +798,42 @@ impl Core {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
     ) -> Result<(usize, &'a [u8])> {
-        let slot = appended(self.append_unless(
-            len,
-            |_| false,
-            |s| {
-                let opening = record_opening(Kind::Write, s.seq, s.gen, offset, len as u64);
-                map.copy(s.at, &opening, &[]);
-                Ok(())
-            },
-        )?)?;
+        appended(self.append_filled(map, Kind::Write, offset, len, |_| false, fill)?)
+    }
+
+    /// Appends a record with `data_len` bytes of data (its length too) that `fill` writes into
+    /// its room in the mapping. The room and the opening header are taken under the state lock; the fill, the
+    /// data's checksum and the final header follow outside it, so writers fill their records in
+    /// parallel. Returns the segment and the record's data, or `None` if `refuse` said so (see
+    /// [`Core::append_unless`]). A failing `fill` leaves a record whose checksum fails (a
+    /// replay skips it) and counts its request done.
+    fn append_filled<'a>(
+        &self,
+        map: &'a Mapping,
+        kind: Kind,
+        offset: u64,
+        data_len: usize,
+        refuse: impl Fn(&State) -> bool,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<Option<(usize, &'a [u8])>> {
+        let len = data_len as u64;
+        let Some(slot) = self.append_unless(data_len, refuse, |s| {
+            map.copy(s.at, &record_opening(kind, s.seq, s.gen, offset, len), &[]);
+            Ok(())
+        })?
+        else {
+            return Ok(None);
+        };
         let start = slot.at + REC_HEADER as u64;
         // SAFETY: `range` checked the bytes lie inside the mapping; they are the room this
         // record reserved past the segment's tail, which nothing else reads or writes until
         // its request counts its lower operation done (the segment is not emptied before), and
         // `dst` is gone before the data is borrowed again below.
-        let dst = unsafe { std::slice::from_raw_parts_mut(map.range(start, len), len) };
+        let dst = unsafe { std::slice::from_raw_parts_mut(map.range(start, data_len), data_len) };
         let filled = fill(dst);
         let mut data_crc = crc32fast::Hasher::new();
         data_crc.update(dst);
-        let mut header = record_header(
-            Kind::Write,
-            slot.seq,
-            slot.gen,
-            offset,
-            len as u64,
-            &data_crc,
-        );
+        let mut header = record_header(kind, slot.seq, slot.gen, offset, len, &data_crc);
         if let Err(e) = filled {
             break_record_checksum(&mut header);
             map.copy(slot.at, &header, &[]);
@@ -841,7 +843,7 @@ impl Core {
         map.copy(slot.at, &header, &[]);
         // SAFETY: the record just appended; its request counts its lower operation done only
         // after the caller is done with the data (`in_record`).
-        Ok((slot.seg, unsafe { map.record(start, len) }))
+        Ok(Some((slot.seg, unsafe { map.record(start, data_len) })))
     }
 
     /// Finds room for a record with `data_len` bytes of data and reserves it: `put(slot)` runs

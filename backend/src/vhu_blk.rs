@@ -111,7 +111,9 @@ impl LeftCompletions {
     /// Adds every completion left so far to `queue` (which the caller holds locked: the queue
     /// thread in its pass) and, with `end_pass`, ends the pass: executors publish their own
     /// completions from then on. Returns how many were added and whether the driver must be
-    /// notified of one of them.
+    /// notified of one of them. The list is drained in place (its memory kept for the next
+    /// ones), under this mutex: an executor leaving one meanwhile waits for a few used-ring
+    /// entries, never for I/O.
     pub(crate) fn add_to(
         &self,
         queue: &mut Queue,
@@ -119,20 +121,15 @@ impl LeftCompletions {
         track: Option<&QueueInflight>,
         end_pass: bool,
     ) -> (usize, bool) {
-        let done = {
-            let mut st = self.state();
-            if end_pass {
-                st.in_pass = false;
-            }
-            if st.done.is_empty() {
-                return (0, false);
-            }
-            std::mem::take(&mut st.done)
-        };
-        let needed = done.iter().fold(false, |needed, &(head, len)| {
+        let mut st = self.state();
+        if end_pass {
+            st.in_pass = false;
+        }
+        let n = st.done.len();
+        let needed = st.done.drain(..).fold(false, |needed, (head, len)| {
             complete_tracked(queue, mem, head, len, track) | needed
         });
-        (done.len(), needed)
+        (n, needed)
     }
 }
 
