@@ -307,6 +307,13 @@ impl BlkDevice {
         self.cache_control.is_none() && !self.writeback()
     }
 
+    /// Whether a write of `[offset, offset + len)` would complete from memory now (see
+    /// [`BlockDev::writes_in_memory`]): never on a read-only device or where the front end
+    /// flushes after each write. A hint for scheduling.
+    pub fn write_in_memory(&self, offset: u64, len: u64) -> bool {
+        !self.cfg.read_only && !self.flush_after_write() && self.disk.writes_in_memory(offset, len)
+    }
+
     /// Switches the write-cache mode. Going to write-through first flushes, so that writes that
     /// completed in write-back mode are durable as well.
     pub fn set_writeback(&self, writeback: bool) {

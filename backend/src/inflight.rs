@@ -19,6 +19,11 @@
 //! longer than the slow threshold (it had to wait for the disk), the rest of the pass goes to
 //! the executors, and so do the following passes until requests are fast again. A single request
 //! found while nothing is in flight always runs inline (no hand-off on the queue-depth-1 path).
+//! A write of at most `INLINE_WRITE_MAX` (64 KiB) that the disk stack says completes in memory
+//! ([`BlkDevice::write_in_memory`]: the write-back cache has room for it) runs inline whatever
+//! the estimate says and stays out of it: a copy into the cache costs less than a hand-off.
+//! Writes the stack says may wait (no dirty budget left: they would write back to make room)
+//! go to the executors, where those writebacks run in parallel.
 //! A request on an executor that never slept counts with its CPU time, not its wall-clock time
 //! (which preemption by the other executors inflates; see `executor_cost`).
 //!
@@ -54,7 +59,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::device::BlkDevice;
 use crate::request::{
-    check_avail_ring, peek_request_type, pop_current, MemoryTable, ProcessQueueError,
+    check_avail_ring, peek_request_type, peek_write, pop_current, MemoryTable, ProcessQueueError,
     RequestWorker, StallCheck,
 };
 use crate::uring::UringReads;
@@ -140,6 +145,11 @@ struct State<R> {
 /// Default execution time above which a request counts as slow (it waited for the disk): a hot
 /// 4 KiB request takes a few microseconds, a read from an SSD about a hundred.
 pub const DEFAULT_SLOW_THRESHOLD: Duration = Duration::from_micros(40);
+
+/// Largest write the queue thread runs itself when the disk takes it in memory
+/// ([`BlkDevice::write_in_memory`]): a copy of up to 64 KiB into the folio cache and the crash
+/// journal costs less than a hand-off to an executor and back.
+const INLINE_WRITE_MAX: u64 = 64 * 1024;
 
 struct Shared<R> {
     dev: Arc<BlkDevice>,
@@ -584,10 +594,14 @@ where
         let mut inline =
             popped > 0 && (shared.requests_are_fast() || (popped == 1 && runner.inflight() == 0));
         for (mem, mut chain) in popped_chains.drain(..) {
+            // A small write the disk takes in memory (the write-back cache has room for it)
+            // runs here whatever the estimate says, and stays out of it.
+            let in_memory = peek_write(&*mem, &chain, INLINE_WRITE_MAX)
+                .is_some_and(|(offset, len)| shared.dev.write_in_memory(offset, len));
             // Reads go on the ring while requests wait for the disk; while they are fast (the
             // folio cache or the host page cache has them) they take the inline path, whose
             // misses fill the folio cache, so that re-reads are served from it.
-            let slow = !inline || !shared.requests_are_fast();
+            let slow = !in_memory && (!inline || !shared.requests_are_fast());
             if let Some(u) = runner.uring.as_ref().filter(|_| slow) {
                 match u.try_submit(worker, ring, &mem, chain) {
                     Ok(None) => continue,
@@ -604,7 +618,7 @@ where
             // only request of an idle queue) and leaves the estimate alone, so the writes
             // around it stay inline (with a FLUSH every 32 writes, each one's fdatasync used to
             // stop the queue thread and send the next passes' writes to the executors).
-            let flush = is_flush(&mem, &chain);
+            let flush = !in_memory && is_flush(&mem, &chain);
             let alone = popped == 1 && runner.inflight() == 0;
             let job = Job {
                 ring: ring.clone(),
@@ -612,7 +626,7 @@ where
                 chain,
                 flush,
             };
-            let job = if inline && (!flush || alone) {
+            let job = if in_memory || inline && (!flush || alone) {
                 Some(job)
             } else {
                 runner.submit(job)
@@ -622,14 +636,15 @@ where
                 let started = Instant::now();
                 let len = worker.process_chain(&shared.dev, &*job.mem, job.chain);
                 let took = started.elapsed();
-                if !flush {
+                let sample = !flush && !in_memory;
+                if sample {
                     shared.record(took);
                 }
                 let needed = ring.complete_locked(queue, &job.mem, head, len);
                 notify.completed(needed, signal);
                 let (n, needed) = ring.add_left(queue, &job.mem);
                 notify.completed_many(n, needed, signal);
-                if !flush && took.as_nanos() >= u128::from(shared.slow_ns) {
+                if sample && took.as_nanos() >= u128::from(shared.slow_ns) {
                     // It waited for the disk: the rest of the pass goes to the executors.
                     inline = false;
                 }

@@ -118,7 +118,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use blockdev::{BlockDev, BlockError, Result};
@@ -261,6 +261,9 @@ struct Core {
     stripes: Vec<Mutex<()>>,
     refused: Option<String>,
     refusal_logged: AtomicBool,
+    /// Writers waiting for room (both segments full) now: while any does, a write does not
+    /// complete from memory ([`BlockDev::writes_in_memory`]).
+    room_waiters: AtomicUsize,
     /// The file mapped shared, when its space is allocated (see [`Mapping`]); `None` when
     /// it could not be (records are then written with `pwritev`) or writes are refused.
     map: Option<Mapping>,
@@ -535,6 +538,7 @@ impl Journal {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             refused,
             refusal_logged: AtomicBool::new(false),
+            room_waiters: AtomicUsize::new(0),
             #[cfg(test)]
             before_trim: Mutex::new(None),
         });
@@ -906,7 +910,9 @@ impl Core {
                 ))));
             }
             st.waits_for_room += 1;
+            self.room_waiters.fetch_add(1, Ordering::Relaxed);
             st = self.trimmed.wait(st).unwrap_or_else(|e| e.into_inner());
+            self.room_waiters.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -1198,6 +1204,17 @@ impl BlockDev for Journal {
             offset,
             c.lower.persists_in_place(offset, buf.len() as u64),
         )
+    }
+
+    /// With a mapping the record is filled from memory, so the write completes from memory
+    /// where the layer below says so of it, unless writers are waiting for the journal's room.
+    /// Without one (`pwritev`) each record is a system call on the journal's file: `false`.
+    fn writes_in_memory(&self, offset: u64, len: u64) -> bool {
+        let c = &self.core;
+        c.map.is_some()
+            && c.refused.is_none()
+            && c.room_waiters.load(Ordering::Relaxed) == 0
+            && c.lower.writes_in_memory(offset, len)
     }
 
     /// With a mapping: the record is the private copy of the data, so the caller's pieces go

@@ -48,6 +48,8 @@ struct Volatile {
     /// durable, `synced`.
     drop_unsynced: AtomicBool,
     synced: Mutex<Vec<u8>>,
+    /// The answer of `writes_in_memory`.
+    in_memory: AtomicBool,
 }
 
 impl Volatile {
@@ -70,6 +72,7 @@ impl Volatile {
             zap_hook: Mutex::new(None),
             drop_unsynced: AtomicBool::new(false),
             synced: Mutex::new(content.clone()),
+            in_memory: AtomicBool::new(false),
         })
     }
     fn durable(&self) -> Vec<u8> {
@@ -137,6 +140,9 @@ impl BlockDev for Volatile {
     }
     fn persists_in_place(&self, _offset: u64, _len: u64) -> bool {
         self.persist.load(Ordering::SeqCst)
+    }
+    fn writes_in_memory(&self, _offset: u64, _len: u64) -> bool {
+        self.in_memory.load(Ordering::SeqCst)
     }
     fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> Result<bool> {
         if !self.persist.load(Ordering::SeqCst) || self.refuse_persist.load(Ordering::SeqCst) {
@@ -1109,3 +1115,51 @@ fn a_guest_flush_ahead_of_the_trimmer_leaves_nothing_older_than_itself_in_the_jo
 
 #[path = "journal_marker_tests.rs"]
 mod markers;
+
+/// A write completes from memory through the journal (the hint on which the request layer runs
+/// it on the queue thread) only where the layer below says so of it, its record is filled in
+/// memory (a mapping, not `pwritev`), writes are not refused, and no writer waits for the
+/// journal's room: while one does, the next write may wait behind it.
+#[test]
+fn a_write_completes_in_memory_only_where_the_layer_below_does_and_no_writer_waits_for_room() {
+    let (_dir, path, lower, j) = fresh();
+    assert!(!j.writes_in_memory(0, 4096), "the layer below says no");
+    lower.in_memory.store(true, Ordering::SeqCst);
+    assert!(j.writes_in_memory(0, 4096));
+    let j = Arc::new(j);
+    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
+    for i in PER_SEGMENT + 1..2 * PER_SEGMENT {
+        write_nth(&j, i);
+    }
+    let writer = {
+        let j = Arc::clone(&j);
+        blocked("both segments are full", move || {
+            write_nth(&j, 2 * PER_SEGMENT)
+        })
+    };
+    assert!(!j.writes_in_memory(0, 4096), "a writer waits for room");
+    release.send(()).unwrap();
+    writer.join().unwrap();
+    j.wait_trimmer_idle();
+    assert!(j.writes_in_memory(0, 4096), "nobody waits any more");
+    drop(j);
+
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Volatile::new(vec![0; SIZE]);
+    plain.in_memory.store(true, Ordering::SeqCst);
+    let (j, _) = Journal::open_with(
+        plain.clone(),
+        &dir.path().join("j"),
+        &ident(1),
+        1 << 20,
+        false,
+    )
+    .unwrap();
+    assert!(!j.writes_in_memory(0, 4096), "records written with pwritev");
+
+    let other = Volatile::new(vec![0; SIZE]);
+    other.in_memory.store(true, Ordering::SeqCst);
+    let (j, rec) = open(other, &path, &ident(2), 1 << 20);
+    assert!(rec.refused.is_some());
+    assert!(!j.writes_in_memory(0, 4096), "writes are refused");
+}

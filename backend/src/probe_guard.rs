@@ -160,6 +160,11 @@ impl BlockDev for ProbedRawGuard {
         )
     }
 
+    /// Past the head as the layer below says; a write into the head is checked first.
+    fn writes_in_memory(&self, offset: u64, len: u64) -> bool {
+        offset >= PROBE_LEN as u64 && self.inner.writes_in_memory(offset, len)
+    }
+
     fn gathers_writes(&self) -> bool {
         self.inner.gathers_writes()
     }
@@ -267,6 +272,9 @@ mod tests {
         fn gathers_writes(&self) -> bool {
             true
         }
+        fn writes_in_memory(&self, _offset: u64, _len: u64) -> bool {
+            true
+        }
         fn write_gathered(
             &self,
             offset: u64,
@@ -317,6 +325,29 @@ mod tests {
         let mut b = vec![0; 512];
         below.mem.read_at(&mut b, 0).unwrap();
         assert_eq!(b, vec![8; 512]);
+    }
+
+    /// A write into the head is checked (it reads the head and may be refused), so it never
+    /// completes from memory; past the head the layer below answers.
+    #[test]
+    fn a_write_into_the_head_never_completes_in_memory_and_past_it_the_layer_below_says() {
+        let below = Arc::new(Gathering {
+            mem: MemDisk::new(1 << 20),
+            gathered: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let g = ProbedRawGuard::new(below, "test.raw".into());
+        let past = PROBE_LEN as u64;
+        assert!(g.writes_in_memory(past, 4096));
+        assert!(!g.writes_in_memory(0, 512));
+        assert!(
+            !g.writes_in_memory(past - 512, 1024),
+            "a write that ends past the head"
+        );
+        let (_mem, plain) = guarded(1 << 20);
+        assert!(
+            !plain.writes_in_memory(past, 4096),
+            "the layer below says no"
+        );
     }
 
     #[test]

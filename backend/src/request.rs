@@ -210,6 +210,45 @@ where
         .then(|| u32::from_le_bytes(t))
 }
 
+/// The byte offset and length of a write (`VIRTIO_BLK_T_OUT`) of at most `max_len` bytes in the
+/// usual framing (a 16-byte header descriptor, the data in descriptors the device reads, then
+/// the write-only status descriptor), read without collecting the chain; `None` for any other
+/// request, framing or size. A hint for scheduling, never for executing (as
+/// [`peek_request_type`]).
+pub(crate) fn peek_write<M, D>(
+    mem: &M,
+    chain: &DescriptorChain<D>,
+    max_len: u64,
+) -> Option<(u64, u64)>
+where
+    M: GuestMemory,
+    D: std::ops::Deref<Target = M> + Clone,
+{
+    let mut descs = chain.clone();
+    let first = descs.next()?;
+    if first.is_write_only() || first.len() as usize != RequestHeader::SIZE {
+        return None;
+    }
+    let mut hdr = [0u8; RequestHeader::SIZE];
+    mem.read_slice(&mut hdr, first.addr()).ok()?;
+    let hdr = RequestHeader::from_bytes(&hdr);
+    if hdr.request_type != VIRTIO_BLK_T_OUT {
+        return None;
+    }
+    let mut len = 0u64;
+    for d in descs {
+        if d.is_write_only() {
+            let offset = hdr.sector.checked_mul(SECTOR_SIZE)?;
+            return (len > 0).then_some((offset, len));
+        }
+        len += u64::from(d.len());
+        if len > max_len {
+            return None;
+        }
+    }
+    None
+}
+
 /// Where a processing pass finds guest memory: the memory table as it is when asked.
 ///
 /// A pass can run across a memory table update: the vhost-user handler thread applies the

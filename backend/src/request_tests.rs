@@ -1063,5 +1063,58 @@ fn random_hostile_chains_never_panic_and_always_return_to_the_used_ring() {
     }
 }
 
+/// `peek_write` (the scheduling hint's view of a write) reads the range of a write in the usual
+/// framing, up to its size limit, and nothing of any other request or framing.
+#[test]
+fn peek_write_reads_the_range_of_a_small_write_in_the_usual_framing_only() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let header = |i: u64, request_type: u32, sector: u64| {
+        let hdr = RequestHeader {
+            request_type,
+            reserved: 0,
+            sector,
+        };
+        mem.write_slice(&hdr.to_bytes(), GuestAddress(HDR + 64 * i))
+            .unwrap();
+    };
+    header(0, VIRTIO_BLK_T_OUT, 24);
+    header(1, VIRTIO_BLK_T_IN, 24);
+    header(2, VIRTIO_BLK_T_OUT, u64::MAX);
+    let chains = vec![
+        // A write of two pieces, 4 KiB and 512 bytes, at sector 24.
+        vec![
+            (HDR, 16, 0),
+            (DATA, 4096, 0),
+            (DATA + 8192, 512, 0),
+            (STATUS, 1, F_WRITE),
+        ],
+        // The same, one byte over the limit.
+        vec![(HDR, 16, 0), (DATA, 4609, 0), (STATUS, 1, F_WRITE)],
+        // A read.
+        vec![
+            (HDR + 64, 16, 0),
+            (DATA, 4096, F_WRITE),
+            (STATUS, 1, F_WRITE),
+        ],
+        // The header and the data in one descriptor.
+        vec![(HDR, 4096 + 16, 0), (STATUS, 1, F_WRITE)],
+        // No data.
+        vec![(HDR, 16, 0), (STATUS, 1, F_WRITE)],
+        // No status descriptor.
+        vec![(HDR, 16, 0), (DATA, 4096, 0)],
+        // A sector whose byte offset overflows.
+        vec![(HDR + 128, 16, 0), (DATA, 4096, 0), (STATUS, 1, F_WRITE)],
+    ];
+    let mut q = queue_with_chains(&mem, &chains, 0);
+    let mut got = Vec::new();
+    while let Some(chain) = q.pop_descriptor_chain(&mem) {
+        got.push(crate::request::peek_write(&mem, &chain, 4608));
+    }
+    assert_eq!(
+        got,
+        vec![Some((24 * 512, 4608)), None, None, None, None, None, None]
+    );
+}
+
 #[path = "runner_tests.rs"]
 mod runner;

@@ -67,6 +67,12 @@ struct GateDisk {
     /// Each flush takes this long, and the threads that ran one.
     flush_delay: Option<std::time::Duration>,
     flush_threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+    /// Writes at these byte offsets complete in memory (`writes_in_memory` says yes).
+    in_memory: Vec<u64>,
+    /// Every `writes_in_memory` question (offset, length), in order.
+    asked: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// The offset of every operation and the thread that ran it.
+    by_offset: std::sync::Mutex<Vec<(u64, std::thread::ThreadId)>>,
 }
 
 impl GateDisk {
@@ -88,6 +94,9 @@ impl GateDisk {
             fail_at: None,
             flush_delay: None,
             flush_threads: std::sync::Mutex::new(Vec::new()),
+            in_memory: Vec::new(),
+            asked: std::sync::Mutex::new(Vec::new()),
+            by_offset: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -98,6 +107,10 @@ impl GateDisk {
             .lock()
             .unwrap()
             .push(std::thread::current().id());
+        self.by_offset
+            .lock()
+            .unwrap()
+            .push((offset, std::thread::current().id()));
         if let Some((at, d)) = self.delay {
             if at == offset {
                 std::thread::sleep(d);
@@ -160,6 +173,10 @@ impl BlockDev for GateDisk {
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> blockdev::Result<()> {
         self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn writes_in_memory(&self, offset: u64, len: u64) -> bool {
+        self.asked.lock().unwrap().push((offset, len));
+        self.in_memory.contains(&offset)
     }
 }
 
@@ -866,4 +883,107 @@ fn a_ring_announcing_a_chain_it_cannot_hold_ends_the_pass_on_both_paths() {
         .expect("a pass spun on a ring announcing a chain it cannot hold");
     assert!(plain, "process_queue did not report the stalled ring");
     assert!(runner, "submit_queue did not report the stalled ring");
+}
+
+/// A small write the disk takes in memory (`BlockDev::writes_in_memory`: the write-back cache
+/// has room for it) runs on the queue thread even while requests are slow, and leaves the
+/// estimate alone; a write the disk says may wait, one larger than the queue thread takes, and
+/// any write in write-through mode (the front end flushes after each) go to the executors.
+#[test]
+fn a_small_write_the_disk_takes_in_memory_runs_on_the_queue_thread_while_requests_are_slow() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut disk = GateDisk::new(u64::MAX);
+    disk.open_gate();
+    let big = 1 << 20;
+    disk.in_memory = vec![0, 8192, big, 2 * big];
+    let disk = Arc::new(disk);
+    let dev = gated_device(disk.clone());
+    let runner = crate::inflight::QueueRunner::new(dev.clone(), 8, "t");
+    runner.set_speed_for_test(false);
+    let write = |i: u64, at: u64, len: u32| {
+        let hdr = RequestHeader {
+            request_type: VIRTIO_BLK_T_OUT,
+            reserved: 0,
+            sector: at / 512,
+        };
+        mem.write_slice(&hdr.to_bytes(), GuestAddress(HDR + 64 * i))
+            .unwrap();
+        vec![
+            (HDR + 64 * i, 16, 0),
+            (DATA + (i << 17), len, 0),
+            (STATUS + i, 1, F_WRITE),
+        ]
+    };
+    let mut chains = io_chains(&mem, 4, VIRTIO_BLK_T_OUT);
+    // Exactly the most the queue thread takes, and 512 bytes more.
+    chains.push(write(4, big, 64 << 10));
+    chains.push(write(5, 2 * big, (64 << 10) + 512));
+    let ring = TestRing::new(queue_with_chains(&mem, &chains, 0));
+    let mem = Arc::new(mem);
+    let mut worker = RequestWorker::new();
+    ring.pass(&runner, &mut worker, &mem);
+    runner.wait_idle();
+    assert_eq!(used_idx(&mem), 6);
+    let me = std::thread::current().id();
+    let ran = disk.by_offset.lock().unwrap().clone();
+    let on_queue_thread = |at: u64| ran.iter().any(|&(o, t)| o == at && t == me);
+    assert_eq!(
+        [0, 4096, 8192, 12288, big, 2 * big].map(on_queue_thread),
+        [true, false, true, false, true, false],
+        "{ran:?}"
+    );
+    assert_eq!(
+        disk.asked.lock().unwrap().clone(),
+        vec![
+            (0, 4096),
+            (4096, 4096),
+            (8192, 4096),
+            (12288, 4096),
+            (big, 64 << 10)
+        ],
+        "the disk is asked of each small write, with its range"
+    );
+    // Writes run inline leave the estimate as it was: after a pass of only those, two reads
+    // still go to the executors.
+    runner.set_speed_for_test(false);
+    let in_memory = [chains[0].clone(), chains[2].clone(), chains[4].clone()];
+    let mut q = queue_with_chains(&mem, &in_memory, 0);
+    q.set_next_used(6);
+    *ring.queue.lock().unwrap() = q;
+    ring.pass(&runner, &mut worker, &mem);
+    runner.wait_idle();
+    disk.by_offset.lock().unwrap().clear();
+    let reads = io_chains(&mem, 2, VIRTIO_BLK_T_IN);
+    let mut q = queue_with_chains(&mem, &reads, 0);
+    q.set_next_used(9);
+    *ring.queue.lock().unwrap() = q;
+    ring.pass(&runner, &mut worker, &mem);
+    runner.wait_idle();
+    let ran = disk.by_offset.lock().unwrap().clone();
+    assert!(
+        ran.len() == 2 && ran.iter().all(|&(_, t)| t != me),
+        "{ran:?}"
+    );
+    // Write-through mode, no cache layer: the front end flushes after each write. (The reads
+    // took the headers of the first two chains: they are writes again.)
+    io_chains(&mem, 4, VIRTIO_BLK_T_OUT);
+    dev.set_writeback(false);
+    runner.set_speed_for_test(false);
+    disk.by_offset.lock().unwrap().clear();
+    let mut q = queue_with_chains(&mem, &in_memory, 0);
+    q.set_next_used(11);
+    *ring.queue.lock().unwrap() = q;
+    ring.pass(&runner, &mut worker, &mem);
+    runner.wait_idle();
+    let ran = disk.by_offset.lock().unwrap().clone();
+    assert!(
+        ran.len() == 3 && ran.iter().all(|&(_, t)| t != me),
+        "{ran:?}"
+    );
+    for i in [0, 2, 4] {
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+    }
 }

@@ -133,6 +133,15 @@ pub trait BlockDev: Send + Sync {
     fn rewrites_in_page_cache(&self, _offset: u64, _len: u64) -> bool {
         false
     }
+    /// Whether a write of `[offset, offset + len)` issued now would complete from memory: copied
+    /// into a write-back cache that has room for it, with no lower I/O and no wait for another
+    /// thread (a writeback, a zap, a free slot). A hint for the request layer, which runs such
+    /// writes on the queue thread itself instead of handing them to an executor; the answer may
+    /// be stale by the time the write runs, which is correct either way (it may then wait). The
+    /// default is `false`: layers that write through to a file, or do not know, say so.
+    fn writes_in_memory(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// Whether [`BlockDev::write_in_place_persisted`] would take a write of `[offset, offset +
     /// len)` now. A hint for the crash journal, which then records only that the range was
     /// written (a marker) instead of the write's bytes; the answer may be stale by the time

@@ -1228,3 +1228,104 @@ fn a_persisted_write_covers_exactly_its_own_folios() {
         "a dirty copy from before the persisted write was written back over it"
     );
 }
+
+/// A write the cache says completes in memory (`BlockDev::writes_in_memory`, the hint on which
+/// the request layer runs a write on the queue thread instead of an executor) reaches nothing
+/// below: no fill of a partly covered sector, no writeback to make room, no flush. Random
+/// writes over a cache whose dirty budget keeps filling up, some not whole sectors: every write
+/// the hint said yes to left the lower layer untouched, and the hint said both yes and no.
+#[test]
+fn a_write_said_to_complete_in_memory_reaches_nothing_below() {
+    let lower = FaultyDisk::new(vec![3; 1 << 20]);
+    let cache = cache_over(&lower, small_cfg(K4, 32, 8));
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let (mut yes, mut no) = (0, 0);
+    for i in 0..3000u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut offset = (x % 512) * 512;
+        let mut len = ((x >> 16) % 16 + 1) * 512;
+        if x >> 60 == 0 {
+            offset += 100;
+        }
+        if x >> 60 == 1 {
+            len -= 7;
+        }
+        if i % 211 == 0 {
+            cache.flush().unwrap();
+        }
+        let before = (lower.event_count(), lower.reads.load(Ordering::SeqCst));
+        let said = cache.writes_in_memory(offset, len);
+        cache
+            .write_at(&pattern(i as u8, offset, len as usize), offset)
+            .unwrap();
+        if said {
+            yes += 1;
+            assert_eq!(
+                (lower.event_count(), lower.reads.load(Ordering::SeqCst)),
+                before,
+                "write {i} of {len} bytes at {offset} was said to complete in memory"
+            );
+        } else {
+            no += 1;
+        }
+    }
+    assert!(yes > 300 && no > 300, "said yes {yes} times, no {no} times");
+}
+
+/// When the hint says no: a write that needs dirty budget beyond the limit (the boundary
+/// exactly), one of a range the cache sends around itself, one past the end, an empty one,
+/// while a zap is in flight, and in write-through mode.
+#[test]
+fn a_write_is_not_said_to_complete_in_memory_where_it_may_wait() {
+    let lower = FaultyDisk::new(vec![3; 1 << 20]);
+    let cfg = CacheConfig {
+        bypass_threshold: 64 << 10,
+        rewrite_bypass_threshold: 32 << 10,
+        ..small_cfg(K4, 64, 8)
+    };
+    let cache = cache_over(&lower, cfg);
+    for i in 0..7 {
+        cache.write_at(&[1; 4096], i * K4).unwrap();
+    }
+    assert!(
+        cache.writes_in_memory(100 * K4, K4),
+        "the last folio of budget"
+    );
+    assert!(
+        !cache.writes_in_memory(100 * K4, 2 * K4),
+        "two folios, one of budget left"
+    );
+    cache.write_at(&[1; 4096], 7 * K4).unwrap();
+    assert!(!cache.writes_in_memory(100 * K4, K4), "no budget left");
+    cache.flush().unwrap();
+    assert!(cache.writes_in_memory(100 * K4, K4));
+    assert!(cache.writes_in_memory(0, 4 * K4));
+    assert!(
+        !cache.writes_in_memory(0, 64 << 10),
+        "a write around the cache"
+    );
+    lower.answer_in_page_cache(0, 1 << 20);
+    assert!(
+        !cache.writes_in_memory(0, 32 << 10),
+        "a rewrite around the cache"
+    );
+    assert!(
+        !cache.writes_in_memory((1 << 20) - K4, 2 * K4),
+        "past the end"
+    );
+    assert!(!cache.writes_in_memory(K4, 0), "an empty write");
+
+    let during = Arc::new(Mutex::new(None));
+    let (c, d) = (cache.clone(), during.clone());
+    lower.at(common::Io::Zap, 0, K4, move || {
+        *d.lock().unwrap() = Some(c.writes_in_memory(200 * K4, K4));
+    });
+    cache.discard(0, K4).unwrap();
+    assert_eq!(*during.lock().unwrap(), Some(false), "during a zap");
+    assert!(cache.writes_in_memory(200 * K4, K4), "after the zap");
+
+    cache.set_writeback(false).unwrap();
+    assert!(!cache.writes_in_memory(200 * K4, K4), "write-through mode");
+}

@@ -581,6 +581,10 @@ impl BlockDev for FolioCache {
         self.inner.persists_in_place(offset, len)
     }
 
+    fn writes_in_memory(&self, offset: u64, len: u64) -> bool {
+        self.inner.writes_in_memory(offset, len)
+    }
+
     fn write_in_place_persisted(&self, buf: &[u8], offset: u64) -> Result<bool> {
         self.inner.write_in_place_persisted(buf, offset)
     }

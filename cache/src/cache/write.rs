@@ -71,6 +71,33 @@ impl Inner {
         .map(|_| ())
     }
 
+    /// Whether a write of `[offset, offset + len)` now would only copy into folios
+    /// ([`BlockDev::writes_in_memory`]): write-back mode, whole sectors (no fill from below),
+    /// no part of it sent around the cache, no zap in flight, and room in the dirty budget for
+    /// every folio it spans (counted as if each were newly dirtied). Read without any lock: a
+    /// hint, stale as soon as it is returned.
+    pub(super) fn writes_in_memory(&self, offset: u64, len: u64) -> bool {
+        const SECTOR: u64 = 512;
+        if self.read_only
+            || !self.wce.load(Ordering::Relaxed)
+            || len == 0
+            || !offset.is_multiple_of(SECTOR)
+            || !len.is_multiple_of(SECTOR)
+            || check_range(offset, len, self.size).is_err()
+            || self.bypass_threshold > 0 && len >= self.bypass_threshold
+            || self.rewrite_bypass_threshold > 0 && len >= self.rewrite_bypass_threshold
+            || self.zaps_active.load(Ordering::Relaxed) > 0
+        {
+            return false;
+        }
+        let folios = ((offset + len - 1) >> self.folio_shift) - (offset >> self.folio_shift) + 1;
+        let folios = usize::try_from(folios).unwrap_or(usize::MAX);
+        self.dirty_folios
+            .load(Ordering::Relaxed)
+            .saturating_add(folios)
+            <= self.max_dirty
+    }
+
     /// Whether a write of `[offset, offset + len)` goes down with
     /// [`BlockDev::write_in_place_persisted`]: in write-back mode, whole folios that the cache
     /// sends around itself anyway ([`Inner::bypasses_write`]), where the lower layer persists

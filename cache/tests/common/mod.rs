@@ -234,6 +234,11 @@ impl FaultyDisk {
         self.log.lock().unwrap().clone()
     }
 
+    /// How many requests reached the lower layer so far (`events().len()` without the copy).
+    pub fn event_count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
     /// (offset, length) of every write that reached the memory, in order.
     pub fn writes(&self) -> Vec<(u64, usize)> {
         self.events()
