@@ -618,7 +618,7 @@ where
             // only request of an idle queue) and leaves the estimate alone, so the writes
             // around it stay inline (with a FLUSH every 32 writes, each one's fdatasync used to
             // stop the queue thread and send the next passes' writes to the executors).
-            let flush = !in_memory && is_flush(&mem, &chain);
+            let flush = is_flush(&mem, &chain);
             let alone = popped == 1 && runner.inflight() == 0;
             let job = Job {
                 ring: ring.clone(),

@@ -1275,17 +1275,13 @@ fn a_write_said_to_complete_in_memory_reaches_nothing_below() {
 }
 
 /// When the hint says no: a write that needs dirty budget beyond the limit (the boundary
-/// exactly), one of a range the cache sends around itself, one past the end, an empty one,
+/// exactly), one of a range the cache sends around itself (and only then: with either
+/// threshold off, a large write is copied in like any other), one past the end, an empty one,
 /// while a zap is in flight, and in write-through mode.
 #[test]
 fn a_write_is_not_said_to_complete_in_memory_where_it_may_wait() {
     let lower = FaultyDisk::new(vec![3; 1 << 20]);
-    let cfg = CacheConfig {
-        bypass_threshold: 64 << 10,
-        rewrite_bypass_threshold: 32 << 10,
-        ..small_cfg(K4, 64, 8)
-    };
-    let cache = cache_over(&lower, cfg);
+    let cache = cache_over(&lower, small_cfg(K4, 64, 8));
     for i in 0..7 {
         cache.write_at(&[1; 4096], i * K4).unwrap();
     }
@@ -1301,16 +1297,7 @@ fn a_write_is_not_said_to_complete_in_memory_where_it_may_wait() {
     assert!(!cache.writes_in_memory(100 * K4, K4), "no budget left");
     cache.flush().unwrap();
     assert!(cache.writes_in_memory(100 * K4, K4));
-    assert!(cache.writes_in_memory(0, 4 * K4));
-    assert!(
-        !cache.writes_in_memory(0, 64 << 10),
-        "a write around the cache"
-    );
-    lower.answer_in_page_cache(0, 1 << 20);
-    assert!(
-        !cache.writes_in_memory(0, 32 << 10),
-        "a rewrite around the cache"
-    );
+    assert!(cache.writes_in_memory(0, 8 * K4));
     assert!(
         !cache.writes_in_memory((1 << 20) - K4, 2 * K4),
         "past the end"
@@ -1328,4 +1315,30 @@ fn a_write_is_not_said_to_complete_in_memory_where_it_may_wait() {
 
     cache.set_writeback(false).unwrap();
     assert!(!cache.writes_in_memory(200 * K4, K4), "write-through mode");
+
+    // The thresholds of writes around the cache; 0 turns one off.
+    let with = |bypass: u64, rewrite: u64| {
+        let lower = FaultyDisk::new(vec![3; 1 << 20]);
+        lower.answer_in_page_cache(0, 1 << 20);
+        let cfg = CacheConfig {
+            bypass_threshold: bypass,
+            rewrite_bypass_threshold: rewrite,
+            ..small_cfg(K4, 128, 64)
+        };
+        cache_over(&lower, cfg)
+    };
+    let c = with(64 << 10, 0);
+    assert!(!c.writes_in_memory(0, 64 << 10), "a write around the cache");
+    assert!(c.writes_in_memory(0, 60 << 10));
+    let c = with(256 << 10, 32 << 10);
+    assert!(
+        !c.writes_in_memory(0, 32 << 10),
+        "a rewrite around the cache"
+    );
+    assert!(c.writes_in_memory(0, 28 << 10));
+    let c = with(0, 0);
+    assert!(
+        c.writes_in_memory(0, 128 << 10),
+        "nothing goes around the cache"
+    );
 }

@@ -76,6 +76,10 @@
 //!   (`BlockDev::write_in_place_persisted`, the crash journal's marker path) takes the same
 //!   route when it is whole folios the cache would send around itself, in write-back mode; if
 //!   the lower layer refuses it, nothing changes.
+//! - `BlockDev::writes_in_memory` tells the layer above whether a write issued now would only
+//!   copy into folios (write-back mode, whole sectors, no part around the cache, no zap in
+//!   flight, dirty budget for every folio it spans): a hint read without any lock, on which
+//!   the request layer runs the write on its queue thread; a stale yes costs a wait there.
 //!
 //! # Files
 //! This file holds the state, the public face and the `BlockDev` implementation; each part of
