@@ -798,6 +798,24 @@ fn seal_first_segment_and_park_the_trimmer(
     (in_flush_rx, release_tx)
 }
 
+/// Seals the first segment with the trimmer parked in its lower flush, fills the second, and
+/// starts one more writer, which must be blocked waiting for room; returns the trimmer's release
+/// and that writer.
+fn fill_both_segments_and_block_a_writer(
+    j: &Arc<Journal>,
+    lower: &Volatile,
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(j, lower);
+    for i in PER_SEGMENT + 1..2 * PER_SEGMENT {
+        write_nth(j, i);
+    }
+    let j = Arc::clone(j);
+    let writer = blocked("both segments are full", move || {
+        write_nth(&j, 2 * PER_SEGMENT)
+    });
+    (release, writer)
+}
+
 /// Runs `f` on a thread; its result within `MUST`, or a panic saying `what`.
 fn must_finish<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
@@ -866,16 +884,7 @@ fn writers_fill_the_other_segment_while_the_background_trim_is_in_its_lower_flus
 fn a_writer_waits_for_the_background_trim_only_when_both_segments_are_full() {
     let (_dir, path, lower, j) = fresh();
     let j = Arc::new(j);
-    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
-    for i in PER_SEGMENT + 1..2 * PER_SEGMENT {
-        write_nth(&j, i);
-    }
-    let writer = {
-        let j = Arc::clone(&j);
-        blocked("both segments are full", move || {
-            write_nth(&j, 2 * PER_SEGMENT)
-        })
-    };
+    let (release, writer) = fill_both_segments_and_block_a_writer(&j, &lower);
     {
         let st = j.lock_state();
         assert_eq!(
@@ -1127,16 +1136,7 @@ fn a_write_completes_in_memory_only_where_the_layer_below_does_and_no_writer_wai
     lower.in_memory.store(true, Ordering::SeqCst);
     assert!(j.writes_in_memory(0, 4096));
     let j = Arc::new(j);
-    let (_in_flush, release) = seal_first_segment_and_park_the_trimmer(&j, &lower);
-    for i in PER_SEGMENT + 1..2 * PER_SEGMENT {
-        write_nth(&j, i);
-    }
-    let writer = {
-        let j = Arc::clone(&j);
-        blocked("both segments are full", move || {
-            write_nth(&j, 2 * PER_SEGMENT)
-        })
-    };
+    let (release, writer) = fill_both_segments_and_block_a_writer(&j, &lower);
     assert!(!j.writes_in_memory(0, 4096), "a writer waits for room");
     release.send(()).unwrap();
     writer.join().unwrap();

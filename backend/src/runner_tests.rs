@@ -947,19 +947,18 @@ fn a_small_write_the_disk_takes_in_memory_runs_on_the_queue_thread_while_request
     // still go to the executors.
     runner.set_speed_for_test(false);
     let in_memory = [chains[0].clone(), chains[2].clone(), chains[4].clone()];
-    let mut q = queue_with_chains(&mem, &in_memory, 0);
-    q.set_next_used(6);
-    *ring.queue.lock().unwrap() = q;
-    ring.pass(&runner, &mut worker, &mem);
-    runner.wait_idle();
-    disk.by_offset.lock().unwrap().clear();
-    let reads = io_chains(&mem, 2, VIRTIO_BLK_T_IN);
-    let mut q = queue_with_chains(&mem, &reads, 0);
-    q.set_next_used(9);
-    *ring.queue.lock().unwrap() = q;
-    ring.pass(&runner, &mut worker, &mem);
-    runner.wait_idle();
-    let ran = disk.by_offset.lock().unwrap().clone();
+    // One more pass over `chains` (the used ring at `used`): which thread ran each operation.
+    let mut pass = |chains: &[Vec<(u64, u32, u16)>], used: u16| {
+        disk.by_offset.lock().unwrap().clear();
+        let mut q = queue_with_chains(&mem, chains, 0);
+        q.set_next_used(used);
+        *ring.queue.lock().unwrap() = q;
+        ring.pass(&runner, &mut worker, &mem);
+        runner.wait_idle();
+        disk.by_offset.lock().unwrap().clone()
+    };
+    pass(&in_memory, 6);
+    let ran = pass(&io_chains(&mem, 2, VIRTIO_BLK_T_IN), 9);
     assert!(
         ran.len() == 2 && ran.iter().all(|&(_, t)| t != me),
         "{ran:?}"
@@ -969,13 +968,7 @@ fn a_small_write_the_disk_takes_in_memory_runs_on_the_queue_thread_while_request
     io_chains(&mem, 4, VIRTIO_BLK_T_OUT);
     dev.set_writeback(false);
     runner.set_speed_for_test(false);
-    disk.by_offset.lock().unwrap().clear();
-    let mut q = queue_with_chains(&mem, &in_memory, 0);
-    q.set_next_used(11);
-    *ring.queue.lock().unwrap() = q;
-    ring.pass(&runner, &mut worker, &mem);
-    runner.wait_idle();
-    let ran = disk.by_offset.lock().unwrap().clone();
+    let ran = pass(&in_memory, 11);
     assert!(
         ran.len() == 3 && ran.iter().all(|&(_, t)| t != me),
         "{ran:?}"
