@@ -594,14 +594,10 @@ where
         let mut inline =
             popped > 0 && (shared.requests_are_fast() || (popped == 1 && runner.inflight() == 0));
         for (mem, mut chain) in popped_chains.drain(..) {
-            // A small write the disk takes in memory (the write-back cache has room for it)
-            // runs here whatever the estimate says, and stays out of it.
-            let in_memory = peek_write(&*mem, &chain, INLINE_WRITE_MAX)
-                .is_some_and(|(offset, len)| shared.dev.write_in_memory(offset, len));
             // Reads go on the ring while requests wait for the disk; while they are fast (the
             // folio cache or the host page cache has them) they take the inline path, whose
             // misses fill the folio cache, so that re-reads are served from it.
-            let slow = !in_memory && (!inline || !shared.requests_are_fast());
+            let slow = !inline || !shared.requests_are_fast();
             if let Some(u) = runner.uring.as_ref().filter(|_| slow) {
                 match u.try_submit(worker, ring, &mem, chain) {
                     Ok(None) => continue,
@@ -614,6 +610,11 @@ where
                     Err(c) => chain = c,
                 }
             }
+            // A small write the disk takes in memory (the write-back cache has room for it)
+            // runs here whatever the estimate says, and stays out of it. (Asked only of what
+            // the ring did not take: a read pays nothing for it.)
+            let in_memory = peek_write(&*mem, &chain, INLINE_WRITE_MAX)
+                .is_some_and(|(offset, len)| shared.dev.write_in_memory(offset, len));
             // A FLUSH waits for the disk by its nature: it goes to an executor (unless it is the
             // only request of an idle queue) and leaves the estimate alone, so the writes
             // around it stay inline (with a FLUSH every 32 writes, each one's fdatasync used to
