@@ -63,6 +63,7 @@ use crate::request::{
     RequestWorker, StallCheck,
 };
 use crate::uring::UringReads;
+use crate::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT};
 
 /// A descriptor chain that owns its view of guest memory, so it can move to another thread with
 /// that memory (a memory table update while it is in flight does not unmap its buffers).
@@ -432,12 +433,6 @@ fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
     }
 }
 
-/// Whether `chain` is a FLUSH (by the type its first descriptor starts with, see
-/// [`peek_request_type`]): a request that waits for the disk whatever the caches hold.
-fn is_flush(mem: &GuestMemoryMmap, chain: &OwnedChain) -> bool {
-    peek_request_type(mem, chain) == Some(crate::virtio_blk::VIRTIO_BLK_T_FLUSH)
-}
-
 /// CPU time and voluntary context switches of the calling thread (`getrusage(RUSAGE_THREAD)`).
 #[derive(Clone, Copy, Debug)]
 struct ThreadUsage {
@@ -610,16 +605,19 @@ where
                     Err(c) => chain = c,
                 }
             }
+            // The request's type, read once from its header (see [`peek_request_type`]).
+            let request_type = peek_request_type(&*mem, &chain);
             // A small write the disk takes in memory (the write-back cache has room for it)
-            // runs here whatever the estimate says, and stays out of it. (Asked only of what
-            // the ring did not take: a read pays nothing for it.)
-            let in_memory = peek_write(&*mem, &chain, INLINE_WRITE_MAX)
-                .is_some_and(|(offset, len)| shared.dev.write_in_memory(offset, len));
+            // runs here whatever the estimate says, and stays out of it. (Asked only of writes
+            // the ring did not take: no other request pays for it.)
+            let in_memory = request_type == Some(VIRTIO_BLK_T_OUT)
+                && peek_write(&*mem, &chain, INLINE_WRITE_MAX)
+                    .is_some_and(|(offset, len)| shared.dev.write_in_memory(offset, len));
             // A FLUSH waits for the disk by its nature: it goes to an executor (unless it is the
             // only request of an idle queue) and leaves the estimate alone, so the writes
             // around it stay inline (with a FLUSH every 32 writes, each one's fdatasync used to
             // stop the queue thread and send the next passes' writes to the executors).
-            let flush = is_flush(&mem, &chain);
+            let flush = request_type == Some(VIRTIO_BLK_T_FLUSH);
             let alone = popped == 1 && runner.inflight() == 0;
             let job = Job {
                 ring: ring.clone(),

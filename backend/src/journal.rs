@@ -1208,11 +1208,10 @@ impl BlockDev for Journal {
 
     /// With a mapping the record is filled from memory, so the write completes from memory
     /// where the layer below says so of it, unless writers are waiting for the journal's room.
-    /// Without one (`pwritev`) each record is a system call on the journal's file: `false`.
+    /// Without one (`pwritev`, or writes refused: a refused journal is never mapped) `false`.
     fn writes_in_memory(&self, offset: u64, len: u64) -> bool {
         let c = &self.core;
         c.map.is_some()
-            && c.refused.is_none()
             && c.room_waiters.load(Ordering::Relaxed) == 0
             && c.lower.writes_in_memory(offset, len)
     }
