@@ -70,7 +70,8 @@ restart-soak: deps build
 # Mutation testing of the storage layers: every surviving mutant is a rule no test enforces.
 # One job and a per-mutant timeout keep it from hogging the machine; it is still slow (hours for
 # all three crates), so narrow it: MUTANTS_ARGS='--file cache/src/cache/read.rs'.
-# Results land in mutants.out/ (missed.txt lists the survivors).
+# Results land in mutants.out/ (missed.txt lists the survivors). .cargo/mutants.toml keeps what
+# .gitignore names (build/, target/) out of the scratch copies of the tree.
 MUTANTS_ARGS ?=
 MUTANTS_TIMEOUT ?= 300
 mutants:

@@ -212,7 +212,10 @@ run_one() {
     logf="$BENCH_DIR/logs/$RUN_NO-$side-$kind-q$nq-$name.log"
     RUN_NO=$((RUN_NO + 1))
     [[ "$kind" != cow ]] || ramp=0
-    # Same page-cache state for both sides: image (and base) read once before the run.
+    # Same page-cache state for both sides: what earlier runs wrote is on the disk (a run that
+    # follows a heavy-write workload would otherwise compete with the host writing it out), and
+    # the image (and base) is read once before the run.
+    sync
     cat "$img" >/dev/null
     [[ "$kind" == raw ]] || cat "$BENCH_DIR/base.raw" >/dev/null
     if start_daemon "$side" "$kind" "$nq" "$img" "$logf"; then
@@ -395,7 +398,9 @@ p(f"- Disk: {E['BENCH_IMAGE_SIZE']}. `raw`: a raw file holding random data. `qco
   f"({int(E['CLUSTER']) // 1024} KiB clusters) over that raw base with every cluster already allocated "
   "(written once with `qemu-io`), i.e. steady state. `cow`: a fresh, empty overlay over the same base for "
   "every run. Each side has its own identical copy; the base is only read.")
-p("- Before each run the image (and base) is read once so both sides start with it in the host page cache.")
+p("- Before each run `sync` writes out what earlier runs left dirty in the host page cache (so no run "
+  "competes with the write-out of the one before), then the image (and base) is read once so both sides "
+  "start with it in the host page cache.")
 p("- Cache modes: **qemu-storage-daemon** runs its file node with `cache.direct=off`, its default: I/O goes "
   "through the host page cache, so it is a write-back cache (a guest flush becomes `fdatasync`). "
   "**snapblk** runs with `--cache writeback` (its own folio cache; flush writes back and syncs). "

@@ -20,13 +20,17 @@ impl TestRing {
         }
     }
 
-    /// One processing pass as the queue thread runs it.
+    /// One processing pass as the queue thread runs it, under a watchdog: a request these
+    /// tests hold at a gate that runs on the queue thread instead of an executor would block
+    /// the pass forever, so a pass that has not returned within [`PASS_WATCHDOG`] aborts the
+    /// test process (a failure, not a hang).
     fn pass(
         &self,
         runner: &crate::inflight::QueueRunner<TestRing>,
         worker: &mut RequestWorker,
         mem: &Arc<GuestMemoryMmap>,
     ) {
+        let _watchdog = PassWatchdog::arm();
         let mut q = self.queue.lock().unwrap();
         let notifications = Arc::clone(&self.notifications);
         let mut signal = || {
@@ -36,6 +40,34 @@ impl TestRing {
         if crate::inflight::submit_queue(runner, worker, self, &mut q, mem, &mut signal).unwrap() {
             self.notifications.fetch_add(1, Ordering::SeqCst);
         }
+    }
+}
+
+/// How long a test's queue pass may take: its requests are in memory, so a pass takes
+/// milliseconds unless one of them waits at a gate the test opens only after the pass.
+const PASS_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Aborts the process unless dropped within [`PASS_WATCHDOG`] of being armed (dropping it
+/// drops the sender, which wakes the watchdog thread early).
+struct PassWatchdog {
+    _disarm: std::sync::mpsc::Sender<()>,
+}
+
+impl PassWatchdog {
+    fn arm() -> Self {
+        let (disarm, armed) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                armed.recv_timeout(PASS_WATCHDOG)
+            {
+                eprintln!(
+                    "a queue pass did not return within {PASS_WATCHDOG:?}: a request held at a \
+                     gate ran on the queue thread instead of an executor"
+                );
+                std::process::abort();
+            }
+        });
+        PassWatchdog { _disarm: disarm }
     }
 }
 
