@@ -35,6 +35,13 @@
 #   hot-randread-4k-qd32       warm: 4 KiB random reads QD32 over the first 64 MiB after a warm-up,
 #                              against qemu-storage-daemon's null-co driver (the protocol limit)
 #
+# qemu-storage-daemon's own ceiling for the cold reads: after a cold-randread workload's runs,
+# side "null-device-latency" serves the same pattern from its null-co driver (in an iothread, no
+# I/O at all) completing every read after exactly the device's mean latency of those runs (the
+# device's queue depth over its median IOPS). What it reaches is what the peer's round trip
+# (kick, request handling, completion notification, wake-ups) leaves of the device's rate on this
+# machine, however fast its disk path: how far above the peer a daemon can get at all.
+#
 # Knobs: BENCH_QUICK=1 (1 run, 1 s reads, 256 MiB disk, 2 qsd configs: a development check, not a
 #   measurement), BENCH_COLD_REPEAT=3, BENCH_COLD_RUNTIME=3, BENCH_COLD_SIZE=1G,
 #   BENCH_COLD_FILTER=REGEX, BENCH_DIR=build/bench, BENCH_COLD_OUT=$BENCH_DIR/cold.md,
@@ -156,6 +163,13 @@ daemon_cmd() {
         CMD=("$bin" serve --image "$img" --socket "$sock" --num-queues "$nq" --cache writeback
             $SNAPBLK_EXTRA_ARGS)
         ;;
+    null-device-latency)
+        # IMAGE is the latency in ns. In an iothread: the main loop's timers are too coarse
+        # (about 1 ms) for latency-ns.
+        CMD=("$QSD" --object iothread,id=io0
+            --blockdev "driver=null-co,node-name=q,size=$SIZE_BYTES,read-zeroes=on,latency-ns=$img"
+            --export "$exp,node-name=q,iothread=io0")
+        ;;
     qsd-*)
         aio="${side#qsd-}"
         aio="${aio%%-direct-*}"
@@ -163,6 +177,7 @@ daemon_cmd() {
         if [[ "$img" == null ]]; then
             CMD=("$QSD" --blockdev "driver=null-co,node-name=q,size=$SIZE_BYTES,read-zeroes=on"
                 --export "$exp,node-name=q")
+
         else
             # The base is opened explicitly so that it gets the same aio/cache options.
             CMD=("$QSD"
@@ -339,6 +354,27 @@ run_one() {
         if [[ "$w" == cow-4k-per-cluster-flush && -n "$out" ]]; then
             device_cow_traffic "$rep" "$logf"
         fi
+    elif [[ "$side" == null-device-latency ]]; then
+        # The device's mean latency in this run's cold reads: its queue depth over its median
+        # IOPS (Little's law, exact for a closed loop).
+        local lat
+        lat="$(python3 - "$RESULTS" "$w" "$((32 * nq))" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+v = [r["iops"] for r in rows if r["workload"] == sys.argv[2] and r["side"] == "device"
+     and not r.get("failed") and r.get("iops")]
+print(round(int(sys.argv[3]) * 1e9 / statistics.median(v)) if v else "")
+PY
+)"
+        [[ -n "$lat" ]] || return 0
+        if start_daemon "$side" "$lat" "$nq" "$logf"; then
+            out="$(timeout 900 "$BENCH_CLIENT" --socket "$SOCK" --queues "$nq" \
+                --daemon-pid "$DAEMON_PID" --json --label "$side/$w" "${args[@]}" 2>>"$logf")" || rc=$?
+            [[ -z "$out" ]] || out="$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["latency_ns"]=int(sys.argv[2]); print(json.dumps(d))' "$out" "$lat")"
+        else
+            rc=127
+        fi
+        stop_daemon
     else
         if [[ "$w" == hot-* && "$side" == qsd-* ]]; then
             # The protocol limit: qemu-storage-daemon's null-co driver (run once, as the first
@@ -389,6 +425,11 @@ for w in "${WORKLOADS[@]}"; do
         done
         k=$((k + 1))
     done
+    if [[ "$w" == cold-randread-* ]]; then
+        for ((rep = 0; rep < BENCH_COLD_REPEAT; rep++)); do
+            run_one "$w" null-device-latency "$rep"
+        done
+    fi
 done
 ELAPSED=$(($(date +%s) - START))
 log "runs took ${ELAPSED}s"
@@ -478,6 +519,24 @@ if cow:
       f"file written at once, 1 MiB requests, QD16 each, O_DIRECT io_uring) at {cow:,.0f} "
       f"clusters per second; snapblk reaches {ratio(sb, cow)} of it, qemu-storage-daemon's best "
       f"{ratio(best, cow)}.")
+trips = []
+for w in workloads:
+    nl, _ = med(w, "null-device-latency")
+    if nl is None:
+        continue
+    dev, _ = med(w, "device")
+    best = max((med(w, q)[0] or 0) for q in qsd) or None
+    lat, _ = med(w, "null-device-latency", "latency_ns")
+    trips.append(f"{w}: {nl:,.0f} IOPS at {lat / 1000:,.0f} us, {ratio(nl, dev)} the device "
+                 f"(its best real configuration: {ratio(best, dev)}; 1.4x the ceiling would be "
+                 f"{ratio(1.4 * nl, dev)} the device)")
+if trips:
+    p("")
+    p("qemu-storage-daemon's own ceiling for the cold reads: its null-co driver (in an iothread, "
+      "no I/O) completing every read after exactly the device's mean latency in these runs, "
+      "through the same client. What it reaches is what its round trip (kick, request handling, "
+      "completion notification, wake-ups) leaves of the device's rate on this machine, however "
+      "fast its disk path: " + "; ".join(trips) + ".")
 p("")
 p("Every side, median (p50 / p99 latency in us, daemon CPU us per I/O where measured):")
 p("")
@@ -485,7 +544,7 @@ p("| workload | side | median | runs | p50 us | p99 us | CPU us/IO |")
 p("|---|---|---|---|---|---|---|")
 for w in workloads:
     metric = next(r["metric"] for r in rows if r["workload"] == w)
-    for s in sides:
+    for s in sides + ["null-device-latency"]:
         v, n = med(w, s)
         if n == 0 and not any(r["workload"] == w and r["side"] == s for r in rows):
             continue

@@ -118,6 +118,7 @@ fn color(side: &str) -> RGBColor {
         "snapblk" => RGBColor(200, 30, 30),
         "snapblk-base" => RGBColor(240, 140, 140),
         "device" => RGBColor(20, 20, 20),
+        "null-device-latency" => RGBColor(150, 150, 150),
         s if s.contains("io_uring") && s.contains("direct") => RGBColor(30, 80, 200),
         s if s.contains("io_uring") => RGBColor(90, 150, 230),
         s if s.contains("direct") => RGBColor(20, 140, 60),
