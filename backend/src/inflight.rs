@@ -53,6 +53,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use blockdev::ThreadUsage;
 use log::{error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -433,33 +434,6 @@ fn executor_loop<R: UsedRing>(shared: &Shared<R>) {
     }
 }
 
-/// CPU time and voluntary context switches of the calling thread (`getrusage(RUSAGE_THREAD)`).
-#[derive(Clone, Copy, Debug)]
-struct ThreadUsage {
-    cpu: Duration,
-    voluntary_switches: i64,
-}
-
-impl ThreadUsage {
-    /// `None` if the kernel does not say (the caller then uses wall-clock time).
-    fn now() -> Option<ThreadUsage> {
-        // SAFETY: all-zero bytes are a valid `rusage` (plain integers).
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: RUSAGE_THREAD with a pointer to an `rusage` that outlives the call.
-        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
-            return None;
-        }
-        let tv = |t: libc::timeval| {
-            Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
-                + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
-        };
-        Some(ThreadUsage {
-            cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
-            voluntary_switches: ru.ru_nvcsw,
-        })
-    }
-}
-
 /// What one request executed on an executor counts for in the moving average: its wall-clock
 /// time if it waited (the thread slept: disk, lock), else only the CPU time it used. On a
 /// loaded machine, 32 executors of cache hits preempt each other, and their wall-clock times
@@ -471,7 +445,7 @@ fn executor_cost(
     after: Option<ThreadUsage>,
 ) -> Duration {
     match (before, after) {
-        (Some(b), Some(a)) if a.voluntary_switches == b.voluntary_switches => {
+        (Some(b), Some(a)) if !ThreadUsage::slept_between(before, after) => {
             a.cpu.saturating_sub(b.cpu).min(wall)
         }
         _ => wall,

@@ -26,6 +26,7 @@ mod direct_reads;
 mod file;
 pub mod lock;
 mod switch;
+mod thread_usage;
 pub use aligned::{prefault_huge_halves, AlignedBuf, IO_ALIGN};
 pub use direct_reads::{
     dio_alignment, page_cache_holds, page_cache_pages, reopen_direct, reopen_read_only,
@@ -33,6 +34,7 @@ pub use direct_reads::{
 };
 pub use file::{file_size, random_twin, RawFile, ReadStreams};
 pub use switch::{SwitchDev, SwitchGuard};
+pub use thread_usage::ThreadUsage;
 
 /// What went wrong in a block-device operation.
 #[derive(Debug, thiserror::Error)]

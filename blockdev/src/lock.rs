@@ -317,6 +317,86 @@ mod tests {
     }
 
     #[test]
+    fn a_conflict_names_the_permission_as_qemu_does() {
+        assert_eq!(perm_name(PERM_CONSISTENT_READ), "consistent read");
+        assert_eq!(perm_name(PERM_WRITE), "write");
+        assert_eq!(perm_name(PERM_WRITE_UNCHANGED), "write unchanged");
+        assert_eq!(perm_name(PERM_RESIZE), "resize");
+        assert_eq!(perm_name(0x10), "unknown");
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let w = open(tmp.path(), true);
+        lock_image(&w, Perms::WRITER).unwrap();
+        // The second writer wants write, which the first does not share.
+        let e = lock_image(&open(tmp.path(), true), Perms::WRITER).unwrap_err();
+        assert!(
+            e.to_string().contains("failed to get \"write\" lock"),
+            "{e}"
+        );
+        // A reader does not share write, which the writer holds.
+        let e = lock_image(&open(tmp.path(), false), Perms::READER).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("failed to get shared \"write\" lock"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_conflict_that_ends_within_the_grace_period_is_waited_for() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let holder = open(tmp.path(), true);
+        lock_image(&holder, Perms::WRITER).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(holder);
+        });
+        // Re-tested until the holder's description is gone (well within CONFLICT_GRACE).
+        lock_image(&open(tmp.path(), true), Perms::WRITER).unwrap();
+        closer.join().unwrap();
+    }
+
+    #[test]
+    fn an_image_whose_locks_cannot_be_tested_or_taken_fails_and_is_not_a_conflict() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        // An O_PATH descriptor: fcntl locking on it fails with EBADF.
+        let path_only = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(tmp.path())
+            .unwrap();
+        for e in [
+            check_conflict(&path_only, Perms::WRITER).unwrap_err(),
+            lock_image(&path_only, Perms::WRITER).unwrap_err(),
+            take_over(&path_only, Perms::WRITER).unwrap_err(),
+        ] {
+            assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+            assert!(!is_conflict(&e), "{e}");
+        }
+        // Only a file system without locks goes on unlocked.
+        for errno in [libc::ENOLCK, libc::EOPNOTSUPP, libc::ENOSYS] {
+            assert!(locking_unsupported(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!locking_unsupported(&io::Error::from_raw_os_error(
+            libc::EBADF
+        )));
+    }
+
+    #[test]
+    fn a_byte_another_description_holds_exclusively_is_a_conflict_when_taken_over() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let other = open(tmp.path(), true);
+        // Not what QEMU does (its locks are shared), but what a foreign locker could.
+        let fl = flock(libc::F_WRLCK as libc::c_short, PERM_BASE + 1);
+        // SAFETY: F_OFD_SETLK only reads `fl`; the descriptor is owned by `other`.
+        let r = unsafe { libc::fcntl(other.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        let e = take_over(&open(tmp.path(), true), Perms::WRITER).unwrap_err();
+        assert!(is_conflict(&e), "{e}");
+        assert!(e.to_string().contains("shared \"write\" lock"), "{e}");
+    }
+
+    #[test]
     fn force_share_scope_applies_to_read_only_opens_of_this_thread_only() {
         assert_eq!(Perms::for_open(true), Perms::READER);
         with_force_share(|| {

@@ -1,22 +1,27 @@
-//! A flush of many dirty folios writes them back on several threads at once, so that a slow
-//! lower write (a copy-on-write that reads its backing file) does not hold up all the others.
+//! A flush of many dirty folios whose writebacks wait (a copy-on-write that reads its backing
+//! file, an O_DIRECT write) writes them back on several threads at once, so that one slow lower
+//! write does not hold up all the others; a flush whose writebacks never wait (they only copy
+//! into a page cache) stays on the flushing thread, since starting threads would cost more than
+//! it saves.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use blockdev::{BlockDev, MemDisk, Result};
 use cache::{CacheConfig, FolioCache};
 
-/// A lower layer whose writes wait (up to a timeout) until `want` of them are inside at once,
-/// and which records the highest number it saw (after one timeout, writes stop waiting).
-struct Rendezvous {
+/// A lower layer that records which threads wrote and the most writes it had inside at once;
+/// with `wait`, each write sleeps that long first (a write that waits for the device).
+struct Recording {
     disk: MemDisk,
-    want: usize,
-    state: Mutex<(usize, usize, bool)>,
-    cv: Condvar,
+    wait: Option<Duration>,
+    /// (writes inside now, most inside at once, the threads that wrote).
+    state: Mutex<(usize, usize, HashSet<ThreadId>)>,
 }
 
-impl BlockDev for Rendezvous {
+impl BlockDev for Recording {
     fn size(&self) -> u64 {
         self.disk.size()
     }
@@ -24,18 +29,18 @@ impl BlockDev for Rendezvous {
         self.disk.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let mut st = self.state.lock().unwrap();
-        st.0 += 1;
-        st.1 = st.1.max(st.0);
-        self.cv.notify_all();
-        let (mut st, t) = self
-            .cv
-            .wait_timeout_while(st, Duration::from_secs(5), |s| s.1 < self.want && !s.2)
-            .unwrap();
-        st.2 |= t.timed_out();
-        st.0 -= 1;
-        drop(st);
-        self.disk.write_at(buf, offset)
+        {
+            let mut st = self.state.lock().unwrap();
+            st.0 += 1;
+            st.1 = st.1.max(st.0);
+            st.2.insert(std::thread::current().id());
+        }
+        if let Some(w) = self.wait {
+            std::thread::sleep(w);
+        }
+        let r = self.disk.write_at(buf, offset);
+        self.state.lock().unwrap().0 -= 1;
+        r
     }
     fn flush(&self) -> Result<()> {
         Ok(())
@@ -48,38 +53,56 @@ impl BlockDev for Rendezvous {
     }
 }
 
-#[test]
-fn a_flush_of_many_dirty_folios_writes_them_back_concurrently_and_completely() {
-    let folio = 4096u64;
-    let folios = 256u64;
-    let lower = Arc::new(Rendezvous {
-        disk: MemDisk::new((folio * folios) as usize),
-        want: 4,
-        state: Mutex::new((0, 0, false)),
-        cv: Condvar::new(),
+const FOLIO: u64 = 4096;
+const FOLIOS: u64 = 256;
+
+/// Dirties one sector at the start of every folio (no writeback can merge two folios: 256
+/// runs), flushes, checks that every folio reached the lower layer, and returns the most
+/// writes the lower layer had at once and how many threads wrote.
+fn flush_runs(wait: Option<Duration>) -> (usize, usize) {
+    let lower = Arc::new(Recording {
+        disk: MemDisk::new((FOLIO * FOLIOS) as usize),
+        wait,
+        state: Mutex::new((0, 0, HashSet::new())),
     });
     let cfg = CacheConfig {
-        folio_size: folio,
-        cache_size: folio * folios,
-        dirty_limit: folio * folios,
+        folio_size: FOLIO,
+        cache_size: FOLIO * FOLIOS,
+        dirty_limit: FOLIO * FOLIOS,
         flusher_threads: 0,
         writeback_interval: Duration::from_secs(3600),
         ..CacheConfig::default()
     };
     let c = FolioCache::new(lower.clone(), cfg).unwrap();
-    // One sector at the start of every folio: no writeback can merge two folios.
-    for i in 0..folios {
-        c.write_at(&[i as u8 + 1; 512], i * folio).unwrap();
+    for i in 0..FOLIOS {
+        c.write_at(&[i as u8 + 1; 512], i * FOLIO).unwrap();
     }
     c.flush().unwrap();
-    let seen = lower.state.lock().unwrap().1;
-    assert!(
-        seen >= lower.want,
-        "the flush had at most {seen} writebacks in flight at once"
-    );
-    for i in 0..folios {
+    for i in 0..FOLIOS {
         let mut b = [0u8; 512];
-        lower.disk.read_at(&mut b, i * folio).unwrap();
+        lower.disk.read_at(&mut b, i * FOLIO).unwrap();
         assert_eq!(b, [i as u8 + 1; 512], "folio {i} was not written back");
     }
+    let st = lower.state.lock().unwrap();
+    (st.1, st.2.len())
+}
+
+#[test]
+fn a_flush_of_many_dirty_folios_whose_writebacks_wait_writes_them_back_concurrently_and_completely()
+{
+    let (at_once, threads) = flush_runs(Some(Duration::from_millis(1)));
+    assert!(
+        at_once >= 4,
+        "the flush had at most {at_once} writebacks in flight at once ({threads} threads)"
+    );
+}
+
+#[test]
+fn a_flush_whose_writebacks_never_wait_writes_them_back_on_the_flushing_thread_alone() {
+    let (at_once, threads) = flush_runs(None);
+    assert_eq!(
+        (at_once, threads),
+        (1, 1),
+        "writebacks that never sleep started helper threads"
+    );
 }

@@ -42,9 +42,10 @@
 //!   writebacks and retrying failed ones), then flushes the lower layer. A long list is written
 //!   back by up to `FLUSH_WORKERS` scoped threads, each taking whole runs of adjacent folios (the
 //!   writeback path is the same; folios are independent), so that copy-on-write writebacks that
-//!   wait for backing reads overlap. A failed writeback fails
-//!   the flush and stays dirty; a failed lower flush makes every later flush fail (the lower
-//!   layer may have dropped data the cache already considers clean).
+//!   wait for backing reads overlap. The flushing thread starts alone and brings the others in
+//!   once its writebacks wait for the disk (writebacks into a page cache do not). A failed
+//!   writeback fails the flush and stays dirty; a failed lower flush makes every later flush
+//!   fail (the lower layer may have dropped data the cache already considers clean).
 //! - Background writeback: the flusher thread is woken after every `KICK_EVERY` folios that
 //!   become dirty (so a later flush finds little left to write), when half of the dirty budget
 //!   is used, and periodically; it only ever uses the writeback path above.
@@ -115,6 +116,7 @@ use std::time::{Duration, Instant};
 
 use blockdev::{
     check_range, read_via_bounce, AlignedBuf, BlockDev, BlockError, ReadPlan, ReadSink, Result,
+    ThreadUsage,
 };
 
 use crate::folio::{Folio, FolioState};
@@ -131,8 +133,13 @@ const KICK_EVERY: usize = 16;
 /// Most threads a flush writes back with (see `Inner::sync_folios`).
 const FLUSH_WORKERS: usize = 8;
 /// Runs of adjacent folios per extra flush thread (a short list is written back by the
-/// flushing thread alone).
+/// flushing thread alone), and per chunk the flushing thread takes before any helper joins.
 const FLUSH_MIN_RUNS: usize = 4;
+/// Time per run past which a chunk of a flush's writebacks that slept counts as waiting for
+/// the disk, and the flushing thread brings in the other flush threads: a writeback into the
+/// host page cache takes a few microseconds, a copy-on-write that reads its backing data or
+/// an O_DIRECT write a hundred and more.
+const FLUSH_SLOW_RUN: Duration = Duration::from_micros(50);
 /// Runs of adjacent folios a flush thread writes back in one batch.
 const FLUSH_CHUNK_RUNS: usize = 16;
 /// Largest writeback, in bytes, when consecutive folios are written back together.

@@ -363,6 +363,15 @@ impl Inner {
     /// dirty data still reaches it in one write: a run never starts inside another thread's
     /// cluster.
     ///
+    /// The flushing thread starts alone, `FLUSH_MIN_RUNS` runs at a time, and brings in the
+    /// other threads only once one of its chunks waited: it slept (for the device, a backing
+    /// read; being preempted does not count, see [`blockdev::ThreadUsage`]) and took at least
+    /// `FLUSH_SLOW_RUN` per run (a short wait for a writeback the flusher thread has in flight
+    /// does not count either). Writebacks that only copy into memory (the host page cache
+    /// below a buffered image) gain nothing from more threads, and starting them is not free:
+    /// with a FLUSH every 32 random 4 KiB writes, the threads started for each FLUSH cost a
+    /// third of the daemon's CPU per write (BENCHMARKS.md, 2026-12-03 14:50 UTC).
+    ///
     /// With `to_sync` (the writeback of a flush, whose lower flush follows) the lower writes
     /// go with [`BlockDev::write_batch_to_sync`]: past a page cache below where the lower
     /// layer has one and can.
@@ -390,25 +399,18 @@ impl Inner {
             }
             open_end = ends;
         }
-        let workers = runs.len().div_ceil(FLUSH_MIN_RUNS).min(FLUSH_WORKERS);
-        // Chunks small enough that every worker gets some (copy-on-write writebacks of one
-        // batch read their backing data one after another), at most `FLUSH_CHUNK_RUNS`.
-        let chunk_runs = runs
-            .len()
-            .div_ceil(workers.max(1))
-            .clamp(1, FLUSH_CHUNK_RUNS);
         let next = AtomicUsize::new(0);
         let first_error = Mutex::new(None);
-        let work = || loop {
-            // A chunk of runs: their writebacks go down in one batch, then each folio is
-            // synced (what the batch skipped or was dirtied since); a folio whose batched
-            // writeback failed has reported its error.
-            let first = next.fetch_add(chunk_runs, Ordering::Relaxed);
-            let Some(chunk) = runs.get(first..(first + chunk_runs).min(runs.len())) else {
-                break;
+        // A chunk of at most `n` runs: their writebacks go down in one batch, then each folio
+        // is synced (what the batch skipped or was dirtied since); a folio whose batched
+        // writeback failed has reported its error. False once no run is left.
+        let chunk = |n: usize| -> bool {
+            let first = next.fetch_add(n, Ordering::Relaxed);
+            let Some(chunk) = runs.get(first..(first + n).min(runs.len())) else {
+                return false;
             };
             let (Some(a), Some(b)) = (chunk.first(), chunk.last()) else {
-                break;
+                return false;
             };
             let span = &folios[a.start..b.end];
             let (_, failed) = self.writeback_batch(span, to_sync);
@@ -423,16 +425,37 @@ impl Inner {
             if let Some((_, e)) = failed.into_iter().next() {
                 lock(&first_error).get_or_insert(e);
             }
+            true
         };
-        if workers <= 1 {
-            work();
-        } else {
-            std::thread::scope(|s| {
-                for _ in 1..workers {
-                    s.spawn(work);
-                }
+        // Alone, until a chunk waits.
+        loop {
+            let (before, started) = (ThreadUsage::now(), Instant::now());
+            if !chunk(FLUSH_MIN_RUNS) {
+                break;
+            }
+            let waited = started.elapsed() >= FLUSH_SLOW_RUN * FLUSH_MIN_RUNS as u32
+                && ThreadUsage::slept_between(before, ThreadUsage::now());
+            if !waited {
+                continue;
+            }
+            let left = runs.len().saturating_sub(next.load(Ordering::Relaxed));
+            let workers = left.div_ceil(FLUSH_MIN_RUNS).min(FLUSH_WORKERS);
+            // Chunks small enough that every worker gets some (copy-on-write writebacks of
+            // one batch read their backing data one after another), at most
+            // `FLUSH_CHUNK_RUNS`.
+            let chunk_runs = left.div_ceil(workers.max(1)).clamp(1, FLUSH_CHUNK_RUNS);
+            let work = || while chunk(chunk_runs) {};
+            if workers <= 1 {
                 work();
-            });
+            } else {
+                std::thread::scope(|s| {
+                    for _ in 1..workers {
+                        s.spawn(work);
+                    }
+                    work();
+                });
+            }
+            break;
         }
         first_error
             .into_inner()
