@@ -51,7 +51,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_sleep_counts_as_sleeping_and_cpu_time_alone_does_not() {
+    fn cpu_time_is_user_plus_system_and_only_a_sleep_counts_as_sleeping() {
         let (before, after) = (ThreadUsage::now(), {
             std::thread::sleep(Duration::from_millis(2));
             ThreadUsage::now()
@@ -59,6 +59,25 @@ mod tests {
         assert!(before.is_some() && after.is_some());
         assert!(ThreadUsage::slept_between(before, after));
         assert!(!ThreadUsage::slept_between(before, before));
+        // CPU time is user plus system time: spend 30 ms of this thread's CPU mostly in system
+        // calls, as the kernel's own clock counts it.
+        let thread_cpu = || {
+            // SAFETY: all-zero bytes are a valid `timespec` (plain integers).
+            let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+            // SAFETY: a valid clock id and a pointer to a `timespec` that outlives the call.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            Duration::new(
+                u64::try_from(ts.tv_sec).unwrap_or(0),
+                u32::try_from(ts.tv_nsec).unwrap_or(0),
+            )
+        };
+        let (start, usage) = (thread_cpu(), ThreadUsage::now().unwrap());
+        while thread_cpu() - start < Duration::from_millis(30) {
+            // SAFETY: getppid has no arguments and cannot fail.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+        }
+        let spent = ThreadUsage::now().unwrap().cpu.saturating_sub(usage.cpu);
+        assert!(spent >= Duration::from_millis(20), "{spent:?} of 30 ms");
         // Unknown on either side counts as slept.
         assert!(ThreadUsage::slept_between(None, before));
         assert!(ThreadUsage::slept_between(before, None));
