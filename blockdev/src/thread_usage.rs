@@ -2,7 +2,7 @@
 //! (`getrusage(RUSAGE_THREAD)`). A thread whose voluntary switches went up between two readings
 //! slept in between (waited for the disk, a backing read, a lock); one that was only preempted
 //! did not. The queue runner counts a request that never slept by its CPU time, and a flush
-//! brings in helper threads only once its own writebacks sleep.
+//! brings in helper threads only once its own writebacks wait (they slept, and took long).
 //!
 //! Locking model: none (each reading is one system call about the calling thread).
 

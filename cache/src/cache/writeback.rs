@@ -370,7 +370,7 @@ impl Inner {
     /// does not count either). Writebacks that only copy into memory (the host page cache
     /// below a buffered image) gain nothing from more threads, and starting them is not free:
     /// with a FLUSH every 32 random 4 KiB writes, the threads started for each FLUSH cost a
-    /// third of the daemon's CPU per write (BENCHMARKS.md, 2026-12-03 14:50 UTC).
+    /// third of the daemon's CPU per write (BENCHMARKS.md, 2026-12-03 15:00 UTC).
     ///
     /// With `to_sync` (the writeback of a flush, whose lower flush follows) the lower writes
     /// go with [`BlockDev::write_batch_to_sync`]: past a page cache below where the lower
