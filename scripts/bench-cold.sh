@@ -177,7 +177,6 @@ daemon_cmd() {
         if [[ "$img" == null ]]; then
             CMD=("$QSD" --blockdev "driver=null-co,node-name=q,size=$SIZE_BYTES,read-zeroes=on"
                 --export "$exp,node-name=q")
-
         else
             # The base is opened explicitly so that it gets the same aio/cache options.
             CMD=("$QSD"
@@ -279,6 +278,18 @@ device_cow_traffic() {
     quiesce
 }
 
+# device_mean_latency_ns WORKLOAD QD: QD over the median IOPS of the device's runs of WORKLOAD
+# so far, in ns (empty if it has none).
+device_mean_latency_ns() {
+    python3 - "$RESULTS" "$1" "$2" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+v = [r["iops"] for r in rows if r["workload"] == sys.argv[2] and r["side"] == "device"
+     and not r.get("failed") and r.get("iops")]
+print(round(int(sys.argv[3]) * 1e9 / statistics.median(v)) if v else "")
+PY
+}
+
 # run_one WORKLOAD SIDE REP: one measured run.
 RUN_NO=0
 run_one() {
@@ -354,29 +365,15 @@ run_one() {
         if [[ "$w" == cow-4k-per-cluster-flush && -n "$out" ]]; then
             device_cow_traffic "$rep" "$logf"
         fi
-    elif [[ "$side" == null-device-latency ]]; then
-        # The device's mean latency in this run's cold reads: its queue depth over its median
-        # IOPS (Little's law, exact for a closed loop).
-        local lat
-        lat="$(python3 - "$RESULTS" "$w" "$((32 * nq))" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-v = [r["iops"] for r in rows if r["workload"] == sys.argv[2] and r["side"] == "device"
-     and not r.get("failed") and r.get("iops")]
-print(round(int(sys.argv[3]) * 1e9 / statistics.median(v)) if v else "")
-PY
-)"
-        [[ -n "$lat" ]] || return 0
-        if start_daemon "$side" "$lat" "$nq" "$logf"; then
-            out="$(timeout 900 "$BENCH_CLIENT" --socket "$SOCK" --queues "$nq" \
-                --daemon-pid "$DAEMON_PID" --json --label "$side/$w" "${args[@]}" 2>>"$logf")" || rc=$?
-            [[ -z "$out" ]] || out="$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["latency_ns"]=int(sys.argv[2]); print(json.dumps(d))' "$out" "$lat")"
-        else
-            rc=127
-        fi
-        stop_daemon
     else
-        if [[ "$w" == hot-* && "$side" == qsd-* ]]; then
+        if [[ "$side" == null-device-latency ]]; then
+            # The "image" is the device's mean latency in this run's cold reads, in ns: its
+            # queue depth over its median IOPS (Little's law, exact for a closed loop). No I/O:
+            # nothing to drop.
+            img="$(device_mean_latency_ns "$w" "$((32 * nq))")"
+            [[ -n "$img" ]] || return 0
+            cold=0
+        elif [[ "$w" == hot-* && "$side" == qsd-* ]]; then
             # The protocol limit: qemu-storage-daemon's null-co driver (run once, as the first
             # configuration; aio and cache.direct do not apply to it).
             [[ "$side" == "$FIRST_QSD" ]] || return 0
@@ -398,6 +395,9 @@ PY
             rc=127
         fi
         stop_daemon
+        if [[ "$side" == null-device-latency && -n "$out" ]]; then
+            out="$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["latency_ns"]=int(sys.argv[2]); print(json.dumps(d))' "$out" "$img")"
+        fi
     fi
     if [[ -z "$out" ]]; then
         log "  $w $side: FAILED (exit $rc), see $logf"
@@ -458,6 +458,10 @@ def med(w, side, key=None):
     key = key or rs[0]["metric"]
     return statistics.median(r[key] for r in rs), len(rs)
 
+def qsd_best(w):
+    """The best median of the qemu-storage-daemon configurations on `w` (None if none ran)."""
+    return max((med(w, q)[0] or 0) for q in qsd) or None
+
 def fmt(v, metric):
     if v is None:
         return "n/a"
@@ -512,7 +516,7 @@ for w in workloads:
 cow, _ = med("cow-4k-per-cluster-flush", "device-cow")
 if cow:
     sb, _ = med("cow-4k-per-cluster-flush", "snapblk")
-    best = max((med("cow-4k-per-cluster-flush", q)[0] or 0) for q in qsd) or None
+    best = qsd_best("cow-4k-per-cluster-flush")
     p("")
     p(f"The device's ceiling for standard-L2 COW first writes: each moves a 64 KiB read of the "
       f"base and a 64 KiB write, and the device moves those bytes (fio: the base read and a fresh "
@@ -525,7 +529,7 @@ for w in workloads:
     if nl is None:
         continue
     dev, _ = med(w, "device")
-    best = max((med(w, q)[0] or 0) for q in qsd) or None
+    best = qsd_best(w)
     lat, _ = med(w, "null-device-latency", "latency_ns")
     trips.append(f"{w}: {nl:,.0f} IOPS at {lat / 1000:,.0f} us, {ratio(nl, dev)} the device "
                  f"(its best real configuration: {ratio(best, dev)}; 1.4x the ceiling would be "

@@ -427,35 +427,30 @@ impl Inner {
             }
             true
         };
-        // Alone, until a chunk waits.
-        loop {
+        // Alone, until a chunk waits (or nothing is left).
+        let mut waited = false;
+        while !waited {
             let (before, started) = (ThreadUsage::now(), Instant::now());
             if !chunk(FLUSH_MIN_RUNS) {
                 break;
             }
-            let waited = started.elapsed() >= FLUSH_SLOW_RUN * FLUSH_MIN_RUNS as u32
+            waited = started.elapsed() >= FLUSH_SLOW_RUN * FLUSH_MIN_RUNS as u32
                 && ThreadUsage::slept_between(before, ThreadUsage::now());
-            if !waited {
-                continue;
-            }
+        }
+        if waited {
+            // The rest on up to `FLUSH_WORKERS` threads (this one included), in chunks small
+            // enough that every worker gets some (copy-on-write writebacks of one batch read
+            // their backing data one after another), at most `FLUSH_CHUNK_RUNS`.
             let left = runs.len().saturating_sub(next.load(Ordering::Relaxed));
-            let workers = left.div_ceil(FLUSH_MIN_RUNS).min(FLUSH_WORKERS);
-            // Chunks small enough that every worker gets some (copy-on-write writebacks of
-            // one batch read their backing data one after another), at most
-            // `FLUSH_CHUNK_RUNS`.
-            let chunk_runs = left.div_ceil(workers.max(1)).clamp(1, FLUSH_CHUNK_RUNS);
+            let workers = left.div_ceil(FLUSH_MIN_RUNS).clamp(1, FLUSH_WORKERS);
+            let chunk_runs = left.div_ceil(workers).clamp(1, FLUSH_CHUNK_RUNS);
             let work = || while chunk(chunk_runs) {};
-            if workers <= 1 {
+            std::thread::scope(|s| {
+                for _ in 1..workers {
+                    s.spawn(work);
+                }
                 work();
-            } else {
-                std::thread::scope(|s| {
-                    for _ in 1..workers {
-                        s.spawn(work);
-                    }
-                    work();
-                });
-            }
-            break;
+            });
         }
         first_error
             .into_inner()
